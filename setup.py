@@ -1,0 +1,12 @@
+"""Build the one C extension: atomics and frame views (see src/xengrant/_cext.c)."""
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "xengrant._cext",
+            sources=["src/xengrant/_cext.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+        )
+    ]
+)
