@@ -1,0 +1,184 @@
+"""GNTTABOP_copy: copy bytes between frames named by grant ref or by gfn.
+
+Mirrors ``gnttab_copy``, ``gnttab_copy_one``, ``gnttab_copy_lock_domain``,
+``gnttab_copy_claim_buf``, ``gnttab_copy_buf`` and
+``acquire_grant_for_copy``/``release_grant_for_copy`` of Xen 4.17:
+
+1. each side's domain: a gfn side must say DOMID_SELF ("Only DOMID_SELF may
+   reference via frame", ``GNTST_permission_denied``, even for one's own
+   numeric id), an unknown domain is ``GNTST_bad_domain``;
+2. claim source, then destination: bad ref ``GNTST_bad_gntref``; wrong type,
+   domid or a read-only grant as destination ``GNTST_general_error``; a bad
+   gfn ``GNTST_bad_page``;
+3. ``offset + len > 4096`` on either side: ``GNTST_bad_copy_arg``;
+4. outside a sub-page grant's window: ``GNTST_general_error``.
+
+Xen 4.17 has no zero-length shortcut: a ``len == 0`` op is validated like any
+other (master's a4a790f432, after XSA-448, returns okay for it untouched).
+Each op pins its grants only for the copy, as Xen's do.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from ..abi.grant_table import (
+    DOMID_SELF,
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
+    GNTST_bad_copy_arg,
+    GNTST_bad_domain,
+    GNTST_bad_gntref,
+    GNTST_general_error,
+    GNTST_okay,
+    GNTST_permission_denied,
+    GTF_sub_page,
+)
+from .domain import DomainState
+from .entry import get_paged_frame, set_status
+from .gnttab_map import _undo_pin
+from .grant_table import (
+    GNTPIN_hstr_inc,
+    GNTPIN_hstw_inc,
+    GNTPIN_OVERFLOW,
+    GNTPIN_WRITE_MASK,
+    ActiveGrant,
+)
+from .machine import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .hypervisor import Hypervisor
+
+#: struct gnttab_copy: source {u, domid, offset}, dest {...}, len, flags, status
+COPY_OP = struct.Struct("<QHH4xQHH4xHHh2x")
+_STATUS_OFF = 36
+
+
+def acquire_grant_for_copy(
+    hv: Hypervisor, rd: DomainState, ref: int, ldomid: int, readonly: bool
+) -> tuple[int, int, int, int, str]:
+    """Pin ``ref`` of ``rd`` for a copy by ``ldomid``.
+
+    Returns:
+        ``(status, mfn, start, length, detail)``.
+    """
+    g = rd.gt
+    if ref >= g.nr_grant_entries:
+        return GNTST_bad_gntref, -1, 0, 0, f"Bad grant reference {ref:#x}"
+    act = g.active.get(ref)
+    pinned = act is not None and act.pin != 0
+    if act is not None and pinned:
+        if act.domid != ldomid or act.pin & GNTPIN_OVERFLOW:
+            return GNTST_general_error, -1, 0, 0, (
+                f"Bad domain ({act.domid} != {ldomid}), or risk of counter overflow {act.pin:08x}"
+            )
+        if rd.is_dying:
+            return GNTST_bad_domain, -1, 0, 0, f"d{rd.domid} is dying"
+    mem = hv.mem
+    if act is None or not pinned or (not readonly and not act.pin & GNTPIN_WRITE_MASK):
+        rc, why = set_status(mem, g, ref, pinned, readonly, False, ldomid)
+        if rc != GNTST_okay:
+            return rc, -1, 0, 0, why
+        if act is None or not pinned:
+            off = g.entry_offset(ref)
+            start, length, sub = 0, PAGE_SIZE, False
+            if g.version == 1:
+                frame = int.from_bytes(mem[off + 4 : off + 8], "little")
+            else:
+                flags = int.from_bytes(mem[off : off + 2], "little")
+                frame = int.from_bytes(mem[off + 8 : off + 16], "little")
+                if flags & GTF_sub_page:
+                    start = int.from_bytes(mem[off + 4 : off + 6], "little")
+                    length = int.from_bytes(mem[off + 6 : off + 8], "little")
+                    sub = True
+            rc, mfn = get_paged_frame(rd, frame)
+            act = ActiveGrant(ldomid, mfn, start, length, sub)
+            g.active[ref] = act
+            if rc != GNTST_okay:
+                _undo_pin(mem, g, ref, act, readonly)
+                return rc, -1, 0, 0, f"source frame {frame:#x} invalid"
+    assert act is not None
+    act.pin += GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
+    return GNTST_okay, act.mfn, act.start, act.length, ""
+
+
+def release_grant_for_copy(hv: Hypervisor, rd: DomainState, ref: int, readonly: bool) -> None:
+    """Drop the copy's pin and any in-use flag no pin needs any more."""
+    g = rd.gt
+    act = g.active[ref]
+    act.pin -= GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
+    _undo_pin(hv.mem, g, ref, act, readonly)
+    if rd.is_dying:
+        hv.maybe_complete_destroy(rd)
+
+
+def copy_one(hv: Hypervisor, ld: DomainState, fields: tuple[int, ...]) -> tuple[int, str]:
+    """One ``struct gnttab_copy``.
+
+    Returns:
+        ``(status, detail)``.
+    """
+    s_u, s_dom, s_off, d_u, d_dom, d_off, length, flags, _st = fields
+    sides = (
+        (s_u, s_dom, s_off, bool(flags & GNTCOPY_source_gref), True),
+        (d_u, d_dom, d_off, bool(flags & GNTCOPY_dest_gref), False),
+    )
+    doms: list[DomainState] = []
+    for _u, domid, _off, is_gref, _ro in sides:
+        if domid != DOMID_SELF and not is_gref:
+            return GNTST_permission_denied, "Only DOMID_SELF may reference via frame"
+        dom = ld if domid == DOMID_SELF else hv.domains.get(domid)
+        if dom is None:
+            return GNTST_bad_domain, f"Could not find domain {domid}"
+        doms.append(dom)
+    claimed: list[tuple[DomainState, int, bool]] = []
+    bufs: list[tuple[int, int, int]] = []
+    try:
+        for (u, _domid, _off, is_gref, ro), dom in zip(sides, doms):
+            if is_gref:
+                ref = u & 0xFFFFFFFF
+                rc, mfn, start, blen, why = acquire_grant_for_copy(hv, dom, ref, ld.domid, ro)
+                if rc != GNTST_okay:
+                    return rc, why
+                claimed.append((dom, ref, ro))
+            else:
+                rc, mfn = get_paged_frame(dom, u)
+                if rc != GNTST_okay:
+                    return rc, f"{'source' if ro else 'dest'} frame {u:#x} invalid"
+                start, blen = 0, PAGE_SIZE
+            bufs.append((mfn, start, blen))
+        if s_off + length > PAGE_SIZE or d_off + length > PAGE_SIZE:
+            return GNTST_bad_copy_arg, "copy beyond page area"
+        (s_mfn, s_start, s_len), (d_mfn, d_start, d_len) = bufs
+        if s_off < s_start or s_off + length > s_start + s_len:
+            return GNTST_general_error, (
+                f"copy source out of bounds: {s_off} < {s_start} || "
+                f"{s_off + length} > {s_start + s_len}"
+            )
+        if d_off < d_start or d_off + length > d_start + d_len:
+            return GNTST_general_error, (
+                f"copy dest out of bounds: {d_off} < {d_start} || "
+                f"{d_off + length} > {d_start + d_len}"
+            )
+        if length:
+            mem = hv.mem
+            src = (s_mfn << PAGE_SHIFT) + s_off
+            dst = (d_mfn << PAGE_SHIFT) + d_off
+            mem[dst : dst + length] = mem[src : src + length]
+        return GNTST_okay, ""
+    finally:
+        for dom, ref, ro in reversed(claimed):
+            release_grant_for_copy(hv, dom, ref, ro)
+
+
+def copy_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
+    """GNTTABOP_copy over ``count`` ops; each op's status written in place."""
+    unpack, size = COPY_OP.unpack_from, COPY_OP.size
+    log = hv.log
+    for i in range(count):
+        st, why = copy_one(hv, ld, unpack(uop, i * size))
+        if st != GNTST_okay and log is not None:
+            log(ld.domid, "copy", st, why)
+        struct.pack_into("<h", uop, i * size + _STATUS_OFF, st)
+    return 0

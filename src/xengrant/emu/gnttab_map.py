@@ -1,0 +1,286 @@
+"""GNTTABOP_map_grant_ref, unmap_grant_ref, unmap_and_replace, and the
+release of a dying domain's mappings.
+
+Mirrors ``map_grant_ref``, ``unmap_common``/``unmap_common_complete`` and
+``gnttab_release_mappings`` of xen/common/grant_table.c (Xen 4.17).  Each op's
+status is the GNTST code Xen answers; the debug reason Xen would print
+(``gdprintk``) is kept in ``detail`` for errors that explain.
+
+A host mapping of a translated guest is a p2m entry: ``host_addr >> 12`` is the
+mapper's gfn (``create_grant_p2m_mapping``).  The gfn must be a hole; Xen would
+drop RAM found there, the emulator refuses with ``GNTST_general_error`` so no
+page is lost silently.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from ..abi.grant_table import (
+    GNTMAP_application_map,
+    GNTMAP_contains_pte,
+    GNTMAP_device_map,
+    GNTMAP_host_map,
+    GNTMAP_readonly,
+    GNTST_bad_dev_addr,
+    GNTST_bad_domain,
+    GNTST_bad_gntref,
+    GNTST_bad_handle,
+    GNTST_general_error,
+    GNTST_no_space,
+    GNTST_okay,
+    GTF_reading,
+    GTF_writing,
+)
+from .domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW, DomainState
+from .entry import clear_flags, get_paged_frame, set_status
+from .grant_table import (
+    GNTPIN_devr_inc,
+    GNTPIN_devw_inc,
+    GNTPIN_hstr_inc,
+    GNTPIN_hstw_inc,
+    GNTPIN_OVERFLOW,
+    GNTPIN_WRITE_MASK,
+    ActiveGrant,
+    GrantTableState,
+)
+from .maptrack import Mapping
+
+if TYPE_CHECKING:
+    from .hypervisor import Hypervisor
+
+#: struct gnttab_map_grant_ref: host_addr, flags, ref, dom, status, handle, dev_bus_addr
+MAP_OP = struct.Struct("<QIIHhIQ")
+#: struct gnttab_unmap_grant_ref: host_addr, dev_bus_addr, handle, status
+UNMAP_OP = struct.Struct("<QQIh2x")
+#: struct gnttab_unmap_and_replace: host_addr, new_addr, handle, status
+REPLACE_OP = struct.Struct("<QQIh2x")
+
+_MAP_OUT = struct.Struct("<hIQ")  # status, handle, dev_bus_addr at offset 18
+_MAP_OUT_OFF = 18
+_UNMAP_STATUS_OFF = 20
+
+_MAP_KINDS = GNTMAP_host_map | GNTMAP_device_map
+
+
+def _undo_pin(mem: memoryview, g: GrantTableState, ref: int, act: ActiveGrant, ro: bool) -> None:
+    """``unlock_out_clear``: drop in-use flags no pin needs any more."""
+    if not ro and not act.pin & GNTPIN_WRITE_MASK:
+        clear_flags(mem, g, ref, GTF_writing)
+    if not act.pin:
+        clear_flags(mem, g, ref, GTF_reading)
+        g.active.pop(ref, None)
+
+
+def map_grant_ref(
+    hv: Hypervisor, ld: DomainState, host_addr: int, flags: int, ref: int, dom: int
+) -> tuple[int, int, int, str]:
+    """One ``GNTTABOP_map_grant_ref`` op.
+
+    Returns:
+        ``(status, handle, dev_bus_addr, detail)``.
+    """
+    # 1. "Bad flags in grant map op": neither host nor device mapping.
+    if not flags & _MAP_KINDS:
+        return GNTST_bad_gntref, 0, 0, f"Bad flags in grant map op: {flags:#x}"
+    # 2. A translated guest cannot ask for device/application/PTE maps.
+    if not ld.pv and flags & (GNTMAP_device_map | GNTMAP_application_map | GNTMAP_contains_pte):
+        return GNTST_general_error, 0, 0, "No device mapping in HVM domain"
+    # 3. rcu_lock_domain_by_id(op->dom)
+    rd = hv.domains.get(dom)
+    if rd is None:
+        return GNTST_bad_domain, 0, 0, f"Could not find domain {dom}"
+    # 4. get_maptrack_handle
+    maptrack = ld.maptrack
+    placeholder = Mapping(0, dom, ref, -1, -1)
+    handle = maptrack.get(placeholder)
+    if handle < 0:
+        return GNTST_no_space, 0, 0, f"Failed to obtain maptrack handle (limit {maptrack.limit})"
+    g = rd.gt
+    mem = hv.mem
+    # 5. "Bad ref %#x for d%d"
+    if ref >= g.nr_grant_entries:
+        maptrack.put(handle)
+        return GNTST_bad_gntref, 0, 0, f"Bad ref {ref:#x} for d{dom}"
+    act = g.active.get(ref)
+    pinned = act is not None and act.pin != 0
+    # 6. Pinned for another domain, about to overflow, or a sub-page grant.
+    if act is not None and pinned and (
+        act.domid != ld.domid or act.pin & GNTPIN_OVERFLOW or act.is_sub_page
+    ):
+        maptrack.put(handle)
+        return GNTST_general_error, 0, 0, (
+            f"Bad domain ({act.domid} != {ld.domid}), or risk of counter overflow "
+            f"{act.pin:08x}, or subpage {int(act.is_sub_page)}"
+        )
+    readonly = bool(flags & GNTMAP_readonly)
+    # 7. First pin, or first writable pin: mark the shared entry in use.
+    if act is None or not pinned or (not readonly and not act.pin & GNTPIN_WRITE_MASK):
+        rc, why = set_status(mem, g, ref, pinned, readonly, True, ld.domid)
+        if rc != GNTST_okay:
+            maptrack.put(handle)
+            return rc, 0, 0, why
+        if act is None or not pinned:
+            # 8. First pin: find the frame behind the entry.
+            off = g.entry_offset(ref)
+            if g.version == 1:
+                frame = int.from_bytes(mem[off + 4 : off + 8], "little")
+            else:
+                frame = int.from_bytes(mem[off + 8 : off + 16], "little")
+            rc, mfn = get_paged_frame(rd, frame)
+            if rc != GNTST_okay:
+                act = ActiveGrant(ld.domid, -1, 0, 4096, False)
+                g.active[ref] = act
+                _undo_pin(mem, g, ref, act, readonly)
+                maptrack.put(handle)
+                return rc, 0, 0, f"Could not get page {frame:#x} of d{dom}"
+            act = ActiveGrant(ld.domid, mfn, 0, 4096, False)
+            g.active[ref] = act
+    assert act is not None
+    mfn = act.mfn
+    host_gfn = -1
+    if flags & GNTMAP_host_map:
+        host_gfn = host_addr >> 12
+        if host_gfn in ld.p2m:
+            _undo_pin(mem, g, ref, act, readonly)
+            maptrack.put(handle)
+            return GNTST_general_error, 0, 0, (
+                f"host_addr {host_addr:#x}: gfn {host_gfn:#x} of d{ld.domid} is not a hole"
+            )
+        ld.p2m[host_gfn] = (mfn, P2M_GRANT_MAP_RO if readonly else P2M_GRANT_MAP_RW)
+        act.pin += GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
+        hv.machine.get(mfn)
+    if flags & GNTMAP_device_map:
+        act.pin += GNTPIN_devr_inc if readonly else GNTPIN_devw_inc
+        hv.machine.get(mfn)
+    placeholder.flags = flags & (_MAP_KINDS | GNTMAP_readonly)
+    placeholder.mfn = mfn
+    placeholder.host_gfn = host_gfn
+    return GNTST_okay, handle, mfn << 12, ""
+
+
+def _complete_unmap(hv: Hypervisor, rd: DomainState, m: Mapping, done: int) -> None:
+    """``unmap_common_complete``: drop pins and page refs, clear flags."""
+    g = rd.gt
+    act = g.active.get(m.ref)
+    if act is None:  # pragma: no cover - accounting bug
+        raise AssertionError(f"unmap of unpinned ref {m.ref} of d{rd.domid}")
+    ro = bool(m.flags & GNTMAP_readonly)
+    if done & GNTMAP_device_map:
+        act.pin -= GNTPIN_devr_inc if ro else GNTPIN_devw_inc
+        hv.machine.put(m.mfn)
+    if done & GNTMAP_host_map:
+        act.pin -= GNTPIN_hstr_inc if ro else GNTPIN_hstw_inc
+        hv.machine.put(m.mfn)
+    _undo_pin(hv.mem, g, m.ref, act, ro)
+    if rd.is_dying:
+        hv.maybe_complete_destroy(rd)
+
+
+def unmap_grant_ref(
+    hv: Hypervisor, ld: DomainState, host_addr: int, dev_bus_addr: int, handle: int, new_addr: int
+) -> tuple[int, str]:
+    """One ``GNTTABOP_unmap_grant_ref`` (or ``unmap_and_replace``) op.
+
+    Returns:
+        ``(status, detail)``.
+    """
+    maptrack = ld.maptrack
+    if handle >= maptrack.limit:
+        return GNTST_bad_handle, f"Bad d{ld.domid} handle {handle:#x}"
+    m = maptrack.lookup(handle)
+    if m is None or not m.flags:
+        return GNTST_bad_handle, f"Zero flags for d{ld.domid} handle {handle:#x}"
+    rd = hv.domains.get(m.domid)
+    if rd is None:  # pragma: no cover - a zombie outlives every mapping of it
+        return GNTST_bad_domain, f"Granting domain d{m.domid} could not be found"
+    act = rd.gt.active.get(m.ref)
+    mfn = act.mfn if act is not None else -1
+    # Checked only for device mappings (Xen 4.17, after Beulich's Aug 2021 fix).
+    if dev_bus_addr and m.flags & GNTMAP_device_map and dev_bus_addr != mfn << 12:
+        return GNTST_bad_dev_addr, (
+            f"Bus address doesn't match gntref ({dev_bus_addr:#x} != {mfn << 12:#x})"
+        )
+    done = 0
+    if host_addr and m.flags & GNTMAP_host_map:
+        gfn = host_addr >> 12
+        ent = ld.p2m.get(gfn)
+        # replace_grant_p2m_mapping: HVM cannot replace; the p2m must hold this grant.
+        if new_addr != 0:
+            return GNTST_general_error, "replace_grant_host_mapping: new_addr unsupported (HVM)"
+        if ent is None or ent[1] not in (P2M_GRANT_MAP_RW, P2M_GRANT_MAP_RO) or ent[0] != mfn:
+            return GNTST_general_error, (
+                f"replace_grant_p2m_mapping: old mapping invalid at gfn {gfn:#x}"
+            )
+        del ld.p2m[gfn]
+        m.flags &= ~GNTMAP_host_map
+        done |= GNTMAP_host_map
+    if dev_bus_addr and m.flags & GNTMAP_device_map:
+        m.flags &= ~GNTMAP_device_map
+        done |= GNTMAP_device_map
+    if done:
+        ro = m.flags & GNTMAP_readonly
+        saved = m.flags
+        m.flags = (m.flags & _MAP_KINDS) | ro
+        _complete_unmap(hv, rd, m, done)
+        m.flags = saved
+    if not m.flags & _MAP_KINDS:
+        maptrack.put(handle)
+    return GNTST_okay, ""
+
+
+def release_mappings(hv: Hypervisor, d: DomainState) -> None:
+    """``gnttab_release_mappings``: undo every mapping a dying domain holds."""
+    for handle, m in d.maptrack.live():
+        rd = hv.domains.get(m.domid)
+        done = m.flags & _MAP_KINDS
+        if m.host_gfn >= 0:
+            d.p2m.pop(m.host_gfn, None)
+        maptrack_ro = m.flags & GNTMAP_readonly
+        m.flags = done | maptrack_ro
+        if rd is not None and done:
+            _complete_unmap(hv, rd, m, done)
+        d.maptrack.put(handle)
+
+
+def map_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
+    """GNTTABOP_map_grant_ref over ``count`` ops; statuses written in place."""
+    unpack, size = MAP_OP.unpack_from, MAP_OP.size
+    pack_out = _MAP_OUT.pack_into
+    log = hv.log
+    for i in range(count):
+        host_addr, flags, ref, dom, _st, _h, _dba = unpack(uop, i * size)
+        st, handle, dba, why = map_grant_ref(hv, ld, host_addr, flags, ref, dom)
+        if st != GNTST_okay:
+            handle, dba = 0xFFFFFFFF, 0
+            if log is not None:
+                log(ld.domid, "map_grant_ref", st, why)
+        pack_out(uop, i * size + _MAP_OUT_OFF, st, handle, dba)
+    return 0
+
+
+def unmap_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
+    """GNTTABOP_unmap_grant_ref over ``count`` ops; statuses written in place."""
+    unpack, size = UNMAP_OP.unpack_from, UNMAP_OP.size
+    log = hv.log
+    for i in range(count):
+        host_addr, dba, handle, _st = unpack(uop, i * size)
+        st, why = unmap_grant_ref(hv, ld, host_addr, dba, handle, 0)
+        if st != GNTST_okay and log is not None:
+            log(ld.domid, "unmap_grant_ref", st, why)
+        struct.pack_into("<h", uop, i * size + _UNMAP_STATUS_OFF, st)
+    return 0
+
+
+def unmap_and_replace_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
+    """GNTTABOP_unmap_and_replace: on a translated guest new_addr must be 0."""
+    unpack, size = REPLACE_OP.unpack_from, REPLACE_OP.size
+    log = hv.log
+    for i in range(count):
+        host_addr, new_addr, handle, _st = unpack(uop, i * size)
+        st, why = unmap_grant_ref(hv, ld, host_addr, 0, handle, new_addr)
+        if st != GNTST_okay and log is not None:
+            log(ld.domid, "unmap_and_replace", st, why)
+        struct.pack_into("<h", uop, i * size + _UNMAP_STATUS_OFF, st)
+    return 0

@@ -1,0 +1,131 @@
+"""A domain's grant table as the hypervisor keeps it.
+
+The shared entries live in machine frames that the guest maps and writes in
+place (``shared_raw`` in grant_table.c); the hypervisor's private state is the
+active entries (``struct active_grant_entry``, here only those pinned) and, for
+v2, the status frames.
+
+Limits and their precedents:
+
+- ``DEFAULT_MAX_GRANT_FRAMES = 64``: Xen's ``opt_max_grant_frames``
+  (the toolstack's -1 means this default).
+- The table starts with ``INITIAL_NR_GRANT_FRAMES = 1`` frame and grows on
+  ``setup_table`` or ``XENMEM_add_to_physmap`` (``gnttab_grow_table``).
+- v1 entries are 8 bytes (512 per frame), v2 entries 16 (256 per frame); one
+  status frame holds 2048 ``grant_status_t`` (``grant_to_status_frames``).
+"""
+
+from __future__ import annotations
+
+from ..abi.grant_table import (
+    GRANT_PER_PAGE_V1,
+    GRANT_PER_PAGE_V2,
+    GRANT_STATUS_PER_PAGE,
+)
+
+DEFAULT_MAX_GRANT_FRAMES = 64
+INITIAL_NR_GRANT_FRAMES = 1
+
+# Pin counters of an active entry (grant_table.c, GNTPIN_*): four 8-bit
+# counts of host/device, read/write mappings packed in one word.
+GNTPIN_hstw_shift = 0
+GNTPIN_hstw_inc = 1 << GNTPIN_hstw_shift
+GNTPIN_hstw_mask = 0xFF << GNTPIN_hstw_shift
+GNTPIN_hstr_shift = 8
+GNTPIN_hstr_inc = 1 << GNTPIN_hstr_shift
+GNTPIN_hstr_mask = 0xFF << GNTPIN_hstr_shift
+GNTPIN_devw_shift = 16
+GNTPIN_devw_inc = 1 << GNTPIN_devw_shift
+GNTPIN_devw_mask = 0xFF << GNTPIN_devw_shift
+GNTPIN_devr_shift = 24
+GNTPIN_devr_inc = 1 << GNTPIN_devr_shift
+GNTPIN_devr_mask = 0xFF << GNTPIN_devr_shift
+#: A pin is refused once any counter's top bit is set ("risk of counter overflow").
+GNTPIN_OVERFLOW = 0x80808080
+GNTPIN_WRITE_MASK = GNTPIN_hstw_mask | GNTPIN_devw_mask
+
+
+class ActiveGrant:
+    """``struct active_grant_entry``: exists while the grant is pinned.
+
+    Attributes:
+        pin: the four packed pin counters.
+        domid: the domain the grant is pinned for.
+        mfn: the machine frame granted.
+        start: first byte usable (sub-page grants).
+        length: bytes usable from ``start``.
+        is_sub_page: a v2 sub-page grant (never mappable).
+    """
+
+    __slots__ = ("domid", "is_sub_page", "length", "mfn", "pin", "start")
+
+    def __init__(self, domid: int, mfn: int, start: int, length: int, is_sub_page: bool) -> None:
+        self.pin = 0
+        self.domid = domid
+        self.mfn = mfn
+        self.start = start
+        self.length = length
+        self.is_sub_page = is_sub_page
+
+
+def grant_to_status_frames(grant_frames: int) -> int:
+    """Status frames a v2 table of ``grant_frames`` frames needs."""
+    return (grant_frames * GRANT_PER_PAGE_V2 + GRANT_STATUS_PER_PAGE - 1) // GRANT_STATUS_PER_PAGE
+
+
+class GrantTableState:
+    """One domain's grant table.
+
+    Args:
+        max_grant_frames: how far the table may grow (``max_grant_frames``).
+
+    Attributes:
+        version: 1 or 2 (``gt_version``).
+        shared: machine frames of the shared entries, in table order.
+        status: machine frames of the v2 status words.
+        shared_gfn: where each shared frame sits in the owner's physmap (or -1).
+        status_gfn: the same for status frames.
+        active: ref -> active entry, for pinned refs only.
+    """
+
+    def __init__(self, max_grant_frames: int = DEFAULT_MAX_GRANT_FRAMES) -> None:
+        self.max_grant_frames = max_grant_frames
+        self.version = 1
+        self.shared: list[int] = []
+        self.status: list[int] = []
+        self.shared_gfn: list[int] = []
+        self.status_gfn: list[int] = []
+        self.active: dict[int, ActiveGrant] = {}
+
+    @property
+    def nr_grant_frames(self) -> int:
+        """Frames of shared entries (``nr_grant_frames``)."""
+        return len(self.shared)
+
+    @property
+    def per_frame(self) -> int:
+        """Entries per frame for the current version."""
+        return GRANT_PER_PAGE_V1 if self.version == 1 else GRANT_PER_PAGE_V2
+
+    @property
+    def entry_size(self) -> int:
+        """Bytes per shared entry for the current version."""
+        return 8 if self.version == 1 else 16
+
+    @property
+    def nr_grant_entries(self) -> int:
+        """Entries the table holds now (``nr_grant_entries``)."""
+        return len(self.shared) * self.per_frame
+
+    def entry_offset(self, ref: int) -> int:
+        """Machine-buffer offset of entry ``ref`` (must be < nr_grant_entries)."""
+        per = self.per_frame
+        return self.shared[ref // per] * 4096 + (ref % per) * self.entry_size
+
+    def status_offset(self, ref: int) -> int:
+        """Machine-buffer offset of the v2 status word of ``ref``."""
+        return self.status[ref // GRANT_STATUS_PER_PAGE] * 4096 + (ref % GRANT_STATUS_PER_PAGE) * 2
+
+    def pinned_beyond_reserved(self, reserved: int) -> bool:
+        """True if any ref >= ``reserved`` is pinned (blocks set_version)."""
+        return any(ref >= reserved and act.pin for ref, act in self.active.items())

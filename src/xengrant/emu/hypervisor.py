@@ -1,0 +1,441 @@
+"""The emulated hypervisor: domains, their memory, and the hypercall entry points.
+
+Sans-IO, like h11: plain code over a byte buffer (machine memory) and ints.
+It opens no file, starts no thread and takes no lock; the embedded wrapper
+(:mod:`xengrant.embedded`) backs the buffer with a memfd and serialises calls
+the way Xen's per-table locks do.  Guests touch their grant entries directly
+in the shared frames with atomics, never through this object.
+
+Entry points, each returning what the hypercall returns:
+
+- :meth:`Hypervisor.grant_table_op` -- ``HYPERVISOR_grant_table_op(cmd, uop, count)``
+  (``do_grant_table_op`` in xen/common/grant_table.c); ops are the C structs,
+  packed, in a writable buffer, and OUT fields are written back in place.
+- :meth:`Hypervisor.populate_physmap`, :meth:`Hypervisor.decrease_reservation`,
+  :meth:`Hypervisor.add_to_physmap` -- the ``XENMEM_*`` memory ops the grant
+  table needs (xen/common/memory.c).
+- :meth:`Hypervisor.create_domain`, :meth:`Hypervisor.destroy_domain` -- the
+  toolstack's ``XEN_DOMCTL_createdomain`` / ``destroydomain``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from collections.abc import Callable, Iterator, Sequence
+
+from ..abi import grant_table as gt
+from ..abi.memory import XENMAPIDX_grant_table_status, XENMAPSPACE_grant_table
+from ..errors import HypercallError
+from . import gnttab_copy, gnttab_map, gnttab_setup, gnttab_transfer
+from .domain import (
+    P2M_GNTTAB_SHARED,
+    P2M_GNTTAB_STATUS,
+    P2M_GRANT_MAP_RO,
+    P2M_RAM_RW,
+    DomainState,
+)
+from .grant_table import (
+    DEFAULT_MAX_GRANT_FRAMES,
+    INITIAL_NR_GRANT_FRAMES,
+    GrantTableState,
+    grant_to_status_frames,
+)
+from .machine import PAGE_SHIFT, PAGE_SIZE, Machine, OutOfMemory
+from .maptrack import DEFAULT_MAX_MAPTRACK_FRAMES, Maptrack
+
+#: Ordinary domain ids stop below DOMID_FIRST_RESERVED (xen.h).
+MAX_DOMID = gt.DOMID_FIRST_RESERVED - 1
+
+_OPS = {
+    gt.GNTTABOP_map_grant_ref: gnttab_map.map_grant_ref_batch,
+    gt.GNTTABOP_unmap_grant_ref: gnttab_map.unmap_grant_ref_batch,
+    gt.GNTTABOP_unmap_and_replace: gnttab_map.unmap_and_replace_batch,
+    gt.GNTTABOP_copy: gnttab_copy.copy_batch,
+    gt.GNTTABOP_transfer: gnttab_transfer.transfer_batch,
+    gt.GNTTABOP_setup_table: gnttab_setup.setup_table,
+    gt.GNTTABOP_query_size: gnttab_setup.query_size,
+    gt.GNTTABOP_set_version: gnttab_setup.set_version,
+    gt.GNTTABOP_get_status_frames: gnttab_setup.get_status_frames,
+    gt.GNTTABOP_get_version: gnttab_setup.get_version,
+    gt.GNTTABOP_swap_grant_ref: gnttab_setup.swap_grant_ref,
+}
+_OP_SIZES = {cmd: ctypes.sizeof(st) for cmd, st in gt.GNTTABOP_STRUCTS.items()}
+
+
+class Hypervisor:
+    """Xen's grant-table and memory rules over a machine-memory buffer.
+
+    Args:
+        memory: writable buffer holding the machine's frames.
+        nr_frames: frames in ``memory``.
+        max_grant_frames: default per-domain limit (Xen: 64).
+        max_maptrack_frames: default per-domain limit (Xen: 1024).
+        max_grant_version: highest version set_version accepts (Xen: 2).
+        grant_transfer: allow GNTTABOP_transfer (Xen: on for x86 PV).
+    """
+
+    def __init__(
+        self,
+        memory: memoryview,
+        nr_frames: int,
+        *,
+        max_grant_frames: int = DEFAULT_MAX_GRANT_FRAMES,
+        max_maptrack_frames: int = DEFAULT_MAX_MAPTRACK_FRAMES,
+        max_grant_version: int = 2,
+        grant_transfer: bool = True,
+    ) -> None:
+        self.machine = Machine(memory, nr_frames)
+        self.mem = memory
+        self.domains: dict[int, DomainState] = {}
+        self.default_max_grant_frames = max_grant_frames
+        self.default_max_maptrack_frames = max_maptrack_frames
+        self._next_domid = 1
+        #: ``gnttab=max-ver:N``: 1 makes set_version(2) answer -ENOSYS.
+        self.max_grant_version = max_grant_version
+        #: ``gnttab=transfer=0`` (and Arm) make GNTTABOP_transfer -EOPNOTSUPP.
+        self.grant_transfer = grant_transfer
+        #: Called as ``log(domid, op, status, reason)`` for every failed op,
+        #: like Xen's gdprintk debug lines; None to stay silent.
+        self.log: Callable[[int, str, int, str], None] | None = None
+
+    # ------------------------------------------------------------ domains
+    def create_domain(
+        self,
+        domid: int | None = None,
+        *,
+        pv: bool = False,
+        max_grant_frames: int | None = None,
+        max_maptrack_frames: int | None = None,
+        max_pages: int | None = None,
+    ) -> int:
+        """Create a domain with an empty physmap and a one-frame grant table.
+
+        Args:
+            domid: the id wanted, or None for the next free one (from 1).
+            pv: a PV guest (identity physmap, may transfer pages).
+                Domain 0 is the control domain (``privileged``).
+            max_grant_frames: grant-table frame limit; None or -1 for the default.
+            max_maptrack_frames: maptrack page limit; None or -1 for the default.
+            max_pages: memory reservation limit in frames; None for no limit.
+
+        Returns:
+            The new domain's id.
+
+        Raises:
+            HypercallError: EEXIST for a domid in use, EINVAL for a bad id or
+                limit, ENOMEM if the grant table cannot be allocated.
+        """
+        if domid is None:
+            domid = self._free_domid()
+        if not 0 <= domid <= MAX_DOMID:
+            raise HypercallError("createdomain", errno.EINVAL, f"domid {domid} is reserved")
+        if domid in self.domains:
+            raise HypercallError("createdomain", errno.EEXIST, f"domain {domid} exists")
+        mgf = self.default_max_grant_frames if max_grant_frames in (None, -1) else max_grant_frames
+        mmf = (
+            self.default_max_maptrack_frames
+            if max_maptrack_frames in (None, -1)
+            else max_maptrack_frames
+        )
+        assert mgf is not None and mmf is not None
+        if mgf < INITIAL_NR_GRANT_FRAMES or mmf < 0:
+            raise HypercallError(
+                "createdomain", errno.EINVAL, "max_grant_frames must be >= 1, max_maptrack >= 0"
+            )
+        d = DomainState(
+            domid=domid,
+            pv=pv,
+            max_pages=self.machine.nr_frames if max_pages is None else max_pages,
+            gt=GrantTableState(mgf),
+            maptrack=Maptrack(mmf),
+            privileged=domid == 0,
+        )
+        self.domains[domid] = d
+        if not self.grow_table(d, INITIAL_NR_GRANT_FRAMES):
+            del self.domains[domid]
+            raise HypercallError("createdomain", errno.ENOMEM, "no frame for the grant table")
+        return domid
+
+    def _free_domid(self) -> int:
+        for _ in range(MAX_DOMID + 1):
+            candidate = self._next_domid
+            self._next_domid = candidate + 1 if candidate < MAX_DOMID else 1
+            if candidate not in self.domains:
+                return candidate
+        raise HypercallError("createdomain", errno.ENOSPC, "no free domain id")
+
+    def lookup(self, domid: int) -> DomainState | None:
+        """The domain with ``domid``, dying ones included (``rcu_lock_domain_by_id``)."""
+        return self.domains.get(domid)
+
+    def live(self, domid: int, op: str) -> DomainState:
+        """A domain that exists and is not dying.
+
+        Raises:
+            HypercallError: ESRCH otherwise.
+        """
+        d = self.domains.get(domid)
+        if d is None or d.is_dying:
+            raise HypercallError(op, errno.ESRCH, f"no domain {domid}")
+        return d
+
+    def destroy_domain(self, domid: int) -> None:
+        """Destroy a domain (``domain_kill`` then ``domain_destroy``).
+
+        Its mappings of others' grants are undone (``gnttab_release_mappings``),
+        its memory is released, and it lingers as a dying zombie while other
+        domains still map pages it granted; the last unmap completes it.
+
+        Raises:
+            HypercallError: ESRCH if there is no such live domain.
+        """
+        d = self.live(domid, "destroydomain")
+        d.is_dying = True
+        gnttab_map.release_mappings(self, d)
+        machine = self.machine
+        for _gfn, (mfn, p2mt) in list(d.p2m.items()):
+            if p2mt == P2M_RAM_RW:
+                machine.disown(mfn)
+                d.tot_pages -= 1
+        d.p2m.clear()
+        self.maybe_complete_destroy(d)
+
+    def maybe_complete_destroy(self, d: DomainState) -> None:
+        """Free a dying domain's grant table once no grant of it is pinned."""
+        if not d.is_dying or d.gt.active:
+            return
+        for mfn in d.gt.shared + d.gt.status:
+            self.machine.disown(mfn)
+        d.gt.shared.clear()
+        d.gt.status.clear()
+        self.domains.pop(d.domid, None)
+
+    def iter_domains(self) -> Iterator[DomainState]:
+        """Every domain, dying ones included, by id."""
+        for domid in sorted(self.domains):
+            yield self.domains[domid]
+
+    # ------------------------------------------------------ grant table size
+    def grow_table(self, d: DomainState, nr_frames: int) -> bool:
+        """``gnttab_grow_table``: extend to ``nr_frames`` shared frames.
+
+        Returns:
+            False if past max_grant_frames or out of memory (nothing changes).
+        """
+        g = d.gt
+        if nr_frames <= g.nr_grant_frames:
+            return True
+        if nr_frames > g.max_grant_frames:
+            return False
+        new = nr_frames - g.nr_grant_frames
+        want_status = 0
+        if g.version == 2:
+            want_status = grant_to_status_frames(nr_frames) - len(g.status)
+        try:
+            frames = self.machine.alloc(d.domid, new + want_status)
+        except OutOfMemory:
+            return False
+        self._add_table_frames(d, frames[:new], frames[new:])
+        return True
+
+    def _add_table_frames(self, d: DomainState, shared: list[int], status: list[int]) -> None:
+        """Append table frames; a PV guest sees them at gfn == mfn (identity physmap)."""
+        g = d.gt
+        g.shared.extend(shared)
+        g.status.extend(status)
+        if d.pv:
+            for mfn in shared:
+                d.p2m[mfn] = (mfn, P2M_GNTTAB_SHARED)
+            for mfn in status:
+                d.p2m[mfn] = (mfn, P2M_GNTTAB_STATUS)
+            g.shared_gfn.extend(shared)
+            g.status_gfn.extend(status)
+        else:
+            g.shared_gfn.extend([-1] * len(shared))
+            g.status_gfn.extend([-1] * len(status))
+
+    # ----------------------------------------------------------- hypercall
+    def grant_table_op(self, caller: int, cmd: int, uop: memoryview, count: int) -> int:
+        """``HYPERVISOR_grant_table_op(cmd, uop, count)`` issued by ``caller``.
+
+        Args:
+            caller: the calling domain's id.
+            cmd: a ``GNTTABOP_*`` command.
+            uop: writable buffer holding ``count`` packed op structures; OUT
+                fields are written back in place.
+            count: number of ops.
+
+        Returns:
+            0 (per-op results are in each op's ``status``) or a negative
+            errno: -EINVAL for a negative count or a count other than 1 where
+            Xen wants 1, -ENOSYS for unknown or removed commands
+            (dump_table, cache_flush: Arm only), -EFAULT if ``uop`` is too
+            short, -EOPNOTSUPP for transfer from a translated guest, -ESRCH
+            if the caller does not exist.
+        """
+        d = self.domains.get(caller)
+        if d is None or d.is_dying:
+            return -errno.ESRCH
+        # do_grant_table_op: "if ( (int)count < 0 ) return -EINVAL;"
+        if count < 0 or count > 0x7FFFFFFF:
+            return -errno.EINVAL
+        handler = _OPS.get(cmd)
+        if handler is None:
+            return -errno.ENOSYS
+        if len(uop) < _OP_SIZES[cmd] * count:
+            return -errno.EFAULT
+        if uop.readonly:
+            return -errno.EFAULT
+        return handler(self, d, uop, count)
+
+    # --------------------------------------------------------- memory ops
+    def populate_physmap(self, caller: int, gfns: Sequence[int]) -> list[int]:
+        """``XENMEM_populate_physmap``: back each gfn with a fresh zeroed frame.
+
+        For a PV domain the gfns are ignored and the new frames' numbers are
+        returned (its physmap is the identity).
+
+        Returns:
+            The gfns populated, in order; shorter than asked when memory,
+            the reservation or a gfn already in use stops it (as Xen returns
+            the number of extents done).
+        """
+        d = self.live(caller, "populate_physmap")
+        done: list[int] = []
+        for gfn in gfns:
+            if d.tot_pages >= d.max_pages:
+                break
+            if not d.pv and (gfn < 0 or gfn in d.p2m):
+                break
+            try:
+                (mfn,) = self.machine.alloc(d.domid, 1)
+            except OutOfMemory:
+                break
+            key = mfn if d.pv else gfn
+            d.p2m[key] = (mfn, P2M_RAM_RW)
+            d.tot_pages += 1
+            done.append(key)
+        return done
+
+    def decrease_reservation(self, caller: int, gfns: Sequence[int]) -> int:
+        """``XENMEM_decrease_reservation``: give frames back (``guest_remove_page``).
+
+        A frame another domain still maps stays alive for it until unmapped.
+        A gfn holding a grant-table frame is only removed from the physmap.
+
+        Returns:
+            How many gfns were released (stops at the first that is not RAM
+            or a grant-table frame of the caller).
+        """
+        d = self.live(caller, "decrease_reservation")
+        done = 0
+        for gfn in gfns:
+            ent = d.p2m.get(gfn)
+            if ent is None:
+                break
+            mfn, p2mt = ent
+            if p2mt == P2M_RAM_RW:
+                del d.p2m[gfn]
+                d.tot_pages -= 1
+                self.machine.disown(mfn)
+            elif p2mt in (P2M_GNTTAB_SHARED, P2M_GNTTAB_STATUS):
+                del d.p2m[gfn]
+                self._forget_table_gfn(d, gfn)
+            else:
+                break
+            done += 1
+        return done
+
+    def _forget_table_gfn(self, d: DomainState, gfn: int) -> None:
+        for gfns in (d.gt.shared_gfn, d.gt.status_gfn):
+            for i, g in enumerate(gfns):
+                if g == gfn:
+                    gfns[i] = -1
+
+    def add_to_physmap(self, caller: int, space: int, idx: int, gpfn: int) -> int:
+        """``XENMEM_add_to_physmap``: place a grant-table frame at ``gpfn``.
+
+        Only ``XENMAPSPACE_grant_table`` is emulated.  ``idx`` beyond the
+        current size grows the table (``gnttab_map_frame``); with
+        ``XENMAPIDX_grant_table_status`` it names a v2 status frame.  RAM
+        already at ``gpfn`` is freed, as Xen removes the old page.
+
+        Returns:
+            0, or -EINVAL (bad idx, past max_grant_frames, status frame
+            under v1, gpfn holding a grant mapping), -EOPNOTSUPP for other
+            spaces or PV callers.
+        """
+        d = self.live(caller, "add_to_physmap")
+        if space != XENMAPSPACE_grant_table or d.pv:
+            return -errno.EOPNOTSUPP
+        g = d.gt
+        status = bool(idx & XENMAPIDX_grant_table_status)
+        idx &= ~XENMAPIDX_grant_table_status
+        if status:
+            if g.version != 2 or idx >= len(g.status):
+                return -errno.EINVAL
+            mfn, frames_gfn, p2mt = g.status[idx], g.status_gfn, P2M_GNTTAB_STATUS
+        else:
+            if idx >= g.nr_grant_frames and not self.grow_table(d, idx + 1):
+                return -errno.EINVAL
+            mfn, frames_gfn, p2mt = g.shared[idx], g.shared_gfn, P2M_GNTTAB_SHARED
+        if gpfn < 0:
+            return -errno.EINVAL
+        old = d.p2m.get(gpfn)
+        if old is not None:
+            if old[1] == P2M_RAM_RW:
+                del d.p2m[gpfn]
+                d.tot_pages -= 1
+                self.machine.disown(old[0])
+            elif old[1] in (P2M_GNTTAB_SHARED, P2M_GNTTAB_STATUS):
+                del d.p2m[gpfn]
+                self._forget_table_gfn(d, gpfn)
+            else:
+                return -errno.EINVAL
+        prev = frames_gfn[idx]
+        if prev >= 0:
+            d.p2m.pop(prev, None)
+        frames_gfn[idx] = gpfn
+        d.p2m[gpfn] = (mfn, p2mt)
+        return 0
+
+    # ------------------------------------------------------ guest access
+    def translate(self, caller: int, gfns: Sequence[int], write: bool) -> list[int]:
+        """Resolve the caller's gfns to machine frames, as its MMU would.
+
+        Raises:
+            HypercallError: EFAULT for a gfn with nothing mapped, or a write
+                to a read-only grant mapping.
+        """
+        d = self.live(caller, "access")
+        p2m = d.p2m
+        out = []
+        for gfn in gfns:
+            ent = p2m.get(gfn)
+            if ent is None:
+                raise HypercallError("access", errno.EFAULT, f"d{caller} gfn {gfn:#x} not mapped")
+            if write and ent[1] == P2M_GRANT_MAP_RO:
+                raise HypercallError(
+                    "access", errno.EFAULT, f"d{caller} gfn {gfn:#x} is a read-only grant mapping"
+                )
+            out.append(ent[0])
+        return out
+
+    def copy_to_guest(self, d: DomainState, gpaddr: int, data: bytes) -> bool:
+        """Write ``data`` at guest-physical ``gpaddr`` (a guest handle).
+
+        Returns:
+            False if any byte falls on a gfn that is not writable RAM.
+        """
+        pos = 0
+        while pos < len(data):
+            gfn, off = divmod(gpaddr + pos, PAGE_SIZE)
+            ent = d.p2m.get(gfn)
+            if ent is None or ent[1] not in (P2M_RAM_RW,):
+                return False
+            n = min(PAGE_SIZE - off, len(data) - pos)
+            base = ent[0] << PAGE_SHIFT
+            self.mem[base + off : base + off + n] = data[pos : pos + n]
+            pos += n
+        return True

@@ -1,0 +1,95 @@
+"""Maptrack: the mapper's record of each grant it mapped, found by handle.
+
+Mirrors grant_table.c's ``struct grant_mapping`` and ``get_maptrack_handle``:
+handles start at 0, the table grows one page of ``MAPTRACK_PER_PAGE`` handles
+at a time up to ``max_maptrack_frames`` pages (default 1024, Xen's
+``opt_max_maptrack_frames``), and freed handles are reused first-in first-out
+(Xen keeps per-vCPU FIFO free lists), which keeps a stale handle from naming
+a new mapping for as long as possible.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+#: ``sizeof(struct grant_mapping)`` is 16 bytes: 256 handles per 4 KiB page.
+MAPTRACK_PER_PAGE = 4096 // 16
+#: Xen's default ``max_maptrack_frames`` (xen/common/grant_table.c).
+DEFAULT_MAX_MAPTRACK_FRAMES = 1024
+
+
+class Mapping:
+    """One maptrack entry (``struct grant_mapping``) plus where it is mapped.
+
+    Attributes:
+        flags: GNTMAP_* still in force (0 once fully unmapped).
+        domid: the granting domain.
+        ref: the grant reference in the granter's table.
+        mfn: the frame mapped.
+        host_gfn: the mapper's gfn holding a host mapping, or -1.
+    """
+
+    __slots__ = ("domid", "flags", "host_gfn", "mfn", "ref")
+
+    def __init__(self, flags: int, domid: int, ref: int, mfn: int, host_gfn: int) -> None:
+        self.flags = flags
+        self.domid = domid
+        self.ref = ref
+        self.mfn = mfn
+        self.host_gfn = host_gfn
+
+
+class Maptrack:
+    """A domain's maptrack table.
+
+    Args:
+        max_frames: pages of maptrack the domain may use.
+    """
+
+    def __init__(self, max_frames: int = DEFAULT_MAX_MAPTRACK_FRAMES) -> None:
+        self.limit = max_frames * MAPTRACK_PER_PAGE  # maptrack_limit once fully grown
+        self.entries: list[Mapping | None] = []
+        self._free: deque[int] = deque()
+
+    @property
+    def frames(self) -> int:
+        """Pages of maptrack allocated so far."""
+        return len(self.entries) // MAPTRACK_PER_PAGE
+
+    @property
+    def in_use(self) -> int:
+        """Handles currently naming a mapping."""
+        return len(self.entries) - len(self._free)
+
+    def get(self, entry: Mapping) -> int:
+        """Allocate a handle for ``entry``.
+
+        Returns:
+            The handle, or -1 when the table is at its limit
+            (the caller answers ``GNTST_no_space``).
+        """
+        if not self._free:
+            start = len(self.entries)
+            if start >= self.limit:
+                return -1
+            grow = min(MAPTRACK_PER_PAGE, self.limit - start)
+            self.entries.extend([None] * grow)
+            self._free.extend(range(start, start + grow))
+        handle = self._free.popleft()
+        self.entries[handle] = entry
+        return handle
+
+    def lookup(self, handle: int) -> Mapping | None:
+        """The live entry for ``handle``, or None (bad or stale handle)."""
+        if 0 <= handle < len(self.entries):
+            return self.entries[handle]
+        return None
+
+    def put(self, handle: int) -> None:
+        """Free a handle (``put_maptrack_handle``)."""
+        self.entries[handle] = None
+        self._free.append(handle)
+
+    def live(self) -> list[tuple[int, Mapping]]:
+        """Every handle in use, lowest first."""
+        return [(h, m) for h, m in enumerate(self.entries) if m is not None]
