@@ -61,7 +61,9 @@ class BatchError(GrantError):
         self.statuses = list(statuses)
         self.failed = [(i, s) for i, s in enumerate(self.statuses) if s != GNTST_okay]
         first_index, first = self.failed[0] if self.failed else (0, GNTST_okay)
-        summary = f"{len(self.failed)} of {len(self.statuses)} entries failed; first: entry {first_index}"
+        summary = (
+            f"{len(self.failed)} of {len(self.statuses)} entries failed; first: entry {first_index}"
+        )
         super().__init__(op, first, f"{summary}{'; ' + detail if detail else ''}")
 
 

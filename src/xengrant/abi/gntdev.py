@@ -17,8 +17,8 @@ and :func:`dmabuf_imp_to_refs_request` build instances with room for them
 
 from __future__ import annotations
 
-import ctypes
 import collections.abc as _abc
+import ctypes
 
 from .grant_table import domid_t as _domid_t
 from .grant_table import grant_ref_t as _grant_ref_t

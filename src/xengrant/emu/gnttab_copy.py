@@ -39,11 +39,11 @@ from .domain import DomainState
 from .entry import get_paged_frame, set_status
 from .gnttab_map import _undo_pin
 from .grant_table import (
-    GNTPIN_hstr_inc,
-    GNTPIN_hstw_inc,
     GNTPIN_OVERFLOW,
     GNTPIN_WRITE_MASK,
     ActiveGrant,
+    GNTPIN_hstr_inc,
+    GNTPIN_hstw_inc,
 )
 from .machine import PAGE_SHIFT, PAGE_SIZE
 

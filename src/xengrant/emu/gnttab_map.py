@@ -36,13 +36,13 @@ from ..abi.grant_table import (
 from .domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW, DomainState
 from .entry import clear_flags, get_paged_frame, set_status
 from .grant_table import (
+    GNTPIN_OVERFLOW,
+    GNTPIN_WRITE_MASK,
+    ActiveGrant,
     GNTPIN_devr_inc,
     GNTPIN_devw_inc,
     GNTPIN_hstr_inc,
     GNTPIN_hstw_inc,
-    GNTPIN_OVERFLOW,
-    GNTPIN_WRITE_MASK,
-    ActiveGrant,
     GrantTableState,
 )
 from .maptrack import Mapping

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..abi.grant_table import (
     DOMID_SELF,
+    GNTTAB_NR_RESERVED_ENTRIES,
     GNTST_bad_domain,
     GNTST_bad_gntref,
     GNTST_bad_virt_addr,
@@ -26,7 +27,6 @@ from ..abi.grant_table import (
     GNTST_general_error,
     GNTST_okay,
     GNTST_permission_denied,
-    GNTTAB_NR_RESERVED_ENTRIES,
     GTF_reading,
     GTF_transitive,
     GTF_type_mask,
@@ -229,9 +229,7 @@ def swap_grant_ref(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int)
     for i in range(count):
         a, b, _st = SWAP_OP.unpack_from(uop, i * size)
         nr = g.nr_grant_entries
-        if a >= nr:
-            st = GNTST_bad_gntref
-        elif b >= nr:
+        if a >= nr or b >= nr:
             st = GNTST_bad_gntref
         elif a == b:
             st = GNTST_okay

@@ -1,0 +1,60 @@
+"""xengrant: Xen grant tables in Python.
+
+- :class:`EmbeddedXen` -- an emulated Xen hypervisor in this process (memfd
+  machine memory, real atomics, Xen 4.17's status codes).
+- :class:`Domain` -- a guest: memory, :attr:`Domain.grant_table` (the
+  kernel-level API of Linux, mirage and Zephyr), :attr:`Domain.gntshr` and
+  :attr:`Domain.gnttab` (the portable libxengntshr/libxengnttab layer).
+- :class:`Share`, :class:`Mapping` -- shared pages and foreign mappings,
+  released like files.
+- :mod:`xengrant.abi` -- Xen's and Linux's constants and structs by C name.
+
+Quick start::
+
+    import xengrant
+    with xengrant.EmbeddedXen() as xen:
+        front, back = xen.create_domain(), xen.create_domain()
+        share = front.grant_table.share_pages(back.domid, count=1)
+        with back.gnttab.map_grant_ref(front.domid, share.refs[0]) as m:
+            m.mem[:5] = b"hello"
+            assert bytes(share.mem[:5]) == b"hello"
+        share.unshare()
+"""
+
+from __future__ import annotations
+
+from . import abi
+from .abi.grant_table import gnttabop_error
+from .embedded import EmbeddedXen
+from .errors import BatchError, Busy, GrantError, GrantTableFull, HypercallError, XenError
+from .guest.domain import Domain, Pages
+from .guest.gnttab import GrantEntry, GrantTable, decode_flags
+from .guest.share import Mapping, Share
+from .hypercall import Hypercalls
+from .portable import CopySegment, Gntshr, Gnttab, GrantRef
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchError",
+    "Busy",
+    "CopySegment",
+    "Domain",
+    "EmbeddedXen",
+    "Gntshr",
+    "Gnttab",
+    "GrantEntry",
+    "GrantError",
+    "GrantRef",
+    "GrantTable",
+    "GrantTableFull",
+    "HypercallError",
+    "Hypercalls",
+    "Mapping",
+    "Pages",
+    "Share",
+    "XenError",
+    "abi",
+    "decode_flags",
+    "gnttabop_error",
+]

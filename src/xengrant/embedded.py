@@ -1,0 +1,212 @@
+"""The embedded hypervisor: the emulator running in this process.
+
+Machine memory is a memfd (``memfd_create``), mapped once; foreign and guest
+views are slices of that mapping when their frames are contiguous and a fresh
+``mmap`` of the memfd's frames (``MAP_FIXED`` over a reserved range) when not,
+so mappings are real shared memory: a write through one domain's view is
+seen through the other's with no copy.
+
+The sans-IO :class:`~xengrant.emu.Hypervisor` holds the rules; this wrapper
+owns the memfd and a lock that serialises hypercalls (Xen's grant-table locks).
+Guests update their own entries with atomics, outside the lock, exactly as
+real guests race the hypervisor on the shared entry.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from . import _cext
+from .emu import Hypervisor
+from .emu.domain import DomainState
+from .emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
+from .emu.machine import PAGE_SIZE
+from .emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
+from .errors import HypercallError
+
+#: Default machine memory: 1 GiB of frames.  The memfd is sparse, so frames
+#: cost memory only once touched (and are given back when scrubbed).
+DEFAULT_MEMORY = 1 << 30
+
+
+class EmbeddedHypercalls:
+    """The :class:`~xengrant.hypercall.Hypercalls` of one domain of an :class:`EmbeddedXen`."""
+
+    def __init__(self, xen: EmbeddedXen, domid: int) -> None:
+        self.xen = xen
+        self.domid = domid
+        self._hv = xen.hv
+        self._lock = xen.lock
+
+    def grant_table_op(self, cmd: int, uop: memoryview, count: int) -> int:
+        with self._lock:
+            return self._hv.grant_table_op(self.domid, cmd, uop, count)
+
+    def populate_physmap(self, gfns: Sequence[int]) -> list[int]:
+        with self._lock:
+            return self._hv.populate_physmap(self.domid, gfns)
+
+    def decrease_reservation(self, gfns: Sequence[int]) -> int:
+        with self._lock:
+            return self._hv.decrease_reservation(self.domid, gfns)
+
+    def add_to_physmap(self, space: int, idx: int, gpfn: int) -> int:
+        with self._lock:
+            return self._hv.add_to_physmap(self.domid, space, idx, gpfn)
+
+    def map_gfns(self, gfns: Sequence[int], writable: bool) -> Any:
+        with self._lock:
+            mfns = self._hv.translate(self.domid, gfns, writable)
+        return self.xen.view_frames(mfns, not writable)
+
+
+class EmbeddedXen:
+    """An emulated Xen hypervisor in this process.
+
+    Args:
+        memory: bytes of machine memory (a multiple of 4096).
+        max_grant_frames: default grant-table size limit per domain (Xen: 64).
+        max_maptrack_frames: default maptrack limit per domain (Xen: 1024).
+        max_grant_version: 1 to refuse v2 tables (``gnttab=max-ver:1``).
+
+    Example:
+        >>> import xengrant
+        >>> xen = xengrant.EmbeddedXen(memory=64 << 20)
+        >>> front, back = xen.create_domain(), xen.create_domain()
+        >>> share = front.grant_table.share_pages(back.domid, 1)
+        >>> with back.gnttab.map_grant_ref(front.domid, share.refs[0]) as m:
+        ...     share.mem[:5] = b"hello"
+        ...     bytes(m.mem[:5])
+        b'hello'
+        >>> share.unshare()
+        >>> xen.close()
+    """
+
+    def __init__(
+        self,
+        memory: int = DEFAULT_MEMORY,
+        *,
+        max_grant_frames: int = DEFAULT_MAX_GRANT_FRAMES,
+        max_maptrack_frames: int = DEFAULT_MAX_MAPTRACK_FRAMES,
+        max_grant_version: int = 2,
+    ) -> None:
+        if memory <= 0 or memory % PAGE_SIZE:
+            raise ValueError(f"memory must be a positive multiple of {PAGE_SIZE}, not {memory}")
+        self.nr_frames = memory // PAGE_SIZE
+        self.fd = os.memfd_create("xengrant-machine", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, memory)
+            self._mmap = mmap.mmap(self.fd, memory, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.mem = memoryview(self._mmap)
+        self.lock = threading.RLock()
+        self.hv = Hypervisor(
+            self.mem,
+            self.nr_frames,
+            max_grant_frames=max_grant_frames,
+            max_maptrack_frames=max_maptrack_frames,
+            max_grant_version=max_grant_version,
+        )
+        self.debug_log: list[tuple[int, str, int, str]] = []
+        self.hv.log = self._log
+        self._closed = False
+
+    def _log(self, domid: int, op: str, status: int, reason: str) -> None:
+        log = self.debug_log
+        log.append((domid, op, status, reason))
+        if len(log) > 1000:
+            del log[:500]
+
+    # ---------------------------------------------------------- domains
+    def create_domain(
+        self,
+        domid: int | None = None,
+        *,
+        pv: bool = False,
+        max_grant_frames: int | None = None,
+        max_maptrack_frames: int | None = None,
+        max_pages: int | None = None,
+    ) -> Any:
+        """Create a domain and return its guest handle (:class:`xengrant.Domain`).
+
+        Args:
+            domid: the id wanted, or None for the next free one.
+            pv: a PV guest rather than HVM/PVH.
+            max_grant_frames: its grant-table frame limit.
+            max_maptrack_frames: its maptrack page limit.
+            max_pages: its memory reservation in frames.
+
+        Raises:
+            HypercallError: EEXIST / EINVAL / ENOMEM (see ``Hypervisor.create_domain``).
+        """
+        from .guest.domain import Domain
+
+        with self.lock:
+            new = self.hv.create_domain(
+                domid,
+                pv=pv,
+                max_grant_frames=max_grant_frames,
+                max_maptrack_frames=max_maptrack_frames,
+                max_pages=max_pages,
+            )
+        return Domain(EmbeddedHypercalls(self, new), pv=pv)
+
+    def destroy_domain(self, domid: int) -> None:
+        """Destroy a domain: its mappings go, pages others map stay until unmapped.
+
+        Raises:
+            HypercallError: ESRCH if there is no such live domain.
+        """
+        with self.lock:
+            self.hv.destroy_domain(domid)
+
+    def domain_state(self, domid: int) -> DomainState:
+        """The hypervisor's record of a domain (for inspection and tests).
+
+        Raises:
+            HypercallError: ESRCH if there is none.
+        """
+        d = self.hv.lookup(domid)
+        if d is None:
+            raise HypercallError("domain_state", 3, f"no domain {domid}")
+        return d
+
+    @property
+    def free_frames(self) -> int:
+        """Machine frames not in use."""
+        return self.hv.machine.free_frames
+
+    # ------------------------------------------------------------ memory
+    def view_frames(self, mfns: Sequence[int], readonly: bool) -> Any:
+        """A FrameView of machine frames: a slice when contiguous, else an mmap."""
+        n = len(mfns)
+        if n == 0:
+            raise ValueError("no frames to view")
+        first = mfns[0]
+        if n == 1 or (mfns[-1] - first == n - 1 and list(mfns) == list(range(first, first + n))):
+            return _cext.borrow(self._mmap, first * PAGE_SIZE, n * PAGE_SIZE, readonly)
+        return _cext.vmap(self.fd, list(mfns), readonly)
+
+    def close(self) -> None:
+        """Release machine memory.  Views still alive keep the mapping open."""
+        if self._closed:
+            return
+        self._closed = True
+        self.mem.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a FrameView still borrows it: freed with the last one
+        os.close(self.fd)
+
+    def __enter__(self) -> EmbeddedXen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

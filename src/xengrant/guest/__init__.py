@@ -1,0 +1,1 @@
+"""Guest-side grant-table APIs over the narrow hypercall interface."""

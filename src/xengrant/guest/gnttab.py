@@ -1,0 +1,939 @@
+"""A guest's grant table: free refs, entries written in place, shares, maps.
+
+One class covers the guest-side grant-table APIs of Linux
+(drivers/xen/grant-table.c), mirage (``Xen_os.Xen.Export``/``Import``) and
+Zephyr (drivers/xen/gnttab.c); the README maps each of their functions to a
+method here.
+
+Rules and their sources:
+
+- Refs 0..7 are reserved (``GNTTAB_NR_RESERVED_ENTRIES``; 0 console, 1
+  xenstore) and never handed out or accepted back.
+- The table starts at one frame and grows a frame at a time, up to the
+  ``max_nr_frames`` ``GNTTABOP_query_size`` reports (Linux ``gnttab_expand``);
+  past that the free list is exhausted: :class:`GrantTableFull`, or a wait.
+- Introducing an entry (xen/include/public/grant_table.h, 2004): write domid,
+  write frame, write barrier, write flags with the type.
+- Removing an unused ``GTF_permit_access`` entry: read flags, check neither
+  ``GTF_reading`` nor ``GTF_writing``, cmpxchg flags to 0 -- it fails while
+  Xen has the entry pinned, so access never ends under a live mapping
+  (v2: clear flags, full barrier, check the status word, as Linux
+  ``gnttab_end_foreign_access_ref_v2``).
+- Writable -> read-only: cmpxchg setting ``GTF_readonly`` while checking
+  ``!GTF_writing``; read-only -> writable: an atomic bit operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .._cext import cmpxchg16, fetch_and16, load16, load32, mb, store16, store32, wmb
+from ..abi import grant_table as gt
+from ..abi.memory import XENMAPIDX_grant_table_status, XENMAPSPACE_grant_table
+from ..errors import BatchError, Busy, GrantError, GrantTableFull, HypercallError
+from ..hypercall import check_rc
+from .domain import Domain, Pages
+from .memory import GNTTAB_GFN_BASE, GNTTAB_STATUS_GFN_BASE
+from .share import RETRY_FIRST, Mapping, Share, _backoff
+
+_INUSE = gt.GTF_reading | gt.GTF_writing
+_QUERY = struct.Struct("<H2xIIh2x")
+_VERSION = struct.Struct("<I")
+_TRANSFER = struct.Struct("<QH2xIh6x")
+MAP_OP = struct.Struct("<QIIHhIQ")
+UNMAP_OP = struct.Struct("<QQIh2x")
+
+# free-list states of a ref
+_FREE, _USED, _RESERVED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class GrantEntry:
+    """A decoded shared entry (what Xen's 'g' debug key prints per ref).
+
+    Attributes:
+        ref: the grant reference.
+        flags: ``GTF_*`` flags (v2: header flags OR'ed with the status word).
+        domid: the domain granted.
+        frame: the frame (gfn for translated guests).
+        page_off: sub-page start (v2 sub-page grants), else 0.
+        length: sub-page length, else 4096.
+    """
+
+    ref: int
+    flags: int
+    domid: int
+    frame: int
+    page_off: int = 0
+    length: int = 4096
+
+    @property
+    def type(self) -> int:
+        """``flags & GTF_type_mask``."""
+        return self.flags & gt.GTF_type_mask
+
+    @property
+    def in_use(self) -> bool:
+        """True while Xen has it mapped (GTF_reading or GTF_writing)."""
+        return bool(self.flags & _INUSE)
+
+
+def decode_flags(flags: int) -> str:
+    """Readable GTF flags, e.g. ``permit_access|readonly|reading``."""
+    kind = {
+        gt.GTF_invalid: "invalid",
+        gt.GTF_permit_access: "permit_access",
+        gt.GTF_accept_transfer: "accept_transfer",
+        gt.GTF_transitive: "transitive",
+    }[flags & gt.GTF_type_mask]
+    names = [kind]
+    if (flags & gt.GTF_type_mask) == gt.GTF_accept_transfer:
+        bits = [(gt.GTF_transfer_committed, "committed"), (gt.GTF_transfer_completed, "completed")]
+    else:
+        bits = [
+            (gt.GTF_readonly, "readonly"),
+            (gt.GTF_reading, "reading"),
+            (gt.GTF_writing, "writing"),
+            (gt.GTF_PWT, "PWT"),
+            (gt.GTF_PCD, "PCD"),
+            (gt.GTF_PAT, "PAT"),
+            (gt.GTF_sub_page, "sub_page"),
+        ]
+    names += [n for bit, n in bits if flags & bit]
+    return "|".join(names)
+
+
+class GrantTable:
+    """The grant table of one guest, from the inside.
+
+    Args:
+        domain: the guest owning the table.
+    """
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self.domid = domain.domid
+        self._hc = domain.hypercalls
+        self._lock = threading.Condition(threading.RLock())
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._frames: list[Any] = []  # FrameView per shared frame
+        self._status_frames: list[Any] = []
+        self._state = bytearray()
+        self._free: list[int] = []
+        self._deferred: list[tuple[int, bool, Any]] = []
+        self.version = 1
+        nr, self.max_nr_frames = self.query_size()
+        self._map_frames(max(nr, 1))
+
+    # ------------------------------------------------------------ table
+    def query_size(self, domid: int = gt.DOMID_SELF) -> tuple[int, int]:
+        """``GNTTABOP_query_size``.
+
+        Returns:
+            ``(nr_frames, max_nr_frames)``.
+
+        Raises:
+            GrantError: the op's status was not okay (bad domain, permission).
+        """
+        buf = bytearray(_QUERY.size)
+        _QUERY.pack_into(buf, 0, domid, 0, 0, 0)
+        check_rc("query_size", self._hc.grant_table_op(gt.GNTTABOP_query_size, memoryview(buf), 1))
+        _dom, nr, mx, st = _QUERY.unpack_from(buf)
+        if st != gt.GNTST_okay:
+            raise GrantError("query_size", st, f"dom {domid}")
+        return nr, mx
+
+    @property
+    def nr_frames(self) -> int:
+        """Frames of the table mapped so far."""
+        return len(self._frames)
+
+    @property
+    def per_frame(self) -> int:
+        """Entries per frame for the version in force."""
+        return gt.GRANT_PER_PAGE_V1 if self.version == 1 else gt.GRANT_PER_PAGE_V2
+
+    @property
+    def nr_entries(self) -> int:
+        """Entries in the mapped frames."""
+        return len(self._frames) * self.per_frame
+
+    def _map_frames(self, upto: int) -> bool:
+        """Grow to ``upto`` frames (``gnttab_expand``); False at the limit."""
+        if upto > self.max_nr_frames:
+            return False
+        start = len(self._frames)
+        for idx in range(start, upto):
+            gfn = GNTTAB_GFN_BASE + idx
+            rc = self._hc.add_to_physmap(XENMAPSPACE_grant_table, idx, gfn)
+            if rc < 0:
+                return False
+            self._frames.append(self._hc.map_gfns([gfn], True))
+        if self.version == 2:
+            self._map_status_frames()
+        per = self.per_frame
+        old = len(self._state)
+        self._state.extend(bytes(upto * per - old))
+        for ref in range(old, min(gt.GNTTAB_NR_RESERVED_ENTRIES, upto * per)):
+            self._state[ref] = _RESERVED
+        # lowest refs first out of the LIFO free list
+        self._free.extend(range(upto * per - 1, max(old, gt.GNTTAB_NR_RESERVED_ENTRIES) - 1, -1))
+        return True
+
+    def _map_status_frames(self) -> None:
+        need = (self.nr_frames * gt.GRANT_PER_PAGE_V2 + gt.GRANT_STATUS_PER_PAGE - 1) // (
+            gt.GRANT_STATUS_PER_PAGE
+        )
+        for idx in range(len(self._status_frames), need):
+            gfn = GNTTAB_STATUS_GFN_BASE + idx
+            check_rc(
+                "add_to_physmap",
+                self._hc.add_to_physmap(
+                    XENMAPSPACE_grant_table, idx | XENMAPIDX_grant_table_status, gfn
+                ),
+            )
+            self._status_frames.append(self._hc.map_gfns([gfn], True))
+
+    def _locate(self, ref: int) -> tuple[Any, int]:
+        per = self.per_frame
+        if not 0 <= ref < len(self._frames) * per:
+            raise ValueError(f"grant ref {ref} is outside the table ({self.nr_entries} entries)")
+        return self._frames[ref // per], (ref % per) * (8 if self.version == 1 else 16)
+
+    def _status_word(self, ref: int) -> tuple[Any, int]:
+        spp = gt.GRANT_STATUS_PER_PAGE
+        return self._status_frames[ref // spp], (ref % spp) * 2
+
+    # -------------------------------------------------------- free list
+    def num_free_grants(self) -> int:
+        """Refs a ``get_nonblock`` could hand out now, growth included."""
+        with self._lock:
+            grow = (self.max_nr_frames - len(self._frames)) * self.per_frame
+            return len(self._free) + grow
+
+    def get_nonblock(self) -> int | None:
+        """One free ref, or None if the table is full (mirage ``get_nonblock``)."""
+        with self._lock:
+            self._reap_deferred()
+            if not self._free and not self._map_frames(len(self._frames) + 1):
+                return None
+            ref = self._free.pop()
+            self._state[ref] = _USED
+            return ref
+
+    def get_n_nonblock(self, count: int) -> list[int]:
+        """``count`` free refs, or ``[]`` if not that many (all or nothing)."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, not {count}")
+        with self._lock:
+            self._reap_deferred()
+            free = self._free
+            if len(free) < count:
+                per = self.per_frame
+                want = len(self._frames) + -(-(count - len(free)) // per)
+                if want > self.max_nr_frames or not self._map_frames(want):
+                    return []
+            refs = [free.pop() for _ in range(count)]
+            state = self._state
+            for ref in refs:
+                state[ref] = _USED
+            return refs
+
+    def get(self, timeout: float | None = None) -> int:
+        """One free ref, waiting while the table is full until a ``put``.
+
+        Raises:
+            GrantTableFull: ``timeout`` expired.
+        """
+        return self.get_n(1, timeout)[0]
+
+    def get_n(self, count: int, timeout: float | None = None) -> list[int]:
+        """``count`` free refs, waiting for enough to be put back.
+
+        Raises:
+            GrantTableFull: ``timeout`` expired, or ``count`` exceeds what the
+                table can ever hold.
+        """
+        self._check_possible(count)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while True:
+                refs = self.get_n_nonblock(count)
+                if refs or count == 0:
+                    return refs
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise GrantTableFull("get_n", count, len(self._free))
+                self._lock.wait(remaining)
+
+    def _check_possible(self, count: int) -> None:
+        cap = self.max_nr_frames * self.per_frame - gt.GNTTAB_NR_RESERVED_ENTRIES
+        if count > cap:
+            raise GrantTableFull("get_n", count, cap)
+
+    async def get_async(self) -> int:
+        """asyncio twin of :meth:`get`."""
+        return (await self.get_n_async(1))[0]
+
+    async def get_n_async(self, count: int) -> list[int]:
+        """asyncio twin of :meth:`get_n`: waits without blocking the loop."""
+        self._check_possible(count)
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                refs = self.get_n_nonblock(count)
+                if refs or count == 0:
+                    return refs
+                fut: asyncio.Future[None] = loop.create_future()
+                self._async_waiters.append((loop, fut))
+            await fut
+
+    def put(self, ref: int) -> None:
+        """Return a ref to the free list (mirage ``put``) and wake waiters.
+
+        Raises:
+            ValueError: a reserved ref, one not handed out, or one still
+                granted (end access first, or a peer could map a stale page).
+        """
+        self.put_n([ref])
+
+    def put_n(self, refs: Sequence[int]) -> None:
+        """Return several refs at once (Linux ``gnttab_free_grant_references``)."""
+        with self._lock:
+            state = self._state
+            for ref in refs:
+                if not 0 <= ref < len(state) or state[ref] == _RESERVED:
+                    raise ValueError(f"put: grant ref {ref} is reserved or outside the table")
+                if state[ref] != _USED:
+                    raise ValueError(f"put: grant ref {ref} is already free (double put)")
+                if self._entry_flags(ref) & gt.GTF_type_mask:
+                    raise ValueError(
+                        f"put: grant ref {ref} is still granted; end access before freeing it"
+                    )
+            for ref in refs:
+                state[ref] = _FREE
+                self._free.append(ref)
+            self._wake()
+
+    def _wake(self) -> None:
+        self._lock.notify_all()
+        waiters, self._async_waiters = self._async_waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_resolve, fut)
+
+    @contextlib.contextmanager
+    def with_ref(self) -> Iterator[int]:
+        """A ref for the block, put back after it (mirage ``with_ref``)."""
+        ref = self.get()
+        try:
+            yield ref
+        finally:
+            self.put(ref)
+
+    @contextlib.contextmanager
+    def with_refs(self, count: int) -> Iterator[list[int]]:
+        """``count`` refs for the block (mirage ``with_refs``)."""
+        refs = self.get_n(count)
+        try:
+            yield refs
+        finally:
+            self.put_n(refs)
+
+    @contextlib.asynccontextmanager
+    async def with_ref_async(self) -> AsyncIterator[int]:
+        """asyncio twin of :meth:`with_ref`."""
+        ref = await self.get_async()
+        try:
+            yield ref
+        finally:
+            self.put(ref)
+
+    @contextlib.asynccontextmanager
+    async def with_refs_async(self, count: int) -> AsyncIterator[list[int]]:
+        """asyncio twin of :meth:`with_refs`."""
+        refs = await self.get_n_async(count)
+        try:
+            yield refs
+        finally:
+            self.put_n(refs)
+
+    # ----------------------------------------------------------- entries
+    def _entry_flags(self, ref: int) -> int:
+        view, off = self._locate(ref)
+        return int(load16(view, off))
+
+    def entry(self, ref: int) -> GrantEntry:
+        """Decode entry ``ref`` as it is in the shared frame now."""
+        view, off = self._locate(ref)
+        flags = load16(view, off)
+        domid = load16(view, off + 2)
+        if self.version == 1:
+            return GrantEntry(ref, flags, domid, load32(view, off + 4))
+        sview, soff = self._status_word(ref)
+        mv = memoryview(view)
+        frame = int.from_bytes(mv[off + 8 : off + 16], "little")
+        po, ln = 0, 4096
+        if flags & gt.GTF_sub_page:
+            po, ln = load16(view, off + 4), load16(view, off + 6)
+        mv.release()
+        return GrantEntry(ref, flags | load16(sview, soff), domid, frame, po, ln)
+
+    def grant_access(self, ref: int, domid: int, gfn: int, writable: bool = True) -> None:
+        """Grant ``domid`` access to frame ``gfn`` through ``ref`` (mirage ``grant_access``).
+
+        Writes domid, frame, a write barrier, then the flags, so Xen never
+        sees a valid type with stale contents (grant_table.h, 2004).
+
+        Raises:
+            ValueError: ``ref`` is reserved, not allocated, or already granted.
+        """
+        self._check_grantable(ref)
+        view, off = self._locate(ref)
+        store16(view, off + 2, domid)
+        if self.version == 1:
+            store32(view, off + 4, gfn)
+        else:
+            mv = memoryview(view)
+            struct.pack_into("<Q", mv, off + 8, gfn)
+            mv.release()
+        wmb()
+        store16(view, off, gt.GTF_permit_access | (0 if writable else gt.GTF_readonly))
+
+    def grant_access_subpage(
+        self, ref: int, domid: int, gfn: int, page_off: int, length: int, writable: bool = True
+    ) -> None:
+        """A v2 sub-page grant: ``domid`` may copy bytes [page_off, page_off+length).
+
+        Raises:
+            ValueError: v1 table, bad range, or ref not grantable.
+        """
+        if self.version != 2:
+            raise ValueError("sub-page grants need a v2 grant table (set_version(2))")
+        if not (page_off >= 0 and length > 0 and page_off + length <= 4096):
+            raise ValueError(f"sub-page range [{page_off}, {page_off + length}) is not in a page")
+        self._check_grantable(ref)
+        view, off = self._locate(ref)
+        mv = memoryview(view)
+        struct.pack_into("<HHHQ", mv, off + 2, domid, page_off, length, gfn)
+        mv.release()
+        wmb()
+        flags = gt.GTF_permit_access | gt.GTF_sub_page | (0 if writable else gt.GTF_readonly)
+        store16(view, off, flags)
+
+    def _check_grantable(self, ref: int) -> None:
+        if not 0 <= ref < len(self._state) or self._state[ref] == _RESERVED:
+            raise ValueError(f"grant ref {ref} is reserved or outside the table")
+        if self._state[ref] != _USED:
+            raise ValueError(f"grant ref {ref} was not allocated (get() it first)")
+        if self._entry_flags(ref) & gt.GTF_type_mask:
+            raise ValueError(f"grant ref {ref} is already granted (end access first)")
+
+    def grant_foreign_access(self, domid: int, gfn: int, readonly: bool = False) -> int:
+        """Allocate a ref and grant ``gfn`` to ``domid`` (Zephyr/Linux ``grant_access``).
+
+        Returns:
+            The grant reference.
+
+        Raises:
+            GrantTableFull: no free ref and the table cannot grow.
+        """
+        ref = self.get_nonblock()
+        if ref is None:
+            raise GrantTableFull("grant_foreign_access", 1, 0)
+        self.grant_access(ref, domid, gfn, not readonly)
+        return ref
+
+    def try_end_access(self, ref: int, release_ref: bool = False) -> None:
+        """End access to ``ref`` unless the peer has it mapped (mirage ``try_end_access``).
+
+        Args:
+            ref: a granted ref.
+            release_ref: also put the ref back on the free list.
+
+        Raises:
+            Busy: the peer still maps it (GTF_reading/GTF_writing set).
+            ValueError: ``ref`` is not a ref this table handed out.
+        """
+        if not 0 <= ref < len(self._state) or self._state[ref] != _USED:
+            raise ValueError(f"try_end_access: grant ref {ref} was not allocated")
+        view, off = self._locate(ref)
+        if self.version == 1:
+            flags = load16(view, off)
+            while True:
+                if flags & _INUSE:
+                    raise Busy("try_end_access", [ref], decode_flags(flags))
+                prev = cmpxchg16(view, off, flags, 0)
+                if prev == flags:
+                    break
+                flags = prev
+        else:
+            store16(view, off, 0)
+            mb()
+            sview, soff = self._status_word(ref)
+            status = load16(sview, soff)
+            if status & _INUSE:
+                raise Busy("try_end_access", [ref], decode_flags(status))
+        if release_ref:
+            self.put(ref)
+
+    def end_access(self, ref: int, release_ref: bool = False, timeout: float | None = None) -> None:
+        """Like :meth:`try_end_access`, retrying until the peer unmaps.
+
+        Raises:
+            Busy: ``timeout`` expired.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = RETRY_FIRST
+        while True:
+            try:
+                self.try_end_access(ref, release_ref)
+                return
+            except Busy:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = _backoff(delay)
+
+    async def end_access_async(
+        self, ref: int, release_ref: bool = False, timeout: float | None = None
+    ) -> None:
+        """asyncio twin of :meth:`end_access`."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        delay = RETRY_FIRST
+        while True:
+            try:
+                self.try_end_access(ref, release_ref)
+                return
+            except Busy:
+                if deadline is not None and loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = _backoff(delay)
+
+    def end_access_deferred(self, ref: int, resource: Any = None) -> bool:
+        """End access now, or later if busy (Linux ``gnttab_end_foreign_access``).
+
+        The ref (and ``resource``, released with ``.free()`` or ``.close()``
+        if it has one) is freed once the peer lets go; later calls on this
+        table retry deferred entries, as Linux's timer does.
+
+        Returns:
+            True if access ended now.
+        """
+        try:
+            self.try_end_access(ref, release_ref=True)
+        except Busy:
+            with self._lock:
+                self._deferred.append((ref, True, resource))
+            return False
+        _free_resource(resource)
+        return True
+
+    def _reap_deferred(self) -> None:
+        if not self._deferred:
+            return
+        pending, self._deferred = self._deferred, []
+        for ref, release, resource in pending:
+            try:
+                self.try_end_access(ref, release)
+            except Busy:
+                self._deferred.append((ref, release, resource))
+                continue
+            _free_resource(resource)
+
+    @property
+    def deferred(self) -> int:
+        """Refs whose end of access is still pending."""
+        return len(self._deferred)
+
+    def reap_deferred(self) -> int:
+        """Retry deferred ends of access now.
+
+        Returns:
+            How many are still pending.
+        """
+        with self._lock:
+            self._reap_deferred()
+            return len(self._deferred)
+
+    def set_readonly(self, ref: int) -> None:
+        """Writable -> read-only: cmpxchg ``GTF_readonly`` in while ``!GTF_writing``.
+
+        Raises:
+            Busy: the peer has it mapped writable.
+        """
+        view, off = self._locate(ref)
+        flags = load16(view, off)
+        while True:
+            if self.version == 1 and flags & gt.GTF_writing:
+                raise Busy("set_readonly", [ref], "mapped writable")
+            if self.version == 2:
+                sview, soff = self._status_word(ref)
+                if load16(sview, soff) & gt.GTF_writing:
+                    raise Busy("set_readonly", [ref], "mapped writable")
+            prev = cmpxchg16(view, off, flags, flags | gt.GTF_readonly)
+            if prev == flags:
+                return
+            flags = prev
+
+    def set_writable(self, ref: int) -> None:
+        """Read-only -> writable: an atomic bit clear of ``GTF_readonly``."""
+        view, off = self._locate(ref)
+        fetch_and16(view, off, 0xFFFF & ~gt.GTF_readonly)
+
+    # ----------------------------------------------------------- sharing
+    def share_pages(self, domid: int, count: int, writable: bool = True) -> Share:
+        """Allocate ``count`` pages and grant them to ``domid`` (mirage ``share_pages``).
+
+        Returns:
+            A :class:`Share`: its ``refs`` and one contiguous ``mem``.
+
+        Raises:
+            ValueError: count < 1.
+            GrantTableFull: not enough free refs (nothing is allocated).
+            MemoryError: no memory for the pages (no ref is kept).
+        """
+        if count < 1:
+            raise ValueError(f"share_pages: count must be >= 1, not {count}")
+        pages = self.domain.alloc_pages(count)
+        refs = self.get_n_nonblock(count)
+        if not refs:
+            free = self.num_free_grants()
+            pages.free()
+            raise GrantTableFull("share_pages", count, free)
+        for ref, gfn in zip(refs, pages.gfns):
+            self.grant_access(ref, domid, gfn, writable)
+        view = pages._view
+        share = Share(self, domid, refs, writable, view, resource=pages)
+        pages.mem.release()
+        pages.freed = True  # the share owns the pages now
+        return share
+
+    def alloc_and_grant(self, domid: int = 0, readonly: bool = False) -> Share:
+        """One new page granted to ``domid`` (Zephyr ``gnttab_alloc_and_grant``).
+
+        Zephyr grants to domain 0 with no choice; here ``domid`` defaults to 0.
+
+        Returns:
+            A one-page :class:`Share` (``refs[0]``, ``mem``).
+        """
+        return self.share_pages(domid, 1, writable=not readonly)
+
+    def _try_unshare(self, share: Share, release_refs: bool) -> None:
+        while share.refs:
+            ref = share.refs[0]
+            try:
+                self.try_end_access(ref, release_ref=release_refs)
+            except Busy as e:
+                raise Busy("try_unshare", list(share.refs), str(e)) from None
+            share.refs.pop(0)
+        pages: Pages = share.resource
+        share._release_memory()
+        pages._view = None
+        self.domain._free_ram(pages.gfns)
+        share.released = True
+
+    def _abandon_share(self, share: Share) -> None:
+        """A share dropped unreleased: end access now or defer it (never leak)."""
+        pages: Pages = share.resource
+        share.mem.release()
+        share.released = True
+
+        class _Free:
+            def __init__(self, table: GrantTable, gfns: list[int], view: Any) -> None:
+                self.table, self.gfns, self.view, self.left = table, gfns, view, 0
+
+            def free(self) -> None:
+                self.left -= 1
+                if self.left == 0:
+                    self.view.close()
+                    self.table.domain._free_ram(self.gfns)
+
+        holder = _Free(self, pages.gfns, share._view)
+        holder.left = len(share.refs)
+        if not share.refs:
+            holder.left = 1
+            holder.free()
+            return
+        for ref in list(share.refs):
+            self.end_access_deferred(ref, holder)
+        share.refs.clear()
+
+    @contextlib.contextmanager
+    def with_grant(self, domid: int, writable: bool, ref: int, gfn: int) -> Iterator[None]:
+        """Grant for the block, then end access, waiting for the peer (mirage ``with_grant``)."""
+        with self.with_grants(domid, writable, [ref], [gfn]):
+            yield
+
+    @contextlib.contextmanager
+    def with_grants(
+        self, domid: int, writable: bool, refs: Sequence[int], gfns: Sequence[int]
+    ) -> Iterator[None]:
+        """:meth:`with_grant` for several pages (mirage ``with_grants``)."""
+        if len(refs) != len(gfns):
+            raise ValueError(f"{len(refs)} refs for {len(gfns)} pages")
+        done: list[int] = []
+        try:
+            for ref, gfn in zip(refs, gfns):
+                self.grant_access(ref, domid, gfn, writable)
+                done.append(ref)
+            yield
+        finally:
+            for ref in done:
+                self.end_access(ref)
+
+    # ------------------------------------------------------------ mapping
+    def map_refs(self, ops: Any, count: int | None = None) -> int:
+        """Map a batch of prepared ``gnttab_map_grant_ref`` ops (Zephyr ``gnttab_map_refs``).
+
+        Each op's ``status``, ``handle`` and ``dev_bus_addr`` are filled in;
+        ``host_addr`` should be ``gfn << 12`` of a gfn from :meth:`Domain.get_pages`.
+
+        Returns:
+            The hypercall's return, 0: check each op's status.
+        """
+        return self.domain.grant_table_op(gt.GNTTABOP_map_grant_ref, ops, count)
+
+    def unmap_refs(self, ops: Any, count: int | None = None) -> int:
+        """Unmap a batch of ``gnttab_unmap_grant_ref`` ops (Zephyr ``gnttab_unmap_refs``)."""
+        return self.domain.grant_table_op(gt.GNTTABOP_unmap_grant_ref, ops, count)
+
+    def copy(self, ops: Any, count: int | None = None) -> list[int]:
+        """A batch of ``gnttab_copy`` ops (Linux ``gnttab_batch_copy``).
+
+        Returns:
+            Each op's status.
+        """
+        self.domain.grant_table_op(gt.GNTTABOP_copy, ops, count)
+        n = len(ops) if count is None else count
+        return [int(ops[i].status) for i in range(n)]
+
+    def map_grants(
+        self, grants: Sequence[tuple[int, int]], writable: bool = True
+    ) -> Mapping:
+        """Map ``(domid, ref)`` grants contiguously (libxengnttab ``map_grant_refs``).
+
+        All or nothing: if any page fails, the others are unmapped again.
+
+        Raises:
+            GrantError: a single grant failed (its GNTST code).
+            BatchError: some of several failed (every entry's status).
+            ValueError: no grants.
+        """
+        n = len(grants)
+        if n == 0:
+            raise ValueError("map_grants: no grants to map")
+        domain = self.domain
+        gfns = domain.get_pages(n)
+        flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
+        size = MAP_OP.size
+        buf = bytearray(size * n)
+        pack = MAP_OP.pack_into
+        for i, ((domid, ref), gfn) in enumerate(zip(grants, gfns)):
+            pack(buf, i * size, gfn << 12, flags, ref, domid, 0, 0, 0)
+        mv = memoryview(buf)
+        check_rc("map_grant_ref", self._hc.grant_table_op(gt.GNTTABOP_map_grant_ref, mv, n))
+        unpack = MAP_OP.unpack_from
+        statuses, handles = [], []
+        for i in range(n):
+            st, handle = unpack(buf, i * size)[4:6]
+            statuses.append(st)
+            handles.append(handle)
+        if any(statuses):
+            ok = [(g, h) for g, h, s in zip(gfns, handles, statuses) if s == gt.GNTST_okay]
+            self._unmap_handles([g for g, _ in ok], [h for _, h in ok])
+            domain.put_pages(gfns)
+            if n == 1:
+                dom, ref = grants[0]
+                raise GrantError("map_grant_ref", statuses[0], f"d{dom} ref {ref}")
+            raise BatchError("map_grant_refs", statuses)
+        view = self._hc.map_gfns(gfns, writable)
+        return Mapping(
+            self,
+            [d for d, _ in grants],
+            [r for _, r in grants],
+            writable,
+            view,
+            handles,
+            resource=gfns,
+        )
+
+    def _unmap_handles(self, gfns: Sequence[int], handles: Sequence[int]) -> list[int]:
+        n = len(handles)
+        if not n:
+            return []
+        size = UNMAP_OP.size
+        buf = bytearray(size * n)
+        for i, (gfn, handle) in enumerate(zip(gfns, handles)):
+            UNMAP_OP.pack_into(buf, i * size, gfn << 12, 0, handle, 0)
+        check_rc(
+            "unmap_grant_ref",
+            self._hc.grant_table_op(gt.GNTTABOP_unmap_grant_ref, memoryview(buf), n),
+        )
+        return [UNMAP_OP.unpack_from(buf, i * size)[3] for i in range(n)]
+
+    def _unmap(self, mapping: Mapping) -> None:
+        mapping._release_memory()
+        gfns: list[int] = mapping.resource
+        assert mapping.handles is not None
+        statuses = self._unmap_handles(gfns, mapping.handles)
+        mapping.released = True
+        self.domain.put_pages(gfns)
+        if any(statuses):
+            raise BatchError("unmap_grant_ref", statuses)
+
+    # ----------------------------------------------------------- transfer
+    def grant_transfer(self, domid: int, gfn: int = 0) -> int:
+        """Offer to accept a page from ``domid`` (Linux ``gnttab_grant_foreign_transfer``).
+
+        Args:
+            domid: the domain that may give a page.
+            gfn: for a translated guest, where the page will appear.
+
+        Returns:
+            The ref to hand to the giver.
+        """
+        ref = self.get_nonblock()
+        if ref is None:
+            raise GrantTableFull("grant_transfer", 1, 0)
+        view, off = self._locate(ref)
+        store16(view, off + 2, domid)
+        if self.version == 1:
+            store32(view, off + 4, gfn)
+        else:
+            mv = memoryview(view)
+            struct.pack_into("<Q", mv, off + 8, gfn)
+            mv.release()
+        wmb()
+        store16(view, off, gt.GTF_accept_transfer)
+        return ref
+
+    def end_transfer(self, ref: int, release_ref: bool = True) -> int:
+        """Close an accept-transfer entry (Linux ``gnttab_end_foreign_transfer_ref``).
+
+        Returns:
+            The frame received (PV: machine frame; translated: the gfn), or
+            0 if nothing was transferred.
+        """
+        view, off = self._locate(ref)
+        flags = load16(view, off)
+        while not flags & gt.GTF_transfer_committed:
+            prev = cmpxchg16(view, off, flags, 0)
+            if prev == flags:
+                if release_ref:
+                    self.put(ref)
+                return 0
+            flags = prev
+        # Committed: Xen sets completed right after writing the frame.
+        while not load16(view, off) & gt.GTF_transfer_completed:
+            time.sleep(0)
+        if self.version == 1:
+            frame = int(load32(view, off + 4))
+        else:
+            mv = memoryview(view)
+            frame = int.from_bytes(mv[off + 8 : off + 16], "little")
+            mv.release()
+        store16(view, off, 0)
+        if release_ref:
+            self.put(ref)
+        return frame
+
+    def transfer(self, gfn: int, domid: int, ref: int) -> None:
+        """Give page ``gfn`` to ``domid`` through its accept-transfer ``ref``.
+
+        Raises:
+            GrantError: the op's status (a translated caller gets
+                ``GNTST_general_error`` and keeps the page).
+        """
+        buf = bytearray(_TRANSFER.size)
+        _TRANSFER.pack_into(buf, 0, gfn, domid, ref, 0)
+        check_rc("transfer", self._hc.grant_table_op(gt.GNTTABOP_transfer, memoryview(buf), 1))
+        st = _TRANSFER.unpack_from(buf)[3]
+        if st != gt.GNTST_okay:
+            raise GrantError("transfer", st, f"page {gfn:#x} to d{domid} ref {ref}")
+
+    # ------------------------------------------------------------ version
+    def set_version(self, version: int) -> int:
+        """``GNTTABOP_set_version``: switch between v1 and v2 entries.
+
+        All entries past the reserved ones are cleared by Xen; the free list
+        is kept (refs handed out stay handed out) but must not be granted
+        while switching.
+
+        Returns:
+            The version now in force.
+
+        Raises:
+            HypercallError: -EINVAL, -ENOSYS, -EBUSY (something is mapped) ...
+        """
+        buf = bytearray(_VERSION.pack(version))
+        with self._lock:
+            rc = self._hc.grant_table_op(gt.GNTTABOP_set_version, memoryview(buf), 1)
+            check_rc("set_version", rc)
+            (now,) = _VERSION.unpack(buf)
+            if now != self.version:
+                self._rebuild_for_version(now)
+            return int(now)
+
+    def _rebuild_for_version(self, version: int) -> None:
+        for v in self._status_frames:
+            v.close()
+        self._status_frames = []
+        used = {ref for ref, s in enumerate(self._state) if s == _USED}
+        self.version = version
+        per = self.per_frame
+        total = len(self._frames) * per
+        self._state = bytearray(total)
+        for ref in range(min(gt.GNTTAB_NR_RESERVED_ENTRIES, total)):
+            self._state[ref] = _RESERVED
+        for ref in used:
+            if ref < total:
+                self._state[ref] = _USED
+        self._free = [
+            r for r in range(total - 1, gt.GNTTAB_NR_RESERVED_ENTRIES - 1, -1) if r not in used
+        ]
+        if version == 2:
+            self._map_status_frames()
+
+    def get_version(self, domid: int = gt.DOMID_SELF) -> int:
+        """``GNTTABOP_get_version``."""
+        buf = bytearray(struct.pack("<H2xI", domid, 0))
+        rc = self._hc.grant_table_op(gt.GNTTABOP_get_version, memoryview(buf), 1)
+        check_rc("get_version", rc)
+        return int(struct.unpack_from("<H2xI", buf)[1])
+
+    # ------------------------------------------------------------ inspect
+    def entries(self, only_valid: bool = True) -> list[GrantEntry]:
+        """Every entry (or every valid one) of the mapped frames."""
+        out = []
+        for ref in range(self.nr_entries):
+            e = self.entry(ref)
+            if e.flags or not only_valid:
+                out.append(e)
+        return out
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _free_resource(resource: Any) -> None:
+    if resource is None:
+        return
+    for name in ("free", "close"):
+        fn = getattr(resource, name, None)
+        if fn is not None:
+            fn()
+            return
+
+
+__all__ = ["GrantEntry", "GrantTable", "HypercallError", "decode_flags"]

@@ -1,0 +1,242 @@
+"""Share and Mapping: the two resources a guest holds, released like files.
+
+A :class:`Share` is pages granted to another domain (mirage's
+``Gntshr.share``); a :class:`Mapping` is foreign grants mapped into this
+domain (libxengnttab's mapped area).  Both are context managers, expose
+their memory as ``mem`` (a memoryview numpy can wrap without a copy), and warn
+with ``ResourceWarning`` when garbage-collected unreleased, as an unclosed
+file does.  After release ``mem`` is released too: using it raises
+``ValueError``, so a stale view can never reach a frame given back.
+
+The owner (emulated grant table, or gntalloc/gntdev on real Xen) does the
+work through the small :class:`ShareOwner`/:class:`MappingOwner` protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ..errors import Busy
+
+#: end_access / unshare retry: first wait, and cap (Linux retries its
+#: deferred list once a second; mirage's end_access sleeps 10 s).
+RETRY_FIRST = 0.001
+RETRY_MAX = 1.0
+
+
+class ShareOwner(Protocol):
+    def _try_unshare(self, share: Share, release_refs: bool) -> None: ...
+
+    def _abandon_share(self, share: Share) -> None: ...
+
+
+class MappingOwner(Protocol):
+    def _unmap(self, mapping: Mapping) -> None: ...
+
+
+def _backoff(delay: float) -> float:
+    return min(delay * 2, RETRY_MAX)
+
+
+class Share:
+    """Pages shared with one domain by grant reference.
+
+    Attributes:
+        domid: the domain the pages are granted to.
+        refs: the grant references still shared, one per page, in page order.
+        writable: whether the peer may write.
+        mem: memoryview of all the pages (contiguous).
+        nr_pages: pages in the share.
+    """
+
+    def __init__(
+        self,
+        owner: ShareOwner,
+        domid: int,
+        refs: Sequence[int],
+        writable: bool,
+        view: Any,
+        resource: Any = None,
+    ) -> None:
+        self._owner = owner
+        self.domid = domid
+        self.refs = list(refs)
+        self.nr_pages = len(self.refs)
+        self.writable = writable
+        self._view = view
+        self.mem = memoryview(view)
+        #: backend data (e.g. the pages, or the gntalloc index)
+        self.resource = resource
+        self.released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else f"refs={self.refs}"
+        return f"<Share to d{self.domid} {self.nr_pages} page(s) {state}>"
+
+    def try_unshare(self, release_refs: bool = True) -> None:
+        """End access to every page, in order; stop at the first busy one.
+
+        Args:
+            release_refs: also return each ended ref to the free list.
+
+        Raises:
+            Busy: a page is still mapped by the peer; ``refs`` keeps the refs
+                not yet ended (call again later).
+            BufferError: all access ended but views of ``mem`` are alive, so
+                the pages cannot be freed yet (call again after releasing them).
+        """
+        if not self.released:
+            self._owner._try_unshare(self, release_refs)
+
+    def unshare(self, release_refs: bool = True, timeout: float | None = None) -> None:
+        """Like :meth:`try_unshare`, retrying until the peer lets go.
+
+        Args:
+            release_refs: also return each ref to the free list.
+            timeout: give up after this many seconds (None: wait forever).
+
+        Raises:
+            Busy: ``timeout`` expired with refs still in use.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = RETRY_FIRST
+        while True:
+            try:
+                self.try_unshare(release_refs)
+                return
+            except Busy:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = _backoff(delay)
+
+    async def unshare_async(self, release_refs: bool = True, timeout: float | None = None) -> None:
+        """asyncio twin of :meth:`unshare`."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        delay = RETRY_FIRST
+        while True:
+            try:
+                self.try_unshare(release_refs)
+                return
+            except Busy:
+                if deadline is not None and loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = _backoff(delay)
+
+    def _release_memory(self) -> None:
+        """Release ``mem`` and close the view; BufferError if still exported."""
+        self.mem.release()
+        try:
+            self._view.close()
+        except BufferError:
+            self.mem = memoryview(self._view)
+            raise
+
+    def __enter__(self) -> Share:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unshare()
+
+    async def __aenter__(self) -> Share:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.unshare_async()
+
+    def __del__(self) -> None:
+        if getattr(self, "released", True):
+            return
+        warnings.warn(
+            f"unreleased {self!r}: call unshare() (ending access now or deferring it)",
+            ResourceWarning,
+            stacklevel=2,
+            source=self,
+        )
+        try:
+            self._owner._abandon_share(self)
+        except Exception:  # pragma: no cover - never raise from __del__
+            pass
+
+
+class Mapping:
+    """Foreign grants mapped into this domain as one contiguous buffer.
+
+    Attributes:
+        domids: the granting domain of each page.
+        refs: the grant reference of each page.
+        writable: False for a read-only mapping (``mem`` refuses writes).
+        mem: memoryview of the pages.
+        handles: the maptrack handle of each page (emulated) or None.
+    """
+
+    def __init__(
+        self,
+        owner: MappingOwner,
+        domids: Sequence[int],
+        refs: Sequence[int],
+        writable: bool,
+        view: Any,
+        handles: Sequence[int] | None = None,
+        resource: Any = None,
+    ) -> None:
+        self._owner = owner
+        self.domids = list(domids)
+        self.refs = list(refs)
+        self.writable = writable
+        self.handles = list(handles) if handles is not None else None
+        self._view = view
+        self.mem = memoryview(view)
+        self.resource = resource
+        self.released = False
+
+    def __repr__(self) -> str:
+        state = "unmapped" if self.released else f"{len(self.refs)} page(s)"
+        return f"<Mapping {'rw' if self.writable else 'ro'} refs={self.refs} {state}>"
+
+    def __len__(self) -> int:
+        return 0 if self.released else len(self.mem)
+
+    def unmap(self) -> None:
+        """Unmap every page.
+
+        Raises:
+            BufferError: views of ``mem`` (slices, numpy arrays) are alive;
+                nothing is unmapped.
+            GrantError: the hypervisor refused an unmap (not expected).
+        """
+        if not self.released:
+            self._owner._unmap(self)
+
+    close = unmap
+
+    def _release_memory(self) -> None:
+        self.mem.release()
+        try:
+            self._view.close()
+        except BufferError:
+            self.mem = memoryview(self._view)
+            raise
+
+    def __enter__(self) -> Mapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unmap()
+
+    def __del__(self) -> None:
+        if getattr(self, "released", True):
+            return
+        warnings.warn(
+            f"unreleased {self!r}: call unmap()", ResourceWarning, stacklevel=2, source=self
+        )
+        try:
+            self.unmap()
+        except Exception:  # pragma: no cover - never raise from __del__
+            pass

@@ -1,0 +1,224 @@
+"""The portable layer: what userspace can do on any Xen, emulated or real.
+
+On a real Xen host userspace has no grant table of its own: Linux's
+/dev/xen/gntalloc shares pages (libxengntshr) and /dev/xen/gntdev maps and
+copies grants (libxengnttab).  These two interfaces are that surface, and code
+written against them runs unchanged on the embedded emulator, on an emulator
+in another process, or on real Xen:
+
+- :class:`Gntshr` -- ``share_pages(domid, count, writable) -> Share``,
+  ``unshare(share)`` (never blocks: a page the peer still maps is released
+  when it unmaps, as gntalloc defers the end of access).
+- :class:`Gnttab` -- ``map_grant_ref``, ``map_grant_refs`` (contiguous, from
+  one or several domains), ``map_domain_grant_refs``, ``unmap``,
+  ``grant_copy``.
+
+:class:`EmulatedGntshr` and :class:`EmulatedGnttab` implement them for an
+emulated :class:`~xengrant.guest.domain.Domain`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, Union
+
+from .abi import grant_table as gt
+from .guest.share import Mapping, Share
+
+if TYPE_CHECKING:
+    from .guest.domain import Domain
+
+
+@dataclass
+class GrantRef:
+    """One side of a copy named by grant: ``ref`` of ``domid``, from ``offset``."""
+
+    domid: int
+    ref: int
+    offset: int = 0
+
+
+#: A local side of a copy: any buffer (source) or writable buffer (dest).
+Local = Union[bytes, bytearray, memoryview]
+
+
+@dataclass
+class CopySegment:
+    """One ``grant_copy`` segment (libxengnttab ``xengnttab_grant_copy_segment_t``).
+
+    Exactly one side should be a :class:`GrantRef` (gntdev refuses copies
+    with no grant side); ``status`` is set to the op's ``GNTST_*`` code.
+    """
+
+    source: GrantRef | Local
+    dest: GrantRef | Local
+    len: int
+    status: int = gt.GNTST_okay
+
+
+class Gntshr(Protocol):
+    """Share pages with another domain (libxengntshr)."""
+
+    def share_pages(self, domid: int, count: int, writable: bool = True) -> Share: ...
+
+    def unshare(self, share: Share) -> None: ...
+
+
+class Gnttab(Protocol):
+    """Map and copy other domains' grants (libxengnttab)."""
+
+    def map_grant_ref(self, domid: int, ref: int, writable: bool = True) -> Mapping: ...
+
+    def map_grant_refs(
+        self, grants: Sequence[tuple[int, int]], writable: bool = True
+    ) -> Mapping: ...
+
+    def map_domain_grant_refs(
+        self, domid: int, refs: Sequence[int], writable: bool = True
+    ) -> Mapping: ...
+
+    def unmap(self, mapping: Mapping) -> None: ...
+
+    def grant_copy(self, segments: Sequence[CopySegment]) -> list[int]: ...
+
+
+class EmulatedGntshr:
+    """:class:`Gntshr` for an emulated domain (its grant table does the work)."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+
+    def share_pages(self, domid: int, count: int, writable: bool = True) -> Share:
+        """Share ``count`` new zeroed pages with ``domid``.
+
+        Raises:
+            GrantTableFull, MemoryError, ValueError: see ``GrantTable.share_pages``.
+        """
+        return self.domain.grant_table.share_pages(domid, count, writable)
+
+    def unshare(self, share: Share) -> None:
+        """Stop sharing; pages the peer still maps are freed when it unmaps.
+
+        Raises:
+            BufferError: views of ``share.mem`` are still alive.
+        """
+        if share.released:
+            return
+        share.mem.release()
+        try:
+            share._view.close()
+        except BufferError:
+            share.mem = memoryview(share._view)
+            raise
+        share.released = True
+        table = self.domain.grant_table
+        gfns = share.resource.gfns
+
+        class _Pages:
+            left = len(share.refs)
+
+            def free(self) -> None:
+                _Pages.left -= 1
+                if _Pages.left == 0:
+                    table.domain._free_ram(gfns)
+
+        if not share.refs:
+            table.domain._free_ram(gfns)
+            return
+        holder = _Pages()
+        for ref in list(share.refs):
+            table.end_access_deferred(ref, holder)
+        share.refs.clear()
+
+
+class EmulatedGnttab:
+    """:class:`Gnttab` for an emulated domain."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self._bounce: Any = None
+
+    def map_grant_ref(self, domid: int, ref: int, writable: bool = True) -> Mapping:
+        """Map one grant.
+
+        Raises:
+            GrantError: with Xen's GNTST code.
+        """
+        return self.domain.grant_table.map_grants([(domid, ref)], writable)
+
+    def map_grant_refs(self, grants: Sequence[tuple[int, int]], writable: bool = True) -> Mapping:
+        """Map ``(domid, ref)`` pairs into one contiguous buffer, all or nothing.
+
+        Raises:
+            BatchError: some failed (each entry's status); none stays mapped.
+        """
+        return self.domain.grant_table.map_grants(grants, writable)
+
+    def map_domain_grant_refs(
+        self, domid: int, refs: Sequence[int], writable: bool = True
+    ) -> Mapping:
+        """Map several grants of one domain contiguously."""
+        return self.domain.grant_table.map_grants([(domid, r) for r in refs], writable)
+
+    def unmap(self, mapping: Mapping) -> None:
+        """Unmap (same as ``mapping.unmap()``)."""
+        mapping.unmap()
+
+    def grant_copy(self, segments: Sequence[CopySegment]) -> list[int]:
+        """Copy between grants and local buffers; each segment gets its status.
+
+        Local sides go through a bounce page of this domain's RAM (the
+        emulator can only copy between frames).
+
+        Returns:
+            The statuses, also stored in each segment.
+
+        Raises:
+            ValueError: a segment with no grant side or longer than a page.
+        """
+        domain = self.domain
+        if self._bounce is None:
+            self._bounce = domain.alloc_pages(1)
+        bounce = self._bounce
+        gfn = bounce.gfns[0]
+        out = []
+        for seg in segments:
+            if not 0 <= seg.len <= 4096:
+                raise ValueError(f"grant_copy: len {seg.len} is not within a page")
+            src_g = isinstance(seg.source, GrantRef)
+            dst_g = isinstance(seg.dest, GrantRef)
+            if not (src_g or dst_g):
+                raise ValueError("grant_copy: at least one side must be a GrantRef")
+            op = (gt.gnttab_copy * 1)()
+            o = op[0]
+            o.len = seg.len
+            if src_g:
+                assert isinstance(seg.source, GrantRef)
+                o.source.u.ref, o.source.domid = seg.source.ref, seg.source.domid
+                o.source.offset = seg.source.offset
+                o.flags |= gt.GNTCOPY_source_gref
+            else:
+                data = memoryview(seg.source).cast("B")[: seg.len]  # type: ignore[arg-type]
+                bounce.mem[: seg.len] = data
+                o.source.u.gmfn, o.source.domid, o.source.offset = gfn, gt.DOMID_SELF, 0
+            if dst_g:
+                assert isinstance(seg.dest, GrantRef)
+                o.dest.u.ref, o.dest.domid = seg.dest.ref, seg.dest.domid
+                o.dest.offset = seg.dest.offset
+                o.flags |= gt.GNTCOPY_dest_gref
+            else:
+                o.dest.u.gmfn, o.dest.domid, o.dest.offset = gfn, gt.DOMID_SELF, 0
+            domain.grant_table_op(gt.GNTTABOP_copy, op, 1)
+            seg.status = int(o.status)
+            if seg.status == gt.GNTST_okay and not dst_g:
+                dest = memoryview(seg.dest).cast("B")  # type: ignore[arg-type]
+                dest[: seg.len] = bounce.mem[: seg.len]
+            out.append(seg.status)
+        return out
+
+    def close(self) -> None:
+        """Free the bounce page."""
+        if self._bounce is not None:
+            self._bounce.free()
+            self._bounce = None
