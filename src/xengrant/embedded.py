@@ -39,12 +39,23 @@ class EmbeddedHypercalls:
     def __init__(self, xen: EmbeddedXen, domid: int) -> None:
         self.xen = xen
         self.domid = domid
+        #: Xen's debug reasons for the ops that failed in the last call
+        #: (what ``gdprintk`` prints on the hypervisor console).
+        self.last_reasons: list[str] = []
         self._hv = xen.hv
         self._lock = xen.lock
 
     def grant_table_op(self, cmd: int, uop: memoryview, count: int) -> int:
         with self._lock:
-            return self._hv.grant_table_op(self.domid, cmd, uop, count)
+            xen = self.xen
+            before = xen.log_count
+            rc = self._hv.grant_table_op(self.domid, cmd, uop, count)
+            if xen.log_count != before:
+                fresh = xen.debug_log[-(xen.log_count - before) :]
+                self.last_reasons = [r for d, _op, _st, r in fresh if d == self.domid]
+            elif self.last_reasons:
+                self.last_reasons = []
+            return rc
 
     def populate_physmap(self, gfns: Sequence[int]) -> list[int]:
         with self._lock:
@@ -114,12 +125,14 @@ class EmbeddedXen:
             max_grant_version=max_grant_version,
         )
         self.debug_log: list[tuple[int, str, int, str]] = []
+        self.log_count = 0
         self.hv.log = self._log
         self._closed = False
 
     def _log(self, domid: int, op: str, status: int, reason: str) -> None:
         log = self.debug_log
         log.append((domid, op, status, reason))
+        self.log_count += 1
         if len(log) > 1000:
             del log[:500]
 

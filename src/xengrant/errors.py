@@ -98,6 +98,7 @@ class Busy(XenError):
     def __init__(self, op: str, refs: Sequence[int], detail: str = "") -> None:
         self.op = op
         self.refs = list(refs)
+        self.detail = detail
         text = f"{op}: grant ref(s) {self.refs} still in use by the remote domain"
         if detail:
             text += f" ({detail})"

@@ -633,7 +633,7 @@ class GrantTable:
             try:
                 self.try_end_access(ref, release_ref=release_refs)
             except Busy as e:
-                raise Busy("try_unshare", list(share.refs), str(e)) from None
+                raise Busy("try_unshare", list(share.refs), f"ref {ref}: {e.detail}") from None
             share.refs.pop(0)
         pages: Pages = share.resource
         share._release_memory()
@@ -748,13 +748,15 @@ class GrantTable:
             statuses.append(st)
             handles.append(handle)
         if any(statuses):
+            reasons = "; ".join(getattr(self._hc, "last_reasons", ()))
             ok = [(g, h) for g, h, s in zip(gfns, handles, statuses) if s == gt.GNTST_okay]
             self._unmap_handles([g for g, _ in ok], [h for _, h in ok])
             domain.put_pages(gfns)
             if n == 1:
                 dom, ref = grants[0]
-                raise GrantError("map_grant_ref", statuses[0], f"d{dom} ref {ref}")
-            raise BatchError("map_grant_refs", statuses)
+                why = f"d{dom} ref {ref}" + (f": {reasons}" if reasons else "")
+                raise GrantError("map_grant_ref", statuses[0], why)
+            raise BatchError("map_grant_refs", statuses, reasons)
         view = self._hc.map_gfns(gfns, writable)
         return Mapping(
             self,

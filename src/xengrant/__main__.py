@@ -1,0 +1,5 @@
+import sys
+
+from xengrant.cli import main
+
+sys.exit(main())
