@@ -1,0 +1,30 @@
+# Sourced by demo.sh and test.sh: make .venv with xengrant installed (editable).
+# Usage: . scripts/_venv.sh [EXTRAS]
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; assert sys.version_info >= (3, 9)' 2>/dev/null; then
+  echo "xengrant needs Python >= 3.9 (found: $("$PY" --version 2>&1))" >&2; exit 1
+fi
+need_apt=()
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+"$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || need_apt+=(python3-dev)
+"$PY" -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "missing: ${need_apt[*]} (install them, e.g. with apt-get)" >&2; exit 1
+  fi
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+extras=${1:-}
+stamp=.venv/.xengrant-installed${extras:+-$extras}
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+   || [ src/xengrant/_cext.c -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
+  touch "$stamp"
+fi
