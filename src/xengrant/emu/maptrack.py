@@ -6,6 +6,14 @@ at a time up to ``max_maptrack_frames`` pages (default 1024, Xen's
 ``opt_max_maptrack_frames``), and freed handles are reused first-in first-out
 (Xen keeps per-vCPU FIFO free lists), which keeps a stale handle from naming
 a new mapping for as long as possible.
+
+Xen 4.17's free list (``_get_maptrack_handle``: "Always keep one entry in the
+free list to make it easier to add free entries to the tail") never hands out
+its last entry: it stays as the tail sentinel.  A new page gives its first
+handle to the caller and puts the rest at the head of the list
+(``get_maptrack_handle``), and once no page may be added the vCPU can only
+steal from other vCPUs' lists.  The emulated domain has one vCPU, so at most
+``max_maptrack_frames * 256 - 1`` handles are in use at once, as on Xen.
 """
 
 from __future__ import annotations
@@ -65,17 +73,22 @@ class Maptrack:
         """Allocate a handle for ``entry``.
 
         Returns:
-            The handle, or -1 when the table is at its limit
-            (the caller answers ``GNTST_no_space``).
+            The handle, or -1 when the table is at its limit and only the
+            free list's sentinel is left (the caller answers ``GNTST_no_space``).
         """
-        if not self._free:
+        free = self._free
+        if len(free) > 1:  # _get_maptrack_handle keeps the tail sentinel
+            handle = free.popleft()
+        else:
+            # get_maptrack_handle: a new page, its first entry for the caller,
+            # the others at the head of the free list (before the sentinel).
             start = len(self.entries)
             if start >= self.limit:
-                return -1
+                return -1  # steal_maptrack_handle: no other vCPU to steal from
             grow = min(MAPTRACK_PER_PAGE, self.limit - start)
             self.entries.extend([None] * grow)
-            self._free.extend(range(start, start + grow))
-        handle = self._free.popleft()
+            free.extendleft(reversed(range(start + 1, start + grow)))
+            handle = start
         self.entries[handle] = entry
         return handle
 
