@@ -250,10 +250,13 @@ def map_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count:
     pack_out = _MAP_OUT.pack_into
     log = hv.log
     for i in range(count):
-        host_addr, flags, ref, dom, _st, _h, _dba = unpack(uop, i * size)
+        host_addr, flags, ref, dom, _st, handle_in, dba_in = unpack(uop, i * size)
         st, handle, dba, why = map_grant_ref(hv, ld, host_addr, flags, ref, dom)
         if st != GNTST_okay:
-            handle, dba = 0xFFFFFFFF, 0
+            # map_grant_ref sets only op->status on failure and
+            # gnttab_map_grant_ref copies the whole op back: handle and
+            # dev_bus_addr keep what the caller passed in.
+            handle, dba = handle_in, dba_in
             if log is not None:
                 log(ld.domid, "map_grant_ref", st, why)
         pack_out(uop, i * size + _MAP_OUT_OFF, st, handle, dba)
