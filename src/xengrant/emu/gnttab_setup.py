@@ -27,6 +27,7 @@ from ..abi.grant_table import (
     GNTST_general_error,
     GNTST_okay,
     GNTST_permission_denied,
+    GTF_permit_access,
     GTF_reading,
     GTF_transitive,
     GTF_type_mask,
@@ -99,12 +100,15 @@ def setup_table(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) ->
 
 
 def query_size(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
-    """GNTTABOP_query_size: current and maximum frames."""
+    """GNTTABOP_query_size: current and maximum frames.
+
+    On an error the sizes come back as the caller passed them (Xen copies
+    its whole, partly untouched, op back).
+    """
     if count != 1:
         return -errno.EINVAL
-    dom, _n, _m, _st = QUERY_OP.unpack_from(uop, 0)
+    dom, nr, mx, _st = QUERY_OP.unpack_from(uop, 0)
     d, st = _target(hv, ld, dom)
-    nr = mx = 0
     if d is not None:
         nr, mx = d.gt.nr_grant_frames, d.gt.max_grant_frames
     QUERY_OP.pack_into(uop, 0, dom, nr, mx, st)
@@ -136,18 +140,17 @@ def set_version(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) ->
         0, -EINVAL (not 1 or 2), -ENOSYS (v2 not allowed), -EBUSY (a ref
         past the reserved ones is pinned), -ERANGE (a reserved v2 entry that
         v1 cannot hold), -ENOMEM.  ``version`` always comes back holding the
-        version in force.
+        version in force, errors included (gnttab_set_version's ``out:``).
+        ``count`` is ignored, as do_grant_table_op does not pass it.
     """
-    if count != 1:
-        return -errno.EINVAL
     (want,) = VERSION_OP.unpack_from(uop, 0)
     g = ld.gt
-    if want not in (1, 2):
-        return -errno.EINVAL
-    if want == 2 and hv.max_grant_version < 2:
-        return -errno.ENOSYS
     rc = 0
-    if want != g.version:
+    if want not in (1, 2):
+        rc = -errno.EINVAL
+    elif want == 2 and hv.max_grant_version < 2:
+        rc = -errno.ENOSYS
+    elif want != g.version:
         rc = _switch_version(hv, ld, want)
     VERSION_OP.pack_into(uop, 0, g.version)
     return rc
@@ -159,9 +162,16 @@ def _switch_version(hv: Hypervisor, d: DomainState, want: int) -> int:
         return -errno.EBUSY
     reserved = _read_reserved(hv, d)
     if want == 1:
+        # gnttab_set_version: a reserved transitive entry, or a permit_access
+        # one whose frame needs more than 32 bits, has no v1 form: -ERANGE.
         for flags, _domid, frame in reserved:
-            if (flags & GTF_type_mask) == GTF_transitive or frame >> 32:
+            kind = flags & GTF_type_mask
+            if kind == GTF_transitive or (kind == GTF_permit_access and frame >> 32):
                 return -errno.ERANGE
+        # Only permit_access entries are carried over; the rest become invalid.
+        reserved = [
+            r if (r[0] & GTF_type_mask) == GTF_permit_access else (0, 0, 0) for r in reserved
+        ]
         for i, gfn in enumerate(g.status_gfn):
             if gfn >= 0:
                 d.p2m.pop(gfn, None)
@@ -211,9 +221,10 @@ def get_status_frames(hv: Hypervisor, ld: DomainState, uop: memoryview, count: i
 
 
 def get_version(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
-    """GNTTABOP_get_version: -ESRCH for an unknown domain, -EPERM for another's."""
-    if count != 1:
-        return -errno.EINVAL
+    """GNTTABOP_get_version: -ESRCH for an unknown domain, -EPERM for another's.
+
+    ``count`` is ignored (do_grant_table_op does not pass it).
+    """
     dom, _v = GET_VERSION_OP.unpack_from(uop, 0)
     d, st = _target(hv, ld, dom)
     if d is None:

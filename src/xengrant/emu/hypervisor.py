@@ -61,6 +61,14 @@ _OPS = {
     gt.GNTTABOP_swap_grant_ref: gnttab_setup.swap_grant_ref,
 }
 _OP_SIZES = {cmd: ctypes.sizeof(st) for cmd, st in gt.GNTTABOP_STRUCTS.items()}
+#: gnttab_setup_table, gnttab_query_size, gnttab_get_status_frames: "if ( count
+#: != 1 ) return -EINVAL;" before reading the op.
+_COUNT_MUST_BE_ONE = frozenset(
+    {gt.GNTTABOP_setup_table, gt.GNTTABOP_query_size, gt.GNTTABOP_get_status_frames}
+)
+#: do_grant_table_op passes no count to gnttab_set_version/gnttab_get_version:
+#: they read exactly one op whatever ``count`` says.
+_ONE_OP = _COUNT_MUST_BE_ONE | {gt.GNTTABOP_set_version, gt.GNTTABOP_get_version}
 
 
 class Hypervisor:
@@ -269,7 +277,8 @@ class Hypervisor:
         Returns:
             0 (per-op results are in each op's ``status``) or a negative
             errno: -EINVAL for a negative count or a count other than 1 where
-            Xen wants 1, -ENOSYS for unknown or removed commands
+            Xen wants 1 (set_version and get_version ignore it), -ENOSYS
+            for unknown or removed commands
             (dump_table, cache_flush: Arm only), -EFAULT if ``uop`` is too
             short, -EOPNOTSUPP for transfer from a translated guest, -ESRCH
             if the caller does not exist.
@@ -283,7 +292,9 @@ class Hypervisor:
         handler = _OPS.get(cmd)
         if handler is None:
             return -errno.ENOSYS
-        if len(uop) < _OP_SIZES[cmd] * count:
+        if cmd in _COUNT_MUST_BE_ONE and count != 1:
+            return -errno.EINVAL
+        if len(uop) < _OP_SIZES[cmd] * (1 if cmd in _ONE_OP else count):
             return -errno.EFAULT
         if uop.readonly:
             return -errno.EFAULT
@@ -359,7 +370,8 @@ class Hypervisor:
         Only ``XENMAPSPACE_grant_table`` is emulated.  ``idx`` beyond the
         current size grows the table (``gnttab_map_frame``); with
         ``XENMAPIDX_grant_table_status`` it names a v2 status frame.  RAM
-        already at ``gpfn`` is freed, as Xen removes the old page.
+        already at ``gpfn`` is freed, as Xen removes the old page.  A status
+        ``idx`` past the v2 status frames grows the table until it exists.
 
         Returns:
             0, or -EINVAL (bad idx, past max_grant_frames, status frame
@@ -373,8 +385,16 @@ class Hypervisor:
         status = bool(idx & XENMAPIDX_grant_table_status)
         idx &= ~XENMAPIDX_grant_table_status
         if status:
-            if g.version != 2 or idx >= len(g.status):
+            if g.version != 2:
                 return -errno.EINVAL
+            if idx >= len(g.status):
+                # gnttab_get_status_frame_mfn: grow the table so that status
+                # frame idx exists (status_to_grant_frames), within the limit.
+                want = -(-(idx + 1) * gt.GRANT_STATUS_PER_PAGE // gt.GRANT_PER_PAGE_V2)
+                if want <= g.max_grant_frames:
+                    self.grow_table(d, want)
+                if idx >= len(g.status):
+                    return -errno.EINVAL
             mfn, frames_gfn, p2mt = g.status[idx], g.status_gfn, P2M_GNTTAB_STATUS
         else:
             if idx >= g.nr_grant_frames and not self.grow_table(d, idx + 1):
