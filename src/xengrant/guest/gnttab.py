@@ -45,6 +45,7 @@ from .share import RETRY_FIRST, Mapping, Share, _backoff
 
 _INUSE = gt.GTF_reading | gt.GTF_writing
 _QUERY = struct.Struct("<H2xIIh2x")
+_SETUP = struct.Struct("<H2xIh6xQ")
 _VERSION = struct.Struct("<I")
 _TRANSFER = struct.Struct("<QH2xIh6x")
 MAP_OP = struct.Struct("<QIIHhIQ")
@@ -170,12 +171,22 @@ class GrantTable:
         if upto > self.max_nr_frames:
             return False
         start = len(self._frames)
-        for idx in range(start, upto):
-            gfn = GNTTAB_GFN_BASE + idx
-            rc = self._hc.add_to_physmap(XENMAPSPACE_grant_table, idx, gfn)
-            if rc < 0:
+        if self.domain.pv:
+            # A PV guest cannot add_to_physmap (-EOPNOTSUPP): Linux's
+            # gnttab_map issues GNTTABOP_setup_table and maps the machine
+            # frames it lists (arch_gnttab_map_shared).
+            mfns = self._setup_table(upto)
+            if mfns is None:
                 return False
-            self._frames.append(self._hc.map_gfns([gfn], True))
+            for mfn in mfns[start:upto]:
+                self._frames.append(self._hc.map_gfns([mfn], True))
+        else:
+            for idx in range(start, upto):
+                gfn = GNTTAB_GFN_BASE + idx
+                rc = self._hc.add_to_physmap(XENMAPSPACE_grant_table, idx, gfn)
+                if rc < 0:
+                    return False
+                self._frames.append(self._hc.map_gfns([gfn], True))
         if self.version == 2:
             self._map_status_frames()
         per = self.per_frame
@@ -186,6 +197,29 @@ class GrantTable:
         # lowest refs first out of the LIFO free list
         self._free.extend(range(upto * per - 1, max(old, gt.GNTTAB_NR_RESERVED_ENTRIES) - 1, -1))
         return True
+
+    def _setup_table(self, nr_frames: int) -> list[int] | None:
+        """``GNTTABOP_setup_table`` for this PV guest: its first ``nr_frames`` mfns.
+
+        The frame list is written to a RAM page borrowed for the call.
+
+        Returns:
+            The machine frames, or None if the table cannot grow that far
+            (or no page is left for the list).
+        """
+        try:
+            page = self.domain.alloc_pages(1)
+        except MemoryError:
+            return None
+        try:
+            buf = bytearray(_SETUP.size)
+            _SETUP.pack_into(buf, 0, gt.DOMID_SELF, nr_frames, 0, page.gfns[0] << 12)
+            rc = self._hc.grant_table_op(gt.GNTTABOP_setup_table, memoryview(buf), 1)
+            if rc < 0 or _SETUP.unpack_from(buf)[2] != gt.GNTST_okay:
+                return None
+            return list(struct.unpack_from(f"<{nr_frames}Q", page.mem))
+        finally:
+            page.free()
 
     def _map_status_frames(self) -> None:
         need = (self.nr_frames * gt.GRANT_PER_PAGE_V2 + gt.GRANT_STATUS_PER_PAGE - 1) // (
