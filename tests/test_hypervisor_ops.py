@@ -1035,7 +1035,9 @@ def test_transfer_of_a_frame_not_owned_is_bad_page(xen: Xen, make_domain: MakeDo
 
 # ============================================ setup_table and table-wide ops
 @pytest.mark.parametrize(
-    "cmd", [abi.GNTTABOP_setup_table, abi.GNTTABOP_query_size, abi.GNTTABOP_get_status_frames]
+    "cmd",
+    [abi.GNTTABOP_setup_table, abi.GNTTABOP_query_size, abi.GNTTABOP_get_status_frames],
+    ids=["setup_table", "query_size", "get_status_frames"],
 )
 @pytest.mark.parametrize("count", [0, 2])
 def test_single_op_commands_want_count_one(
