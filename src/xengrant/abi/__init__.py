@@ -7,6 +7,7 @@ One module per header:
 - :mod:`xengrant.abi.gntalloc` -- Linux include/uapi/xen/gntalloc.h
 - :mod:`xengrant.abi.gntdev` -- Linux include/uapi/xen/gntdev.h
 - :mod:`xengrant.abi.evtchn` -- Linux include/uapi/xen/evtchn.h
+- :mod:`xengrant.abi.privcmd` -- Linux include/uapi/xen/privcmd.h
 
 Everything is re-exported here, so ``from xengrant import abi; abi.GNTST_okay`` works.
 """
@@ -24,6 +25,7 @@ from .grant_table import (
     gnttabop_error,
 )
 from .memory import *  # noqa: F403
+from .privcmd import *  # noqa: F403
 
 __all__ = [name for name in dir() if not name.startswith("__") and name not in ("annotations",)]
 __all__ += ["GNTST_NAMES", "GNTTABOP_STRUCTS", "GNTTABOP_error_msgs", "gnttabop_error"]
