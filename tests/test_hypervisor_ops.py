@@ -303,6 +303,64 @@ def test_map_device_map_from_pv(xen: Xen, make_domain: MakeDomain) -> None:
     assert xen.domain_state(b.domid).maptrack.in_use == 0
 
 
+def test_pv_host_and_device_map_are_unmapped_half_by_half(
+    xen: Xen, make_domain: MakeDomain
+) -> None:
+    """unmap_common: host_addr 0 or dev_bus_addr 0 leaves that half mapped; the
+    handle is freed only when both halves are gone."""
+    a, b = make_domain(), make_domain(pv=True)
+    ref, gfn = grant(a, b.domid)
+    mfn = mfn_of(xen, a.domid, gfn)
+    op = map1(b, a.domid, ref, HOST | abi.GNTMAP_device_map)
+    assert op.status == abi.GNTST_okay
+    assert pins(xen, a.domid) == {ref: GNTPIN_hstw_inc + GNTPIN_devw_inc}
+    assert xen.hv.machine.refcount[mfn] == 3
+    # The host half; dev_bus_addr 0 keeps the device half.
+    assert unmap(b, [(op.host_addr, op.handle, 0)]) == [abi.GNTST_okay]
+    assert pins(xen, a.domid) == {ref: GNTPIN_devw_inc}
+    assert flags_of(xen, a.domid, ref) == PERMIT | READING | WRITING
+    assert xen.domain_state(b.domid).maptrack.in_use == 1
+    # Host half gone: host_addr is ignored now, the bus address still checked.
+    assert unmap(b, [(op.host_addr, op.handle, 0)]) == [abi.GNTST_okay]
+    assert unmap(b, [(0, op.handle, 0x1000)]) == [abi.GNTST_bad_dev_addr]
+    assert unmap(b, [(op.host_addr, op.handle, mfn << 12)]) == [abi.GNTST_okay]
+    assert pins(xen, a.domid) == {}
+    assert flags_of(xen, a.domid, ref) == PERMIT
+    assert xen.domain_state(b.domid).maptrack.in_use == 0
+    assert xen.hv.machine.refcount[mfn] == 1
+    assert unmap(b, [(0, op.handle, mfn << 12)]) == [abi.GNTST_bad_handle]
+
+
+def test_unmap_of_a_host_mapping_ignores_dev_bus_addr(xen: Xen, pair: tuple[Dom, Dom]) -> None:
+    """Since Xen 4.16 the bus address is checked only for device mappings."""
+    a, b = pair
+    ref, _gfn = grant(a, b.domid)
+    op = map1(b, a.domid, ref)
+    assert unmap(b, [(op.host_addr, op.handle, 0xABC000)]) == [abi.GNTST_okay]
+    assert pins(xen, a.domid) == {}
+
+
+def test_map_grant_of_a_bad_frame_is_bad_page(xen: Xen, pair: tuple[Dom, Dom]) -> None:
+    """get_paged_frame: a hole, or a foreign (grant-mapped) gfn of the granter."""
+    a, b = pair
+    c_ref, _ = grant(b, a.domid, data=b"b's page")
+    foreign = map1(a, b.domid, c_ref)
+    assert foreign.status == abi.GNTST_okay
+    hole = a.get_pages(1)[0]
+    r1, _ = grant(a, b.domid, gfn=hole)
+    r2, _ = grant(a, b.domid, gfn=foreign.host_addr >> 12)
+    mine = ram(b)[0]
+    before = snapshot(xen)
+    ops = map_grants(b, [(a.domid, r1, HOST), (a.domid, r2, HOST | RO)])
+    assert [op.status for op in ops] == [abi.GNTST_bad_page] * 2
+    assert copy(b, ((r1, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF)) == [
+        abi.GNTST_bad_page
+    ]
+    assert snapshot(xen) == before
+    assert flags_of(xen, a.domid, r1) == flags_of(xen, a.domid, r2) == PERMIT
+    assert unmap1(a, foreign) == abi.GNTST_okay
+
+
 @pytest.mark.parametrize("dom", [999, abi.DOMID_SELF, abi.DOMID_XEN])
 def test_map_unknown_domain_is_bad_domain(xen: Xen, pair: tuple[Dom, Dom], dom: int) -> None:
     a, b = pair
