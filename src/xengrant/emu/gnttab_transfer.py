@@ -80,9 +80,14 @@ def transfer_one(
         ``(status, detail)``.
     """
     machine = hv.machine
-    if not d.pv:
-        return GNTST_general_error, "steal_page: a translated domain cannot give pages away"
     ent = d.p2m.get(frame)
+    if not d.pv:
+        # gnttab_transfer looks the gfn up first (get_gfn_unshare: nothing
+        # there is GNTST_bad_page), then x86 steal_page refuses any page of a
+        # translated domain (-EOPNOTSUPP -> GNTST_general_error, page kept).
+        if ent is None:
+            return GNTST_bad_page, f"gnttab_transfer: out-of-range {frame:#x}"
+        return GNTST_general_error, "steal_page: a translated domain cannot give pages away"
     if ent is None or ent[1] != P2M_RAM_RW:
         return GNTST_bad_page, f"gnttab_transfer: out-of-range or unowned frame {frame:#x}"
     mfn = ent[0]
