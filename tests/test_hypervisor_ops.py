@@ -1002,6 +1002,8 @@ def test_transfer_from_hvm_is_general_error_and_keeps_the_page(
     entry = raw_entry(xen, recv.domid, ref)
     before = snapshot(xen)
     assert _transfer(giver, gfn, recv.domid, ref) == abi.GNTST_general_error
+    # get_gfn_unshare comes first: nothing at the gfn is GNTST_bad_page.
+    assert _transfer(giver, giver.get_pages(1)[0], recv.domid, ref) == abi.GNTST_bad_page
     assert snapshot(xen) == before
     assert read(giver, gfn, 4) == b"mine"
     assert raw_entry(xen, recv.domid, ref) == entry
