@@ -312,7 +312,7 @@ def test_unshare_retries_until_the_peer_unmaps(
         m.unmap()
 
     t, out = run_thread(unmapper)
-    share.unshare(release_refs=True)  # blocks until the thread unmaps
+    share.unshare(release_refs=True, timeout=HANG)  # blocks until the thread unmaps
     joined(t, out)
     assert attempts[0] == "busy" and attempts[-1] == "done"
     assert share.released
@@ -678,7 +678,7 @@ def test_end_access_retries_until_unmapped(
         m.unmap()
 
     t, out = run_thread(unmapper)
-    table.end_access(ref, release_ref=True)
+    table.end_access(ref, release_ref=True, timeout=HANG)
     joined(t, out)
     assert calls[0] is False and calls[-1] is True
     assert flags(front, ref) == 0 and table.num_free_grants() == free
