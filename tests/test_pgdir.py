@@ -770,3 +770,22 @@ def test_be_alloc_backend_free_while_frontend_maps(env: Any) -> None:
     fe.free()
     assert back.grant_table.reap_deferred() == 0
     assert counts(xen, front, back) == before
+
+
+# ------------------------------------------------------------------ docs
+DOC = Path(__file__).resolve().parent.parent / "docs" / "pgdir.md"
+
+
+@pytest.mark.skipif(not DOC.exists(), reason="docs/pgdir.md not present")
+def test_doc_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's page-directory examples (docs/pgdir.md) run as written."""
+    import re
+    import warnings
+
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    assert len(blocks) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        for code in blocks:
+            exec(compile(code, str(DOC), "exec"), {"__name__": "__doc_example__"})
+    assert "loop: directory page 0 links to gref" in capsys.readouterr().out

@@ -1,0 +1,159 @@
+"""Benchmark: a page-directory shared buffer's whole life, next to a memcpy.
+
+One cycle, for each allocation mode, on the embedded emulator:
+
+- fe_alloc: frontend alloc (share directory + buffer, fill the directory),
+  backend map (walk the chain, map the buffer contiguously), backend unmap,
+  frontend free.
+- be_alloc: frontend alloc (share the directory), backend alloc (walk the
+  chain, share its buffer, write its grefs), frontend map, frontend unmap,
+  backend free, frontend free.
+
+Alongside, in the same run, a plain memcpy of the same size (bytearray to
+bytearray, both already touched), as the yardstick.
+
+Usage::
+
+    python benchmarks/bench_pgdir.py [--mib 64] [--repeat 7] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import pstats
+import statistics
+import time
+from collections.abc import Callable
+
+import xengrant
+from xengrant.pgdir import PgdirBackend, PgdirFrontend
+
+
+def memcpy_ms(nbytes: int, repeat: int) -> float:
+    src = bytearray(b"\x5a") * nbytes
+    dst = bytearray(nbytes)
+    dst[:] = src  # touch both
+    best = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        dst[:] = src
+        best.append(time.perf_counter() - t)
+    return statistics.median(best) * 1e3
+
+
+def cycle(
+    front: xengrant.Domain, back: xengrant.Domain, n: int, be_alloc: bool
+) -> dict[str, float]:
+    """One buffer life; returns the ms each phase took."""
+    marks: list[tuple[str, float]] = [("", time.perf_counter())]
+
+    def mark(name: str) -> None:
+        marks.append((name, time.perf_counter()))
+
+    fe = PgdirFrontend(front, back.domid, n, be_alloc=be_alloc)
+    mark("frontend alloc")
+    be = PgdirBackend(back, front.domid, fe.get_dir_start(), fe.buffer_sz, be_alloc=be_alloc)
+    mark("backend alloc+write dir" if be_alloc else "backend map")
+    if be_alloc:
+        fe.map()
+        mark("frontend map")
+        fe.unmap()
+        mark("frontend unmap")
+        be.free()
+        mark("backend free")
+    else:
+        be.free()
+        mark("backend unmap")
+    fe.free()
+    mark("frontend free")
+    out = {name: (t - marks[i][1]) * 1e3 for i, (name, t) in enumerate(marks[1:])}
+    out["total"] = (marks[-1][1] - marks[0][1]) * 1e3
+    return out
+
+
+def raw_cycle(
+    front: xengrant.Domain, back: xengrant.Domain, n: int, be_alloc: bool
+) -> dict[str, float]:
+    """The grant operations a fe_alloc cycle needs, without pgdir: the floor."""
+    t0 = time.perf_counter()
+    share = front.gntshr.share_pages(back.domid, n)
+    t1 = time.perf_counter()
+    m = back.gnttab.map_domain_grant_refs(front.domid, share.refs)
+    t2 = time.perf_counter()
+    m.unmap()
+    t3 = time.perf_counter()
+    front.gntshr.unshare(share)
+    t4 = time.perf_counter()
+    return {
+        "share_pages": (t1 - t0) * 1e3,
+        "map_domain_grant_refs": (t2 - t1) * 1e3,
+        "unmap": (t3 - t2) * 1e3,
+        "unshare": (t4 - t3) * 1e3,
+        "total": (t4 - t0) * 1e3,
+    }
+
+
+Cycle = Callable[[xengrant.Domain, xengrant.Domain, int, bool], dict[str, float]]
+
+
+def run(mib: int, repeat: int, be_alloc: bool, fn: Cycle = cycle) -> dict[str, float]:
+    n = (mib << 20) // 4096
+    with xengrant.EmbeddedXen(memory=(mib * 4) << 20) as xen:
+        front, back = xen.create_domain(), xen.create_domain()
+        fn(front, back, n, be_alloc)  # warm up: grant tables grown, frames touched
+        runs = []
+        gc.disable()
+        try:
+            for _ in range(repeat):
+                runs.append(fn(front, back, n, be_alloc))
+        finally:
+            gc.enable()
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def profile(mib: int, be_alloc: bool) -> str:
+    n = (mib << 20) // 4096
+    with xengrant.EmbeddedXen(memory=(mib * 4) << 20) as xen:
+        front, back = xen.create_domain(), xen.create_domain()
+        cycle(front, back, n, be_alloc)
+        prof = cProfile.Profile()
+        prof.enable()
+        cycle(front, back, n, be_alloc)
+        prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
+    return s.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--profile", action="store_true", help="cProfile one cycle per mode")
+    args = ap.parse_args(argv)
+    nbytes = args.mib << 20
+    table: list[tuple[str, Callable[[], dict[str, float]]]] = [
+        ("fe_alloc", lambda: run(args.mib, args.repeat, False)),
+        ("be_alloc", lambda: run(args.mib, args.repeat, True)),
+        ("raw grant ops, no pgdir", lambda: run(args.mib, args.repeat, False, raw_cycle)),
+    ]
+    print(f"{args.mib} MiB buffer = {nbytes // 4096} pages, median of {args.repeat}\n")
+    print(f"memcpy {args.mib} MiB: {memcpy_ms(nbytes, args.repeat):.1f} ms\n")
+    print("| mode | phase | ms |")
+    print("|---|---|---:|")
+    for mode, fn in table:
+        res = fn()
+        for phase, ms in res.items():
+            print(f"| {mode} | {phase} | {ms:.1f} |")
+    print(f"\nmemcpy {args.mib} MiB (again, after): {memcpy_ms(nbytes, args.repeat):.1f} ms")
+    if args.profile:
+        for mode, be_alloc in (("fe_alloc", False), ("be_alloc", True)):
+            print(f"\n## profile {mode}\n")
+            print(profile(args.mib, be_alloc))
+
+
+if __name__ == "__main__":
+    main()
