@@ -360,7 +360,12 @@ class GrantTable:
         self._lock.notify_all()
         waiters, self._async_waiters = self._async_waiters, []
         for loop, fut in waiters:
-            loop.call_soon_threadsafe(_resolve, fut)
+            if fut.done():  # its task was cancelled: nobody waits on it
+                continue
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # its loop is closed: nobody waits on it either
+                pass
 
     @contextlib.contextmanager
     def with_ref(self) -> Iterator[int]:
