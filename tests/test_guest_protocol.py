@@ -737,6 +737,38 @@ def test_get_async_woken_by_put_from_a_thread(make_domain: MakeDomain) -> None:
     assert asyncio.run(main()) == held[9]
 
 
+def test_cancelled_async_waiter_does_not_break_put(make_domain: MakeDomain) -> None:
+    # A get_async cancelled on a loop that is then closed must not make a
+    # later put() raise, nor keep the waiters queued behind it asleep.
+    table = make_domain(max_grant_frames=1).grant_table
+    held = table.get_n(PER - RESERVED)
+
+    async def give_up() -> None:
+        waiting = asyncio.Event()
+        table._async_waiters = WaiterList(waiting)  # type: ignore[assignment]
+        getter = asyncio.create_task(table.get_async())
+        await waiting.wait()
+        getter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await getter
+
+    asyncio.run(give_up())  # its loop is closed now
+
+    async def wait_on_a_new_loop() -> int:
+        waiting = asyncio.Event()
+        stale = list(table._async_waiters)  # the cancelled waiter stays queued
+        table._async_waiters = WaiterList(waiting)  # type: ignore[assignment]
+        table._async_waiters.extend(stale)
+        getter = asyncio.create_task(table.get_async())
+        await waiting.wait()
+        table.put(held[0])  # must not raise "Event loop is closed"
+        return await asyncio.wait_for(getter, HANG)
+
+    assert asyncio.run(wait_on_a_new_loop()) == held[0]
+    table.put(held[1])
+    assert table.num_free_grants() == 1
+
+
 def test_end_access_async(xen: Xen, pair: tuple[Dom, Dom], monkeypatch: pytest.MonkeyPatch) -> None:
     front, back = pair
     table = front.grant_table
