@@ -62,6 +62,7 @@ class FakeKernel:
         self.grefs: dict[int, Gref] = {}
         self.next_ref = 8
         self.limit = limit
+        self.nr_entries = 64 * 512  # Xen 4.17's default max_grant_frames, v1 entries
         self.gref_size = 0
         self.deferred: list[Gref] = []
         self.log: list[str] = []
@@ -122,6 +123,10 @@ class FakeKernel:
         if g is None:
             g = next((d for d in self.deferred if d.ref == ref), None)
         return g if g is not None and g.domid == self.domid else None
+
+    def missing_status(self, ref: int) -> int:
+        """Xen's copy status for a ref not granted to us: past the table, or bad flags."""
+        return abi.GNTST_bad_gntref if ref >= self.nr_entries else abi.GNTST_general_error
 
     def outstanding(self) -> dict[str, int]:
         """What is still allocated: grefs, deferred pages, pages in use."""
@@ -368,14 +373,14 @@ class FakeGntdev(_Dev):
                 if f.domid not in k.known_domids:
                     st = abi.GNTST_bad_domain
                 elif src is None:
-                    st = abi.GNTST_bad_gntref
+                    st = k.missing_status(f.ref)
             if st == abi.GNTST_okay and s.flags & abi.GNTCOPY_dest_gref:
                 f = s.dest.foreign
                 dst = k.lookup(f.domid, f.ref)
                 if f.domid not in k.known_domids:
                     st = abi.GNTST_bad_domain
                 elif dst is None:
-                    st = abi.GNTST_bad_gntref
+                    st = k.missing_status(f.ref)
                 elif not dst.writable:
                     st = abi.GNTST_general_error
             s.status = st

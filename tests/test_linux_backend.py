@@ -116,13 +116,13 @@ def test_readonly_grant_and_mapping(env: Env) -> None:
 def test_bad_refs_are_diagnosed(env: Env) -> None:
     share = env.shr.share_pages(0, 2)
     with pytest.raises(GrantError) as ei:
-        env.tab.map_grant_ref(0, 9999)
+        env.tab.map_grant_ref(0, 1_000_000)
     assert ei.value.status == abi.GNTST_bad_gntref and ei.value.errno == errno.EINVAL  # type: ignore[attr-defined]
     with pytest.raises(GrantError) as ei:
         env.tab.map_grant_ref(7, share.refs[0])
     assert ei.value.status == abi.GNTST_bad_domain
     with pytest.raises(BatchError) as bi:
-        env.tab.map_grant_refs([(0, share.refs[0]), (0, 9999), (0, share.refs[1])])
+        env.tab.map_grant_refs([(0, share.refs[0]), (0, 1_000_000), (0, share.refs[1])])
     b = bi.value
     assert isinstance(b, LinuxBatchError) and b.errno == errno.EINVAL
     assert b.statuses == [abi.GNTST_okay, abi.GNTST_bad_gntref, abi.GNTST_okay]
@@ -134,7 +134,7 @@ def test_bad_refs_are_diagnosed(env: Env) -> None:
 def test_no_diagnosis(env: Env) -> None:
     tab = LinuxGnttab(device=env.gntdev, diagnose=False)
     with pytest.raises(BatchError) as bi:
-        tab.map_grant_refs([(0, 9998), (0, 9999)])
+        tab.map_grant_refs([(0, 999_999), (0, 1_000_000)])
     assert bi.value.statuses == [abi.GNTST_general_error] * 2
     assert env.gntdev.maps == {}
 
@@ -260,7 +260,7 @@ def test_grant_copy(env: Env) -> None:
     segs = [
         CopySegment(b"COPYDATA", GrantRef(0, share.refs[0], 100), 8),
         CopySegment(GrantRef(0, share.refs[0], 100), out, 8),
-        CopySegment(GrantRef(0, 9999), bytearray(4), 4),
+        CopySegment(GrantRef(0, 1_000_000), bytearray(4), 4),
         CopySegment(GrantRef(7, share.refs[0]), bytearray(4), 4),
         CopySegment(b"x", GrantRef(0, ro.refs[0]), 1),
         CopySegment(b"xy", GrantRef(0, share.refs[0], P - 1), 2),
