@@ -39,6 +39,8 @@ class GfnAllocator:
     def alloc(self, count: int) -> list[int]:
         """``count`` gfns, contiguous whenever the free list allows."""
         free = self._free
+        if count == 1 and free:
+            return [heapq.heappop(free)]  # O(log n): single pages are the common case
         if len(free) >= count and count:
             # Use freed gfns only if the lowest `count` of them are contiguous.
             low = heapq.nsmallest(count, free)
