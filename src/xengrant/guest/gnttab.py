@@ -41,7 +41,7 @@ from ..errors import BatchError, Busy, GrantError, GrantTableFull, HypercallErro
 from ..hypercall import check_rc
 from .domain import Domain, Pages
 from .memory import GNTTAB_GFN_BASE, GNTTAB_STATUS_GFN_BASE
-from .share import RETRY_FIRST, Mapping, Share, _backoff
+from .share import RETRY_FIRST, RETRY_MAX, Mapping, Share, _backoff
 
 _INUSE = gt.GTF_reading | gt.GTF_writing
 _QUERY = struct.Struct("<H2xIIh2x")
@@ -305,6 +305,10 @@ class GrantTable:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise GrantTableFull("get_n", count, len(self._free))
+                if self._deferred:
+                    # Deferred ends free refs only when retried, and no put()
+                    # announces the peer's unmap: poll, as Linux's timer does.
+                    remaining = RETRY_MAX if remaining is None else min(remaining, RETRY_MAX)
                 self._lock.wait(remaining)
 
     def _check_possible(self, count: int) -> None:
@@ -327,7 +331,11 @@ class GrantTable:
                     return refs
                 fut: asyncio.Future[None] = loop.create_future()
                 self._async_waiters.append((loop, fut))
-            await fut
+                poll = RETRY_MAX if self._deferred else None  # as in get_n
+            try:
+                await asyncio.wait([fut], timeout=poll)
+            finally:
+                fut.cancel()  # a later _wake skips it
 
     def put(self, ref: int) -> None:
         """Return a ref to the free list (mirage ``put``) and wake waiters.
