@@ -442,6 +442,59 @@ def test_gntshr_unshare_while_mapped_does_not_block(xen: Xen, pair: tuple[Dom, D
     assert active(xen, front.domid) == 0 and in_use(xen, back.domid) == 0
 
 
+def test_get_waiting_on_deferred_refs_wakes_after_the_unmap(
+    xen: Xen, make_domain: MakeDomain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The only free refs to come are deferred ones: no put() will announce
+    # them, so a waiting get() must retry the deferred list (Linux's timer).
+    front, back = make_domain(max_grant_frames=1), make_domain()
+    table = front.grant_table
+    monkeypatch.setattr(gnttab_mod, "RETRY_MAX", 0.001)  # the poll period
+    frames = xen.free_frames
+    share = front.gntshr.share_pages(back.domid, PER - RESERVED)
+    m = back.gnttab.map_grant_ref(front.domid, share.refs[-1])
+    front.gntshr.unshare(share)
+    held = table.get_n(PER - RESERVED - 1)
+    assert table.deferred == 1 and table.num_free_grants() == 0
+    waiting = threading.Semaphore(0)
+    real_wait = table._lock.wait
+
+    def wait(timeout: float | None = None) -> bool:
+        waiting.release()
+        return real_wait(timeout)
+
+    monkeypatch.setattr(table._lock, "wait", wait)
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(table.get()), daemon=True)
+    t.start()
+    assert waiting.acquire(timeout=HANG)
+    m.unmap()
+    t.join(HANG)
+    assert not t.is_alive() and table.deferred == 0
+    assert got and got[0] not in held
+
+    # the asyncio twin polls the same way
+    table.put(got[0])
+    s2 = table.share_pages(back.domid, 1)
+    m2 = back.gnttab.map_grant_ref(front.domid, s2.refs[0])
+    front.gntshr.unshare(s2)
+    assert table.deferred == 1
+
+    async def async_main() -> int:
+        waiting = asyncio.Event()
+        table._async_waiters = WaiterList(waiting)  # type: ignore[assignment]
+        getter = asyncio.create_task(table.get_async())
+        await waiting.wait()
+        m2.unmap()
+        return await asyncio.wait_for(getter, HANG)
+
+    assert asyncio.run(async_main()) == got[0]
+    assert table.deferred == 0
+    table.put_n([got[0], *held])
+    assert table.num_free_grants() == PER - RESERVED
+    assert xen.free_frames == frames and in_use(xen, back.domid) == 0
+
+
 def test_gntshr_unshare_refuses_with_live_views(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     front, back = pair
     frames = xen.free_frames
