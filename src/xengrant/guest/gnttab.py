@@ -46,6 +46,7 @@ from .share import RETRY_FIRST, RETRY_MAX, Mapping, Share, _backoff
 _INUSE = gt.GTF_reading | gt.GTF_writing
 _QUERY = struct.Struct("<H2xIIh2x")
 _SETUP = struct.Struct("<H2xIh6xQ")
+_STATUS_FRAMES = struct.Struct("<IHhQ")
 _VERSION = struct.Struct("<I")
 _TRANSFER = struct.Struct("<QH2xIh6x")
 MAP_OP = struct.Struct("<QIIHhIQ")
@@ -175,8 +176,9 @@ class GrantTable:
             # A PV guest cannot add_to_physmap (-EOPNOTSUPP): Linux's
             # gnttab_map issues GNTTABOP_setup_table and maps the machine
             # frames it lists (arch_gnttab_map_shared).
-            mfns = self._setup_table(upto)
-            if mfns is None:
+            try:
+                mfns = self._pv_frame_list(gt.GNTTABOP_setup_table, upto)
+            except (GrantError, HypercallError, MemoryError):
                 return False
             for mfn in mfns[start:upto]:
                 self._frames.append(self._hc.map_gfns([mfn], True))
@@ -198,25 +200,32 @@ class GrantTable:
         self._free.extend(range(upto * per - 1, max(old, gt.GNTTAB_NR_RESERVED_ENTRIES) - 1, -1))
         return True
 
-    def _setup_table(self, nr_frames: int) -> list[int] | None:
-        """``GNTTABOP_setup_table`` for this PV guest: its first ``nr_frames`` mfns.
+    def _pv_frame_list(self, cmd: int, nr_frames: int) -> list[int]:
+        """A PV guest's first ``nr_frames`` table frames (mfns).
 
-        The frame list is written to a RAM page borrowed for the call.
+        ``GNTTABOP_setup_table`` (growing the table) or, for v2 status frames,
+        ``GNTTABOP_get_status_frames``; the list is written to a RAM page
+        borrowed for the call (Linux gnttab_map / gnttab_map_status_v2).
 
-        Returns:
-            The machine frames, or None if the table cannot grow that far
-            (or no page is left for the list).
+        Raises:
+            GrantError: the op's status (past max_grant_frames ...).
+            HypercallError: the hypercall failed.
+            MemoryError: no page for the list.
         """
-        try:
-            page = self.domain.alloc_pages(1)
-        except MemoryError:
-            return None
+        page = self.domain.alloc_pages(1)
         try:
             buf = bytearray(_SETUP.size)
-            _SETUP.pack_into(buf, 0, gt.DOMID_SELF, nr_frames, 0, page.gfns[0] << 12)
-            rc = self._hc.grant_table_op(gt.GNTTABOP_setup_table, memoryview(buf), 1)
-            if rc < 0 or _SETUP.unpack_from(buf)[2] != gt.GNTST_okay:
-                return None
+            addr = page.gfns[0] << 12
+            if cmd == gt.GNTTABOP_setup_table:
+                op, layout = "setup_table", _SETUP
+                layout.pack_into(buf, 0, gt.DOMID_SELF, nr_frames, 0, addr)
+            else:
+                op, layout = "get_status_frames", _STATUS_FRAMES
+                layout.pack_into(buf, 0, nr_frames, gt.DOMID_SELF, 0, addr)
+            check_rc(op, self._hc.grant_table_op(cmd, memoryview(buf), 1))
+            status = int(layout.unpack_from(buf)[2])
+            if status != gt.GNTST_okay:
+                raise GrantError(op, status, f"{nr_frames} frame(s)")
             return list(struct.unpack_from(f"<{nr_frames}Q", page.mem))
         finally:
             page.free()
@@ -225,6 +234,11 @@ class GrantTable:
         need = (self.nr_frames * gt.GRANT_PER_PAGE_V2 + gt.GRANT_STATUS_PER_PAGE - 1) // (
             gt.GRANT_STATUS_PER_PAGE
         )
+        if self.domain.pv:
+            mfns = self._pv_frame_list(gt.GNTTABOP_get_status_frames, need)
+            for mfn in mfns[len(self._status_frames) :]:
+                self._status_frames.append(self._hc.map_gfns([mfn], True))
+            return
         for idx in range(len(self._status_frames), need):
             gfn = GNTTAB_STATUS_GFN_BASE + idx
             check_rc(
