@@ -511,15 +511,22 @@ def test_gntshr_unshare_refuses_with_live_views(xen: Xen, pair: tuple[Dom, Dom])
 
 
 def test_portable_surface_matches_the_protocols() -> None:
-    for proto, impl in ((Gntshr, EmulatedGntshr), (Gnttab, EmulatedGnttab)):
+    from xengrant.linux import LinuxGntshr, LinuxGnttab
+
+    impls = ((Gntshr, EmulatedGntshr), (Gnttab, EmulatedGnttab))
+    impls += ((Gntshr, LinuxGntshr), (Gnttab, LinuxGnttab))
+    for proto, impl in impls:
         names = [n for n in vars(proto) if not n.startswith("_")]
         assert names
         for name in names:
-            want = inspect.signature(getattr(proto, name))
-            got = inspect.signature(getattr(impl, name))
-            assert list(got.parameters) == list(want.parameters), name
-            for p in want.parameters.values():
-                assert got.parameters[p.name].default == p.default, (name, p.name)
+            want = list(inspect.signature(getattr(proto, name)).parameters.values())
+            got = list(inspect.signature(getattr(impl, name)).parameters.values())
+            # the same positional parameters, with the same defaults; the
+            # real-Xen layer may add keyword-only extras (notify_offset ...)
+            assert [(p.name, p.default) for p in got[: len(want)]] == [
+                (p.name, p.default) for p in want
+            ], (impl.__name__, name)
+            assert all(p.kind is p.KEYWORD_ONLY for p in got[len(want) :]), name
 
 
 # ==================================================================== grant_copy
@@ -974,8 +981,54 @@ def test_dropped_mapping_warns_and_is_unmapped(xen: Xen, pair: tuple[Dom, Dom]) 
     assert share.released
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known leak: a Share dropped while a numpy array still views its pages ends "
+    "access but never frees the pages (the view's close() fails in __del__ and nothing "
+    "retries it)",
+)
+def test_dropped_share_with_a_live_array_frees_pages_later(xen: Xen, pair: tuple[Dom, Dom]) -> None:
+    front, back = pair
+    table = front.grant_table
+    frames, free = xen.free_frames, table.num_free_grants()
+    share = table.share_pages(back.domid, 1)
+    arr = np.frombuffer(share.mem, dtype=np.uint8)
+    with pytest.warns(ResourceWarning):
+        del share
+        gc.collect()
+    arr[0] = 1  # still valid memory: the page cannot be given back yet
+    assert table.num_free_grants() == free  # access ended, ref freed
+    del arr
+    gc.collect()
+    table.reap_deferred()
+    assert xen.free_frames == frames
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known leak: a Mapping dropped while a numpy array still views it stays mapped "
+    "forever (unmap fails with BufferError in __del__ and nothing retries it)",
+)
+def test_dropped_mapping_with_a_live_array_unmaps_later(xen: Xen, pair: tuple[Dom, Dom]) -> None:
+    front, back = pair
+    share = front.grant_table.share_pages(back.domid, 1)
+    m = back.gnttab.map_grant_ref(front.domid, share.refs[0])
+    arr = np.frombuffer(m.mem, dtype=np.uint8)
+    with pytest.warns(ResourceWarning):
+        del m
+        gc.collect()
+    arr[0] = 1
+    assert share.mem[0] == 1
+    del arr
+    gc.collect()
+    back.grant_table.reap_deferred()
+    front.gntshr.unshare(share)  # never blocks, whatever the mapping's fate
+    assert in_use(xen, back.domid) == 0
+
+
 def test_released_objects_do_not_warn(pair: tuple[Dom, Dom]) -> None:
     front, back = pair
+    gc.collect()  # earlier tests' garbage is not ours to judge
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         share = front.grant_table.share_pages(back.domid, 1)
@@ -984,4 +1037,4 @@ def test_released_objects_do_not_warn(pair: tuple[Dom, Dom]) -> None:
         share.unshare()
         del share, m
         gc.collect()
-    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
