@@ -16,6 +16,11 @@ import mmap
 import os
 from typing import Any, Protocol
 
+try:
+    from .. import _cext
+except ImportError:  # pragma: no cover
+    _cext = None
+
 PAGE_SIZE = 4096
 
 
@@ -76,8 +81,19 @@ class OsDevice:
         return int(fcntl.ioctl(self.fd, request, arg, True))
 
     def mmap(self, length: int, writable: bool, offset: int) -> Any:
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        return mmap.mmap(self.fd, length, mmap.MAP_SHARED, prot, offset=offset)
+        """One ``mmap`` of the whole range (gntdev wants one vma per mapping).
+
+        Python's ``mmap.mmap`` would ``dup`` the descriptor for every
+        mapping (1024 single-page mappings exhaust ``RLIMIT_NOFILE``), so this
+        uses ``xengrant._cext.vmap``: a ``PROT_NONE`` reservation, then one
+        ``MAP_SHARED | MAP_FIXED`` mmap of the device over it.  Its
+        ``FrameView`` refuses ``close()`` while exported, like ``mmap``.
+        """
+        if _cext is None:  # pragma: no cover - the extension is always built
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            return mmap.mmap(self.fd, length, mmap.MAP_SHARED, prot, offset=offset)
+        first = offset // PAGE_SIZE
+        return _cext.vmap(self.fd, range(first, first + length // PAGE_SIZE), not writable)
 
     def fileno(self) -> int:
         return self.fd

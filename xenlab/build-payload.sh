@@ -1,0 +1,28 @@
+#!/bin/bash
+# Assemble the dom0 payload: xengrant (pure Python + a _cext built for CPython 3.11, dom0's
+# Python), the real-Xen suite (tests_xen/), the scenario files, the benchmark and run.sh.
+# usage: build-payload.sh OUT_DIR
+# The extension is compiled here against Debian bookworm's python3.11 headers (libpython3.11-dev,
+# the same ABI and glibc as dom0's bookworm python3.11); dom0 has no compiler.
+set -euo pipefail
+R=$(cd "$(dirname "$0")/.." && pwd); H=$R/xenlab
+O=${1:?usage: build-payload.sh OUT_DIR}
+rm -rf "$O" && mkdir -p "$O"
+(cd "$R/src" && find xengrant -name '*.py' -o -name py.typed) | while read -r f; do
+  mkdir -p "$O/$(dirname "$f")" && cp "$R/src/$f" "$O/$f"
+done
+INC=
+for d in /usr/include/python3.11 \
+         "$(python3.11 -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null)"; do
+  [ -n "$d" ] && [ -f "$d/Python.h" ] && { INC=$d; break; }
+done
+[ -n "$INC" ] || { echo "build-payload: no Python 3.11 headers (apt-get install libpython3.11-dev)" >&2; exit 1; }
+EXTRA=
+[ -d /usr/include/x86_64-linux-gnu/python3.11 ] && EXTRA=-I/usr/include/x86_64-linux-gnu/python3.11
+${CC:-cc} -O2 -std=c11 -fPIC -shared -Wall -Wno-missing-field-initializers -I"$INC" $EXTRA \
+  "$R/src/xengrant/_cext.c" -o "$O/xengrant/_cext.cpython-311-x86_64-linux-gnu.so"
+cp -r "$R/tests_xen" "$O/tests_xen"
+mkdir -p "$O/scenarios" && cp "$R"/tests/scenarios/*.py "$R"/tests/scenarios/*.json "$O/scenarios/" 2>/dev/null || true
+mkdir -p "$O/benchmarks" && cp "$R/benchmarks/bench_xen.py" "$O/benchmarks/" 2>/dev/null || true
+cp "$H/payload-run.sh" "$O/run.sh" && chmod +x "$O/run.sh"
+find "$O" -name __pycache__ -prune -exec rm -rf {} +
