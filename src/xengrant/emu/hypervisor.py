@@ -280,7 +280,8 @@ class Hypervisor:
             Xen wants 1 (set_version and get_version ignore it), -ENOSYS
             for unknown or removed commands
             (dump_table, cache_flush: Arm only), -EFAULT if ``uop`` is too
-            short, -EOPNOTSUPP for transfer from a translated guest, -ESRCH
+            short, -EOPNOTSUPP for transfer when disabled (``grant_transfer=False``:
+            ``gnttab=transfer=0``, Arm), -ESRCH
             if the caller does not exist.
         """
         d = self.domains.get(caller)
