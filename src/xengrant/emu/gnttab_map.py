@@ -187,7 +187,8 @@ def unmap_grant_ref(
         ``(status, detail)``.
     """
     maptrack = ld.maptrack
-    if handle >= maptrack.limit:
+    # unmap_common: "handle >= lgt->maptrack_limit", the handles allocated so far.
+    if handle >= len(maptrack.entries):
         return GNTST_bad_handle, f"Bad d{ld.domid} handle {handle:#x}"
     m = maptrack.lookup(handle)
     if m is None or not m.flags:
