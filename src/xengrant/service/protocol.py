@@ -1,0 +1,372 @@
+"""The wire protocol between domain processes and ``xengrant hypervisor``.
+
+Sans-IO: pure functions and a byte-fed decoder; nothing here touches a socket.
+
+Every message is a fixed 12-byte header and a payload::
+
+    u32 length   payload bytes that follow (at most MAX_PAYLOAD)
+    u16 type     MSG_* below
+    u16 flags    0 for a request, F_REPLY for its answer, F_ASYNC for an
+                 unsolicited server message (an event, a watch firing)
+    u32 seq      chosen by the client, echoed in the reply (0 for F_ASYNC)
+
+All integers are little-endian.  A reply payload starts with an ``i32``
+status: 0 or a negative errno (then the rest is a UTF-8 explanation).  A
+request the server cannot parse, an oversized one (its payload is skipped), a
+request of an unknown type, one sent before the connection is bound to a
+domain or one that acts as another domain gets such an error reply; the
+connection stays usable.  Hypercall replies end with the caller's p2m changes
+(:func:`pack_p2m_delta`) so a client translates its own frames without asking.
+
+Payloads (``q`` = i64, ``Q`` = u64, ``I`` = u32, ``i`` = i32, ``H`` = u16):
+
+================  ===========================================  ==========================
+type              request                                      reply body (after status)
+================  ===========================================  ==========================
+PING              anything (echoed)                            the same bytes
+CREATE            I version, i domid (-1: any), I flags,       I version, H domid,
+                  i max_grant_frames, i max_maptrack_frames,   I flags, Q nr_frames,
+                  q max_pages (-1: none)                       memfd by SCM_RIGHTS
+ATTACH            I version, H domid                           as CREATE
+DOMCTL_CREATE     as CREATE (privileged: a domain to attach)   H domid
+DOMCTL_DESTROY    H domid (privileged)                         --
+GNTTAB_OP         I cmd, q count, op structs                   i rc, I n, op structs,
+                                                               delta, reasons
+POPULATE          q gfn * n                                    q done * m, delta
+DECREASE          q gfn * n                                    I released, delta
+ADD_TO_PHYSMAP    I space, Q idx, q gpfn                       i rc, delta
+TRANSLATE         I writable, q gfn * n                        (q mfn, I type) * n, delta
+EVTCHN_*          see :mod:`xengrant.service.evtchn`           I port / status fields
+XS_*              NUL-separated strings, as xenstored's wire   xenstored's reply body
+UNMAP_NOTIFY_SET  I kind, I key, I offset, I action, I port    --
+UNMAP_NOTIFY_FIRE I kind, I key                                --
+STATS             --                                           JSON
+DEBUG_KEY         1 byte key                                   UTF-8 text
+EVENT (async)     --                                           I port
+WATCH_EVENT       --                                           path NUL token NUL
+================  ===========================================  ==========================
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+
+#: ``struct {u32 length; u16 type; u16 flags; u32 seq;}``
+HEADER = struct.Struct("<IHHI")
+HEADER_SIZE = HEADER.size
+#: Hard limit on a payload: bigger batches are split by the client (Xen
+#: itself preempts long batches with continuations, so splitting is invisible).
+MAX_PAYLOAD = 1 << 20
+#: xenstored's XENSTORE_PAYLOAD_MAX: the largest xenstore request or reply.
+XS_PAYLOAD_MAX = 4096
+
+F_REPLY = 0x1
+F_ASYNC = 0x2
+_KNOWN_FLAGS = F_REPLY | F_ASYNC
+
+# ----------------------------------------------------------------- types
+MSG_PING = 1
+MSG_CREATE = 2
+MSG_ATTACH = 3
+MSG_DOMCTL_CREATE = 4
+MSG_DOMCTL_DESTROY = 5
+MSG_GNTTAB_OP = 10
+MSG_POPULATE = 11
+MSG_DECREASE = 12
+MSG_ADD_TO_PHYSMAP = 13
+MSG_TRANSLATE = 14
+MSG_EVTCHN_ALLOC_UNBOUND = 20
+MSG_EVTCHN_BIND_INTERDOMAIN = 21
+MSG_EVTCHN_SEND = 22
+MSG_EVTCHN_CLOSE = 23
+MSG_EVTCHN_UNMASK = 24
+MSG_EVTCHN_STATUS = 25
+MSG_XS_READ = 30
+MSG_XS_WRITE = 31
+MSG_XS_MKDIR = 32
+MSG_XS_RM = 33
+MSG_XS_DIRECTORY = 34
+MSG_XS_GET_PERMS = 35
+MSG_XS_SET_PERMS = 36
+MSG_XS_WATCH = 37
+MSG_XS_UNWATCH = 38
+MSG_XS_GET_DOMAIN_PATH = 39
+MSG_UNMAP_NOTIFY_SET = 40
+MSG_UNMAP_NOTIFY_FIRE = 41
+MSG_STATS = 60
+MSG_DEBUG_KEY = 61
+MSG_EVENT = 100
+MSG_WATCH_EVENT = 101
+
+MSG_NAMES: dict[int, str] = {
+    v: k[4:] for k, v in dict(globals()).items() if k.startswith("MSG_") and isinstance(v, int)
+}
+
+#: Requests that never get a reply (``write(2)`` of a port to /dev/xen/evtchn
+#: answers nothing either).
+ONE_WAY = frozenset({MSG_EVTCHN_UNMASK})
+
+#: CREATE/ATTACH flags.
+DOMFLAG_PV = 0x1
+
+# ------------------------------------------------------------- payloads
+CREATE_REQ = struct.Struct("<IiIiiq")
+ATTACH_REQ = struct.Struct("<IH")
+DOMAIN_REPLY = struct.Struct("<IHIQ")
+DOMID = struct.Struct("<H")
+GNTTAB_REQ = struct.Struct("<Iq")
+ADD_TO_PHYSMAP_REQ = struct.Struct("<IQq")
+U32 = struct.Struct("<I")
+I32 = struct.Struct("<i")
+TWO_U32 = struct.Struct("<II")
+STATUS = I32
+NOTIFY_SET_REQ = struct.Struct("<IIIII")
+NOTIFY_FIRE_REQ = TWO_U32
+EVTCHN_STATUS_REPLY = struct.Struct("<IHI")
+#: One p2m change: gfn, mfn (-1: removed), p2m type.
+P2M_ENTRY = struct.Struct("<qqI")
+TRANSLATE_ENTRY = struct.Struct("<qI")
+
+#: UNMAP_NOTIFY kinds: a grant mapping (key: its maptrack handle), as gntdev;
+#: a shared page (key: the grant ref), as gntalloc.
+NOTIFY_GNTDEV = 1
+NOTIFY_GNTALLOC = 2
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted; ``errno`` goes back in the reply.
+
+    Attributes:
+        errno: the positive errno value the reply carries (negated).
+    """
+
+    def __init__(self, err: int, text: str) -> None:
+        super().__init__(text)
+        self.errno = err
+
+
+@dataclass
+class Frame:
+    """One decoded message.
+
+    Attributes:
+        type: ``MSG_*``.
+        flags: ``F_*``.
+        seq: the sequence number.
+        payload: the payload, or None when it was over MAX_PAYLOAD (skipped).
+        length: the payload length the header announced.
+    """
+
+    type: int
+    flags: int
+    seq: int
+    payload: bytes | None
+    length: int
+
+
+def encode(mtype: int, flags: int, seq: int, payload: bytes = b"") -> bytes:
+    """One message: header and payload.
+
+    Raises:
+        ProtocolError: EMSGSIZE if the payload is over MAX_PAYLOAD.
+    """
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(errno.EMSGSIZE, f"payload of {len(payload)} bytes > {MAX_PAYLOAD}")
+    return HEADER.pack(len(payload), mtype, flags, seq) + payload
+
+
+def encode_reply(mtype: int, seq: int, status: int, body: bytes = b"") -> bytes:
+    """A reply: ``status`` (0 or -errno) then ``body``."""
+    return encode(mtype, F_REPLY, seq, STATUS.pack(status) + body)
+
+
+def encode_error(mtype: int, seq: int, err: int, text: str = "") -> bytes:
+    """An error reply: ``-err`` and an explanation (truncated to 1 KiB)."""
+    return encode_reply(mtype, seq, -abs(err), text.encode("utf-8", "replace")[:1024])
+
+
+def split_status(payload: bytes) -> tuple[int, bytes]:
+    """``(status, body)`` of a reply payload.
+
+    Raises:
+        ProtocolError: EBADMSG if shorter than the status.
+    """
+    if len(payload) < 4:
+        raise ProtocolError(errno.EBADMSG, "reply without a status")
+    return STATUS.unpack_from(payload)[0], payload[4:]
+
+
+class Decoder:
+    """Splits a byte stream into :class:`Frame` objects, enforcing MAX_PAYLOAD.
+
+    An oversized message yields a Frame with ``payload=None`` as soon as its
+    header arrives; its payload bytes are then skipped as they come, so the
+    stream stays in step and a huge length cannot make anyone buffer it.
+
+    Args:
+        max_payload: the limit (default MAX_PAYLOAD).
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._buf = bytearray()
+        self._skip = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held waiting for the rest of a message."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Add received bytes; return every message now complete."""
+        buf = self._buf
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = memoryview(data)[n:]
+        buf += data
+        out: list[Frame] = []
+        pos = 0
+        end = len(buf)
+        unpack = HEADER.unpack_from
+        while end - pos >= HEADER_SIZE:
+            length, mtype, flags, seq = unpack(buf, pos)
+            if length > self.max_payload:
+                out.append(Frame(mtype, flags, seq, None, length))
+                pos += HEADER_SIZE
+                have = min(length, end - pos)
+                pos += have
+                self._skip = length - have
+                continue
+            if end - pos - HEADER_SIZE < length:
+                break
+            start = pos + HEADER_SIZE
+            out.append(Frame(mtype, flags, seq, bytes(buf[start : start + length]), length))
+            pos = start + length
+        if pos:
+            del buf[:pos]
+        return out
+
+
+# ---------------------------------------------------------- field helpers
+def unpack_exact(st: struct.Struct, payload: bytes, what: str) -> tuple[int, ...]:
+    """Unpack a fixed-size payload.
+
+    Raises:
+        ProtocolError: EBADMSG if the payload is not exactly ``st.size`` bytes.
+    """
+    if len(payload) != st.size:
+        raise ProtocolError(errno.EBADMSG, f"{what}: {len(payload)} bytes, want {st.size}")
+    return st.unpack(payload)
+
+
+def pack_i64s(values: Sequence[int]) -> bytes:
+    """``values`` as packed i64."""
+    return struct.pack(f"<{len(values)}q", *values)
+
+
+def unpack_i64s(payload: bytes | memoryview, what: str) -> list[int]:
+    """Packed i64 values.
+
+    Raises:
+        ProtocolError: EBADMSG if the length is not a multiple of 8.
+    """
+    if len(payload) % 8:
+        raise ProtocolError(errno.EBADMSG, f"{what}: {len(payload)} bytes is not a list of i64")
+    return list(struct.unpack(f"<{len(payload) // 8}q", payload))
+
+
+def pack_p2m_delta(changes: Sequence[tuple[int, int, int]]) -> bytes:
+    """p2m changes ``(gfn, mfn or -1, type)`` as ``u32 n`` + entries."""
+    out = bytearray(U32.pack(len(changes)))
+    pack = P2M_ENTRY.pack
+    for gfn, mfn, p2mt in changes:
+        out += pack(gfn, mfn, p2mt)
+    return bytes(out)
+
+
+def unpack_p2m_delta(body: bytes | memoryview, pos: int) -> tuple[list[tuple[int, int, int]], int]:
+    """p2m changes at ``body[pos:]``.
+
+    Returns:
+        ``(changes, position after them)``.
+
+    Raises:
+        ProtocolError: EBADMSG if truncated.
+    """
+    if len(body) - pos < 4:
+        raise ProtocolError(errno.EBADMSG, "p2m delta: truncated count")
+    (n,) = U32.unpack_from(body, pos)
+    pos += 4
+    size = P2M_ENTRY.size
+    if len(body) - pos < n * size:
+        raise ProtocolError(errno.EBADMSG, "p2m delta: truncated entries")
+    unpack = P2M_ENTRY.unpack_from
+    out = [unpack(body, pos + i * size) for i in range(n)]
+    return out, pos + n * size
+
+
+def pack_strings(*parts: str | bytes, terminate_last: bool = True) -> bytes:
+    """NUL-separated strings, as xenstored's wire format.
+
+    Args:
+        parts: the strings (str is UTF-8 encoded).
+        terminate_last: end with a NUL too (XS_WRITE's value is not terminated).
+    """
+    enc = [p.encode() if isinstance(p, str) else p for p in parts]
+    out = b"\0".join(enc)
+    return out + b"\0" if terminate_last else out
+
+
+def split_strings(payload: bytes) -> list[bytes]:
+    """The NUL-terminated strings of a payload (bytes after the last NUL dropped)."""
+    parts = payload.split(b"\0")
+    return parts[:-1]
+
+
+def pack_reasons(reasons: Sequence[str], limit: int = 16) -> bytes:
+    """Debug reasons (Xen's gdprintk lines) as ``u16 n`` + ``u16 len`` + UTF-8 each."""
+    items = [r.encode("utf-8", "replace")[:512] for r in reasons[:limit]]
+    out = bytearray(struct.pack("<H", len(items)))
+    for b in items:
+        out += struct.pack("<H", len(b)) + b
+    return bytes(out)
+
+
+def unpack_reasons(body: bytes | memoryview, pos: int) -> list[str]:
+    """Reasons written by :func:`pack_reasons` (an empty list if absent or damaged)."""
+    out: list[str] = []
+    if len(body) - pos < 2:
+        return out
+    (n,) = struct.unpack_from("<H", body, pos)
+    pos += 2
+    for _ in range(n):
+        if len(body) - pos < 2:
+            break
+        (ln,) = struct.unpack_from("<H", body, pos)
+        pos += 2
+        out.append(bytes(body[pos : pos + ln]).decode("utf-8", "replace"))
+        pos += ln
+    return out
+
+
+def check_request_header(frame: Frame) -> None:
+    """Reject what a client must never send.
+
+    Raises:
+        ProtocolError: EMSGSIZE (oversized), EPROTO (reply/async flags or
+            unknown flag bits from a client), ENOSYS (unknown type).
+    """
+    if frame.payload is None:
+        raise ProtocolError(
+            errno.EMSGSIZE, f"payload of {frame.length} bytes > {MAX_PAYLOAD}: skipped"
+        )
+    if frame.flags & ~_KNOWN_FLAGS or frame.flags & (F_REPLY | F_ASYNC):
+        raise ProtocolError(errno.EPROTO, f"flags {frame.flags:#x} are not a request's")
+    if frame.type not in MSG_NAMES or frame.type in (MSG_EVENT, MSG_WATCH_EVENT):
+        raise ProtocolError(errno.ENOSYS, f"unknown request type {frame.type}")
