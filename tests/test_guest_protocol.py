@@ -981,12 +981,6 @@ def test_dropped_mapping_warns_and_is_unmapped(xen: Xen, pair: tuple[Dom, Dom]) 
     assert share.released
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known leak: a Share dropped while a numpy array still views its pages ends "
-    "access but never frees the pages (the view's close() fails in __del__ and nothing "
-    "retries it)",
-)
 def test_dropped_share_with_a_live_array_frees_pages_later(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     front, back = pair
     table = front.grant_table
@@ -1004,11 +998,6 @@ def test_dropped_share_with_a_live_array_frees_pages_later(xen: Xen, pair: tuple
     assert xen.free_frames == frames
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known leak: a Mapping dropped while a numpy array still views it stays mapped "
-    "forever (unmap fails with BufferError in __del__ and nothing retries it)",
-)
 def test_dropped_mapping_with_a_live_array_unmaps_later(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     front, back = pair
     share = front.grant_table.share_pages(back.domid, 1)

@@ -30,7 +30,7 @@ import contextlib
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +130,10 @@ class GrantTable:
         self._state = bytearray()
         self._free: list[int] = []
         self._deferred: list[tuple[int, bool, Any]] = []
+        #: Releases that wait for the last view of some memory to go (a Share or
+        #: Mapping dropped while a numpy array still used it): each returns True
+        #: once done; retried with the deferred ends of access.
+        self._orphans: list[Callable[[], bool]] = []
         self.version = 1
         nr, self.max_nr_frames = self.query_size()
         self._map_frames(max(nr, 1))
@@ -319,7 +323,7 @@ class GrantTable:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise GrantTableFull("get_n", count, len(self._free))
-                if self._deferred:
+                if self.deferred:
                     # Deferred ends free refs only when retried, and no put()
                     # announces the peer's unmap: poll, as Linux's timer does.
                     remaining = RETRY_MAX if remaining is None else min(remaining, RETRY_MAX)
@@ -345,7 +349,7 @@ class GrantTable:
                     return refs
                 fut: asyncio.Future[None] = loop.create_future()
                 self._async_waiters.append((loop, fut))
-                poll = RETRY_MAX if self._deferred else None  # as in get_n
+                poll = RETRY_MAX if self.deferred else None  # as in get_n
             try:
                 await asyncio.wait([fut], timeout=poll)
             finally:
@@ -599,6 +603,8 @@ class GrantTable:
         return True
 
     def _reap_deferred(self) -> None:
+        if self._orphans:
+            self._orphans = [retry for retry in self._orphans if not retry()]
         if not self._deferred:
             return
         pending, self._deferred = self._deferred, []
@@ -612,8 +618,8 @@ class GrantTable:
 
     @property
     def deferred(self) -> int:
-        """Refs whose end of access is still pending."""
-        return len(self._deferred)
+        """Releases still pending: deferred ends of access and orphaned memory."""
+        return len(self._deferred) + len(self._orphans)
 
     def reap_deferred(self) -> int:
         """Retry deferred ends of access now.
@@ -623,7 +629,7 @@ class GrantTable:
         """
         with self._lock:
             self._reap_deferred()
-            return len(self._deferred)
+            return self.deferred
 
     def set_readonly(self, ref: int) -> None:
         """Writable -> read-only: cmpxchg ``GTF_readonly`` in while ``!GTF_writing``.
@@ -703,30 +709,29 @@ class GrantTable:
         share.released = True
 
     def _abandon_share(self, share: Share) -> None:
-        """A share dropped unreleased: end access now or defer it (never leak)."""
+        """A share dropped unreleased: end access now or defer it (never leak).
+
+        The pages are freed once every ref has ended and no view of them is
+        left (a numpy array may outlive the Share).
+        """
         pages: Pages = share.resource
-        share.mem.release()
         share.released = True
+        try:
+            share.mem.release()
+        except BufferError:
+            pass  # an export of ``mem`` itself; the view's close() waits for it
+        orphan = _OrphanPages(self, pages.gfns, share._view, len(share.refs))
+        refs, share.refs = list(share.refs), []
+        if not refs:
+            orphan.finish()
+        for ref in refs:
+            self.end_access_deferred(ref, orphan)
 
-        class _Free:
-            def __init__(self, table: GrantTable, gfns: list[int], view: Any) -> None:
-                self.table, self.gfns, self.view, self.left = table, gfns, view, 0
-
-            def free(self) -> None:
-                self.left -= 1
-                if self.left == 0:
-                    self.view.close()
-                    self.table.domain._free_ram(self.gfns)
-
-        holder = _Free(self, pages.gfns, share._view)
-        holder.left = len(share.refs)
-        if not share.refs:
-            holder.left = 1
-            holder.free()
-            return
-        for ref in list(share.refs):
-            self.end_access_deferred(ref, holder)
-        share.refs.clear()
+    def _orphan(self, retry: Callable[[], bool]) -> None:
+        """Retry ``retry`` with the deferred ends of access until it returns True."""
+        with self._lock:
+            if retry not in self._orphans:
+                self._orphans.append(retry)
 
     @contextlib.contextmanager
     def with_grant(self, domid: int, writable: bool, ref: int, gfn: int) -> Iterator[None]:
@@ -982,6 +987,30 @@ class GrantTable:
             if e.flags or not only_valid:
                 out.append(e)
         return out
+
+
+class _OrphanPages:
+    """The pages of a dropped share: freed when all refs ended and no view is left."""
+
+    def __init__(self, table: GrantTable, gfns: list[int], view: Any, refs_left: int) -> None:
+        self.table, self.gfns, self.view, self.left = table, gfns, view, refs_left
+
+    def free(self) -> None:
+        """One ref ended (called by the deferred end of access)."""
+        self.left -= 1
+        self.finish()
+
+    def finish(self) -> bool:
+        """Free the pages if nothing uses them any more; else retry later."""
+        if self.left > 0:
+            return False
+        try:
+            self.view.close()
+        except BufferError:
+            self.table._orphan(self.finish)
+            return False
+        self.table.domain._free_ram(self.gfns)
+        return True
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

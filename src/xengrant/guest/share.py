@@ -216,6 +216,13 @@ class Mapping:
 
     close = unmap
 
+    def _retry_unmap(self) -> bool:
+        try:
+            self.unmap()
+        except BufferError:
+            return False
+        return True
+
     def _release_memory(self) -> None:
         self.mem.release()
         try:
@@ -238,5 +245,10 @@ class Mapping:
         )
         try:
             self.unmap()
+        except BufferError:
+            # A view (numpy array) outlives us: unmap once it is gone.
+            orphan = getattr(self._owner, "_orphan", None)
+            if orphan is not None:
+                orphan(self._retry_unmap)
         except Exception:  # pragma: no cover - never raise from __del__
             pass
