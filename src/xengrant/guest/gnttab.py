@@ -806,7 +806,10 @@ class GrantTable:
         for i, ((domid, ref), gfn) in enumerate(zip(grants, gfns)):
             pack(buf, i * size, gfn << 12, flags, ref, domid, 0, 0, 0)
         mv = memoryview(buf)
-        check_rc("map_grant_ref", self._hc.grant_table_op(gt.GNTTABOP_map_grant_ref, mv, n))
+        rc = self._hc.grant_table_op(gt.GNTTABOP_map_grant_ref, mv, n)
+        if rc < 0:
+            domain.put_pages(gfns)
+            check_rc("map_grant_ref", rc)
         unpack = MAP_OP.unpack_from
         statuses, handles = [], []
         for i in range(n):
