@@ -674,6 +674,91 @@ def test_be_alloc_readonly_directory_refused(env: Any) -> None:
     hd.close()
 
 
+def test_directory_fuzz() -> None:
+    """Arbitrary links and grefs: the backend maps or refuses, never hangs, never leaks.
+
+    Three directory pages full of valid grefs; hypothesis rewrites the links
+    and a few slots with 0, the directory's own refs, an ungranted ref, an
+    out-of-range ref or a buffer ref, and picks ``buffer_sz`` and the mode.
+    On success the chain and grefs the backend used are checked against
+    :func:`diagram_decode` of the pages it should have followed.
+    """
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    xen = xengrant.EmbeddedXen(memory=128 << 20)
+    try:
+        front, back = grown(xen.create_domain()), grown(xen.create_domain())
+        hd = HandDir(front, back.domid, 3, 3 * 1023)
+        spare = front.grant_table.get_nonblock()
+        pool = [0, *hd.drefs, spare, 0x7FFFFF00, hd.brefs[5]]
+        base = [b"".join(r.to_bytes(4, "little") for r in [0, *_chunk(hd, i)]) for i in range(3)]
+        before = counts(xen, front, back)
+
+        @hypothesis.settings(
+            max_examples=150,
+            deadline=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
+        @hypothesis.given(
+            first=st.sampled_from(range(len(pool))),
+            links=st.lists(st.sampled_from(range(len(pool))), min_size=3, max_size=3),
+            pokes=st.lists(
+                st.tuples(
+                    st.integers(0, 2), st.integers(1, 1023), st.sampled_from(range(len(pool)))
+                ),
+                max_size=3,
+            ),
+            n=st.sampled_from([1, 2, 1023, 1024, 1500, 2046, 2047, 3069]),
+            short=st.integers(0, 4095),
+            be_alloc=st.booleans(),
+        )
+        def check(
+            first: int,
+            links: list[int],
+            pokes: list[tuple[int, int, int]],
+            n: int,
+            short: int,
+            be_alloc: bool,
+        ) -> None:
+            hd.dpages.mem[:] = b"".join(base)
+            for page, link in enumerate(links):
+                hd.put(page, 0, pool[link])
+            for page, slot, value in pokes:
+                hd.put(page, slot, pool[value])
+            # the pages a chain may run through: the 3 directory pages, and buffer
+            # page 5 (granted writable too: nothing tells it from a directory page)
+            assert hd.bpages is not None
+            raw = [bytes(hd.dpages.mem[i * 4096 : (i + 1) * 4096]) for i in range(3)]
+            raw.append(bytes(hd.bpages.mem[5 * 4096 : 6 * 4096]))
+            page_of = {r: i for i, r in enumerate([*hd.drefs, hd.brefs[5]])}
+            try:
+                be = PgdirBackend(
+                    back, front.domid, pool[first], n * 4096 - short, be_alloc=be_alloc
+                )
+            except (PgdirError, BatchError):
+                assert counts(xen, front, back) == before
+                return
+            try:
+                # it followed real links from the first gref, each page once, ending in 0
+                assert be.dir_refs[0] == pool[first]
+                order = [page_of[r] for r in be.dir_refs]
+                assert len(set(order)) == len(order) == directory_pages(n)
+                nexts, grefs = diagram_decode(b"".join(raw[i] for i in order), n * 4096)
+                assert nexts == [*be.dir_refs[1:], 0]
+                if not be_alloc:
+                    assert be.buffer_refs == grefs
+                    assert 0 not in grefs
+            finally:
+                be.free()
+            assert counts(xen, front, back) == before
+
+        check()
+        front.grant_table.put(spare)
+        hd.close()
+    finally:
+        xen.close()
+
+
 # -------------------------------------------------------- resource failures
 def test_frontend_refs_run_out_halfway(xen: xengrant.EmbeddedXen) -> None:
     """The directory's refs are taken, the buffer's are not: all given back (seed leak)."""

@@ -461,6 +461,7 @@ class PgdirBackend:
     Raises:
         PgdirError: a malformed directory (``reason`` says how), or a bad
             ``buffer_sz``.
+        ValueError: ``gref_directory`` is not a uint32.
         BatchError: a directory page (op ``pgdir_map_directory``) or buffer
             pages (op ``pgdir_map_buffer``) failed to map: ``failed`` gives
             ``(index, GNTST code)``.  Nothing stays mapped.
@@ -487,6 +488,8 @@ class PgdirBackend:
         self.freed = False
         self._mapping: Mapping | None = None
         self._share: Share | None = None
+        if not 0 <= gref_directory <= 0xFFFFFFFF:
+            raise ValueError(f"gref_directory {gref_directory} is not a grant_ref_t (uint32)")
         n = buffer_pages(buffer_sz) if buffer_sz >= 0 else -1
         if not 1 <= n <= max_pages:
             raise PgdirError(
