@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xengrant import _cext, abi
-from xengrant.abi.privcmd import _tail
 
 P = 4096
+# the trailing arrays, read at their C offsets (arguments may be larger subclasses)
+_ALLOC_IDS = abi.ioctl_gntalloc_alloc_gref.gref_ids.offset
+_MAP_REFS = abi.ioctl_gntdev_map_grant_ref.refs.offset
 
 
 def _err(code: int) -> OSError:
@@ -219,7 +221,7 @@ class FakeGntalloc(_Dev):
             arg.index = self.next_index
             self.next_index += max(n, 1) * P
             self.files[arg.index] = refs
-            _tail(arg, "gref_ids", n)[:] = [g.ref for g in refs]
+            struct.pack_into(f"={n}I", arg, _ALLOC_IDS, *[g.ref for g in refs])
             return 0
         if isinstance(arg, abi.ioctl_gntalloc_dealloc_gref):
             self._check(request, arg, type(arg), abi.IOCTL_GNTALLOC_DEALLOC_GREF, "DEALLOC_GREF")
@@ -280,7 +282,8 @@ class FakeGntdev(_Dev):
                 raise _err(errno.EINVAL)
             arg.index = self.next_index
             self.next_index += arg.count * P
-            self.maps[arg.index] = _Map(abi.map_grant_refs(arg))
+            flat = struct.unpack_from(f"={2 * arg.count}I", arg, _MAP_REFS)
+            self.maps[arg.index] = _Map(list(zip(flat[::2], flat[1::2])))
             return 0
         if isinstance(arg, abi.ioctl_gntdev_unmap_grant_ref):
             self._check(

@@ -30,6 +30,7 @@ from typing import Any
 from ..abi import gntalloc as ga
 from ..guest.share import Share
 from ._device import PAGE_SIZE, Device, OsDevice
+from ._ops import alloc_ids, alloc_request
 from .errors import LinuxGrantTableFull, describe, from_oserror
 
 GNTALLOC_PATH = "/dev/xen/gntalloc"
@@ -119,12 +120,12 @@ class LinuxGntshr:
             raise ValueError(f"share_pages: count must be >= 1, not {count}")
         if notify_offset is not None and not 0 <= notify_offset < count * PAGE_SIZE:
             raise ValueError(f"share_pages: notify_offset {notify_offset} is outside the share")
-        op = ga.alloc_gref_request(domid, ga.GNTALLOC_FLAG_WRITABLE if writable else 0, count)
+        op = alloc_request(domid, ga.GNTALLOC_FLAG_WRITABLE if writable else 0, count)
         try:
             self.dev.ioctl(ga.IOCTL_GNTALLOC_ALLOC_GREF, op)
         except OSError as e:
             raise self._alloc_error(count, e) from e
-        index, refs = int(op.index), ga.alloc_gref_ids(op)
+        index, refs = int(op.index), alloc_ids(op, count)
         try:
             view = self._map_and_notify(index, count, notify_offset, notify_port)
         finally:
@@ -151,6 +152,8 @@ class LinuxGntshr:
             view = self.dev.mmap(count * PAGE_SIZE, True, index)
         except OSError as e:
             raise from_oserror("share_pages", f"mmap of {self.path}", e) from e
+        if notify_offset is None and notify_port is None:
+            return view
         notify = ga.ioctl_gntalloc_unmap_notify(index=index)
         if notify_offset is not None:
             notify.index = index + notify_offset
@@ -158,8 +161,7 @@ class LinuxGntshr:
         if notify_port is not None:
             notify.action |= ga.UNMAP_NOTIFY_SEND_EVENT
             notify.event_channel_port = notify_port
-        action = int(notify.action)
-        if action:
+        if notify.action:
             try:
                 self.dev.ioctl(ga.IOCTL_GNTALLOC_SET_UNMAP_NOTIFY, notify)
             except OSError as e:

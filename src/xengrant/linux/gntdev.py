@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
+import struct
 from collections.abc import Sequence
 
 from ..abi import gntdev as gd
@@ -49,6 +50,7 @@ from ..errors import GrantError
 from ..guest.share import Mapping
 from ..portable import CopySegment, GrantRef
 from ._device import PAGE_SIZE, Device, OsDevice
+from ._ops import map_request
 from .errors import LinuxBatchError, LinuxGrantError, describe, from_oserror
 
 GNTDEV_PATH = "/dev/xen/gntdev"
@@ -188,7 +190,7 @@ class LinuxGnttab:
         return mapping
 
     def _reserve(self, grants: Sequence[tuple[int, int]]) -> int:
-        op = gd.map_grant_ref_request(grants)
+        op = map_request(grants)
         try:
             self.dev.ioctl(gd.IOCTL_GNTDEV_MAP_GRANT_REF, op)
         except OSError as e:
@@ -367,37 +369,37 @@ class LinuxGnttab:
         return [seg.status for seg in segments]
 
     def _copy_chunk(self, segments: Sequence[CopySegment]) -> None:
+        n = len(segments)
         bounce = ctypes.create_string_buffer(max(1, sum(s.len for s in segments)))
+        bmem = memoryview(bounce).cast("B")
         base = ctypes.addressof(bounce)
-        ops = (gd.gntdev_grant_copy_segment * len(segments))()
+        ops = (gd.gntdev_grant_copy_segment * n)()
         sent: list[tuple[int, CopySegment, int]] = []  # (op slot, segment, bounce offset)
         pos = 0
         for seg in segments:
-            src, dst = seg.source, seg.dest
-            if (isinstance(src, GrantRef) and src.offset + seg.len > PAGE_SIZE) or (
-                isinstance(dst, GrantRef) and dst.offset + seg.len > PAGE_SIZE
+            src, dst, length = seg.source, seg.dest, seg.len
+            src_g, dst_g = isinstance(src, GrantRef), isinstance(dst, GrantRef)
+            if (src_g and src.offset + length > PAGE_SIZE) or (  # type: ignore[union-attr]
+                dst_g and dst.offset + length > PAGE_SIZE  # type: ignore[union-attr]
             ):
                 seg.status = gt.GNTST_bad_copy_arg
                 continue
-            o = ops[len(sent)]
-            o.len = seg.len
-            if isinstance(src, GrantRef):
-                o.source.foreign.ref, o.source.foreign.domid = src.ref, src.domid
-                o.source.foreign.offset = src.offset
-                o.flags |= gt.GNTCOPY_source_gref
+            at = len(sent) * _SEG_SIZE
+            flags = 0
+            if src_g:
+                _FOREIGN.pack_into(ops, at + _SEG_SRC, src.ref, src.offset, src.domid)  # type: ignore[union-attr]
+                flags |= gt.GNTCOPY_source_gref
             else:
-                data = memoryview(src).cast("B")[: seg.len]
-                ctypes.memmove(base + pos, bytes(data), len(data))
-                o.source.virt = base + pos
-            if isinstance(dst, GrantRef):
-                o.dest.foreign.ref, o.dest.foreign.domid = dst.ref, dst.domid
-                o.dest.foreign.offset = dst.offset
-                o.flags |= gt.GNTCOPY_dest_gref
+                bmem[pos : pos + length] = memoryview(src).cast("B")[:length]  # type: ignore[arg-type]
+                _VIRT.pack_into(ops, at + _SEG_SRC, base + pos)
+            if dst_g:
+                _FOREIGN.pack_into(ops, at + _SEG_DST, dst.ref, dst.offset, dst.domid)  # type: ignore[union-attr]
+                flags |= gt.GNTCOPY_dest_gref
             else:
-                o.dest.virt = base + pos
-            o.status = gt.GNTST_general_error
-            sent.append((len(sent), seg, pos))
-            pos += seg.len
+                _VIRT.pack_into(ops, at + _SEG_DST, base + pos)
+            _TAIL.pack_into(ops, at + _SEG_LEN, length, flags, gt.GNTST_general_error)
+            sent.append((at, seg, pos))
+            pos += length
         if not sent:
             return
         arg = gd.ioctl_gntdev_grant_copy(count=len(sent), segments=ops)
@@ -405,8 +407,20 @@ class LinuxGnttab:
             self.dev.ioctl(gd.IOCTL_GNTDEV_GRANT_COPY, arg)
         except OSError as e:
             raise from_oserror("grant_copy", f"IOCTL_GNTDEV_GRANT_COPY of {self.path}", e) from e
-        for slot, seg, off in sent:
-            seg.status = int(ops[slot].status)
+        for at, seg, off in sent:
+            (seg.status,) = _STATUS.unpack_from(ops, at + _SEG_STATUS)
             if seg.status == gt.GNTST_okay and not isinstance(seg.dest, GrantRef):
-                dest = memoryview(seg.dest).cast("B")
-                dest[: seg.len] = bounce.raw[off : off + seg.len]
+                memoryview(seg.dest).cast("B")[: seg.len] = bmem[off : off + seg.len]
+
+
+# gntdev_grant_copy_segment, packed with struct at the abi offsets (the copy hot path)
+_SEG = gd.gntdev_grant_copy_segment
+_SEG_SIZE = ctypes.sizeof(_SEG)
+_SEG_SRC, _SEG_DST = _SEG.source.offset, _SEG.dest.offset
+_SEG_LEN, _SEG_STATUS = _SEG.len.offset, _SEG.status.offset
+_FOREIGN = struct.Struct("=IHH")  # grant_ref_t ref; uint16_t offset; domid_t domid
+_VIRT = struct.Struct("=Q")  # void *virt
+_TAIL = struct.Struct("=HHh")  # uint16_t len, flags; int16_t status
+_STATUS = struct.Struct("=h")
+assert _SEG.len.offset + 2 == _SEG.flags.offset and _SEG.flags.offset + 2 == _SEG_STATUS
+assert _FOREIGN.size == ctypes.sizeof(gd._grant_copy_foreign)
