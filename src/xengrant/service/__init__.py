@@ -1,12 +1,59 @@
-"""The emulated hypervisor as a service: domains as processes (in progress).
+"""The emulated hypervisor as a service: domains as processes.
 
-Sans-IO parts: :mod:`~xengrant.service.protocol` (framing),
-:mod:`~xengrant.service.xenstore`, :mod:`~xengrant.service.evtchn`.
+- :func:`serve` / ``xengrant hypervisor`` -- run the service on a Unix socket
+  (``$XENGRANT_SOCKET``, else ``$XDG_RUNTIME_DIR/xengrant.sock``, else
+  ``/tmp/xengrant-<uid>.sock``).
+- :func:`connect` -- join it as a domain: the same guest API as in-process
+  (:class:`~xengrant.guest.domain.Domain`), plus ``.xs`` (xenstore) and
+  ``.evtchn`` (event channels).  Machine memory is shared (a memfd), so
+  mappings across processes are zero-copy.
+- :func:`stats`, :func:`debug_key` -- look inside a running service.
+
+Modules: :mod:`~xengrant.service.protocol` (framing, sans-IO),
+:mod:`~xengrant.service.xenstore` and :mod:`~xengrant.service.evtchn`
+(sans-IO cores), :mod:`~xengrant.service.server`,
+:mod:`~xengrant.service.client`, :mod:`~xengrant.service.xenbus`,
+:mod:`~xengrant.service.cli`.
 """
 
 from __future__ import annotations
 
+from .client import (
+    Channel,
+    EventChannelClient,
+    RemoteDomain,
+    RemoteGntshr,
+    RemoteGnttab,
+    RemoteHypercalls,
+    ServiceError,
+    XenStoreClient,
+    connect,
+    debug_key,
+    ping,
+    stats,
+)
 from .evtchn import EventChannels, EvtchnError
+from .server import Server, default_socket_path, serve
 from .xenstore import XenStore, XenStoreError
 
-__all__ = ["EventChannels", "EvtchnError", "XenStore", "XenStoreError"]
+__all__ = [
+    "Channel",
+    "EventChannelClient",
+    "EventChannels",
+    "EvtchnError",
+    "RemoteDomain",
+    "RemoteGntshr",
+    "RemoteGnttab",
+    "RemoteHypercalls",
+    "Server",
+    "ServiceError",
+    "XenStore",
+    "XenStoreClient",
+    "XenStoreError",
+    "connect",
+    "debug_key",
+    "default_socket_path",
+    "ping",
+    "serve",
+    "stats",
+]

@@ -30,6 +30,7 @@ CREATE            I version, i domid (-1: any), I flags,       I version, H domi
 ATTACH            I version, H domid                           as CREATE
 DOMCTL_CREATE     as CREATE (privileged: a domain to attach)   H domid
 DOMCTL_DESTROY    H domid (privileged)                         --
+CLOSE             -- (destroy my domain now; then hang up)      --
 GNTTAB_OP         I cmd, q count, op structs                   i rc, I n, op structs,
                                                                delta, reasons
 POPULATE          q gfn * n                                    q done * m, delta
@@ -75,6 +76,7 @@ MSG_CREATE = 2
 MSG_ATTACH = 3
 MSG_DOMCTL_CREATE = 4
 MSG_DOMCTL_DESTROY = 5
+MSG_CLOSE = 6
 MSG_GNTTAB_OP = 10
 MSG_POPULATE = 11
 MSG_DECREASE = 12

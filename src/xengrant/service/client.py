@@ -1,0 +1,1158 @@
+"""A domain process's side of the service: the same guest API over a socket.
+
+:func:`connect` creates (or attaches to) a domain in a running ``xengrant
+hypervisor`` and returns a :class:`RemoteDomain`: a
+:class:`~xengrant.guest.domain.Domain` whose hypercalls go to the service --
+one message per call, so a batch of map/unmap/copy ops is one round trip --
+plus a xenstore handle (:attr:`RemoteDomain.xs`) and event channels
+(:attr:`RemoteDomain.evtchn`).
+
+Memory never crosses the socket.  The service sends its machine memory (a
+memfd) once, with SCM_RIGHTS; :class:`RemoteHypercalls` keeps a mirror of the
+domain's p2m (every hypercall reply carries the changes) and maps frames
+itself: its own RAM and grant-table frames as views of one shared mapping of
+the memfd, foreign frames it mapped with ``GNTTABOP_map_grant_ref`` as a fresh
+``mmap`` of exactly those frames (``PROT_READ`` for a read-only grant).  A
+write by one process is seen by the other with no copy.
+
+Reading the socket: whichever thread waits (for a reply, an event or a
+watch) reads and sorts what arrives, the others wait on a condition; an
+asyncio waiter reads from the event loop (``add_reader``).  A process that
+dies closes its socket, and the service destroys its domain.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import ctypes
+import errno
+import itertools
+import json
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from .. import _cext
+from ..abi import grant_table as gt
+from ..abi.gntalloc import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
+from ..emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
+from ..errors import HypercallError, XenError
+from ..guest.domain import Domain
+from ..guest.share import Mapping, Share
+from ..portable import CopySegment, EmulatedGntshr, EmulatedGnttab, GrantRef
+from . import protocol as p
+from .evtchn import EvtchnError
+from .server import default_socket_path
+from .xenstore import XenStoreError
+
+PAGE_SIZE = 4096
+_OP_SIZES = {cmd: ctypes.sizeof(st) for cmd, st in gt.GNTTABOP_STRUCTS.items()}
+_ONE_OP = frozenset(
+    {
+        gt.GNTTABOP_setup_table,
+        gt.GNTTABOP_query_size,
+        gt.GNTTABOP_get_status_frames,
+        gt.GNTTABOP_set_version,
+        gt.GNTTABOP_get_version,
+    }
+)
+#: Ops whose batches may be split across messages (Xen preempts them too).
+_SPLITTABLE = frozenset(
+    {
+        gt.GNTTABOP_map_grant_ref,
+        gt.GNTTABOP_unmap_grant_ref,
+        gt.GNTTABOP_unmap_and_replace,
+        gt.GNTTABOP_copy,
+        gt.GNTTABOP_transfer,
+        gt.GNTTABOP_swap_grant_ref,
+    }
+)
+_BATCH_BYTES = p.MAX_PAYLOAD - p.GNTTAB_REQ.size
+_GFNS_PER_MSG = (p.MAX_PAYLOAD - 8) // 8
+_RECV = 1 << 18
+_FOREIGN = (P2M_GRANT_MAP_RW, P2M_GRANT_MAP_RO)
+
+
+class ServiceError(XenError, ConnectionError):
+    """The service closed the connection or answered something unreadable."""
+
+
+class Channel:
+    """One connection to the service: requests, replies, events, watch events.
+
+    Args:
+        path: the socket path (default: :func:`default_socket_path`).
+        timeout: seconds to wait for each reply (None: forever).
+
+    Raises:
+        OSError: the service is not there (ENOENT, ECONNREFUSED).
+    """
+
+    def __init__(self, path: str | None = None, timeout: float | None = None) -> None:
+        self.path = path or default_socket_path()
+        self.timeout = timeout
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(self.path)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._fileno = self.sock.fileno()
+        self._decoder = p.Decoder(max_payload=8 * p.MAX_PAYLOAD)
+        self._rbuf = memoryview(bytearray(_RECV))
+        self._send_lock = threading.Lock()
+        self._mu = threading.Lock()
+        self._cv = threading.Condition(self._mu)
+        self._leader = False
+        self._replies: dict[int, p.Frame] = {}
+        self.events: deque[int] = deque()
+        self.watch_events: deque[tuple[str, str]] = deque()
+        self._seq = itertools.count(1)
+        self._eof = False
+        self._fds: list[int] = []
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._reader_loops: set[asyncio.AbstractEventLoop] = set()
+        self.closed = False
+        #: messages sent so far (every hypercall, xenstore or evtchn call is one)
+        self.sent = 0
+
+    # -------------------------------------------------------------- sending
+    def send(self, mtype: int, payload: bytes = b"") -> int:
+        """Send a request; returns its sequence number."""
+        seq = next(self._seq) & 0xFFFFFFFF
+        data = p.HEADER.pack(len(payload), mtype, 0, seq) + payload
+        try:
+            with self._send_lock:
+                self.sock.sendall(data)
+                self.sent += 1
+        except OSError as e:
+            raise ServiceError(errno.EPIPE, f"service connection lost: {e}") from None
+        return seq
+
+    def call(self, mtype: int, payload: bytes = b"") -> tuple[int, bytes]:
+        """Send a request and wait for its reply.
+
+        Returns:
+            ``(status, body)``: status is 0 or a negative errno.
+
+        Raises:
+            ServiceError: the connection closed or timed out.
+        """
+        seq = self.send(mtype, payload)
+        frame = self.wait_reply(seq)
+        assert frame.payload is not None
+        return p.split_status(frame.payload)
+
+    def call_ok(self, mtype: int, payload: bytes = b"", op: str = "") -> bytes:
+        """:meth:`call`, raising for a negative status.
+
+        Raises:
+            HypercallError: the service answered -errno (with its explanation).
+        """
+        status, body = self.call(mtype, payload)
+        if status < 0:
+            raise HypercallError(
+                op or p.MSG_NAMES.get(mtype, str(mtype)).lower(),
+                -status,
+                body.decode("utf-8", "replace"),
+            )
+        return body
+
+    # ------------------------------------------------------------ receiving
+    def _read(self, timeout: float | None, nonblocking: bool = False) -> list[p.Frame]:
+        """Read once (we are the leader) and decode; [] on timeout."""
+        sock = self.sock
+        buf = self._rbuf
+        if nonblocking:
+            try:
+                n, anc, _flags, _addr = sock.recvmsg_into([buf], _ANCBUF, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return []
+            except OSError:
+                n, anc = 0, []
+        else:
+            if timeout is not None:
+                r, _, _ = select.select([self._fileno], [], [], max(timeout, 0))
+                if not r:
+                    return []
+            try:
+                n, anc, _flags, _addr = sock.recvmsg_into([buf], _ANCBUF)
+            except InterruptedError:
+                return []
+            except OSError:
+                n, anc = 0, []
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                self._fds.extend(fds)
+        if not n:
+            self._eof = True
+            return []
+        return self._decoder.feed(buf[:n])
+
+    def _dispatch(self, frames: list[p.Frame]) -> None:
+        """Sort frames (caller holds ``_mu``) and wake every waiter."""
+        for fr in frames:
+            if fr.flags & p.F_ASYNC:
+                pl = fr.payload or b""
+                if fr.type == p.MSG_EVENT and len(pl) == 4:
+                    self.events.append(p.U32.unpack(pl)[0])
+                elif fr.type == p.MSG_WATCH_EVENT:
+                    parts = p.split_strings(pl)
+                    if len(parts) >= 2:
+                        self.watch_events.append((parts[0].decode(), parts[1].decode()))
+            elif fr.flags & p.F_REPLY:
+                self._replies[fr.seq] = fr
+        self._cv.notify_all()
+        if self._async_waiters:
+            waiters, self._async_waiters = self._async_waiters, []
+            for loop, fut in waiters:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve, fut)
+
+    def _lead(self, timeout: float | None) -> bool:
+        """Read as leader (``_leader`` already set); False if nothing came."""
+        frames: list[p.Frame] = []
+        try:
+            frames = self._read(timeout)
+        finally:
+            with self._mu:
+                self._leader = False
+                self._dispatch(frames)
+        return bool(frames) or self._eof
+
+    def wait_reply(self, seq: int) -> p.Frame:
+        """The reply to request ``seq``.
+
+        Raises:
+            ServiceError: the service closed the connection, or the channel
+                timeout passed.
+        """
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            with self._mu:
+                fr = self._replies.pop(seq, None)
+                if fr is not None:
+                    return fr
+                if self._eof:
+                    raise ServiceError(errno.ECONNRESET, "the service closed the connection")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
+                if self._leader:
+                    self._cv.wait(remaining)
+                    continue
+                self._leader = True
+            self._lead(remaining)
+
+    def wait_for(self, queue: deque[Any], match: Any, timeout: float | None) -> Any:
+        """Take the first item of ``queue`` equal to ``match`` (None: any).
+
+        Returns:
+            The item, or None when ``timeout`` passes first.
+
+        Raises:
+            ServiceError: the connection closed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._mu:
+                item = _take(queue, match)
+                if item is not None:
+                    return item
+                if self._eof:
+                    raise ServiceError(errno.ECONNRESET, "the service closed the connection")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                if self._leader:
+                    self._cv.wait(remaining)
+                    continue
+                self._leader = True
+            self._lead(remaining)
+
+    async def wait_for_async(self, queue: deque[Any], match: Any, timeout: float | None) -> Any:
+        """asyncio twin of :meth:`wait_for`: reads from the event loop."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            with self._mu:
+                item = _take(queue, match)
+                if item is not None:
+                    return item
+                if self._eof:
+                    raise ServiceError(errno.ECONNRESET, "the service closed the connection")
+                fut: asyncio.Future[None] = loop.create_future()
+                self._async_waiters.append((loop, fut))
+            if loop not in self._reader_loops:
+                self._reader_loops.add(loop)
+                loop.add_reader(self._fileno, self._on_readable, loop)
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except asyncio.TimeoutError:
+                with self._mu:
+                    item = _take(queue, match)
+                return item
+
+    def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._mu:
+            if self._leader:
+                return  # a thread is reading; it wakes us when it sorts the data
+            if not any(lp is loop for lp, _ in self._async_waiters) or self._eof:
+                self._reader_loops.discard(loop)
+                loop.remove_reader(self._fileno)
+                return
+            self._leader = True
+        frames: list[p.Frame] = []
+        try:
+            while True:
+                got = self._read(None, nonblocking=True)
+                if not got:
+                    break
+                frames += got
+        finally:
+            with self._mu:
+                self._leader = False
+                self._dispatch(frames)
+            if self._eof:
+                self._reader_loops.discard(loop)
+                loop.remove_reader(self._fileno)
+
+    def take_fds(self) -> list[int]:
+        """File descriptors received so far (the memfd), handed over once."""
+        fds, self._fds = self._fds, []
+        return fds
+
+    def close(self) -> None:
+        """Close the socket (the service then destroys the bound domain)."""
+        if self.closed:
+            return
+        self.closed = True
+        for loop in list(self._reader_loops):
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._fileno)
+        self._reader_loops.clear()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        for fd in self.take_fds():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+_ANCBUF = socket.CMSG_SPACE(4 * struct.calcsize("i"))
+
+
+def _take(queue: deque[Any], match: Any) -> Any:
+    if not queue:
+        return None
+    if match is None:
+        return queue.popleft()
+    for i, item in enumerate(queue):
+        if item == match:
+            del queue[i]
+            return item
+    return None
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# --------------------------------------------------------------- hypercalls
+class RemoteHypercalls:
+    """:class:`~xengrant.hypercall.Hypercalls` of a domain in the service.
+
+    Args:
+        channel: a connection bound to the domain.
+        domid: the domain.
+        fd: the service's memfd (machine memory).
+        nr_frames: machine frames in it.
+    """
+
+    def __init__(self, channel: Channel, domid: int, fd: int, nr_frames: int) -> None:
+        self.channel = channel
+        self.domid = domid
+        self.fd = fd
+        self.nr_frames = nr_frames
+        self._mmap = mmap.mmap(fd, nr_frames * PAGE_SIZE, mmap.MAP_SHARED)
+        #: the domain's p2m as the service last told us: gfn -> (mfn, type)
+        self.p2m: dict[int, tuple[int, int]] = {}
+        #: Xen's debug reasons for the ops that failed in the last call.
+        self.last_reasons: list[str] = []
+        self._closed = False
+
+    def _apply_delta(self, body: bytes | memoryview, pos: int) -> int:
+        changes, pos = p.unpack_p2m_delta(body, pos)
+        p2m = self.p2m
+        for gfn, mfn, p2mt in changes:
+            if mfn < 0:
+                p2m.pop(gfn, None)
+            else:
+                p2m[gfn] = (mfn, p2mt)
+        return pos
+
+    def grant_table_op(self, cmd: int, uop: memoryview, count: int) -> int:
+        """``HYPERVISOR_grant_table_op`` in the service; OUT fields come back into ``uop``."""
+        size = _OP_SIZES.get(cmd)
+        if size is None or count < 0 or count > 0x7FFFFFFF:
+            nbytes = 0
+        elif cmd in _ONE_OP:
+            nbytes = min(len(uop), size)
+        else:
+            nbytes = min(len(uop), size * count)
+        if cmd in _SPLITTABLE and size is not None and nbytes > _BATCH_BYTES and count >= 0:
+            per = _BATCH_BYTES // size
+            done = 0
+            while done < count:
+                n = min(per, count - done)
+                rc = self._gnttab(cmd, uop[done * size : (done + n) * size], n)
+                if rc < 0:
+                    return rc
+                done += n
+            return 0
+        return self._gnttab(cmd, uop[:nbytes], count)
+
+    def _gnttab(self, cmd: int, uop: memoryview, count: int) -> int:
+        body = self.channel.call_ok(
+            p.MSG_GNTTAB_OP, p.GNTTAB_REQ.pack(cmd, count) + bytes(uop), "grant_table_op"
+        )
+        rc, n = struct.unpack_from("<iI", body)
+        if n:
+            uop[:n] = body[8 : 8 + n]
+        pos = self._apply_delta(body, 8 + n)
+        self.last_reasons = p.unpack_reasons(body, pos) if len(body) > pos else []
+        return int(rc)
+
+    def populate_physmap(self, gfns: Sequence[int]) -> list[int]:
+        """``XENMEM_populate_physmap`` in the service."""
+        done: list[int] = []
+        for i in range(0, len(gfns), _GFNS_PER_MSG) or [0]:
+            chunk = list(gfns[i : i + _GFNS_PER_MSG])
+            body = self.channel.call_ok(p.MSG_POPULATE, p.pack_i64s(chunk), "populate_physmap")
+            (n,) = p.U32.unpack_from(body)
+            got = list(struct.unpack_from(f"<{n}q", body, 4))
+            self._apply_delta(body, 4 + 8 * n)
+            done += got
+            if n < len(chunk):
+                break
+        return done
+
+    def decrease_reservation(self, gfns: Sequence[int]) -> int:
+        """``XENMEM_decrease_reservation`` in the service."""
+        total = 0
+        for i in range(0, len(gfns), _GFNS_PER_MSG) or [0]:
+            chunk = list(gfns[i : i + _GFNS_PER_MSG])
+            body = self.channel.call_ok(
+                p.MSG_DECREASE, p.pack_i64s(chunk), "decrease_reservation"
+            )
+            (n,) = p.U32.unpack_from(body)
+            self._apply_delta(body, 4)
+            total += n
+            if n < len(chunk):
+                break
+        return total
+
+    def add_to_physmap(self, space: int, idx: int, gpfn: int) -> int:
+        """``XENMEM_add_to_physmap`` in the service."""
+        body = self.channel.call_ok(
+            p.MSG_ADD_TO_PHYSMAP,
+            p.ADD_TO_PHYSMAP_REQ.pack(space, idx & 0xFFFFFFFFFFFFFFFF, gpfn),
+            "add_to_physmap",
+        )
+        (rc,) = p.I32.unpack_from(body)
+        self._apply_delta(body, 4)
+        return int(rc)
+
+    def translate(self, gfns: Sequence[int], writable: bool) -> list[tuple[int, int]]:
+        """Ask the service for ``(mfn, type)`` of each gfn (refreshing the mirror).
+
+        Raises:
+            HypercallError: EFAULT, as the domain's MMU would fault.
+        """
+        body = self.channel.call_ok(
+            p.MSG_TRANSLATE, p.U32.pack(int(writable)) + p.pack_i64s(list(gfns)), "access"
+        )
+        size = p.TRANSLATE_ENTRY.size
+        out = [p.TRANSLATE_ENTRY.unpack_from(body, i * size) for i in range(len(gfns))]
+        self._apply_delta(body, len(gfns) * size)
+        return [(int(m), int(t)) for m, t in out]
+
+    def map_gfns(self, gfns: Sequence[int], writable: bool) -> Any:
+        """A FrameView of the domain's frames, mapped in this process.
+
+        Own frames are a view of the shared memfd mapping; foreign ones a
+        new ``mmap`` of exactly those frames, read-only unless ``writable``.
+
+        Raises:
+            HypercallError: EFAULT for a gfn with nothing mapped, or a
+                writable view of a read-only grant mapping.
+        """
+        n = len(gfns)
+        if n == 0:
+            raise ValueError("no frames to view")
+        p2m = self.p2m
+        mfns: list[int] = []
+        foreign = False
+        try:
+            for g in gfns:
+                mfn, p2mt = p2m[g]
+                if p2mt in _FOREIGN:
+                    foreign = True
+                    if writable and p2mt == P2M_GRANT_MAP_RO:
+                        raise KeyError(g)
+                mfns.append(mfn)
+        except KeyError:
+            ents = self.translate(gfns, writable)
+            mfns = [m for m, _ in ents]
+            foreign = any(t in _FOREIGN for _, t in ents)
+        readonly = not writable
+        first = mfns[0]
+        if not foreign and (n == 1 or mfns == list(range(first, first + n))):
+            return _cext.borrow(self._mmap, first * PAGE_SIZE, n * PAGE_SIZE, readonly)
+        return _cext.vmap(self.fd, mfns, readonly)
+
+    def close(self) -> None:
+        """Let go of machine memory (views still alive keep their mappings)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a FrameView still borrows it: unmapped with the last one
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+# ------------------------------------------------------------------ xenstore
+class XenStoreClient:
+    """The domain's xenstore connection (libxenstore's ``xs_*`` calls).
+
+    Paths without a leading ``/`` are relative to the domain's home,
+    ``/local/domain/<domid>``.  Errors raise :class:`XenStoreError` with
+    xenstored's errno.
+    """
+
+    def __init__(self, channel: Channel, domid: int) -> None:
+        self.channel = channel
+        self.domid = domid
+
+    def _call(self, mtype: int, payload: bytes) -> bytes:
+        status, body = self.channel.call(mtype, payload)
+        if status < 0:
+            raise XenStoreError(-status, body.decode("utf-8", "replace"))
+        return body
+
+    def read(self, path: str) -> bytes:
+        """``xs_read``."""
+        return self._call(p.MSG_XS_READ, p.pack_strings(path))
+
+    def write(self, path: str, value: bytes | str) -> None:
+        """``xs_write`` (creates the node and missing parents)."""
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        self._call(p.MSG_XS_WRITE, path.encode() + b"\0" + data)
+
+    def mkdir(self, path: str) -> None:
+        """``xs_mkdir``."""
+        self._call(p.MSG_XS_MKDIR, p.pack_strings(path))
+
+    def rm(self, path: str) -> None:
+        """``xs_rm`` (recursive)."""
+        self._call(p.MSG_XS_RM, p.pack_strings(path))
+
+    def directory(self, path: str) -> list[str]:
+        """``xs_directory``: child names."""
+        return [x.decode() for x in p.split_strings(self._call(p.MSG_XS_DIRECTORY,
+                                                                 p.pack_strings(path)))]
+
+    def get_perms(self, path: str) -> list[str]:
+        """``xs_get_permissions`` as strings (``"n0"``, ``"r5"``)."""
+        return [x.decode() for x in p.split_strings(self._call(p.MSG_XS_GET_PERMS,
+                                                                 p.pack_strings(path)))]
+
+    def set_perms(self, path: str, perms: Sequence[str]) -> None:
+        """``xs_set_permissions``: first entry owner + default, then per-domain entries."""
+        self._call(p.MSG_XS_SET_PERMS, p.pack_strings(path, *perms))
+
+    def watch(self, path: str, token: str) -> None:
+        """``xs_watch``: an event comes at once, then on each change at or below ``path``."""
+        self._call(p.MSG_XS_WATCH, p.pack_strings(path, token))
+
+    def unwatch(self, path: str, token: str) -> None:
+        """``xs_unwatch``."""
+        self._call(p.MSG_XS_UNWATCH, p.pack_strings(path, token))
+
+    def read_watch(self, timeout: float | None = None) -> tuple[str, str] | None:
+        """``xs_read_watch``: the next ``(path, token)``, or None after ``timeout``."""
+        item: tuple[str, str] | None = self.channel.wait_for(
+            self.channel.watch_events, None, timeout
+        )
+        return item
+
+    async def read_watch_async(self, timeout: float | None = None) -> tuple[str, str] | None:
+        """asyncio twin of :meth:`read_watch`."""
+        item: tuple[str, str] | None = await self.channel.wait_for_async(
+            self.channel.watch_events, None, timeout
+        )
+        return item
+
+    def get_domain_path(self, domid: int) -> str:
+        """``xs_get_domain_path``: ``/local/domain/<domid>``."""
+        body = self._call(p.MSG_XS_GET_DOMAIN_PATH, p.pack_strings(str(domid)))
+        return body.rstrip(b"\0").decode()
+
+    def wait_for_value(
+        self, path: str, want: Sequence[bytes] | None = None, timeout: float | None = None
+    ) -> bytes:
+        """Watch ``path`` until it exists (and holds one of ``want``); return its value.
+
+        Raises:
+            TimeoutError: ``timeout`` passed first.
+        """
+        token = f"wait-{id(self)}-{time.monotonic_ns()}"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.watch(path, token)
+        try:
+            while True:
+                try:
+                    value = self.read(path)
+                    if want is None or value in want:
+                        return value
+                except XenStoreError as e:
+                    if e.errno not in (errno.ENOENT, errno.EACCES):
+                        raise
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{path} did not become {want!r}")
+                self.channel.wait_for(self.channel.watch_events, _TokenMatch(token), remaining)
+        finally:
+            with contextlib.suppress(XenStoreError, ServiceError):
+                self.unwatch(path, token)
+            with self.channel._mu:
+                for item in [e for e in self.channel.watch_events if e[1] == token]:
+                    self.channel.watch_events.remove(item)
+
+
+class _TokenMatch:
+    """Compares equal to any watch event with this token."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, tuple) and len(other) == 2 and other[1] == self.token
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+# ------------------------------------------------------------ event channels
+class EventChannelClient:
+    """The domain's event channels (libxenevtchn's ``xenevtchn_*`` calls).
+
+    As with /dev/xen/evtchn, a port that fired stays masked until
+    :meth:`unmask`; :meth:`wait` does both.  Binding an interdomain port
+    delivers one event on it at once (Xen sets it pending).
+    """
+
+    def __init__(self, channel: Channel, domid: int) -> None:
+        self.channel = channel
+        self.domid = domid
+
+    def _call(self, mtype: int, payload: bytes) -> bytes:
+        status, body = self.channel.call(mtype, payload)
+        if status < 0:
+            raise EvtchnError(-status, body.decode("utf-8", "replace"))
+        return body
+
+    def bind_unbound_port(self, remote_domid: int) -> int:
+        """``EVTCHNOP_alloc_unbound``: a port ``remote_domid`` may bind to."""
+        body = self._call(p.MSG_EVTCHN_ALLOC_UNBOUND, p.TWO_U32.pack(gt.DOMID_SELF, remote_domid))
+        return int(p.U32.unpack(body)[0])
+
+    def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
+        """``EVTCHNOP_bind_interdomain``: the new local port."""
+        body = self._call(
+            p.MSG_EVTCHN_BIND_INTERDOMAIN, p.TWO_U32.pack(remote_domid, remote_port)
+        )
+        return int(p.U32.unpack(body)[0])
+
+    def notify(self, port: int) -> None:
+        """``EVTCHNOP_send``."""
+        self._call(p.MSG_EVTCHN_SEND, p.U32.pack(port))
+
+    def unbind(self, port: int) -> None:
+        """``EVTCHNOP_close`` (events already queued for it are dropped)."""
+        self._call(p.MSG_EVTCHN_CLOSE, p.U32.pack(port))
+        with self.channel._mu:
+            while port in self.channel.events:
+                self.channel.events.remove(port)
+
+    def status(self, port: int, domid: int = gt.DOMID_SELF) -> tuple[int, int, int]:
+        """``EVTCHNOP_status``: ``(EVTCHNSTAT_*, remote domid, remote port)``."""
+        body = self._call(p.MSG_EVTCHN_STATUS, p.TWO_U32.pack(domid, port))
+        state, rdom, rport = p.EVTCHN_STATUS_REPLY.unpack(body)
+        return int(state), int(rdom), int(rport)
+
+    def pending(self, timeout: float | None = None) -> int | None:
+        """``xenevtchn_pending``: the next port that fired, or None after ``timeout``."""
+        port: int | None = self.channel.wait_for(self.channel.events, None, timeout)
+        return port
+
+    def unmask(self, port: int) -> None:
+        """``xenevtchn_unmask`` (one-way: nothing is answered)."""
+        self.channel.send(p.MSG_EVTCHN_UNMASK, p.U32.pack(port))
+
+    def wait(self, port: int | None = None, timeout: float | None = None) -> int | None:
+        """Wait for an event (on ``port``, or any), unmask it, return the port."""
+        got: int | None = self.channel.wait_for(self.channel.events, port, timeout)
+        if got is not None:
+            self.unmask(got)
+        return got
+
+    async def pending_async(self, timeout: float | None = None) -> int | None:
+        """asyncio twin of :meth:`pending`."""
+        port: int | None = await self.channel.wait_for_async(self.channel.events, None, timeout)
+        return port
+
+    async def wait_async(self, port: int | None = None, timeout: float | None = None) -> int | None:
+        """asyncio twin of :meth:`wait`."""
+        got: int | None = await self.channel.wait_for_async(self.channel.events, port, timeout)
+        if got is not None:
+            self.unmask(got)
+        return got
+
+
+# ---------------------------------------------------------- portable layer
+class _NotifyingShareOwner:
+    """A share's owner that fires its gntalloc unmap notification first."""
+
+    def __init__(self, inner: Any, gntshr: RemoteGntshr, ref: int) -> None:
+        self.inner = inner
+        self.gntshr = gntshr
+        self.ref = ref
+
+    def _fire(self) -> None:
+        if self.ref >= 0:
+            ref, self.ref = self.ref, -1
+            self.gntshr._fire_notify(ref)
+
+    def _try_unshare(self, share: Share, release_refs: bool) -> None:
+        self._fire()
+        self.inner._try_unshare(share, release_refs)
+
+    def _abandon_share(self, share: Share) -> None:
+        with contextlib.suppress(Exception):
+            self._fire()
+        self.inner._abandon_share(share)
+
+
+class RemoteGntshr(EmulatedGntshr):
+    """:class:`~xengrant.portable.Gntshr` plus gntalloc's unmap notification."""
+
+    def share_page_notify(
+        self, domid: int, writable: bool = True, notify_offset: int = -1, notify_port: int = -1
+    ) -> Share:
+        """``xengntshr_share_page_notify``: one page; when it is unshared (or this
+        process dies) the byte at ``notify_offset`` is cleared and/or an event
+        sent on ``notify_port`` (-1: none).
+
+        Raises:
+            HypercallError: EINVAL (bad offset or unbound port); nothing stays shared.
+        """
+        share = self.share_pages(domid, 1, writable)
+        action = (UNMAP_NOTIFY_CLEAR_BYTE if notify_offset >= 0 else 0) | (
+            UNMAP_NOTIFY_SEND_EVENT if notify_port >= 0 else 0
+        )
+        if action:
+            try:
+                self._set(share.refs[0], max(notify_offset, 0), action, max(notify_port, 0))
+            except BaseException:
+                self.unshare(share)
+                raise
+            share._owner = _NotifyingShareOwner(share._owner, self, share.refs[0])
+        return share
+
+    def _set(self, ref: int, offset: int, action: int, port: int) -> None:
+        if not 0 <= offset < PAGE_SIZE:
+            raise HypercallError("set_unmap_notify", errno.EINVAL, f"offset {offset}")
+        hc = self.domain.hypercalls
+        assert isinstance(hc, RemoteHypercalls)
+        hc.channel.call_ok(
+            p.MSG_UNMAP_NOTIFY_SET,
+            p.NOTIFY_SET_REQ.pack(p.NOTIFY_GNTALLOC, ref, offset, action, port),
+            "set_unmap_notify",
+        )
+
+    def _fire_notify(self, ref: int) -> None:
+        hc = self.domain.hypercalls
+        assert isinstance(hc, RemoteHypercalls)
+        hc.channel.call_ok(
+            p.MSG_UNMAP_NOTIFY_FIRE, p.NOTIFY_FIRE_REQ.pack(p.NOTIFY_GNTALLOC, ref), "unmap_notify"
+        )
+
+    def unshare(self, share: Share) -> None:
+        """Stop sharing (firing the page's unmap notification first, if any)."""
+        owner = share._owner
+        if isinstance(owner, _NotifyingShareOwner):
+            owner._fire()
+            share._owner = owner.inner
+        super().unshare(share)
+
+
+class RemoteGnttab(EmulatedGnttab):
+    """:class:`~xengrant.portable.Gnttab` with one-message copies and gntdev's unmap notify."""
+
+    #: largest number of segments copied in one hypercall (bounce pages kept)
+    COPY_BATCH = 256
+
+    def __init__(self, domain: Domain) -> None:
+        super().__init__(domain)
+        self._bounces: Any = None
+
+    def map_grant_ref_notify(
+        self,
+        domid: int,
+        ref: int,
+        notify_offset: int = -1,
+        notify_port: int = -1,
+        writable: bool = True,
+    ) -> Mapping:
+        """``xengnttab_map_grant_ref_notify``: map one grant; when it is unmapped
+        (or this process dies) the byte at ``notify_offset`` is cleared and/or an
+        event sent on ``notify_port`` (-1: none).
+
+        Raises:
+            GrantError: the map failed.
+            HypercallError: the notify could not be set (nothing stays mapped).
+        """
+        mapping = self.map_grant_ref(domid, ref, writable)
+        if notify_offset >= 0 or notify_port >= 0:
+            try:
+                self.set_unmap_notify(
+                    mapping,
+                    max(notify_offset, 0),
+                    notify_port if notify_port >= 0 else None,
+                    clear_byte=notify_offset >= 0,
+                )
+            except BaseException:
+                mapping.unmap()
+                raise
+        return mapping
+
+    def set_unmap_notify(
+        self, mapping: Mapping, offset: int, port: int | None = None, clear_byte: bool = True
+    ) -> None:
+        """``IOCTL_GNTDEV_SET_UNMAP_NOTIFY`` on a mapping.
+
+        Args:
+            mapping: a mapping made by this domain.
+            offset: byte offset in ``mapping.mem`` to clear.
+            port: event channel to notify, or None.
+            clear_byte: clear the byte (a read-only mapping refuses: EINVAL).
+
+        Raises:
+            HypercallError: EINVAL (bad offset, port or action), ENOENT.
+        """
+        if mapping.released or mapping.handles is None:
+            raise HypercallError("set_unmap_notify", errno.ENOENT, "mapping is unmapped")
+        if not 0 <= offset < len(mapping.handles) * PAGE_SIZE:
+            raise HypercallError("set_unmap_notify", errno.EINVAL, f"offset {offset}")
+        action = (UNMAP_NOTIFY_CLEAR_BYTE if clear_byte else 0) | (
+            UNMAP_NOTIFY_SEND_EVENT if port is not None else 0
+        )
+        if not action:
+            raise HypercallError("set_unmap_notify", errno.EINVAL, "nothing to do")
+        hc = self.domain.hypercalls
+        assert isinstance(hc, RemoteHypercalls)
+        handle = mapping.handles[offset // PAGE_SIZE]
+        hc.channel.call_ok(
+            p.MSG_UNMAP_NOTIFY_SET,
+            p.NOTIFY_SET_REQ.pack(p.NOTIFY_GNTDEV, handle, offset % PAGE_SIZE, action, port or 0),
+            "set_unmap_notify",
+        )
+
+    def grant_copy(self, segments: Sequence[CopySegment]) -> list[int]:
+        """Copy between grants and local buffers: one hypercall per 256 segments.
+
+        Returns:
+            The statuses, also stored in each segment.
+
+        Raises:
+            ValueError: a segment with no grant side or longer than a page.
+        """
+        for seg in segments:
+            if not 0 <= seg.len <= PAGE_SIZE:
+                raise ValueError(f"grant_copy: len {seg.len} is not within a page")
+            if not (isinstance(seg.source, GrantRef) or isinstance(seg.dest, GrantRef)):
+                raise ValueError("grant_copy: at least one side must be a GrantRef")
+        out: list[int] = []
+        for i in range(0, len(segments), self.COPY_BATCH):
+            out += self._copy_batch(segments[i : i + self.COPY_BATCH])
+        return out
+
+    def _copy_batch(self, segments: Sequence[CopySegment]) -> list[int]:
+        n = len(segments)
+        if not n:
+            return []
+        if self._bounces is None or len(self._bounces.gfns) < n:
+            if self._bounces is not None:
+                self._bounces.free()
+                self._bounces = None
+            self._bounces = self.domain.alloc_pages(max(n, 16))
+        bounce = self._bounces
+        ops = (gt.gnttab_copy * n)()
+        for i, seg in enumerate(segments):
+            o = ops[i]
+            o.len = seg.len
+            gfn = bounce.gfns[i]
+            base = i * PAGE_SIZE
+            if isinstance(seg.source, GrantRef):
+                o.source.u.ref, o.source.domid = seg.source.ref, seg.source.domid
+                o.source.offset = seg.source.offset
+                o.flags |= gt.GNTCOPY_source_gref
+            else:
+                data = memoryview(seg.source).cast("B")[: seg.len]
+                bounce.mem[base : base + seg.len] = data
+                o.source.u.gmfn, o.source.domid, o.source.offset = gfn, gt.DOMID_SELF, 0
+            if isinstance(seg.dest, GrantRef):
+                o.dest.u.ref, o.dest.domid = seg.dest.ref, seg.dest.domid
+                o.dest.offset = seg.dest.offset
+                o.flags |= gt.GNTCOPY_dest_gref
+            else:
+                o.dest.u.gmfn, o.dest.domid, o.dest.offset = gfn, gt.DOMID_SELF, 0
+        self.domain.grant_table_op(gt.GNTTABOP_copy, ops, n)
+        out = []
+        for i, seg in enumerate(segments):
+            seg.status = int(ops[i].status)
+            if seg.status == gt.GNTST_okay and not isinstance(seg.dest, GrantRef):
+                dest = memoryview(seg.dest).cast("B")
+                dest[: seg.len] = bounce.mem[i * PAGE_SIZE : i * PAGE_SIZE + seg.len]
+            out.append(seg.status)
+        return out
+
+    def close(self) -> None:
+        """Free the bounce pages."""
+        super().close()
+        if self._bounces is not None:
+            self._bounces.free()
+            self._bounces = None
+
+
+# ------------------------------------------------------------------- domain
+class RemoteDomain(Domain):
+    """A :class:`~xengrant.guest.domain.Domain` living in the service.
+
+    Attributes:
+        xs: its xenstore connection.
+        evtchn: its event channels.
+        channel: the socket to the service.
+    """
+
+    def __init__(self, hypercalls: RemoteHypercalls, *, pv: bool = False) -> None:
+        super().__init__(hypercalls, pv=pv)
+        self.channel = hypercalls.channel
+        self.xs = XenStoreClient(self.channel, self.domid)
+        self.evtchn = EventChannelClient(self.channel, self.domid)
+        self._remote_gntshr: RemoteGntshr | None = None
+        self._remote_gnttab: RemoteGnttab | None = None
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<RemoteDomain d{self.domid}{' pv' if self.pv else ''} at {self.channel.path}>"
+
+    @property
+    def gntshr(self) -> RemoteGntshr:
+        """Portable sharing interface (libxengntshr), with unmap notification."""
+        if self._remote_gntshr is None:
+            self._remote_gntshr = RemoteGntshr(self)
+        return self._remote_gntshr
+
+    @property
+    def gnttab(self) -> RemoteGnttab:
+        """Portable mapping interface (libxengnttab), with unmap notification."""
+        if self._remote_gnttab is None:
+            self._remote_gnttab = RemoteGnttab(self)
+        return self._remote_gnttab
+
+    # ----------------------------------------------------------- toolstack
+    def create_domain(
+        self,
+        domid: int | None = None,
+        *,
+        pv: bool = False,
+        max_grant_frames: int | None = None,
+        max_maptrack_frames: int | None = None,
+        max_pages: int | None = None,
+    ) -> int:
+        """``XEN_DOMCTL_createdomain`` (dom0 only): a domain another process attaches to.
+
+        It is destroyed if this connection closes before anyone attaches.
+
+        Raises:
+            HypercallError: EPERM (not privileged), EEXIST, EINVAL, ENOMEM.
+        """
+        body = self.channel.call_ok(
+            p.MSG_DOMCTL_CREATE,
+            _create_payload(domid, pv, max_grant_frames, max_maptrack_frames, max_pages),
+            "createdomain",
+        )
+        return int(p.DOMID.unpack(body)[0])
+
+    def destroy_domain(self, domid: int) -> None:
+        """``XEN_DOMCTL_destroydomain`` (dom0 only).
+
+        Raises:
+            HypercallError: EPERM, ESRCH.
+        """
+        self.channel.call_ok(p.MSG_DOMCTL_DESTROY, p.DOMID.pack(domid), "destroydomain")
+
+    # ------------------------------------------------------------- closing
+    def close(self) -> None:
+        """Leave: the service destroys this domain (as if the process died)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.channel.closed:
+            # destroy now and wait for it, so that whoever looks next sees it gone
+            with contextlib.suppress(ServiceError, HypercallError):
+                self.channel.call_ok(p.MSG_CLOSE, b"", "close")
+        self.channel.close()
+        hc = self.hypercalls
+        assert isinstance(hc, RemoteHypercalls)
+        hc.close()
+
+    def __enter__(self) -> RemoteDomain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _create_payload(
+    domid: int | None,
+    pv: bool,
+    max_grant_frames: int | None,
+    max_maptrack_frames: int | None,
+    max_pages: int | None,
+) -> bytes:
+    return p.CREATE_REQ.pack(
+        p.PROTOCOL_VERSION,
+        -1 if domid is None else domid,
+        p.DOMFLAG_PV if pv else 0,
+        -1 if max_grant_frames is None else max_grant_frames,
+        -1 if max_maptrack_frames is None else max_maptrack_frames,
+        -1 if max_pages is None else max_pages,
+    )
+
+
+def connect(
+    path: str | None = None,
+    domid: int | None = None,
+    *,
+    pv: bool = False,
+    max_grant_frames: int | None = None,
+    max_maptrack_frames: int | None = None,
+    max_pages: int | None = None,
+    timeout: float | None = None,
+) -> RemoteDomain:
+    """Join a running ``xengrant hypervisor`` as a domain.
+
+    Args:
+        path: the socket (default: ``$XENGRANT_SOCKET``, then
+            ``$XDG_RUNTIME_DIR/xengrant.sock``, then ``/tmp/xengrant-<uid>.sock``).
+        domid: None for a new domain with the next free id; an id to attach
+            to the domain a privileged domain created with that id, or to
+            create it if there is none.
+        pv: create a PV domain.
+        max_grant_frames, max_maptrack_frames, max_pages: limits of a new domain.
+        timeout: seconds to wait for each reply (None: forever).
+
+    Returns:
+        The domain; ``close()`` it (or exit) and the service destroys it.
+
+    Raises:
+        OSError: nothing listens at ``path``.
+        HypercallError: EEXIST, EBUSY (attached elsewhere), EINVAL, ENOMEM.
+    """
+    channel = Channel(path, timeout)
+    try:
+        status, body = -errno.ESRCH, b""
+        if domid is not None:
+            status, body = channel.call(p.MSG_ATTACH, p.ATTACH_REQ.pack(p.PROTOCOL_VERSION, domid))
+        if status == -errno.ESRCH:
+            status, body = channel.call(
+                p.MSG_CREATE,
+                _create_payload(domid, pv, max_grant_frames, max_maptrack_frames, max_pages),
+            )
+        if status < 0:
+            raise HypercallError("connect", -status, body.decode("utf-8", "replace"))
+        _version, got, flags, nr_frames = p.DOMAIN_REPLY.unpack(body)
+        fds = channel.take_fds()
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ServiceError(errno.EBADMSG, f"expected the memfd, got {len(fds)} fds")
+        hc = RemoteHypercalls(channel, got, fds[0], nr_frames)
+        return RemoteDomain(hc, pv=bool(flags & p.DOMFLAG_PV))
+    except BaseException:
+        channel.close()
+        raise
+
+
+# ------------------------------------------------------------ observation
+def stats(path: str | None = None, timeout: float | None = 10.0) -> dict[str, Any]:
+    """The service's tables and counts (free frames, domains, pins, ports, xenstore).
+
+    Raises:
+        OSError: nothing listens at ``path``.
+    """
+    channel = Channel(path, timeout)
+    try:
+        body = channel.call_ok(p.MSG_STATS, b"", "stats")
+        result: dict[str, Any] = json.loads(body)
+        return result
+    finally:
+        channel.close()
+
+
+def debug_key(key: str, path: str | None = None, timeout: float | None = 10.0) -> str:
+    """Press a Xen debug key on the service: ``g``/``G`` grant tables, ``e``, ``x``.
+
+    Raises:
+        OSError: nothing listens at ``path``.
+        HypercallError: EINVAL for an unknown key.
+    """
+    channel = Channel(path, timeout)
+    try:
+        return channel.call_ok(p.MSG_DEBUG_KEY, key.encode(), "debug_key").decode()
+    finally:
+        channel.close()
+
+
+def ping(path: str | None = None, timeout: float | None = 10.0) -> bool:
+    """True if a service answers at ``path``."""
+    try:
+        channel = Channel(path, timeout)
+    except OSError:
+        return False
+    try:
+        return channel.call(p.MSG_PING, b"ping")[0] == 0
+    except ServiceError:
+        return False
+    finally:
+        channel.close()

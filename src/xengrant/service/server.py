@@ -1,0 +1,978 @@
+"""``xengrant hypervisor``: the emulated hypervisor as a service on a Unix socket.
+
+One thread runs a ``selectors`` loop that owns everything: the sans-IO
+hypervisor core (:class:`~xengrant.emu.Hypervisor`, over the memfd of an
+:class:`~xengrant.embedded.EmbeddedXen`), the xenstore and the event channels.
+Each connection binds to one domain (CREATE makes one, ATTACH takes one a
+privileged domain made) and can then only act as that domain.  The memfd
+travels to the client with SCM_RIGHTS, so its views of frames -- its own,
+its grant table's, the foreign frames it mapped -- are real shared memory.
+
+When a connection closes (the process exited or was killed), the service
+destroys its domain as Xen's ``domain_kill`` would: unmap notifications fire
+(the byte is cleared, the event sent, as Linux's gntdev/gntalloc do when the
+process's files close), its mappings of others' grants are released, its
+event channels are closed (peers see their ports unbound), its watches go, its
+xenstore home is removed as libxl does and ``@releaseDomain`` fires.  Pages it
+granted stay valid for their mappers until they unmap; then the zombie goes.
+
+Nothing a client sends can stop the loop: every handler failure becomes an
+error reply (see :mod:`xengrant.service.protocol`), and a connection that
+does not read its replies is dropped once 64 MiB are queued for it.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..abi import grant_table as gt
+from ..abi.gntalloc import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
+from ..debugkeys import dump_all
+from ..embedded import DEFAULT_MEMORY, EmbeddedXen
+from ..emu.domain import P2M_RAM_RW, DomainState
+from ..emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
+from ..emu.machine import PAGE_SIZE
+from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
+from ..errors import HypercallError
+from . import protocol as p
+from .evtchn import ECS_INTERDOMAIN, ECS_UNBOUND, Delivery, EventChannels, EvtchnError
+from .xenstore import XenStore, XenStoreError
+
+#: A connection with this much output queued (it stopped reading) is dropped.
+MAX_OUTBUF = 64 << 20
+_RECV = 1 << 18
+_UNMAP_HANDLE = struct.Struct("<I")
+_UNMAP_HANDLE_OFF = 16
+_UNMAP_STATUS = struct.Struct("<h")
+_UNMAP_STATUS_OFF = 20
+_UNMAP_SIZE = 24
+
+
+def default_socket_path() -> str:
+    """The socket path: ``$XENGRANT_SOCKET``, else ``$XDG_RUNTIME_DIR/xengrant.sock``,
+    else ``/tmp/xengrant-<uid>.sock``."""
+    env = os.environ.get("XENGRANT_SOCKET")
+    if env:
+        return env
+    run = os.environ.get("XDG_RUNTIME_DIR")
+    if run and os.path.isdir(run):
+        return os.path.join(run, "xengrant.sock")
+    return f"/tmp/xengrant-{os.getuid()}.sock"
+
+
+class TrackedP2M(dict):  # type: ignore[type-arg]
+    """A domain's p2m that remembers which gfns changed (sent in replies)."""
+
+    def __init__(self, base: dict[int, tuple[int, int]]) -> None:
+        super().__init__(base)
+        self.dirty: set[int] = set(base)
+
+    def __setitem__(self, key: int, value: tuple[int, int]) -> None:
+        dict.__setitem__(self, key, value)
+        self.dirty.add(key)
+
+    def __delitem__(self, key: int) -> None:
+        dict.__delitem__(self, key)
+        self.dirty.add(key)
+
+    def pop(self, key: int, *default: Any) -> Any:
+        self.dirty.add(key)
+        return dict.pop(self, key, *default)
+
+    def popitem(self) -> tuple[int, tuple[int, int]]:
+        item: tuple[int, tuple[int, int]] = dict.popitem(self)
+        self.dirty.add(item[0])
+        return item
+
+    def setdefault(self, key: int, default: Any = None) -> Any:
+        self.dirty.add(key)
+        return dict.setdefault(self, key, default)
+
+    def update(self, *args: Any, **kw: Any) -> None:
+        other = dict(*args, **kw)
+        self.dirty.update(other)
+        dict.update(self, other)
+
+    def clear(self) -> None:
+        self.dirty.update(self)
+        dict.clear(self)
+
+    def delta(self) -> list[tuple[int, int, int]]:
+        """The changes since the last call: ``(gfn, mfn or -1, type)``."""
+        out = []
+        get = self.get
+        for gfn in self.dirty:
+            ent = get(gfn)
+            out.append((gfn, -1, 0) if ent is None else (gfn, ent[0], ent[1]))
+        self.dirty.clear()
+        return out
+
+
+@dataclass
+class Notify:
+    """An unmap notification (gntdev/gntalloc ``SET_UNMAP_NOTIFY``)."""
+
+    kind: int
+    key: int
+    offset: int
+    action: int
+    port: int
+    mfn: int = -1
+
+
+class Connection:
+    """One client socket and what it is bound to."""
+
+    def __init__(self, sock: socket.socket, ident: int) -> None:
+        self.sock = sock
+        self.ident = ident
+        self.decoder = p.Decoder()
+        self.out: deque[tuple[bytes, tuple[int, ...]]] = deque()
+        self.out_bytes = 0
+        self.domid: int | None = None
+        #: domains this (privileged) connection made and nobody attached yet
+        self.created: set[int] = set()
+        self.want_write = False
+        self.dead = False
+
+    def __repr__(self) -> str:
+        return f"<conn {self.ident} d{self.domid}>"
+
+
+_Handler = Callable[[Connection, bytes], bytes]
+
+
+class Server:
+    """The service: listening socket, connections, hypervisor, xenstore, event channels.
+
+    Args:
+        path: the Unix socket path.
+        memory: bytes of machine memory.
+        max_grant_frames: per-domain default (Xen: 64).
+        max_maptrack_frames: per-domain default (Xen: 1024).
+        log: where to report client misbehaviour and handler failures
+            (default: stderr); None to stay quiet.
+
+    Raises:
+        OSError: EADDRINUSE if a service already listens at ``path``.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        memory: int = DEFAULT_MEMORY,
+        *,
+        max_grant_frames: int = DEFAULT_MAX_GRANT_FRAMES,
+        max_maptrack_frames: int = DEFAULT_MAX_MAPTRACK_FRAMES,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path = path or default_socket_path()
+        self.xen = EmbeddedXen(
+            memory, max_grant_frames=max_grant_frames, max_maptrack_frames=max_maptrack_frames
+        )
+        self.hv = self.xen.hv
+        self.xs = XenStore(self._privileged)
+        self.ev = EventChannels(self._privileged)
+        self.log = log if log is not None else _stderr
+        self.bound: dict[int, Connection] = {}
+        self.notifies: dict[int, dict[tuple[int, int], Notify]] = {}
+        self.conns: dict[int, Connection] = {}
+        self.sel = selectors.DefaultSelector()
+        self._next_ident = 1
+        self._to_close: list[Connection] = []
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopping = False
+        self.listener = _listen(self.path)
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.handlers: dict[int, tuple[_Handler, bool]] = {
+            p.MSG_PING: (self._ping, False),
+            p.MSG_CREATE: (self._create, False),
+            p.MSG_ATTACH: (self._attach, False),
+            p.MSG_STATS: (self._stats, False),
+            p.MSG_DEBUG_KEY: (self._debug_key, False),
+            p.MSG_DOMCTL_CREATE: (self._domctl_create, True),
+            p.MSG_DOMCTL_DESTROY: (self._domctl_destroy, True),
+            p.MSG_CLOSE: (self._close_domain, True),
+            p.MSG_GNTTAB_OP: (self._gnttab_op, True),
+            p.MSG_POPULATE: (self._populate, True),
+            p.MSG_DECREASE: (self._decrease, True),
+            p.MSG_ADD_TO_PHYSMAP: (self._add_to_physmap, True),
+            p.MSG_TRANSLATE: (self._translate, True),
+            p.MSG_EVTCHN_ALLOC_UNBOUND: (self._ev_alloc_unbound, True),
+            p.MSG_EVTCHN_BIND_INTERDOMAIN: (self._ev_bind_interdomain, True),
+            p.MSG_EVTCHN_SEND: (self._ev_send, True),
+            p.MSG_EVTCHN_CLOSE: (self._ev_close, True),
+            p.MSG_EVTCHN_UNMASK: (self._ev_unmask, True),
+            p.MSG_EVTCHN_STATUS: (self._ev_status, True),
+            p.MSG_XS_READ: (self._xs_read, True),
+            p.MSG_XS_WRITE: (self._xs_write, True),
+            p.MSG_XS_MKDIR: (self._xs_mkdir, True),
+            p.MSG_XS_RM: (self._xs_rm, True),
+            p.MSG_XS_DIRECTORY: (self._xs_directory, True),
+            p.MSG_XS_GET_PERMS: (self._xs_get_perms, True),
+            p.MSG_XS_SET_PERMS: (self._xs_set_perms, True),
+            p.MSG_XS_WATCH: (self._xs_watch, True),
+            p.MSG_XS_UNWATCH: (self._xs_unwatch, True),
+            p.MSG_XS_GET_DOMAIN_PATH: (self._xs_get_domain_path, True),
+            p.MSG_UNMAP_NOTIFY_SET: (self._notify_set, True),
+            p.MSG_UNMAP_NOTIFY_FIRE: (self._notify_fire, True),
+        }
+        self._pending_fds: tuple[int, ...] = ()
+        self._deliveries: list[Delivery] = []
+        #: one receive buffer (a fresh 256 KiB bytes per recv() costs an mmap)
+        self._rbuf = memoryview(bytearray(_RECV))
+
+    # ------------------------------------------------------------ lifecycle
+    def _privileged(self, domid: int) -> bool:
+        """Dom0 (also the toolstack's own identity when no domain 0 exists)."""
+        if domid == 0:
+            return True
+        d = self.hv.domains.get(domid)
+        return d is not None and d.privileged
+
+    def stop(self) -> None:
+        """Ask the loop to return (thread- and signal-safe)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def serve_forever(self) -> None:
+        """Run until :meth:`stop`; then close every connection (destroying their domains)."""
+        try:
+            while not self._stopping:
+                for key, mask in self.sel.select():
+                    if key.data == "wake":
+                        with contextlib.suppress(OSError):
+                            os.read(self._wake_r, 4096)
+                    elif key.data is None:
+                        self._accept()
+                    else:
+                        conn: Connection = key.data
+                        if mask & selectors.EVENT_READ and not conn.dead:
+                            self._on_readable(conn)
+                        if mask & selectors.EVENT_WRITE and not conn.dead:
+                            self._flush(conn)
+                    self._reap()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop every connection (destroying their domains) and free machine memory."""
+        for conn in list(self.conns.values()):
+            self._schedule_close(conn)
+        self._reap()
+        with contextlib.suppress(Exception):
+            self.sel.unregister(self.listener)
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.sel.close()
+        self.xen.close()
+
+    # ----------------------------------------------------------- sockets
+    def _accept(self) -> None:
+        try:
+            sock, _addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        conn = Connection(sock, self._next_ident)
+        self._next_ident += 1
+        self.conns[conn.ident] = conn
+        self.sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _on_readable(self, conn: Connection) -> None:
+        try:
+            n = conn.sock.recv_into(self._rbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._schedule_close(conn)
+            return
+        if not n:
+            self._schedule_close(conn)
+            return
+        for frame in conn.decoder.feed(self._rbuf[:n]):
+            if conn.dead:
+                return
+            self._handle(conn, frame)
+        self._dispatch_async()
+
+    def _send(self, conn: Connection, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        if conn.dead:
+            return
+        conn.out.append((data, fds))
+        conn.out_bytes += len(data)
+        if conn.out_bytes > MAX_OUTBUF:
+            self.log(f"{conn!r}: {conn.out_bytes} bytes unread, dropping it")
+            self._schedule_close(conn)
+            return
+        if not conn.want_write:
+            self._flush(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        out = conn.out
+        sock = conn.sock
+        try:
+            while out:
+                data, fds = out[0]
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    n = sock.sendmsg([data], anc)
+                else:
+                    if len(out) > 1:
+                        chunks = []
+                        size = 0
+                        while out and not out[0][1] and size < _RECV:
+                            chunk = out.popleft()[0]
+                            chunks.append(chunk)
+                            size += len(chunk)
+                        data = b"".join(chunks)
+                        out.appendleft((data, ()))
+                    n = sock.send(data)
+                conn.out_bytes -= n
+                if n < len(data):
+                    out[0] = (data[n:], ())
+                    break
+                out.popleft()
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._schedule_close(conn)
+            return
+        want = bool(out)
+        if want != conn.want_write:
+            conn.want_write = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self.sel.modify(sock, events, conn)
+
+    def _schedule_close(self, conn: Connection) -> None:
+        if not conn.dead:
+            conn.dead = True
+            self._to_close.append(conn)
+
+    def _reap(self) -> None:
+        while self._to_close:
+            conn = self._to_close.pop()
+            self.conns.pop(conn.ident, None)
+            with contextlib.suppress(Exception):
+                self.sel.unregister(conn.sock)
+            conn.sock.close()
+            self.xs.release_conn(conn.ident)
+            if conn.domid is not None:
+                self._destroy(conn.domid)
+            for domid in sorted(conn.created):
+                if domid not in self.bound:
+                    self._destroy(domid)
+            conn.created.clear()
+            self._dispatch_async()
+
+    # ------------------------------------------------------------ requests
+    def _handle(self, conn: Connection, frame: p.Frame) -> None:
+        mtype, seq = frame.type, frame.seq
+        self._pending_fds = ()
+        try:
+            p.check_request_header(frame)
+            handler, needs_domain = self.handlers[mtype]
+            if needs_domain and conn.domid is None:
+                raise p.ProtocolError(errno.EPROTO, "no domain: CREATE or ATTACH first")
+            assert frame.payload is not None
+            body = handler(conn, frame.payload)
+        except p.ProtocolError as e:
+            self.log(f"{conn!r}: {p.MSG_NAMES.get(mtype, mtype)}: {e}")
+            self._send(conn, p.encode_error(mtype, seq, e.errno, str(e)))
+            return
+        except (XenStoreError, EvtchnError) as e:
+            self._send(conn, p.encode_error(mtype, seq, e.errno or errno.EIO, e.detail))
+            return
+        except HypercallError as e:
+            self._send(conn, p.encode_error(mtype, seq, e.errno or errno.EIO, str(e)))
+            return
+        except Exception as e:  # never let a request take the service down
+            self.log(f"{conn!r}: {p.MSG_NAMES.get(mtype, mtype)} failed:\n"
+                     + traceback.format_exc())
+            self._send(conn, p.encode_error(mtype, seq, errno.EIO, f"{type(e).__name__}: {e}"))
+            return
+        if mtype in p.ONE_WAY:
+            return
+        fds, self._pending_fds = self._pending_fds, ()
+        self._send(conn, p.HEADER.pack(len(body), mtype, p.F_REPLY, seq) + body, fds)
+        if len(body) > p.MAX_PAYLOAD:  # pragma: no cover - replies mirror bounded requests
+            self.log(f"{conn!r}: reply of {len(body)} bytes over the limit")
+
+    def _dispatch_async(self) -> None:
+        """Send queued event-channel upcalls and watch events."""
+        deliveries, self._deliveries = self._deliveries, []
+        for domid, port in deliveries:
+            conn = self.bound.get(domid)
+            if conn is not None:
+                self._send(conn, p.encode(p.MSG_EVENT, p.F_ASYNC, 0, p.U32.pack(port)))
+        for ev in self.xs.drain_events():
+            target = self.conns.get(ev.conn) if isinstance(ev.conn, int) else None
+            if target is not None:
+                payload = p.pack_strings(ev.path, ev.token)
+                self._send(target, p.encode(p.MSG_WATCH_EVENT, p.F_ASYNC, 0, payload))
+
+    @staticmethod
+    def _ok(body: bytes = b"") -> bytes:
+        return p.STATUS.pack(0) + body
+
+    def _dom(self, conn: Connection) -> int:
+        assert conn.domid is not None
+        return conn.domid
+
+    def _delta(self, domid: int) -> bytes:
+        d = self.hv.domains.get(domid)
+        if d is None or not isinstance(d.p2m, TrackedP2M):
+            return p.pack_p2m_delta([])
+        return p.pack_p2m_delta(d.p2m.delta())
+
+    # ------------------------------------------------------------ domains
+    def _ping(self, conn: Connection, payload: bytes) -> bytes:
+        return self._ok(payload)
+
+    def _new_domain(self, payload: bytes) -> tuple[int, bool]:
+        version, domid, flags, mgf, mmf, max_pages = p.unpack_exact(
+            p.CREATE_REQ, payload, "CREATE"
+        )
+        if version != p.PROTOCOL_VERSION:
+            raise p.ProtocolError(errno.EPROTONOSUPPORT, f"protocol version {version}")
+        if flags & ~p.DOMFLAG_PV:
+            raise p.ProtocolError(errno.EINVAL, f"unknown domain flags {flags:#x}")
+        if domid < -1 or mgf < -1 or mmf < -1 or max_pages < -1:
+            raise p.ProtocolError(errno.EINVAL, "negative domain parameter")
+        pv = bool(flags & p.DOMFLAG_PV)
+        new = self.hv.create_domain(
+            None if domid == -1 else domid,
+            pv=pv,
+            max_grant_frames=mgf,
+            max_maptrack_frames=mmf,
+            max_pages=None if max_pages == -1 else max_pages,
+        )
+        d = self.hv.domains[new]
+        d.p2m = TrackedP2M(d.p2m)
+        self.ev.add_domain(new)
+        self.xs.make_domain_home(new)
+        self.xs.introduce_domain(new)
+        return new, pv
+
+    def _bind(self, conn: Connection, domid: int) -> bytes:
+        d = self.hv.domains[domid]
+        conn.domid = domid
+        self.bound[domid] = conn
+        self._pending_fds = (self.xen.fd,)
+        self._deliveries += self.ev.redeliver(domid)
+        body = p.DOMAIN_REPLY.pack(
+            p.PROTOCOL_VERSION, domid, p.DOMFLAG_PV if d.pv else 0, self.xen.nr_frames
+        )
+        return self._ok(body)
+
+    def _create(self, conn: Connection, payload: bytes) -> bytes:
+        if conn.domid is not None:
+            raise p.ProtocolError(errno.EISCONN, f"already bound to d{conn.domid}")
+        domid, _pv = self._new_domain(payload)
+        return self._bind(conn, domid)
+
+    def _attach(self, conn: Connection, payload: bytes) -> bytes:
+        if conn.domid is not None:
+            raise p.ProtocolError(errno.EISCONN, f"already bound to d{conn.domid}")
+        version, domid = p.unpack_exact(p.ATTACH_REQ, payload, "ATTACH")
+        if version != p.PROTOCOL_VERSION:
+            raise p.ProtocolError(errno.EPROTONOSUPPORT, f"protocol version {version}")
+        d = self.hv.domains.get(domid)
+        if d is None or d.is_dying:
+            raise HypercallError("attach", errno.ESRCH, f"no domain {domid}")
+        if domid in self.bound:
+            raise HypercallError("attach", errno.EBUSY, f"d{domid} is attached already")
+        for other in self.conns.values():
+            other.created.discard(domid)
+        return self._bind(conn, domid)
+
+    def _require_privileged(self, conn: Connection, op: str) -> None:
+        if not self._privileged(self._dom(conn)):
+            raise HypercallError(op, errno.EPERM, f"d{conn.domid} is not privileged")
+
+    def _domctl_create(self, conn: Connection, payload: bytes) -> bytes:
+        self._require_privileged(conn, "createdomain")
+        domid, _pv = self._new_domain(payload)
+        conn.created.add(domid)
+        return self._ok(p.DOMID.pack(domid))
+
+    def _domctl_destroy(self, conn: Connection, payload: bytes) -> bytes:
+        self._require_privileged(conn, "destroydomain")
+        (domid,) = p.unpack_exact(p.DOMID, payload, "DOMCTL_DESTROY")
+        d = self.hv.domains.get(domid)
+        if d is None or d.is_dying:
+            raise HypercallError("destroydomain", errno.ESRCH, f"no domain {domid}")
+        self._destroy(domid)
+        return self._ok()
+
+    def _close_domain(self, conn: Connection, payload: bytes) -> bytes:
+        """The client is leaving: destroy its domain now, as its disconnect would."""
+        self._destroy(self._dom(conn))
+        for domid in sorted(conn.created):
+            if domid not in self.bound:
+                self._destroy(domid)
+        conn.created.clear()
+        return self._ok()
+
+    def _destroy(self, domid: int) -> None:
+        """Kill a domain: notifies, mappings, ports, watches, xenstore home, @releaseDomain."""
+        d = self.hv.domains.get(domid)
+        conn = self.bound.pop(domid, None)
+        if conn is not None:
+            conn.domid = None
+            self.xs.release_conn(conn.ident)
+        if d is None or d.is_dying:
+            return
+        sends = self._fire_all_notifies(d)
+        try:
+            self.hv.destroy_domain(domid)
+        except HypercallError as e:  # pragma: no cover - checked live above
+            self.log(f"destroy d{domid}: {e}")
+        for port in sends:
+            with contextlib.suppress(EvtchnError):
+                self._deliveries += self.ev.send(domid, port)
+        self._deliveries += self.ev.destroy_domain(domid)
+        with contextlib.suppress(XenStoreError):
+            self.xs.rm(0, f"/local/domain/{domid}")
+        self.xs.release_domain(domid)
+        self._dispatch_async()
+
+    # ------------------------------------------------------------ memory
+    def _gnttab_op(self, conn: Connection, payload: bytes) -> bytes:
+        domid = self._dom(conn)
+        if len(payload) < p.GNTTAB_REQ.size:
+            raise p.ProtocolError(errno.EBADMSG, "GNTTAB_OP: short header")
+        cmd, count = p.GNTTAB_REQ.unpack_from(payload)
+        uop = bytearray(payload[p.GNTTAB_REQ.size :])
+        notes = self.notifies.get(domid)
+        fired: list[tuple[int, Notify]] = []
+        if notes and cmd in (gt.GNTTABOP_unmap_grant_ref, gt.GNTTABOP_unmap_and_replace):
+            fired = self._notify_before_unmap(domid, notes, uop, count)
+        xen = self.xen
+        before = xen.log_count
+        rc = self.hv.grant_table_op(domid, cmd, memoryview(uop), count)
+        reasons: list[str] = []
+        if xen.log_count != before:
+            fresh = xen.debug_log[-min(xen.log_count - before, len(xen.debug_log)) :]
+            reasons = [r for dd, _op, _st, r in fresh if dd == domid]
+        if fired:
+            self._notify_after_unmap(domid, notes or {}, uop, fired)
+        return b"".join(
+            (p.STATUS.pack(0), p.I32.pack(rc), p.U32.pack(len(uop)), uop, self._delta(domid),
+             p.pack_reasons(reasons))
+        )
+
+    def _populate(self, conn: Connection, payload: bytes) -> bytes:
+        domid = self._dom(conn)
+        gfns = p.unpack_i64s(payload, "POPULATE")
+        done = self.hv.populate_physmap(domid, gfns)
+        return self._ok(p.U32.pack(len(done)) + p.pack_i64s(done) + self._delta(domid))
+
+    def _decrease(self, conn: Connection, payload: bytes) -> bytes:
+        domid = self._dom(conn)
+        gfns = p.unpack_i64s(payload, "DECREASE")
+        n = self.hv.decrease_reservation(domid, gfns)
+        return self._ok(p.U32.pack(n) + self._delta(domid))
+
+    def _add_to_physmap(self, conn: Connection, payload: bytes) -> bytes:
+        domid = self._dom(conn)
+        space, idx, gpfn = p.unpack_exact(p.ADD_TO_PHYSMAP_REQ, payload, "ADD_TO_PHYSMAP")
+        rc = self.hv.add_to_physmap(domid, space, idx, gpfn)
+        return self._ok(p.I32.pack(rc) + self._delta(domid))
+
+    def _translate(self, conn: Connection, payload: bytes) -> bytes:
+        domid = self._dom(conn)
+        if len(payload) < 4:
+            raise p.ProtocolError(errno.EBADMSG, "TRANSLATE: short")
+        (writable,) = p.U32.unpack_from(payload)
+        gfns = p.unpack_i64s(payload[4:], "TRANSLATE")
+        mfns = self.hv.translate(domid, gfns, bool(writable))
+        p2m = self.hv.domains[domid].p2m
+        body = b"".join(p.TRANSLATE_ENTRY.pack(m, p2m[g][1]) for g, m in zip(gfns, mfns))
+        return self._ok(body + self._delta(domid))
+
+    # ------------------------------------------------------- unmap notify
+    def _notify_set(self, conn: Connection, payload: bytes) -> bytes:
+        """``IOCTL_GNTDEV/GNTALLOC_SET_UNMAP_NOTIFY`` (drivers/xen/gntdev.c, gntalloc.c)."""
+        domid = self._dom(conn)
+        kind, key, offset, action, port = p.unpack_exact(
+            p.NOTIFY_SET_REQ, payload, "UNMAP_NOTIFY_SET"
+        )
+        if action & ~(UNMAP_NOTIFY_CLEAR_BYTE | UNMAP_NOTIFY_SEND_EVENT):
+            raise HypercallError("set_unmap_notify", errno.EINVAL, f"action {action:#x}")
+        if offset >= PAGE_SIZE:
+            raise HypercallError("set_unmap_notify", errno.EINVAL, f"offset {offset}")
+        if action & UNMAP_NOTIFY_SEND_EVENT:
+            ports = self.ev.domains.get(domid)
+            c = ports.ports.get(port) if ports is not None else None
+            if c is None or c.state not in (ECS_UNBOUND, ECS_INTERDOMAIN):
+                raise HypercallError("set_unmap_notify", errno.EINVAL, f"port {port} unbound")
+        d = self.hv.domains[domid]
+        note = Notify(kind, key, offset, action, port)
+        if kind == p.NOTIFY_GNTDEV:
+            m = d.maptrack.lookup(key)
+            if m is None or not m.flags:
+                raise HypercallError("set_unmap_notify", errno.ENOENT, f"no mapping {key}")
+            if action & UNMAP_NOTIFY_CLEAR_BYTE and m.flags & gt.GNTMAP_readonly:
+                raise HypercallError("set_unmap_notify", errno.EINVAL, "read-only mapping")
+        elif kind == p.NOTIFY_GNTALLOC:
+            note.mfn = self._granted_mfn(d, key)
+        else:
+            raise HypercallError("set_unmap_notify", errno.EINVAL, f"kind {kind}")
+        self.notifies.setdefault(domid, {})[(kind, key)] = note
+        return self._ok()
+
+    def _granted_mfn(self, d: DomainState, ref: int) -> int:
+        g = d.gt
+        if not 0 <= ref < g.nr_grant_entries:
+            raise HypercallError("set_unmap_notify", errno.ENOENT, f"ref {ref}")
+        mem = self.hv.mem
+        off = g.entry_offset(ref)
+        flags = int.from_bytes(mem[off : off + 2], "little")
+        if flags & gt.GTF_type_mask != gt.GTF_permit_access:
+            raise HypercallError("set_unmap_notify", errno.ENOENT, f"ref {ref} not granted")
+        if g.version == 1:
+            frame = int.from_bytes(mem[off + 4 : off + 8], "little")
+        else:
+            frame = int.from_bytes(mem[off + 8 : off + 16], "little")
+        ent = d.p2m.get(frame)
+        if ent is None or ent[1] != P2M_RAM_RW:
+            raise HypercallError("set_unmap_notify", errno.ENOENT, f"ref {ref}: no page")
+        return ent[0]
+
+    def _notify_fire(self, conn: Connection, payload: bytes) -> bytes:
+        """gntalloc's ``__del_gref``: the sharer lets a page go."""
+        domid = self._dom(conn)
+        kind, key = p.unpack_exact(p.NOTIFY_FIRE_REQ, payload, "UNMAP_NOTIFY_FIRE")
+        notes = self.notifies.get(domid, {})
+        note = notes.get((kind, key)) if kind == p.NOTIFY_GNTALLOC else None
+        if note is None:
+            raise HypercallError("unmap_notify", errno.ENOENT, f"no notify for {kind}/{key}")
+        del notes[(kind, key)]
+        if not notes:
+            self.notifies.pop(domid, None)
+        self._clear_byte(domid, note)
+        self._notify_send(domid, note)
+        return self._ok()
+
+    def _clear_byte(self, domid: int, note: Notify) -> None:
+        if not note.action & UNMAP_NOTIFY_CLEAR_BYTE:
+            return
+        mfn = note.mfn
+        if note.kind == p.NOTIFY_GNTDEV:
+            d = self.hv.domains.get(domid)
+            m = d.maptrack.lookup(note.key) if d is not None else None
+            if m is None or not m.flags or m.flags & gt.GNTMAP_readonly:
+                return
+            mfn = m.mfn
+        elif self.hv.machine.owner[mfn] != domid:
+            return
+        self.hv.mem[mfn * PAGE_SIZE + note.offset] = 0
+
+    def _notify_send(self, domid: int, note: Notify) -> None:
+        if note.action & UNMAP_NOTIFY_SEND_EVENT:
+            with contextlib.suppress(EvtchnError):
+                self._deliveries += self.ev.send(domid, note.port)
+
+    def _notify_before_unmap(
+        self, domid: int, notes: dict[tuple[int, int], Notify], uop: bytearray, count: int
+    ) -> list[tuple[int, Notify]]:
+        """gntdev's ``unmap_grant_pages``: clear the byte while still mapped."""
+        fired = []
+        n = min(max(count, 0), len(uop) // _UNMAP_SIZE)
+        for i in range(n):
+            (handle,) = _UNMAP_HANDLE.unpack_from(uop, i * _UNMAP_SIZE + _UNMAP_HANDLE_OFF)
+            note = notes.get((p.NOTIFY_GNTDEV, handle))
+            if note is not None:
+                self._clear_byte(domid, note)
+                fired.append((i, note))
+        return fired
+
+    def _notify_after_unmap(
+        self,
+        domid: int,
+        notes: dict[tuple[int, int], Notify],
+        uop: bytearray,
+        fired: list[tuple[int, Notify]],
+    ) -> None:
+        """... then send the event once the page is unmapped."""
+        for i, note in fired:
+            (st,) = _UNMAP_STATUS.unpack_from(uop, i * _UNMAP_SIZE + _UNMAP_STATUS_OFF)
+            if st != gt.GNTST_okay:
+                continue
+            notes.pop((note.kind, note.key), None)
+            self._notify_send(domid, note)
+        if not notes:
+            self.notifies.pop(domid, None)
+
+    def _fire_all_notifies(self, d: DomainState) -> list[int]:
+        """A dying domain's files close: clear every byte now, return the ports to notify."""
+        notes = self.notifies.pop(d.domid, {})
+        ports = []
+        for note in notes.values():
+            self._clear_byte(d.domid, note)
+            if note.action & UNMAP_NOTIFY_SEND_EVENT:
+                ports.append(note.port)
+        return ports
+
+    # ----------------------------------------------------- event channels
+    def _ev_alloc_unbound(self, conn: Connection, payload: bytes) -> bytes:
+        dom, remote = p.unpack_exact(p.TWO_U32, payload, "EVTCHN_ALLOC_UNBOUND")
+        port = self.ev.alloc_unbound(self._dom(conn), dom, remote)
+        return self._ok(p.U32.pack(port))
+
+    def _ev_bind_interdomain(self, conn: Connection, payload: bytes) -> bytes:
+        remote, rport = p.unpack_exact(p.TWO_U32, payload, "EVTCHN_BIND_INTERDOMAIN")
+        port, deliveries = self.ev.bind_interdomain(self._dom(conn), remote, rport)
+        self._deliveries += deliveries
+        return self._ok(p.U32.pack(port))
+
+    def _ev_send(self, conn: Connection, payload: bytes) -> bytes:
+        (port,) = p.unpack_exact(p.U32, payload, "EVTCHN_SEND")
+        self._deliveries += self.ev.send(self._dom(conn), port)
+        return self._ok()
+
+    def _ev_close(self, conn: Connection, payload: bytes) -> bytes:
+        (port,) = p.unpack_exact(p.U32, payload, "EVTCHN_CLOSE")
+        domid = self._dom(conn)
+        self.ev.close(domid, port)
+        notes = self.notifies.get(domid)
+        if notes:  # the evtchn reference gntdev/gntalloc held is dropped with the notify
+            for key, note in list(notes.items()):
+                if note.action & UNMAP_NOTIFY_SEND_EVENT and note.port == port:
+                    note.action &= ~UNMAP_NOTIFY_SEND_EVENT
+                    if not note.action:
+                        del notes[key]
+        return self._ok()
+
+    def _ev_unmask(self, conn: Connection, payload: bytes) -> bytes:
+        if len(payload) == 4:
+            (port,) = p.U32.unpack(payload)
+            self._deliveries += self.ev.unmask(self._dom(conn), port)
+        return b""
+
+    def _ev_status(self, conn: Connection, payload: bytes) -> bytes:
+        dom, port = p.unpack_exact(p.TWO_U32, payload, "EVTCHN_STATUS")
+        state, rdom, rport = self.ev.status(self._dom(conn), dom, port)
+        return self._ok(p.EVTCHN_STATUS_REPLY.pack(state, rdom, rport))
+
+    # ------------------------------------------------------------ xenstore
+    @staticmethod
+    def _xs_args(payload: bytes, n: int, what: str) -> list[str]:
+        if len(payload) > p.XS_PAYLOAD_MAX:
+            raise XenStoreError(errno.E2BIG, f"{what}: {len(payload)} bytes")
+        parts = p.split_strings(payload)
+        if len(parts) != n or len(payload) != sum(len(x) + 1 for x in parts):
+            raise XenStoreError(errno.EINVAL, f"{what}: want {n} NUL-terminated strings")
+        try:
+            return [x.decode("ascii") for x in parts]
+        except UnicodeDecodeError:
+            raise XenStoreError(errno.EINVAL, f"{what}: not ASCII") from None
+
+    @staticmethod
+    def _xs_reply(body: bytes) -> bytes:
+        if len(body) > p.XS_PAYLOAD_MAX:  # send_reply: "if ( len > XENSTORE_PAYLOAD_MAX )"
+            raise XenStoreError(errno.E2BIG, f"reply of {len(body)} bytes")
+        return p.STATUS.pack(0) + body
+
+    def _xs_read(self, conn: Connection, payload: bytes) -> bytes:
+        (path,) = self._xs_args(payload, 1, "XS_READ")
+        return self._xs_reply(self.xs.read(self._dom(conn), path))
+
+    def _xs_write(self, conn: Connection, payload: bytes) -> bytes:
+        if len(payload) > p.XS_PAYLOAD_MAX:
+            raise XenStoreError(errno.E2BIG, f"XS_WRITE: {len(payload)} bytes")
+        nul = payload.find(b"\0")
+        if nul < 0:
+            raise XenStoreError(errno.EINVAL, "XS_WRITE: no path")
+        try:
+            path = payload[:nul].decode("ascii")
+        except UnicodeDecodeError:
+            raise XenStoreError(errno.EINVAL, "XS_WRITE: path not ASCII") from None
+        self.xs.write(self._dom(conn), path, payload[nul + 1 :])
+        return self._ok(b"OK\0")
+
+    def _xs_mkdir(self, conn: Connection, payload: bytes) -> bytes:
+        (path,) = self._xs_args(payload, 1, "XS_MKDIR")
+        self.xs.mkdir(self._dom(conn), path)
+        return self._ok(b"OK\0")
+
+    def _xs_rm(self, conn: Connection, payload: bytes) -> bytes:
+        (path,) = self._xs_args(payload, 1, "XS_RM")
+        self.xs.rm(self._dom(conn), path)
+        return self._ok(b"OK\0")
+
+    def _xs_directory(self, conn: Connection, payload: bytes) -> bytes:
+        (path,) = self._xs_args(payload, 1, "XS_DIRECTORY")
+        names = self.xs.directory(self._dom(conn), path)
+        return self._xs_reply(b"".join(n.encode() + b"\0" for n in names))
+
+    def _xs_get_perms(self, conn: Connection, payload: bytes) -> bytes:
+        (path,) = self._xs_args(payload, 1, "XS_GET_PERMS")
+        perms = self.xs.get_perms(self._dom(conn), path)
+        return self._xs_reply(p.pack_strings(*perms))
+
+    def _xs_set_perms(self, conn: Connection, payload: bytes) -> bytes:
+        if len(payload) > p.XS_PAYLOAD_MAX:
+            raise XenStoreError(errno.E2BIG, "XS_SET_PERMS")
+        parts = p.split_strings(payload)
+        if len(parts) < 2:
+            raise XenStoreError(errno.EINVAL, "XS_SET_PERMS: path and permissions")
+        try:
+            strs = [x.decode("ascii") for x in parts]
+        except UnicodeDecodeError:
+            raise XenStoreError(errno.EINVAL, "XS_SET_PERMS: not ASCII") from None
+        self.xs.set_perms(self._dom(conn), strs[0], strs[1:])
+        return self._ok(b"OK\0")
+
+    def _xs_watch(self, conn: Connection, payload: bytes) -> bytes:
+        path, token = self._xs_args(payload, 2, "XS_WATCH")
+        self.xs.watch(conn.ident, self._dom(conn), path, token)
+        return self._ok(b"OK\0")
+
+    def _xs_unwatch(self, conn: Connection, payload: bytes) -> bytes:
+        path, token = self._xs_args(payload, 2, "XS_UNWATCH")
+        self.xs.unwatch(conn.ident, self._dom(conn), path, token)
+        return self._ok(b"OK\0")
+
+    def _xs_get_domain_path(self, conn: Connection, payload: bytes) -> bytes:
+        (dom,) = self._xs_args(payload, 1, "XS_GET_DOMAIN_PATH")
+        if not dom.isdigit():
+            raise XenStoreError(errno.EINVAL, "XS_GET_DOMAIN_PATH: domid")
+        return self._ok(f"/local/domain/{int(dom)}".encode() + b"\0")
+
+    # ------------------------------------------------------------ inspect
+    def snapshot(self) -> dict[str, Any]:
+        """Counts and tables, JSON-ready (what STATS answers)."""
+        doms: dict[str, Any] = {}
+        for d in self.hv.iter_domains():
+            doms[str(d.domid)] = {
+                "pv": d.pv,
+                "dying": d.is_dying,
+                "privileged": d.privileged,
+                "attached": d.domid in self.bound,
+                "tot_pages": d.tot_pages,
+                "p2m": len(d.p2m),
+                "nr_grant_frames": d.gt.nr_grant_frames,
+                "version": d.gt.version,
+                "active": {str(r): a.pin for r, a in sorted(d.gt.active.items())},
+                "maptrack_in_use": d.maptrack.in_use,
+            }
+        return {
+            "nr_frames": self.hv.machine.nr_frames,
+            "free_frames": self.hv.machine.free_frames,
+            "domains": doms,
+            "evtchn": {str(k): v for k, v in self.ev.snapshot().items()},
+            "xenstore": self.xs.dump(),
+            "xenstore_watches": len(self.xs.watches),
+            "notifies": sum(len(v) for v in self.notifies.values()),
+            "connections": len(self.conns),
+        }
+
+    def _stats(self, conn: Connection, payload: bytes) -> bytes:
+        return self._ok(json.dumps(self.snapshot(), sort_keys=True).encode())
+
+    def _debug_key(self, conn: Connection, payload: bytes) -> bytes:
+        """Xen's debug keys: 'g' grant tables (pinned entries), 'G' every valid entry,
+        'e' event channels, 'x' the xenstore tree."""
+        key = payload.decode("ascii", "replace")
+        if key in ("g", "G"):
+            text = dump_all(self.hv, all_entries=key == "G")
+        elif key == "e":
+            lines = []
+            for domid, ports in self.ev.snapshot().items():
+                for port, state, rdom, rport in ports:
+                    kind = {ECS_UNBOUND: "unbound", ECS_INTERDOMAIN: "interdomain"}.get(
+                        state, str(state)
+                    )
+                    lines.append(f"d{domid} port {port}: {kind} d{rdom} port {rport}")
+            text = "\n".join(lines) or "(no event channels)"
+        elif key == "x":
+            text = "\n".join(
+                f"{path} = {value!r} ({','.join(perms)})"
+                for path, (value, perms) in self.xs.dump().items()
+            )
+        else:
+            raise p.ProtocolError(errno.EINVAL, f"unknown debug key {key!r}")
+        return self._ok(text.encode())
+
+
+def _stderr(text: str) -> None:
+    print(f"xengrant hypervisor: {text}", file=sys.stderr, flush=True)
+
+
+def _listen(path: str) -> socket.socket:
+    """Bind and listen at ``path`` (mode 0600), replacing a stale socket file.
+
+    Raises:
+        OSError: EADDRINUSE if something answers there.
+    """
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+        else:
+            probe.close()
+            raise OSError(errno.EADDRINUSE, f"a service already listens at {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(
+    path: str | None = None,
+    memory: int = DEFAULT_MEMORY,
+    *,
+    ready: Callable[[str], None] | None = None,
+    handle_signals: bool = True,
+    **kw: Any,
+) -> None:
+    """Run the service at ``path`` until SIGTERM/SIGINT (or the process ends).
+
+    Args:
+        path: socket path (default: :func:`default_socket_path`).
+        memory: bytes of machine memory.
+        ready: called with the socket path once it accepts connections.
+        handle_signals: stop cleanly on SIGTERM and SIGINT (main thread only).
+        kw: more :class:`Server` arguments.
+    """
+    server = Server(path, memory, **kw)
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: server.stop())
+    if ready is not None:
+        ready(server.path)
+    server.serve_forever()
+

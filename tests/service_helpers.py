@@ -1,0 +1,294 @@
+"""Helpers for the service tests: a service process and domain "actor" processes.
+
+Everything runs in processes started with the ``spawn`` method.  The test
+drives each actor over a pipe: it sends a command, the actor runs it in its
+own :class:`~xengrant.service.RemoteDomain` and answers; every wait has a
+timeout and every handshake is a message, never a sleep.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from xengrant.portable import CopySegment, GrantRef
+from xengrant.service import connect, serve
+
+CTX = mp.get_context("spawn")
+TIMEOUT = 60.0
+
+
+def _service_main(path: str, memory: int, conn: Any) -> None:
+    serve(path, memory, ready=lambda p: conn.send(p), log=lambda s: None)
+
+
+class Service:
+    """A ``xengrant hypervisor`` in a child process."""
+
+    def __init__(self, memory: int = 64 << 20) -> None:
+        self.dir = tempfile.mkdtemp(prefix="xg-svc-")
+        self.path = os.path.join(self.dir, "xengrant.sock")
+        r, w = CTX.Pipe(duplex=False)
+        self.proc = CTX.Process(target=_service_main, args=(self.path, memory, w), daemon=True)
+        self.proc.start()
+        w.close()
+        if not r.poll(TIMEOUT):
+            self.proc.kill()
+            raise RuntimeError("the service did not start")
+        assert r.recv() == self.path
+        r.close()
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, return the exit code."""
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGTERM)
+        self.proc.join(TIMEOUT)
+        if self.proc.is_alive():  # pragma: no cover - a hung service
+            self.proc.kill()
+            self.proc.join(TIMEOUT)
+        try:
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+        return self.proc.exitcode
+
+
+class ActorError(Exception):
+    """A command failed in the actor: ``kind`` is the exception class name."""
+
+    def __init__(self, kind: str, errno: int | None, status: int | None, text: str) -> None:
+        super().__init__(f"{kind}: {text}")
+        self.kind = kind
+        self.errno = errno
+        self.status = status
+
+
+def _actor_main(path: str, conn: Any, kw: dict[str, Any]) -> None:
+    d = connect(path, **kw)
+    objs: dict[int, Any] = {}
+    conn.send(("ready", d.domid))
+    while True:
+        try:
+            cmd, args = conn.recv()
+        except EOFError:
+            return
+        if cmd == "exit":
+            d.close()
+            conn.send(("ok", None))
+            return
+        try:
+            result = COMMANDS[cmd](d, objs, *args)
+        except Exception as e:
+            conn.send(
+                ("err", (type(e).__name__, getattr(e, "errno", None), getattr(e, "status", None),
+                         str(e)))
+            )
+        else:
+            conn.send(("ok", result))
+
+
+class Actor:
+    """A domain process; call it with a command name and arguments."""
+
+    def __init__(self, service: Service, **kw: Any) -> None:
+        self.conn, child = CTX.Pipe()
+        self.proc = CTX.Process(target=_actor_main, args=(service.path, child, kw), daemon=True)
+        self.proc.start()
+        child.close()
+        if not self.conn.poll(TIMEOUT):
+            self.proc.kill()
+            raise RuntimeError("the domain process did not start")
+        tag, self.domid = self.conn.recv()
+        assert tag == "ready"
+
+    def __call__(self, cmd: str, *args: Any, timeout: float = TIMEOUT) -> Any:
+        self.conn.send((cmd, args))
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"d{self.domid}: {cmd} took over {timeout}s")
+        tag, result = self.conn.recv()
+        if tag == "err":
+            raise ActorError(*result)
+        return result
+
+    def send_only(self, cmd: str, *args: Any) -> None:
+        """Start a command without waiting (collect with :meth:`result`)."""
+        self.conn.send((cmd, args))
+
+    def result(self, timeout: float = TIMEOUT) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"d{self.domid}: no answer in {timeout}s")
+        tag, result = self.conn.recv()
+        if tag == "err":
+            raise ActorError(*result)
+        return result
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self("exit")
+            except (OSError, EOFError, TimeoutError):
+                pass
+        self.proc.join(TIMEOUT)
+        if self.proc.is_alive():  # pragma: no cover
+            self.proc.kill()
+            self.proc.join(TIMEOUT)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup in the process at all."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(TIMEOUT)
+        assert self.proc.exitcode == -signal.SIGKILL
+
+    def wait_exit(self, timeout: float = TIMEOUT) -> int | None:
+        self.proc.join(timeout)
+        return self.proc.exitcode
+
+
+# ------------------------------------------------------------- commands
+def _new(objs: dict[int, Any], obj: Any) -> int:
+    key = len(objs) + 1
+    while key in objs:
+        key += 1
+    objs[key] = obj
+    return key
+
+
+def cmd_share(d: Any, objs: dict[int, Any], peer: int, n: int, writable: bool = True) -> Any:
+    share = d.gntshr.share_pages(peer, n, writable)
+    return _new(objs, share), list(share.refs)
+
+
+def cmd_share_notify(d: Any, objs: dict[int, Any], peer: int, offset: int, port: int) -> Any:
+    share = d.gntshr.share_page_notify(peer, True, offset, port)
+    return _new(objs, share), share.refs[0]
+
+
+def cmd_write(d: Any, objs: dict[int, Any], key: int, off: int, data: bytes) -> None:
+    objs[key].mem[off : off + len(data)] = data
+
+
+def cmd_read(d: Any, objs: dict[int, Any], key: int, off: int, n: int) -> tuple[bytes, int]:
+    """The bytes, and how many messages this process sent to read them (0: plain memory)."""
+    before = d.channel.sent
+    data = bytes(objs[key].mem[off : off + n])
+    return data, d.channel.sent - before
+
+
+def cmd_map(
+    d: Any, objs: dict[int, Any], domid: int, refs: list[int], writable: bool = True
+) -> Any:
+    m = d.gnttab.map_domain_grant_refs(domid, refs, writable)
+    return _new(objs, m), list(m.handles)
+
+
+def cmd_map_notify(
+    d: Any, objs: dict[int, Any], domid: int, ref: int, offset: int, port: int
+) -> int:
+    m = d.gnttab.map_grant_ref_notify(domid, ref, offset, port)
+    return _new(objs, m)
+
+
+def cmd_unmap(d: Any, objs: dict[int, Any], key: int) -> None:
+    objs.pop(key).unmap()
+
+
+def cmd_unshare(d: Any, objs: dict[int, Any], key: int) -> None:
+    d.gntshr.unshare(objs.pop(key))
+
+
+def cmd_try_unshare(d: Any, objs: dict[int, Any], key: int) -> None:
+    objs[key].try_unshare()
+    objs.pop(key)
+
+
+def cmd_copy_from(d: Any, objs: dict[int, Any], domid: int, ref: int, off: int, n: int) -> Any:
+    buf = bytearray(n)
+    seg = CopySegment(GrantRef(domid, ref, off), buf, n)
+    return d.gnttab.grant_copy([seg]), bytes(buf)
+
+
+def cmd_copy_to(d: Any, objs: dict[int, Any], domid: int, ref: int, off: int, data: bytes) -> Any:
+    return d.gnttab.grant_copy([CopySegment(data, GrantRef(domid, ref, off), len(data))])
+
+
+def cmd_xs(d: Any, objs: dict[int, Any], method: str, *args: Any) -> Any:
+    return getattr(d.xs, method)(*args)
+
+
+def cmd_ev(d: Any, objs: dict[int, Any], method: str, *args: Any) -> Any:
+    return getattr(d.evtchn, method)(*args)
+
+
+def cmd_dom(d: Any, objs: dict[int, Any], method: str, *args: Any) -> Any:
+    return getattr(d, method)(*args)
+
+
+def cmd_poke(d: Any, objs: dict[int, Any], key: int, off: int) -> None:
+    """Store a byte at the mapping's address with ctypes, past Python's checks."""
+    addr = objs[key]._view.address
+    ctypes.memmove(addr + off, b"\xff", 1)
+
+
+def cmd_nothing(d: Any, objs: dict[int, Any]) -> None:
+    return None
+
+
+COMMANDS: dict[str, Callable[..., Any]] = {
+    name[4:]: fn for name, fn in dict(globals()).items() if name.startswith("cmd_")
+}
+
+
+def cmd_ev_async(d: Any, objs: dict[int, Any], method: str, *args: Any) -> Any:
+    """Run an ``*_async`` evtchn/xenstore coroutine in a fresh event loop."""
+    import asyncio
+
+    target = d.evtchn if hasattr(d.evtchn, method) else d.xs
+    return asyncio.run(getattr(target, method)(*args))
+
+
+COMMANDS["ev_async"] = cmd_ev_async
+
+
+def cmd_reap(d: Any, objs: dict[int, Any]) -> tuple[int, int]:
+    """Retry deferred ends of access; returns (still deferred, free grants)."""
+    table = d.grant_table
+    return table.reap_deferred(), table.num_free_grants()
+
+
+COMMANDS["reap"] = cmd_reap
+
+
+def cmd_wait_gone(d: Any, objs: dict[int, Any], domid: int, timeout: float = TIMEOUT) -> None:
+    """(dom0) Wait until the service destroyed ``domid``: its xenstore home goes last."""
+    import errno
+    import time
+
+    from xengrant.service import XenStoreError
+    from xengrant.service.client import _TokenMatch
+
+    path = f"/local/domain/{domid}"
+    token = f"gone-{domid}-{time.monotonic_ns()}"
+    deadline = time.monotonic() + timeout
+    d.xs.watch(path, token)
+    try:
+        while True:
+            try:
+                d.xs.read(path)
+            except XenStoreError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"d{domid} was not destroyed")
+            d.channel.wait_for(d.channel.watch_events, _TokenMatch(token), left)
+    finally:
+        d.xs.unwatch(path, token)
+
+
+COMMANDS["wait_gone"] = cmd_wait_gone

@@ -1,0 +1,324 @@
+"""The hypervisor as a service: several domain processes share, map and copy.
+
+A ``xengrant hypervisor`` runs in one process, each domain in its own
+(:mod:`service_helpers`); the test process only drives them and reads the
+service's tables (``stats``).  Memory is a memfd shared by all, so a write in
+one process is read in another with no message at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from service_helpers import Actor, ActorError, Service
+from xengrant import abi
+from xengrant.service import Channel, stats
+from xengrant.service import protocol as p
+from xengrant.service.evtchn import EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[Service]:
+    svc = Service()
+    dom0 = Actor(svc, domid=0)  # the toolstack, so nobody else can claim dom0
+    svc.dom0 = dom0  # type: ignore[attr-defined]
+    try:
+        yield svc
+    finally:
+        dom0.close()
+        assert svc.stop() == 0
+
+
+@pytest.fixture
+def baseline(service: Service) -> Iterator[dict[str, Any]]:
+    """The service's tables before the test; checked again after it."""
+    before = stats(service.path)
+    yield before
+    after = stats(service.path)
+    for key in ("free_frames", "domains", "evtchn", "xenstore", "xenstore_watches", "notifies"):
+        assert after[key] == before[key], key
+
+
+def actors(service: Service, n: int, **kw: Any) -> list[Actor]:
+    return [Actor(service, **kw) for _ in range(n)]
+
+
+def test_write_in_one_process_is_seen_in_another_without_copy(
+    service: Service, baseline: dict[str, Any]
+) -> None:
+    a, b = actors(service, 2)
+    try:
+        key, refs = a("share", b.domid, 4)
+        a("write", key, 0, b"written by the granter")
+        m, handles = b("map", a.domid, refs)
+        assert handles == [0, 1, 2, 3]
+        assert b("read", m, 0, 22) == (b"written by the granter", 0)
+        # after the map, each side only touches memory: no message is sent
+        a("write", key, 4096 * 3 + 100, b"later")
+        assert b("read", m, 4096 * 3 + 100, 5) == (b"later", 0)
+        b("write", m, 8192, b"reply from the mapper")
+        assert a("read", key, 8192, 21) == (b"reply from the mapper", 0)
+        st = stats(service.path)["domains"][str(a.domid)]
+        assert sorted(int(r) for r in st["active"]) == sorted(refs)
+        assert all(pin == 1 for pin in st["active"].values())  # one host-writable pin each
+        with pytest.raises(ActorError) as ei:
+            a("try_unshare", key)  # mapped: Busy, as mirage's try_end_access
+        assert ei.value.kind == "Busy"
+        b("unmap", m)
+        a("try_unshare", key)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_three_domains_copy_between_grants(service: Service, baseline: dict[str, Any]) -> None:
+    a, b, c = actors(service, 3)
+    try:
+        ka, (ra,) = a("share", c.domid, 1)
+        kb, (rb,) = b("share", c.domid, 1)
+        a("write", ka, 0, b"from a to b, copied by c")
+        statuses, data = c("copy_from", a.domid, ra, 0, 24)
+        assert statuses == [abi.GNTST_okay] and data == b"from a to b, copied by c"
+        assert c("copy_to", b.domid, rb, 100, data) == [abi.GNTST_okay]
+        assert b("read", kb, 100, 24) == (b"from a to b, copied by c", 0)
+        # an entry not granted (general_error), a ref past the table (bad_gntref),
+        # a copy crossing the page end (bad_copy_arg): gnttab_copy's statuses
+        assert c("copy_from", a.domid, ra + 1, 0, 4)[0] == [abi.GNTST_general_error]
+        assert c("copy_from", a.domid, 5000, 0, 4)[0] == [abi.GNTST_bad_gntref]
+        assert c("copy_from", a.domid, ra, 4090, 10)[0] == [abi.GNTST_bad_copy_arg]
+        a("unshare", ka)
+        b("unshare", kb)
+    finally:
+        for x in (a, b, c):
+            x.close()
+
+
+def test_readonly_grant_is_mapped_prot_read(service: Service, baseline: dict[str, Any]) -> None:
+    a, b = actors(service, 2)
+    try:
+        key, (ref,) = a("share", b.domid, 1, False)
+        a("write", key, 0, b"ro")
+        with pytest.raises(ActorError) as ei:
+            b("map", a.domid, [ref], True)  # writable map of a read-only grant
+        assert ei.value.status == abi.GNTST_general_error
+        m, _ = b("map", a.domid, [ref], False)
+        assert b("read", m, 0, 2) == (b"ro", 0)
+        with pytest.raises(ActorError) as ei:
+            b("write", m, 0, b"x")
+        assert ei.value.kind == "TypeError"
+        # past Python's checks the page itself is PROT_READ: the store faults
+        b.send_only("poke", m, 0)
+        assert b.wait_exit() == -signal.SIGSEGV
+        # the service saw the socket close and destroyed the domain
+        service.dom0("wait_gone", b.domid)  # type: ignore[attr-defined]
+        a("try_unshare", key)
+        assert str(b.domid) not in stats(service.path)["domains"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_xenstore_rendezvous_and_permissions(service: Service, baseline: dict[str, Any]) -> None:
+    a, b, c = actors(service, 3)
+    try:
+        home = f"/local/domain/{a.domid}"
+        assert a("xs", "get_domain_path", a.domid) == home
+        a("xs", "write", "data/ring-ref", "8")
+        with pytest.raises(ActorError) as ei:
+            b("xs", "read", f"{home}/data/ring-ref")
+        assert ei.value.errno == errno.EACCES
+        a("xs", "set_perms", "data/ring-ref", [f"n{a.domid}", f"r{b.domid}"])
+        assert b("xs", "read", f"{home}/data/ring-ref") == b"8"
+        with pytest.raises(ActorError) as ei:
+            c("xs", "read", f"{home}/data/ring-ref")
+        assert ei.value.errno == errno.EACCES
+        with pytest.raises(ActorError) as ei:
+            b("xs", "write", f"{home}/data/ring-ref", "9")
+        assert ei.value.errno == errno.EACCES
+        with pytest.raises(ActorError) as ei:
+            b("xs", "write", f"{home}/data/other", "9")
+        assert ei.value.errno == errno.EACCES
+        # a watch in another process fires at once, then on the change
+        b("xs", "watch", f"{home}/data/ring-ref", "tok")
+        assert b("xs", "read_watch", 30) == (f"{home}/data/ring-ref", "tok")
+        a("xs", "write", "data/ring-ref", "9")
+        got = b("xs", "read_watch", 30)
+        assert got == (f"{home}/data/ring-ref", "tok")
+        assert b("xs", "read", f"{home}/data/ring-ref") == b"9"
+        assert b("xs", "read_watch", 0.05) is None
+        # relative paths live under the caller's home
+        b("xs", "write", "data/x", "y")
+        assert b("xs", "read", f"/local/domain/{b.domid}/data/x") == b"y"
+        assert "data" in b("xs", "directory", f"/local/domain/{b.domid}")
+        with pytest.raises(ActorError) as ei:
+            b("xs", "directory", "")  # canonicalised to ".../N/": trailing slash
+        assert ei.value.errno == errno.EINVAL
+        b("xs", "unwatch", f"{home}/data/ring-ref", "tok")
+    finally:
+        for x in (a, b, c):
+            x.close()
+
+
+def test_event_channels_across_processes(service: Service, baseline: dict[str, Any]) -> None:
+    a, b = actors(service, 2)
+    try:
+        pa = a("ev", "bind_unbound_port", b.domid)
+        assert a("ev", "status", pa) == (EVTCHNSTAT_unbound, b.domid, 0)
+        pb = b("ev", "bind_interdomain", a.domid, pa)
+        assert a("ev", "status", pa) == (EVTCHNSTAT_interdomain, b.domid, pb)
+        assert b("ev", "wait", pb, 30) == pb  # Xen sets the new local port pending
+        b.send_only("ev", "wait", pb, 30)  # b blocks in its process...
+        a("ev", "notify", pa)  # ...until a notifies
+        assert b.result() == pb
+        b.send_only("ev_async", "wait_async", pb, 30)  # the asyncio twin
+        a("ev", "notify", pa)
+        assert b.result() == pb
+        b("ev", "notify", pb)
+        assert a("ev", "wait", None, 30) == pa
+        assert a("ev", "pending", 0.05) is None
+        with pytest.raises(ActorError) as ei:
+            a("ev", "notify", pa + 7)
+        assert ei.value.errno == errno.EINVAL
+        with pytest.raises(ActorError) as ei:
+            a("ev", "bind_interdomain", b.domid, pb)  # not unbound, not offered to a
+        assert ei.value.errno == errno.EINVAL
+        b("ev", "unbind", pb)
+        assert a("ev", "status", pa) == (EVTCHNSTAT_unbound, b.domid, 0)
+        a("ev", "unbind", pa)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_unmap_notify_gntdev(service: Service, baseline: dict[str, Any]) -> None:
+    a, b = actors(service, 2)
+    try:
+        key, (ref,) = a("share", b.domid, 1)
+        a("write", key, 0, b"\x01" * 16)
+        pa = a("ev", "bind_unbound_port", b.domid)
+        pb = b("ev", "bind_interdomain", a.domid, pa)
+        assert b("ev", "wait", pb, 30) == pb
+        m = b("map_notify", a.domid, ref, 10, pb)
+        b("unmap", m)  # gntdev: clear byte 10 while mapped, then notify
+        assert a("ev", "wait", pa, 30) == pa
+        assert a("read", key, 8, 4) == (b"\x01\x01\x00\x01", 0)
+        with pytest.raises(ActorError) as ei:
+            b("map_notify", a.domid, ref, 5000, pb)  # offset past the page
+        assert ei.value.errno == errno.EINVAL
+        b("ev", "unbind", pb)
+        a("ev", "unbind", pa)
+        a("unshare", key)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_unmap_notify_gntalloc(service: Service, baseline: dict[str, Any]) -> None:
+    a, b = actors(service, 2)
+    try:
+        pb = b("ev", "bind_unbound_port", a.domid)
+        pa = a("ev", "bind_interdomain", b.domid, pb)
+        assert a("ev", "wait", pa, 30) == pa
+        key, ref = a("share_notify", b.domid, 3, pa)
+        a("write", key, 0, b"\x07" * 8)
+        m, _ = b("map", a.domid, [ref])
+        a("unshare", key)  # gntalloc: clear the byte and notify, even while mapped
+        assert b("ev", "wait", pb, 30) == pb
+        assert b("read", m, 0, 8) == (b"\x07\x07\x07\x00\x07\x07\x07\x07", 0)
+        b("unmap", m)  # the deferred end of access completes now
+        a("ev", "unbind", pa)
+        b("ev", "unbind", pb)
+        assert a("reap")[0] == 0  # the deferred end of access is done
+    finally:
+        a.close()
+        b.close()
+
+
+def test_acting_only_as_own_domain(service: Service, baseline: dict[str, Any]) -> None:
+    a = Actor(service)
+    raw = Channel(service.path, timeout=30)
+    try:
+        st, body = raw.call(p.MSG_GNTTAB_OP, p.GNTTAB_REQ.pack(abi.GNTTABOP_query_size, 1))
+        assert st == -errno.EPROTO  # no domain yet
+        st, _ = raw.call(p.MSG_ATTACH, p.ATTACH_REQ.pack(p.PROTOCOL_VERSION, a.domid))
+        assert st == -errno.EBUSY  # a's process holds it
+        st, _ = raw.call(p.MSG_ATTACH, p.ATTACH_REQ.pack(p.PROTOCOL_VERSION, 0))
+        assert st == -errno.EBUSY
+        st, _ = raw.call(p.MSG_ATTACH, p.ATTACH_REQ.pack(p.PROTOCOL_VERSION, 999))
+        assert st == -errno.ESRCH
+        st, body = raw.call(p.MSG_CREATE, p.CREATE_REQ.pack(p.PROTOCOL_VERSION, -1, 0, -1, -1, -1))
+        assert st == 0
+        mine = p.DOMAIN_REPLY.unpack(body)[1]
+        for fd in raw.take_fds():
+            os.close(fd)
+        st, _ = raw.call(p.MSG_CREATE, p.CREATE_REQ.pack(p.PROTOCOL_VERSION, -1, 0, -1, -1, -1))
+        assert st == -errno.EISCONN
+        # no domid field exists in a hypercall: event channels of others are EPERM
+        st, _ = raw.call(p.MSG_EVTCHN_ALLOC_UNBOUND, p.TWO_U32.pack(a.domid, mine))
+        assert st == -errno.EPERM
+        st, _ = raw.call(p.MSG_DOMCTL_DESTROY, p.DOMID.pack(a.domid))
+        assert st == -errno.EPERM
+        st, _ = raw.call(p.MSG_XS_WRITE, f"/local/domain/{a.domid}/data/x\0v".encode())
+        assert st == -errno.EACCES
+        assert a("reap")[0] == 0  # a is untouched
+    finally:
+        raw.close()
+        a.close()
+
+
+def test_toolstack_creates_domain_another_process_attaches(
+    service: Service, baseline: dict[str, Any]
+) -> None:
+    dom0 = service.dom0  # type: ignore[attr-defined]
+    domid = dom0("dom", "create_domain", 42)
+    assert stats(service.path)["domains"]["42"]["attached"] is False
+    guest = Actor(service, domid=42)
+    try:
+        assert guest.domid == 42
+        assert guest("xs", "read", "domid") == b"42"
+        assert stats(service.path)["domains"]["42"]["attached"] is True
+    finally:
+        guest.close()
+    assert "42" not in stats(service.path)["domains"]
+    # dom0 may destroy what it made; an unknown domain is ESRCH
+    domid = dom0("dom", "create_domain", None)
+    dom0("dom", "destroy_domain", domid)
+    with pytest.raises(ActorError) as ei:
+        dom0("dom", "destroy_domain", domid)
+    assert ei.value.errno == errno.ESRCH
+
+
+def test_pv_domain_over_the_service(service: Service, baseline: dict[str, Any]) -> None:
+    a = Actor(service, pv=True)
+    b = Actor(service)
+    try:
+        key, refs = a("share", b.domid, 2)
+        a("write", key, 4096, b"pv page")
+        m, _ = b("map", a.domid, refs)
+        assert b("read", m, 4096, 7) == (b"pv page", 0)
+        b("unmap", m)
+        a("unshare", key)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_large_batches_are_split(service: Service, baseline: dict[str, Any]) -> None:
+    a, b = actors(service, 2)
+    try:
+        key, refs = a("share", b.domid, 1024)
+        a("write", key, 1023 * 4096, b"last")
+        m, handles = b("map", a.domid, refs)  # one 32 KiB message
+        assert len(handles) == 1024
+        assert b("read", m, 1023 * 4096, 4) == (b"last", 0)
+        b("unmap", m)
+        a("unshare", key)
+    finally:
+        a.close()
+        b.close()
