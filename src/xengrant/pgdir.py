@@ -11,9 +11,10 @@ xen{displ,snd,camera}_page_directory``::
     octet i*4+4    gref[i]              i < 1023
     (little-endian grant_ref_t; (4096 - 4) / 4 = 1023 grefs per page)
 
-The request carries only the first directory gref (``gref_directory``:
-displif ``DBUF_CREATE`` offset 40, ``GET_EDID`` offset 12; sndif ``OPEN``
-offset 24) and ``buffer_sz``; the number of buffer grefs is
+The request carries only the first directory gref (``gref_directory``, at
+``offsetof`` 36 in displif's ``DBUF_CREATE`` request, 12 in ``GET_EDID``, 20 in
+sndif's ``OPEN``; the diagrams' right-hand numbers are end octets) and
+``buffer_sz``; the number of buffer grefs is
 ``ceil(buffer_sz / 4096)`` and the chain has ``ceil(grefs / 1023)`` pages.
 
 Two allocation modes (displif ``be-alloc`` + ``XENDISPL_DBUF_FLG_REQ_ALLOC``):
@@ -339,7 +340,7 @@ class PgdirFrontend:
             PgdirError: backend-allocated and not mapped (``reason`` ``not_mapped``).
             ValueError: freed.
         """
-        if self.freed:
+        if self.freed or (not self.be_alloc and self._data is None):
             raise ValueError("the shared buffer is freed")
         if self._data is not None:
             return self._data.mem
