@@ -874,3 +874,75 @@ def test_doc_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
         for code in blocks:
             exec(compile(code, str(DOC), "exec"), {"__name__": "__doc_example__"})
     assert "loop: directory page 0 links to gref" in capsys.readouterr().out
+
+
+# ------------------------------------------------------ across processes
+def _frontend_process(path: str, backend: int, n: int, be_alloc: bool, conn: Any) -> None:
+    """The frontend in its own process, joined to a ``xengrant hypervisor`` service."""
+    import hashlib
+
+    from xengrant.service import connect
+
+    d = connect(path)
+    fe = PgdirFrontend(d, backend, n, be_alloc=be_alloc)
+    if not be_alloc:
+        fe.mem[:] = pattern(n, 1)
+    conn.send((d.domid, fe.get_dir_start(), fe.buffer_sz))
+    assert conn.recv() == "check"
+    fe.map()
+    conn.send(hashlib.sha256(fe.mem).hexdigest())
+    assert conn.recv() == "free"
+    fe.unmap()
+    fe.free()
+    d.grant_table.reap_deferred()
+    d.close()
+    conn.send("done")
+
+
+@pytest.mark.parametrize("be_alloc", [False, True], ids=["fe_alloc", "be_alloc"])
+def test_across_processes(be_alloc: bool) -> None:
+    """Frontend and backend in two processes over the service: same bytes, nothing left."""
+    import hashlib
+
+    pytest.importorskip("xengrant.service")
+    from service_helpers import CTX, TIMEOUT, Service
+    from xengrant.service import connect, stats
+
+    svc = Service(memory=64 << 20)
+    try:
+        free_before = stats(svc.path)["free_frames"]
+        back = connect(svc.path)
+        n = 2047  # 3 directory pages
+        conn, child = CTX.Pipe()
+        proc = CTX.Process(
+            target=_frontend_process, args=(svc.path, back.domid, n, be_alloc, child), daemon=True
+        )
+        proc.start()
+        child.close()
+        try:
+            assert conn.poll(TIMEOUT)
+            front_domid, gref, size = conn.recv()
+            be = PgdirBackend(back, front_domid, gref, size, be_alloc=be_alloc)
+            assert len(be.dir_refs) == 3 and size == n * 4096
+            if not be_alloc:
+                assert bytes(be.mem) == pattern(n, 1)
+            up = pattern(n, 2)
+            be.mem[:] = up
+            conn.send("check")
+            assert conn.poll(TIMEOUT)
+            assert conn.recv() == hashlib.sha256(up).hexdigest()
+            if not be_alloc:
+                be.free()  # the backend unmaps before the frontend ends access
+            conn.send("free")
+            assert conn.poll(TIMEOUT) and conn.recv() == "done"
+            be.free()
+            back.grant_table.reap_deferred()
+        finally:
+            proc.join(TIMEOUT)
+            if proc.is_alive():  # pragma: no cover - a hung frontend
+                proc.kill()
+        assert proc.exitcode == 0
+        back.close()
+        assert stats(svc.path)["free_frames"] == free_before
+    finally:
+        assert svc.stop() == 0
