@@ -186,6 +186,7 @@ class Server:
         )
         self.hv = self.xen.hv
         self.xs = XenStore(self._privileged)
+        self.xs.mkdir(0, "/local/domain")  # what the host's init scripts leave
         self.ev = EventChannels(self._privileged)
         self.log = log if log is not None else _stderr
         self.bound: dict[int, Connection] = {}
