@@ -7,6 +7,8 @@
   :attr:`Domain.gnttab` (the portable libxengntshr/libxengnttab layer).
 - :class:`Share`, :class:`Mapping` -- shared pages and foreign mappings,
   released like files.
+- :class:`PgdirFrontend`, :class:`PgdirBackend` -- big buffers shared through a
+  page directory of grefs (displif.h/sndif.h), both ends, both allocation modes.
 - :mod:`xengrant.abi` -- Xen's and Linux's constants and structs by C name.
 
 Quick start::
@@ -31,6 +33,7 @@ from .guest.domain import Domain, Pages
 from .guest.gnttab import GrantEntry, GrantTable, decode_flags
 from .guest.share import Mapping, Share
 from .hypercall import Hypercalls
+from .pgdir import PgdirBackend, PgdirError, PgdirFrontend
 from .portable import CopySegment, Gntshr, Gnttab, GrantRef
 
 __version__ = "0.1.0"
@@ -52,6 +55,9 @@ __all__ = [
     "Hypercalls",
     "Mapping",
     "Pages",
+    "PgdirBackend",
+    "PgdirError",
+    "PgdirFrontend",
     "Share",
     "XenError",
     "abi",
