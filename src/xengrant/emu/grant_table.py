@@ -115,12 +115,14 @@ class GrantTableState:
     @property
     def nr_grant_entries(self) -> int:
         """Entries the table holds now (``nr_grant_entries``)."""
-        return len(self.shared) * self.per_frame
+        return len(self.shared) * (GRANT_PER_PAGE_V1 if self.version == 1 else GRANT_PER_PAGE_V2)
 
     def entry_offset(self, ref: int) -> int:
         """Machine-buffer offset of entry ``ref`` (must be < nr_grant_entries)."""
-        per = self.per_frame
-        return self.shared[ref // per] * 4096 + (ref % per) * self.entry_size
+        # Hot (several calls per map/unmap/copy op): no nested property calls.
+        if self.version == 1:
+            return self.shared[ref // GRANT_PER_PAGE_V1] * 4096 + (ref % GRANT_PER_PAGE_V1) * 8
+        return self.shared[ref // GRANT_PER_PAGE_V2] * 4096 + (ref % GRANT_PER_PAGE_V2) * 16
 
     def status_offset(self, ref: int) -> int:
         """Machine-buffer offset of the v2 status word of ``ref``."""
