@@ -220,7 +220,6 @@ class Server:
             p.MSG_EVTCHN_BIND_INTERDOMAIN: (self._ev_bind_interdomain, True),
             p.MSG_EVTCHN_SEND: (self._ev_send, True),
             p.MSG_EVTCHN_CLOSE: (self._ev_close, True),
-            p.MSG_EVTCHN_UNMASK: (self._ev_unmask, True),
             p.MSG_EVTCHN_STATUS: (self._ev_status, True),
             p.MSG_XS_READ: (self._xs_read, True),
             p.MSG_XS_WRITE: (self._xs_write, True),
@@ -392,6 +391,12 @@ class Server:
     def _handle(self, conn: Connection, frame: p.Frame) -> None:
         mtype, seq = frame.type, frame.seq
         self._pending_fds = ()
+        if mtype in p.ONE_WAY and frame.flags == 0 and frame.payload is not None:
+            # never answered, not even with an error (there is nobody waiting)
+            if conn.domid is not None and len(frame.payload) == 4:
+                (port,) = p.U32.unpack(frame.payload)
+                self._deliveries += self.ev.unmask(conn.domid, port)
+            return
         try:
             p.check_request_header(frame)
             handler, needs_domain = self.handlers[mtype]
@@ -413,8 +418,6 @@ class Server:
             self.log(f"{conn!r}: {p.MSG_NAMES.get(mtype, mtype)} failed:\n"
                      + traceback.format_exc())
             self._send(conn, p.encode_error(mtype, seq, errno.EIO, f"{type(e).__name__}: {e}"))
-            return
-        if mtype in p.ONE_WAY:
             return
         fds, self._pending_fds = self._pending_fds, ()
         self._send(conn, p.HEADER.pack(len(body), mtype, p.F_REPLY, seq) + body, fds)
@@ -767,12 +770,6 @@ class Server:
                     if not note.action:
                         del notes[key]
         return self._ok()
-
-    def _ev_unmask(self, conn: Connection, payload: bytes) -> bytes:
-        if len(payload) == 4:
-            (port,) = p.U32.unpack(payload)
-            self._deliveries += self.ev.unmask(self._dom(conn), port)
-        return b""
 
     def _ev_status(self, conn: Connection, payload: bytes) -> bytes:
         dom, port = p.unpack_exact(p.TWO_U32, payload, "EVTCHN_STATUS")
