@@ -504,6 +504,7 @@ def machine_info() -> dict[str, str]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
         "numpy": getattr(np, "__version__", "absent"),
+        "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
     }
 
 
@@ -597,10 +598,14 @@ def print_table(results: list[Result], rows: dict[str, Result]) -> None:
 
 
 def print_markdown(
-    results: list[Result], rows: dict[str, Result], tg: list[Target], cmd: str
+    results: list[Result],
+    rows: dict[str, Result],
+    tg: list[Target],
+    cmd: str,
+    info: dict[str, str],
 ) -> None:
     print(f"\nCommand: `{cmd}`\n\n| machine | |\n|---|---|")
-    for k, v in machine_info().items():
+    for k, v in info.items():
         print(f"| {k} | {v} |")
     print("\n| " + " | ".join(HEADERS) + " |")
     print("|" + "---|" * len(HEADERS))
@@ -659,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = [r for c in cases for r in c.results]
     rows = {r.name: r for r in results}
+    memcpys = [rows[n] for n in (MEMCPY_MV, MEMCPY_NP) if n in rows]
+    rows[COPY].baseline = max(memcpys, key=lambda r: r.gbps).name  # the faster memcpy
     print(f"(timer overhead {overhead:.0f} ns subtracted from the step rows)\n")
     print_table(results, rows)
     tg = targets(rows)
@@ -670,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = "python benchmarks/bench_grant.py" + "".join(
             f" {a}" for a in (argv if argv is not None else sys.argv[1:])
         )
-        print_markdown(results, rows, tg, cmd)
+        print_markdown(results, rows, tg, cmd, info)
     if prof:
         print(prof)
     print(f"\n({time.monotonic() - start:.1f} s)")
