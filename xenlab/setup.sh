@@ -11,14 +11,15 @@ set -euo pipefail
 L=${XENLAB:-${XDG_CACHE_HOME:-$HOME/.cache}/xengrant-xenlab}
 mkdir -p "$L/debs" && cd "$L"
 if [ -f "$L/.setup-done" ] && [ -x "$L/rootfs/usr/bin/python3" ] && [ -f "$L/xen" ] \
-   && [ -f "$L/vmlinuz" ] && command -v qemu-system-x86_64 >/dev/null; then
+   && [ -f "$L/vmlinuz" ] && command -v qemu-system-x86_64 >/dev/null \
+   && [ -f /usr/include/python3.11/Python.h ] && command -v cc >/dev/null; then
   echo "xenlab: already set up in $L (kernel $(cat "$L/kernel-version"))"
   exit 0
 fi
 SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-  qemu-system-x86 debootstrap cpio gzip >/dev/null
+  qemu-system-x86 debootstrap cpio gzip gcc libpython3.11-dev >/dev/null
 KV=$(apt-cache depends linux-image-amd64 | sed -n 's/.*Depends: linux-image-\([0-9].*\)/\1/p' | head -1)
 echo "$KV" > "$L/kernel-version"
 cd debs

@@ -14,7 +14,7 @@ transcripts.
 Steps (``"op"``):
 
 - ``share``: ``{"as": S, "count": N, "writable": true}`` -- pages granted to
-  the mapper.
+  the mapper (``"to": "other"``: to a domain that is not the mapper).
 - ``map``: ``{"as": M, "grants": [G...], "writable": true, "how": "one"|"each"|
   "batch"|"domain"}`` -- ``one`` is ``map_grant_ref`` (one grant), ``each``
   ``map_grant_ref`` for every grant (used together), ``batch``
@@ -195,9 +195,8 @@ class Runner:
 
     # -------------------------------------------------------------- steps
     def op_share(self, step: dict[str, Any], rec: dict[str, Any]) -> None:
-        share = self.side.gntshr.share_pages(
-            self.side.mapper, step["count"], step.get("writable", True)
-        )
+        to = UNKNOWN_DOMID if step.get("to") == "other" else self.side.mapper
+        share = self.side.gntshr.share_pages(to, step["count"], step.get("writable", True))
         self.st.shares[step["as"]] = share
         rec["pages"] = share.nr_pages
 

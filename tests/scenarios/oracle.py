@@ -1,0 +1,230 @@
+"""The hypercall oracle: the same grant-table hypercalls on the real hypervisor and the emulator.
+
+Dom0 can issue ``HYPERVISOR_grant_table_op`` itself through
+``/dev/xen/privcmd`` (``IOCTL_PRIVCMD_HYPERCALL``).  :data:`CASES` are bad
+inputs -- bad ref, ref beyond the table, a read-only grant mapped writable,
+a bad handle, copies crossing a page, ``query_size``, ``set_version`` ... --
+each with the ``GNTST_*`` status (or hypercall errno) Xen 4.17 answers.
+:func:`run_cases` plays them through any ``issue(cmd, ops, count)``: the
+privcmd one in dom0 (tests_xen/test_privcmd_oracle.py, where the real
+hypervisor is the judge) and the emulator's ``Domain.grant_table_op``
+(tests/test_oracle.py), so the emulator's fidelity is checked against the real
+thing, not against our reading of the source.
+
+Only inputs that fail before Xen touches a page table are used (a real map
+from dom0 userspace would rewrite one of its own PTEs), plus harmless
+successes (copies between dom0's own shared pages, queries, ``set_version``
+to the version in use).  ``set_version(2)`` is never tried: it would switch
+dom0's own kernel to a layout it does not use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from xengrant import abi
+
+#: a domain that exists neither in the emulator nor on the test host
+UNKNOWN = 100
+#: a ref far beyond any grant table (64 frames of v1 entries = 32768)
+OUT_OF_RANGE = 1_000_000
+#: a PV virtual address never reached (every map case fails before it)
+HOST_ADDR = 0x10000000
+
+
+@dataclass
+class Case:
+    """One hypercall and what Xen 4.17 answers.
+
+    Attributes:
+        name: what is tried.
+        cmd: ``map``, ``unmap``, ``copy``, ``query_size``, ``get_version``, ``set_version``.
+        args: the op's fields; refs by role (``rw``, ``rw2``, ``ro``, ``gone``,
+            ``theirs``, ``out_of_range``).
+        status: the expected ``GNTST_*`` name (without the prefix), or None.
+        rc: the expected hypercall return (``-errno``).
+        compare: result keys both sides must agree on besides rc/status.
+    """
+
+    name: str
+    cmd: str
+    args: dict[str, Any]
+    status: str | None
+    rc: int = 0
+    compare: tuple[str, ...] = ()
+
+
+CASES: list[Case] = [
+    Case("map: ref beyond the table", "map", {"ref": "out_of_range"}, "bad_gntref"),
+    Case("map: unknown granting domain", "map", {"ref": "rw", "dom": UNKNOWN}, "bad_domain"),
+    Case("map: neither host nor device map", "map", {"ref": "rw", "flags": 0}, "bad_gntref"),
+    Case("map: entry no longer granted", "map", {"ref": "gone"}, "general_error"),
+    Case("map: read-only grant mapped writable", "map", {"ref": "ro"}, "general_error"),
+    Case("map: entry granted to another domain", "map", {"ref": "theirs"}, "general_error"),
+    Case("unmap: handle beyond the maptrack", "unmap", {"handle": 0x7FFFFFF}, "bad_handle"),
+    Case("copy: ok, grant to grant", "copy", {"src": ("rw", 0), "dst": ("rw2", 8)}, "okay"),
+    Case("copy: source ref beyond the table", "copy", {"src": ("out_of_range", 0)}, "bad_gntref"),
+    Case("copy: source not granted", "copy", {"src": ("gone", 0)}, "general_error"),
+    Case(
+        "copy: source of an unknown domain",
+        "copy",
+        {"src": ("rw", 0), "src_dom": UNKNOWN},
+        "bad_domain",
+    ),
+    Case(
+        "copy: a frame of another domain",
+        "copy",
+        {"src_gmfn": 1, "src_dom": UNKNOWN},
+        "permission_denied",
+    ),
+    Case("copy: read-only grant as destination", "copy", {"dst": ("ro", 0)}, "general_error"),
+    Case(
+        "copy: crossing the end of the source page",
+        "copy",
+        {"src": ("rw", 4000), "len": 200},
+        "bad_copy_arg",
+    ),
+    Case(
+        "copy: crossing the end of the destination page",
+        "copy",
+        {"dst": ("rw2", 4090), "len": 8},
+        "bad_copy_arg",
+    ),
+    Case("query_size: self", "query_size", {"dom": abi.DOMID_SELF}, "okay", 0, ("max_nr_frames",)),
+    Case("query_size: unknown domain", "query_size", {"dom": UNKNOWN}, "bad_domain"),
+    Case("get_version: self", "get_version", {"dom": abi.DOMID_SELF}, None, 0, ("version",)),
+    Case("get_version: unknown domain", "get_version", {"dom": UNKNOWN}, None, -errno.ESRCH),
+    Case(
+        "set_version: 1, the version in use", "set_version", {"version": 1}, None, 0, ("version",)
+    ),
+    Case("set_version: 3", "set_version", {"version": 3}, None, -errno.EINVAL, ("version",)),
+]
+
+Issue = Callable[[int, Any, int], int]
+
+
+def make_refs(gntshr: Any, self_domid: int) -> tuple[dict[str, int], list[Any]]:
+    """Grant the pages the cases name, through a portable Gntshr.
+
+    Returns:
+        ``(refs by role, shares to unshare afterwards)``.
+    """
+    rw = gntshr.share_pages(self_domid, 1)
+    rw2 = gntshr.share_pages(self_domid, 1)
+    ro = gntshr.share_pages(self_domid, 1, writable=False)
+    theirs = gntshr.share_pages(UNKNOWN, 1)
+    gone = gntshr.share_pages(self_domid, 1)
+    gone_ref = gone.refs[0]
+    gntshr.unshare(gone)
+    rw.mem[:8] = b"ORACLE!!"
+    refs = {
+        "rw": rw.refs[0],
+        "rw2": rw2.refs[0],
+        "ro": ro.refs[0],
+        "theirs": theirs.refs[0],
+        "gone": gone_ref,
+        "out_of_range": OUT_OF_RANGE,
+    }
+    return refs, [rw, rw2, ro, theirs]
+
+
+def _status(code: int) -> str:
+    return abi.GNTST_NAMES.get(code, str(code)).removeprefix("GNTST_")
+
+
+def _call(issue: Issue, cmd: int, ops: Any) -> int:
+    try:
+        return issue(cmd, ops, 1)
+    except OSError as e:  # a negative hypercall return (HypercallError is an OSError)
+        return -(e.errno or errno.EIO)
+
+
+def run_case(case: Case, issue: Issue, refs: dict[str, int], self_domid: int) -> dict[str, Any]:
+    """Issue one case; the result has ``rc``, ``status`` and the ``compare`` fields."""
+    a = case.args
+    out: dict[str, Any] = {}
+    if case.cmd == "map":
+        op = (abi.gnttab_map_grant_ref * 1)()
+        op[0].host_addr = HOST_ADDR
+        op[0].flags = a.get("flags", abi.GNTMAP_host_map)
+        op[0].ref = refs[a["ref"]]
+        op[0].dom = a.get("dom", self_domid)
+        op[0].status = 1
+        out["rc"] = _call(issue, abi.GNTTABOP_map_grant_ref, op)
+        out["status"] = _status(op[0].status)
+        out["handle"] = int(op[0].handle)
+    elif case.cmd == "unmap":
+        op = (abi.gnttab_unmap_grant_ref * 1)()
+        op[0].host_addr = HOST_ADDR
+        op[0].handle = a["handle"]
+        op[0].status = 1
+        out["rc"] = _call(issue, abi.GNTTABOP_unmap_grant_ref, op)
+        out["status"] = _status(op[0].status)
+    elif case.cmd == "copy":
+        op = (abi.gnttab_copy * 1)()
+        c = op[0]
+        if "src_gmfn" in a:
+            c.source.u.gmfn = a["src_gmfn"]
+        else:
+            role, off = a.get("src", ("rw", 0))
+            c.source.u.ref, c.source.offset = refs[role], off
+            c.flags |= abi.GNTCOPY_source_gref
+        c.source.domid = a.get("src_dom", self_domid)
+        role, off = a.get("dst", ("rw2", 0))
+        c.dest.u.ref, c.dest.offset, c.dest.domid = refs[role], off, self_domid
+        c.flags |= abi.GNTCOPY_dest_gref
+        c.len = a.get("len", 8)
+        c.status = 1
+        out["rc"] = _call(issue, abi.GNTTABOP_copy, op)
+        out["status"] = _status(c.status)
+    elif case.cmd == "query_size":
+        op = (abi.gnttab_query_size * 1)()
+        op[0].dom = a["dom"]
+        op[0].status = 1
+        out["rc"] = _call(issue, abi.GNTTABOP_query_size, op)
+        out["status"] = _status(op[0].status)
+        out["nr_frames"], out["max_nr_frames"] = int(op[0].nr_frames), int(op[0].max_nr_frames)
+    elif case.cmd == "get_version":
+        op = (abi.gnttab_get_version * 1)()
+        op[0].dom = a["dom"]
+        out["rc"] = _call(issue, abi.GNTTABOP_get_version, op)
+        out["version"] = int(op[0].version)
+    elif case.cmd == "set_version":
+        op = (abi.gnttab_set_version * 1)()
+        op[0].version = a["version"]
+        out["rc"] = _call(issue, abi.GNTTABOP_set_version, op)
+        out["version"] = int(op[0].version)
+    else:  # pragma: no cover
+        raise ValueError(case.cmd)
+    return out
+
+
+def check(case: Case, result: dict[str, Any]) -> list[str]:
+    """What differs from the case's expectation (empty: as Xen 4.17 answers)."""
+    problems = []
+    if result["rc"] != case.rc:
+        problems.append(f"rc {result['rc']} (expected {case.rc})")
+    if case.status is not None and result.get("status") != case.status:
+        problems.append(f"status {result.get('status')} (expected {case.status})")
+    return problems
+
+
+def run_cases(issue: Issue, refs: dict[str, int], self_domid: int) -> dict[str, dict[str, Any]]:
+    """Every case, by name."""
+    return {c.name: run_case(c, issue, refs, self_domid) for c in CASES}
+
+
+def privcmd_issue(fd: int) -> Issue:
+    """``issue(cmd, ops, count)`` through ``IOCTL_PRIVCMD_HYPERCALL`` on an open privcmd fd."""
+    import fcntl
+
+    def issue(cmd: int, ops: Any, count: int) -> int:
+        hc = abi.privcmd_hypercall(op=abi.HYPERVISOR_grant_table_op)
+        hc.arg[0], hc.arg[1], hc.arg[2] = cmd, ctypes.addressof(ops), count
+        return int(fcntl.ioctl(fd, abi.IOCTL_PRIVCMD_HYPERCALL, hc, True))
+
+    return issue
