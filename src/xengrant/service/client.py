@@ -611,6 +611,19 @@ class XenStoreClient:
         )
         return item
 
+    def read_watch_token(self, token: str, timeout: float | None = None) -> tuple[str, str] | None:
+        """The next event of the watch set with ``token`` (others stay queued)."""
+        item: tuple[str, str] | None = self.channel.wait_for(
+            self.channel.watch_events, _TokenMatch(token), timeout
+        )
+        return item
+
+    def drop_watch_events(self, token: str) -> None:
+        """Forget queued events of the watch set with ``token``."""
+        with self.channel._mu:
+            for item in [e for e in self.channel.watch_events if e[1] == token]:
+                self.channel.watch_events.remove(item)
+
     def get_domain_path(self, domid: int) -> str:
         """``xs_get_domain_path``: ``/local/domain/<domid>``."""
         body = self._call(p.MSG_XS_GET_DOMAIN_PATH, p.pack_strings(str(domid)))
@@ -639,13 +652,11 @@ class XenStoreClient:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"{path} did not become {want!r}")
-                self.channel.wait_for(self.channel.watch_events, _TokenMatch(token), remaining)
+                self.read_watch_token(token, remaining)
         finally:
             with contextlib.suppress(XenStoreError, ServiceError):
                 self.unwatch(path, token)
-            with self.channel._mu:
-                for item in [e for e in self.channel.watch_events if e[1] == token]:
-                    self.channel.watch_events.remove(item)
+            self.drop_watch_events(token)
 
 
 class _TokenMatch:

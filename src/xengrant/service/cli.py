@@ -1,0 +1,255 @@
+"""Command-line pieces for the service, called by :mod:`xengrant.cli`.
+
+- ``xengrant hypervisor`` (:func:`add_parser`, :func:`run`): the service.
+- ``xengrant demo --processes`` (:func:`demo_processes`): a frontend and a
+  backend as separate processes, the ring ref exchanged through xenstore with
+  the XenBus state handshake, notifications by event channel.
+- ``xengrant inspect --socket PATH`` (:func:`inspect_socket`): Xen's debug
+  keys on a running service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import struct
+import sys
+import tempfile
+from typing import Any
+
+from ..embedded import DEFAULT_MEMORY
+from ..emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
+from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
+from . import xenbus
+from .client import connect, debug_key, stats
+from .server import default_socket_path, serve
+
+#: a 4 KiB "ring": request producer + message, response producer + message
+_REQ_PROD, _REQ, _RSP_PROD, _RSP = 0, 64, 2048, 2112
+_MSG = 64
+_KIND = "vdemo"
+_TIMEOUT = 60.0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add ``hypervisor`` to the ``xengrant`` command's subparsers."""
+    p = subparsers.add_parser(
+        "hypervisor",
+        help="run the emulated hypervisor as a service (domains as processes)",
+        description="Serve the emulated hypervisor, a xenstore and event channels on a Unix "
+        "socket. Domain processes join with xengrant.service.connect(path).",
+    )
+    p.add_argument(
+        "--socket",
+        default=None,
+        help="socket path (default: $XENGRANT_SOCKET, else $XDG_RUNTIME_DIR/xengrant.sock, "
+        "else /tmp/xengrant-<uid>.sock)",
+    )
+    p.add_argument(
+        "--memory", type=int, default=DEFAULT_MEMORY >> 20, help="machine memory in MiB"
+    )
+    p.add_argument("--max-grant-frames", type=int, default=DEFAULT_MAX_GRANT_FRAMES)
+    p.add_argument("--max-maptrack-frames", type=int, default=DEFAULT_MAX_MAPTRACK_FRAMES)
+    p.add_argument(
+        "--ready-fd", type=int, default=None,
+        help="write the socket path and a newline to this fd once listening, then close it",
+    )
+    p.add_argument("--quiet", action="store_true", help="do not log client errors to stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a subcommand added by :func:`add_parser`; returns the exit code."""
+    if args.command != "hypervisor":
+        print(f"xengrant: unknown command {args.command}", file=sys.stderr)
+        return 2
+    path = args.socket or default_socket_path()
+
+    def ready(p: str) -> None:
+        print(f"xengrant hypervisor: listening on {p} ({args.memory} MiB)", file=sys.stderr,
+              flush=True)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, p.encode() + b"\n")
+            os.close(args.ready_fd)
+
+    kw: dict[str, Any] = {"log": _quiet} if args.quiet else {}
+    try:
+        serve(
+            path,
+            args.memory << 20,
+            ready=ready,
+            max_grant_frames=args.max_grant_frames,
+            max_maptrack_frames=args.max_maptrack_frames,
+            **kw,
+        )
+    except OSError as e:
+        print(f"xengrant hypervisor: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quiet(text: str) -> None:
+    pass
+
+
+def inspect_socket(path: str) -> int:
+    """Print the 'G' (grant tables), 'e' (event channels) and 'x' (xenstore) keys."""
+    try:
+        print(debug_key("G", path))
+        print("\nevent channels:")
+        print(debug_key("e", path))
+        print("\nxenstore:")
+        print(debug_key("x", path))
+    except OSError as e:
+        print(f"xengrant inspect: {path}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------ demo
+def _say(who: str, step: str, text: str) -> None:
+    print(f"[{who:>12}] [{step:>7}] {text}", flush=True)
+
+
+def _service_main(path: str, memory: int, conn: Any) -> None:
+    serve(path, memory, ready=lambda p: conn.send(p), log=lambda s: None)
+
+
+def _frontend_main(path: str, domid: int, backend: int, rounds: int) -> None:
+    d = connect(path, domid)
+    who = f"frontend d{d.domid}"
+    dev = xenbus.frontend_path(d.domid, _KIND, 0)
+    be = d.xs.read(f"{dev}/backend").decode()
+    share = d.gntshr.share_pages(backend, 1)
+    port = d.evtchn.bind_unbound_port(backend)
+    _say(who, "share", f"ring page granted to d{backend}: ref {share.refs[0]}; "
+                       f"event channel port {port} offered to d{backend}")
+    d.xs.write(f"{dev}/ring-ref", str(share.refs[0]))
+    d.xs.write(f"{dev}/event-channel", str(port))
+    xenbus.switch_state(d.xs, dev, xenbus.XenbusStateInitialised)
+    _say(who, "xenbus", f"wrote ring-ref and event-channel to {dev}; state Initialised")
+    xenbus.wait_state(d.xs, be, [xenbus.XenbusStateConnected], _TIMEOUT)
+    _say(who, "xenbus", "backend is Connected")
+    ring = share.mem
+    for i in range(1, rounds + 1):
+        msg = f"ping {i} from d{d.domid}".encode()
+        ring[_REQ : _REQ + _MSG] = msg.ljust(_MSG, b"\0")
+        struct.pack_into("<I", ring, _REQ_PROD, i)
+        d.evtchn.notify(port)
+        while struct.unpack_from("<I", ring, _RSP_PROD)[0] < i:
+            if d.evtchn.wait(port, _TIMEOUT) is None:
+                raise TimeoutError("no response from the backend")
+        rsp = bytes(ring[_RSP : _RSP + _MSG]).rstrip(b"\0").decode()
+        _say(who, "ring", f"sent {msg.decode()!r}, notified; got {rsp!r}")
+    xenbus.switch_state(d.xs, dev, xenbus.XenbusStateClosing)
+    d.evtchn.notify(port)
+    xenbus.wait_state(d.xs, be, [xenbus.XenbusStateClosed, xenbus.XenbusStateUnknown], _TIMEOUT)
+    share.try_unshare()  # the backend unmapped: access ends at once
+    d.evtchn.unbind(port)
+    xenbus.switch_state(d.xs, dev, xenbus.XenbusStateClosed)
+    _say(who, "close", "backend Closed; ring unshared, port closed, state Closed")
+    d.close()
+
+
+def _backend_main(path: str, domid: int, frontend: int) -> None:
+    d = connect(path, domid)
+    who = f"backend d{d.domid}"
+    dev = xenbus.backend_path(d.domid, _KIND, frontend, 0)
+    fe = d.xs.read(f"{dev}/frontend").decode()
+    xenbus.switch_state(d.xs, dev, xenbus.XenbusStateInitWait)
+    _say(who, "xenbus", f"state InitWait; waiting for {fe} to be Initialised")
+    xenbus.wait_state(d.xs, fe, [xenbus.XenbusStateInitialised], _TIMEOUT)
+    ref = int(d.xs.read(f"{fe}/ring-ref"))
+    rport = int(d.xs.read(f"{fe}/event-channel"))
+    mapping = d.gnttab.map_grant_ref(frontend, ref)
+    port = d.evtchn.bind_interdomain(frontend, rport)
+    d.evtchn.wait(port, _TIMEOUT)  # Xen marks a freshly bound port pending
+    _say(who, "map", f"read ring-ref {ref} and event-channel {rport} from xenstore; "
+                     f"mapped the ring, bound local port {port}")
+    xenbus.switch_state(d.xs, dev, xenbus.XenbusStateConnected)
+    ring = mapping.mem
+    seen = 0
+    while True:
+        if d.evtchn.wait(port, _TIMEOUT) is None:
+            raise TimeoutError("the frontend went quiet")
+        if xenbus.read_state(d.xs, fe) == xenbus.XenbusStateClosing:
+            break
+        prod = struct.unpack_from("<I", ring, _REQ_PROD)[0]
+        while seen < prod:
+            seen += 1
+            req = bytes(ring[_REQ : _REQ + _MSG]).rstrip(b"\0").decode()
+            rsp = f"pong {seen} from d{d.domid} (read {len(req)} bytes in place)".encode()
+            ring[_RSP : _RSP + _MSG] = rsp.ljust(_MSG, b"\0")
+            struct.pack_into("<I", ring, _RSP_PROD, seen)
+            d.evtchn.notify(port)
+    mapping.unmap()
+    d.evtchn.unbind(port)
+    xenbus.switch_state(d.xs, dev, xenbus.XenbusStateClosed)
+    _say(who, "close", "frontend Closing: unmapped the ring, closed the port, state Closed")
+    xenbus.wait_state(d.xs, fe, [xenbus.XenbusStateClosed, xenbus.XenbusStateUnknown], _TIMEOUT)
+    d.close()
+
+
+def demo_processes(args: argparse.Namespace | None = None, rounds: int = 3) -> int:
+    """``xengrant demo --processes``: a frontend and a backend as separate processes.
+
+    A private service runs in a child process; this process is the toolstack
+    (dom0): it creates the two domains, writes their device dirs to xenstore
+    (``libxl__device_generic_add``) and starts one process for each.  They
+    meet through xenstore (ring ref, event channel, XenBus states) and talk
+    through the shared ring page and the event channel.
+
+    Returns:
+        0 if both sides finished and every frame came back, else 1.
+    """
+    ctx = mp.get_context("spawn")
+    tmp = tempfile.mkdtemp(prefix="xengrant-demo-")
+    path = os.path.join(tmp, "xengrant.sock")
+    r, w = ctx.Pipe(duplex=False)
+    svc = ctx.Process(target=_service_main, args=(path, 64 << 20, w), daemon=True)
+    svc.start()
+    w.close()
+    who = "toolstack d0"
+    procs: list[Any] = []
+    try:
+        if not r.poll(_TIMEOUT):
+            print("xengrant demo: the service did not start", file=sys.stderr)
+            return 1
+        r.recv()
+        _say("service", "start", f"xengrant hypervisor pid {svc.pid} on {path}")
+        dom0 = connect(path, 0)
+        free0 = stats(path)["free_frames"]
+        fe = dom0.create_domain()
+        be = dom0.create_domain()
+        fe_dir, be_dir = xenbus.add_device(dom0.xs, _KIND, 0, fe, be)
+        _say(who, "create", f"domains d{fe} (frontend) and d{be} (backend); "
+                            f"xenstore {fe_dir} <-> {be_dir}")
+        procs = [
+            ctx.Process(target=_backend_main, args=(path, be, fe)),
+            ctx.Process(target=_frontend_main, args=(path, fe, be, rounds)),
+        ]
+        for proc in procs:
+            proc.start()
+        _say(who, "spawn", f"backend pid {procs[0].pid}, frontend pid {procs[1].pid}")
+        for proc in procs:
+            proc.join(_TIMEOUT)
+        ok = all(proc.exitcode == 0 for proc in procs)
+        with_domains = stats(path)
+        dom0.close()
+        left = sorted(int(x) for x in with_domains["domains"] if x != "0")
+        free = with_domains["free_frames"]
+        _say(who, "check", f"processes exited {[proc.exitcode for proc in procs]}; "
+                           f"domains left besides dom0: {left}; "
+                           f"machine frames free: {free} (was {free0})")
+        return 0 if ok and not left and free == free0 else 1
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        svc.terminate()
+        svc.join(_TIMEOUT)
+        try:
+            os.rmdir(tmp)
+        except OSError:
+            pass

@@ -1,0 +1,93 @@
+"""``xengrant hypervisor``, ``xengrant demo --processes``, ``xengrant inspect --socket``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from xengrant.service import connect, default_socket_path
+
+TIMEOUT = 120
+
+
+def _xengrant(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xengrant", *args],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )
+
+
+@pytest.fixture
+def hypervisor() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    tmp = tempfile.mkdtemp(prefix="xg-cli-")
+    path = os.path.join(tmp, "hv.sock")
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xengrant", "hypervisor", "--socket", path, "--memory", "32",
+         "--ready-fd", str(w), "--quiet"],
+        pass_fds=(w,), stderr=subprocess.PIPE, text=True,
+    )
+    os.close(w)
+    with os.fdopen(r) as ready:
+        line = ready.readline()  # blocks until listening (or EOF if it died)
+    assert line.strip() == path, proc.stderr.read() if proc.stderr else ""
+    try:
+        yield proc, path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(TIMEOUT)
+        if proc.stderr:
+            proc.stderr.close()
+        for name in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, name))
+        os.rmdir(tmp)
+
+
+def test_demo_processes() -> None:
+    out = _xengrant("demo", "--processes")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "got 'pong 3 from d2" in out.stdout
+    assert "domains left besides dom0: []" in out.stdout
+
+
+def test_hypervisor_serves_inspects_and_stops(
+    hypervisor: tuple[subprocess.Popen[str], str],
+) -> None:
+    proc, path = hypervisor
+    with connect(path) as a, connect(path) as b:
+        share = a.grant_table.share_pages(b.domid, 1)
+        with b.gnttab.map_grant_ref(a.domid, share.refs[0]):
+            out = _xengrant("inspect", "--socket", path)
+            assert out.returncode == 0, out.stderr
+            assert f"grant-table for remote d{a.domid}" in out.stdout
+            assert "permit_access|reading|writing" in out.stdout
+            assert f"/local/domain/{b.domid}/data = ''" in out.stdout
+        share.unshare()
+    # a second service on the same socket refuses to start
+    again = _xengrant("hypervisor", "--socket", path)
+    assert again.returncode == 1 and "already listens" in again.stderr
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(TIMEOUT) == 0
+    assert not os.path.exists(path)
+
+
+def test_inspect_without_service() -> None:
+    out = _xengrant("inspect", "--socket", "/nonexistent/xengrant.sock")
+    assert out.returncode == 1
+
+
+def test_default_socket_path(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    monkeypatch.setenv("XENGRANT_SOCKET", "/x/y.sock")
+    assert default_socket_path() == "/x/y.sock"
+    monkeypatch.delenv("XENGRANT_SOCKET")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_socket_path() == os.path.join(str(tmp_path), "xengrant.sock")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert default_socket_path() == f"/tmp/xengrant-{os.getuid()}.sock"
