@@ -4,9 +4,10 @@ Mirrors ``gnttab_copy``, ``gnttab_copy_one``, ``gnttab_copy_lock_domain``,
 ``gnttab_copy_claim_buf``, ``gnttab_copy_buf`` and
 ``acquire_grant_for_copy``/``release_grant_for_copy`` of Xen 4.17:
 
-1. each side's domain: a gfn side must say DOMID_SELF ("Only DOMID_SELF may
-   reference via frame", ``GNTST_permission_denied``, even for one's own
-   numeric id), an unknown domain is ``GNTST_bad_domain``;
+1. each side's domain: an unknown domain is ``GNTST_bad_domain``, then a gfn
+   side must say DOMID_SELF ("Only DOMID_SELF may reference via frame",
+   ``GNTST_permission_denied``, even for one's own numeric id) -- in that
+   order, as the real Xen 4.17 answers (tests_xen/test_privcmd_oracle.py);
 2. claim source, then destination: bad ref ``GNTST_bad_gntref``; wrong type,
    domid or a read-only grant as destination ``GNTST_general_error``; a bad
    gfn ``GNTST_bad_page``;
@@ -126,11 +127,13 @@ def copy_one(hv: Hypervisor, ld: DomainState, fields: tuple[int, ...]) -> tuple[
     )
     doms: list[DomainState] = []
     for _u, domid, _off, is_gref, _ro in sides:
-        if domid != DOMID_SELF and not is_gref:
-            return GNTST_permission_denied, "Only DOMID_SELF may reference via frame"
+        # the domain first (real Xen 4.17 answers bad_domain for a frame of an
+        # unknown domain: checked through /dev/xen/privcmd, tests_xen/)
         dom = ld if domid == DOMID_SELF else hv.domains.get(domid)
         if dom is None:
             return GNTST_bad_domain, f"Could not find domain {domid}"
+        if domid != DOMID_SELF and not is_gref:
+            return GNTST_permission_denied, "Only DOMID_SELF may reference via frame"
         doms.append(dom)
     claimed: list[tuple[DomainState, int, bool]] = []
     bufs: list[tuple[int, int, int]] = []
