@@ -32,6 +32,8 @@ from xengrant import abi
 UNKNOWN = 100
 #: a ref far beyond any grant table (64 frames of v1 entries = 32768)
 OUT_OF_RANGE = 1_000_000
+#: a frame number no domain owns (a copy's source: only read, and refused)
+BAD_FRAME = 1 << 40
 #: a PV virtual address never reached (every map case fails before it)
 HOST_ADDR = 0x10000000
 
@@ -76,9 +78,21 @@ CASES: list[Case] = [
         "bad_domain",
     ),
     Case(
-        "copy: a frame of another domain",
+        "copy: a frame of an unknown domain",
         "copy",
         {"src_gmfn": 1, "src_dom": UNKNOWN},
+        "bad_domain",
+    ),
+    Case(
+        "copy: a bad frame of our own, by DOMID_SELF",
+        "copy",
+        {"src_gmfn": BAD_FRAME, "src_dom": abi.DOMID_SELF},
+        "bad_page",
+    ),
+    Case(
+        "copy: a bad frame of our own, by our numeric id",
+        "copy",
+        {"src_gmfn": BAD_FRAME, "src_dom": "self"},
         "permission_denied",
     ),
     Case("copy: read-only grant as destination", "copy", {"dst": ("ro", 0)}, "general_error"),
@@ -173,7 +187,8 @@ def run_case(case: Case, issue: Issue, refs: dict[str, int], self_domid: int) ->
             role, off = a.get("src", ("rw", 0))
             c.source.u.ref, c.source.offset = refs[role], off
             c.flags |= abi.GNTCOPY_source_gref
-        c.source.domid = a.get("src_dom", self_domid)
+        src_dom = a.get("src_dom", self_domid)
+        c.source.domid = self_domid if src_dom == "self" else src_dom
         role, off = a.get("dst", ("rw2", 0))
         c.dest.u.ref, c.dest.offset, c.dest.domid = refs[role], off, self_domid
         c.flags |= abi.GNTCOPY_dest_gref
