@@ -67,6 +67,9 @@ CASES: list[Case] = [
     Case("map: entry no longer granted", "map", {"ref": "gone"}, "general_error"),
     Case("map: read-only grant mapped writable", "map", {"ref": "ro"}, "general_error"),
     Case("map: entry granted to another domain", "map", {"ref": "theirs"}, "general_error"),
+    Case(
+        "map: DOMID_SELF as the granter", "map", {"ref": "rw", "dom": abi.DOMID_SELF}, "bad_domain"
+    ),
     Case("unmap: handle beyond the maptrack", "unmap", {"handle": 0x7FFFFFF}, "bad_handle"),
     Case("copy: ok, grant to grant", "copy", {"src": ("rw", 0), "dst": ("rw2", 8)}, "okay"),
     Case("copy: source ref beyond the table", "copy", {"src": ("out_of_range", 0)}, "bad_gntref"),
@@ -108,6 +111,22 @@ CASES: list[Case] = [
         {"dst": ("rw2", 4090), "len": 8},
         "bad_copy_arg",
     ),
+    Case("copy: zero length", "copy", {"len": 0}, "okay"),
+    Case("copy: ending exactly at the page end", "copy", {"dst": ("rw2", 4088), "len": 8}, "okay"),
+    Case(
+        "copy: a grant named by DOMID_SELF",
+        "copy",
+        {"src": ("rw", 0), "src_dom": abi.DOMID_SELF},
+        "okay",
+    ),
+    Case(
+        "setup_table: beyond max_grant_frames",
+        "setup_table",
+        {"nr_frames": 1 << 20},
+        "general_error",
+    ),
+    Case("setup_table: unknown domain", "setup_table", {"dom": UNKNOWN}, "bad_domain"),
+    Case("get_status_frames: a v1 table", "get_status_frames", {}, "general_error"),
     Case("query_size: self", "query_size", {"dom": abi.DOMID_SELF}, "okay", 0, ("max_nr_frames",)),
     Case("query_size: unknown domain", "query_size", {"dom": UNKNOWN}, "bad_domain"),
     Case("get_version: self", "get_version", {"dom": abi.DOMID_SELF}, None, 0, ("version",)),
@@ -196,6 +215,20 @@ def run_case(case: Case, issue: Issue, refs: dict[str, int], self_domid: int) ->
         c.status = 1
         out["rc"] = _call(issue, abi.GNTTABOP_copy, op)
         out["status"] = _status(c.status)
+    elif case.cmd == "setup_table":
+        op = (abi.gnttab_setup_table * 1)()
+        op[0].dom = a.get("dom", abi.DOMID_SELF)
+        op[0].nr_frames = a.get("nr_frames", 1)
+        op[0].status = 1
+        out["rc"] = _call(issue, abi.GNTTABOP_setup_table, op)
+        out["status"] = _status(op[0].status)
+    elif case.cmd == "get_status_frames":
+        op = (abi.gnttab_get_status_frames * 1)()
+        op[0].dom = a.get("dom", abi.DOMID_SELF)
+        op[0].nr_frames = a.get("nr_frames", 1)
+        op[0].status = 1
+        out["rc"] = _call(issue, abi.GNTTABOP_get_status_frames, op)
+        out["status"] = _status(op[0].status)
     elif case.cmd == "query_size":
         op = (abi.gnttab_query_size * 1)()
         op[0].dom = a["dom"]
