@@ -164,19 +164,3 @@ def test_gntalloc_limit_is_grant_table_full(xen: Backend, limit: int) -> None:
         xen.gntshr.share_pages(0, limit + 1)
     assert isinstance(ei.value, LinuxGrantTableFull) and ei.value.errno == errno.ENOSPC
     assert ei.value.limit == limit
-
-
-def test_zz_nothing_left_allocated(xen: Backend, limit: int) -> None:
-    """Last: every page of the run was given back (gntalloc can hand out its whole limit)."""
-    share = xen.gntshr.share_pages(0, limit)
-    with xen.gnttab.map_domain_grant_refs(0, share.refs[:64]) as m:
-        m.mem[:2] = b"ok"
-    xen.gntshr.unshare(share)
-    with pytest.raises(OSError) as ei:
-        # gntdev has no mapping left at any index this run used
-        from xengrant.abi import gntdev as gd
-
-        xen.gnttab.dev.ioctl(
-            gd.IOCTL_GNTDEV_UNMAP_GRANT_REF, gd.ioctl_gntdev_unmap_grant_ref(index=0, count=1)
-        )
-    assert ei.value.errno == errno.ENOENT

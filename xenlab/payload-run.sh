@@ -7,6 +7,8 @@ PYTEST_ARGS=${XENGRANT_PYTEST_ARGS:-}
 echo "@@@XENGRANT-PYTEST-BEGIN"
 python3 -m pytest -p no:cacheprovider -v --color=no -rfEs -o console_output_style=classic tests_xen $PYTEST_ARGS 2>&1
 rc=$?
+echo "== dom0 kernel messages about grants (Linux prints deferrals only at debug level):"
+dmesg | grep -iE 'g\.e\.|gntdev|gntalloc|grant' | grep -v 'Grant table' | tail -20
 echo "@@@XENGRANT-PYTEST-END rc=$rc"
 if [ -f benchmarks/bench_xen.py ] && [ -z "${XENGRANT_NO_BENCH:-}" ]; then
   echo "@@@XENGRANT-BENCH-BEGIN"
