@@ -382,3 +382,27 @@ def test_portable_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(OSError):
         portable_backend("auto")
+
+
+def test_mappings_and_shares_outlive_close(env: Env) -> None:
+    share = env.shr.share_pages(0, 1)
+    m = env.tab.map_grant_ref(0, share.refs[0])
+    env.tab.close()
+    env.shr.close()
+    m.mem[:2] = b"ok"
+    assert bytes(share.mem[:2]) == b"ok"
+    m.unmap()  # no ioctl on the closed file
+    share.unshare()
+    assert env.gntdev.calls[-1] == "MAP_GRANT_REF"
+
+
+def test_own_domid_and_available(tmp_path: Any) -> None:
+    from xengrant.linux import available, own_domid
+
+    caps = tmp_path / "capabilities"
+    caps.write_text("control_d\n")
+    assert own_domid(str(caps)) == 0
+    caps.write_text("")
+    assert own_domid(str(caps)) is None
+    assert own_domid(str(tmp_path / "missing")) is None
+    assert available(str(caps)) and not available(str(tmp_path / "missing"))

@@ -92,10 +92,10 @@ class LinuxGnttab:
         self.close()
 
     def close(self) -> None:
-        """Close the device (gntdev unmaps whatever this file still maps).
+        """Close the device.
 
-        Live mappings should be unmapped first; their memory stays readable
-        until then (the mmap holds the grants), but not after.
+        Live mappings stay usable until their ``unmap`` (each mmap holds the
+        file); gntdev frees everything once the last one is unmapped.
         """
         if not self.closed:
             self.closed = True
@@ -284,7 +284,8 @@ class LinuxGnttab:
         index: int = mapping.resource
         mapping.released = True
         self.live.pop(index, None)
-        self._release_index(index, len(mapping.refs))
+        if not self.closed:  # after close, the munmap released the file's last map
+            self._release_index(index, len(mapping.refs))
 
     def set_unmap_notify(
         self, mapping: Mapping, offset: int | None = None, port: int | None = None
