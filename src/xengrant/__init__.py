@@ -9,6 +9,8 @@
   released like files.
 - :class:`PgdirFrontend`, :class:`PgdirBackend` -- big buffers shared through a
   page directory of grefs (displif.h/sndif.h), both ends, both allocation modes.
+- :func:`portable_backend` -- the portable layer on the emulator or, with
+  ``"linux"``/``"auto"``, on real Xen through /dev/xen/gntalloc and gntdev.
 - :mod:`xengrant.abi` -- Xen's and Linux's constants and structs by C name.
 
 Quick start::
@@ -33,6 +35,7 @@ from .guest.domain import Domain, Pages
 from .guest.gnttab import GrantEntry, GrantTable, decode_flags
 from .guest.share import Mapping, Share
 from .hypercall import Hypercalls
+from .linux import portable_backend
 from .pgdir import PgdirBackend, PgdirError, PgdirFrontend
 from .portable import CopySegment, Gntshr, Gnttab, GrantRef
 
@@ -63,4 +66,5 @@ __all__ = [
     "abi",
     "decode_flags",
     "gnttabop_error",
+    "portable_backend",
 ]
