@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 #: struct gnttab_copy: source {u, domid, offset}, dest {...}, len, flags, status
 COPY_OP = struct.Struct("<QHH4xQHH4xHHh2x")
 _STATUS_OFF = 36
+_STATUS = struct.Struct("<h")
 
 
 def acquire_grant_for_copy(
@@ -177,11 +178,15 @@ def copy_one(hv: Hypervisor, ld: DomainState, fields: tuple[int, ...]) -> tuple[
 
 def copy_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
     """GNTTABOP_copy over ``count`` ops; each op's status written in place."""
-    unpack, size = COPY_OP.unpack_from, COPY_OP.size
+    size = COPY_OP.size
+    pack_st = _STATUS.pack_into
     log = hv.log
-    for i in range(count):
-        st, why = copy_one(hv, ld, unpack(uop, i * size))
+    out = _STATUS_OFF
+    # iter_unpack reads each op when it is reached, as the per-op copy_from_guest does.
+    for fields in COPY_OP.iter_unpack(uop[: count * size]):
+        st, why = copy_one(hv, ld, fields)
         if st != GNTST_okay and log is not None:
             log(ld.domid, "copy", st, why)
-        struct.pack_into("<h", uop, i * size + _STATUS_OFF, st)
+        pack_st(uop, out, st)
+        out += size
     return 0

@@ -60,6 +60,7 @@ REPLACE_OP = struct.Struct("<QQIh2x")
 _MAP_OUT = struct.Struct("<hIQ")  # status, handle, dev_bus_addr at offset 18
 _MAP_OUT_OFF = 18
 _UNMAP_STATUS_OFF = 20
+_STATUS = struct.Struct("<h")
 
 _MAP_KINDS = GNTMAP_host_map | GNTMAP_device_map
 
@@ -247,11 +248,13 @@ def release_mappings(hv: Hypervisor, d: DomainState) -> None:
 
 def map_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
     """GNTTABOP_map_grant_ref over ``count`` ops; statuses written in place."""
-    unpack, size = MAP_OP.unpack_from, MAP_OP.size
+    size = MAP_OP.size
     pack_out = _MAP_OUT.pack_into
     log = hv.log
-    for i in range(count):
-        host_addr, flags, ref, dom, _st, handle_in, dba_in = unpack(uop, i * size)
+    # iter_unpack reads each op when it is reached, as the per-op copy_from_guest does.
+    ops = MAP_OP.iter_unpack(uop[: count * size])
+    out = _MAP_OUT_OFF
+    for host_addr, flags, ref, dom, _st, handle_in, dba_in in ops:
         st, handle, dba, why = map_grant_ref(hv, ld, host_addr, flags, ref, dom)
         if st != GNTST_okay:
             # map_grant_ref sets only op->status on failure and
@@ -260,31 +263,36 @@ def map_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count:
             handle, dba = handle_in, dba_in
             if log is not None:
                 log(ld.domid, "map_grant_ref", st, why)
-        pack_out(uop, i * size + _MAP_OUT_OFF, st, handle, dba)
+        pack_out(uop, out, st, handle, dba)
+        out += size
     return 0
 
 
 def unmap_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
     """GNTTABOP_unmap_grant_ref over ``count`` ops; statuses written in place."""
-    unpack, size = UNMAP_OP.unpack_from, UNMAP_OP.size
+    size = UNMAP_OP.size
+    pack_st = _STATUS.pack_into
     log = hv.log
-    for i in range(count):
-        host_addr, dba, handle, _st = unpack(uop, i * size)
+    out = _UNMAP_STATUS_OFF
+    for host_addr, dba, handle, _st in UNMAP_OP.iter_unpack(uop[: count * size]):
         st, why = unmap_grant_ref(hv, ld, host_addr, dba, handle, 0)
         if st != GNTST_okay and log is not None:
             log(ld.domid, "unmap_grant_ref", st, why)
-        struct.pack_into("<h", uop, i * size + _UNMAP_STATUS_OFF, st)
+        pack_st(uop, out, st)
+        out += size
     return 0
 
 
 def unmap_and_replace_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
     """GNTTABOP_unmap_and_replace: on a translated guest new_addr must be 0."""
-    unpack, size = REPLACE_OP.unpack_from, REPLACE_OP.size
+    size = REPLACE_OP.size
+    pack_st = _STATUS.pack_into
     log = hv.log
-    for i in range(count):
-        host_addr, new_addr, handle, _st = unpack(uop, i * size)
+    out = _UNMAP_STATUS_OFF
+    for host_addr, new_addr, handle, _st in REPLACE_OP.iter_unpack(uop[: count * size]):
         st, why = unmap_grant_ref(hv, ld, host_addr, 0, handle, new_addr)
         if st != GNTST_okay and log is not None:
             log(ld.domid, "unmap_and_replace", st, why)
-        struct.pack_into("<h", uop, i * size + _UNMAP_STATUS_OFF, st)
+        pack_st(uop, out, st)
+        out += size
     return 0
