@@ -134,6 +134,8 @@ class GrantTable:
         self._hc = domain.hypercalls
         self._lock = threading.Condition(threading.RLock())
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        #: threads blocked in get_n's wait (under ``_lock``): _wake skips notify_all at 0
+        self._sync_waiters = 0
         self._frames: list[Any] = []  # FrameView per shared frame
         self._status_frames: list[Any] = []
         self._state = bytearray()
@@ -336,7 +338,11 @@ class GrantTable:
                     # Deferred ends free refs only when retried, and no put()
                     # announces the peer's unmap: poll, as Linux's timer does.
                     remaining = RETRY_MAX if remaining is None else min(remaining, RETRY_MAX)
-                self._lock.wait(remaining)
+                self._sync_waiters += 1
+                try:
+                    self._lock.wait(remaining)
+                finally:
+                    self._sync_waiters -= 1
 
     def _check_possible(self, count: int) -> None:
         cap = self.max_nr_frames * self.per_frame - gt.GNTTAB_NR_RESERVED_ENTRIES
@@ -392,7 +398,11 @@ class GrantTable:
             self._wake()
 
     def _wake(self) -> None:
-        self._lock.notify_all()
+        """Wake every waiter (called with ``_lock`` held); nothing to do if nobody waits."""
+        if self._sync_waiters:
+            self._lock.notify_all()
+        if not self._async_waiters:
+            return
         waiters, self._async_waiters = self._async_waiters, []
         for loop, fut in waiters:
             if fut.done():  # its task was cancelled: nobody waits on it
@@ -469,7 +479,19 @@ class GrantTable:
             ValueError: ``ref`` is reserved, not allocated, or already granted.
         """
         self._check_grantable(ref)
+        self._write_entry(ref, domid, gfn, writable)
+
+    def _write_entry(
+        self, ref: int, domid: int, gfn: int, writable: bool, check: bool = False
+    ) -> None:
+        """:meth:`grant_access` after its checks: domid, frame, barrier, flags.
+
+        Raises:
+            ValueError: ``check`` and the entry is already granted.
+        """
         view, off = self._locate(ref)
+        if check and load16(view, off) & gt.GTF_type_mask:
+            raise ValueError(f"grant ref {ref} is already granted (end access first)")
         store16(view, off + 2, domid)
         if self.version == 1:
             store32(view, off + 4, gfn)
@@ -685,8 +707,10 @@ class GrantTable:
             free = self.num_free_grants()
             pages.free()
             raise GrantTableFull("share_pages", count, free)
+        # The refs were just handed out (_USED, inside the table): of
+        # _check_grantable only the entry check is left, done by _write_entry.
         for ref, gfn in zip(refs, pages.gfns):
-            self.grant_access(ref, domid, gfn, writable)
+            self._write_entry(ref, domid, gfn, writable, check=True)
         view = pages._view
         share = Share(self, domid, refs, writable, view, resource=pages)
         pages.mem.release()
