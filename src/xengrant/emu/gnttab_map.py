@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from .._cext import load32
 from ..abi.grant_table import (
     GNTMAP_application_map,
     GNTMAP_contains_pte,
@@ -126,7 +127,7 @@ def map_grant_ref(
             # 8. First pin: find the frame behind the entry.
             off = g.entry_offset(ref)
             if g.version == 1:
-                frame = int.from_bytes(mem[off + 4 : off + 8], "little")
+                frame = load32(mem, off + 4)  # the aligned 32-bit frame, no slice
             else:
                 frame = int.from_bytes(mem[off + 8 : off + 16], "little")
             rc, mfn = get_paged_frame(rd, frame)
