@@ -16,7 +16,6 @@ decoded flags, so ``xengrant inspect`` reads like the hypervisor console.
 from __future__ import annotations
 
 from .abi import grant_table as gt
-from .emu.domain import DomainState
 from .emu.hypervisor import Hypervisor
 from .guest.gnttab import decode_flags
 
@@ -24,21 +23,6 @@ HEADER = (
     "      -------- active --------       -------- shared --------\n"
     "[ref] localdom mfn      pin          localdom gmfn     flags"
 )
-
-
-def _entry(hv: Hypervisor, d: DomainState, ref: int) -> tuple[int, int, int]:
-    """(flags incl. v2 status bits, domid, frame) of a shared entry."""
-    g, mem = d.gt, hv.mem
-    off = g.entry_offset(ref)
-    flags = int.from_bytes(mem[off : off + 2], "little")
-    domid = int.from_bytes(mem[off + 2 : off + 4], "little")
-    if g.version == 1:
-        frame = int.from_bytes(mem[off + 4 : off + 8], "little")
-    else:
-        frame = int.from_bytes(mem[off + 8 : off + 16], "little")
-        soff = g.status_offset(ref)
-        flags |= int.from_bytes(mem[soff : soff + 2], "little")
-    return flags, domid, frame
 
 
 def dump_grant_table(hv: Hypervisor, domid: int, all_entries: bool = False) -> str:
@@ -68,7 +52,7 @@ def dump_grant_table(hv: Hypervisor, domid: int, all_entries: bool = False) -> s
         pinned = act is not None and act.pin
         if not pinned and not all_entries:
             continue
-        flags, sdom, frame = _entry(hv, d, ref)
+        flags, sdom, frame = g.read_entry(hv.mem, ref)
         if not pinned and not flags & gt.GTF_type_mask:
             continue
         if act is not None and pinned:

@@ -117,20 +117,7 @@ def query_size(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> 
 
 def _read_reserved(hv: Hypervisor, d: DomainState) -> list[tuple[int, int, int]]:
     """(flags incl. status bits, domid, frame) of entries 0..7."""
-    g, mem = d.gt, hv.mem
-    out = []
-    for ref in range(GNTTAB_NR_RESERVED_ENTRIES):
-        off = g.entry_offset(ref)
-        flags = int.from_bytes(mem[off : off + 2], "little")
-        domid = int.from_bytes(mem[off + 2 : off + 4], "little")
-        if g.version == 1:
-            frame = int.from_bytes(mem[off + 4 : off + 8], "little")
-        else:
-            soff = g.status_offset(ref)
-            flags |= int.from_bytes(mem[soff : soff + 2], "little")
-            frame = int.from_bytes(mem[off + 8 : off + 16], "little")
-        out.append((flags, domid, frame))
-    return out
+    return [d.gt.read_entry(hv.mem, ref) for ref in range(GNTTAB_NR_RESERVED_ENTRIES)]
 
 
 def set_version(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:

@@ -128,6 +128,22 @@ class GrantTableState:
         """Machine-buffer offset of the v2 status word of ``ref``."""
         return self.status[ref // GRANT_STATUS_PER_PAGE] * 4096 + (ref % GRANT_STATUS_PER_PAGE) * 2
 
+    def read_entry(self, mem: memoryview, ref: int) -> tuple[int, int, int]:
+        """Decode entry ``ref`` from machine memory (not atomically: for dumps and copies).
+
+        Returns:
+            ``(flags, domid, frame)``; under v2 the flags include the status
+            word's GTF_reading/GTF_writing and the frame is ``full_page.frame``.
+        """
+        off = self.entry_offset(ref)
+        flags = int.from_bytes(mem[off : off + 2], "little")
+        domid = int.from_bytes(mem[off + 2 : off + 4], "little")
+        if self.version == 1:
+            return flags, domid, int.from_bytes(mem[off + 4 : off + 8], "little")
+        soff = self.status_offset(ref)
+        flags |= int.from_bytes(mem[soff : soff + 2], "little")
+        return flags, domid, int.from_bytes(mem[off + 8 : off + 16], "little")
+
     def pinned_beyond_reserved(self, reserved: int) -> bool:
         """True if any ref >= ``reserved`` is pinned (blocks set_version)."""
         return any(ref >= reserved and act.pin for ref, act in self.active.items())
