@@ -269,7 +269,6 @@ def cmd_wait_gone(d: Any, objs: dict[int, Any], domid: int, timeout: float = TIM
     import time
 
     from xengrant.service import XenStoreError
-    from xengrant.service.client import _TokenMatch
 
     path = f"/local/domain/{domid}"
     token = f"gone-{domid}-{time.monotonic_ns()}"
@@ -286,9 +285,74 @@ def cmd_wait_gone(d: Any, objs: dict[int, Any], domid: int, timeout: float = TIM
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"d{domid} was not destroyed")
-            d.channel.wait_for(d.channel.watch_events, _TokenMatch(token), left)
+            d.xs.read_watch_token(token, left)
     finally:
         d.xs.unwatch(path, token)
+        d.xs.drop_watch_events(token)
 
 
 COMMANDS["wait_gone"] = cmd_wait_gone
+
+
+def cmd_transfer_offer(d: Any, objs: dict[int, Any], peer: int, gfn: int) -> int:
+    return int(d.grant_table.grant_transfer(peer, gfn))
+
+
+def cmd_transfer_give(d: Any, objs: dict[int, Any], peer: int, ref: int, data: bytes) -> int:
+    """(PV) populate a page, fill it, give it away with GNTTABOP_transfer."""
+    (mfn,) = d.hypercalls.populate_physmap([0])
+    view = d.view([mfn])
+    mem = memoryview(view)
+    mem[: len(data)] = data
+    mem.release()
+    view.close()
+    d.grant_table.transfer(mfn, peer, ref)
+    return int(mfn)
+
+
+def cmd_transfer_take(d: Any, objs: dict[int, Any], ref: int, n: int) -> tuple[int, bytes, int]:
+    """end_transfer, then read the page: (frame, bytes, messages the view needed)."""
+    frame = d.grant_table.end_transfer(ref)
+    before = d.channel.sent
+    view = d.view([frame])
+    mem = memoryview(view)
+    data = bytes(mem[:n])
+    mem.release()
+    view.close()
+    sent = d.channel.sent - before
+    assert d.hypercalls.decrease_reservation([frame]) == 1
+    return frame, data, sent
+
+
+def cmd_threaded_start(d: Any, objs: dict[int, Any], port: int, gdom: int, ref: int) -> int:
+    """A thread waits for an event while this one maps and unmaps 50 times."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def waiter() -> None:
+        box["port"] = d.evtchn.wait(port, TIMEOUT)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    objs[-1] = (t, box)
+    n = 0
+    for _ in range(50):
+        with d.gnttab.map_grant_ref(gdom, ref) as m:
+            n += m.mem[0]
+    return n
+
+
+def cmd_threaded_join(d: Any, objs: dict[int, Any]) -> Any:
+    t, box = objs.pop(-1)
+    t.join(TIMEOUT)
+    return box.get("port")
+
+
+COMMANDS.update(
+    transfer_offer=cmd_transfer_offer,
+    transfer_give=cmd_transfer_give,
+    transfer_take=cmd_transfer_take,
+    threaded_start=cmd_threaded_start,
+    threaded_join=cmd_threaded_join,
+)

@@ -322,3 +322,59 @@ def test_large_batches_are_split(service: Service, baseline: dict[str, Any]) -> 
     finally:
         a.close()
         b.close()
+
+
+def test_threads_share_one_connection(service: Service, baseline: dict[str, Any]) -> None:
+    """One thread blocks waiting for an event while another makes hypercalls."""
+    a, b = actors(service, 2)
+    try:
+        key, (ref,) = a("share", b.domid, 1)
+        a("write", key, 0, b"\x02")
+        pa = a("ev", "bind_unbound_port", b.domid)
+        pb = b("ev", "bind_interdomain", a.domid, pa)
+        assert b("ev", "wait", pb, 30) == pb
+        assert b("threaded_start", pb, a.domid, ref) == 100  # 50 maps read the 2
+        a("ev", "notify", pa)
+        assert b("threaded_join") == pb
+        b("ev", "unbind", pb)
+        a("ev", "unbind", pa)
+        a("unshare", key)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_transfer_across_processes(service: Service, baseline: dict[str, Any]) -> None:
+    """GNTTABOP_transfer: the receiver learns of its new page from its grant entry."""
+    giver, recv = Actor(service, pv=True), Actor(service)
+    try:
+        dest = 0x80000
+        ref = recv("transfer_offer", giver.domid, dest)
+        payload = b"page given by a PV domain"
+        giver("transfer_give", recv.domid, ref, payload)
+        frame, data, sent = recv("transfer_take", ref, len(payload))
+        assert (frame, data) == (dest, payload)
+        # the page arrived by another domain's hypercall: the receiver's p2m
+        # mirror had not heard of it, so its view asked the service (TRANSLATE)
+        assert sent == 1
+    finally:
+        giver.close()
+        recv.close()
+
+
+def test_introduce_domain_watch(service: Service, baseline: dict[str, Any]) -> None:
+    dom0 = service.dom0  # type: ignore[attr-defined]
+    dom0("xs", "watch", "@introduceDomain", "intro")
+    try:
+        assert dom0("xs", "read_watch", 30) == ("@introduceDomain", "intro")
+        a = Actor(service)
+        try:
+            assert dom0("xs", "read_watch", 30) == ("@introduceDomain", "intro")
+            with pytest.raises(ActorError) as ei:  # unprivileged: EACCES on the special node
+                a("xs", "set_perms", "@introduceDomain", ["n0", f"r{a.domid}"])
+            assert ei.value.errno == errno.EACCES
+            assert a("xs", "get_perms", "@introduceDomain") == ["n0"]
+        finally:
+            a.close()
+    finally:
+        dom0("xs", "unwatch", "@introduceDomain", "intro")
