@@ -862,8 +862,12 @@ class GrantTable:
                 pass  # the struct path below raises what it always raised
         if not packed:
             pack = MAP_OP.pack_into
-            for i, ((domid, ref), gfn) in enumerate(zip(grants, gfns)):
-                pack(buf, i * size, gfn << 12, flags, ref, domid, 0, 0, 0)
+            try:
+                for i, ((domid, ref), gfn) in enumerate(zip(grants, gfns)):
+                    pack(buf, i * size, gfn << 12, flags, ref, domid, 0, 0, 0)
+            except BaseException:  # a domid or ref that does not fit: give the holes back
+                domain.put_pages(gfns)
+                raise
         rc = self._hc.grant_table_op(gt.GNTTABOP_map_grant_ref, mv, n)
         if rc < 0:
             domain.put_pages(gfns)
