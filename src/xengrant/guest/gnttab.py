@@ -865,9 +865,12 @@ class GrantTable:
             try:
                 for i, ((domid, ref), gfn) in enumerate(zip(grants, gfns)):
                     pack(buf, i * size, gfn << 12, flags, ref, domid, 0, 0, 0)
-            except BaseException:  # a domid or ref that does not fit: give the holes back
+            except struct.error as e:  # a domid or ref that does not fit: give the holes back
                 domain.put_pages(gfns)
-                raise
+                raise ValueError(
+                    f"map_grants: grant {grants[i]} does not fit gnttab_map_grant_ref "
+                    "(domid is 16 bits, ref 32 bits)"
+                ) from e
         rc = self._hc.grant_table_op(gt.GNTTABOP_map_grant_ref, mv, n)
         if rc < 0:
             domain.put_pages(gfns)
