@@ -356,3 +356,18 @@ COMMANDS.update(
     threaded_start=cmd_threaded_start,
     threaded_join=cmd_threaded_join,
 )
+
+
+def cmd_loop_map(
+    d: Any, objs: dict[int, Any], gdom: int, refs: list[int], n: int, expect: bytes
+) -> int:
+    """Map, check, write, unmap ``n`` times; returns how many maps saw ``expect``."""
+    ok = 0
+    for i in range(n):
+        with d.gnttab.map_domain_grant_refs(gdom, refs) as m:
+            ok += bytes(m.mem[: len(expect)]) == expect
+            m.mem[4096 * (i % len(refs)) + 100] = i & 0xFF
+    return ok
+
+
+COMMANDS["loop_map"] = cmd_loop_map

@@ -152,6 +152,9 @@ def test_xenstore_rendezvous_and_permissions(service: Service, baseline: dict[st
         assert got == (f"{home}/data/ring-ref", "tok")
         assert b("xs", "read", f"{home}/data/ring-ref") == b"9"
         assert b("xs", "read_watch", 0.05) is None
+        b.send_only("ev_async", "read_watch_async", 30)  # the asyncio twin, blocked...
+        a("xs", "write", "data/ring-ref", "10")  # ...until a writes
+        assert b.result() == (f"{home}/data/ring-ref", "tok")
         # relative paths live under the caller's home
         b("xs", "write", "data/x", "y")
         assert b("xs", "read", f"/local/domain/{b.domid}/data/x") == b"y"
@@ -378,3 +381,27 @@ def test_introduce_domain_watch(service: Service, baseline: dict[str, Any]) -> N
             a.close()
     finally:
         dom0("xs", "unwatch", "@introduceDomain", "intro")
+
+
+def test_concurrent_domain_processes(service: Service, baseline: dict[str, Any]) -> None:
+    """Three mappers map, write and unmap at the same time, each from its own process."""
+    a = Actor(service)
+    mappers = actors(service, 3)
+    try:
+        shares = []
+        for m in mappers:
+            key, refs = a("share", m.domid, 4)
+            a("write", key, 0, f"for d{m.domid}".encode())
+            shares.append((key, refs))
+        for m, (_key, refs) in zip(mappers, shares):
+            m.send_only("loop_map", a.domid, refs, 40, f"for d{m.domid}".encode())
+        assert [m.result() for m in mappers] == [40, 40, 40]
+        for key, _refs in shares:
+            # each mapper's last write (i = 39) landed in page 39 % 4 = 3 of its share
+            assert a("read", key, 4096 * 3 + 100, 1) == (bytes([39]), 0)
+            a("try_unshare", key)
+        assert stats(service.path)["domains"][str(a.domid)]["active"] == {}
+    finally:
+        a.close()
+        for m in mappers:
+            m.close()
