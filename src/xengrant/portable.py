@@ -105,31 +105,9 @@ class EmulatedGntshr:
         """
         if share.released:
             return
-        share.mem.release()
-        try:
-            share._view.close()
-        except BufferError:
-            share.mem = memoryview(share._view)
-            raise
-        share.released = True
-        table = self.domain.grant_table
-        gfns = share.resource.gfns
-
-        class _Pages:
-            left = len(share.refs)
-
-            def free(self) -> None:
-                _Pages.left -= 1
-                if _Pages.left == 0:
-                    table.domain._free_ram(gfns)
-
-        if not share.refs:
-            table.domain._free_ram(gfns)
-            return
-        holder = _Pages()
-        for ref in list(share.refs):
-            table.end_access_deferred(ref, holder)
-        share.refs.clear()
+        share._release_memory()
+        # gntalloc's DEALLOC_GREF: end access now, or when the peer unmaps.
+        self.domain.grant_table._abandon_share(share)
 
 
 class EmulatedGnttab:

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 from ..errors import HypercallError
 from ..hypercall import Hypercalls, as_uop, check_rc
 from .memory import HOLE_GFN_BASE, RAM_GFN_BASE, GfnAllocator
+from .share import HoldsView
 
 if TYPE_CHECKING:
     from ..portable import EmulatedGntshr, EmulatedGnttab
     from .gnttab import GrantTable
 
 
-class Pages:
+class Pages(HoldsView):
     """RAM pages of a guest, seen as one buffer.
 
     Attributes:
@@ -49,12 +50,7 @@ class Pages:
         """
         if self.freed:
             return
-        self.mem.release()
-        try:
-            self._view.close()
-        except BufferError:
-            self.mem = memoryview(self._view)
-            raise
+        self._release_memory()
         self.freed = True
         self.domain._free_ram(self.gfns)
 

@@ -742,10 +742,11 @@ class GrantTable:
         share.released = True
 
     def _abandon_share(self, share: Share) -> None:
-        """A share dropped unreleased: end access now or defer it (never leak).
+        """Let go of a share without waiting: end access now or defer it (never leak).
 
-        The pages are freed once every ref has ended and no view of them is
-        left (a numpy array may outlive the Share).
+        Used for a share dropped unreleased and by ``gntshr.unshare`` (gntalloc's
+        DEALLOC_GREF). The pages are freed once every ref has ended and no view
+        of them is left (a numpy array may outlive the Share).
         """
         pages: Pages = share.resource
         share.released = True

@@ -42,7 +42,28 @@ def _backoff(delay: float) -> float:
     return min(delay * 2, RETRY_MAX)
 
 
-class Share:
+class HoldsView:
+    """Something whose memory is ``mem``, a memoryview of the frame view ``_view``."""
+
+    mem: memoryview
+    _view: Any
+
+    def _release_memory(self) -> None:
+        """Release ``mem`` and close the view (unmapping it).
+
+        Raises:
+            BufferError: other views (slices, numpy arrays) are alive; ``mem``
+                stays usable and nothing is closed.
+        """
+        self.mem.release()
+        try:
+            self._view.close()
+        except BufferError:
+            self.mem = memoryview(self._view)
+            raise
+
+
+class Share(HoldsView):
     """Pages shared with one domain by grant reference.
 
     Attributes:
@@ -129,15 +150,6 @@ class Share:
             await asyncio.sleep(delay)
             delay = _backoff(delay)
 
-    def _release_memory(self) -> None:
-        """Release ``mem`` and close the view; BufferError if still exported."""
-        self.mem.release()
-        try:
-            self._view.close()
-        except BufferError:
-            self.mem = memoryview(self._view)
-            raise
-
     def __enter__(self) -> Share:
         return self
 
@@ -165,7 +177,7 @@ class Share:
             pass
 
 
-class Mapping:
+class Mapping(HoldsView):
     """Foreign grants mapped into this domain as one contiguous buffer.
 
     Attributes:
@@ -222,14 +234,6 @@ class Mapping:
         except BufferError:
             return False
         return True
-
-    def _release_memory(self) -> None:
-        self.mem.release()
-        try:
-            self._view.close()
-        except BufferError:
-            self.mem = memoryview(self._view)
-            raise
 
     def __enter__(self) -> Mapping:
         return self
