@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from xengrant.service import connect, default_socket_path
+from xengrant.service import ServiceError, connect, default_socket_path
 
 TIMEOUT = 120
 
@@ -91,3 +91,19 @@ def test_default_socket_path(monkeypatch: pytest.MonkeyPatch, tmp_path: object) 
     assert default_socket_path() == os.path.join(str(tmp_path), "xengrant.sock")
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert default_socket_path() == f"/tmp/xengrant-{os.getuid()}.sock"
+
+
+def test_clients_see_the_service_die(hypervisor: tuple[subprocess.Popen[str], str]) -> None:
+    proc, path = hypervisor
+    d = connect(path, timeout=30)
+    pages = d.alloc_pages(1)
+    pages.mem[:4] = b"kept"
+    proc.kill()
+    proc.wait(TIMEOUT)
+    with pytest.raises(ServiceError):
+        d.grant_table.share_pages(0, 1)
+    assert bytes(pages.mem[:4]) == b"kept"  # the memfd mapping outlives the service
+    pages.mem.release()
+    pages._view.close()
+    pages.freed = True
+    d.close()
