@@ -44,7 +44,7 @@ from ..errors import BatchError, Busy, GrantError, GrantTableFull, HypercallErro
 from ..hypercall import check_rc
 from .domain import Domain, Pages
 from .memory import GNTTAB_GFN_BASE, GNTTAB_STATUS_GFN_BASE
-from .share import RETRY_FIRST, RETRY_MAX, Mapping, Share, _backoff
+from .share import RETRY_MAX, Mapping, Share, retry_while_busy, retry_while_busy_async
 
 _INUSE = gt.GTF_reading | gt.GTF_writing
 _QUERY = struct.Struct("<H2xIIh2x")
@@ -585,34 +585,13 @@ class GrantTable:
         Raises:
             Busy: ``timeout`` expired.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = RETRY_FIRST
-        while True:
-            try:
-                self.try_end_access(ref, release_ref)
-                return
-            except Busy:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-            time.sleep(delay)
-            delay = _backoff(delay)
+        retry_while_busy(lambda: self.try_end_access(ref, release_ref), timeout)
 
     async def end_access_async(
         self, ref: int, release_ref: bool = False, timeout: float | None = None
     ) -> None:
         """asyncio twin of :meth:`end_access`."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        delay = RETRY_FIRST
-        while True:
-            try:
-                self.try_end_access(ref, release_ref)
-                return
-            except Busy:
-                if deadline is not None and loop.time() >= deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = _backoff(delay)
+        await retry_while_busy_async(lambda: self.try_end_access(ref, release_ref), timeout)
 
     def end_access_deferred(self, ref: int, resource: Any = None) -> bool:
         """End access now, or later if busy (Linux ``gnttab_end_foreign_access``).

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..errors import Busy
@@ -40,6 +40,41 @@ class MappingOwner(Protocol):
 
 def _backoff(delay: float) -> float:
     return min(delay * 2, RETRY_MAX)
+
+
+def retry_while_busy(attempt: Callable[[], None], timeout: float | None) -> None:
+    """Call ``attempt`` until it stops raising :class:`Busy`, backing off 1 ms..1 s.
+
+    Raises:
+        Busy: the last attempt's, once ``timeout`` seconds have passed.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = RETRY_FIRST
+    while True:
+        try:
+            attempt()
+            return
+        except Busy:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = _backoff(delay)
+
+
+async def retry_while_busy_async(attempt: Callable[[], None], timeout: float | None) -> None:
+    """asyncio twin of :func:`retry_while_busy` (sleeps without blocking the loop)."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    delay = RETRY_FIRST
+    while True:
+        try:
+            attempt()
+            return
+        except Busy:
+            if deadline is not None and loop.time() >= deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = _backoff(delay)
 
 
 class HoldsView:
@@ -123,32 +158,11 @@ class Share(HoldsView):
         Raises:
             Busy: ``timeout`` expired with refs still in use.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = RETRY_FIRST
-        while True:
-            try:
-                self.try_unshare(release_refs)
-                return
-            except Busy:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-            time.sleep(delay)
-            delay = _backoff(delay)
+        retry_while_busy(lambda: self.try_unshare(release_refs), timeout)
 
     async def unshare_async(self, release_refs: bool = True, timeout: float | None = None) -> None:
         """asyncio twin of :meth:`unshare`."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        delay = RETRY_FIRST
-        while True:
-            try:
-                self.try_unshare(release_refs)
-                return
-            except Busy:
-                if deadline is not None and loop.time() >= deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = _backoff(delay)
+        await retry_while_busy_async(lambda: self.try_unshare(release_refs), timeout)
 
     def __enter__(self) -> Share:
         return self
