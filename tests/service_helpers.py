@@ -371,3 +371,31 @@ def cmd_loop_map(
 
 
 COMMANDS["loop_map"] = cmd_loop_map
+
+
+def cmd_mirror(d: Any, objs: dict[int, Any]) -> tuple[int, bool]:
+    """(entries in this process's p2m mirror, whether the service agrees with each)."""
+    hc = d.hypercalls
+    mirror = dict(hc.p2m)
+    if not mirror:
+        return 0, True
+    gfns = sorted(mirror)
+    theirs = hc.translate(gfns, False)
+    return len(mirror), [mirror[g] for g in gfns] == theirs
+
+
+def cmd_set_version(d: Any, objs: dict[int, Any], version: int) -> int:
+    return int(d.grant_table.set_version(version))
+
+
+def cmd_alloc(d: Any, objs: dict[int, Any], n: int) -> int:
+    return _new(objs, d.alloc_pages(n))
+
+
+def cmd_free(d: Any, objs: dict[int, Any], key: int) -> None:
+    objs.pop(key).free()
+
+
+COMMANDS.update(
+    mirror=cmd_mirror, set_version=cmd_set_version, alloc=cmd_alloc, free=cmd_free
+)

@@ -257,7 +257,7 @@ def test_acting_only_as_own_domain(service: Service, baseline: dict[str, Any]) -
         assert st == -errno.ESRCH
         st, body = raw.call(p.MSG_CREATE, p.CREATE_REQ.pack(p.PROTOCOL_VERSION, -1, 0, -1, -1, -1))
         assert st == 0
-        mine = p.DOMAIN_REPLY.unpack(body)[1]
+        mine = p.DOMAIN_REPLY.unpack_from(body)[1]
         for fd in raw.take_fds():
             os.close(fd)
         st, _ = raw.call(p.MSG_CREATE, p.CREATE_REQ.pack(p.PROTOCOL_VERSION, -1, 0, -1, -1, -1))
@@ -405,3 +405,34 @@ def test_concurrent_domain_processes(service: Service, baseline: dict[str, Any])
         a.close()
         for m in mappers:
             m.close()
+
+
+@pytest.mark.parametrize("pv", [False, True])
+def test_p2m_mirror_matches_the_service(
+    service: Service, baseline: dict[str, Any], pv: bool
+) -> None:
+    """Every reply's p2m entries keep the process's mirror equal to the service's p2m."""
+    a, b = Actor(service, pv=pv), Actor(service)
+
+    def check() -> None:
+        n, ok = a("mirror")
+        assert ok and n == stats(service.path)["domains"][str(a.domid)]["p2m"]
+
+    try:
+        check()
+        key, refs = b("share", a.domid, 3)
+        m, _ = a("map", b.domid, refs)
+        check()
+        ram = a("alloc", 5)
+        check()
+        a("unmap", m)
+        a("free", ram)
+        check()
+        assert a("set_version", 2) == 2  # status frames come and go: a whole-p2m reply
+        check()
+        assert a("set_version", 1) == 1
+        check()
+        b("unshare", key)
+    finally:
+        a.close()
+        b.close()

@@ -140,7 +140,7 @@ def _structured(path: str, rng: random.Random) -> set[int]:
         status, body = p.split_status(f.payload)
         assert status <= 0
         if f.type in (p.MSG_CREATE, p.MSG_ATTACH) and status == 0:
-            created.add(p.DOMAIN_REPLY.unpack(body)[1])
+            created.add(p.DOMAIN_REPLY.unpack_from(body)[1])
         if f.type == 999:
             assert status == -errno.ENOSYS
     return created

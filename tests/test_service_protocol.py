@@ -90,8 +90,9 @@ def test_unpack_exact_and_i64s() -> None:
 def test_p2m_delta() -> None:
     changes = [(0x100, 7, 0), (0x1000000, -1, 0), (5, 9, 2)]
     blob = b"pre" + p.pack_p2m_delta(changes) + b"post"
-    got, pos = p.unpack_p2m_delta(blob, 3)
-    assert got == changes and blob[pos:] == b"post"
+    got, pos, full = p.unpack_p2m_delta(blob, 3)
+    assert got == changes and blob[pos:] == b"post" and not full
+    assert p.unpack_p2m_delta(p.pack_p2m_delta(changes, full=True), 0)[2]
     with pytest.raises(p.ProtocolError):
         p.unpack_p2m_delta(p.pack_p2m_delta(changes)[:-1], 0)
     with pytest.raises(p.ProtocolError):

@@ -397,8 +397,10 @@ class RemoteHypercalls:
         self._closed = False
 
     def _apply_delta(self, body: bytes | memoryview, pos: int) -> int:
-        changes, pos = p.unpack_p2m_delta(body, pos)
+        changes, pos, full = p.unpack_p2m_delta(body, pos)
         p2m = self.p2m
+        if full:
+            p2m.clear()
         for gfn, mfn, p2mt in changes:
             if mfn < 0:
                 p2m.pop(gfn, None)
@@ -1112,13 +1114,14 @@ def connect(
             )
         if status < 0:
             raise HypercallError("connect", -status, body.decode("utf-8", "replace"))
-        _version, got, flags, nr_frames = p.DOMAIN_REPLY.unpack(body)
+        _version, got, flags, nr_frames = p.DOMAIN_REPLY.unpack_from(body)
         fds = channel.take_fds()
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             raise ServiceError(errno.EBADMSG, f"expected the memfd, got {len(fds)} fds")
         hc = RemoteHypercalls(channel, got, fds[0], nr_frames)
+        hc._apply_delta(body, p.DOMAIN_REPLY.size)
         return RemoteDomain(hc, pv=bool(flags & p.DOMFLAG_PV))
     except BaseException:
         channel.close()

@@ -26,7 +26,8 @@ type              request                                      reply body (after
 PING              anything (echoed)                            the same bytes
 CREATE            I version, i domid (-1: any), I flags,       I version, H domid,
                   i max_grant_frames, i max_maptrack_frames,   I flags, Q nr_frames,
-                  q max_pages (-1: none)                       memfd by SCM_RIGHTS
+                  q max_pages (-1: none)                       whole p2m, memfd by
+                                                               SCM_RIGHTS
 ATTACH            I version, H domid                           as CREATE
 DOMCTL_CREATE     as CREATE (privileged: a domain to attach)   H domid
 DOMCTL_DESTROY    H domid (privileged)                         --
@@ -283,20 +284,31 @@ def unpack_i64s(payload: bytes | memoryview, what: str) -> list[int]:
     return list(struct.unpack(f"<{len(payload) // 8}q", payload))
 
 
-def pack_p2m_delta(changes: Sequence[tuple[int, int, int]]) -> bytes:
-    """p2m changes ``(gfn, mfn or -1, type)`` as ``u32 n`` + entries."""
-    out = bytearray(U32.pack(len(changes)))
+#: Set in a p2m delta's count: the entries are the whole p2m (replace, not update).
+P2M_FULL = 0x80000000
+
+
+def pack_p2m_delta(changes: Sequence[tuple[int, int, int]], full: bool = False) -> bytes:
+    """p2m entries ``(gfn, mfn or -1, type)`` as ``u32 n`` + entries.
+
+    Args:
+        changes: the entries (mfn -1: the gfn holds nothing now).
+        full: they are the whole p2m (the count carries :data:`P2M_FULL`).
+    """
+    out = bytearray(U32.pack(len(changes) | (P2M_FULL if full else 0)))
     pack = P2M_ENTRY.pack
     for gfn, mfn, p2mt in changes:
         out += pack(gfn, mfn, p2mt)
     return bytes(out)
 
 
-def unpack_p2m_delta(body: bytes | memoryview, pos: int) -> tuple[list[tuple[int, int, int]], int]:
-    """p2m changes at ``body[pos:]``.
+def unpack_p2m_delta(
+    body: bytes | memoryview, pos: int
+) -> tuple[list[tuple[int, int, int]], int, bool]:
+    """p2m entries at ``body[pos:]``.
 
     Returns:
-        ``(changes, position after them)``.
+        ``(entries, position after them, whether they are the whole p2m)``.
 
     Raises:
         ProtocolError: EBADMSG if truncated.
@@ -304,13 +316,15 @@ def unpack_p2m_delta(body: bytes | memoryview, pos: int) -> tuple[list[tuple[int
     if len(body) - pos < 4:
         raise ProtocolError(errno.EBADMSG, "p2m delta: truncated count")
     (n,) = U32.unpack_from(body, pos)
+    full = bool(n & P2M_FULL)
+    n &= ~P2M_FULL
     pos += 4
     size = P2M_ENTRY.size
     if len(body) - pos < n * size:
         raise ProtocolError(errno.EBADMSG, "p2m delta: truncated entries")
     unpack = P2M_ENTRY.unpack_from
     out = [unpack(body, pos + i * size) for i in range(n)]
-    return out, pos + n * size
+    return out, pos + n * size, full
 
 
 def pack_strings(*parts: str | bytes, terminate_last: bool = True) -> bytes:

@@ -35,12 +35,13 @@ import struct
 import sys
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ..abi import grant_table as gt
 from ..abi.gntalloc import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
+from ..abi.memory import XENMAPIDX_grant_table_status
 from ..debugkeys import dump_all
 from ..embedded import DEFAULT_MEMORY, EmbeddedXen
 from ..emu.domain import P2M_RAM_RW, DomainState
@@ -72,54 +73,6 @@ def default_socket_path() -> str:
     if run and os.path.isdir(run):
         return os.path.join(run, "xengrant.sock")
     return f"/tmp/xengrant-{os.getuid()}.sock"
-
-
-class TrackedP2M(dict):  # type: ignore[type-arg]
-    """A domain's p2m that remembers which gfns changed (sent in replies)."""
-
-    def __init__(self, base: dict[int, tuple[int, int]]) -> None:
-        super().__init__(base)
-        self.dirty: set[int] = set(base)
-
-    def __setitem__(self, key: int, value: tuple[int, int]) -> None:
-        dict.__setitem__(self, key, value)
-        self.dirty.add(key)
-
-    def __delitem__(self, key: int) -> None:
-        dict.__delitem__(self, key)
-        self.dirty.add(key)
-
-    def pop(self, key: int, *default: Any) -> Any:
-        self.dirty.add(key)
-        return dict.pop(self, key, *default)
-
-    def popitem(self) -> tuple[int, tuple[int, int]]:
-        item: tuple[int, tuple[int, int]] = dict.popitem(self)
-        self.dirty.add(item[0])
-        return item
-
-    def setdefault(self, key: int, default: Any = None) -> Any:
-        self.dirty.add(key)
-        return dict.setdefault(self, key, default)
-
-    def update(self, *args: Any, **kw: Any) -> None:
-        other = dict(*args, **kw)
-        self.dirty.update(other)
-        dict.update(self, other)
-
-    def clear(self) -> None:
-        self.dirty.update(self)
-        dict.clear(self)
-
-    def delta(self) -> list[tuple[int, int, int]]:
-        """The changes since the last call: ``(gfn, mfn or -1, type)``."""
-        out = []
-        get = self.get
-        for gfn in self.dirty:
-            ent = get(gfn)
-            out.append((gfn, -1, 0) if ent is None else (gfn, ent[0], ent[1]))
-        self.dirty.clear()
-        return out
 
 
 @dataclass
@@ -445,11 +398,24 @@ class Server:
         assert conn.domid is not None
         return conn.domid
 
-    def _delta(self, domid: int) -> bytes:
+    def _delta(self, domid: int, gfns: Iterable[int] | None) -> bytes:
+        """The caller's p2m entries for ``gfns`` as they are now (None: all of them).
+
+        Each handler names the gfns its call can change, so the domain's p2m
+        stays a plain dict the core (and its C fast paths) can use as is.
+        """
         d = self.hv.domains.get(domid)
-        if d is None or not isinstance(d.p2m, TrackedP2M):
+        if d is None:
             return p.pack_p2m_delta([])
-        return p.pack_p2m_delta(d.p2m.delta())
+        p2m = d.p2m
+        if gfns is None:
+            return p.pack_p2m_delta([(g, m, t) for g, (m, t) in p2m.items()], full=True)
+        out = []
+        get = p2m.get
+        for gfn in set(gfns):
+            ent = get(gfn)
+            out.append((gfn, -1, 0) if ent is None else (gfn, ent[0], ent[1]))
+        return p.pack_p2m_delta(out)
 
     # ------------------------------------------------------------ domains
     def _ping(self, conn: Connection, payload: bytes) -> bytes:
@@ -473,8 +439,6 @@ class Server:
             max_maptrack_frames=mmf,
             max_pages=None if max_pages == -1 else max_pages,
         )
-        d = self.hv.domains[new]
-        d.p2m = TrackedP2M(d.p2m)
         self.ev.add_domain(new)
         self.xs.make_domain_home(new)
         self.xs.introduce_domain(new)
@@ -489,7 +453,7 @@ class Server:
         body = p.DOMAIN_REPLY.pack(
             p.PROTOCOL_VERSION, domid, p.DOMFLAG_PV if d.pv else 0, self.xen.nr_frames
         )
-        return self._ok(body)
+        return self._ok(body + self._delta(domid, None))  # the p2m so far (PV: table frames)
 
     def _create(self, conn: Connection, payload: bytes) -> bytes:
         if conn.domid is not None:
@@ -574,6 +538,7 @@ class Server:
         fired: list[tuple[int, Notify]] = []
         if notes and cmd in (gt.GNTTABOP_unmap_grant_ref, gt.GNTTABOP_unmap_and_replace):
             fired = self._notify_before_unmap(domid, notes, uop, count)
+        touched = _gfns_touched(cmd, uop, count)
         xen = self.xen
         before = xen.log_count
         rc = self.hv.grant_table_op(domid, cmd, memoryview(uop), count)
@@ -584,7 +549,8 @@ class Server:
         if fired:
             self._notify_after_unmap(domid, notes or {}, uop, fired)
         return b"".join(
-            (p.STATUS.pack(0), p.I32.pack(rc), p.U32.pack(len(uop)), uop, self._delta(domid),
+            (p.STATUS.pack(0), p.I32.pack(rc), p.U32.pack(len(uop)), uop,
+             self._delta(domid, touched),
              p.pack_reasons(reasons))
         )
 
@@ -592,19 +558,24 @@ class Server:
         domid = self._dom(conn)
         gfns = p.unpack_i64s(payload, "POPULATE")
         done = self.hv.populate_physmap(domid, gfns)
-        return self._ok(p.U32.pack(len(done)) + p.pack_i64s(done) + self._delta(domid))
+        return self._ok(p.U32.pack(len(done)) + p.pack_i64s(done) + self._delta(domid, done))
 
     def _decrease(self, conn: Connection, payload: bytes) -> bytes:
         domid = self._dom(conn)
         gfns = p.unpack_i64s(payload, "DECREASE")
         n = self.hv.decrease_reservation(domid, gfns)
-        return self._ok(p.U32.pack(n) + self._delta(domid))
+        return self._ok(p.U32.pack(n) + self._delta(domid, gfns[: n + 1]))
 
     def _add_to_physmap(self, conn: Connection, payload: bytes) -> bytes:
         domid = self._dom(conn)
         space, idx, gpfn = p.unpack_exact(p.ADD_TO_PHYSMAP_REQ, payload, "ADD_TO_PHYSMAP")
+        g = self.hv.domains[domid].gt
+        # the frame's previous gfn loses it (gnttab_map_frame moves, not copies)
+        frames = g.status_gfn if idx & XENMAPIDX_grant_table_status else g.shared_gfn
+        i = idx & ~XENMAPIDX_grant_table_status
+        touched = [gpfn] + ([frames[i]] if 0 <= i < len(frames) else [])
         rc = self.hv.add_to_physmap(domid, space, idx, gpfn)
-        return self._ok(p.I32.pack(rc) + self._delta(domid))
+        return self._ok(p.I32.pack(rc) + self._delta(domid, touched))
 
     def _translate(self, conn: Connection, payload: bytes) -> bytes:
         domid = self._dom(conn)
@@ -615,7 +586,7 @@ class Server:
         mfns = self.hv.translate(domid, gfns, bool(writable))
         p2m = self.hv.domains[domid].p2m
         body = b"".join(p.TRANSLATE_ENTRY.pack(m, p2m[g][1]) for g, m in zip(gfns, mfns))
-        return self._ok(body + self._delta(domid))
+        return self._ok(body + self._delta(domid, gfns))
 
     # ------------------------------------------------------- unmap notify
     def _notify_set(self, conn: Connection, payload: bytes) -> bytes:
@@ -915,6 +886,45 @@ class Server:
         else:
             raise p.ProtocolError(errno.EINVAL, f"unknown debug key {key!r}")
         return self._ok(text.encode())
+
+
+#: Where each batched op keeps the addresses whose gfns it maps or unmaps:
+#: ``(op size, offsets of u64 addresses)``; gnttab_transfer's ``mfn`` is a gfn.
+_ADDR_FIELDS = {
+    gt.GNTTABOP_map_grant_ref: (32, (0,)),
+    gt.GNTTABOP_unmap_grant_ref: (24, (0,)),
+    gt.GNTTABOP_unmap_and_replace: (24, (0, 8)),
+    gt.GNTTABOP_transfer: (24, (0,)),
+}
+_ADDR_SHIFT = {gt.GNTTABOP_transfer: 0}
+#: Ops that never change the caller's p2m.
+_NO_P2M = frozenset(
+    {
+        gt.GNTTABOP_copy,
+        gt.GNTTABOP_query_size,
+        gt.GNTTABOP_get_version,
+        gt.GNTTABOP_get_status_frames,
+        gt.GNTTABOP_swap_grant_ref,
+        gt.GNTTABOP_dump_table,
+        gt.GNTTABOP_cache_flush,
+    }
+)
+_U64 = struct.Struct("<Q")
+
+
+def _gfns_touched(cmd: int, uop: bytearray, count: int) -> list[int] | None:
+    """The caller's gfns a GNTTABOP can change; None when any may (setup_table,
+    set_version, unknown commands): the reply then carries the whole p2m."""
+    if cmd in _NO_P2M:
+        return []
+    fields = _ADDR_FIELDS.get(cmd)
+    if fields is None:
+        return None
+    size, offsets = fields
+    shift = _ADDR_SHIFT.get(cmd, 12)
+    n = min(max(count, 0), len(uop) // size)
+    unpack = _U64.unpack_from
+    return [unpack(uop, i * size + off)[0] >> shift for i in range(n) for off in offsets]
 
 
 def _stderr(text: str) -> None:
