@@ -449,6 +449,375 @@ xg_rmb(PyObject *m, PyObject *Py_UNUSED(a))
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------ */
+/* GNTTABOP_copy fast path                                              */
+/* ------------------------------------------------------------------ */
+
+/*
+ * copy_run(mem, uop, start, count, ld, domains) -> index
+ *
+ * Runs ops start.. of a GNTTABOP_copy batch while every op is the common
+ * success case of xengrant.emu.gnttab_copy.copy_one, and returns the index of
+ * the first op it does not handle (count if none): Python runs that one.
+ * An op is handled only if: both domains exist (DOMID_SELF is ld), a gmfn
+ * side says DOMID_SELF and its gfn is RAM or a grant-table frame of ld; a
+ * gref side's domain is not dying, has a v1 table, the ref is in range and
+ * has no active entry (no pins), both sides are not the same entry, and
+ * offset + len <= 4096 on both sides.  The pin is the one of
+ * acquire_grant_for_copy/_set_status_v1 (5 cmpxchg tries of the {flags,
+ * domid} word), source then destination, each frame read after its pin and
+ * resolved through the granter's p2m; the release is release_grant_for_copy's
+ * (clear GTF_writing, then GTF_reading), destination first.  If a pin or a
+ * frame fails, the pins taken for that op are released the same way and the
+ * op is left to Python, which runs it again from the start.  No Python code
+ * runs in here (only dict/list/int reads), so the domain objects are stable.
+ */
+
+#define XG_DOMID_SELF 0x7FF0
+#define XG_GNTCOPY_source_gref 1
+#define XG_GNTCOPY_dest_gref 2
+#define XG_GTF_permit_access 1
+#define XG_GTF_type_mask 3
+#define XG_GTF_readonly (1 << 2)
+#define XG_GTF_reading (1 << 3)
+#define XG_GTF_writing (1 << 4)
+#define XG_PER_V1 512
+#define XG_COPY_OP_SIZE 40
+#define XG_CMPXCHG_TRIES 5
+/* domain.py: P2M_RAM_RW, P2M_GNTTAB_SHARED, P2M_GNTTAB_STATUS */
+#define XG_P2M_RAM_RW 0
+#define XG_P2M_GNTTAB_SHARED 3
+#define XG_P2M_GNTTAB_STATUS 4
+#define XG_DOM_CACHE 8
+
+typedef struct {
+    PyObject *obj;    /* borrowed DomainState (held by the domains dict) */
+    PyObject *p2m;    /* new references from here on */
+    PyObject *shared;
+    PyObject *active;
+    int p2m_ok;       /* p2m is a plain dict: gmfn sides may use it */
+    int usable;       /* plain containers, v1 table, not dying: gref sides may use it */
+} xg_dom;
+
+static void
+xg_dom_clear(xg_dom *c, int n)
+{
+    for (int i = 0; i < n; i++) {
+        Py_CLEAR(c[i].p2m);
+        Py_CLEAR(c[i].shared);
+        Py_CLEAR(c[i].active);
+        c[i].obj = NULL;
+    }
+}
+
+/* The cached attributes of domain object d; NULL with an exception set, or
+ * NULL without one when the cache is full.  Slots are never reused within a
+ * call, so pointers to them stay valid. */
+static xg_dom *
+xg_dom_get(xg_dom *cache, int *ncache, PyObject *d)
+{
+    for (int i = 0; i < *ncache; i++)
+        if (cache[i].obj == d)
+            return &cache[i];
+    if (*ncache == XG_DOM_CACHE)
+        return NULL; /* no exception: the caller leaves the op to Python */
+    xg_dom *c = &cache[*ncache];
+    PyObject *gt = NULL, *ver = NULL, *dying = NULL;
+    c->p2m = PyObject_GetAttrString(d, "p2m");
+    gt = PyObject_GetAttrString(d, "gt");
+    dying = PyObject_GetAttrString(d, "is_dying");
+    if (c->p2m == NULL || gt == NULL || dying == NULL)
+        goto fail;
+    c->shared = PyObject_GetAttrString(gt, "shared");
+    c->active = PyObject_GetAttrString(gt, "active");
+    ver = PyObject_GetAttrString(gt, "version");
+    if (c->shared == NULL || c->active == NULL || ver == NULL)
+        goto fail;
+    long v = PyLong_AsLong(ver);
+    int y = PyObject_IsTrue(dying);
+    if ((v == -1 && PyErr_Occurred()) || y < 0)
+        goto fail;
+    /* subclasses (e.g. the service's mirrored p2m) may run Python code on
+     * lookups: the ops of such a domain are left to Python */
+    c->p2m_ok = PyDict_CheckExact(c->p2m);
+    c->usable = c->p2m_ok && PyList_CheckExact(c->shared) && PyDict_CheckExact(c->active) &&
+                v == 1 && !y;
+    c->obj = d;
+    (*ncache)++;
+    Py_DECREF(gt);
+    Py_DECREF(ver);
+    Py_DECREF(dying);
+    return c;
+fail:
+    Py_XDECREF(gt);
+    Py_XDECREF(ver);
+    Py_XDECREF(dying);
+    Py_CLEAR(c->p2m);
+    Py_CLEAR(c->shared);
+    Py_CLEAR(c->active);
+    return NULL;
+}
+
+/* get_paged_frame: 1 and *mfn if gfn is RAM or a grant-table frame, 0 if
+ * not, -1 on error. */
+static int
+xg_p2m_frame(PyObject *p2m, unsigned long long gfn, Py_ssize_t nframes, Py_ssize_t *mfn)
+{
+    PyObject *k = PyLong_FromUnsignedLongLong(gfn);
+    if (k == NULL)
+        return -1;
+    PyObject *e = PyDict_GetItemWithError(p2m, k);
+    Py_DECREF(k);
+    if (e == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 2)
+        return 0;
+    long t = PyLong_AsLong(PyTuple_GET_ITEM(e, 1));
+    if (t == -1 && PyErr_Occurred())
+        return -1;
+    if (t != XG_P2M_RAM_RW && t != XG_P2M_GNTTAB_SHARED && t != XG_P2M_GNTTAB_STATUS)
+        return 0;
+    Py_ssize_t f = PyLong_AsSsize_t(PyTuple_GET_ITEM(e, 0));
+    if (f == -1 && PyErr_Occurred())
+        return -1;
+    if (f < 0 || f >= nframes)
+        return 0;
+    *mfn = f;
+    return 1;
+}
+
+typedef struct {
+    int is_gref;
+    xg_dom *dom;
+    uint32_t ref;
+    uint16_t *flags;  /* the entry's v1 flags word (gref sides) */
+    unsigned long long gfn;
+    uint16_t off;
+    int readonly;
+} xg_side;
+
+/* acquire_grant_for_copy for an entry without pins: _set_status_v1, then
+ * the frame through the granter's p2m.  1: pinned, *mfn set; 0: refused
+ * (nothing left set); -1: error (nothing left set). */
+static int
+xg_pin(xg_side *s, uint16_t ldomid, Py_ssize_t nframes, Py_ssize_t *mfn)
+{
+    uint32_t *word = (uint32_t *)s->flags;
+    uint32_t scombo = __atomic_load_n(word, __ATOMIC_SEQ_CST);
+    int ok = 0;
+    for (int t = 0; t < XG_CMPXCHG_TRIES; t++) {
+        uint16_t flags = (uint16_t)(scombo & 0xFFFF), domid = (uint16_t)(scombo >> 16);
+        if ((flags & XG_GTF_type_mask) != XG_GTF_permit_access || domid != ldomid)
+            return 0;
+        uint32_t new = scombo | XG_GTF_reading;
+        if (!s->readonly) {
+            new |= XG_GTF_writing;
+            if (flags & XG_GTF_readonly)
+                return 0;
+        }
+        if (__atomic_compare_exchange_n(word, &scombo, new, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST)) {
+            ok = 1;
+            break;
+        }
+    }
+    if (!ok)
+        return 0;
+    /* the frame is read once the entry is pinned, as Python reads it */
+    uint32_t frame;
+    memcpy(&frame, (char *)s->flags + 4, 4);
+    int r = xg_p2m_frame(s->dom->p2m, frame, nframes, mfn);
+    if (r != 1) {
+        if (!s->readonly)
+            __atomic_fetch_and(s->flags, (uint16_t)~XG_GTF_writing, __ATOMIC_SEQ_CST);
+        __atomic_fetch_and(s->flags, (uint16_t)~XG_GTF_reading, __ATOMIC_SEQ_CST);
+    }
+    return r;
+}
+
+/* release_grant_for_copy of the last pin: _undo_pin's two clears. */
+static void
+xg_unpin(xg_side *s)
+{
+    if (!s->readonly)
+        __atomic_fetch_and(s->flags, (uint16_t)~XG_GTF_writing, __ATOMIC_SEQ_CST);
+    __atomic_fetch_and(s->flags, (uint16_t)~XG_GTF_reading, __ATOMIC_SEQ_CST);
+}
+
+static PyObject *
+xg_copy_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    ARGCHECK(6, "copy_run(mem, uop, start, count, ld, domains) -> index")
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t count = PyLong_AsSsize_t(args[3]);
+    if (count == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *ld = args[4], *domains = args[5];
+    if (!PyDict_Check(domains)) {
+        PyErr_SetString(PyExc_TypeError, "copy_run: domains must be a dict");
+        return NULL;
+    }
+    Py_buffer mem, uop;
+    if (PyObject_GetBuffer(args[0], &mem, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &uop, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&mem);
+        return NULL;
+    }
+    xg_dom cache[XG_DOM_CACHE];
+    memset(cache, 0, sizeof(cache));
+    int ncache = 0;
+    PyObject *ret = NULL;
+    char *m = mem.buf;
+    Py_ssize_t nframes = mem.len / XG_PAGE_SIZE;
+    Py_ssize_t i = start;
+    if (start < 0 || count > uop.len / XG_COPY_OP_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "copy_run: start/count out of range");
+        goto out;
+    }
+    long ldomid_l;
+    {
+        PyObject *o = PyObject_GetAttrString(ld, "domid");
+        if (o == NULL)
+            goto out;
+        ldomid_l = PyLong_AsLong(o);
+        Py_DECREF(o);
+        if (ldomid_l == -1 && PyErr_Occurred())
+            goto out;
+    }
+    uint16_t ldomid = (uint16_t)ldomid_l;
+    xg_dom *ldc = xg_dom_get(cache, &ncache, ld);
+    if (ldc == NULL)
+        goto out;
+    for (; i < count; i++) {
+        unsigned char *op = (unsigned char *)uop.buf + i * XG_COPY_OP_SIZE;
+        uint64_t u[2];
+        uint16_t dom[2], off[2], len, flags;
+        memcpy(&u[0], op, 8);
+        memcpy(&dom[0], op + 8, 2);
+        memcpy(&off[0], op + 10, 2);
+        memcpy(&u[1], op + 16, 8);
+        memcpy(&dom[1], op + 24, 2);
+        memcpy(&off[1], op + 26, 2);
+        memcpy(&len, op + 32, 2);
+        memcpy(&flags, op + 34, 2);
+        xg_side side[2];
+        Py_ssize_t mfn[2];
+        int bad = 0;
+        for (int k = 0; k < 2 && !bad; k++) {
+            xg_side *s = &side[k];
+            s->is_gref = (flags & (k == 0 ? XG_GNTCOPY_source_gref : XG_GNTCOPY_dest_gref)) != 0;
+            s->readonly = k == 0;
+            s->off = off[k];
+            if ((unsigned)off[k] + len > XG_PAGE_SIZE) {
+                bad = 1;
+                break;
+            }
+            PyObject *d;
+            if (dom[k] == XG_DOMID_SELF) {
+                d = ld;
+            } else {
+                if (!s->is_gref) {
+                    bad = 1;
+                    break;
+                }
+                PyObject *key = PyLong_FromLong(dom[k]);
+                if (key == NULL)
+                    goto out;
+                d = PyDict_GetItemWithError(domains, key);
+                Py_DECREF(key);
+                if (d == NULL) {
+                    if (PyErr_Occurred())
+                        goto out;
+                    bad = 1;
+                    break;
+                }
+            }
+            s->dom = xg_dom_get(cache, &ncache, d);
+            if (s->dom == NULL) {
+                if (PyErr_Occurred())
+                    goto out;
+                bad = 1;
+                break;
+            }
+            if (!s->is_gref) {
+                if (!s->dom->p2m_ok) {
+                    bad = 1;
+                    break;
+                }
+                s->gfn = u[k];
+                int r = xg_p2m_frame(s->dom->p2m, s->gfn, nframes, &mfn[k]);
+                if (r < 0)
+                    goto out;
+                if (r == 0)
+                    bad = 1;
+                continue;
+            }
+            s->ref = (uint32_t)u[k];
+            if (!s->dom->usable ||
+                (Py_ssize_t)s->ref >= PyList_GET_SIZE(s->dom->shared) * XG_PER_V1) {
+                bad = 1;
+                break;
+            }
+            PyObject *key = PyLong_FromUnsignedLong(s->ref);
+            if (key == NULL)
+                goto out;
+            int in = PyDict_Contains(s->dom->active, key);
+            Py_DECREF(key);
+            if (in < 0)
+                goto out;
+            Py_ssize_t sf = PyLong_AsSsize_t(PyList_GET_ITEM(s->dom->shared, s->ref / XG_PER_V1));
+            if (sf == -1 && PyErr_Occurred())
+                goto out;
+            if (in || sf < 0 || sf >= nframes) {
+                bad = 1;
+                break;
+            }
+            s->flags = (uint16_t *)(m + sf * XG_PAGE_SIZE + (s->ref % XG_PER_V1) * 8);
+            if (k == 1 && side[0].is_gref && side[0].flags == s->flags) {
+                bad = 1;  /* the same entry twice: the second claim sees a pin */
+                break;
+            }
+        }
+        if (bad)
+            break;
+        /* claim the source, then the destination (gnttab_copy_claim_buf) */
+        if (side[0].is_gref) {
+            int r = xg_pin(&side[0], ldomid, nframes, &mfn[0]);
+            if (r < 0)
+                goto out;
+            if (r == 0)
+                break;
+        }
+        if (side[1].is_gref) {
+            int r = xg_pin(&side[1], ldomid, nframes, &mfn[1]);
+            if (r != 1) {
+                if (side[0].is_gref)
+                    xg_unpin(&side[0]);
+                if (r < 0)
+                    goto out;
+                break;
+            }
+        }
+        if (len)
+            memmove(m + mfn[1] * XG_PAGE_SIZE + off[1], m + mfn[0] * XG_PAGE_SIZE + off[0], len);
+        if (side[1].is_gref)
+            xg_unpin(&side[1]);
+        if (side[0].is_gref)
+            xg_unpin(&side[0]);
+        memset(op + 36, 0, 2);  /* GNTST_okay */
+    }
+    ret = PyLong_FromSsize_t(i);
+out:
+    xg_dom_clear(cache, ncache);
+    PyBuffer_Release(&uop);
+    PyBuffer_Release(&mem);
+    return ret;
+}
+
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))xg_##name, METH_FASTCALL, doc}
 
 static PyMethodDef module_methods[] = {
@@ -464,6 +833,8 @@ static PyMethodDef module_methods[] = {
     FAST(fetch_and32, "fetch_and32(buffer, offset, mask) -> previous value"),
     FAST(borrow, "borrow(base, offset, length, readonly) -> FrameView over part of base"),
     FAST(vmap, "vmap(fd, frames, readonly) -> FrameView mapping the frames contiguously"),
+    FAST(copy_run, "copy_run(mem, uop, start, count, ld, domains) -> index of the first op "
+                   "of a GNTTABOP_copy batch left to Python"),
     {"mb", (PyCFunction)xg_mb, METH_NOARGS, "full memory barrier"},
     {"wmb", (PyCFunction)xg_wmb, METH_NOARGS, "write (release) barrier"},
     {"rmb", (PyCFunction)xg_rmb, METH_NOARGS, "read (acquire) barrier"},
