@@ -269,31 +269,33 @@ def map_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count:
     return 0
 
 
-def unmap_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
-    """GNTTABOP_unmap_grant_ref over ``count`` ops; statuses written in place."""
+def _unmap_batch(
+    hv: Hypervisor, ld: DomainState, uop: memoryview, count: int, replace: bool
+) -> int:
+    """Both unmap ops: their structs share a layout (host_addr, dev_bus_addr or new_addr,
+    handle, status), and unmap_common serves both in Xen."""
     size = UNMAP_OP.size
     pack_st = _STATUS.pack_into
     log = hv.log
+    name = "unmap_and_replace" if replace else "unmap_grant_ref"
     out = _UNMAP_STATUS_OFF
-    for host_addr, dba, handle, _st in UNMAP_OP.iter_unpack(uop[: count * size]):
-        st, why = unmap_grant_ref(hv, ld, host_addr, dba, handle, 0)
+    for host_addr, second, handle, _st in UNMAP_OP.iter_unpack(uop[: count * size]):
+        if replace:
+            st, why = unmap_grant_ref(hv, ld, host_addr, 0, handle, second)
+        else:
+            st, why = unmap_grant_ref(hv, ld, host_addr, second, handle, 0)
         if st != GNTST_okay and log is not None:
-            log(ld.domid, "unmap_grant_ref", st, why)
+            log(ld.domid, name, st, why)
         pack_st(uop, out, st)
         out += size
     return 0
+
+
+def unmap_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
+    """GNTTABOP_unmap_grant_ref over ``count`` ops; statuses written in place."""
+    return _unmap_batch(hv, ld, uop, count, replace=False)
 
 
 def unmap_and_replace_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
     """GNTTABOP_unmap_and_replace: on a translated guest new_addr must be 0."""
-    size = REPLACE_OP.size
-    pack_st = _STATUS.pack_into
-    log = hv.log
-    out = _UNMAP_STATUS_OFF
-    for host_addr, new_addr, handle, _st in REPLACE_OP.iter_unpack(uop[: count * size]):
-        st, why = unmap_grant_ref(hv, ld, host_addr, 0, handle, new_addr)
-        if st != GNTST_okay and log is not None:
-            log(ld.domid, "unmap_and_replace", st, why)
-        pack_st(uop, out, st)
-        out += size
-    return 0
+    return _unmap_batch(hv, ld, uop, count, replace=True)

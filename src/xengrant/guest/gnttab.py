@@ -492,15 +492,20 @@ class GrantTable:
         view, off = self._locate(ref)
         if check and load16(view, off) & gt.GTF_type_mask:
             raise ValueError(f"grant ref {ref} is already granted (end access first)")
+        flags = gt.GTF_permit_access | (0 if writable else gt.GTF_readonly)
+        self._introduce_entry(view, off, domid, gfn, flags)
+
+    def _introduce_entry(self, view: Any, off: int, domid: int, frame: int, flags: int) -> None:
+        """Introduce an entry as grant_table.h says: domid, frame, write barrier, flags."""
         store16(view, off + 2, domid)
         if self.version == 1:
-            store32(view, off + 4, gfn)
+            store32(view, off + 4, frame)
         else:
             mv = memoryview(view)
-            struct.pack_into("<Q", mv, off + 8, gfn)
+            struct.pack_into("<Q", mv, off + 8, frame)
             mv.release()
         wmb()
-        store16(view, off, gt.GTF_permit_access | (0 if writable else gt.GTF_readonly))
+        store16(view, off, flags)
 
     def grant_access_subpage(
         self, ref: int, domid: int, gfn: int, page_off: int, length: int, writable: bool = True
@@ -942,15 +947,7 @@ class GrantTable:
         if ref is None:
             raise GrantTableFull("grant_transfer", 1, 0)
         view, off = self._locate(ref)
-        store16(view, off + 2, domid)
-        if self.version == 1:
-            store32(view, off + 4, gfn)
-        else:
-            mv = memoryview(view)
-            struct.pack_into("<Q", mv, off + 8, gfn)
-            mv.release()
-        wmb()
-        store16(view, off, gt.GTF_accept_transfer)
+        self._introduce_entry(view, off, domid, gfn, gt.GTF_accept_transfer)
         return ref
 
     def end_transfer(self, ref: int, release_ref: bool = True) -> int:
