@@ -19,6 +19,7 @@ from ..abi.grant_table import (
     GTF_reading,
     GTF_readonly,
     GTF_sub_page,
+    GTF_transitive,
     GTF_type_mask,
     GTF_writing,
 )
@@ -47,7 +48,9 @@ def set_status(
         ref: a ref below ``g.nr_grant_entries``.
         pinned: the active entry already has pins (type/domid not re-checked).
         readonly: set only GTF_reading, else GTF_reading|GTF_writing.
-        mapflag: a map (sub-page grants refused) rather than a copy.
+        mapflag: a map (sub-page and transitive grants refused) rather than a
+            copy.  Under v2 a copy also accepts a GTF_transitive entry
+            (``_set_status_v2``'s ``mapflag ||`` clause, XSA-226).
         ldomid: the domain pinning the grant.
 
     Returns:
@@ -78,7 +81,7 @@ def set_status(
     soff = g.status_offset(ref)
     scombo = load32(mem, off)
     flags, domid = scombo & 0xFFFF, scombo >> 16
-    if not pinned and ((flags & mask) != GTF_permit_access or domid != ldomid):
+    if not pinned and (not _v2_type_ok(flags & mask, mapflag) or domid != ldomid):
         return GNTST_general_error, f"Bad flags ({flags:#x}) or dom ({domid}); expected d{ldomid}"
     if readonly:
         fetch_or16(mem, soff, GTF_reading)
@@ -91,7 +94,7 @@ def set_status(
     flags, domid = scombo & 0xFFFF, scombo >> 16
     if not pinned:
         if (
-            (flags & mask) != GTF_permit_access
+            not _v2_type_ok(flags & mask, mapflag)
             or domid != ldomid
             or (not readonly and flags & GTF_readonly)
         ):
@@ -103,6 +106,11 @@ def set_status(
         fetch_and16(mem, soff, 0xFFFF & ~GTF_writing)
         return GNTST_general_error, "Unstable grant readonly flag"
     return GNTST_okay, ""
+
+
+def _v2_type_ok(kind: int, mapflag: bool) -> bool:
+    """``_set_status_v2``'s type test: permit_access, or transitive for a copy."""
+    return kind == GTF_permit_access or (not mapflag and kind == GTF_transitive)
 
 
 def clear_flags(mem: memoryview, g: GrantTableState, ref: int, bits: int) -> None:

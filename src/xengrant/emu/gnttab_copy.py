@@ -14,6 +14,18 @@ Mirrors ``gnttab_copy``, ``gnttab_copy_one``, ``gnttab_copy_lock_domain``,
 3. ``offset + len > 4096`` on either side: ``GNTST_bad_copy_arg``;
 4. outside a sub-page grant's window: ``GNTST_general_error``.
 
+Transitive grants (v2 ``GTF_transitive``, ``opt_transitive_grants`` on): the
+entry is pinned for the copier, then the grant ``trans_gref`` of
+``trans_domid`` is pinned for the intermediate domain, one level deep
+(XSA-226); its frame and sub-page window are the ones copied.  A
+self-referential entry, an unknown ``trans_domid`` or a transitive inner grant
+is ``GNTST_general_error``; the inner grant's own failure status is returned
+as is (``GNTST_bad_gntref``, ``GNTST_general_error`` ...).  Mapping one stays
+``GNTST_general_error`` (``_set_status_v2`` with mapflag).  The C fast path
+handles v1 tables only, so transitive ops always run here.  One deviation:
+where Xen answers ``ERESTART`` (the pinned transitive entry changed between
+pins), the op gets ``GNTST_general_error``.
+
 Xen 4.17 has no zero-length shortcut: a ``len == 0`` op is validated like any
 other (master's a4a790f432, after XSA-448, returns okay for it untouched).
 Each op pins its grants only for the copy, as Xen's do.
@@ -22,7 +34,7 @@ Each op pins its grants only for the copy, as Xen's do.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from .._cext import copy_run
 from ..abi.grant_table import (
@@ -35,10 +47,14 @@ from ..abi.grant_table import (
     GNTST_general_error,
     GNTST_okay,
     GNTST_permission_denied,
+    GTF_reading,
     GTF_sub_page,
+    GTF_transitive,
+    GTF_type_mask,
+    GTF_writing,
 )
 from .domain import DomainState
-from .entry import get_paged_frame, set_status
+from .entry import clear_flags, get_paged_frame, set_status
 from .gnttab_map import _undo_pin
 from .grant_table import (
     GNTPIN_OVERFLOW,
@@ -46,6 +62,7 @@ from .grant_table import (
     ActiveGrant,
     GNTPIN_hstr_inc,
     GNTPIN_hstw_inc,
+    GrantTableState,
 )
 from .machine import PAGE_SHIFT, PAGE_SIZE
 
@@ -63,31 +80,80 @@ _STATUS = struct.Struct("<h")
 FASTPATH = True
 
 
+#: The grant a transitive entry's copy pin holds underneath: ``(td, trans_gref)``
+#: (``act->trans_domain``, ``act->trans_gref``); None for an ordinary grant.
+Trans = Optional[tuple[DomainState, int]]
+
+
+def _clear_unneeded(mem: memoryview, g: GrantTableState, ref: int, pin: int, wbit: bool) -> None:
+    """``unlock_out_clear`` / ``fixup_status_for_copy_pin``: drop flags no pin needs."""
+    if wbit and not pin & GNTPIN_WRITE_MASK:
+        clear_flags(mem, g, ref, GTF_writing)
+    if not pin:
+        clear_flags(mem, g, ref, GTF_reading)
+
+
 def acquire_grant_for_copy(
-    hv: Hypervisor, rd: DomainState, ref: int, ldomid: int, readonly: bool
-) -> tuple[int, int, int, int, str]:
-    """Pin ``ref`` of ``rd`` for a copy by ``ldomid``.
+    hv: Hypervisor,
+    rd: DomainState,
+    ref: int,
+    ldomid: int,
+    readonly: bool,
+    allow_transitive: bool = True,
+) -> tuple[int, int, int, int, str, Trans]:
+    """Pin ``ref`` of ``rd`` for a copy by ``ldomid`` (``acquire_grant_for_copy``).
+
+    A v2 ``GTF_transitive`` entry (copy only) pins itself and then, one level
+    deep (``allow_transitive`` is False for the inner call, XSA-226), the grant
+    ``trans_gref`` of ``trans_domid``, which must be granted to ``rd``; the
+    inner grant's window (sub-page limits included) is the one used.  The
+    transitive entry's active entry is marked sub-page, so it cannot be
+    mapped while a copy holds it.
+
+    Args:
+        hv: the hypervisor.
+        rd: the granting domain.
+        ref: its grant ref.
+        ldomid: the domain copying (the grant must be for it).
+        readonly: a copy source (else a destination, write-pinned).
+        allow_transitive: ``opt_transitive_grants`` for the outer call; False
+            for the inner one, so a transitive grant of a transitive grant
+            gives ``GNTST_general_error``.
 
     Returns:
-        ``(status, mfn, start, length, detail)``.
+        ``(status, mfn, start, length, detail, trans)``: ``trans`` is what
+        :func:`release_grant_for_copy` must drop underneath (None unless
+        transitive).  Statuses: ``GNTST_bad_gntref`` (ref out of range, or
+        the inner one), ``GNTST_general_error`` (type, domid, read-only,
+        self-referential or unknown ``trans_domid``, nested transitive),
+        ``GNTST_bad_page``, ``GNTST_bad_domain`` (pinned grant of a dying
+        domain).
     """
     g = rd.gt
     if ref >= g.nr_grant_entries:
-        return GNTST_bad_gntref, -1, 0, 0, f"Bad grant reference {ref:#x}"
+        return GNTST_bad_gntref, -1, 0, 0, f"Bad grant reference {ref:#x}", None
     act = g.active.get(ref)
     pinned = act is not None and act.pin != 0
-    if act is not None and pinned:
-        if act.domid != ldomid or act.pin & GNTPIN_OVERFLOW:
-            return GNTST_general_error, -1, 0, 0, (
-                f"Bad domain ({act.domid} != {ldomid}), or risk of counter overflow {act.pin:08x}"
-            )
-        if rd.is_dying:
-            return GNTST_bad_domain, -1, 0, 0, f"d{rd.domid} is dying"
+    if act is not None and pinned and (act.domid != ldomid or act.pin & GNTPIN_OVERFLOW):
+        return (
+            GNTST_general_error,
+            -1,
+            0,
+            0,
+            (f"Bad domain ({act.domid} != {ldomid}), or risk of counter overflow {act.pin:08x}"),
+            None,
+        )
     mem = hv.mem
+    if g.version == 2:
+        off = g.entry_offset(ref)
+        if mem[off] & GTF_type_mask == GTF_transitive:
+            return _acquire_transitive(hv, rd, ref, ldomid, readonly, allow_transitive)
+    if act is not None and pinned and rd.is_dying:
+        return GNTST_bad_domain, -1, 0, 0, f"d{rd.domid} is dying", None
     if act is None or not pinned or (not readonly and not act.pin & GNTPIN_WRITE_MASK):
         rc, why = set_status(mem, g, ref, pinned, readonly, False, ldomid)
         if rc != GNTST_okay:
-            return rc, -1, 0, 0, why
+            return rc, -1, 0, 0, why, None
         if act is None or not pinned:
             off = g.entry_offset(ref)
             start, length, sub = 0, PAGE_SIZE, False
@@ -105,20 +171,81 @@ def acquire_grant_for_copy(
             g.active[ref] = act
             if rc != GNTST_okay:
                 _undo_pin(mem, g, ref, act, readonly)
-                return rc, -1, 0, 0, f"source frame {frame:#x} invalid"
+                return rc, -1, 0, 0, f"source frame {frame:#x} invalid", None
     assert act is not None
     act.pin += GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
-    return GNTST_okay, act.mfn, act.start, act.length, ""
+    return GNTST_okay, act.mfn, act.start, act.length, "", None
 
 
-def release_grant_for_copy(hv: Hypervisor, rd: DomainState, ref: int, readonly: bool) -> None:
-    """Drop the copy's pin and any in-use flag no pin needs any more."""
+def _acquire_transitive(
+    hv: Hypervisor,
+    rd: DomainState,
+    ref: int,
+    ldomid: int,
+    readonly: bool,
+    allow_transitive: bool,
+) -> tuple[int, int, int, int, str, Trans]:
+    """acquire_grant_for_copy's ``GTF_transitive`` branch (Xen 4.17)."""
+    g = rd.gt
+    mem = hv.mem
+    act = g.active.get(ref)
+    old_pin = act.pin if act is not None else 0
+    if not old_pin or (not readonly and not old_pin & GNTPIN_WRITE_MASK):
+        rc, why = set_status(mem, g, ref, old_pin != 0, readonly, False, ldomid)
+        if rc != GNTST_okay:
+            return rc, -1, 0, 0, why, None
+    why = ""
+    off = g.entry_offset(ref)
+    # trans_domid and gref are read once (Xen's barrier()), then used.
+    trans_domid = int.from_bytes(mem[off + 4 : off + 6], "little")
+    trans_gref = int.from_bytes(mem[off + 8 : off + 12], "little")
+    td = hv.lookup(trans_domid)
+    if not allow_transitive:
+        why = "transitive grant when transitivity not allowed"
+    elif trans_domid == rd.domid:
+        why = "transitive grants cannot be self-referential"
+    elif td is None:
+        why = f"transitive grant referenced bad domain {trans_domid}"
+    if why or td is None:  # unlock_out_clear
+        _clear_unneeded(mem, g, ref, old_pin, not readonly)
+        return GNTST_general_error, -1, 0, 0, why, None
+    rc, mfn, start, length, why, _ = acquire_grant_for_copy(
+        hv, td, trans_gref, rd.domid, readonly, False
+    )
+    if rc != GNTST_okay:  # fixup_status_for_copy_pin
+        _clear_unneeded(mem, g, ref, old_pin, True)
+        return rc, -1, 0, 0, why, None
+    if act is None or not old_pin:
+        # Always sub-page: "that blocks mappings of transitive grants".
+        act = ActiveGrant(ldomid, mfn, start, length, True)
+        g.active[ref] = act
+    elif (act.mfn, act.start, act.length, act.is_sub_page) != (mfn, start, length, True):
+        # Xen answers ERESTART (a hypercall continuation) when the pinned entry
+        # changed under it; a serialised emulator would retry forever.
+        release_grant_for_copy(hv, td, trans_gref, readonly)
+        _clear_unneeded(mem, g, ref, old_pin, True)
+        return GNTST_general_error, -1, 0, 0, "transitive grant changed while pinned", None
+    act.pin += GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
+    return GNTST_okay, act.mfn, act.start, act.length, "", (td, trans_gref)
+
+
+def release_grant_for_copy(
+    hv: Hypervisor, rd: DomainState, ref: int, readonly: bool, trans: Trans = None
+) -> None:
+    """Drop the copy's pin and any in-use flag no pin needs any more.
+
+    Args:
+        trans: the underlying grant of a transitive entry, released after it
+            (``release_grant_for_copy``'s bounded recursion).
+    """
     g = rd.gt
     act = g.active[ref]
     act.pin -= GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
     _undo_pin(hv.mem, g, ref, act, readonly)
     if rd.is_dying:
         hv.maybe_complete_destroy(rd)
+    if trans is not None:
+        release_grant_for_copy(hv, trans[0], trans[1], readonly)
 
 
 def copy_one(hv: Hypervisor, ld: DomainState, fields: tuple[int, ...]) -> tuple[int, str]:
@@ -142,16 +269,18 @@ def copy_one(hv: Hypervisor, ld: DomainState, fields: tuple[int, ...]) -> tuple[
         if domid != DOMID_SELF and not is_gref:
             return GNTST_permission_denied, "Only DOMID_SELF may reference via frame"
         doms.append(dom)
-    claimed: list[tuple[DomainState, int, bool]] = []
+    claimed: list[tuple[DomainState, int, bool, Trans]] = []
     bufs: list[tuple[int, int, int]] = []
     try:
         for (u, _domid, _off, is_gref, ro), dom in zip(sides, doms):
             if is_gref:
                 ref = u & 0xFFFFFFFF
-                rc, mfn, start, blen, why = acquire_grant_for_copy(hv, dom, ref, ld.domid, ro)
+                rc, mfn, start, blen, why, trans = acquire_grant_for_copy(
+                    hv, dom, ref, ld.domid, ro
+                )
                 if rc != GNTST_okay:
                     return rc, why
-                claimed.append((dom, ref, ro))
+                claimed.append((dom, ref, ro, trans))
             else:
                 rc, mfn = get_paged_frame(dom, u)
                 if rc != GNTST_okay:
@@ -178,8 +307,8 @@ def copy_one(hv: Hypervisor, ld: DomainState, fields: tuple[int, ...]) -> tuple[
             mem[dst : dst + length] = mem[src : src + length]
         return GNTST_okay, ""
     finally:
-        for dom, ref, ro in reversed(claimed):
-            release_grant_for_copy(hv, dom, ref, ro)
+        for dom, ref, ro, trans in reversed(claimed):
+            release_grant_for_copy(hv, dom, ref, ro, trans)
 
 
 def copy_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:

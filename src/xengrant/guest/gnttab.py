@@ -528,6 +528,29 @@ class GrantTable:
         flags = gt.GTF_permit_access | gt.GTF_sub_page | (0 if writable else gt.GTF_readonly)
         store16(view, off, flags)
 
+    def grant_access_transitive(
+        self, ref: int, domid: int, trans_domid: int, trans_gref: int
+    ) -> None:
+        """A v2 transitive grant: ``domid`` may copy (never map) through ``ref``
+        whatever ``trans_domid`` granted this domain as ``trans_gref``.
+
+        Writes domid, then trans_domid and gref, a write barrier, then
+        ``GTF_transitive`` (grant_table.h's ``grant_entry_v2.transitive``; Xen
+        4.17 ``acquire_grant_for_copy`` follows it one level deep).
+
+        Raises:
+            ValueError: v1 table, or ref not grantable.
+        """
+        if self.version != 2:
+            raise ValueError("transitive grants need a v2 grant table (set_version(2))")
+        self._check_grantable(ref)
+        view, off = self._locate(ref)
+        mv = memoryview(view)
+        struct.pack_into("<HHHI", mv, off + 2, domid, trans_domid, 0, trans_gref)
+        mv.release()
+        wmb()
+        store16(view, off, gt.GTF_transitive)
+
     def _check_grantable(self, ref: int) -> None:
         if not 0 <= ref < len(self._state) or self._state[ref] == _RESERVED:
             raise ValueError(f"grant ref {ref} is reserved or outside the table")
