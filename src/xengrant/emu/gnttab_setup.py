@@ -126,9 +126,12 @@ def set_version(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) ->
     Returns:
         0, -EINVAL (not 1 or 2), -ENOSYS (v2 not allowed), -EBUSY (a ref
         past the reserved ones is pinned), -ERANGE (a reserved v2 entry that
-        v1 cannot hold), -ENOMEM.  ``version`` always comes back holding the
-        version in force, errors included (gnttab_set_version's ``out:``).
-        ``count`` is ignored, as do_grant_table_op does not pass it.
+        v1 cannot hold), -EBUSY (v2 -> v1 while another domain holds a status
+        frame: ``gnttab_unpopulate_status_frames``; Xen 4.17 also crashes a
+        translated caller, which is not emulated), -ENOMEM.  ``version``
+        always comes back holding the version in force, errors included
+        (gnttab_set_version's ``out:``).  ``count`` is ignored, as
+        do_grant_table_op does not pass it.
     """
     (want,) = VERSION_OP.unpack_from(uop, 0)
     g = ld.gt
@@ -155,6 +158,12 @@ def _switch_version(hv: Hypervisor, d: DomainState, want: int) -> int:
             kind = flags & GTF_type_mask
             if kind == GTF_transitive or (kind == GTF_permit_access and frame >> 32):
                 return -errno.ERANGE
+        # gnttab_unpopulate_status_frames: a status frame someone else still
+        # holds (a grant of the status gfn, mapped) cannot be taken back:
+        # -EBUSY, table left at v2.  Xen also crashes a translated domain
+        # here (domain_crash); that is not emulated.
+        if any(hv.machine.refcount[mfn] > 1 for mfn in g.status):
+            return -errno.EBUSY
         # Only permit_access entries are carried over; the rest become invalid.
         reserved = [
             r if (r[0] & GTF_type_mask) == GTF_permit_access else (0, 0, 0) for r in reserved
