@@ -818,6 +818,591 @@ out:
     return ret;
 }
 
+/* ------------------------------------------------------------------ */
+/* GNTTABOP_map_grant_ref / unmap_grant_ref fast paths                  */
+/* ------------------------------------------------------------------ */
+
+/*
+ * map_run(mem, uop, start, count, ld, domains, refcount, ActiveGrant, Mapping)
+ *     -> index
+ *
+ * Runs ops start.. of a GNTTABOP_map_grant_ref batch while every op is the
+ * common success case of xengrant.emu.gnttab_map.map_grant_ref and returns
+ * the index of the first op it does not take (count if none); Python runs
+ * that one.  An op is taken only if: the caller is HVM (not pv) with a plain
+ * dict p2m; the flags ask for a host map and no device, application or PTE
+ * map; the granter exists, is not dying and has a v1 table; the maptrack free
+ * list holds more than its sentinel (no growth); the ref is in range and has
+ * no active entry (first pin); the entry is permit_access (not sub_page) for
+ * the caller and, for a writable map, not readonly; the host gfn is a hole.
+ * The pin is _set_status_v1's (5 cmpxchg tries); the frame is read after the
+ * pin and must be RAM or a grant-table frame in the granter's p2m, else the
+ * pin is dropped as _undo_pin drops it and the op is left to Python, which
+ * runs it again.  Then, as map_grant_ref does: the handle is the free list's
+ * head (popleft), the maptrack entry a Mapping(flags & (host|device|readonly),
+ * dom, ref, mfn, gfn), the active entry an ActiveGrant(ldomid, mfn, 0, 4096,
+ * False) with one host pin, the p2m entry (mfn, grant_map_ro/rw), one more
+ * machine reference; status, handle and dev_bus_addr are written back.
+ * Objects are made by tp_new and their slots set directly, so no Python code
+ * runs in here.
+ */
+
+#define XG_GNTMAP_device_map 1
+#define XG_GNTMAP_host_map 2
+#define XG_GNTMAP_readonly 4
+#define XG_GNTMAP_application_map 8
+#define XG_GNTMAP_contains_pte 16
+#define XG_GTF_sub_page (1 << 8)
+#define XG_MAP_OP_SIZE 32
+#define XG_UNMAP_OP_SIZE 24
+#define XG_P2M_GRANT_MAP_RW 1
+#define XG_P2M_GRANT_MAP_RO 2
+#define XG_GNTPIN_hstw_inc 1L
+#define XG_GNTPIN_hstr_inc (1L << 8)
+#define XG_GNTPIN_WRITE_MASK 0x00FF00FFL
+
+/* _set_status_v1 for a map of an entry without pins: 1 pinned, 0 refused
+ * (nothing changed). */
+static int
+xg_pin_map(uint32_t *word, uint16_t ldomid, int readonly)
+{
+    uint32_t scombo = __atomic_load_n(word, __ATOMIC_SEQ_CST);
+    for (int t = 0; t < XG_CMPXCHG_TRIES; t++) {
+        uint16_t flags = (uint16_t)(scombo & 0xFFFF), domid = (uint16_t)(scombo >> 16);
+        if ((flags & (XG_GTF_type_mask | XG_GTF_sub_page)) != XG_GTF_permit_access ||
+            domid != ldomid)
+            return 0;
+        uint32_t new = scombo | XG_GTF_reading;
+        if (!readonly) {
+            new |= XG_GTF_writing;
+            if (flags & XG_GTF_readonly)
+                return 0;
+        }
+        if (__atomic_compare_exchange_n(word, &scombo, new, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+            return 1;
+    }
+    return 0;
+}
+
+/* a new instance of cls with its slots set from names/values (no __init__) */
+static PyObject *
+xg_new_slots(PyObject *cls, const char *const *names, PyObject *const *values, int n)
+{
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "expected a class");
+        return NULL;
+    }
+    PyTypeObject *tp = (PyTypeObject *)cls;
+    PyObject *empty = PyTuple_New(0);
+    if (empty == NULL)
+        return NULL;
+    PyObject *o = tp->tp_new(tp, empty, NULL);
+    Py_DECREF(empty);
+    if (o == NULL)
+        return NULL;
+    for (int k = 0; k < n; k++) {
+        if (values[k] == NULL || PyObject_SetAttrString(o, names[k], values[k]) < 0) {
+            Py_DECREF(o);
+            return NULL;
+        }
+    }
+    return o;
+}
+
+/* attributes of the mapping domain used by both runs */
+typedef struct {
+    uint16_t domid;
+    PyObject *p2m;      /* new references */
+    PyObject *entries;
+    PyObject *free;
+    int usable;         /* HVM, plain dict p2m, plain list entries */
+} xg_ld;
+
+static void
+xg_ld_clear(xg_ld *l)
+{
+    Py_CLEAR(l->p2m);
+    Py_CLEAR(l->entries);
+    Py_CLEAR(l->free);
+}
+
+static int
+xg_ld_get(xg_ld *l, PyObject *ld)
+{
+    PyObject *o, *mt = NULL;
+    memset(l, 0, sizeof(*l));
+    o = PyObject_GetAttrString(ld, "domid");
+    if (o == NULL)
+        return -1;
+    long v = PyLong_AsLong(o);
+    Py_DECREF(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    l->domid = (uint16_t)v;
+    o = PyObject_GetAttrString(ld, "pv");
+    if (o == NULL)
+        return -1;
+    int pv = PyObject_IsTrue(o);
+    Py_DECREF(o);
+    if (pv < 0)
+        return -1;
+    l->p2m = PyObject_GetAttrString(ld, "p2m");
+    mt = PyObject_GetAttrString(ld, "maptrack");
+    if (l->p2m == NULL || mt == NULL)
+        goto fail;
+    l->entries = PyObject_GetAttrString(mt, "entries");
+    l->free = PyObject_GetAttrString(mt, "_free");
+    if (l->entries == NULL || l->free == NULL)
+        goto fail;
+    Py_DECREF(mt);
+    l->usable = !pv && PyDict_CheckExact(l->p2m) && PyList_CheckExact(l->entries);
+    return 0;
+fail:
+    Py_XDECREF(mt);
+    xg_ld_clear(l);
+    return -1;
+}
+
+/* the granter of dom through the domain cache; NULL without an exception
+ * when it is missing or not usable */
+static xg_dom *
+xg_granter(PyObject *domains, xg_dom *cache, int *ncache, long dom)
+{
+    PyObject *key = PyLong_FromLong(dom);
+    if (key == NULL)
+        return NULL;
+    PyObject *d = PyDict_GetItemWithError(domains, key);
+    Py_DECREF(key);
+    if (d == NULL)
+        return NULL;
+    xg_dom *c = xg_dom_get(cache, ncache, d);
+    if (c == NULL || !c->usable)
+        return NULL;
+    return c;
+}
+
+/* refcount[mfn] += delta; -1 on error */
+static int
+xg_ref_add(PyObject *refcount, Py_ssize_t mfn, long delta)
+{
+    long rc = PyLong_AsLong(PyList_GET_ITEM(refcount, mfn));
+    if (rc == -1 && PyErr_Occurred())
+        return -1;
+    PyObject *n = PyLong_FromLong(rc + delta);
+    if (n == NULL)
+        return -1;
+    PyList_SetItem(refcount, mfn, n); /* steals n */
+    return 0;
+}
+
+static PyObject *
+xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    ARGCHECK(9, "map_run(mem, uop, start, count, ld, domains, refcount, ActiveGrant, Mapping) "
+                "-> index")
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t count = PyLong_AsSsize_t(args[3]);
+    if (count == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *domains = args[5], *refcount = args[6], *act_cls = args[7], *map_cls = args[8];
+    if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
+        PyErr_SetString(PyExc_TypeError, "map_run: domains must be a dict, refcount a list");
+        return NULL;
+    }
+    Py_buffer mem, uop;
+    if (PyObject_GetBuffer(args[0], &mem, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &uop, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&mem);
+        return NULL;
+    }
+    xg_dom cache[XG_DOM_CACHE];
+    memset(cache, 0, sizeof(cache));
+    int ncache = 0;
+    xg_ld l;
+    memset(&l, 0, sizeof(l));
+    PyObject *ret = NULL;
+    char *m = mem.buf;
+    Py_ssize_t nframes = mem.len / XG_PAGE_SIZE;
+    if (PyList_GET_SIZE(refcount) < nframes)
+        nframes = PyList_GET_SIZE(refcount);
+    Py_ssize_t i = start;
+    if (start < 0 || count > uop.len / XG_MAP_OP_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "map_run: start/count out of range");
+        goto out;
+    }
+    if (xg_ld_get(&l, args[4]) < 0)
+        goto out;
+    if (!l.usable)
+        goto done;
+    for (; i < count; i++) {
+        unsigned char *op = (unsigned char *)uop.buf + i * XG_MAP_OP_SIZE;
+        uint64_t host_addr;
+        uint32_t flags, ref;
+        uint16_t dom;
+        memcpy(&host_addr, op, 8);
+        memcpy(&flags, op + 8, 4);
+        memcpy(&ref, op + 12, 4);
+        memcpy(&dom, op + 16, 2);
+        if ((flags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map | XG_GNTMAP_application_map |
+                      XG_GNTMAP_contains_pte)) != XG_GNTMAP_host_map)
+            break;
+        int readonly = (flags & XG_GNTMAP_readonly) != 0;
+        xg_dom *rd = xg_granter(domains, cache, &ncache, dom);
+        if (rd == NULL) {
+            if (PyErr_Occurred())
+                goto out;
+            break;
+        }
+        Py_ssize_t nfree = PyObject_Size(l.free);
+        if (nfree < 0)
+            goto out;
+        if (nfree <= 1 || (Py_ssize_t)ref >= PyList_GET_SIZE(rd->shared) * XG_PER_V1)
+            break;
+        PyObject *refkey = PyLong_FromUnsignedLong(ref);
+        if (refkey == NULL)
+            goto out;
+        int in = PyDict_Contains(rd->active, refkey);
+        if (in != 0) {
+            Py_DECREF(refkey);
+            if (in < 0)
+                goto out;
+            break;
+        }
+        Py_ssize_t sf = PyLong_AsSsize_t(PyList_GET_ITEM(rd->shared, ref / XG_PER_V1));
+        if (sf == -1 && PyErr_Occurred()) {
+            Py_DECREF(refkey);
+            goto out;
+        }
+        if (sf < 0 || sf >= mem.len / XG_PAGE_SIZE) {
+            Py_DECREF(refkey);
+            break;
+        }
+        PyObject *gfnkey = PyLong_FromUnsignedLongLong(host_addr >> 12);
+        if (gfnkey == NULL) {
+            Py_DECREF(refkey);
+            goto out;
+        }
+        in = PyDict_Contains(l.p2m, gfnkey);
+        if (in != 0) {
+            Py_DECREF(refkey);
+            Py_DECREF(gfnkey);
+            if (in < 0)
+                goto out;
+            break;
+        }
+        char *ent = m + sf * XG_PAGE_SIZE + (ref % XG_PER_V1) * 8;
+        uint16_t *eflags = (uint16_t *)ent;
+        if (!xg_pin_map((uint32_t *)ent, l.domid, readonly)) {
+            Py_DECREF(refkey);
+            Py_DECREF(gfnkey);
+            break;
+        }
+        /* the frame is read once the entry is pinned, as Python reads it */
+        uint32_t frame;
+        memcpy(&frame, ent + 4, 4);
+        Py_ssize_t mfn;
+        int r = xg_p2m_frame(rd->p2m, frame, nframes, &mfn);
+        PyObject *act = NULL, *mp = NULL, *p2e = NULL, *handle = NULL;
+        if (r == 1) {
+            PyObject *mfn_o = PyLong_FromSsize_t(mfn);
+            PyObject *ld_o = PyLong_FromLong(l.domid);
+            PyObject *pin_o = PyLong_FromLong(readonly ? XG_GNTPIN_hstr_inc : XG_GNTPIN_hstw_inc);
+            PyObject *zero = PyLong_FromLong(0), *len_o = PyLong_FromLong(XG_PAGE_SIZE);
+            PyObject *mfl = PyLong_FromUnsignedLong(
+                flags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map | XG_GNTMAP_readonly));
+            PyObject *dom_o = PyLong_FromLong(dom);
+            PyObject *typ = PyLong_FromLong(readonly ? XG_P2M_GRANT_MAP_RO : XG_P2M_GRANT_MAP_RW);
+            if (mfn_o && ld_o && pin_o && zero && len_o && mfl && dom_o && typ) {
+                static const char *const an[] = {"pin", "domid", "mfn", "start", "length",
+                                                 "is_sub_page"};
+                PyObject *av[] = {pin_o, ld_o, mfn_o, zero, len_o, Py_False};
+                act = xg_new_slots(act_cls, an, av, 6);
+                static const char *const mn[] = {"flags", "domid", "ref", "mfn", "host_gfn"};
+                PyObject *mv[] = {mfl, dom_o, refkey, mfn_o, gfnkey};
+                mp = xg_new_slots(map_cls, mn, mv, 5);
+                p2e = PyTuple_Pack(2, mfn_o, typ);
+            }
+            Py_XDECREF(mfn_o);
+            Py_XDECREF(ld_o);
+            Py_XDECREF(pin_o);
+            Py_XDECREF(zero);
+            Py_XDECREF(len_o);
+            Py_XDECREF(mfl);
+            Py_XDECREF(dom_o);
+            Py_XDECREF(typ);
+            if (act == NULL || mp == NULL || p2e == NULL)
+                r = -1;
+        }
+        if (r != 1) {
+            /* _undo_pin with no pin: clear GTF_writing (writable), then GTF_reading */
+            if (!readonly)
+                __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_writing, __ATOMIC_SEQ_CST);
+            __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_reading, __ATOMIC_SEQ_CST);
+            Py_XDECREF(act);
+            Py_XDECREF(mp);
+            Py_XDECREF(p2e);
+            Py_DECREF(refkey);
+            Py_DECREF(gfnkey);
+            if (r < 0)
+                goto out;
+            break;
+        }
+        /* commit, in map_grant_ref's order */
+        handle = PyObject_CallMethod(l.free, "popleft", NULL);
+        Py_ssize_t h = handle ? PyLong_AsSsize_t(handle) : -1;
+        int bad = handle == NULL || (h == -1 && PyErr_Occurred());
+        if (!bad && (h < 0 || h >= PyList_GET_SIZE(l.entries))) {
+            PyErr_SetString(PyExc_AssertionError, "map_run: maptrack handle out of range");
+            bad = 1;
+        }
+        if (!bad) {
+            PyList_SetItem(l.entries, h, mp); /* steals mp */
+            mp = NULL;
+            bad = PyDict_SetItem(rd->active, refkey, act) < 0 ||
+                  PyDict_SetItem(l.p2m, gfnkey, p2e) < 0 || xg_ref_add(refcount, mfn, 1) < 0;
+        }
+        Py_XDECREF(handle);
+        Py_XDECREF(mp);
+        Py_DECREF(act);
+        Py_DECREF(p2e);
+        Py_DECREF(refkey);
+        Py_DECREF(gfnkey);
+        if (bad)
+            goto out;
+        int16_t st = 0;
+        uint32_t h32 = (uint32_t)h;
+        uint64_t dba = (uint64_t)mfn << 12;
+        memcpy(op + 18, &st, 2);
+        memcpy(op + 20, &h32, 4);
+        memcpy(op + 24, &dba, 8);
+    }
+done:
+    ret = PyLong_FromSsize_t(i);
+out:
+    xg_ld_clear(&l);
+    xg_dom_clear(cache, ncache);
+    PyBuffer_Release(&uop);
+    PyBuffer_Release(&mem);
+    return ret;
+}
+
+/* an int attribute of o; -1 with an exception on error */
+static int
+xg_attr_long(PyObject *o, const char *name, long *out)
+{
+    PyObject *v = PyObject_GetAttrString(o, name);
+    if (v == NULL)
+        return -1;
+    if (!PyLong_Check(v)) {
+        Py_DECREF(v);
+        PyErr_Format(PyExc_TypeError, "%s is not an int", name);
+        return -1;
+    }
+    *out = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/*
+ * unmap_run(mem, uop, start, count, ld, domains, refcount) -> index
+ *
+ * Runs ops start.. of a GNTTABOP_unmap_grant_ref batch while every op is the
+ * common success case of xengrant.emu.gnttab_map.unmap_grant_ref (new_addr 0)
+ * and returns the index of the first op it does not take.  An op is taken
+ * only if: the caller is HVM with a plain dict p2m; host_addr is not 0 and
+ * dev_bus_addr is 0; the handle names a live mapping whose flags hold a host
+ * map and no device map; its granter exists, is not dying and has a v1
+ * table; the ref is in range and active; the caller's p2m at host_addr >> 12
+ * holds (act.mfn, grant_map_rw/ro); and the frame keeps a reference after
+ * this one goes (machine.put would scrub and free it otherwise).  Then, as
+ * unmap_grant_ref/_complete_unmap/_undo_pin do: the p2m entry is removed, the
+ * host pin dropped, the machine reference dropped, GTF_writing cleared when
+ * no write pin is left (writable maps), GTF_reading cleared and the active
+ * entry removed when no pin is left, the mapping's flags lose host_map and
+ * its handle is freed (entries[h] = None, appended to the free list).
+ */
+static PyObject *
+xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    ARGCHECK(7, "unmap_run(mem, uop, start, count, ld, domains, refcount) -> index")
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t count = PyLong_AsSsize_t(args[3]);
+    if (count == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *domains = args[5], *refcount = args[6];
+    if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
+        PyErr_SetString(PyExc_TypeError, "unmap_run: domains must be a dict, refcount a list");
+        return NULL;
+    }
+    Py_buffer mem, uop;
+    if (PyObject_GetBuffer(args[0], &mem, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &uop, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&mem);
+        return NULL;
+    }
+    xg_dom cache[XG_DOM_CACHE];
+    memset(cache, 0, sizeof(cache));
+    int ncache = 0;
+    xg_ld l;
+    memset(&l, 0, sizeof(l));
+    PyObject *ret = NULL;
+    char *m = mem.buf;
+    Py_ssize_t nframes = mem.len / XG_PAGE_SIZE;
+    if (PyList_GET_SIZE(refcount) < nframes)
+        nframes = PyList_GET_SIZE(refcount);
+    Py_ssize_t i = start;
+    if (start < 0 || count > uop.len / XG_UNMAP_OP_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "unmap_run: start/count out of range");
+        goto out;
+    }
+    if (xg_ld_get(&l, args[4]) < 0)
+        goto out;
+    if (!l.usable)
+        goto done;
+    for (; i < count; i++) {
+        unsigned char *op = (unsigned char *)uop.buf + i * XG_UNMAP_OP_SIZE;
+        uint64_t host_addr, dba;
+        uint32_t h;
+        memcpy(&host_addr, op, 8);
+        memcpy(&dba, op + 8, 8);
+        memcpy(&h, op + 16, 4);
+        if (host_addr == 0 || dba != 0 || (Py_ssize_t)h >= PyList_GET_SIZE(l.entries))
+            break;
+        PyObject *mp = PyList_GET_ITEM(l.entries, h);
+        if (mp == Py_None)
+            break;
+        Py_INCREF(mp);
+        long mflags, mdom, mref, mfn, pin;
+        PyObject *act = NULL, *refkey = NULL, *gfnkey = NULL;
+        int fail = 1; /* 1: error, 0: leave to Python */
+        if (xg_attr_long(mp, "flags", &mflags) < 0)
+            goto op_end;
+        fail = 0;
+        if ((mflags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map)) != XG_GNTMAP_host_map)
+            goto op_end;
+        fail = 1;
+        if (xg_attr_long(mp, "domid", &mdom) < 0 || xg_attr_long(mp, "ref", &mref) < 0)
+            goto op_end;
+        fail = 0;
+        xg_dom *rd = xg_granter(domains, cache, &ncache, mdom);
+        if (rd == NULL) {
+            fail = PyErr_Occurred() != NULL;
+            goto op_end;
+        }
+        if (mref < 0 || mref >= PyList_GET_SIZE(rd->shared) * XG_PER_V1)
+            goto op_end;
+        fail = 1;
+        refkey = PyLong_FromLong(mref);
+        if (refkey == NULL)
+            goto op_end;
+        act = PyDict_GetItemWithError(rd->active, refkey);
+        if (act == NULL) {
+            fail = PyErr_Occurred() != NULL;
+            goto op_end;
+        }
+        Py_INCREF(act);
+        if (xg_attr_long(act, "mfn", &mfn) < 0 || xg_attr_long(act, "pin", &pin) < 0)
+            goto op_end;
+        gfnkey = PyLong_FromUnsignedLongLong(host_addr >> 12);
+        if (gfnkey == NULL)
+            goto op_end;
+        PyObject *ent = PyDict_GetItemWithError(l.p2m, gfnkey);
+        if (ent == NULL) {
+            fail = PyErr_Occurred() != NULL;
+            goto op_end;
+        }
+        fail = 0;
+        if (!PyTuple_CheckExact(ent) || PyTuple_GET_SIZE(ent) != 2)
+            goto op_end;
+        fail = 1;
+        long emfn = PyLong_AsLong(PyTuple_GET_ITEM(ent, 0));
+        if (emfn == -1 && PyErr_Occurred())
+            goto op_end;
+        long etyp = PyLong_AsLong(PyTuple_GET_ITEM(ent, 1));
+        if (etyp == -1 && PyErr_Occurred())
+            goto op_end;
+        fail = 0;
+        if ((etyp != XG_P2M_GRANT_MAP_RW && etyp != XG_P2M_GRANT_MAP_RO) || emfn != mfn ||
+            mfn < 0 || mfn >= nframes)
+            goto op_end;
+        fail = 1;
+        long rc = PyLong_AsLong(PyList_GET_ITEM(refcount, mfn));
+        if (rc == -1 && PyErr_Occurred())
+            goto op_end;
+        fail = 0;
+        if (rc <= 1)
+            goto op_end; /* machine.put would free the frame: Python does that */
+        Py_ssize_t sf = PyLong_AsSsize_t(PyList_GET_ITEM(rd->shared, mref / XG_PER_V1));
+        if (sf == -1 && PyErr_Occurred()) {
+            fail = 1;
+            goto op_end;
+        }
+        if (sf < 0 || sf >= mem.len / XG_PAGE_SIZE)
+            goto op_end;
+        /* commit */
+        fail = 1;
+        int ro = (mflags & XG_GNTMAP_readonly) != 0;
+        long npin = pin - (ro ? XG_GNTPIN_hstr_inc : XG_GNTPIN_hstw_inc);
+        PyObject *nf = PyLong_FromLong(mflags & ~(long)XG_GNTMAP_host_map);
+        PyObject *np = PyLong_FromLong(npin);
+        int bad = nf == NULL || np == NULL || PyDict_DelItem(l.p2m, gfnkey) < 0 ||
+                  PyObject_SetAttrString(mp, "flags", nf) < 0 ||
+                  PyObject_SetAttrString(act, "pin", np) < 0 ||
+                  xg_ref_add(refcount, mfn, -1) < 0;
+        Py_XDECREF(nf);
+        Py_XDECREF(np);
+        if (bad)
+            goto op_end;
+        uint16_t *eflags = (uint16_t *)(m + sf * XG_PAGE_SIZE + (mref % XG_PER_V1) * 8);
+        if (!ro && !(npin & XG_GNTPIN_WRITE_MASK))
+            __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_writing, __ATOMIC_SEQ_CST);
+        if (!npin) {
+            __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_reading, __ATOMIC_SEQ_CST);
+            if (PyDict_DelItem(rd->active, refkey) < 0)
+                goto op_end;
+        }
+        /* maptrack.put(handle) */
+        Py_INCREF(Py_None);
+        PyList_SetItem(l.entries, h, Py_None);
+        PyObject *hk = PyLong_FromUnsignedLong(h);
+        if (hk == NULL)
+            goto op_end;
+        PyObject *r = PyObject_CallMethod(l.free, "append", "O", hk);
+        Py_DECREF(hk);
+        if (r == NULL)
+            goto op_end;
+        Py_DECREF(r);
+        memset(op + 20, 0, 2); /* GNTST_okay */
+        fail = -1;             /* done */
+    op_end:
+        Py_DECREF(mp);
+        Py_XDECREF(act);
+        Py_XDECREF(refkey);
+        Py_XDECREF(gfnkey);
+        if (fail == 1)
+            goto out;
+        if (fail == 0)
+            break;
+    }
+done:
+    ret = PyLong_FromSsize_t(i);
+out:
+    xg_ld_clear(&l);
+    xg_dom_clear(cache, ncache);
+    PyBuffer_Release(&uop);
+    PyBuffer_Release(&mem);
+    return ret;
+}
+
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))xg_##name, METH_FASTCALL, doc}
 
 static PyMethodDef module_methods[] = {
@@ -835,6 +1420,10 @@ static PyMethodDef module_methods[] = {
     FAST(vmap, "vmap(fd, frames, readonly) -> FrameView mapping the frames contiguously"),
     FAST(copy_run, "copy_run(mem, uop, start, count, ld, domains) -> index of the first op "
                    "of a GNTTABOP_copy batch left to Python"),
+    FAST(map_run, "map_run(mem, uop, start, count, ld, domains, refcount, ActiveGrant, Mapping) "
+                  "-> index of the first op of a GNTTABOP_map_grant_ref batch left to Python"),
+    FAST(unmap_run, "unmap_run(mem, uop, start, count, ld, domains, refcount) -> index of the "
+                    "first op of a GNTTABOP_unmap_grant_ref batch left to Python"),
     {"mb", (PyCFunction)xg_mb, METH_NOARGS, "full memory barrier"},
     {"wmb", (PyCFunction)xg_wmb, METH_NOARGS, "write (release) barrier"},
     {"rmb", (PyCFunction)xg_rmb, METH_NOARGS, "read (acquire) barrier"},

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from .._cext import load32
+from .._cext import load32, map_run, unmap_run
 from ..abi.grant_table import (
     GNTMAP_application_map,
     GNTMAP_contains_pte,
@@ -64,6 +64,14 @@ _UNMAP_STATUS_OFF = 20
 _STATUS = struct.Struct("<h")
 
 _MAP_KINDS = GNTMAP_host_map | GNTMAP_device_map
+
+#: Run the common success case of consecutive map ops (first host-only pin of
+#: a v1 grant by an HVM caller, handle from the free list) in C
+#: (``_cext.map_run``), and of consecutive unmap ops (a host-only mapping of
+#: a v1 grant whose frame keeps a reference) in C (``_cext.unmap_run``); any
+#: op they do not take runs through :func:`map_grant_ref` /
+#: :func:`unmap_grant_ref`.  Tests switch it off.
+FASTPATH = True
 
 
 def _undo_pin(mem: memoryview, g: GrantTableState, ref: int, act: ActiveGrant, ro: bool) -> None:
@@ -252,6 +260,22 @@ def map_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count:
     size = MAP_OP.size
     pack_out = _MAP_OUT.pack_into
     log = hv.log
+    if FASTPATH:
+        mem, domains, refcount = hv.mem, hv.domains, hv.machine.refcount
+        unpack = MAP_OP.unpack_from
+        i = 0
+        while True:
+            i = map_run(mem, uop, i, count, ld, domains, refcount, ActiveGrant, Mapping)
+            if i >= count:
+                return 0
+            host_addr, flags, ref, dom, _st, handle_in, dba_in = unpack(uop, i * size)
+            st, handle, dba, why = map_grant_ref(hv, ld, host_addr, flags, ref, dom)
+            if st != GNTST_okay:
+                handle, dba = handle_in, dba_in
+                if log is not None:
+                    log(ld.domid, "map_grant_ref", st, why)
+            pack_out(uop, i * size + _MAP_OUT_OFF, st, handle, dba)
+            i += 1
     # iter_unpack reads each op when it is reached, as the per-op copy_from_guest does.
     ops = MAP_OP.iter_unpack(uop[: count * size])
     out = _MAP_OUT_OFF
@@ -278,6 +302,20 @@ def _unmap_batch(
     pack_st = _STATUS.pack_into
     log = hv.log
     name = "unmap_and_replace" if replace else "unmap_grant_ref"
+    if FASTPATH and not replace:
+        mem, domains, refcount = hv.mem, hv.domains, hv.machine.refcount
+        unpack = UNMAP_OP.unpack_from
+        i = 0
+        while True:
+            i = unmap_run(mem, uop, i, count, ld, domains, refcount)
+            if i >= count:
+                return 0
+            host_addr, dba, handle, _st = unpack(uop, i * size)
+            st, why = unmap_grant_ref(hv, ld, host_addr, dba, handle, 0)
+            if st != GNTST_okay and log is not None:
+                log(ld.domid, name, st, why)
+            pack_st(uop, i * size + _UNMAP_STATUS_OFF, st)
+            i += 1
     out = _UNMAP_STATUS_OFF
     for host_addr, second, handle, _st in UNMAP_OP.iter_unpack(uop[: count * size]):
         if replace:
