@@ -541,14 +541,10 @@ class RemoteHypercalls:
             os.close(self.fd)
 
 
-# ------------------------------------------------------------------ xenstore
-class XenStoreClient:
-    """The domain's xenstore connection (libxenstore's ``xs_*`` calls).
+class _ServiceClient:
+    """A request/reply client over the domain's channel; errors raise ``error``."""
 
-    Paths without a leading ``/`` are relative to the domain's home,
-    ``/local/domain/<domid>``.  Errors raise :class:`XenStoreError` with
-    xenstored's errno.
-    """
+    error: type[XenStoreError] | type[EvtchnError]
 
     def __init__(self, channel: Channel, domid: int) -> None:
         self.channel = channel
@@ -557,8 +553,20 @@ class XenStoreClient:
     def _call(self, mtype: int, payload: bytes) -> bytes:
         status, body = self.channel.call(mtype, payload)
         if status < 0:
-            raise XenStoreError(-status, body.decode("utf-8", "replace"))
+            raise self.error(-status, body.decode("utf-8", "replace"))
         return body
+
+
+# ------------------------------------------------------------------ xenstore
+class XenStoreClient(_ServiceClient):
+    """The domain's xenstore connection (libxenstore's ``xs_*`` calls).
+
+    Paths without a leading ``/`` are relative to the domain's home,
+    ``/local/domain/<domid>``.  Errors raise :class:`XenStoreError` with
+    xenstored's errno.
+    """
+
+    error = XenStoreError
 
     def read(self, path: str) -> bytes:
         """``xs_read``."""
@@ -674,7 +682,7 @@ class _TokenMatch:
 
 
 # ------------------------------------------------------------ event channels
-class EventChannelClient:
+class EventChannelClient(_ServiceClient):
     """The domain's event channels (libxenevtchn's ``xenevtchn_*`` calls).
 
     As with /dev/xen/evtchn, a port that fired stays masked until
@@ -682,15 +690,7 @@ class EventChannelClient:
     delivers one event on it at once (Xen sets it pending).
     """
 
-    def __init__(self, channel: Channel, domid: int) -> None:
-        self.channel = channel
-        self.domid = domid
-
-    def _call(self, mtype: int, payload: bytes) -> bytes:
-        status, body = self.channel.call(mtype, payload)
-        if status < 0:
-            raise EvtchnError(-status, body.decode("utf-8", "replace"))
-        return body
+    error = EvtchnError
 
     def bind_unbound_port(self, remote_domid: int) -> int:
         """``EVTCHNOP_alloc_unbound``: a port ``remote_domid`` may bind to."""
