@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections.abc import Sequence
+from typing import Any, TypeVar, cast
 
 from ..abi import gntalloc as ga
 from ..abi import gntdev as gd
@@ -23,41 +24,29 @@ _ALLOC_IDS = ga.ioctl_gntalloc_alloc_gref.gref_ids.offset
 _MAP_REFS = gd.ioctl_gntdev_map_grant_ref.refs.offset
 _CACHE_MAX = 4096
 
-_alloc_types: dict[int, type[ga.ioctl_gntalloc_alloc_gref]] = {}
-_map_types: dict[int, type[gd.ioctl_gntdev_map_grant_ref]] = {}
+_S = TypeVar("_S", bound=ctypes.Structure)
+_sized_types: dict[tuple[type[ctypes.Structure], int], type[ctypes.Structure]] = {}
 
 
-def _alloc_type(count: int) -> type[ga.ioctl_gntalloc_alloc_gref]:
-    cls = _alloc_types.get(count)
+def _sized(base: type[_S], elem: Any, count: int) -> type[_S]:
+    """``base`` with its trailing ``[1]`` array of ``elem`` grown to ``count`` entries.
+
+    Each (base, count) subclass is made once (up to ``_CACHE_MAX`` entries).
+    """
+    cls = _sized_types.get((base, count))
     if cls is None:
         extra = max(count - 1, 0)
-        cls = type(
-            f"ioctl_gntalloc_alloc_gref_{count}",
-            (ga.ioctl_gntalloc_alloc_gref,),
-            {"_fields_": [("_more_gref_ids", ctypes.c_uint32 * extra)]},
-        )
+        cls = type(f"{base.__name__}_{count}", (base,), {"_fields_": [("_more", elem * extra)]})
         if count <= _CACHE_MAX:
-            _alloc_types[count] = cls
-    return cls
-
-
-def _map_type(count: int) -> type[gd.ioctl_gntdev_map_grant_ref]:
-    cls = _map_types.get(count)
-    if cls is None:
-        extra = max(count - 1, 0)
-        cls = type(
-            f"ioctl_gntdev_map_grant_ref_{count}",
-            (gd.ioctl_gntdev_map_grant_ref,),
-            {"_fields_": [("_more_refs", gd.ioctl_gntdev_grant_ref * extra)]},
-        )
-        if count <= _CACHE_MAX:
-            _map_types[count] = cls
-    return cls
+            _sized_types[(base, count)] = cls
+    return cast("type[_S]", cls)
 
 
 def alloc_request(domid: int, flags: int, count: int) -> ga.ioctl_gntalloc_alloc_gref:
     """An IOCTL_GNTALLOC_ALLOC_GREF argument with room for ``count`` ``gref_ids``."""
-    return _alloc_type(count)(domid=domid, flags=flags, count=count)
+    return _sized(ga.ioctl_gntalloc_alloc_gref, ctypes.c_uint32, count)(
+        domid=domid, flags=flags, count=count
+    )
 
 
 def alloc_ids(op: ga.ioctl_gntalloc_alloc_gref, count: int) -> list[int]:
@@ -68,7 +57,7 @@ def alloc_ids(op: ga.ioctl_gntalloc_alloc_gref, count: int) -> list[int]:
 def map_request(grants: Sequence[tuple[int, int]]) -> gd.ioctl_gntdev_map_grant_ref:
     """An IOCTL_GNTDEV_MAP_GRANT_REF argument for ``(domid, ref)`` pairs."""
     n = len(grants)
-    op = _map_type(n)(count=n)
+    op = _sized(gd.ioctl_gntdev_map_grant_ref, gd.ioctl_gntdev_grant_ref, n)(count=n)
     flat = [x for pair in grants for x in pair]
     struct.pack_into(f"={2 * n}I", op, _MAP_REFS, *flat)
     return op
