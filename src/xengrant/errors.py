@@ -87,6 +87,27 @@ class HypercallError(XenError, OSError):
         return str(self.strerror)
 
 
+class ErrnoError(XenError, OSError):
+    """A request answered with an errno (xenstore, event channels).
+
+    Attributes:
+        errno: the positive errno.
+        detail: what went wrong, without the errno name.
+    """
+
+    #: how the message starts: ``{name}`` is the errno's name (``EACCES``).
+    prefix = "{name}"
+
+    def __init__(self, err: int, text: str = "") -> None:
+        name = _errno.errorcode.get(err, str(err))
+        head = self.prefix.format(name=name)
+        OSError.__init__(self, err, head + (f": {text}" if text else ""))
+        self.detail = text
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class Busy(XenError):
     """The peer still uses the grant: access cannot end yet.
 

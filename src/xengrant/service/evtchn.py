@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..abi.grant_table import DOMID_SELF
-from ..errors import XenError
+from ..errors import ErrnoError
 
 #: EVTCHN_2L_NR_CHANNELS for a 64-bit guest.
 NR_PORTS_2L = 4096
@@ -58,7 +58,7 @@ _STAT = {
 }
 
 
-class EvtchnError(XenError, OSError):
+class EvtchnError(ErrnoError):
     """An event-channel hypercall failed.
 
     Attributes:
@@ -66,14 +66,7 @@ class EvtchnError(XenError, OSError):
         detail: the explanation.
     """
 
-    def __init__(self, err: int, text: str = "") -> None:
-        name = errno.errorcode.get(err, str(err))
-        OSError.__init__(self, err, f"evtchn: -{name}" + (f": {text}" if text else ""))
-        #: what went wrong, without the errno name
-        self.detail = text
-
-    def __str__(self) -> str:
-        return str(self.strerror)
+    prefix = "evtchn: -{name}"
 
 
 @dataclass

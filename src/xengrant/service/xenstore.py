@@ -42,7 +42,7 @@ import re
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
-from ..errors import XenError
+from ..errors import ErrnoError
 
 XS_PERM_NONE = 0
 XS_PERM_READ = 1
@@ -69,7 +69,7 @@ _PERM_CHARS = {"n": XS_PERM_NONE, "r": XS_PERM_READ, "w": XS_PERM_WRITE, "b": 3}
 _PERM_NAMES = {v: k for k, v in _PERM_CHARS.items()}
 
 
-class XenStoreError(XenError, OSError):
+class XenStoreError(ErrnoError):
     """A xenstore request failed.
 
     Attributes:
@@ -77,14 +77,7 @@ class XenStoreError(XenError, OSError):
         detail: the explanation.
     """
 
-    def __init__(self, err: int, text: str = "") -> None:
-        name = errno.errorcode.get(err, str(err))
-        OSError.__init__(self, err, f"xenstore: {name}" + (f": {text}" if text else ""))
-        #: what went wrong, without the errno name
-        self.detail = text
-
-    def __str__(self) -> str:
-        return str(self.strerror)
+    prefix = "xenstore: {name}"
 
 
 @dataclass
