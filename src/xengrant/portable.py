@@ -57,6 +57,14 @@ class CopySegment:
     status: int = gt.GNTST_okay
 
 
+def _fill_copy_ptr(ptr: gt.gnttab_copy_ptr, side: GrantRef | Local, bounce_gfn: int) -> None:
+    """One side of a ``gnttab_copy``: the grant, or the bounce page as a DOMID_SELF gmfn."""
+    if isinstance(side, GrantRef):
+        ptr.u.ref, ptr.domid, ptr.offset = side.ref, side.domid, side.offset
+    else:
+        ptr.u.gmfn, ptr.domid, ptr.offset = bounce_gfn, gt.DOMID_SELF, 0
+
+
 class Gntshr(Protocol):
     """Share pages with another domain (libxengntshr)."""
 
@@ -172,21 +180,14 @@ class EmulatedGnttab:
             o = op[0]
             o.len = seg.len
             if src_g:
-                assert isinstance(seg.source, GrantRef)
-                o.source.u.ref, o.source.domid = seg.source.ref, seg.source.domid
-                o.source.offset = seg.source.offset
                 o.flags |= gt.GNTCOPY_source_gref
             else:
                 data = memoryview(seg.source).cast("B")[: seg.len]  # type: ignore[arg-type]
                 bounce.mem[: seg.len] = data
-                o.source.u.gmfn, o.source.domid, o.source.offset = gfn, gt.DOMID_SELF, 0
             if dst_g:
-                assert isinstance(seg.dest, GrantRef)
-                o.dest.u.ref, o.dest.domid = seg.dest.ref, seg.dest.domid
-                o.dest.offset = seg.dest.offset
                 o.flags |= gt.GNTCOPY_dest_gref
-            else:
-                o.dest.u.gmfn, o.dest.domid, o.dest.offset = gfn, gt.DOMID_SELF, 0
+            _fill_copy_ptr(o.source, seg.source, gfn)
+            _fill_copy_ptr(o.dest, seg.dest, gfn)
             domain.grant_table_op(gt.GNTTABOP_copy, op, 1)
             seg.status = int(o.status)
             if seg.status == gt.GNTST_okay and not dst_g:
