@@ -20,6 +20,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
+#include "structmember.h"
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
@@ -823,8 +825,7 @@ out:
 /* ------------------------------------------------------------------ */
 
 /*
- * map_run(mem, uop, start, count, ld, domains, refcount, ActiveGrant, Mapping)
- *     -> index
+ * map_run(mem, uop, start, count, ld, domains, refcount) -> index
  *
  * Runs ops start.. of a GNTTABOP_map_grant_ref batch while every op is the
  * common success case of xengrant.emu.gnttab_map.map_grant_ref and returns
@@ -839,12 +840,11 @@ out:
  * pin and must be RAM or a grant-table frame in the granter's p2m, else the
  * pin is dropped as _undo_pin drops it and the op is left to Python, which
  * runs it again.  Then, as map_grant_ref does: the handle is the free list's
- * head (popleft), the maptrack entry a Mapping(flags & (host|device|readonly),
- * dom, ref, mfn, gfn), the active entry an ActiveGrant(ldomid, mfn, 0, 4096,
- * False) with one host pin, the p2m entry (mfn, grant_map_ro/rw), one more
- * machine reference; status, handle and dev_bus_addr are written back.
- * Objects are made by tp_new and their slots set directly, so no Python code
- * runs in here.
+ * head (popleft), the maptrack entry a GrantMapping(flags & (host|device|
+ * readonly), dom, ref, mfn, gfn), the active entry an ActiveGrant(ldomid, mfn,
+ * 0, 4096, False) with one host pin, the p2m entry (mfn, grant_map_ro/rw), one
+ * more machine reference; status, handle and dev_bus_addr are written back.
+ * The records are C structs filled in place, so no Python code runs in here.
  */
 
 #define XG_GNTMAP_device_map 1
@@ -885,30 +885,123 @@ xg_pin_map(uint32_t *word, uint16_t ldomid, int readonly)
     return 0;
 }
 
-/* a new instance of cls with its slots set from names/values (no __init__) */
-static PyObject *
-xg_new_slots(PyObject *cls, const char *const *names, PyObject *const *values, int n)
+/* ------------------------------------------------------------------ */
+/* ActiveGrant and GrantMapping: the hypervisor's per-grant records     */
+/* ------------------------------------------------------------------ */
+
+/*
+ * ActiveGrant is grant_table.c's struct active_grant_entry and GrantMapping
+ * its struct grant_mapping (one maptrack entry plus the gfn it is mapped at).
+ * They are plain C structs with int members so that the map/unmap runs below
+ * create and update them without running Python code, and so that they are
+ * not tracked by the cyclic GC (they hold no references).  Python code uses
+ * them as ordinary objects with attributes (xengrant.emu.grant_table and
+ * xengrant.emu.maptrack re-export them).
+ */
+typedef struct {
+    PyObject_HEAD
+    long long pin, domid, mfn, start, length;
+    char is_sub_page;
+} XgActive;
+
+static PyTypeObject XgActive_Type;
+
+static PyMemberDef act_members[] = {
+    {"pin", T_LONGLONG, offsetof(XgActive, pin), 0, "the four packed pin counters (GNTPIN_*)"},
+    {"domid", T_LONGLONG, offsetof(XgActive, domid), 0, "the domain the grant is pinned for"},
+    {"mfn", T_LONGLONG, offsetof(XgActive, mfn), 0, "the machine frame granted"},
+    {"start", T_LONGLONG, offsetof(XgActive, start), 0, "first byte usable (sub-page grants)"},
+    {"length", T_LONGLONG, offsetof(XgActive, length), 0, "bytes usable from start"},
+    {"is_sub_page", T_BOOL, offsetof(XgActive, is_sub_page), 0,
+     "a v2 sub-page grant (never mappable)"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static int
+act_init(XgActive *self, PyObject *args, PyObject *kw)
 {
-    if (!PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "expected a class");
-        return NULL;
-    }
-    PyTypeObject *tp = (PyTypeObject *)cls;
-    PyObject *empty = PyTuple_New(0);
-    if (empty == NULL)
-        return NULL;
-    PyObject *o = tp->tp_new(tp, empty, NULL);
-    Py_DECREF(empty);
-    if (o == NULL)
-        return NULL;
-    for (int k = 0; k < n; k++) {
-        if (values[k] == NULL || PyObject_SetAttrString(o, names[k], values[k]) < 0) {
-            Py_DECREF(o);
-            return NULL;
-        }
-    }
-    return o;
+    static char *kwl[] = {"domid", "mfn", "start", "length", "is_sub_page", NULL};
+    int sub = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLp:ActiveGrant", kwl, &self->domid,
+                                     &self->mfn, &self->start, &self->length, &sub))
+        return -1;
+    self->pin = 0;
+    self->is_sub_page = (char)(sub != 0);
+    return 0;
 }
+
+static PyObject *
+act_repr(XgActive *s)
+{
+    return PyUnicode_FromFormat(
+        "ActiveGrant(pin=0x%08x, domid=%lld, mfn=%lld, start=%lld, length=%lld, is_sub_page=%s)",
+        (unsigned int)s->pin, s->domid, s->mfn, s->start, s->length,
+        s->is_sub_page ? "True" : "False");
+}
+
+static PyTypeObject XgActive_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "xengrant._cext.ActiveGrant",
+    .tp_basicsize = sizeof(XgActive),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "ActiveGrant(domid, mfn, start, length, is_sub_page): struct active_grant_entry, "
+              "pin 0",
+    .tp_members = act_members,
+    .tp_init = (initproc)act_init,
+    .tp_new = PyType_GenericNew,
+    .tp_repr = (reprfunc)act_repr,
+};
+
+typedef struct {
+    PyObject_HEAD
+    long long flags, domid, ref, mfn, host_gfn;
+} XgMapping;
+
+static PyTypeObject XgMapping_Type;
+
+static PyMemberDef gm_members[] = {
+    {"flags", T_LONGLONG, offsetof(XgMapping, flags), 0,
+     "GNTMAP_* still in force (0 once fully unmapped)"},
+    {"domid", T_LONGLONG, offsetof(XgMapping, domid), 0, "the granting domain"},
+    {"ref", T_LONGLONG, offsetof(XgMapping, ref), 0, "the grant reference in its table"},
+    {"mfn", T_LONGLONG, offsetof(XgMapping, mfn), 0, "the frame mapped"},
+    {"host_gfn", T_LONGLONG, offsetof(XgMapping, host_gfn), 0,
+     "the mapper's gfn holding a host mapping, or -1"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static int
+gm_init(XgMapping *self, PyObject *args, PyObject *kw)
+{
+    static char *kwl[] = {"flags", "domid", "ref", "mfn", "host_gfn", NULL};
+    return PyArg_ParseTupleAndKeywords(args, kw, "LLLLL:GrantMapping", kwl, &self->flags,
+                                       &self->domid, &self->ref, &self->mfn, &self->host_gfn)
+               ? 0
+               : -1;
+}
+
+static PyObject *
+gm_repr(XgMapping *s)
+{
+    return PyUnicode_FromFormat("GrantMapping(flags=%lld, domid=%lld, ref=%lld, mfn=%lld, "
+                                "host_gfn=%lld)",
+                                s->flags, s->domid, s->ref, s->mfn, s->host_gfn);
+}
+
+static PyTypeObject XgMapping_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "xengrant._cext.GrantMapping",
+    .tp_basicsize = sizeof(XgMapping),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "GrantMapping(flags, domid, ref, mfn, host_gfn): struct grant_mapping",
+    .tp_members = gm_members,
+    .tp_init = (initproc)gm_init,
+    .tp_new = PyType_GenericNew,
+    .tp_repr = (reprfunc)gm_repr,
+};
+
+/* interned method names, set at module init */
+static PyObject *str_popleft, *str_append;
 
 /* attributes of the mapping domain used by both runs */
 typedef struct {
@@ -1000,15 +1093,14 @@ static PyObject *
 xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
-    ARGCHECK(9, "map_run(mem, uop, start, count, ld, domains, refcount, ActiveGrant, Mapping) "
-                "-> index")
+    ARGCHECK(7, "map_run(mem, uop, start, count, ld, domains, refcount) -> index")
     Py_ssize_t start = PyLong_AsSsize_t(args[2]);
     if (start == -1 && PyErr_Occurred())
         return NULL;
     Py_ssize_t count = PyLong_AsSsize_t(args[3]);
     if (count == -1 && PyErr_Occurred())
         return NULL;
-    PyObject *domains = args[5], *refcount = args[6], *act_cls = args[7], *map_cls = args[8];
+    PyObject *domains = args[5], *refcount = args[6];
     if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
         PyErr_SetString(PyExc_TypeError, "map_run: domains must be a dict, refcount a list");
         return NULL;
@@ -1107,36 +1199,34 @@ xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         memcpy(&frame, ent + 4, 4);
         Py_ssize_t mfn;
         int r = xg_p2m_frame(rd->p2m, frame, nframes, &mfn);
-        PyObject *act = NULL, *mp = NULL, *p2e = NULL, *handle = NULL;
+        XgActive *act = NULL;
+        XgMapping *mp = NULL;
+        PyObject *p2e = NULL, *handle = NULL;
         if (r == 1) {
             PyObject *mfn_o = PyLong_FromSsize_t(mfn);
-            PyObject *ld_o = PyLong_FromLong(l.domid);
-            PyObject *pin_o = PyLong_FromLong(readonly ? XG_GNTPIN_hstr_inc : XG_GNTPIN_hstw_inc);
-            PyObject *zero = PyLong_FromLong(0), *len_o = PyLong_FromLong(XG_PAGE_SIZE);
-            PyObject *mfl = PyLong_FromUnsignedLong(
-                flags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map | XG_GNTMAP_readonly));
-            PyObject *dom_o = PyLong_FromLong(dom);
             PyObject *typ = PyLong_FromLong(readonly ? XG_P2M_GRANT_MAP_RO : XG_P2M_GRANT_MAP_RW);
-            if (mfn_o && ld_o && pin_o && zero && len_o && mfl && dom_o && typ) {
-                static const char *const an[] = {"pin", "domid", "mfn", "start", "length",
-                                                 "is_sub_page"};
-                PyObject *av[] = {pin_o, ld_o, mfn_o, zero, len_o, Py_False};
-                act = xg_new_slots(act_cls, an, av, 6);
-                static const char *const mn[] = {"flags", "domid", "ref", "mfn", "host_gfn"};
-                PyObject *mv[] = {mfl, dom_o, refkey, mfn_o, gfnkey};
-                mp = xg_new_slots(map_cls, mn, mv, 5);
+            act = PyObject_New(XgActive, &XgActive_Type);
+            mp = PyObject_New(XgMapping, &XgMapping_Type);
+            if (mfn_o && typ)
                 p2e = PyTuple_Pack(2, mfn_o, typ);
-            }
             Py_XDECREF(mfn_o);
-            Py_XDECREF(ld_o);
-            Py_XDECREF(pin_o);
-            Py_XDECREF(zero);
-            Py_XDECREF(len_o);
-            Py_XDECREF(mfl);
-            Py_XDECREF(dom_o);
             Py_XDECREF(typ);
-            if (act == NULL || mp == NULL || p2e == NULL)
+            if (act == NULL || mp == NULL || p2e == NULL) {
                 r = -1;
+            } else {
+                act->pin = readonly ? XG_GNTPIN_hstr_inc : XG_GNTPIN_hstw_inc;
+                act->domid = l.domid;
+                act->mfn = mfn;
+                act->start = 0;
+                act->length = XG_PAGE_SIZE;
+                act->is_sub_page = 0;
+                mp->flags =
+                    flags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map | XG_GNTMAP_readonly);
+                mp->domid = dom;
+                mp->ref = ref;
+                mp->mfn = mfn;
+                mp->host_gfn = (long long)(host_addr >> 12);
+            }
         }
         if (r != 1) {
             /* _undo_pin with no pin: clear GTF_writing (writable), then GTF_reading */
@@ -1153,7 +1243,7 @@ xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         /* commit, in map_grant_ref's order */
-        handle = PyObject_CallMethod(l.free, "popleft", NULL);
+        handle = PyObject_CallMethodNoArgs(l.free, str_popleft);
         Py_ssize_t h = handle ? PyLong_AsSsize_t(handle) : -1;
         int bad = handle == NULL || (h == -1 && PyErr_Occurred());
         if (!bad && (h < 0 || h >= PyList_GET_SIZE(l.entries))) {
@@ -1161,9 +1251,9 @@ xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             bad = 1;
         }
         if (!bad) {
-            PyList_SetItem(l.entries, h, mp); /* steals mp */
+            PyList_SetItem(l.entries, h, (PyObject *)mp); /* steals mp */
             mp = NULL;
-            bad = PyDict_SetItem(rd->active, refkey, act) < 0 ||
+            bad = PyDict_SetItem(rd->active, refkey, (PyObject *)act) < 0 ||
                   PyDict_SetItem(l.p2m, gfnkey, p2e) < 0 || xg_ref_add(refcount, mfn, 1) < 0;
         }
         Py_XDECREF(handle);
@@ -1189,23 +1279,6 @@ out:
     PyBuffer_Release(&uop);
     PyBuffer_Release(&mem);
     return ret;
-}
-
-/* an int attribute of o; -1 with an exception on error */
-static int
-xg_attr_long(PyObject *o, const char *name, long *out)
-{
-    PyObject *v = PyObject_GetAttrString(o, name);
-    if (v == NULL)
-        return -1;
-    if (!PyLong_Check(v)) {
-        Py_DECREF(v);
-        PyErr_Format(PyExc_TypeError, "%s is not an int", name);
-        return -1;
-    }
-    *out = PyLong_AsLong(v);
-    Py_DECREF(v);
-    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
 /*
@@ -1281,19 +1354,19 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         if (mp == Py_None)
             break;
         Py_INCREF(mp);
-        long mflags, mdom, mref, mfn, pin;
+        long long mflags, mdom, mref, mfn, pin;
+        XgMapping *gm = (XgMapping *)mp;
+        XgActive *ga = NULL;
         PyObject *act = NULL, *refkey = NULL, *gfnkey = NULL;
-        int fail = 1; /* 1: error, 0: leave to Python */
-        if (xg_attr_long(mp, "flags", &mflags) < 0)
+        int fail = 0; /* 1: error, 0: leave to Python */
+        if (!Py_IS_TYPE(mp, &XgMapping_Type))
             goto op_end;
-        fail = 0;
+        mflags = gm->flags;
         if ((mflags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map)) != XG_GNTMAP_host_map)
             goto op_end;
-        fail = 1;
-        if (xg_attr_long(mp, "domid", &mdom) < 0 || xg_attr_long(mp, "ref", &mref) < 0)
-            goto op_end;
-        fail = 0;
-        xg_dom *rd = xg_granter(domains, cache, &ncache, mdom);
+        mdom = gm->domid;
+        mref = gm->ref;
+        xg_dom *rd = xg_granter(domains, cache, &ncache, (long)mdom);
         if (rd == NULL) {
             fail = PyErr_Occurred() != NULL;
             goto op_end;
@@ -1301,7 +1374,7 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         if (mref < 0 || mref >= PyList_GET_SIZE(rd->shared) * XG_PER_V1)
             goto op_end;
         fail = 1;
-        refkey = PyLong_FromLong(mref);
+        refkey = PyLong_FromLongLong(mref);
         if (refkey == NULL)
             goto op_end;
         act = PyDict_GetItemWithError(rd->active, refkey);
@@ -1310,8 +1383,13 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             goto op_end;
         }
         Py_INCREF(act);
-        if (xg_attr_long(act, "mfn", &mfn) < 0 || xg_attr_long(act, "pin", &pin) < 0)
+        fail = 0;
+        if (!Py_IS_TYPE(act, &XgActive_Type))
             goto op_end;
+        ga = (XgActive *)act;
+        mfn = ga->mfn;
+        pin = ga->pin;
+        fail = 1;
         gfnkey = PyLong_FromUnsignedLongLong(host_addr >> 12);
         if (gfnkey == NULL)
             goto op_end;
@@ -1351,17 +1429,11 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         /* commit */
         fail = 1;
         int ro = (mflags & XG_GNTMAP_readonly) != 0;
-        long npin = pin - (ro ? XG_GNTPIN_hstr_inc : XG_GNTPIN_hstw_inc);
-        PyObject *nf = PyLong_FromLong(mflags & ~(long)XG_GNTMAP_host_map);
-        PyObject *np = PyLong_FromLong(npin);
-        int bad = nf == NULL || np == NULL || PyDict_DelItem(l.p2m, gfnkey) < 0 ||
-                  PyObject_SetAttrString(mp, "flags", nf) < 0 ||
-                  PyObject_SetAttrString(act, "pin", np) < 0 ||
-                  xg_ref_add(refcount, mfn, -1) < 0;
-        Py_XDECREF(nf);
-        Py_XDECREF(np);
-        if (bad)
+        long long npin = pin - (ro ? XG_GNTPIN_hstr_inc : XG_GNTPIN_hstw_inc);
+        if (PyDict_DelItem(l.p2m, gfnkey) < 0 || xg_ref_add(refcount, mfn, -1) < 0)
             goto op_end;
+        gm->flags = mflags & ~(long long)XG_GNTMAP_host_map;
+        ga->pin = npin;
         uint16_t *eflags = (uint16_t *)(m + sf * XG_PAGE_SIZE + (mref % XG_PER_V1) * 8);
         if (!ro && !(npin & XG_GNTPIN_WRITE_MASK))
             __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_writing, __ATOMIC_SEQ_CST);
@@ -1376,7 +1448,7 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         PyObject *hk = PyLong_FromUnsignedLong(h);
         if (hk == NULL)
             goto op_end;
-        PyObject *r = PyObject_CallMethod(l.free, "append", "O", hk);
+        PyObject *r = PyObject_CallMethodOneArg(l.free, str_append, hk);
         Py_DECREF(hk);
         if (r == NULL)
             goto op_end;
@@ -1403,6 +1475,242 @@ out:
     return ret;
 }
 
+
+/* ------------------------------------------------------------------ */
+/* Guest side: runs over a v1 grant table's shared entries              */
+/* ------------------------------------------------------------------ */
+
+/*
+ * The guest maps its grant-table frames as FrameViews (one per frame, in
+ * table order).  These runs do, for many refs at once, what
+ * xengrant.guest.gnttab does per ref, with the same atomic protocol
+ * (xen/include/public/grant_table.h): each returns the index of the first ref
+ * it does not take, so Python handles that one (and raises what it always
+ * raised).  Only v1 tables (8-byte entries, 512 per frame) are handled.
+ */
+
+#define XG_REF_FREE 0
+#define XG_REF_USED 1
+#define XG_REF_RESERVED 2
+
+/* the v1 entry of ref, or NULL if it is outside the mapped frames */
+static uint16_t *
+xg_v1_entry(PyObject *frames, Py_ssize_t ref)
+{
+    if (ref < 0)
+        return NULL;
+    Py_ssize_t fi = ref / XG_PER_V1;
+    if (fi >= PyList_GET_SIZE(frames))
+        return NULL;
+    PyObject *f = PyList_GET_ITEM(frames, fi);
+    if (!Py_IS_TYPE(f, &FrameView_Type))
+        return NULL;
+    FrameView *fv = (FrameView *)f;
+    if (fv->closed || fv->readonly || fv->len < XG_PAGE_SIZE)
+        return NULL;
+    return (uint16_t *)(fv->addr + (ref % XG_PER_V1) * 8);
+}
+
+/* common argument checks: frames a list, refs a list, start an index */
+static int
+xg_run_args(PyObject *frames, PyObject *refs, PyObject *starto, Py_ssize_t *start)
+{
+    if (!PyList_CheckExact(frames) || !PyList_CheckExact(refs)) {
+        PyErr_SetString(PyExc_TypeError, "frames and refs must be lists");
+        return -1;
+    }
+    *start = PyLong_AsSsize_t(starto);
+    if (*start == -1 && PyErr_Occurred())
+        return -1;
+    if (*start < 0) {
+        PyErr_SetString(PyExc_ValueError, "start must be >= 0");
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * grant_run(frames, refs, gfns, start, domid, flags) -> index
+ *
+ * Introduces entries refs[i] -> (domid, gfns[i]) for i = start.. as
+ * grant_table.h (2004) says: write domid, write frame, write barrier, write
+ * flags with the type.  Stops at a ref whose entry already has a type (the
+ * caller raises "already granted"), outside the frames, or a gfn that does
+ * not fit the v1 32-bit frame.
+ */
+static PyObject *
+xg_grant_run(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(6, "grant_run(frames, refs, gfns, start, domid, flags) -> index")
+    PyObject *frames = args[0], *refs = args[1], *gfns = args[2];
+    Py_ssize_t i;
+    if (xg_run_args(frames, refs, args[3], &i) < 0)
+        return NULL;
+    if (!PyList_CheckExact(gfns) || PyList_GET_SIZE(gfns) != PyList_GET_SIZE(refs)) {
+        PyErr_SetString(PyExc_TypeError, "gfns must be a list as long as refs");
+        return NULL;
+    }
+    long domid = PyLong_AsLong(args[4]);
+    long flags = PyLong_AsLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (domid < 0 || domid > 0xFFFF || flags < 0 || flags > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "domid and flags are 16-bit");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(refs);
+    for (; i < n; i++) {
+        Py_ssize_t ref = PyLong_AsSsize_t(PyList_GET_ITEM(refs, i));
+        if (ref == -1 && PyErr_Occurred())
+            return NULL;
+        unsigned long long gfn = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(gfns, i));
+        if (gfn == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            break;
+        }
+        uint16_t *e = xg_v1_entry(frames, ref);
+        if (e == NULL || gfn > 0xFFFFFFFFULL ||
+            (__atomic_load_n(e, __ATOMIC_SEQ_CST) & XG_GTF_type_mask))
+            break;
+        __atomic_store_n(e + 1, (uint16_t)domid, __ATOMIC_SEQ_CST);
+        __atomic_store_n((uint32_t *)(e + 2), (uint32_t)gfn, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_RELEASE); /* wmb() */
+        __atomic_store_n(e, (uint16_t)flags, __ATOMIC_SEQ_CST);
+    }
+    return PyLong_FromSsize_t(i);
+}
+
+/*
+ * end_run(frames, state, refs, start) -> index
+ *
+ * Ends access to refs[i], i = start.., as try_end_access does on a v1 entry:
+ * the ref must be handed out (state[ref] == used), then read the flags and,
+ * while neither GTF_reading nor GTF_writing is set, cmpxchg them to 0
+ * (grant_table.h: "Check result of SMP-safe CMPXCHG(&ent->flags, flags, 0)").
+ * Stops at a ref that is busy, not handed out, or outside the table.
+ */
+static PyObject *
+xg_end_run(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(4, "end_run(frames, state, refs, start) -> index")
+    PyObject *frames = args[0], *refs = args[2];
+    Py_ssize_t i;
+    if (xg_run_args(frames, refs, args[3], &i) < 0)
+        return NULL;
+    if (!PyByteArray_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "state must be a bytearray");
+        return NULL;
+    }
+    const char *state = PyByteArray_AS_STRING(args[1]);
+    Py_ssize_t nstate = PyByteArray_GET_SIZE(args[1]);
+    Py_ssize_t n = PyList_GET_SIZE(refs);
+    for (; i < n; i++) {
+        Py_ssize_t ref = PyLong_AsSsize_t(PyList_GET_ITEM(refs, i));
+        if (ref == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            break;
+        }
+        if (ref < 0 || ref >= nstate || state[ref] != XG_REF_USED)
+            break;
+        uint16_t *e = xg_v1_entry(frames, ref);
+        if (e == NULL)
+            break;
+        uint16_t fl = __atomic_load_n(e, __ATOMIC_SEQ_CST);
+        int ended = 0;
+        for (;;) {
+            if (fl & (XG_GTF_reading | XG_GTF_writing))
+                break;
+            if (__atomic_compare_exchange_n(e, &fl, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+                ended = 1;
+                break;
+            }
+        }
+        if (!ended)
+            break;
+    }
+    return PyLong_FromSsize_t(i);
+}
+
+/*
+ * put_run(frames, state, refs, entry_size) -> index
+ *
+ * Checks that every ref may go back to the free list (handed out, not
+ * reserved, in the table, its entry without a type) and, only if all may,
+ * marks them all free in state.  Returns -1 when done, else the index of
+ * the first ref that may not (nothing changed); a ref listed twice is
+ * caught as a double put.
+ */
+static PyObject *
+xg_put_run(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(4, "put_run(frames, state, refs, entry_size) -> index")
+    PyObject *frames = args[0], *refs = args[2];
+    if (!PyList_CheckExact(frames) || !PyList_CheckExact(refs) || !PyByteArray_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "put_run(list, bytearray, list, int)");
+        return NULL;
+    }
+    long esize = PyLong_AsLong(args[3]);
+    if (esize == -1 && PyErr_Occurred())
+        return NULL;
+    if (esize != 8 && esize != 16) {
+        PyErr_SetString(PyExc_ValueError, "entry_size must be 8 or 16");
+        return NULL;
+    }
+    Py_ssize_t per = XG_PAGE_SIZE / esize;
+    char *state = PyByteArray_AS_STRING(args[1]);
+    Py_ssize_t nstate = PyByteArray_GET_SIZE(args[1]);
+    Py_ssize_t n = PyList_GET_SIZE(refs), nfr = PyList_GET_SIZE(frames);
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        Py_ssize_t ref = PyLong_AsSsize_t(PyList_GET_ITEM(refs, i));
+        if (ref == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return PyLong_FromSsize_t(i);
+        }
+        if (ref < 0 || ref >= nstate || state[ref] != XG_REF_USED || ref / per >= nfr)
+            return PyLong_FromSsize_t(i);
+        PyObject *f = PyList_GET_ITEM(frames, ref / per);
+        if (!Py_IS_TYPE(f, &FrameView_Type) || ((FrameView *)f)->closed ||
+            ((FrameView *)f)->len < XG_PAGE_SIZE)
+            return PyLong_FromSsize_t(i);
+        uint16_t *e = (uint16_t *)(((FrameView *)f)->addr + (ref % per) * esize);
+        if (__atomic_load_n(e, __ATOMIC_SEQ_CST) & XG_GTF_type_mask)
+            return PyLong_FromSsize_t(i);
+    }
+    for (i = 0; i < n; i++) {
+        Py_ssize_t ref = PyLong_AsSsize_t(PyList_GET_ITEM(refs, i));
+        if (state[ref] != XG_REF_USED) { /* listed twice: undo */
+            for (Py_ssize_t j = 0; j < i; j++)
+                state[PyLong_AsSsize_t(PyList_GET_ITEM(refs, j))] = XG_REF_USED;
+            return PyLong_FromSsize_t(i);
+        }
+        state[ref] = XG_REF_FREE;
+    }
+    return PyLong_FromLong(-1);
+}
+
+/* memset(buffer, offset, length, byte): fill part of a writable buffer */
+static PyObject *
+xg_memset(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(4, "memset(buffer, offset, length, byte)")
+    Py_ssize_t off = PyLong_AsSsize_t(args[1]), len = PyLong_AsSsize_t(args[2]);
+    long byte = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[0], &b, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (off < 0 || len < 0 || off > b.len || len > b.len - off || byte < 0 || byte > 255) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "memset: range or byte out of bounds");
+        return NULL;
+    }
+    memset((char *)b.buf + off, (int)byte, (size_t)len);
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))xg_##name, METH_FASTCALL, doc}
 
 static PyMethodDef module_methods[] = {
@@ -1420,10 +1728,17 @@ static PyMethodDef module_methods[] = {
     FAST(vmap, "vmap(fd, frames, readonly) -> FrameView mapping the frames contiguously"),
     FAST(copy_run, "copy_run(mem, uop, start, count, ld, domains) -> index of the first op "
                    "of a GNTTABOP_copy batch left to Python"),
-    FAST(map_run, "map_run(mem, uop, start, count, ld, domains, refcount, ActiveGrant, Mapping) "
-                  "-> index of the first op of a GNTTABOP_map_grant_ref batch left to Python"),
+    FAST(map_run, "map_run(mem, uop, start, count, ld, domains, refcount) -> index of the first "
+                  "op of a GNTTABOP_map_grant_ref batch left to Python"),
     FAST(unmap_run, "unmap_run(mem, uop, start, count, ld, domains, refcount) -> index of the "
                     "first op of a GNTTABOP_unmap_grant_ref batch left to Python"),
+    FAST(grant_run, "grant_run(frames, refs, gfns, start, domid, flags) -> index of the first "
+                    "v1 entry not introduced"),
+    FAST(end_run, "end_run(frames, state, refs, start) -> index of the first v1 entry whose "
+                  "access did not end"),
+    FAST(put_run, "put_run(frames, state, refs, entry_size) -> -1 once all refs are marked "
+                  "free, else the index of the first that may not be"),
+    FAST(memset, "memset(buffer, offset, length, byte): fill part of a writable buffer"),
     {"mb", (PyCFunction)xg_mb, METH_NOARGS, "full memory barrier"},
     {"wmb", (PyCFunction)xg_wmb, METH_NOARGS, "write (release) barrier"},
     {"rmb", (PyCFunction)xg_rmb, METH_NOARGS, "read (acquire) barrier"},
@@ -1438,7 +1753,12 @@ static struct PyModuleDef cext_module = {
 PyMODINIT_FUNC
 PyInit__cext(void)
 {
-    if (PyType_Ready(&FrameView_Type) < 0)
+    if (PyType_Ready(&FrameView_Type) < 0 || PyType_Ready(&XgActive_Type) < 0 ||
+        PyType_Ready(&XgMapping_Type) < 0)
+        return NULL;
+    str_popleft = PyUnicode_InternFromString("popleft");
+    str_append = PyUnicode_InternFromString("append");
+    if (str_popleft == NULL || str_append == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&cext_module);
     if (m == NULL)
@@ -1446,6 +1766,18 @@ PyInit__cext(void)
     Py_INCREF(&FrameView_Type);
     if (PyModule_AddObject(m, "FrameView", (PyObject *)&FrameView_Type) < 0) {
         Py_DECREF(&FrameView_Type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&XgActive_Type);
+    if (PyModule_AddObject(m, "ActiveGrant", (PyObject *)&XgActive_Type) < 0) {
+        Py_DECREF(&XgActive_Type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&XgMapping_Type);
+    if (PyModule_AddObject(m, "GrantMapping", (PyObject *)&XgMapping_Type) < 0) {
+        Py_DECREF(&XgMapping_Type);
         Py_DECREF(m);
         return NULL;
     }

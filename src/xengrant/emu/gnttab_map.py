@@ -265,7 +265,7 @@ def map_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count:
         unpack = MAP_OP.unpack_from
         i = 0
         while True:
-            i = map_run(mem, uop, i, count, ld, domains, refcount, ActiveGrant, Mapping)
+            i = map_run(mem, uop, i, count, ld, domains, refcount)
             if i >= count:
                 return 0
             host_addr, flags, ref, dom, _st, handle_in, dba_in = unpack(uop, i * size)

@@ -17,6 +17,8 @@ Limits and their precedents:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..abi.grant_table import (
     GRANT_PER_PAGE_V1,
     GRANT_PER_PAGE_V2,
@@ -45,27 +47,36 @@ GNTPIN_OVERFLOW = 0x80808080
 GNTPIN_WRITE_MASK = GNTPIN_hstw_mask | GNTPIN_devw_mask
 
 
-class ActiveGrant:
-    """``struct active_grant_entry``: exists while the grant is pinned.
+if TYPE_CHECKING:
 
-    Attributes:
-        pin: the four packed pin counters.
-        domid: the domain the grant is pinned for.
-        mfn: the machine frame granted.
-        start: first byte usable (sub-page grants).
-        length: bytes usable from ``start``.
-        is_sub_page: a v2 sub-page grant (never mappable).
-    """
+    class ActiveGrant:
+        """``struct active_grant_entry``: exists while the grant is pinned.
 
-    __slots__ = ("domid", "is_sub_page", "length", "mfn", "pin", "start")
+        A C struct (``xengrant._cext.ActiveGrant``) so that the C map/unmap
+        runs fill it in place; this is its interface for type checkers.
 
-    def __init__(self, domid: int, mfn: int, start: int, length: int, is_sub_page: bool) -> None:
-        self.pin = 0
-        self.domid = domid
-        self.mfn = mfn
-        self.start = start
-        self.length = length
-        self.is_sub_page = is_sub_page
+        Args and attributes:
+            pin: the four packed pin counters (0 when made).
+            domid: the domain the grant is pinned for.
+            mfn: the machine frame granted.
+            start: first byte usable (sub-page grants).
+            length: bytes usable from ``start``.
+            is_sub_page: a v2 sub-page grant (never mappable).
+        """
+
+        pin: int
+        domid: int
+        mfn: int
+        start: int
+        length: int
+        is_sub_page: bool
+
+        def __init__(
+            self, domid: int, mfn: int, start: int, length: int, is_sub_page: bool
+        ) -> None: ...
+
+else:
+    from .._cext import ActiveGrant
 
 
 def grant_to_status_frames(grant_frames: int) -> int:

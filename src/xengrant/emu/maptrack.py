@@ -19,6 +19,7 @@ steal from other vCPUs' lists.  The emulated domain has one vCPU, so at most
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 #: ``sizeof(struct grant_mapping)`` is 16 bytes: 256 handles per 4 KiB page.
 MAPTRACK_PER_PAGE = 4096 // 16
@@ -26,25 +27,32 @@ MAPTRACK_PER_PAGE = 4096 // 16
 DEFAULT_MAX_MAPTRACK_FRAMES = 1024
 
 
-class Mapping:
-    """One maptrack entry (``struct grant_mapping``) plus where it is mapped.
+if TYPE_CHECKING:
 
-    Attributes:
-        flags: GNTMAP_* still in force (0 once fully unmapped).
-        domid: the granting domain.
-        ref: the grant reference in the granter's table.
-        mfn: the frame mapped.
-        host_gfn: the mapper's gfn holding a host mapping, or -1.
-    """
+    class Mapping:
+        """One maptrack entry (``struct grant_mapping``) plus where it is mapped.
 
-    __slots__ = ("domid", "flags", "host_gfn", "mfn", "ref")
+        A C struct (``xengrant._cext.GrantMapping``) so that the C map/unmap
+        runs fill it in place; this is its interface for type checkers.
 
-    def __init__(self, flags: int, domid: int, ref: int, mfn: int, host_gfn: int) -> None:
-        self.flags = flags
-        self.domid = domid
-        self.ref = ref
-        self.mfn = mfn
-        self.host_gfn = host_gfn
+        Args and attributes:
+            flags: GNTMAP_* still in force (0 once fully unmapped).
+            domid: the granting domain.
+            ref: the grant reference in the granter's table.
+            mfn: the frame mapped.
+            host_gfn: the mapper's gfn holding a host mapping, or -1.
+        """
+
+        flags: int
+        domid: int
+        ref: int
+        mfn: int
+        host_gfn: int
+
+        def __init__(self, flags: int, domid: int, ref: int, mfn: int, host_gfn: int) -> None: ...
+
+else:
+    from .._cext import GrantMapping as Mapping
 
 
 class Maptrack:
