@@ -201,12 +201,10 @@ class Hypervisor:
         d = self.live(domid, "destroydomain")
         d.is_dying = True
         gnttab_map.release_mappings(self, d)
-        machine = self.machine
-        for _gfn, (mfn, p2mt) in list(d.p2m.items()):
-            if p2mt == P2M_RAM_RW:
-                machine.disown(mfn)
-                d.tot_pages -= 1
+        ram = [mfn for mfn, p2mt in d.p2m.values() if p2mt == P2M_RAM_RW]
         d.p2m.clear()
+        d.tot_pages -= len(ram)
+        self.machine.disown_many(ram)
         self.maybe_complete_destroy(d)
 
     def maybe_complete_destroy(self, d: DomainState) -> None:
@@ -314,21 +312,26 @@ class Hypervisor:
             the number of extents done).
         """
         d = self.live(caller, "populate_physmap")
-        done: list[int] = []
-        for gfn in gfns:
-            if d.tot_pages >= d.max_pages:
-                break
-            if not d.pv and (gfn < 0 or gfn in d.p2m):
-                break
-            try:
-                (mfn,) = self.machine.alloc(d.domid, 1)
-            except OutOfMemory:
-                break
-            key = mfn if d.pv else gfn
-            d.p2m[key] = (mfn, P2M_RAM_RW)
-            d.tot_pages += 1
-            done.append(key)
-        return done
+        # The extents done before the first that fails, as the per-extent
+        # loop of populate_physmap (xen/common/memory.c) stops there: the
+        # reservation (d->max_pages), a gfn already in use, or no memory.
+        n = min(len(gfns), max(d.max_pages - d.tot_pages, 0), self.machine.free_frames)
+        if not d.pv:
+            p2m = d.p2m
+            seen: set[int] = set()
+            for i in range(n):
+                gfn = gfns[i]
+                if gfn < 0 or gfn in p2m or gfn in seen:
+                    n = i
+                    break
+                seen.add(gfn)
+        if n <= 0:
+            return []
+        mfns = self.machine.alloc(d.domid, n)
+        keys = mfns if d.pv else list(gfns[:n])
+        d.p2m.update(zip(keys, [(mfn, P2M_RAM_RW) for mfn in mfns]))
+        d.tot_pages += n
+        return keys
 
     def decrease_reservation(self, caller: int, gfns: Sequence[int]) -> int:
         """``XENMEM_decrease_reservation``: give frames back (``guest_remove_page``).
@@ -341,22 +344,25 @@ class Hypervisor:
             or a grant-table frame of the caller).
         """
         d = self.live(caller, "decrease_reservation")
+        p2m = d.p2m
         done = 0
+        ram: list[int] = []  # guest_remove_page of each RAM frame, freed below in runs
         for gfn in gfns:
-            ent = d.p2m.get(gfn)
+            ent = p2m.get(gfn)
             if ent is None:
                 break
             mfn, p2mt = ent
             if p2mt == P2M_RAM_RW:
-                del d.p2m[gfn]
-                d.tot_pages -= 1
-                self.machine.disown(mfn)
+                del p2m[gfn]
+                ram.append(mfn)
             elif p2mt in (P2M_GNTTAB_SHARED, P2M_GNTTAB_STATUS):
-                del d.p2m[gfn]
+                del p2m[gfn]
                 self._forget_table_gfn(d, gfn)
             else:
                 break
             done += 1
+        d.tot_pages -= len(ram)
+        self.machine.disown_many(ram)
         return done
 
     def _forget_table_gfn(self, d: DomainState, gfn: int) -> None:
@@ -431,17 +437,25 @@ class Hypervisor:
         """
         d = self.live(caller, "access")
         p2m = d.p2m
-        out = []
-        for gfn in gfns:
-            ent = p2m.get(gfn)
-            if ent is None:
-                raise HypercallError("access", errno.EFAULT, f"d{caller} gfn {gfn:#x} not mapped")
-            if write and ent[1] == P2M_GRANT_MAP_RO:
-                raise HypercallError(
-                    "access", errno.EFAULT, f"d{caller} gfn {gfn:#x} is a read-only grant mapping"
-                )
-            out.append(ent[0])
-        return out
+        try:
+            ents = [p2m[gfn] for gfn in gfns]
+        except (KeyError, TypeError):
+            ents = None
+        if ents is None or (write and any(e[1] == P2M_GRANT_MAP_RO for e in ents)):
+            for gfn in gfns:  # find the first culprit, as the MMU would fault on it
+                ent = p2m.get(gfn)
+                if ent is None:
+                    raise HypercallError(
+                        "access", errno.EFAULT, f"d{caller} gfn {gfn:#x} not mapped"
+                    )
+                if write and ent[1] == P2M_GRANT_MAP_RO:
+                    raise HypercallError(
+                        "access",
+                        errno.EFAULT,
+                        f"d{caller} gfn {gfn:#x} is a read-only grant mapping",
+                    )
+        assert ents is not None  # the loop above raised otherwise
+        return [e[0] for e in ents]
 
     def copy_to_guest(self, d: DomainState, gpaddr: int, data: bytes) -> bool:
         """Write ``data`` at guest-physical ``gpaddr`` (a guest handle).
