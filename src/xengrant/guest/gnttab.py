@@ -37,7 +37,19 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._cext import cmpxchg16, fetch_and16, load16, load32, mb, store16, store32, wmb
+from .._cext import (
+    cmpxchg16,
+    end_run,
+    fetch_and16,
+    grant_run,
+    load16,
+    load32,
+    mb,
+    put_run,
+    store16,
+    store32,
+    wmb,
+)
 from ..abi import grant_table as gt
 from ..abi.memory import XENMAPIDX_grant_table_status, XENMAPSPACE_grant_table
 from ..errors import BatchError, Busy, GrantError, GrantTableFull, HypercallError
@@ -380,21 +392,29 @@ class GrantTable:
         self.put_n([ref])
 
     def put_n(self, refs: Sequence[int]) -> None:
-        """Return several refs at once (Linux ``gnttab_free_grant_references``)."""
+        """Return several refs at once (Linux ``gnttab_free_grant_references``).
+
+        All or nothing: if any ref may not go back, none does.
+
+        Raises:
+            ValueError: as :meth:`put`, naming the first such ref.
+        """
+        refs = list(refs)
         with self._lock:
             state = self._state
-            for ref in refs:
+            # checks every ref, then marks them all free (a ref listed twice
+            # is a double put): C, one pass, nothing changed on failure
+            bad = put_run(self._frames, state, refs, 8 if self.version == 1 else 16)
+            if bad >= 0:
+                ref = refs[bad]
                 if not 0 <= ref < len(state) or state[ref] == _RESERVED:
                     raise ValueError(f"put: grant ref {ref} is reserved or outside the table")
                 if state[ref] != _USED:
                     raise ValueError(f"put: grant ref {ref} is already free (double put)")
-                if self._entry_flags(ref) & gt.GTF_type_mask:
-                    raise ValueError(
-                        f"put: grant ref {ref} is still granted; end access before freeing it"
-                    )
-            for ref in refs:
-                state[ref] = _FREE
-                self._free.append(ref)
+                raise ValueError(
+                    f"put: grant ref {ref} is still granted; end access before freeing it"
+                )
+            self._free.extend(refs)
             self._wake()
 
     def _wake(self) -> None:
@@ -715,9 +735,20 @@ class GrantTable:
             pages.free()
             raise GrantTableFull("share_pages", count, free)
         # The refs were just handed out (_USED, inside the table): of
-        # _check_grantable only the entry check is left, done by _write_entry.
-        for ref, gfn in zip(refs, pages.gfns):
-            self._write_entry(ref, domid, gfn, writable, check=True)
+        # _check_grantable only the entry check is left, done by _write_entry
+        # (and by grant_run, which introduces v1 entries in C until one fails).
+        gfns = pages.gfns
+        done = 0
+        if self.version == 1 and 0 <= domid <= 0xFFFF:
+            flags = gt.GTF_permit_access | (0 if writable else gt.GTF_readonly)
+            done = grant_run(self._frames, refs, gfns, 0, domid, flags)
+        i = done
+        try:
+            for i in range(done, count):
+                self._write_entry(refs[i], domid, gfns[i], writable, check=True)
+        except (ValueError, OverflowError, TypeError):
+            self._undo_share(refs, i, pages)
+            raise
         view = pages._view
         share = Share(self, domid, refs, writable, view, resource=pages)
         pages.mem.release()
@@ -734,7 +765,29 @@ class GrantTable:
         """
         return self.share_pages(domid, 1, writable=not readonly)
 
+    def _undo_share(self, refs: list[int], granted: int, pages: Pages) -> None:
+        """A share that failed at ``refs[granted]``: end what was granted, free the rest."""
+        for ref in refs[:granted]:
+            self.try_end_access(ref)  # nobody knows these refs yet: never busy
+        self.put_n(refs)
+        pages.free()
+
+    def _end_run(self, refs: list[int], start: int) -> int:
+        """End access to ``refs[start:]`` in C while it succeeds (v1 tables).
+
+        Returns:
+            The index of the first ref not ended (``len(refs)`` if all were).
+        """
+        if self.version != 1 or type(refs) is not list:
+            return start
+        return int(end_run(self._frames, self._state, refs, start))
+
     def _try_unshare(self, share: Share, release_refs: bool) -> None:
+        ended = self._end_run(share.refs, 0)
+        if ended:
+            if release_refs:
+                self.put_n(share.refs[:ended])
+            del share.refs[:ended]
         while share.refs:
             ref = share.refs[0]
             try:
@@ -763,10 +816,22 @@ class GrantTable:
             pass  # an export of ``mem`` itself; the view's close() waits for it
         orphan = _OrphanPages(self, pages.gfns, share._view, len(share.refs))
         refs, share.refs = list(share.refs), []
-        if not refs:
-            orphan.finish()
-        for ref in refs:
-            self.end_access_deferred(ref, orphan)
+        i = 0
+        while i < len(refs):
+            ended = self._end_run(refs, i)  # the common case, in C
+            if ended > i:
+                self.put_n(refs[i:ended])
+                orphan.left -= ended - i
+            if ended < len(refs):
+                ref = refs[ended]  # busy (or bad): end it or defer it, one at a time
+                try:
+                    self.try_end_access(ref, release_ref=True)
+                    orphan.left -= 1
+                except Busy:
+                    with self._lock:
+                        self._deferred.append((ref, True, orphan))
+            i = ended + 1
+        orphan.finish()
 
     def _orphan(self, retry: Callable[[], bool]) -> None:
         """Retry ``retry`` with the deferred ends of access until it returns True."""
