@@ -145,7 +145,7 @@ class EmulatedGnttab:
         self, domid: int, refs: Sequence[int], writable: bool = True
     ) -> Mapping:
         """Map several grants of one domain contiguously."""
-        return self.domain.grant_table.map_grants([(domid, r) for r in refs], writable)
+        return self.domain.grant_table.map_domain_refs(domid, refs, writable)
 
     def unmap(self, mapping: Mapping) -> None:
         """Unmap (same as ``mapping.unmap()``)."""

@@ -138,6 +138,14 @@ class Machine:
             How many frames were freed.
         """
         refs, owners = self.refcount, self.owner
+        spans = runs(mfns)
+        distinct = len(spans) == 1 or len(set(mfns)) == len(mfns)
+        if distinct and all(set(refs[a : a + n]) == {1} for a, n in spans):
+            # the common case, nobody else holds them: whole runs at once
+            self._release(mfns)
+            for a, n in spans:
+                refs[a : a + n] = [0] * n
+            return len(mfns)
         freed: list[int] = []
         for mfn in mfns:
             owners[mfn] = NO_OWNER

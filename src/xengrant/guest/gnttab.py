@@ -315,7 +315,8 @@ class GrantTable:
                 want = len(self._frames) + -(-(count - len(free)) // per)
                 if want > self.max_nr_frames or not self._map_frames(want):
                     return []
-            refs = [free.pop() for _ in range(count)]
+            refs = free[: -count - 1 : -1] if count else []  # LIFO: the last freed first
+            del free[len(free) - count :]
             state = self._state
             for ref in refs:
                 state[ref] = _USED
@@ -910,7 +911,15 @@ class GrantTable:
             BatchError: some of several failed (every entry's status).
             ValueError: no grants.
         """
-        n = len(grants)
+        return self._map([d for d, _ in grants], [r for _, r in grants], writable)
+
+    def map_domain_refs(self, domid: int, refs: Sequence[int], writable: bool = True) -> Mapping:
+        """:meth:`map_grants` of several refs of one domain (``map_domain_grant_refs``)."""
+        return self._map([domid] * len(refs), list(refs), writable)
+
+    def _map(self, domids: list[int], refs: list[int], writable: bool) -> Mapping:
+        """:meth:`map_grants` with the domids and refs apart."""
+        n = len(refs)
         if n == 0:
             raise ValueError("map_grants: no grants to map")
         domain = self.domain
@@ -928,20 +937,20 @@ class GrantTable:
                 i32 = mv.cast("I")
                 mv.cast("Q")[0::4] = array("Q", [gfn << 12 for gfn in gfns])
                 i32[2::8] = array("I", [flags]) * n
-                i32[3::8] = array("I", [ref for _, ref in grants])
-                mv.cast("H")[8::16] = array("H", [domid for domid, _ in grants])
+                i32[3::8] = array("I", refs)
+                mv.cast("H")[8::16] = array("H", domids)
                 packed = True
             except (OverflowError, TypeError, ValueError):
                 pass  # the struct path below raises what it always raised
         if not packed:
             pack = MAP_OP.pack_into
             try:
-                for i, ((domid, ref), gfn) in enumerate(zip(grants, gfns)):
+                for i, (domid, ref, gfn) in enumerate(zip(domids, refs, gfns)):
                     pack(buf, i * size, gfn << 12, flags, ref, domid, 0, 0, 0)
             except struct.error as e:  # a domid or ref that does not fit: give the holes back
                 domain.put_pages(gfns)
                 raise ValueError(
-                    f"map_grants: grant {grants[i]} does not fit gnttab_map_grant_ref "
+                    f"map_grants: grant {(domids[i], refs[i])} does not fit gnttab_map_grant_ref "
                     "(domid is 16 bits, ref 32 bits)"
                 ) from e
         rc = self._hc.grant_table_op(gt.GNTTABOP_map_grant_ref, mv, n)
@@ -966,15 +975,14 @@ class GrantTable:
             self._unmap_handles([g for g, _ in ok], [h for _, h in ok])
             domain.put_pages(gfns)
             if n == 1:
-                dom, ref = grants[0]
-                why = f"d{dom} ref {ref}" + (f": {reasons}" if reasons else "")
+                why = f"d{domids[0]} ref {refs[0]}" + (f": {reasons}" if reasons else "")
                 raise GrantError("map_grant_ref", statuses[0], why)
             raise BatchError("map_grant_refs", statuses, reasons)
         view = self._hc.map_gfns(gfns, writable)
         return Mapping(
             self,
-            [d for d, _ in grants],
-            [r for _, r in grants],
+            domids,
+            refs,
             writable,
             view,
             handles,
