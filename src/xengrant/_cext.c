@@ -1009,6 +1009,8 @@ typedef struct {
     PyObject *p2m;      /* new references */
     PyObject *entries;
     PyObject *free;
+    PyObject *popleft;  /* free.popleft and free.append, bound once per run */
+    PyObject *append;
     int usable;         /* HVM, plain dict p2m, plain list entries */
 } xg_ld;
 
@@ -1018,6 +1020,8 @@ xg_ld_clear(xg_ld *l)
     Py_CLEAR(l->p2m);
     Py_CLEAR(l->entries);
     Py_CLEAR(l->free);
+    Py_CLEAR(l->popleft);
+    Py_CLEAR(l->append);
 }
 
 static int
@@ -1047,6 +1051,10 @@ xg_ld_get(xg_ld *l, PyObject *ld)
     l->entries = PyObject_GetAttrString(mt, "entries");
     l->free = PyObject_GetAttrString(mt, "_free");
     if (l->entries == NULL || l->free == NULL)
+        goto fail;
+    l->popleft = PyObject_GetAttr(l->free, str_popleft);
+    l->append = PyObject_GetAttr(l->free, str_append);
+    if (l->popleft == NULL || l->append == NULL)
         goto fail;
     Py_DECREF(mt);
     l->usable = !pv && PyDict_CheckExact(l->p2m) && PyList_CheckExact(l->entries);
@@ -1117,6 +1125,8 @@ xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     int ncache = 0;
     xg_ld l;
     memset(&l, 0, sizeof(l));
+    long last_dom = -1; /* the granter of the previous op, looked up once */
+    xg_dom *last_rd = NULL;
     PyObject *ret = NULL;
     char *m = mem.buf;
     Py_ssize_t nframes = mem.len / XG_PAGE_SIZE;
@@ -1144,12 +1154,14 @@ xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                       XG_GNTMAP_contains_pte)) != XG_GNTMAP_host_map)
             break;
         int readonly = (flags & XG_GNTMAP_readonly) != 0;
-        xg_dom *rd = xg_granter(domains, cache, &ncache, dom);
+        xg_dom *rd = (long)dom == last_dom ? last_rd : xg_granter(domains, cache, &ncache, dom);
         if (rd == NULL) {
             if (PyErr_Occurred())
                 goto out;
             break;
         }
+        last_dom = dom;
+        last_rd = rd;
         Py_ssize_t nfree = PyObject_Size(l.free);
         if (nfree < 0)
             goto out;
@@ -1243,7 +1255,7 @@ xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         /* commit, in map_grant_ref's order */
-        handle = PyObject_CallMethodNoArgs(l.free, str_popleft);
+        handle = PyObject_CallNoArgs(l.popleft);
         Py_ssize_t h = handle ? PyLong_AsSsize_t(handle) : -1;
         int bad = handle == NULL || (h == -1 && PyErr_Occurred());
         if (!bad && (h < 0 || h >= PyList_GET_SIZE(l.entries))) {
@@ -1327,6 +1339,8 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     int ncache = 0;
     xg_ld l;
     memset(&l, 0, sizeof(l));
+    long last_dom = -1; /* the granter of the previous op, looked up once */
+    xg_dom *last_rd = NULL;
     PyObject *ret = NULL;
     char *m = mem.buf;
     Py_ssize_t nframes = mem.len / XG_PAGE_SIZE;
@@ -1366,11 +1380,14 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             goto op_end;
         mdom = gm->domid;
         mref = gm->ref;
-        xg_dom *rd = xg_granter(domains, cache, &ncache, (long)mdom);
+        xg_dom *rd = (long)mdom == last_dom ? last_rd
+                                            : xg_granter(domains, cache, &ncache, (long)mdom);
         if (rd == NULL) {
             fail = PyErr_Occurred() != NULL;
             goto op_end;
         }
+        last_dom = (long)mdom;
+        last_rd = rd;
         if (mref < 0 || mref >= PyList_GET_SIZE(rd->shared) * XG_PER_V1)
             goto op_end;
         fail = 1;
@@ -1448,7 +1465,7 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         PyObject *hk = PyLong_FromUnsignedLong(h);
         if (hk == NULL)
             goto op_end;
-        PyObject *r = PyObject_CallMethodOneArg(l.free, str_append, hk);
+        PyObject *r = PyObject_CallOneArg(l.append, hk);
         Py_DECREF(hk);
         if (r == NULL)
             goto op_end;
