@@ -17,6 +17,8 @@ def runs(frames: Sequence[int]) -> list[tuple[int, int]]:
     if not frames:
         return []
     first, n = frames[0], len(frames)
+    if n == 1:
+        return [(first, 1)]
     if frames[-1] - first == n - 1 and list(frames) == list(range(first, first + n)):
         return [(first, n)]  # the common case: one run, checked at C speed
     out: list[tuple[int, int]] = []

@@ -20,6 +20,7 @@ Entry points, each returning what the hypercall returns:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 from collections import deque
@@ -47,6 +48,8 @@ from .grant_table import (
 from .machine import PAGE_SHIFT, PAGE_SIZE, Machine, OutOfMemory
 from .maptrack import DEFAULT_MAX_MAPTRACK_FRAMES, Maptrack
 
+#: From this many gfns on, memory ops try their bulk (C-speed) path first.
+_BULK = 8
 #: The two fields of a p2m entry ``(mfn, p2m type)``, for map() at C speed.
 _P2M_MFN = itemgetter(0)
 _P2M_TYPE = itemgetter(1)
@@ -323,12 +326,18 @@ class Hypervisor:
         # loop of populate_physmap (xen/common/memory.c) stops there: the
         # reservation (d->max_pages), a gfn already in use, or no memory.
         n = min(len(gfns), max(d.max_pages - d.tot_pages, 0), self.machine.free_frames)
+        if n < _BULK:
+            return self._populate_each(d, gfns[:n])
         if not d.pv:
             p2m = d.p2m
             want = list(gfns[:n])
             fresh = set(want)
             # one C-speed check for the common case: distinct holes, none negative
-            if len(fresh) != n or (want and min(want) < 0) or not p2m.keys().isdisjoint(fresh):
+            if (
+                len(fresh) != n
+                or (want and min(want) < 0)
+                or not p2m.keys().isdisjoint(fresh)
+            ):
                 seen: set[int] = set()
                 for i in range(n):
                     gfn = gfns[i]
@@ -344,6 +353,20 @@ class Hypervisor:
         d.tot_pages += n
         return keys
 
+    def _populate_each(self, d: DomainState, gfns: Sequence[int]) -> list[int]:
+        """:meth:`populate_physmap` of a few gfns, one extent at a time."""
+        done: list[int] = []
+        p2m, alloc = d.p2m, self.machine.alloc
+        for gfn in gfns:
+            if not d.pv and (gfn < 0 or gfn in p2m):
+                break
+            (mfn,) = alloc(d.domid, 1)
+            key = mfn if d.pv else gfn
+            p2m[key] = (mfn, P2M_RAM_RW)
+            d.tot_pages += 1
+            done.append(key)
+        return done
+
     def decrease_reservation(self, caller: int, gfns: Sequence[int]) -> int:
         """``XENMEM_decrease_reservation``: give frames back (``guest_remove_page``).
 
@@ -356,10 +379,10 @@ class Hypervisor:
         """
         d = self.live(caller, "decrease_reservation")
         p2m = d.p2m
-        try:
-            ents = list(map(p2m.__getitem__, gfns))
-        except (KeyError, TypeError):
-            ents = None
+        ents = None
+        if len(gfns) >= _BULK:
+            with contextlib.suppress(KeyError, TypeError):
+                ents = list(map(p2m.__getitem__, gfns))
         if (
             ents is not None
             and set(map(_P2M_TYPE, ents)) <= {P2M_RAM_RW}
@@ -462,6 +485,10 @@ class Hypervisor:
         """
         d = self.live(caller, "access")
         p2m = d.p2m
+        if len(gfns) == 1:  # the common single page
+            ent = p2m.get(gfns[0])
+            if ent is not None and not (write and ent[1] == P2M_GRANT_MAP_RO):
+                return [ent[0]]
         try:
             ents = list(map(p2m.__getitem__, gfns))
         except (KeyError, TypeError):

@@ -23,6 +23,8 @@ PAGE_SIZE = XEN_PAGE_SIZE
 PAGE_SHIFT = 12
 #: Owner of a free frame.
 NO_OWNER = -1
+#: From this many frames on, bulk paths work on whole runs (slices) at once.
+_BULK = 8
 
 
 class OutOfMemory(Exception):
@@ -71,6 +73,14 @@ class Machine:
         if count > self._nfree:
             raise OutOfMemory(f"{count} frame(s) wanted, {self._nfree} free")
         fmap, owners, refs = self._map, self.owner, self.refcount
+        if count == 1:  # the common single page: no run bookkeeping
+            mfn = fmap.find(1, self._low)
+            fmap[mfn] = 0
+            owners[mfn] = owner
+            refs[mfn] = 1
+            self._nfree -= 1
+            self._low = mfn + 1
+            return [mfn]
         frames: list[int] = []
         pos = self._low
         left = count
@@ -138,9 +148,9 @@ class Machine:
             How many frames were freed.
         """
         refs, owners = self.refcount, self.owner
-        spans = runs(mfns)
+        spans = runs(mfns) if len(mfns) >= _BULK else []
         distinct = len(spans) == 1 or len(set(mfns)) == len(mfns)
-        if distinct and all(set(refs[a : a + n]) == {1} for a, n in spans):
+        if spans and distinct and all(set(refs[a : a + n]) == {1} for a, n in spans):
             # the common case, nobody else holds them: whole runs at once
             self._release(mfns)
             for a, n in spans:

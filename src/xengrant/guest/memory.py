@@ -49,7 +49,12 @@ class GfnAllocator:
             return []
         if self._nfree >= count:
             fmap = self._map
-            i = fmap.find(1) if count == 1 else fmap.find(b"\x01" * count)
+            if count == 1:  # the common single page
+                i = fmap.find(1)
+                fmap[i] = 0
+                self._nfree -= 1
+                return [self._base + i]
+            i = fmap.find(b"\x01" * count)
             if i >= 0:
                 fmap[i : i + count] = bytes(count)
                 self._nfree -= count
@@ -63,6 +68,10 @@ class GfnAllocator:
     def free(self, gfns: list[int]) -> None:
         """Give gfns back."""
         fmap, base = self._map, self._base
+        if len(gfns) == 1:
+            fmap[gfns[0] - base] = 1
+            self._nfree += 1
+            return
         for start, n in runs(gfns):
             fmap[start - base : start - base + n] = b"\x01" * n
         self._nfree += len(gfns)
