@@ -410,7 +410,7 @@ class GrantTable:
                 ref = refs[bad]
                 if not 0 <= ref < len(state) or state[ref] == _RESERVED:
                     raise ValueError(f"put: grant ref {ref} is reserved or outside the table")
-                if state[ref] != _USED:
+                if state[ref] != _USED or ref in refs[:bad]:
                     raise ValueError(f"put: grant ref {ref} is already free (double put)")
                 raise ValueError(
                     f"put: grant ref {ref} is still granted; end access before freeing it"
@@ -767,10 +767,15 @@ class GrantTable:
         return self.share_pages(domid, 1, writable=not readonly)
 
     def _undo_share(self, refs: list[int], granted: int, pages: Pages) -> None:
-        """A share that failed at ``refs[granted]``: end what was granted, free the rest."""
+        """A share that failed at ``refs[granted]``: end what was granted, free the rest.
+
+        A ref whose entry someone else granted stays allocated: freeing it
+        would hand a live grant out again.
+        """
         for ref in refs[:granted]:
             self.try_end_access(ref)  # nobody knows these refs yet: never busy
-        self.put_n(refs)
+        idle = [r for r in refs[granted:] if not self._entry_flags(r) & gt.GTF_type_mask]
+        self.put_n(refs[:granted] + idle)
         pages.free()
 
     def _end_run(self, refs: list[int], start: int) -> int:
