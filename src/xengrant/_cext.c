@@ -23,6 +23,7 @@
 #include <stddef.h>
 #include "structmember.h"
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -1728,6 +1729,85 @@ xg_memset(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+
+/* runs(frames) -> [(start, length), ...]: each run of consecutive ints, in order */
+static PyObject *
+xg_runs(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(1, "runs(frames) -> list of (start, length)")
+    PyObject *seq = PySequence_Fast(args[0], "runs: frames must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(0);
+    long long start = 0, prev = 0;
+    Py_ssize_t len = 0;
+    if (out == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        long long f = 0;
+        if (i < n) {
+            f = PyLong_AsLongLong(items[i]);
+            if (f == -1 && PyErr_Occurred())
+                goto fail;
+            if (len && f == prev + 1 && prev != LLONG_MAX) {
+                prev = f;
+                len++;
+                continue;
+            }
+        }
+        if (len) {
+            PyObject *t = Py_BuildValue("(Ln)", start, len);
+            if (t == NULL || PyList_Append(out, t) < 0) {
+                Py_XDECREF(t);
+                goto fail;
+            }
+            Py_DECREF(t);
+        }
+        start = prev = f;
+        len = 1;
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_XDECREF(out);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+/* mark(state, refs, value): state[ref] = value for every ref (all checked first) */
+static PyObject *
+xg_mark(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(3, "mark(state, refs, value)")
+    if (!PyByteArray_CheckExact(args[0]) || !PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "mark(bytearray, list, int)");
+        return NULL;
+    }
+    long v = PyLong_AsLong(args[2]);
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    if (v < 0 || v > 255) {
+        PyErr_SetString(PyExc_ValueError, "mark: value is a byte");
+        return NULL;
+    }
+    char *state = PyByteArray_AS_STRING(args[0]);
+    Py_ssize_t ns = PyByteArray_GET_SIZE(args[0]), n = PyList_GET_SIZE(args[1]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t r = PyLong_AsSsize_t(PyList_GET_ITEM(args[1], i));
+        if (r == -1 && PyErr_Occurred())
+            return NULL;
+        if (r < 0 || r >= ns) {
+            PyErr_Format(PyExc_IndexError, "mark: ref %zd outside the table", r);
+            return NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        state[PyLong_AsSsize_t(PyList_GET_ITEM(args[1], i))] = (char)v;
+    Py_RETURN_NONE;
+}
+
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))xg_##name, METH_FASTCALL, doc}
 
 static PyMethodDef module_methods[] = {
@@ -1756,6 +1836,8 @@ static PyMethodDef module_methods[] = {
     FAST(put_run, "put_run(frames, state, refs, entry_size) -> -1 once all refs are marked "
                   "free, else the index of the first that may not be"),
     FAST(memset, "memset(buffer, offset, length, byte): fill part of a writable buffer"),
+    FAST(runs, "runs(frames) -> [(start, length), ...]: each run of consecutive ints"),
+    FAST(mark, "mark(state, refs, value): state[ref] = value for every ref"),
     {"mb", (PyCFunction)xg_mb, METH_NOARGS, "full memory barrier"},
     {"wmb", (PyCFunction)xg_wmb, METH_NOARGS, "write (release) barrier"},
     {"rmb", (PyCFunction)xg_rmb, METH_NOARGS, "read (acquire) barrier"},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ._cext import runs as _runs
+
 
 def runs(frames: Sequence[int]) -> list[tuple[int, int]]:
     """``(start, length)`` of each run of consecutive numbers, in order.
@@ -13,20 +15,11 @@ def runs(frames: Sequence[int]) -> list[tuple[int, int]]:
 
     Returns:
         The runs, e.g. ``[5, 6, 7, 2]`` gives ``[(5, 3), (2, 1)]``.
+
+    Raises:
+        TypeError: not a sequence of ints.
     """
-    if not frames:
-        return []
-    first, n = frames[0], len(frames)
-    if n == 1:
-        return [(first, 1)]
-    if frames[-1] - first == n - 1 and list(frames) == list(range(first, first + n)):
-        return [(first, n)]  # the common case: one run, checked at C speed
-    out: list[tuple[int, int]] = []
-    start = prev = first
-    for f in frames[1:]:
-        if f != prev + 1:
-            out.append((start, prev - start + 1))
-            start = f
-        prev = f
-    out.append((start, prev - start + 1))
+    if len(frames) == 1:
+        return [(frames[0], 1)]
+    out: list[tuple[int, int]] = _runs(frames)
     return out
