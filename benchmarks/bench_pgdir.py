@@ -9,8 +9,10 @@ One cycle, for each allocation mode, on the embedded emulator:
   chain, share its buffer, write its grefs), frontend map, frontend unmap,
   backend free, frontend free.
 
-Alongside, in the same run, a plain memcpy of the same size (bytearray to
-bytearray, both already touched), as the yardstick.
+Alongside, in the same rounds, a plain memcpy of the same size (bytearray to
+bytearray, both already touched), as the yardstick.  The modes and the memcpy
+run interleaved, one cycle each per round, so load from other jobs lands on
+all of them alike.
 
 Usage::
 
@@ -30,18 +32,6 @@ from collections.abc import Callable
 
 import xengrant
 from xengrant.pgdir import PgdirBackend, PgdirFrontend
-
-
-def memcpy_ms(nbytes: int, repeat: int) -> float:
-    src = bytearray(b"\x5a") * nbytes
-    dst = bytearray(nbytes)
-    dst[:] = src  # touch both
-    best = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        dst[:] = src
-        best.append(time.perf_counter() - t)
-    return statistics.median(best) * 1e3
 
 
 def cycle(
@@ -99,20 +89,45 @@ def raw_cycle(
 Cycle = Callable[[xengrant.Domain, xengrant.Domain, int, bool], dict[str, float]]
 
 
-def run(mib: int, repeat: int, be_alloc: bool, fn: Cycle = cycle) -> dict[str, tuple[float, float]]:
-    """``phase -> (median ms, best ms)`` over ``repeat`` cycles."""
+def run_all(
+    mib: int, repeat: int, modes: list[tuple[str, bool, Cycle]]
+) -> tuple[dict[str, dict[str, tuple[float, float]]], tuple[float, float]]:
+    """Every mode's ``phase -> (median ms, best ms)`` and memcpy's (median, best).
+
+    The modes run interleaved, one cycle of each (and one memcpy) per round,
+    each on its own emulator, so a burst of load from other jobs lands on all
+    of them and on the baseline alike.
+    """
     n = (mib << 20) // 4096
-    with xengrant.EmbeddedXen(memory=(mib * 4) << 20) as xen:
-        front, back = xen.create_domain(), xen.create_domain()
-        fn(front, back, n, be_alloc)  # warm up: grant tables grown, frames touched
-        runs = []
+    nbytes = mib << 20
+    src = bytearray(b"\x5a") * nbytes
+    dst = bytearray(nbytes)
+    dst[:] = src  # touch both
+    xens = [xengrant.EmbeddedXen(memory=(mib * 4) << 20) for _ in modes]
+    try:
+        doms = [(x.create_domain(), x.create_domain()) for x in xens]
+        for (_, be_alloc, fn), (front, back) in zip(modes, doms):
+            fn(front, back, n, be_alloc)  # warm up: grant tables grown, frames touched
+        runs: list[list[dict[str, float]]] = [[] for _ in modes]
+        copies: list[float] = []
         gc.disable()
         try:
             for _ in range(repeat):
-                runs.append(fn(front, back, n, be_alloc))
+                for i, ((_, be_alloc, fn), (front, back)) in enumerate(zip(modes, doms)):
+                    runs[i].append(fn(front, back, n, be_alloc))
+                t = time.perf_counter()
+                dst[:] = src
+                copies.append((time.perf_counter() - t) * 1e3)
         finally:
             gc.enable()
-    return {k: (statistics.median(r[k] for r in runs), min(r[k] for r in runs)) for k in runs[0]}
+    finally:
+        for x in xens:
+            x.close()
+    out = {
+        name: {k: (statistics.median(r[k] for r in rs), min(r[k] for r in rs)) for k in rs[0]}
+        for (name, _, _), rs in zip(modes, runs)
+    }
+    return out, (statistics.median(copies), min(copies))
 
 
 def profile(mib: int, be_alloc: bool) -> str:
@@ -136,20 +151,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile one cycle per mode")
     args = ap.parse_args(argv)
     nbytes = args.mib << 20
-    table: list[tuple[str, Callable[[], dict[str, tuple[float, float]]]]] = [
-        ("fe_alloc", lambda: run(args.mib, args.repeat, False)),
-        ("be_alloc", lambda: run(args.mib, args.repeat, True)),
-        ("raw grant ops, no pgdir", lambda: run(args.mib, args.repeat, False, raw_cycle)),
+    modes: list[tuple[str, bool, Cycle]] = [
+        ("fe_alloc", False, cycle),
+        ("be_alloc", True, cycle),
+        ("raw grant ops, no pgdir", False, raw_cycle),
     ]
-    print(f"{args.mib} MiB buffer = {nbytes // 4096} pages, {args.repeat} cycles\n")
-    print(f"memcpy {args.mib} MiB: {memcpy_ms(nbytes, args.repeat):.1f} ms\n")
+    print(f"{args.mib} MiB buffer = {nbytes // 4096} pages, {args.repeat} rounds\n")
+    results, (copy_med, copy_best) = run_all(args.mib, args.repeat, modes)
     print("| mode | phase | median ms | best ms |")
     print("|---|---|---:|---:|")
-    for mode, fn in table:
-        res = fn()
+    for mode, res in results.items():
         for phase, (med, best) in res.items():
             print(f"| {mode} | {phase} | {med:.1f} | {best:.1f} |")
-    print(f"\nmemcpy {args.mib} MiB (again, after): {memcpy_ms(nbytes, args.repeat):.1f} ms")
+    print(f"| memcpy {args.mib} MiB | same rounds | {copy_med:.1f} | {copy_best:.1f} |")
     if args.profile:
         for mode, be_alloc in (("fe_alloc", False), ("be_alloc", True)):
             print(f"\n## profile {mode}\n")
