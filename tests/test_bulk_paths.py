@@ -210,3 +210,24 @@ def test_share_pages_undoes_a_failed_grant(
     assert gt.num_free_grants() == free_refs - 1
     gt.try_end_access(stolen, release_ref=True)
     assert gt.num_free_grants() == free_refs
+
+
+def test_translate_of_many_gfns_faults_on_the_first_culprit(
+    xen: xengrant.EmbeddedXen, pair: tuple[xengrant.Domain, xengrant.Domain]
+) -> None:
+    granter, mapper = pair
+    share = granter.grant_table.share_pages(mapper.domid, 4)
+    m = mapper.grant_table.map_grants([(granter.domid, r) for r in share.refs], writable=False)
+    gfns = list(m.resource)
+    hv = xen.hv
+    mfns = hv.translate(mapper.domid, gfns, False)
+    assert mfns == hv.translate(granter.domid, share.resource.gfns, True)
+    with pytest.raises(xengrant.HypercallError) as e:
+        hv.translate(mapper.domid, gfns, True)  # read-only grant mappings
+    assert e.value.errno == 14 and f"gfn {gfns[0]:#x} is a read-only" in str(e.value)
+    hole = gfns[-1] + 1000
+    with pytest.raises(xengrant.HypercallError) as e:
+        hv.translate(mapper.domid, [*gfns, hole], False)
+    assert e.value.errno == 14 and f"gfn {hole:#x} not mapped" in str(e.value)
+    m.unmap()
+    share.unshare()

@@ -1808,6 +1808,60 @@ xg_mark(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+
+/*
+ * translate(p2m, gfns, ro_type) -> list of mfns, or the index of the first
+ * gfn that does not translate
+ *
+ * The MMU walk of Hypervisor.translate at C speed: each gfn must be in the
+ * p2m (a plain dict of gfn -> (mfn, p2m type)); with ro_type >= 0 (a write)
+ * an entry of that type (a read-only grant mapping) does not translate
+ * either.  Returns an int when one fails, so Python raises its error.
+ */
+static PyObject *
+xg_translate(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(3, "translate(p2m, gfns, ro_type) -> list | int")
+    PyObject *p2m = args[0], *gfns = args[1];
+    if (!PyDict_CheckExact(p2m) || !PyList_CheckExact(gfns)) {
+        PyErr_SetString(PyExc_TypeError, "translate(dict, list, int)");
+        return NULL;
+    }
+    long ro = PyLong_AsLong(args[2]);
+    if (ro == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(gfns);
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *e = PyDict_GetItemWithError(p2m, PyList_GET_ITEM(gfns, i));
+        if (e == NULL) {
+            Py_DECREF(out);
+            return PyErr_Occurred() ? NULL : PyLong_FromSsize_t(i);
+        }
+        if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 2) {
+            Py_DECREF(out);
+            return PyLong_FromSsize_t(i);
+        }
+        if (ro >= 0) {
+            long t = PyLong_AsLong(PyTuple_GET_ITEM(e, 1));
+            if (t == -1 && PyErr_Occurred()) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            if (t == ro) {
+                Py_DECREF(out);
+                return PyLong_FromSsize_t(i);
+            }
+        }
+        PyObject *mfn = PyTuple_GET_ITEM(e, 0);
+        Py_INCREF(mfn);
+        PyList_SET_ITEM(out, i, mfn);
+    }
+    return out;
+}
+
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))xg_##name, METH_FASTCALL, doc}
 
 static PyMethodDef module_methods[] = {
@@ -1836,6 +1890,8 @@ static PyMethodDef module_methods[] = {
     FAST(put_run, "put_run(frames, state, refs, entry_size) -> -1 once all refs are marked "
                   "free, else the index of the first that may not be"),
     FAST(memset, "memset(buffer, offset, length, byte): fill part of a writable buffer"),
+    FAST(translate, "translate(p2m, gfns, ro_type) -> mfns, or the index of the first gfn "
+                    "that does not translate"),
     FAST(runs, "runs(frames) -> [(start, length), ...]: each run of consecutive ints"),
     FAST(mark, "mark(state, refs, value): state[ref] = value for every ref"),
     {"mb", (PyCFunction)xg_mb, METH_NOARGS, "full memory barrier"},

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
 from operator import itemgetter
 
+from .._cext import translate as _cext_translate
 from ..abi import grant_table as gt
 from ..abi.memory import XENMAPIDX_grant_table_status, XENMAPSPACE_grant_table
 from ..errors import HypercallError
@@ -489,25 +490,19 @@ class Hypervisor:
             ent = p2m.get(gfns[0])
             if ent is not None and not (write and ent[1] == P2M_GRANT_MAP_RO):
                 return [ent[0]]
-        try:
-            ents = list(map(p2m.__getitem__, gfns))
-        except (KeyError, TypeError):
-            ents = None
-        if ents is None or (write and P2M_GRANT_MAP_RO in set(map(_P2M_TYPE, ents))):
-            for gfn in gfns:  # find the first culprit, as the MMU would fault on it
-                ent = p2m.get(gfn)
-                if ent is None:
-                    raise HypercallError(
-                        "access", errno.EFAULT, f"d{caller} gfn {gfn:#x} not mapped"
-                    )
-                if write and ent[1] == P2M_GRANT_MAP_RO:
-                    raise HypercallError(
-                        "access",
-                        errno.EFAULT,
-                        f"d{caller} gfn {gfn:#x} is a read-only grant mapping",
-                    )
-        assert ents is not None  # the loop above raised otherwise
-        return list(map(_P2M_MFN, ents))
+        elif type(gfns) is list and type(p2m) is dict:
+            got = _cext_translate(p2m, gfns, P2M_GRANT_MAP_RO if write else -1)
+            if type(got) is list:
+                return got
+        for gfn in gfns:  # find the first culprit, as the MMU would fault on it
+            ent = p2m.get(gfn)
+            if ent is None:
+                raise HypercallError("access", errno.EFAULT, f"d{caller} gfn {gfn:#x} not mapped")
+            if write and ent[1] == P2M_GRANT_MAP_RO:
+                raise HypercallError(
+                    "access", errno.EFAULT, f"d{caller} gfn {gfn:#x} is a read-only grant mapping"
+                )
+        return [p2m[gfn][0] for gfn in gfns]
 
     def copy_to_guest(self, d: DomainState, gpaddr: int, data: bytes) -> bool:
         """Write ``data`` at guest-physical ``gpaddr`` (a guest handle).
