@@ -109,6 +109,9 @@ class _NullSocket:
 
     last = b""
 
+    def fileno(self) -> int:
+        return -1
+
     def send(self, data: bytes) -> int:
         self.last = data
         return len(data)

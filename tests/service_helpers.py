@@ -194,7 +194,16 @@ def cmd_map_notify(
 
 
 def cmd_unmap(d: Any, objs: dict[int, Any], key: int) -> None:
+    """Unmap, and wait until the service has done it (``gnttab`` unmaps are posted):
+    the test looks next from another process, a signal the service cannot order."""
     objs.pop(key).unmap()
+    d.sync()
+
+
+def cmd_unmap_posted(d: Any, objs: dict[int, Any], key: int) -> int:
+    """Unmap without waiting; returns how many requests are still unanswered."""
+    objs.pop(key).unmap()
+    return len(d.channel._posted)
 
 
 def cmd_unshare(d: Any, objs: dict[int, Any], key: int) -> None:
@@ -340,6 +349,7 @@ def cmd_threaded_start(d: Any, objs: dict[int, Any], port: int, gdom: int, ref: 
     for _ in range(50):
         with d.gnttab.map_grant_ref(gdom, ref) as m:
             n += m.mem[0]
+    d.sync()
     return n
 
 
@@ -361,12 +371,14 @@ COMMANDS.update(
 def cmd_loop_map(
     d: Any, objs: dict[int, Any], gdom: int, refs: list[int], n: int, expect: bytes
 ) -> int:
-    """Map, check, write, unmap ``n`` times; returns how many maps saw ``expect``."""
+    """Map, check, write, unmap ``n`` times; returns how many maps saw ``expect``
+    (after the service has done the last, posted, unmap)."""
     ok = 0
     for i in range(n):
         with d.gnttab.map_domain_grant_refs(gdom, refs) as m:
             ok += bytes(m.mem[: len(expect)]) == expect
             m.mem[4096 * (i % len(refs)) + 100] = i & 0xFF
+    d.sync()
     return ok
 
 

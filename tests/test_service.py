@@ -18,9 +18,14 @@ import pytest
 
 from service_helpers import Actor, ActorError, Service
 from xengrant import abi
-from xengrant.service import Channel, stats
+from xengrant.errors import BatchError
+from xengrant.service import Channel, connect, stats
 from xengrant.service import protocol as p
-from xengrant.service.evtchn import EVTCHNSTAT_interdomain, EVTCHNSTAT_unbound
+from xengrant.service.evtchn import (
+    EVTCHNSTAT_closed,
+    EVTCHNSTAT_interdomain,
+    EVTCHNSTAT_unbound,
+)
 
 
 @pytest.fixture(scope="module")
@@ -436,3 +441,94 @@ def test_p2m_mirror_matches_the_service(
     finally:
         a.close()
         b.close()
+
+
+def _sabotage_unmap(d: Any, m: Any) -> None:
+    """Unmap ``m``'s page behind its back (a raw GNTTABOP_unmap_grant_ref), so that
+    ``m.unmap()`` then names a handle the service no longer knows."""
+    op = (abi.gnttab_unmap_grant_ref * 1)()
+    op[0].host_addr = m.resource[0] << 12
+    op[0].handle = m.handles[0]
+    d.grant_table.unmap_refs(op)
+    assert op[0].status == abi.GNTST_okay
+
+
+def test_posted_unmap_is_done_before_later_requests(
+    service: Service, baseline: dict[str, Any]
+) -> None:
+    """gnttab's unmap is posted: it returns at once, the service does it before
+    anything this domain sends next, and the reply comes with the next reply."""
+    a, b = connect(service.path, timeout=30), connect(service.path, timeout=30)
+    try:
+        share = a.grant_table.share_pages(b.domid, 1)
+        share.mem[:4] = b"page"
+        m = b.gnttab.map_grant_ref(a.domid, share.refs[0])
+        gfn = m.resource[0]
+        assert bytes(m.mem[:4]) == b"page" and b.hypercalls.p2m[gfn][0] >= 0
+        sent = b.channel.sent
+        m.unmap()
+        assert m.released and b.channel.sent == sent + 1
+        assert len(b.channel._posted) == 1  # its reply waits in the service
+        assert b.evtchn.status(0, b.domid)[0] == EVTCHNSTAT_closed  # any later request...
+        assert not b.channel._posted  # ... brought the posted reply first
+        assert gfn not in b.hypercalls.p2m  # the mirror took its p2m change
+        assert b.get_pages(1) == [gfn]  # and the hole is free again
+        b.put_pages([gfn])
+        share.unshare(timeout=30)  # the service ran the unmap before the status call
+    finally:
+        b.close()
+        a.close()
+
+
+def test_posted_unmap_failure_is_reported(service: Service, baseline: dict[str, Any]) -> None:
+    """A posted unmap that fails is raised by the next call, by sync and by close,
+    with its op name and GNTST code -- never lost."""
+    a, b = connect(service.path, timeout=30), connect(service.path, timeout=30)
+    try:
+        share = a.grant_table.share_pages(b.domid, 3)
+        gnt = b.gnttab
+        # 1: the next call raises it, before sending anything
+        m = gnt.map_grant_ref(a.domid, share.refs[0])
+        _sabotage_unmap(b, m)
+        m.unmap()  # posted: no error yet
+        assert b.evtchn.status(0, b.domid)[0] == EVTCHNSTAT_closed  # its reply came with this
+        sent = b.channel.sent
+        with pytest.raises(BatchError) as ei:
+            b.xs.read("domid")
+        assert ei.value.op == "unmap_grant_ref" and ei.value.status == abi.GNTST_bad_handle
+        assert ei.value.statuses == [abi.GNTST_bad_handle]
+        assert f"(domid, ref) [({a.domid}, {share.refs[0]})]" in str(ei.value)
+        assert b.channel.sent == sent  # the read was not sent
+        assert b.xs.read("domid") == str(b.domid).encode()  # raised once, then gone
+        # the failed op's hole is not handed out again (it may still hold the page)
+        assert m.resource[0] not in b.get_pages(1)
+        # 2: sync waits for the reply and raises it
+        m = gnt.map_grant_ref(a.domid, share.refs[1])
+        _sabotage_unmap(b, m)
+        m.unmap()
+        with pytest.raises(BatchError) as ei:
+            b.sync()
+        assert ei.value.status == abi.GNTST_bad_handle
+        b.sync()  # nothing left
+        # 3: an unmap of several pages: each entry's status
+        m = gnt.map_domain_grant_refs(a.domid, share.refs[:3])
+        op = (abi.gnttab_unmap_grant_ref * 1)()
+        op[0].host_addr = m.resource[1] << 12
+        op[0].handle = m.handles[1]
+        b.grant_table.unmap_refs(op)
+        m.unmap()
+        b.evtchn.status(0, b.domid)
+        with pytest.raises(BatchError) as ei:
+            gnt.map_grant_ref(a.domid, share.refs[0])  # raised before it maps anything
+        assert ei.value.statuses == [abi.GNTST_okay, abi.GNTST_bad_handle, abi.GNTST_okay]
+        # 4: close raises what nothing raised yet (and the domain is gone all the same)
+        m = gnt.map_grant_ref(a.domid, share.refs[2])
+        _sabotage_unmap(b, m)
+        m.unmap()
+        with pytest.raises(BatchError) as ei:
+            b.close()
+        assert ei.value.status == abi.GNTST_bad_handle
+        share.unshare(timeout=30)
+    finally:
+        b.close()
+        a.close()

@@ -57,14 +57,15 @@ def _payload(rng: random.Random, mtype: int) -> bytes:
     if rng.random() < 0.25:
         return _rand_bytes(rng, rng.choice([0, 1, 3, 7, 8, 12, 33, 100]))
     r32 = lambda: rng.choice([0, 1, 7, 8, 0x7FF0, 0xFFFF, 2**31, 2**32 - 1, rng.getrandbits(32)])  # noqa: E731
+    V = p.PROTOCOL_VERSION
     if mtype == p.MSG_CREATE:
         return p.CREATE_REQ.pack(
-            rng.choice([1, 1, 1, 0, 2]), rng.choice([-1, -1, 0, 5, 300, 0x7FF0, -7]),
+            rng.choice([V, V, V, 0, V + 1]), rng.choice([-1, -1, 0, 5, 300, 0x7FF0, -7]),
             rng.choice([0, 0, 1, 2]), rng.choice([-1, 0, 1, 4, 10**6]),
             rng.choice([-1, 0, 1, 2**20]), rng.choice([-1, 0, 3, 2**40]),
         )
     if mtype == p.MSG_ATTACH:
-        return p.ATTACH_REQ.pack(rng.choice([1, 0]), rng.getrandbits(16))
+        return p.ATTACH_REQ.pack(rng.choice([V, 0]), rng.getrandbits(16))
     if mtype == p.MSG_GNTTAB_OP:
         cmd = rng.choice([*range(14), 99, 2**31])
         count = rng.choice([-1, 0, 1, 2, 3, 64, 2000, 2**31, 2**40])
@@ -116,7 +117,8 @@ def _structured(path: str, rng: random.Random) -> set[int]:
     expect: list[tuple[int, int]] = []
     frames: list[p.Frame] = []
     if rng.random() < 0.8:
-        s.sendall(p.encode(p.MSG_CREATE, 0, 1, p.CREATE_REQ.pack(1, -1, 0, -1, -1, -1)))
+        create = p.CREATE_REQ.pack(p.PROTOCOL_VERSION, -1, 0, -1, -1, -1)
+        s.sendall(p.encode(p.MSG_CREATE, 0, 1, create))
         expect.append((1, p.MSG_CREATE))
     for i in range(MESSAGES):
         mtype = rng.choice(_TYPES + [p.MSG_GNTTAB_OP] * 6 + [999])

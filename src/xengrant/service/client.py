@@ -38,16 +38,20 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from itertools import repeat
+from operator import itemgetter, lshift
+from typing import Any, Optional
 
 from .. import _cext
 from ..abi import grant_table as gt
 from ..abi.gntalloc import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from ..emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
-from ..errors import HypercallError, XenError
+from ..errors import BatchError, GrantError, HypercallError, XenError
 from ..guest.domain import Domain
+from ..guest.gnttab import MAP_OP, UNMAP_OP
 from ..guest.share import Mapping, Share
+from ..hypercall import check_rc
 from ..portable import CopySegment, EmulatedGntshr, EmulatedGnttab, GrantRef
 from . import protocol as p
 from .evtchn import EvtchnError
@@ -80,6 +84,15 @@ _BATCH_BYTES = p.MAX_PAYLOAD - p.GNTTAB_REQ.size
 _GFNS_PER_MSG = (p.MAX_PAYLOAD - 8) // 8
 _RECV = 1 << 18
 _FOREIGN = (P2M_GRANT_MAP_RW, P2M_GRANT_MAP_RO)
+#: A GNTTAB_OP reply's head: status, the hypercall's rc, the length of the ops.
+_GNTTAB_HEAD = struct.Struct("<iiI")
+#: the count of a one-entry p2m delta
+_ONE_ENTRY = p.U32.pack(1)
+_first = itemgetter(0)
+_second = itemgetter(1)
+#: status (h) and handle (I) of a gnttab_map_grant_ref, at offset 18
+_MAP_STATUS_HANDLE = struct.Struct("<hI")
+_UNMAP_STATUS = struct.Struct("<h")
 
 
 class ServiceError(XenError, ConnectionError):
@@ -88,6 +101,16 @@ class ServiceError(XenError, ConnectionError):
 
 class Channel:
     """One connection to the service: requests, replies, events, watch events.
+
+    Posted requests (:meth:`post`): the request is sent at once, flagged
+    ``F_POSTED``, and nobody waits for its reply; the service sends that
+    reply with the next one, so it never wakes this process on its own.
+    Whichever thread reads the socket runs the request's ``on_reply`` as
+    soon as the reply is read, in stream order: always before the reply of
+    any later request is handed out.  A failure it reports (an exception it
+    returns or raises) is kept in :attr:`deferred`: the next :meth:`call` or
+    :meth:`post` raises it before sending anything, and :meth:`sync` waits
+    for every posted reply, then raises it.
 
     Args:
         path: the socket path (default: :func:`default_socket_path`).
@@ -113,11 +136,18 @@ class Channel:
         self._mu = threading.Lock()
         self._cv = threading.Condition(self._mu)
         self._leader = False
+        self._waiting = 0
         self._replies: dict[int, p.Frame] = {}
+        #: posted requests not answered yet: seq -> what to run on the reply
+        self._posted: dict[int, OnReply] = {}
+        #: failures posted requests reported, not raised yet (oldest first)
+        self.deferred: deque[BaseException] = deque()
         self.events: deque[int] = deque()
         self.watch_events: deque[tuple[str, str]] = deque()
         self._seq = itertools.count(1)
         self._eof = False
+        #: read with recvmsg (SCM_RIGHTS) until the memfd came; recv_into after
+        self.want_fds = True
         self._fds: list[int] = []
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._reader_loops: set[asyncio.AbstractEventLoop] = set()
@@ -126,17 +156,67 @@ class Channel:
         self.sent = 0
 
     # -------------------------------------------------------------- sending
-    def send(self, mtype: int, payload: bytes = b"") -> int:
-        """Send a request; returns its sequence number."""
+    def send(
+        self,
+        mtype: int,
+        payload: bytes = b"",
+        flags: int = 0,
+        on_reply: OnReply | None = None,
+        tail: bytes | bytearray | memoryview = b"",
+    ) -> int:
+        """Send a request (``payload`` then ``tail``); returns its sequence number.
+
+        Args:
+            mtype: ``MSG_*``.
+            payload: the payload (or its head, when ``tail`` is given).
+            flags: 0, or ``F_POSTED``.
+            on_reply: for a posted request: run with the reply's payload when
+                it is read (see the class docstring).
+            tail: more payload, sent without being copied first.
+
+        Raises:
+            ServiceError: EPIPE, the connection is gone.
+        """
         seq = next(self._seq) & 0xFFFFFFFF
-        data = p.HEADER.pack(len(payload), mtype, 0, seq) + payload
+        size = len(payload) + len(tail)
+        head = p.HEADER.pack(size, mtype, flags, seq)
+        if on_reply is not None:
+            with self._mu:
+                self._posted[seq] = on_reply
         try:
             with self._send_lock:
-                self.sock.sendall(data)
+                if size <= _GATHER:
+                    self.sock.sendall(head + payload + tail if tail else head + payload)
+                else:
+                    _sendv(self.sock, head, payload, tail)
                 self.sent += 1
         except OSError as e:
+            if on_reply is not None:
+                with self._mu:
+                    self._posted.pop(seq, None)
             raise ServiceError(errno.EPIPE, f"service connection lost: {e}") from None
         return seq
+
+
+    def request(
+        self, mtype: int, payload: bytes = b"", tail: bytes | bytearray | memoryview = b""
+    ) -> bytes:
+        """Send a request and wait for its reply; the reply's whole payload.
+
+        Returns:
+            The payload: an ``i32`` status (0 or -errno), then the body.
+
+        Raises:
+            ServiceError: the connection closed or timed out.
+            Exception: a failure a posted request reported (see :attr:`deferred`);
+                nothing is sent then.
+        """
+        if self.deferred:
+            self.raise_deferred()
+        frame = self.wait_reply(self.send(mtype, payload, tail=tail))
+        if frame.payload is None or len(frame.payload) < 4:
+            raise ServiceError(errno.EBADMSG, "reply without a status")
+        return frame.payload
 
     def call(self, mtype: int, payload: bytes = b"") -> tuple[int, bytes]:
         """Send a request and wait for its reply.
@@ -146,11 +226,9 @@ class Channel:
 
         Raises:
             ServiceError: the connection closed or timed out.
+            Exception: a failure a posted request reported (see :attr:`deferred`).
         """
-        seq = self.send(mtype, payload)
-        frame = self.wait_reply(seq)
-        assert frame.payload is not None
-        return p.split_status(frame.payload)
+        return p.split_status(self.request(mtype, payload))
 
     def call_ok(self, mtype: int, payload: bytes = b"", op: str = "") -> bytes:
         """:meth:`call`, raising for a negative status.
@@ -167,29 +245,78 @@ class Channel:
             )
         return body
 
+    def post(
+        self,
+        mtype: int,
+        payload: bytes,
+        on_reply: OnReply,
+        tail: bytes | bytearray | memoryview = b"",
+    ) -> int:
+        """Send a request flagged ``F_POSTED`` and return at once.
+
+        Args:
+            mtype: ``MSG_*``.
+            payload: the payload (or its head, with ``tail``).
+            on_reply: run with the reply's payload (status first) when a
+                reader reads it, before any later reply is handed out; what
+                it returns or raises (an exception) goes to :attr:`deferred`.
+            tail: more payload, sent without being copied first.
+
+        Returns:
+            The request's sequence number.
+
+        Raises:
+            ServiceError: the connection is gone.
+            Exception: an earlier posted request's failure; nothing is sent.
+        """
+        if self.deferred:
+            self.raise_deferred()
+        return self.send(mtype, payload, p.F_POSTED, on_reply, tail)
+
+    def raise_deferred(self) -> None:
+        """Raise the oldest failure a posted request reported (the others stay queued).
+
+        Raises:
+            Exception: that failure, if there is one.
+        """
+        with self._mu:
+            err = self.deferred.popleft() if self.deferred else None
+        if err is not None:
+            raise err
+
+    def sync(self) -> None:
+        """Wait until every posted request has been answered; raise what they reported.
+
+        Replies come in request order, so this sends a PING and waits for it.
+
+        Raises:
+            ServiceError: the connection closed.
+            Exception: the oldest failure a posted request reported.
+        """
+        if self._posted:
+            self.wait_reply(self.send(p.MSG_PING))
+        self.raise_deferred()
+
     # ------------------------------------------------------------ receiving
     def _read(self, timeout: float | None, nonblocking: bool = False) -> list[p.Frame]:
         """Read once (we are the leader) and decode; [] on timeout."""
         sock = self.sock
         buf = self._rbuf
-        if nonblocking:
-            try:
-                n, anc, _flags, _addr = sock.recvmsg_into([buf], _ANCBUF, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return []
-            except OSError:
-                n, anc = 0, []
-        else:
-            if timeout is not None:
+        anc: list[tuple[int, int, bytes]] = []
+        try:
+            if not nonblocking and timeout is not None:
                 r, _, _ = select.select([self._fileno], [], [], max(timeout, 0))
                 if not r:
                     return []
-            try:
-                n, anc, _flags, _addr = sock.recvmsg_into([buf], _ANCBUF)
-            except InterruptedError:
-                return []
-            except OSError:
-                n, anc = 0, []
+            flags = socket.MSG_DONTWAIT if nonblocking else 0
+            if self.want_fds:
+                n, anc, _flags, _addr = sock.recvmsg_into([buf], _ANCBUF, flags)
+            else:
+                n = sock.recv_into(buf, 0, flags)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            n = 0
         for level, kind, cdata in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -201,9 +328,21 @@ class Channel:
         return self._decoder.feed(buf[:n])
 
     def _dispatch(self, frames: list[p.Frame]) -> None:
-        """Sort frames (caller holds ``_mu``) and wake every waiter."""
+        """Sort frames (caller holds ``_mu``), finish posted requests, wake every waiter."""
         for fr in frames:
-            if fr.flags & p.F_ASYNC:
+            flags = fr.flags
+            if flags & p.F_REPLY:
+                done = self._posted.pop(fr.seq, None)
+                if done is None:
+                    self._replies[fr.seq] = fr
+                    continue
+                try:
+                    err = done(fr.payload or b"")
+                except Exception as e:
+                    err = e
+                if err is not None:
+                    self.deferred.append(err)
+            elif flags & p.F_ASYNC:
                 pl = fr.payload or b""
                 if fr.type == p.MSG_EVENT and len(pl) == 4:
                     self.events.append(p.U32.unpack(pl)[0])
@@ -211,9 +350,8 @@ class Channel:
                     parts = p.split_strings(pl)
                     if len(parts) >= 2:
                         self.watch_events.append((parts[0].decode(), parts[1].decode()))
-            elif fr.flags & p.F_REPLY:
-                self._replies[fr.seq] = fr
-        self._cv.notify_all()
+        if self._waiting:
+            self._cv.notify_all()
         if self._async_waiters:
             waiters, self._async_waiters = self._async_waiters, []
             for loop, fut in waiters:
@@ -231,6 +369,14 @@ class Channel:
                 self._dispatch(frames)
         return bool(frames) or self._eof
 
+    def _follow(self, remaining: float | None) -> None:
+        """Wait (caller holds ``_mu``) for the leader to sort what it read."""
+        self._waiting += 1
+        try:
+            self._cv.wait(remaining)
+        finally:
+            self._waiting -= 1
+
     def wait_reply(self, seq: int) -> p.Frame:
         """The reply to request ``seq``.
 
@@ -239,6 +385,7 @@ class Channel:
                 timeout passed.
         """
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        remaining = None
         while True:
             with self._mu:
                 fr = self._replies.pop(seq, None)
@@ -246,11 +393,12 @@ class Channel:
                     return fr
                 if self._eof:
                     raise ServiceError(errno.ECONNRESET, "the service closed the connection")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
                 if self._leader:
-                    self._cv.wait(remaining)
+                    self._follow(remaining)
                     continue
                 self._leader = True
             self._lead(remaining)
@@ -276,7 +424,7 @@ class Channel:
                 if remaining is not None and remaining <= 0:
                     return None
                 if self._leader:
-                    self._cv.wait(remaining)
+                    self._follow(remaining)
                     continue
                 self._leader = True
             self._lead(remaining)
@@ -354,6 +502,29 @@ class Channel:
 
 
 _ANCBUF = socket.CMSG_SPACE(4 * struct.calcsize("i"))
+#: Up to this many payload bytes a request is joined into one buffer; larger
+#: ones go out with sendmsg, uncopied.
+_GATHER = 1 << 14
+#: What a posted request runs on its reply: the failure to report, or None.
+OnReply = Callable[[bytes], Optional[BaseException]]
+
+
+def _sendv(sock: socket.socket, *parts: bytes | bytearray | memoryview) -> None:
+    """``sendall`` of several buffers, with one ``sendmsg`` when it takes them all."""
+    total = sum(map(len, parts))
+    if total <= _GATHER or len(parts) > 64:  # 64: far below IOV_MAX
+        sock.sendall(b"".join(parts))
+        return
+    n = sock.sendmsg(parts)
+    if n == total:
+        return
+    for part in parts:  # a partial send (a signal, a full buffer): finish in order
+        size = len(part)
+        if n >= size:
+            n -= size
+            continue
+        sock.sendall(memoryview(part)[n:])
+        n = 0
 
 
 def _take(queue: deque[Any], match: Any) -> Any:
@@ -397,20 +568,56 @@ class RemoteHypercalls:
         self._closed = False
 
     def _apply_delta(self, body: bytes | memoryview, pos: int) -> int:
-        changes, pos, full = p.unpack_p2m_delta(body, pos)
+        """Apply the p2m entries at ``body[pos:]`` to the mirror; the position after them.
+
+        Whole columns go in with C loops (``dict.update`` over ``zip``);
+        only a delta that both adds and removes takes a step per entry.
+
+        Raises:
+            ServiceError: EBADMSG, the delta is truncated.
+        """
         p2m = self.p2m
+        try:
+            if len(body) - pos >= 28 and body[pos : pos + 4] == _ONE_ENTRY:
+                gfn, mfn, p2mt = p.P2M_ONE.unpack_from(body, pos + 4)
+                if mfn < 0:
+                    p2m.pop(gfn, None)
+                else:
+                    p2m[gfn] = (mfn, p2mt)
+                return pos + 28
+            gfns, values, end, full = p.p2m_columns(body, pos)
+        except p.ProtocolError as e:
+            raise ServiceError(errno.EBADMSG, str(e)) from None
         if full:
             p2m.clear()
-        for gfn, mfn, p2mt in changes:
-            if mfn < 0:
-                p2m.pop(gfn, None)
-            else:
-                p2m[gfn] = (mfn, p2mt)
-        return pos
+        if not len(gfns):
+            return end
+        mfns = values[0::2]
+        lowest = min(mfns)
+        if lowest >= 0:
+            p2m.update(zip(gfns, zip(mfns, values[1::2])))
+        elif max(mfns) < 0:
+            deque(map(p2m.pop, gfns, repeat(None)), 0)
+        else:
+            for gfn, mfn, p2mt in zip(gfns, mfns, values[1::2]):
+                if mfn < 0:
+                    p2m.pop(gfn, None)
+                else:
+                    p2m[gfn] = (mfn, p2mt)
+        return end
+
+    def _nbytes(self, cmd: int, uop: memoryview, count: int) -> tuple[int, int | None]:
+        """``(bytes of uop the call reads, op size or None for an unknown cmd)``."""
+        size = _OP_SIZES.get(cmd)
+        if size is None or count < 0 or count > 0x7FFFFFFF:
+            return 0, size
+        if cmd in _ONE_OP:
+            return min(len(uop), size), size
+        return min(len(uop), size * count), size
 
     def grant_table_op(self, cmd: int, uop: memoryview, count: int) -> int:
         """``HYPERVISOR_grant_table_op`` in the service; OUT fields come back into ``uop``."""
-        size = _OP_SIZES.get(cmd)
+        nbytes, size = self._nbytes(cmd, uop, count)
         if size is None or count < 0 or count > 0x7FFFFFFF:
             nbytes = 0
         elif cmd in _ONE_OP:
@@ -430,15 +637,61 @@ class RemoteHypercalls:
         return self._gnttab(cmd, uop[:nbytes], count)
 
     def _gnttab(self, cmd: int, uop: memoryview, count: int) -> int:
-        body = self.channel.call_ok(
-            p.MSG_GNTTAB_OP, p.GNTTAB_REQ.pack(cmd, count) + bytes(uop), "grant_table_op"
-        )
-        rc, n = struct.unpack_from("<iI", body)
+        body = self.channel.request(p.MSG_GNTTAB_OP, p.GNTTAB_REQ.pack(cmd, count), uop)
+        return self._finish(body, uop)
+
+    def _finish(self, body: bytes, uop: memoryview) -> int:
+        """Take a GNTTAB_OP reply: OUT fields into ``uop``, p2m entries, reasons.
+
+        Returns:
+            The hypercall's return.
+
+        Raises:
+            HypercallError: the service refused the request (-errno).
+            ServiceError: EBADMSG, a reply too short to be one.
+        """
+        if len(body) < _GNTTAB_HEAD.size:
+            status = p.I32.unpack_from(body)[0] if len(body) >= 4 else -errno.EBADMSG
+            if status >= 0:
+                raise ServiceError(errno.EBADMSG, "short GNTTAB_OP reply")
+            raise HypercallError("grant_table_op", -status, body[4:].decode("utf-8", "replace"))
+        status, rc, n = _GNTTAB_HEAD.unpack_from(body)
+        if status < 0:
+            raise HypercallError("grant_table_op", -status, body[4:].decode("utf-8", "replace"))
         if n:
-            uop[:n] = body[8 : 8 + n]
-        pos = self._apply_delta(body, 8 + n)
-        self.last_reasons = p.unpack_reasons(body, pos) if len(body) > pos else []
+            uop[:n] = memoryview(body)[12 : 12 + n]
+        pos = self._apply_delta(body, 12 + n)
+        self.last_reasons = p.unpack_reasons(body, pos) if len(body) - pos > 2 else []
         return int(rc)
+
+    def post_grant_table_op(
+        self,
+        cmd: int,
+        uop: memoryview,
+        count: int,
+        done: Callable[[int], BaseException | None],
+    ) -> None:
+        """``HYPERVISOR_grant_table_op`` without waiting for it (``F_POSTED``).
+
+        The service runs it before any later request of this domain.  When its
+        reply is read (at the latest with the next reply), the OUT fields go
+        into ``uop``, the p2m mirror is updated, and ``done(rc)`` runs; the
+        failure it returns (or raises) surfaces from the next call
+        (:attr:`Channel.deferred`).
+
+        Raises:
+            ServiceError: the connection is gone.
+            Exception: an earlier posted call's failure; nothing is sent.
+        """
+        nbytes, size = self._nbytes(cmd, uop, count)
+        if cmd in _SPLITTABLE and size is not None and nbytes > _BATCH_BYTES:
+            raise ValueError(f"post_grant_table_op: {nbytes} bytes of ops is over one message")
+        ops = uop[:nbytes]
+
+        def on_reply(body: bytes) -> BaseException | None:
+            return done(self._finish(body, ops))
+
+        self.channel.post(p.MSG_GNTTAB_OP, p.GNTTAB_REQ.pack(cmd, count), on_reply, ops)
 
     def populate_physmap(self, gfns: Sequence[int]) -> list[int]:
         """``XENMEM_populate_physmap`` in the service."""
@@ -497,8 +750,10 @@ class RemoteHypercalls:
     def map_gfns(self, gfns: Sequence[int], writable: bool) -> Any:
         """A FrameView of the domain's frames, mapped in this process.
 
-        Own frames are a view of the shared memfd mapping; foreign ones a
-        new ``mmap`` of exactly those frames, read-only unless ``writable``.
+        Frames contiguous in machine memory are a view of the shared memfd
+        mapping -- own frames, and foreign ones mapped writable; a read-only
+        view of foreign frames, or frames that are not contiguous, is a new
+        ``mmap`` of exactly those frames (``PROT_READ`` unless ``writable``).
 
         Raises:
             HypercallError: EFAULT for a gfn with nothing mapped, or a
@@ -507,25 +762,23 @@ class RemoteHypercalls:
         n = len(gfns)
         if n == 0:
             raise ValueError("no frames to view")
-        p2m = self.p2m
-        mfns: list[int] = []
-        foreign = False
-        try:
-            for g in gfns:
-                mfn, p2mt = p2m[g]
-                if p2mt in _FOREIGN:
-                    foreign = True
-                    if writable and p2mt == P2M_GRANT_MAP_RO:
-                        raise KeyError(g)
-                mfns.append(mfn)
-        except KeyError:
-            ents = self.translate(gfns, writable)
-            mfns = [m for m, _ in ents]
-            foreign = any(t in _FOREIGN for _, t in ents)
+        ents: list[Any] = list(map(self.p2m.get, gfns))
+        types = set(map(_second, ents)) if None not in ents else {-1}
+        if -1 in types or (writable and P2M_GRANT_MAP_RO in types):
+            ents = self.translate(gfns, writable)  # refreshes the mirror; EFAULT as the MMU
+            types = set(map(_second, ents))
+        mfns: list[int] = list(map(_first, ents))
         readonly = not writable
         first = mfns[0]
-        if not foreign and (n == 1 or mfns == list(range(first, first + n))):
+        if (
+            (writable or types.isdisjoint(_FOREIGN))
+            and (n == 1 or (mfns[-1] - first == n - 1 and mfns == list(range(first, first + n))))
+        ):
+            # A slice of the one mapping of machine memory (as EmbeddedXen's
+            # views): the same pages, no mmap/munmap and page fault per map.
             return _cext.borrow(self._mmap, first * PAGE_SIZE, n * PAGE_SIZE, readonly)
+        # Scattered frames, or a read-only grant: an mmap of exactly those
+        # frames, PROT_READ for a read-only grant (a store faults even via ctypes).
         return _cext.vmap(self.fd, mfns, readonly)
 
     def close(self) -> None:
@@ -828,7 +1081,16 @@ class RemoteGntshr(EmulatedGntshr):
 
 
 class RemoteGnttab(EmulatedGnttab):
-    """:class:`~xengrant.portable.Gnttab` with one-message copies and gntdev's unmap notify."""
+    """:class:`~xengrant.portable.Gnttab` with posted unmaps, one-message copies and
+    gntdev's unmap notify.
+
+    Mapping and unmapping work as gntdev's ``IOCTL_GNTDEV_MAP_GRANT_REF`` +
+    ``mmap`` and ``munmap``: one ``GNTTABOP_map_grant_ref`` for the whole
+    batch, all or nothing.  :meth:`Mapping.unmap` of a mapping made here
+    *posts* its ``GNTTABOP_unmap_grant_ref`` (see :meth:`_unmap`): it returns
+    without waiting for the service, as ``xengnttab_unmap`` reports only
+    ``munmap``'s result on Linux.
+    """
 
     #: largest number of segments copied in one hypercall (bounce pages kept)
     COPY_BATCH = 256
@@ -836,6 +1098,196 @@ class RemoteGnttab(EmulatedGnttab):
     def __init__(self, domain: Domain) -> None:
         super().__init__(domain)
         self._bounces: Any = None
+        hc = domain.hypercalls
+        assert isinstance(hc, RemoteHypercalls)
+        self._hc = hc
+
+    # ------------------------------------------------------------ mapping
+    def map_grant_ref(self, domid: int, ref: int, writable: bool = True) -> Mapping:
+        """Map one grant.
+
+        Raises:
+            GrantError: with Xen's GNTST code.
+            ValueError: a domid or ref that does not fit the op.
+        """
+        return self._map([domid], [ref], writable)
+
+    def map_grant_refs(self, grants: Sequence[tuple[int, int]], writable: bool = True) -> Mapping:
+        """Map ``(domid, ref)`` pairs into one contiguous buffer, all or nothing.
+
+        Raises:
+            GrantError: a single grant failed (its GNTST code).
+            BatchError: some of several failed (each entry's status); none stays mapped.
+            ValueError: no grants, or one that does not fit the op.
+        """
+        return self._map([d for d, _ in grants], [r for _, r in grants], writable)
+
+    def map_domain_grant_refs(
+        self, domid: int, refs: Sequence[int], writable: bool = True
+    ) -> Mapping:
+        """Map several grants of one domain contiguously, all or nothing.
+
+        Raises:
+            GrantError, BatchError, ValueError: as :meth:`map_grant_refs`.
+        """
+        return self._map([domid] * len(refs), list(refs), writable)
+
+    def _map(self, domids: list[int], refs: list[int], writable: bool) -> Mapping:
+        """One ``GNTTABOP_map_grant_ref`` over fresh holes, then a view of them.
+
+        As gntdev's ``gntdev_map_grant_pages``: if any op fails, the others
+        are unmapped again and the holes given back (``GrantTable.map_grants``
+        has the same contract; this is its lean twin for the socket, with the
+        op structs filled by memoryview casts rather than per-op packing).
+
+        Raises:
+            GrantError: one grant, failed (Xen's GNTST code and debug reason).
+            BatchError: several, some failed.
+            ValueError: no grants, or a domid/ref that does not fit the op.
+        """
+        n = len(refs)
+        if n == 0:
+            raise ValueError("map_grants: no grants to map")
+        domain = self.domain
+        hc = self._hc
+        gfns = domain.get_pages(n)
+        flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
+        try:
+            if n == 1:
+                buf = bytearray(MAP_OP.pack(gfns[0] << 12, flags, refs[0], domids[0], 0, 0, 0))
+            else:
+                buf = bytearray(MAP_OP.size * n)
+                ops = memoryview(buf)
+                # struct gnttab_map_grant_ref (32 bytes): host_addr Q[0], flags I[2],
+                # ref I[3], dom H[8], status h[9], handle I[5], dev_bus_addr Q[3].
+                words = ops.cast("I")
+                ops.cast("Q")[0::4] = array.array("Q", map(lshift, gfns, repeat(12)))
+                words[2::8] = array.array("I", [flags]) * n
+                words[3::8] = array.array("I", refs)
+                ops.cast("H")[8::16] = array.array("H", domids)
+        except (struct.error, OverflowError, TypeError, ValueError) as e:
+            domain.put_pages(gfns)
+            for grant in zip(domids, refs):
+                if not (isinstance(grant[0], int) and 0 <= grant[0] <= 0xFFFF
+                        and isinstance(grant[1], int) and 0 <= grant[1] <= 0xFFFFFFFF):
+                    raise ValueError(
+                        f"map_grants: grant {grant} does not fit gnttab_map_grant_ref "
+                        "(domid is 16 bits, ref 32 bits)"
+                    ) from e
+            raise
+        ops = memoryview(buf)
+        rc = hc.grant_table_op(gt.GNTTABOP_map_grant_ref, ops, n)
+        if rc < 0:
+            domain.put_pages(gfns)
+            check_rc("map_grant_ref", rc)
+        if n == 1:
+            status, handle = _MAP_STATUS_HANDLE.unpack_from(buf, 18)
+            statuses, handles = [status], [handle]
+        else:
+            statuses = ops.cast("h")[9::16].tolist()
+            handles = ops.cast("I")[5::8].tolist()
+            status = min(statuses) or max(statuses)
+        if status:
+            self._map_failed(domids, refs, gfns, statuses, handles)
+        view = hc.map_gfns(gfns, writable)
+        return Mapping(self, domids, refs, writable, view, handles, resource=gfns)
+
+    def _map_failed(
+        self,
+        domids: list[int],
+        refs: list[int],
+        gfns: list[int],
+        statuses: list[int],
+        handles: list[int],
+    ) -> None:
+        """All or nothing: unmap what did map, give the holes back, raise.
+
+        Raises:
+            GrantError: one grant.
+            BatchError: several.
+        """
+        reasons = "; ".join(self._hc.last_reasons)
+        ok = [i for i, st in enumerate(statuses) if st == gt.GNTST_okay]
+        if ok:
+            buf = _unmap_ops([gfns[i] for i in ok], [handles[i] for i in ok])
+            self._hc.grant_table_op(gt.GNTTABOP_unmap_grant_ref, memoryview(buf), len(ok))
+        self.domain.put_pages(gfns)
+        if len(refs) == 1:
+            why = f"d{domids[0]} ref {refs[0]}" + (f": {reasons}" if reasons else "")
+            raise GrantError("map_grant_ref", statuses[0], why)
+        raise BatchError("map_grant_refs", statuses, reasons)
+
+    def _unmap(self, mapping: Mapping) -> None:
+        """Unmap a mapping made here: ``GNTTABOP_unmap_grant_ref``, posted.
+
+        The contract (``Mapping.unmap`` of this domain's gnttab):
+
+        - Its memory goes at once (the view is closed); the op is sent at
+          once, flagged ``F_POSTED``, and not waited for.  The service runs
+          it before any later request of this domain, so a peer this domain
+          signals afterwards through the service (event channel, xenstore)
+          sees the grant unmapped.  A signal that does not go through the
+          service (a pipe, a store to a shared ring) can overtake it: call
+          :meth:`sync` first.
+        - Its reply comes with the next reply on this connection (the
+          service holds it until then, so it wakes nobody).  The holes go
+          back to the domain when it is read, and only those whose op
+          succeeded.
+        - A failure (any op status other than GNTST_okay, or a refused
+          hypercall) is not lost: the next call on the connection raises it
+          as a :class:`~xengrant.errors.BatchError` (op ``unmap_grant_ref``,
+          the GNTST codes) before sending anything, as do :meth:`sync` and
+          ``RemoteDomain.close``.  Linux's gntdev behaves alike but only
+          WARNs: ``xengnttab_unmap`` returns ``munmap``'s result alone
+          (``__unmap_grant_pages_done``).
+
+        Raises:
+            BufferError: views of ``mapping.mem`` are alive; nothing is unmapped.
+            BatchError: an earlier posted unmap failed (this mapping stays mapped).
+            ServiceError: the connection is gone (the mapping stays unreleased).
+        """
+        hc = self._hc
+        if hc.channel.deferred:
+            hc.channel.raise_deferred()
+        mapping._release_memory()
+        gfns: list[int] = mapping.resource
+        handles = mapping.handles
+        assert handles is not None
+        buf = _unmap_ops(gfns, handles)
+        domids, refs = mapping.domids, mapping.refs
+        domain = self.domain
+
+        def done(rc: int) -> BaseException | None:
+            if rc < 0:
+                return HypercallError("unmap_grant_ref", -rc, f"posted unmap of refs {refs}")
+            statuses = _unmap_statuses(buf, len(gfns))
+            if not any(statuses):
+                domain.put_pages(gfns)
+                return None
+            # a gfn whose unmap failed may still hold the page: not a hole again
+            domain.put_pages([g for g, st in zip(gfns, statuses) if st == gt.GNTST_okay])
+            failed = [(domids[i], refs[i]) for i, st in enumerate(statuses) if st]
+            return BatchError(
+                "unmap_grant_ref",
+                statuses,
+                f"posted unmap of (domid, ref) {failed}, reported with a later reply",
+            )
+
+        hc.post_grant_table_op(gt.GNTTABOP_unmap_grant_ref, memoryview(buf), len(gfns), done)
+        mapping.released = True
+
+    def _orphan(self, retry: Callable[[], bool]) -> None:
+        """A mapping whose views outlived it: unmap it once they are gone."""
+        self.domain.grant_table._orphan(retry)
+
+    def sync(self) -> None:
+        """Wait until the service has done every posted unmap; raise a failure one reported.
+
+        Raises:
+            BatchError, HypercallError: the oldest posted unmap that failed.
+            ServiceError: the connection closed.
+        """
+        self._hc.channel.sync()
 
     def map_grant_ref_notify(
         self,
@@ -966,6 +1418,25 @@ class RemoteGnttab(EmulatedGnttab):
             self._bounces = None
 
 
+def _unmap_ops(gfns: Sequence[int], handles: Sequence[int]) -> bytearray:
+    """``gnttab_unmap_grant_ref`` ops: host_addr Q[0], dev_bus_addr Q[1], handle I[4]."""
+    n = len(handles)
+    if n == 1:
+        return bytearray(UNMAP_OP.pack(gfns[0] << 12, 0, handles[0], 0))
+    buf = bytearray(UNMAP_OP.size * n)
+    ops = memoryview(buf)
+    ops.cast("Q")[0::3] = array.array("Q", map(lshift, gfns, repeat(12)))
+    ops.cast("I")[4::6] = array.array("I", handles)
+    return buf
+
+
+def _unmap_statuses(buf: bytearray, n: int) -> list[int]:
+    """The ``status`` (h[10]) of ``n`` unmap ops."""
+    if n == 1:
+        return [_UNMAP_STATUS.unpack_from(buf, 20)[0]]
+    return memoryview(buf)[: n * UNMAP_OP.size].cast("h")[10::12].tolist()
+
+
 # ------------------------------------------------------------------- domain
 class RemoteDomain(Domain):
     """A :class:`~xengrant.guest.domain.Domain` living in the service.
@@ -1034,20 +1505,40 @@ class RemoteDomain(Domain):
         """
         self.channel.call_ok(p.MSG_DOMCTL_DESTROY, p.DOMID.pack(domid), "destroydomain")
 
+    def sync(self) -> None:
+        """Wait until the service has done every posted request (``gnttab`` unmaps).
+
+        Raises:
+            BatchError, HypercallError: the oldest posted unmap that failed.
+            ServiceError: the connection closed.
+        """
+        self.channel.sync()
+
     # ------------------------------------------------------------- closing
     def close(self) -> None:
-        """Leave: the service destroys this domain (as if the process died)."""
+        """Leave: the service destroys this domain (as if the process died).
+
+        Raises:
+            BatchError, HypercallError: a posted unmap failed and nothing
+                raised it yet (the domain is gone all the same).
+        """
         if self.closed:
             return
         self.closed = True
-        if not self.channel.closed:
-            # destroy now and wait for it, so that whoever looks next sees it gone
-            with contextlib.suppress(ServiceError, HypercallError):
-                self.channel.call_ok(p.MSG_CLOSE, b"", "close")
-        self.channel.close()
+        channel = self.channel
+        if not channel.closed:
+            # destroy now and wait for it, so that whoever looks next sees it
+            # gone; its reply comes after every posted one
+            with contextlib.suppress(ServiceError):
+                channel.wait_reply(channel.send(p.MSG_CLOSE))
+        late = list(channel.deferred)
+        channel.deferred.clear()
+        channel.close()
         hc = self.hypercalls
         assert isinstance(hc, RemoteHypercalls)
         hc.close()
+        if late:
+            raise late[0]
 
     def __enter__(self) -> RemoteDomain:
         return self
@@ -1116,6 +1607,7 @@ def connect(
             raise HypercallError("connect", -status, body.decode("utf-8", "replace"))
         _version, got, flags, nr_frames = p.DOMAIN_REPLY.unpack_from(body)
         fds = channel.take_fds()
+        channel.want_fds = False  # nothing else brings descriptors: plain recv_into
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)

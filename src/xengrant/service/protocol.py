@@ -7,16 +7,22 @@ Every message is a fixed 12-byte header and a payload::
     u32 length   payload bytes that follow (at most MAX_PAYLOAD)
     u16 type     MSG_* below
     u16 flags    0 for a request, F_REPLY for its answer, F_ASYNC for an
-                 unsolicited server message (an event, a watch firing)
+                 unsolicited server message (an event, a watch firing);
+                 F_POSTED on a request nobody waits for (see below)
     u32 seq      chosen by the client, echoed in the reply (0 for F_ASYNC)
 
-All integers are little-endian.  A reply payload starts with an ``i32``
-status: 0 or a negative errno (then the rest is a UTF-8 explanation).  A
-request the server cannot parse, an oversized one (its payload is skipped), a
-request of an unknown type, one sent before the connection is bound to a
-domain or one that acts as another domain gets such an error reply; the
-connection stays usable.  Hypercall replies end with the caller's p2m changes
-(:func:`pack_p2m_delta`) so a client translates its own frames without asking.
+All integers are little-endian.  A request with F_POSTED is answered as any
+other, but its reply is not sent on its own: it is queued and leaves with the
+next message for that connection (the next reply, or an event), so a posted
+request never wakes its client.  Replies stay in request order.
+
+A reply payload starts with an ``i32`` status: 0 or a negative errno (then
+the rest is a UTF-8 explanation).  A request the server cannot parse, an
+oversized one (its payload is skipped), a request of an unknown type, one
+sent before the connection is bound to a domain or one that acts as another
+domain gets such an error reply; the connection stays usable.  Hypercall
+replies end with the caller's p2m changes (:func:`pack_p2m`) so a client
+translates its own frames without asking.
 
 Payloads (``q`` = i64, ``Q`` = u64, ``I`` = u32, ``i`` = i32, ``H`` = u16):
 
@@ -53,10 +59,14 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
+import sys
+from array import array
+from collections.abc import Iterable, Sequence
+from itertools import chain
+from typing import NamedTuple
 
-PROTOCOL_VERSION = 1
+#: 2: column p2m deltas and F_POSTED.
+PROTOCOL_VERSION = 2
 
 #: ``struct {u32 length; u16 type; u16 flags; u32 seq;}``
 HEADER = struct.Struct("<IHHI")
@@ -69,7 +79,9 @@ XS_PAYLOAD_MAX = 4096
 
 F_REPLY = 0x1
 F_ASYNC = 0x2
-_KNOWN_FLAGS = F_REPLY | F_ASYNC
+#: A request whose reply the client does not wait for: the service sends the
+#: reply with the next message for the connection instead of on its own.
+F_POSTED = 0x4
 
 # ----------------------------------------------------------------- types
 MSG_PING = 1
@@ -131,8 +143,9 @@ STATUS = I32
 NOTIFY_SET_REQ = struct.Struct("<IIIII")
 NOTIFY_FIRE_REQ = TWO_U32
 EVTCHN_STATUS_REPLY = struct.Struct("<IHI")
-#: One p2m change: gfn, mfn (-1: removed), p2m type.
-P2M_ENTRY = struct.Struct("<qqI")
+#: One p2m change as :func:`pack_p2m_delta` writes it when there is only one:
+#: gfn, then mfn (-1: removed) and p2m type.
+P2M_ONE = struct.Struct("<qqq")
 TRANSLATE_ENTRY = struct.Struct("<qI")
 
 #: UNMAP_NOTIFY kinds: a grant mapping (key: its maptrack handle), as gntdev;
@@ -153,8 +166,7 @@ class ProtocolError(Exception):
         self.errno = err
 
 
-@dataclass
-class Frame:
+class Frame(NamedTuple):
     """One decoded message.
 
     Attributes:
@@ -225,8 +237,19 @@ class Decoder:
         """Bytes held waiting for the rest of a message."""
         return len(self._buf)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing held and nothing to skip: the next byte starts a message."""
+        return not self._buf and not self._skip
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Add received bytes; return every message now complete."""
+        if not self._buf and not self._skip:
+            return self._feed_fresh(data)
+        return self._feed_slow(data)
+
+    def _feed_slow(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """:meth:`feed` through the held buffer (a message split across reads)."""
         buf = self._buf
         if self._skip:
             n = min(self._skip, len(data))
@@ -253,6 +276,25 @@ class Decoder:
             pos = start + length
         if pos:
             del buf[:pos]
+        return out
+
+    def _feed_fresh(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """:meth:`feed` with nothing held: whole messages straight from ``data``."""
+        mv = memoryview(data)
+        end = len(mv)
+        pos = 0
+        out: list[Frame] = []
+        unpack = HEADER.unpack_from
+        limit = self.max_payload
+        while end - pos >= HEADER_SIZE:
+            length, mtype, flags, seq = unpack(mv, pos)
+            start = pos + HEADER_SIZE
+            if length > limit or end - start < length:
+                break
+            out.append(Frame(mtype, flags, seq, bytes(mv[start : start + length]), length))
+            pos = start + length
+        if pos < end:
+            out += self._feed_slow(mv[pos:])  # it keeps the rest
         return out
 
 
@@ -286,20 +328,78 @@ def unpack_i64s(payload: bytes | memoryview, what: str) -> list[int]:
 
 #: Set in a p2m delta's count: the entries are the whole p2m (replace, not update).
 P2M_FULL = 0x80000000
+#: An absent p2m entry as a delta carries it.
+P2M_GONE = (-1, 0)
+_LITTLE = sys.byteorder == "little"
+
+
+def pack_p2m(
+    gfns: Sequence[int], entries: Iterable[tuple[int, int]], full: bool = False
+) -> bytes:
+    """p2m entries as ``u32 n``, ``q gfn * n``, then ``(q mfn, q type) * n``.
+
+    Columns rather than records, so both ends convert them with C loops
+    (``array``, memoryview casts) instead of one Python step per entry.
+
+    Args:
+        gfns: the gfns.
+        entries: ``(mfn, type)`` of each gfn, in the same order;
+            :data:`P2M_GONE` where the gfn holds nothing now.
+        full: they are the whole p2m (the count carries :data:`P2M_FULL`).
+    """
+    n = len(gfns)
+    if n == 1:
+        for mfn, p2mt in entries:
+            return U32.pack(1 | (P2M_FULL if full else 0)) + P2M_ONE.pack(gfns[0], mfn, p2mt)
+    body = array("q", gfns)
+    body.extend(chain.from_iterable(entries))
+    if not _LITTLE:  # pragma: no cover - the wire is little-endian
+        body.byteswap()
+    if len(body) != 3 * n:
+        raise ValueError(f"pack_p2m: {len(body) - n} values for {n} gfns")
+    return U32.pack(n | (P2M_FULL if full else 0)) + body.tobytes()
 
 
 def pack_p2m_delta(changes: Sequence[tuple[int, int, int]], full: bool = False) -> bytes:
-    """p2m entries ``(gfn, mfn or -1, type)`` as ``u32 n`` + entries.
+    """p2m entries ``(gfn, mfn or -1, type)``, as :func:`pack_p2m` writes them.
 
     Args:
         changes: the entries (mfn -1: the gfn holds nothing now).
         full: they are the whole p2m (the count carries :data:`P2M_FULL`).
     """
-    out = bytearray(U32.pack(len(changes) | (P2M_FULL if full else 0)))
-    pack = P2M_ENTRY.pack
-    for gfn, mfn, p2mt in changes:
-        out += pack(gfn, mfn, p2mt)
-    return bytes(out)
+    return pack_p2m([g for g, _, _ in changes], [(m, t) for _, m, t in changes], full)
+
+
+def p2m_columns(
+    body: bytes | bytearray | memoryview, pos: int
+) -> tuple[memoryview, memoryview, int, bool]:
+    """The p2m entries at ``body[pos:]`` as columns, without a Python step per entry.
+
+    Returns:
+        ``(gfns, values, position after them, whether they are the whole p2m)``:
+        ``gfns`` an ``i64`` memoryview, ``values`` an ``i64`` memoryview of
+        ``mfn, type`` pairs (``values[0::2]`` the mfns, ``values[1::2]`` the types).
+
+    Raises:
+        ProtocolError: EBADMSG if truncated.
+    """
+    if len(body) - pos < 4:
+        raise ProtocolError(errno.EBADMSG, "p2m delta: truncated count")
+    (n,) = U32.unpack_from(body, pos)
+    full = bool(n & P2M_FULL)
+    n &= ~P2M_FULL
+    pos += 4
+    end = pos + 24 * n
+    if len(body) < end:
+        raise ProtocolError(errno.EBADMSG, "p2m delta: truncated entries")
+    mv = memoryview(body)
+    if not _LITTLE:  # pragma: no cover - the wire is little-endian
+        cols = array("q", bytes(mv[pos:end]))
+        cols.byteswap()
+        mv, pos, end = memoryview(cols.tobytes()), 0, 24 * n
+    gfns = mv[pos : pos + 8 * n].cast("q")
+    values = mv[pos + 8 * n : end].cast("q")
+    return gfns, values, end, full
 
 
 def unpack_p2m_delta(
@@ -313,18 +413,9 @@ def unpack_p2m_delta(
     Raises:
         ProtocolError: EBADMSG if truncated.
     """
-    if len(body) - pos < 4:
-        raise ProtocolError(errno.EBADMSG, "p2m delta: truncated count")
-    (n,) = U32.unpack_from(body, pos)
-    full = bool(n & P2M_FULL)
-    n &= ~P2M_FULL
-    pos += 4
-    size = P2M_ENTRY.size
-    if len(body) - pos < n * size:
-        raise ProtocolError(errno.EBADMSG, "p2m delta: truncated entries")
-    unpack = P2M_ENTRY.unpack_from
-    out = [unpack(body, pos + i * size) for i in range(n)]
-    return out, pos + n * size, full
+    gfns, values, pos, full = p2m_columns(body, pos)
+    out = list(zip(gfns.tolist(), values[0::2].tolist(), values[1::2].tolist()))
+    return out, pos, full
 
 
 def pack_strings(*parts: str | bytes, terminate_last: bool = True) -> bytes:
@@ -371,18 +462,25 @@ def unpack_reasons(body: bytes | memoryview, pos: int) -> list[str]:
     return out
 
 
-def check_request_header(frame: Frame) -> None:
-    """Reject what a client must never send.
+def check_request(mtype: int, flags: int, payload: object, length: int) -> None:
+    """Reject what a client must never send (``payload`` None: it was oversized).
 
     Raises:
         ProtocolError: EMSGSIZE (oversized), EPROTO (reply/async flags or
             unknown flag bits from a client), ENOSYS (unknown type).
     """
-    if frame.payload is None:
-        raise ProtocolError(
-            errno.EMSGSIZE, f"payload of {frame.length} bytes > {MAX_PAYLOAD}: skipped"
-        )
-    if frame.flags & ~_KNOWN_FLAGS or frame.flags & (F_REPLY | F_ASYNC):
-        raise ProtocolError(errno.EPROTO, f"flags {frame.flags:#x} are not a request's")
-    if frame.type not in MSG_NAMES or frame.type in (MSG_EVENT, MSG_WATCH_EVENT):
-        raise ProtocolError(errno.ENOSYS, f"unknown request type {frame.type}")
+    if payload is None:
+        raise ProtocolError(errno.EMSGSIZE, f"payload of {length} bytes > {MAX_PAYLOAD}: skipped")
+    if flags & ~F_POSTED:
+        raise ProtocolError(errno.EPROTO, f"flags {flags:#x} are not a request's")
+    if mtype not in MSG_NAMES or mtype in (MSG_EVENT, MSG_WATCH_EVENT):
+        raise ProtocolError(errno.ENOSYS, f"unknown request type {mtype}")
+
+
+def check_request_header(frame: Frame) -> None:
+    """:func:`check_request` of a decoded :class:`Frame`.
+
+    Raises:
+        ProtocolError: EMSGSIZE, EPROTO, ENOSYS.
+    """
+    check_request(frame.type, frame.flags, frame.payload, frame.length)

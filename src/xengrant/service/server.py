@@ -1,6 +1,6 @@
 """``xengrant hypervisor``: the emulated hypervisor as a service on a Unix socket.
 
-One thread runs a ``selectors`` loop that owns everything: the sans-IO
+One thread runs an ``epoll`` loop that owns everything: the sans-IO
 hypervisor core (:class:`~xengrant.emu.Hypervisor`, over the memfd of an
 :class:`~xengrant.embedded.EmbeddedXen`), the xenstore and the event channels.
 Each connection binds to one domain (CREATE makes one, ATTACH takes one a
@@ -19,6 +19,13 @@ granted stay valid for their mappers until they unmap; then the zombie goes.
 Nothing a client sends can stop the loop: every handler failure becomes an
 error reply (see :mod:`xengrant.service.protocol`), and a connection that
 does not read its replies is dropped once 64 MiB are queued for it.
+
+The hot path is short on purpose: one ``epoll.poll``, one ``recv_into`` a
+buffer that is reused, whole messages handled straight from that buffer (a
+GNTTAB_OP's op structs are the hypercall's ``uop`` in place, with no copy),
+and one ``send`` of every reply the read produced.  The reply to a request
+flagged ``F_POSTED`` (a client's unmap it does not wait for) is queued and
+leaves with the next one, so it costs its client no wake-up.
 """
 
 from __future__ import annotations
@@ -28,16 +35,18 @@ import contextlib
 import errno
 import json
 import os
-import selectors
+import select
 import signal
 import socket
 import struct
 import sys
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import repeat
+from operator import rshift
+from typing import Any, Union
 
 from ..abi import grant_table as gt
 from ..abi.gntalloc import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
@@ -61,6 +70,16 @@ _UNMAP_HANDLE_OFF = 16
 _UNMAP_STATUS = struct.Struct("<h")
 _UNMAP_STATUS_OFF = 20
 _UNMAP_SIZE = 24
+_LITTLE = sys.byteorder == "little"
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+#: a readable socket, or one whose peer hung up or failed (recv tells which)
+_IN_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_OK = p.STATUS.pack(0)
+_NO_REASONS = p.pack_reasons([])
+_NO_DELTA = p.pack_p2m([], [])
+#: a request's payload: bytes, or a writable view of the receive buffer
+Payload = Union[bytes, memoryview]
 
 
 def default_socket_path() -> str:
@@ -92,6 +111,7 @@ class Connection:
 
     def __init__(self, sock: socket.socket, ident: int) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self.ident = ident
         self.decoder = p.Decoder()
         self.out: deque[tuple[bytes, tuple[int, ...]]] = deque()
@@ -100,13 +120,15 @@ class Connection:
         #: domains this (privileged) connection made and nobody attached yet
         self.created: set[int] = set()
         self.want_write = False
+        #: a reply someone waits for is queued (posted replies alone are not sent)
+        self.flush_due = False
         self.dead = False
 
     def __repr__(self) -> str:
         return f"<conn {self.ident} d{self.domid}>"
 
 
-_Handler = Callable[[Connection, bytes], bytes]
+_Handler = Callable[[Connection, Any], bytes]
 
 
 class Server:
@@ -145,7 +167,9 @@ class Server:
         self.bound: dict[int, Connection] = {}
         self.notifies: dict[int, dict[tuple[int, int], Notify]] = {}
         self.conns: dict[int, Connection] = {}
-        self.sel = selectors.DefaultSelector()
+        #: socket fd -> its connection (what epoll reports)
+        self.by_fd: dict[int, Connection] = {}
+        self.ep = select.epoll()
         self._next_ident = 1
         self._to_close: list[Connection] = []
         self._wake_r, self._wake_w = os.pipe()
@@ -153,8 +177,10 @@ class Server:
         os.set_blocking(self._wake_w, False)
         self._stopping = False
         self.listener = _listen(self.path)
-        self.sel.register(self.listener, selectors.EVENT_READ, None)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.ep.register(self.listener.fileno(), _EPOLLIN)
+        self.ep.register(self._wake_r, _EPOLLIN)
+        #: type -> (handler, needs a bound domain); GNTTAB_OP alone takes the
+        #: payload as a writable view of the receive buffer, the rest get bytes
         self.handlers: dict[int, tuple[_Handler, bool]] = {
             p.MSG_PING: (self._ping, False),
             p.MSG_CREATE: (self._create, False),
@@ -200,46 +226,58 @@ class Server:
         d = self.hv.domains.get(domid)
         return d is not None and d.privileged
 
+    @property
+    def wake_fd(self) -> int:
+        """A non-blocking fd whose writes wake the loop (e.g. ``signal.set_wakeup_fd``)."""
+        return self._wake_w
+
     def stop(self) -> None:
         """Ask the loop to return (thread- and signal-safe)."""
         self._stopping = True
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
-    def serve_forever(self) -> None:
-        """Run until :meth:`stop`; then close every connection (destroying their domains)."""
+    def serve_forever(self, close: bool = True) -> None:
+        """Run until :meth:`stop`; then close every connection (destroying their domains).
+
+        Args:
+            close: :meth:`close` at the end (False: the caller does).
+        """
+        poll = self.ep.poll
+        by_fd = self.by_fd
+        listen_fd = self.listener.fileno()
         try:
             while not self._stopping:
-                for key, mask in self.sel.select():
-                    if key.data == "wake":
+                for fd, mask in poll():
+                    conn = by_fd.get(fd)
+                    if conn is not None:
+                        if mask & _IN_EVENTS and not conn.dead:
+                            self._on_readable(conn)
+                        if mask & _EPOLLOUT and not conn.dead:
+                            self._flush(conn)
+                    elif fd == listen_fd:
+                        self._accept()
+                    elif fd == self._wake_r:
                         with contextlib.suppress(OSError):
                             os.read(self._wake_r, 4096)
-                    elif key.data is None:
-                        self._accept()
-                    else:
-                        conn: Connection = key.data
-                        if mask & selectors.EVENT_READ and not conn.dead:
-                            self._on_readable(conn)
-                        if mask & selectors.EVENT_WRITE and not conn.dead:
-                            self._flush(conn)
+                if self._to_close:
                     self._reap()
         finally:
-            self.close()
+            if close:
+                self.close()
 
     def close(self) -> None:
         """Drop every connection (destroying their domains) and free machine memory."""
         for conn in list(self.conns.values()):
             self._schedule_close(conn)
         self._reap()
-        with contextlib.suppress(Exception):
-            self.sel.unregister(self.listener)
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.sel.close()
+        self.ep.close()
         self.xen.close()
 
     # ----------------------------------------------------------- sockets
@@ -252,11 +290,13 @@ class Server:
         conn = Connection(sock, self._next_ident)
         self._next_ident += 1
         self.conns[conn.ident] = conn
-        self.sel.register(sock, selectors.EVENT_READ, conn)
+        self.by_fd[conn.fd] = conn
+        self.ep.register(conn.fd, _EPOLLIN)
 
     def _on_readable(self, conn: Connection) -> None:
+        rbuf = self._rbuf
         try:
-            n = conn.sock.recv_into(self._rbuf)
+            n = conn.sock.recv_into(rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -265,25 +305,39 @@ class Server:
         if not n:
             self._schedule_close(conn)
             return
-        for frame in conn.decoder.feed(self._rbuf[:n]):
-            if conn.dead:
-                return
-            self._handle(conn, frame)
-        self._dispatch_async()
+        dec = conn.decoder
+        pos = 0
+        if dec.idle:
+            # Whole messages are handled where they lie in the receive buffer
+            # (their handlers are done with it before the next recv_into).
+            unpack = p.HEADER.unpack_from
+            limit = p.MAX_PAYLOAD
+            while n - pos >= p.HEADER_SIZE and not conn.dead:
+                length, mtype, flags, seq = unpack(rbuf, pos)
+                start = pos + p.HEADER_SIZE
+                if length > limit or n - start < length:
+                    break
+                pos = start + length
+                self._request(conn, mtype, flags, seq, rbuf[start:pos], length, hold=True)
+        if pos < n and not conn.dead:
+            for frame in dec.feed(rbuf[pos:n]):
+                if conn.dead:
+                    break
+                self._request(
+                    conn, frame.type, frame.flags, frame.seq, frame.payload, frame.length,
+                    hold=True,
+                )
+        if conn.flush_due and not conn.want_write and not conn.dead:
+            self._flush(conn)  # every reply this read produced, in one send
+        if self._deliveries or self.xs.events:
+            self._dispatch_async()
 
     def _send(self, conn: Connection, data: bytes, fds: tuple[int, ...] = ()) -> None:
-        if conn.dead:
-            return
-        conn.out.append((data, fds))
-        conn.out_bytes += len(data)
-        if conn.out_bytes > MAX_OUTBUF:
-            self.log(f"{conn!r}: {conn.out_bytes} bytes unread, dropping it")
-            self._schedule_close(conn)
-            return
-        if not conn.want_write:
-            self._flush(conn)
+        """Queue ``data`` for ``conn`` and send what is queued (posted replies too)."""
+        self._queue(conn, data, fds, 0, False)
 
     def _flush(self, conn: Connection) -> None:
+        conn.flush_due = False
         out = conn.out
         sock = conn.sock
         try:
@@ -316,8 +370,7 @@ class Server:
         want = bool(out)
         if want != conn.want_write:
             conn.want_write = want
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-            self.sel.modify(sock, events, conn)
+            self.ep.modify(conn.fd, _EPOLLIN | (_EPOLLOUT if want else 0))
 
     def _schedule_close(self, conn: Connection) -> None:
         if not conn.dead:
@@ -328,8 +381,9 @@ class Server:
         while self._to_close:
             conn = self._to_close.pop()
             self.conns.pop(conn.ident, None)
+            self.by_fd.pop(conn.fd, None)
             with contextlib.suppress(Exception):
-                self.sel.unregister(conn.sock)
+                self.ep.unregister(conn.fd)
             conn.sock.close()
             self.xs.release_conn(conn.ident)
             if conn.domid is not None:
@@ -342,40 +396,104 @@ class Server:
 
     # ------------------------------------------------------------ requests
     def _handle(self, conn: Connection, frame: p.Frame) -> None:
-        mtype, seq = frame.type, frame.seq
+        """Answer one decoded request (sent at once)."""
+        self._request(conn, frame.type, frame.flags, frame.seq, frame.payload, frame.length)
+
+    def _request(
+        self,
+        conn: Connection,
+        mtype: int,
+        flags: int,
+        seq: int,
+        payload: Payload | None,
+        length: int,
+        hold: bool = False,
+    ) -> None:
+        """Answer one request: its reply, or an error reply, is queued for ``conn``.
+
+        Args:
+            conn: the connection it came on.
+            mtype, flags, seq: its header.
+            payload: its payload (None: oversized, skipped); a memoryview
+                is only valid during this call.
+            length: the payload length the header announced.
+            hold: leave the reply queued; the caller flushes (once per read).
+                A posted request's reply (``F_POSTED``) is queued without
+                asking for a flush either way.
+        """
+        domid = conn.domid
+        if (
+            mtype == p.MSG_GNTTAB_OP
+            and domid is not None
+            and (flags == 0 or flags == p.F_POSTED)
+            and payload is not None
+        ):
+            # the hot path: no table lookup, the reply built in one piece
+            try:
+                reply = self._gnttab_reply(domid, payload, seq)
+            except Exception as e:
+                reply = self._error_reply(conn, mtype, seq, e)
+            self._queue(conn, reply, (), flags, hold)
+            return
         self._pending_fds = ()
-        if mtype in p.ONE_WAY and frame.flags == 0 and frame.payload is not None:
-            # never answered, not even with an error (there is nobody waiting)
-            if conn.domid is not None and len(frame.payload) == 4:
-                (port,) = p.U32.unpack(frame.payload)
-                self._deliveries += self.ev.unmask(conn.domid, port)
+        if mtype in p.ONE_WAY and not flags & ~p.F_POSTED and payload is not None:
+            # one-way: never answered, not even with an error (nobody waits)
+            if domid is not None and len(payload) == 4:
+                (port,) = p.U32.unpack(payload)
+                self._deliveries += self.ev.unmask(domid, port)
             return
         try:
-            p.check_request_header(frame)
-            handler, needs_domain = self.handlers[mtype]
-            if needs_domain and conn.domid is None:
+            entry = self.handlers.get(mtype)
+            if flags & ~p.F_POSTED or entry is None or payload is None:
+                p.check_request(mtype, flags, payload, length)
+                raise p.ProtocolError(errno.ENOSYS, f"request type {mtype} has no handler")
+            handler, needs_domain = entry
+            if needs_domain and domid is None:
                 raise p.ProtocolError(errno.EPROTO, "no domain: CREATE or ATTACH first")
-            assert frame.payload is not None
-            body = handler(conn, frame.payload)
-        except p.ProtocolError as e:
-            self.log(f"{conn!r}: {p.MSG_NAMES.get(mtype, mtype)}: {e}")
-            self._send(conn, p.encode_error(mtype, seq, e.errno, str(e)))
-            return
-        except (XenStoreError, EvtchnError) as e:
-            self._send(conn, p.encode_error(mtype, seq, e.errno or errno.EIO, e.detail))
-            return
-        except HypercallError as e:
-            self._send(conn, p.encode_error(mtype, seq, e.errno or errno.EIO, str(e)))
-            return
-        except Exception as e:  # never let a request take the service down
-            self.log(f"{conn!r}: {p.MSG_NAMES.get(mtype, mtype)} failed:\n"
-                     + traceback.format_exc())
-            self._send(conn, p.encode_error(mtype, seq, errno.EIO, f"{type(e).__name__}: {e}"))
-            return
+            if type(payload) is not bytes:
+                payload = bytes(payload)
+            body = handler(conn, payload)
+            if len(body) > p.MAX_PAYLOAD:  # pragma: no cover - replies mirror bounded requests
+                self.log(f"{conn!r}: reply of {len(body)} bytes over the limit")
+            reply = p.HEADER.pack(len(body), mtype, p.F_REPLY, seq) + body
+        except Exception as e:
+            reply = self._error_reply(conn, mtype, seq, e)
         fds, self._pending_fds = self._pending_fds, ()
-        self._send(conn, p.HEADER.pack(len(body), mtype, p.F_REPLY, seq) + body, fds)
-        if len(body) > p.MAX_PAYLOAD:  # pragma: no cover - replies mirror bounded requests
-            self.log(f"{conn!r}: reply of {len(body)} bytes over the limit")
+        self._queue(conn, reply, fds, flags, hold)
+
+    def _error_reply(self, conn: Connection, mtype: int, seq: int, e: Exception) -> bytes:
+        """The error reply for a request whose handler raised ``e`` (logged if unexpected)."""
+        if isinstance(e, p.ProtocolError):
+            self.log(f"{conn!r}: {p.MSG_NAMES.get(mtype, mtype)}: {e}")
+            return p.encode_error(mtype, seq, e.errno, str(e))
+        if isinstance(e, (XenStoreError, EvtchnError)):
+            return p.encode_error(mtype, seq, e.errno or errno.EIO, e.detail)
+        if isinstance(e, HypercallError):
+            return p.encode_error(mtype, seq, e.errno or errno.EIO, str(e))
+        # never let a request take the service down
+        self.log(
+            f"{conn!r}: {p.MSG_NAMES.get(mtype, mtype)} failed:\n"
+            + "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        )
+        return p.encode_error(mtype, seq, errno.EIO, f"{type(e).__name__}: {e}")
+
+    def _queue(
+        self, conn: Connection, reply: bytes, fds: tuple[int, ...], flags: int, hold: bool
+    ) -> None:
+        """Queue a reply; send now unless ``hold``; a posted one waits for the next send."""
+        if conn.dead:
+            return
+        conn.out.append((reply, fds))
+        conn.out_bytes += len(reply)
+        if conn.out_bytes > MAX_OUTBUF:
+            self.log(f"{conn!r}: {conn.out_bytes} bytes unread, dropping it")
+            self._schedule_close(conn)
+            return
+        if flags == p.F_POSTED:
+            return
+        conn.flush_due = True
+        if not hold and not conn.want_write:
+            self._flush(conn)
 
     def _dispatch_async(self) -> None:
         """Send queued event-channel upcalls and watch events."""
@@ -398,24 +516,20 @@ class Server:
         assert conn.domid is not None
         return conn.domid
 
-    def _delta(self, domid: int, gfns: Iterable[int] | None) -> bytes:
+    def _delta(self, domid: int, gfns: Sequence[int] | None) -> bytes:
         """The caller's p2m entries for ``gfns`` as they are now (None: all of them).
 
         Each handler names the gfns its call can change, so the domain's p2m
         stays a plain dict the core (and its C fast paths) can use as is.
+        The entries are looked up and packed by C loops (``map``, ``array``).
         """
         d = self.hv.domains.get(domid)
-        if d is None:
-            return p.pack_p2m_delta([])
+        if d is None or (gfns is not None and not gfns):
+            return _NO_DELTA
         p2m = d.p2m
         if gfns is None:
-            return p.pack_p2m_delta([(g, m, t) for g, (m, t) in p2m.items()], full=True)
-        out = []
-        get = p2m.get
-        for gfn in set(gfns):
-            ent = get(gfn)
-            out.append((gfn, -1, 0) if ent is None else (gfn, ent[0], ent[1]))
-        return p.pack_p2m_delta(out)
+            return p.pack_p2m(list(p2m), list(p2m.values()), full=True)
+        return p.pack_p2m(gfns, map(p2m.get, gfns, repeat(p.P2M_GONE)))
 
     # ------------------------------------------------------------ domains
     def _ping(self, conn: Connection, payload: bytes) -> bytes:
@@ -528,12 +642,28 @@ class Server:
         self._dispatch_async()
 
     # ------------------------------------------------------------ memory
-    def _gnttab_op(self, conn: Connection, payload: bytes) -> bytes:
-        domid = self._dom(conn)
+    def _gnttab_op(self, conn: Connection, payload: Payload) -> bytes:
+        """GNTTAB_OP as a table handler: the reply's payload (``_request`` takes
+        the hot path, :meth:`_gnttab_reply`, whenever it can)."""
+        return self._gnttab_reply(self._dom(conn), payload, 0)[p.HEADER_SIZE :]
+
+    def _gnttab_reply(self, domid: int, payload: Payload, seq: int) -> bytes:
+        """``HYPERVISOR_grant_table_op``: the whole reply message.
+
+        ``payload`` is bytes or a writable view of the receive buffer: then
+        the ops are the hypercall's ``uop`` in place, and its OUT fields are
+        copied once, into the reply.
+
+        Raises:
+            ProtocolError: EBADMSG, no room for the command and count.
+        """
         if len(payload) < p.GNTTAB_REQ.size:
             raise p.ProtocolError(errno.EBADMSG, "GNTTAB_OP: short header")
         cmd, count = p.GNTTAB_REQ.unpack_from(payload)
-        uop = bytearray(payload[p.GNTTAB_REQ.size :])
+        if type(payload) is memoryview and not payload.readonly:
+            uop = payload[p.GNTTAB_REQ.size :]
+        else:
+            uop = memoryview(bytearray(payload[p.GNTTAB_REQ.size :]))
         notes = self.notifies.get(domid)
         fired: list[tuple[int, Notify]] = []
         if notes and cmd in (gt.GNTTABOP_unmap_grant_ref, gt.GNTTABOP_unmap_and_replace):
@@ -541,18 +671,26 @@ class Server:
         touched = _gfns_touched(cmd, uop, count)
         xen = self.xen
         before = xen.log_count
-        rc = self.hv.grant_table_op(domid, cmd, memoryview(uop), count)
-        reasons: list[str] = []
+        rc = self.hv.grant_table_op(domid, cmd, uop, count)
+        tail = _NO_REASONS
         if xen.log_count != before:
             fresh = xen.debug_log[-min(xen.log_count - before, len(xen.debug_log)) :]
-            reasons = [r for dd, _op, _st, r in fresh if dd == domid]
+            tail = p.pack_reasons([r for dd, _op, _st, r in fresh if dd == domid])
         if fired:
             self._notify_after_unmap(domid, notes or {}, uop, fired)
-        return b"".join(
-            (p.STATUS.pack(0), p.I32.pack(rc), p.U32.pack(len(uop)), uop,
-             self._delta(domid, touched),
-             p.pack_reasons(reasons))
-        )
+        if touched is not None and len(touched) == 1:
+            d = self.hv.domains.get(domid)
+            gfn = touched[0]
+            mfn, p2mt = p.P2M_GONE if d is None else d.p2m.get(gfn, p.P2M_GONE)
+            delta = _ONE_DELTA.pack(1, gfn, mfn, p2mt)
+        else:
+            delta = self._delta(domid, touched)
+        size = len(uop)
+        return b"".join((
+            _GNTTAB_REPLY.pack(12 + size + len(delta) + len(tail), p.MSG_GNTTAB_OP, p.F_REPLY,
+                               seq, 0, rc, size),
+            uop, delta, tail,
+        ))
 
     def _populate(self, conn: Connection, payload: bytes) -> bytes:
         domid = self._dom(conn)
@@ -672,7 +810,7 @@ class Server:
                 self._deliveries += self.ev.send(domid, note.port)
 
     def _notify_before_unmap(
-        self, domid: int, notes: dict[tuple[int, int], Notify], uop: bytearray, count: int
+        self, domid: int, notes: dict[tuple[int, int], Notify], uop: memoryview, count: int
     ) -> list[tuple[int, Notify]]:
         """gntdev's ``unmap_grant_pages``: clear the byte while still mapped."""
         fired = []
@@ -689,7 +827,7 @@ class Server:
         self,
         domid: int,
         notes: dict[tuple[int, int], Notify],
-        uop: bytearray,
+        uop: memoryview,
         fired: list[tuple[int, Notify]],
     ) -> None:
         """... then send the event once the page is unmapped."""
@@ -910,11 +1048,19 @@ _NO_P2M = frozenset(
     }
 )
 _U64 = struct.Struct("<Q")
+#: A GNTTAB_OP reply's header and head: length, type, flags, seq; status, the
+#: hypercall's rc, the length of the ops.
+_GNTTAB_REPLY = struct.Struct("<IHHIiiI")
+#: A p2m delta of one entry: count, gfn, mfn, type (:func:`protocol.pack_p2m`).
+_ONE_DELTA = struct.Struct("<Iqqq")
 
 
-def _gfns_touched(cmd: int, uop: bytearray, count: int) -> list[int] | None:
+def _gfns_touched(cmd: int, uop: memoryview, count: int) -> list[int] | None:
     """The caller's gfns a GNTTABOP can change; None when any may (setup_table,
-    set_version, unknown commands): the reply then carries the whole p2m."""
+    set_version, unknown commands): the reply then carries the whole p2m.
+
+    The addresses are read as a strided ``u64`` view and shifted by a C loop.
+    """
     if cmd in _NO_P2M:
         return []
     fields = _ADDR_FIELDS.get(cmd)
@@ -923,8 +1069,20 @@ def _gfns_touched(cmd: int, uop: bytearray, count: int) -> list[int] | None:
     size, offsets = fields
     shift = _ADDR_SHIFT.get(cmd, 12)
     n = min(max(count, 0), len(uop) // size)
-    unpack = _U64.unpack_from
-    return [unpack(uop, i * size + off)[0] >> shift for i in range(n) for off in offsets]
+    if n == 1:
+        return [_U64.unpack_from(uop, off)[0] >> shift for off in offsets]
+    if not n:
+        return []
+    if not _LITTLE:  # pragma: no cover - the ops are little-endian
+        return [_U64.unpack_from(uop, i * size + off)[0] >> shift
+                for i in range(n) for off in offsets]
+    words = uop[: n * size].cast("Q")
+    step = size // 8
+    out: list[int] = []
+    for off in offsets:
+        column = words[off // 8 :: step]
+        out += map(rshift, column, repeat(shift)) if shift else column.tolist()
+    return out
 
 
 def _stderr(text: str) -> None:
@@ -977,10 +1135,20 @@ def serve(
         kw: more :class:`Server` arguments.
     """
     server = Server(path, memory, **kw)
+    old_wakeup = None
     if handle_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.stop())
+        # The signal may land on another thread of this process, leaving the
+        # loop asleep in epoll_wait: the wakeup fd makes it return to Python
+        # (where the handler runs) whichever thread took the signal.
+        old_wakeup = signal.set_wakeup_fd(server.wake_fd, warn_on_full_buffer=False)
     if ready is not None:
         ready(server.path)
-    server.serve_forever()
+    try:
+        server.serve_forever(close=False)
+    finally:
+        if old_wakeup is not None:
+            signal.set_wakeup_fd(old_wakeup)
+        server.close()
 
