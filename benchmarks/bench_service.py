@@ -65,6 +65,8 @@ TARGET_BATCH_NS = 3_000_000
 BARE = "bare socket round trip to the service process (16 B)"
 PING = "framed PING round trip through the service loop"
 ONE = "map+unmap 1 page, cross-process"
+ONE_SLEEP = "  the same, the mapper sleeping at once for each reply (spin 0)"
+PING_SLEEP = "  framed PING, the client sleeping at once (spin 0)"
 BIG = f"map+unmap {BATCH} refs, cross-process"
 BIG_MAP = f"  of which map {BATCH}"
 BIG_UNMAP = f"  of which unmap {BATCH}"
@@ -112,12 +114,18 @@ class _NullSocket:
     def fileno(self) -> int:
         return -1
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: bytes, flags: int = 0) -> int:
         self.last = data
         return len(data)
 
-    def sendmsg(self, bufs: list[bytes], anc: Any) -> int:
+    def sendmsg(self, bufs: list[bytes], anc: Any, flags: int = 0) -> int:
         return sum(len(b) for b in bufs)
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------ timing
@@ -245,6 +253,22 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(n):
             chan.call(proto.MSG_PING, msg)
 
+    spin = chan.spin
+
+    def ping_sleep(n: int) -> None:
+        chan.spin = 0.0
+        try:
+            ping(n)
+        finally:
+            chan.spin = spin
+
+    def one_sleep(n: int) -> None:
+        chan.spin = 0.0
+        try:
+            one(n)
+        finally:
+            chan.spin = spin
+
     def one(n: int) -> None:
         for _ in range(n):
             gnt.map_grant_ref(gdom, refs[0]).unmap()
@@ -305,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = [
         Case(BARE, max(50, int(2000 * scale)), bare),
         Case(PING, max(50, int(2000 * scale)), ping),
+        Case(PING_SLEEP, max(50, int(2000 * scale)), ping_sleep),
         Case(ONE, max(20, int(1000 * scale)), one),
+        Case(ONE_SLEEP, max(20, int(1000 * scale)), one_sleep),
         Case(BIG, max(2, int(10 * scale)), big),
         Case(RAW, max(20, int(1000 * scale)), raw),
         Case(HANDLERS, max(20, int(1000 * scale)), handlers),
@@ -336,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in cases:
         for name, xs in c.parts.items():
             res[name] = (median(xs), mad(xs), c.n)
-    order = [BARE, PING, ONE, RAW, HANDLERS, BIG, BIG_MAP, BIG_UNMAP, EMB_ONE, EMB_BIG]
+    order = [BARE, PING, PING_SLEEP, ONE, ONE_SLEEP, RAW, HANDLERS, BIG, BIG_MAP, BIG_UNMAP,
+             EMB_ONE, EMB_BIG]
     bare_ns = res[BARE][0]
     rows = []
     for name in order:

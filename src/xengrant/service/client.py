@@ -92,6 +92,13 @@ _first = itemgetter(0)
 _second = itemgetter(1)
 #: status (h) and handle (I) of a gnttab_map_grant_ref, at offset 18
 _MAP_STATUS_HANDLE = struct.Struct("<hI")
+#: GNTTAB_OP's cmd and count for one map op, one unmap op
+_MAP_ONE = p.GNTTAB_REQ.pack(gt.GNTTABOP_map_grant_ref, 1)
+_UNMAP_ONE = p.GNTTAB_REQ.pack(gt.GNTTABOP_unmap_grant_ref, 1)
+#: A successful one-op reply: status, rc, ops length; the op; a one-entry
+#: p2m delta (count, gfn, mfn, type); no reasons (u16 0).
+_MAP_ONE_REPLY = struct.Struct("<iiI" + "QIIHhIQ" + "Iqqq" + "H")
+_UNMAP_ONE_REPLY = struct.Struct("<iiI" + "QQIh2x" + "Iqqq" + "H")
 _UNMAP_STATUS = struct.Struct("<h")
 
 
@@ -112,17 +119,33 @@ class Channel:
     :meth:`post` raises it before sending anything, and :meth:`sync` waits
     for every posted reply, then raises it.
 
+    Waiting for a reply: the thread that reads polls the socket for up to
+    :attr:`spin` seconds before it sleeps -- the reply to a hypercall is due
+    within microseconds, and a sleeping vCPU of a virtual machine takes tens
+    of microseconds to wake (a real hypercall keeps its vCPU busy too).
+    Sleeping is a ``poll`` for input, which a peer reading our request does
+    not wake (a bare ``recv`` would be woken for nothing).
+
     Args:
         path: the socket path (default: :func:`default_socket_path`).
         timeout: seconds to wait for each reply (None: forever).
+        spin: seconds to poll for a reply before sleeping (default
+            :attr:`SPIN`; 0: sleep at once).
 
     Raises:
         OSError: the service is not there (ENOENT, ECONNREFUSED).
     """
 
-    def __init__(self, path: str | None = None, timeout: float | None = None) -> None:
+    #: Seconds a thread waiting for a reply polls the socket before it sleeps.
+    SPIN = 200e-6
+
+    def __init__(
+        self, path: str | None = None, timeout: float | None = None, spin: float | None = None
+    ) -> None:
         self.path = path or default_socket_path()
         self.timeout = timeout
+        #: seconds a reply is polled for before sleeping (0: sleep at once)
+        self.spin = self.SPIN if spin is None else spin
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(self.path)
@@ -130,6 +153,8 @@ class Channel:
             self.sock.close()
             raise
         self._fileno = self.sock.fileno()
+        self._poller = select.poll()
+        self._poller.register(self._fileno, select.POLLIN)
         self._decoder = p.Decoder(max_payload=8 * p.MAX_PAYLOAD)
         self._rbuf = memoryview(bytearray(_RECV))
         self._send_lock = threading.Lock()
@@ -298,21 +323,34 @@ class Channel:
         self.raise_deferred()
 
     # ------------------------------------------------------------ receiving
-    def _read(self, timeout: float | None, nonblocking: bool = False) -> list[p.Frame]:
-        """Read once (we are the leader) and decode; [] on timeout."""
+    def _read(
+        self, timeout: float | None, nonblocking: bool = False, spin: float = 0.0
+    ) -> list[p.Frame]:
+        """Read once (we are the leader) and decode; [] on timeout.
+
+        Args:
+            timeout: seconds to wait (None: forever).
+            nonblocking: only what is there already.
+            spin: seconds to poll without sleeping first (a reply due soon).
+        """
         sock = self.sock
         buf = self._rbuf
         anc: list[tuple[int, int, bytes]] = []
+        n = -1
         try:
-            if not nonblocking and timeout is not None:
-                r, _, _ = select.select([self._fileno], [], [], max(timeout, 0))
-                if not r:
+            if spin > 0 and not nonblocking and not self.want_fds:
+                n = _spin_recv(sock, buf, spin)
+            if n < 0:
+                # poll first: its wait ignores the peer reading our request (a
+                # write-space wake-up), which would wake a recv() for nothing
+                wait_ms = None if timeout is None else max(timeout, 0) * 1000
+                if not nonblocking and not self._poller.poll(wait_ms):
                     return []
-            flags = socket.MSG_DONTWAIT if nonblocking else 0
-            if self.want_fds:
-                n, anc, _flags, _addr = sock.recvmsg_into([buf], _ANCBUF, flags)
-            else:
-                n = sock.recv_into(buf, 0, flags)
+                flags = socket.MSG_DONTWAIT if nonblocking else 0
+                if self.want_fds:
+                    n, anc, _flags, _addr = sock.recvmsg_into([buf], _ANCBUF, flags)
+                else:
+                    n = sock.recv_into(buf, 0, flags)
         except (BlockingIOError, InterruptedError):
             return []
         except OSError:
@@ -358,11 +396,11 @@ class Channel:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_resolve, fut)
 
-    def _lead(self, timeout: float | None) -> bool:
+    def _lead(self, timeout: float | None, spin: float = 0.0) -> bool:
         """Read as leader (``_leader`` already set); False if nothing came."""
         frames: list[p.Frame] = []
         try:
-            frames = self._read(timeout)
+            frames = self._read(timeout, spin=spin)
         finally:
             with self._mu:
                 self._leader = False
@@ -401,7 +439,7 @@ class Channel:
                     self._follow(remaining)
                     continue
                 self._leader = True
-            self._lead(remaining)
+            self._lead(remaining, self.spin)
 
     def wait_for(self, queue: deque[Any], match: Any, timeout: float | None) -> Any:
         """Take the first item of ``queue`` equal to ``match`` (None: any).
@@ -509,6 +547,19 @@ _GATHER = 1 << 14
 OnReply = Callable[[bytes], Optional[BaseException]]
 
 
+def _spin_recv(sock: socket.socket, buf: memoryview, spin: float) -> int:
+    """``recv_into`` polled without sleeping for up to ``spin`` seconds; -1 if nothing came."""
+    end = time.perf_counter() + spin
+    recv = sock.recv_into
+    clock = time.perf_counter
+    while True:
+        try:
+            return recv(buf, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if clock() >= end:
+                return -1
+
+
 def _sendv(sock: socket.socket, *parts: bytes | bytearray | memoryview) -> None:
     """``sendall`` of several buffers, with one ``sendmsg`` when it takes them all."""
     total = sum(map(len, parts))
@@ -585,21 +636,19 @@ class RemoteHypercalls:
                 else:
                     p2m[gfn] = (mfn, p2mt)
                 return pos + 28
-            gfns, values, end, full = p.p2m_columns(body, pos)
+            gfns, mfns, types, end, full = p.p2m_columns(body, pos)
         except p.ProtocolError as e:
             raise ServiceError(errno.EBADMSG, str(e)) from None
         if full:
             p2m.clear()
         if not len(gfns):
             return end
-        mfns = values[0::2]
-        lowest = min(mfns)
-        if lowest >= 0:
-            p2m.update(zip(gfns, zip(mfns, values[1::2])))
+        if min(mfns) >= 0:
+            p2m.update(zip(gfns, zip(mfns, types)))
         elif max(mfns) < 0:
             deque(map(p2m.pop, gfns, repeat(None)), 0)
         else:
-            for gfn, mfn, p2mt in zip(gfns, mfns, values[1::2]):
+            for gfn, mfn, p2mt in zip(gfns, mfns, types):
                 if mfn < 0:
                     p2m.pop(gfn, None)
                 else:
@@ -1161,7 +1210,7 @@ class RemoteGnttab(EmulatedGnttab):
                 # struct gnttab_map_grant_ref (32 bytes): host_addr Q[0], flags I[2],
                 # ref I[3], dom H[8], status h[9], handle I[5], dev_bus_addr Q[3].
                 words = ops.cast("I")
-                ops.cast("Q")[0::4] = array.array("Q", map(lshift, gfns, repeat(12)))
+                ops.cast("Q")[0::4] = array.array("Q", list(map(lshift, gfns, repeat(12))))
                 words[2::8] = array.array("I", [flags]) * n
                 words[3::8] = array.array("I", refs)
                 ops.cast("H")[8::16] = array.array("H", domids)
@@ -1176,7 +1225,25 @@ class RemoteGnttab(EmulatedGnttab):
                     ) from e
             raise
         ops = memoryview(buf)
-        rc = hc.grant_table_op(gt.GNTTABOP_map_grant_ref, ops, n)
+        if n == 1:
+            # One op: the request is one fixed message, and a reply that has
+            # the shape a success has is read with one unpack.
+            body = hc.channel.request(p.MSG_GNTTAB_OP, _MAP_ONE, buf)
+            if len(body) == _MAP_ONE_REPLY.size and body[-2:] == b"\0\0":
+                (status, rc, size, _a, _f, _r, _d, st, handle, _b, count, gfn, mfn, p2mt,
+                 _nr) = _MAP_ONE_REPLY.unpack_from(body)
+                if (not status and not rc and not st and size == MAP_OP.size and count == 1
+                        and gfn == gfns[0] and mfn >= 0):
+                    hc.p2m[gfn] = (mfn, p2mt)
+                    hc.last_reasons = []
+                    if p2mt == P2M_GRANT_MAP_RW:
+                        view = _cext.borrow(hc._mmap, mfn * PAGE_SIZE, PAGE_SIZE, not writable)
+                    else:
+                        view = hc.map_gfns(gfns, writable)
+                    return Mapping(self, domids, refs, writable, view, [handle], resource=gfns)
+            rc = hc._finish(body, ops)
+        else:
+            rc = hc.grant_table_op(gt.GNTTABOP_map_grant_ref, ops, n)
         if rc < 0:
             domain.put_pages(gfns)
             check_rc("map_grant_ref", rc)
@@ -1272,6 +1339,26 @@ class RemoteGnttab(EmulatedGnttab):
                 statuses,
                 f"posted unmap of (domid, ref) {failed}, reported with a later reply",
             )
+
+        if len(gfns) == 1:
+            gfn = gfns[0]
+
+            def one_done(body: bytes) -> BaseException | None:
+                # the shape a success has: read with one unpack
+                if len(body) == _UNMAP_ONE_REPLY.size and body[-2:] == b"\0\0":
+                    status, rc, size, _a, _b, _h, st, count, g, mfn, _t, _nr = (
+                        _UNMAP_ONE_REPLY.unpack_from(body)
+                    )
+                    if (not status and not rc and not st and size == UNMAP_OP.size
+                            and count == 1 and g == gfn and mfn < 0):
+                        hc.p2m.pop(gfn, None)
+                        domain.put_pages(gfns)
+                        return None
+                return done(hc._finish(body, memoryview(buf)))
+
+            hc.channel.post(p.MSG_GNTTAB_OP, _UNMAP_ONE, one_done, buf)
+            mapping.released = True
+            return
 
         hc.post_grant_table_op(gt.GNTTABOP_unmap_grant_ref, memoryview(buf), len(gfns), done)
         mapping.released = True
@@ -1425,7 +1512,7 @@ def _unmap_ops(gfns: Sequence[int], handles: Sequence[int]) -> bytearray:
         return bytearray(UNMAP_OP.pack(gfns[0] << 12, 0, handles[0], 0))
     buf = bytearray(UNMAP_OP.size * n)
     ops = memoryview(buf)
-    ops.cast("Q")[0::3] = array.array("Q", map(lshift, gfns, repeat(12)))
+    ops.cast("Q")[0::3] = array.array("Q", list(map(lshift, gfns, repeat(12))))
     ops.cast("I")[4::6] = array.array("I", handles)
     return buf
 
@@ -1573,6 +1660,7 @@ def connect(
     max_maptrack_frames: int | None = None,
     max_pages: int | None = None,
     timeout: float | None = None,
+    spin: float | None = None,
 ) -> RemoteDomain:
     """Join a running ``xengrant hypervisor`` as a domain.
 
@@ -1585,6 +1673,8 @@ def connect(
         pv: create a PV domain.
         max_grant_frames, max_maptrack_frames, max_pages: limits of a new domain.
         timeout: seconds to wait for each reply (None: forever).
+        spin: seconds a caller polls for its reply before sleeping
+            (default :attr:`Channel.SPIN`; 0: sleep at once).
 
     Returns:
         The domain; ``close()`` it (or exit) and the service destroys it.
@@ -1593,7 +1683,7 @@ def connect(
         OSError: nothing listens at ``path``.
         HypercallError: EEXIST, EBUSY (attached elsewhere), EINVAL, ENOMEM.
     """
-    channel = Channel(path, timeout)
+    channel = Channel(path, timeout, spin)
     try:
         status, body = -errno.ESRCH, b""
         if domid is not None:

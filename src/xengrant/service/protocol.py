@@ -61,8 +61,8 @@ import errno
 import struct
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
-from itertools import chain
+from collections.abc import Sequence
+from operator import itemgetter
 from typing import NamedTuple
 
 #: 2: column p2m deltas and F_POSTED.
@@ -331,33 +331,44 @@ P2M_FULL = 0x80000000
 #: An absent p2m entry as a delta carries it.
 P2M_GONE = (-1, 0)
 _LITTLE = sys.byteorder == "little"
+_first = itemgetter(0)
+_second = itemgetter(1)
 
 
 def pack_p2m(
-    gfns: Sequence[int], entries: Iterable[tuple[int, int]], full: bool = False
+    gfns: Sequence[int], entries: Sequence[tuple[int, int]], full: bool = False
 ) -> bytes:
-    """p2m entries as ``u32 n``, ``q gfn * n``, then ``(q mfn, q type) * n``.
+    """p2m entries as ``u32 n``, then three ``i64`` columns: ``gfn * n``,
+    ``mfn * n`` (-1: nothing there now), ``type * n``.
 
     Columns rather than records, so both ends convert them with C loops
-    (``array``, memoryview casts) instead of one Python step per entry.
+    (``array``, ``map``, memoryview casts) instead of one Python step per entry.
 
     Args:
         gfns: the gfns.
         entries: ``(mfn, type)`` of each gfn, in the same order;
             :data:`P2M_GONE` where the gfn holds nothing now.
         full: they are the whole p2m (the count carries :data:`P2M_FULL`).
+
+    Raises:
+        ValueError: not one entry per gfn.
     """
     n = len(gfns)
+    if len(entries) != n:
+        raise ValueError(f"pack_p2m: {len(entries)} entries for {n} gfns")
+    head = U32.pack(n | (P2M_FULL if full else 0))
     if n == 1:
-        for mfn, p2mt in entries:
-            return U32.pack(1 | (P2M_FULL if full else 0)) + P2M_ONE.pack(gfns[0], mfn, p2mt)
-    body = array("q", gfns)
-    body.extend(chain.from_iterable(entries))
+        mfn, p2mt = entries[0]
+        return head + P2M_ONE.pack(gfns[0], mfn, p2mt)
+    if entries.count(P2M_GONE) == n:  # an unmap batch: every gfn emptied
+        body = array("q", gfns)
+        body += array("q", (-1,)) * n
+        body += array("q", (0,)) * n
+    else:
+        body = array("q", [*gfns, *map(_first, entries), *map(_second, entries)])
     if not _LITTLE:  # pragma: no cover - the wire is little-endian
         body.byteswap()
-    if len(body) != 3 * n:
-        raise ValueError(f"pack_p2m: {len(body) - n} values for {n} gfns")
-    return U32.pack(n | (P2M_FULL if full else 0)) + body.tobytes()
+    return head + body.tobytes()
 
 
 def pack_p2m_delta(changes: Sequence[tuple[int, int, int]], full: bool = False) -> bytes:
@@ -372,13 +383,12 @@ def pack_p2m_delta(changes: Sequence[tuple[int, int, int]], full: bool = False) 
 
 def p2m_columns(
     body: bytes | bytearray | memoryview, pos: int
-) -> tuple[memoryview, memoryview, int, bool]:
+) -> tuple[memoryview, memoryview, memoryview, int, bool]:
     """The p2m entries at ``body[pos:]`` as columns, without a Python step per entry.
 
     Returns:
-        ``(gfns, values, position after them, whether they are the whole p2m)``:
-        ``gfns`` an ``i64`` memoryview, ``values`` an ``i64`` memoryview of
-        ``mfn, type`` pairs (``values[0::2]`` the mfns, ``values[1::2]`` the types).
+        ``(gfns, mfns, types, position after them, whether they are the whole
+        p2m)``; the columns are ``i64`` memoryviews.
 
     Raises:
         ProtocolError: EBADMSG if truncated.
@@ -397,9 +407,8 @@ def p2m_columns(
         cols = array("q", bytes(mv[pos:end]))
         cols.byteswap()
         mv, pos, end = memoryview(cols.tobytes()), 0, 24 * n
-    gfns = mv[pos : pos + 8 * n].cast("q")
-    values = mv[pos + 8 * n : end].cast("q")
-    return gfns, values, end, full
+    words = mv[pos:end].cast("q")
+    return words[:n], words[n : 2 * n], words[2 * n :], end, full
 
 
 def unpack_p2m_delta(
@@ -413,9 +422,8 @@ def unpack_p2m_delta(
     Raises:
         ProtocolError: EBADMSG if truncated.
     """
-    gfns, values, pos, full = p2m_columns(body, pos)
-    out = list(zip(gfns.tolist(), values[0::2].tolist(), values[1::2].tolist()))
-    return out, pos, full
+    gfns, mfns, types, pos, full = p2m_columns(body, pos)
+    return list(zip(gfns.tolist(), mfns.tolist(), types.tolist())), pos, full
 
 
 def pack_strings(*parts: str | bytes, terminate_last: bool = True) -> bytes:

@@ -1,8 +1,11 @@
 """``xengrant hypervisor``: the emulated hypervisor as a service on a Unix socket.
 
-One thread runs an ``epoll`` loop that owns everything: the sans-IO
-hypervisor core (:class:`~xengrant.emu.Hypervisor`, over the memfd of an
+One lock guards everything: the sans-IO hypervisor core
+(:class:`~xengrant.emu.Hypervisor`, over the memfd of an
 :class:`~xengrant.embedded.EmbeddedXen`), the xenstore and the event channels.
+Each connection has a thread of its own, blocked in ``recv_into`` on its
+socket; what it reads it handles under the lock.  The main thread accepts
+connections and writes what could not be sent at once (``epoll``).
 Each connection binds to one domain (CREATE makes one, ATTACH takes one a
 privileged domain made) and can then only act as that domain.  The memfd
 travels to the client with SCM_RIGHTS, so its views of frames -- its own,
@@ -20,12 +23,15 @@ Nothing a client sends can stop the loop: every handler failure becomes an
 error reply (see :mod:`xengrant.service.protocol`), and a connection that
 does not read its replies is dropped once 64 MiB are queued for it.
 
-The hot path is short on purpose: one ``epoll.poll``, one ``recv_into`` a
-buffer that is reused, whole messages handled straight from that buffer (a
-GNTTAB_OP's op structs are the hypercall's ``uop`` in place, with no copy),
-and one ``send`` of every reply the read produced.  The reply to a request
-flagged ``F_POSTED`` (a client's unmap it does not wait for) is queued and
-leaves with the next one, so it costs its client no wake-up.
+The hot path is short on purpose: one ``recv_into`` a buffer that is
+reused, whole messages handled straight from that buffer (a GNTTAB_OP's op
+structs are the hypercall's ``uop`` in place, with no copy), and one ``send``
+of every reply the read produced.  A thread blocked in ``recv`` (not in
+``epoll_wait``) is woken as the sender's partner (a synchronous wake-up), so
+the scheduler runs it on the sender's CPU rather than waking an idle one --
+on a virtual machine that costs far more than the request itself.  The reply
+to a request flagged ``F_POSTED`` (a client's unmap it does not wait for) is
+queued and leaves with the next one, so it costs its client no wake-up.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -73,8 +80,6 @@ _UNMAP_SIZE = 24
 _LITTLE = sys.byteorder == "little"
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
-#: a readable socket, or one whose peer hung up or failed (recv tells which)
-_IN_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _OK = p.STATUS.pack(0)
 _NO_REASONS = p.pack_reasons([])
 _NO_DELTA = p.pack_p2m([], [])
@@ -123,6 +128,8 @@ class Connection:
         #: a reply someone waits for is queued (posted replies alone are not sent)
         self.flush_due = False
         self.dead = False
+        #: the thread reading this socket (it alone closes it)
+        self.reader: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"<conn {self.ident} d{self.domid}>"
@@ -167,8 +174,10 @@ class Server:
         self.bound: dict[int, Connection] = {}
         self.notifies: dict[int, dict[tuple[int, int], Notify]] = {}
         self.conns: dict[int, Connection] = {}
-        #: socket fd -> its connection (what epoll reports)
+        #: socket fd -> its connection, for those waiting to write (epoll)
         self.by_fd: dict[int, Connection] = {}
+        #: held while anything of the service is read or changed
+        self.lock = threading.Lock()
         self.ep = select.epoll()
         self._next_ident = 1
         self._to_close: list[Connection] = []
@@ -215,8 +224,6 @@ class Server:
         }
         self._pending_fds: tuple[int, ...] = ()
         self._deliveries: list[Delivery] = []
-        #: one receive buffer (a fresh 256 KiB bytes per recv() costs an mmap)
-        self._rbuf = memoryview(bytearray(_RECV))
 
     # ------------------------------------------------------------ lifecycle
     def _privileged(self, domid: int) -> bool:
@@ -240,37 +247,41 @@ class Server:
     def serve_forever(self, close: bool = True) -> None:
         """Run until :meth:`stop`; then close every connection (destroying their domains).
 
+        This thread accepts connections (each gets a reader thread) and
+        writes out what a connection could not take at once.
+
         Args:
             close: :meth:`close` at the end (False: the caller does).
         """
         poll = self.ep.poll
-        by_fd = self.by_fd
         listen_fd = self.listener.fileno()
         try:
             while not self._stopping:
-                for fd, mask in poll():
-                    conn = by_fd.get(fd)
-                    if conn is not None:
-                        if mask & _IN_EVENTS and not conn.dead:
-                            self._on_readable(conn)
-                        if mask & _EPOLLOUT and not conn.dead:
-                            self._flush(conn)
-                    elif fd == listen_fd:
+                for fd, _mask in poll():
+                    if fd == listen_fd:
                         self._accept()
                     elif fd == self._wake_r:
                         with contextlib.suppress(OSError):
                             os.read(self._wake_r, 4096)
-                if self._to_close:
-                    self._reap()
+                    else:
+                        with self.lock:
+                            conn = self.by_fd.get(fd)
+                            if conn is not None and not conn.dead:
+                                self._flush(conn)
+                            self._reap()
         finally:
             if close:
                 self.close()
 
     def close(self) -> None:
         """Drop every connection (destroying their domains) and free machine memory."""
-        for conn in list(self.conns.values()):
-            self._schedule_close(conn)
-        self._reap()
+        with self.lock:
+            readers = [c.reader for c in self.conns.values() if c.reader is not None]
+            for conn in list(self.conns.values()):
+                self._schedule_close(conn)
+            self._reap()
+        for t in readers:
+            t.join(5.0)
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -286,25 +297,52 @@ class Server:
             sock, _addr = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        sock.setblocking(False)
-        conn = Connection(sock, self._next_ident)
-        self._next_ident += 1
-        self.conns[conn.ident] = conn
-        self.by_fd[conn.fd] = conn
-        self.ep.register(conn.fd, _EPOLLIN)
+        sock.setblocking(True)  # the reader blocks in recv; sends say MSG_DONTWAIT
+        with self.lock:
+            conn = Connection(sock, self._next_ident)
+            self._next_ident += 1
+            self.conns[conn.ident] = conn
+            conn.reader = threading.Thread(
+                target=self._read_loop, args=(conn,), name=f"xengrant-conn-{conn.ident}",
+                daemon=True,
+            )
+        conn.reader.start()
 
-    def _on_readable(self, conn: Connection) -> None:
-        rbuf = self._rbuf
+    def _read_loop(self, conn: Connection) -> None:
+        """A connection's thread: read, handle under the lock, until the socket ends."""
+        sock = conn.sock
+        rbuf = memoryview(bytearray(_RECV))
+        lock = self.lock
+        # Wait in poll(), not in recv(): a recv() sleeper is also woken when the
+        # client reads a reply (a write-space wake-up), for nothing; poll's
+        # wait ignores what it did not ask for.
+        wait = select.poll()
+        wait.register(sock, select.POLLIN)
         try:
-            n = conn.sock.recv_into(rbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._schedule_close(conn)
-            return
-        if not n:
-            self._schedule_close(conn)
-            return
+            while True:
+                try:
+                    wait.poll()
+                    n = sock.recv_into(rbuf)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    n = 0
+                with lock:
+                    if conn.dead:
+                        break
+                    if n:
+                        self._on_data(conn, rbuf, n)
+                    else:
+                        self._schedule_close(conn)
+                    if self._to_close:
+                        self._reap()
+                    if conn.dead:
+                        break
+        finally:
+            sock.close()  # only this thread closes it: no recv on a reused fd
+
+    def _on_data(self, conn: Connection, rbuf: memoryview, n: int) -> None:
+        """Handle the ``n`` bytes just read into ``rbuf`` (caller holds the lock)."""
         dec = conn.decoder
         pos = 0
         if dec.idle:
@@ -345,7 +383,7 @@ class Server:
                 data, fds = out[0]
                 if fds:
                     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    n = sock.sendmsg([data], anc)
+                    n = sock.sendmsg([data], anc, socket.MSG_DONTWAIT)
                 else:
                     if len(out) > 1:
                         chunks = []
@@ -356,7 +394,7 @@ class Server:
                             size += len(chunk)
                         data = b"".join(chunks)
                         out.appendleft((data, ()))
-                    n = sock.send(data)
+                    n = sock.send(data, socket.MSG_DONTWAIT)
                 conn.out_bytes -= n
                 if n < len(data):
                     out[0] = (data[n:], ())
@@ -369,8 +407,14 @@ class Server:
             return
         want = bool(out)
         if want != conn.want_write:
+            # the main thread writes the rest when the socket has room
             conn.want_write = want
-            self.ep.modify(conn.fd, _EPOLLIN | (_EPOLLOUT if want else 0))
+            if want:
+                self.by_fd[conn.fd] = conn
+                self.ep.register(conn.fd, _EPOLLOUT)
+            else:
+                self.by_fd.pop(conn.fd, None)
+                self.ep.unregister(conn.fd)
 
     def _schedule_close(self, conn: Connection) -> None:
         if not conn.dead:
@@ -381,10 +425,15 @@ class Server:
         while self._to_close:
             conn = self._to_close.pop()
             self.conns.pop(conn.ident, None)
-            self.by_fd.pop(conn.fd, None)
-            with contextlib.suppress(Exception):
-                self.ep.unregister(conn.fd)
-            conn.sock.close()
+            if self.by_fd.pop(conn.fd, None) is not None:
+                with contextlib.suppress(Exception):
+                    self.ep.unregister(conn.fd)
+            # wake its reader (it closes the socket): closing here could
+            # let the fd be reused under a recv still running on it
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            if conn.reader is None:  # never served by a thread (a test's Server)
+                conn.sock.close()
             self.xs.release_conn(conn.ident)
             if conn.domid is not None:
                 self._destroy(conn.domid)
@@ -529,7 +578,7 @@ class Server:
         p2m = d.p2m
         if gfns is None:
             return p.pack_p2m(list(p2m), list(p2m.values()), full=True)
-        return p.pack_p2m(gfns, map(p2m.get, gfns, repeat(p.P2M_GONE)))
+        return p.pack_p2m(gfns, list(map(p2m.get, gfns, repeat(p.P2M_GONE))))
 
     # ------------------------------------------------------------ domains
     def _ping(self, conn: Connection, payload: bytes) -> bytes:
@@ -668,7 +717,10 @@ class Server:
         fired: list[tuple[int, Notify]] = []
         if notes and cmd in (gt.GNTTABOP_unmap_grant_ref, gt.GNTTABOP_unmap_and_replace):
             fired = self._notify_before_unmap(domid, notes, uop, count)
-        touched = _gfns_touched(cmd, uop, count)
+        if count == 1 and cmd in _ONE_GFN and len(uop) >= 24:
+            touched: list[int] | None = [_U64.unpack_from(uop)[0] >> 12]
+        else:
+            touched = _gfns_touched(cmd, uop, count)
         xen = self.xen
         before = xen.log_count
         rc = self.hv.grant_table_op(domid, cmd, uop, count)
@@ -1048,6 +1100,8 @@ _NO_P2M = frozenset(
     }
 )
 _U64 = struct.Struct("<Q")
+#: ops whose one op changes at most the gfn of its host_addr (u64 at offset 0)
+_ONE_GFN = (gt.GNTTABOP_map_grant_ref, gt.GNTTABOP_unmap_grant_ref)
 #: A GNTTAB_OP reply's header and head: length, type, flags, seq; status, the
 #: hypercall's rc, the length of the ops.
 _GNTTAB_REPLY = struct.Struct("<IHHIiiI")
