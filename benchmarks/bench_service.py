@@ -12,8 +12,9 @@ mapper, and this process, the mapper.  Measured in the mapper:
 
 - a bare socket round trip to the service *process* (16 bytes to an echo
   thread there, ``sendall`` + ``recv``: no framing, no hypervisor) -- the
-  target's baseline -- and the same with the client polling for the echo
-  for up to ``Channel.SPIN`` first, as the service client polls for a reply;
+  target's baseline -- and the same with both ends polling first (the
+  client for up to ``Channel.SPIN``, a second echo thread for the service's
+  ``DEFAULT_SPIN``), as the service client and the service do;
 - a framed PING round trip through the service's loop (``Channel.call``),
   also with the client sleeping at once (``spin`` 0);
 - ``gnttab.map_grant_ref`` + ``Mapping.unmap`` of one page (the unmap is
@@ -60,15 +61,15 @@ except ImportError:  # a checkout without an install
 from xengrant import abi
 from xengrant.service import connect, serve
 from xengrant.service import protocol as proto
-from xengrant.service.client import _spin_recv
-from xengrant.service.server import Connection, Server
+from xengrant.service._io import spin_recv
+from xengrant.service.server import DEFAULT_SPIN, Connection, Server
 
 BATCH = 1024
 TARGET_ONE_PAGE_RATIO = 2.0
 TARGET_BATCH_NS = 3_000_000
 
 BARE = "bare socket round trip to the service process (16 B)"
-BARE_SPIN = "  the same, the client polling for the echo first (spin, as the service client)"
+BARE_SPIN = "  the same, both ends polling first, as the service and its client do"
 PING = "framed PING round trip through the service loop"
 ONE = "map+unmap 1 page, cross-process"
 ONE_SLEEP = "  the same, the mapper sleeping at once for each reply (spin 0)"
@@ -83,21 +84,25 @@ EMB_BIG = f"map+unmap {BATCH} refs, EmbeddedXen (one process)"
 
 
 # ------------------------------------------------------------- processes
-def _echo(sock: socket.socket) -> None:
+def _echo(sock: socket.socket, spin: float) -> None:
     conn, _ = sock.accept()
     buf = bytearray(4096)
+    view = memoryview(buf)
     while True:
-        n = conn.recv_into(buf)
+        n = spin_recv(conn, view, spin) if spin else -1
+        if n < 0:
+            n = conn.recv_into(buf)
         if not n:
             return
         conn.sendall(buf[:n])
 
 
 def _service_main(path: str, echo_path: str, memory: int, conn: Any) -> None:
-    es = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    es.bind(echo_path)
-    es.listen(1)
-    threading.Thread(target=_echo, args=(es,), daemon=True).start()
+    for where, spin in ((echo_path, 0.0), (echo_path + ".poll", DEFAULT_SPIN)):
+        es = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        es.bind(where)
+        es.listen(1)
+        threading.Thread(target=_echo, args=(es, spin), daemon=True).start()
     serve(path, memory, ready=lambda p: conn.send(p), log=lambda s: None)
 
 
@@ -238,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     gdom, refs = gconn.recv()
     echo = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     echo.connect(echo_path)
+    echo_poll = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    echo_poll.connect(echo_path + ".poll")
 
     xen = xengrant.EmbeddedXen(memory=64 << 20)
     ea, eb = xen.create_domain(), xen.create_domain()
@@ -250,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     rbuf = bytearray(64)
 
     def bare_spin(n: int) -> None:
-        s = echo
+        s = echo_poll
         view = memoryview(rbuf)
         for _ in range(n):
             s.sendall(msg)
-            if _spin_recv(s, view, chan.spin) < 0:
+            if spin_recv(s, view, chan.spin) < 0:
                 s.recv_into(rbuf)
 
     def bare(n: int) -> None:
@@ -361,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     gconn.send("done")
     granter.join(60)
     echo.close()
+    echo_poll.close()
     me.close()
     svc.terminate()
     svc.join(60)
@@ -394,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     # like for like, not targets: both ends polling, both ends sleeping
     context = [
-        ("map+unmap 1 page / bare round trip, both polling for replies",
+        ("map+unmap 1 page / bare round trip, both ends polling",
          f"{res[ONE][0] / res[BARE_SPIN][0]:.1f}x"),
         ("map+unmap 1 page / bare round trip, both sleeping at once",
          f"{res[ONE_SLEEP][0] / bare_ns:.1f}x"),

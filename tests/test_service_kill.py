@@ -139,9 +139,9 @@ def test_sigkill_granter_while_mapped_with_notify(world: tuple[Service, Actor, A
 def test_sigkill_toolstack_destroys_unattached_domains() -> None:
     """Domains a privileged process made and nobody attached go with it.
 
-    No watcher is left to wait on here, so this relies on the loop's order: the
-    killed process's socket hung up before ``stats`` connected, and the service
-    handles that hang-up no later than the new connection's first request.
+    No watcher is left to wait on here, so this relies on the service's order:
+    the killed process's socket hung up before ``stats`` connected, and the
+    service finishes a hang-up before it accepts a later connection.
     """
     svc = Service()
     try:

@@ -23,7 +23,7 @@ from ..emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
 from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from . import xenbus
 from .client import connect, debug_key, stats
-from .server import default_socket_path, serve
+from .server import DEFAULT_SPIN, default_socket_path, serve
 
 #: a 4 KiB "ring": request producer + message, response producer + message
 _REQ_PROD, _REQ, _RSP_PROD, _RSP = 0, 64, 2048, 2112
@@ -56,6 +56,11 @@ def add_parser(subparsers: Any) -> None:
         help="write the socket path and a newline to this fd once listening, then close it",
     )
     p.add_argument("--quiet", action="store_true", help="do not log client errors to stderr")
+    p.add_argument(
+        "--poll-us", type=float, default=DEFAULT_SPIN * 1e6,
+        help="microseconds a connection polls for its next request before sleeping "
+        "(default %(default)g; 0: sleep at once)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             ready=ready,
             max_grant_frames=args.max_grant_frames,
             max_maptrack_frames=args.max_maptrack_frames,
+            spin=max(args.poll_us, 0.0) * 1e-6,
             **kw,
         )
     except OSError as e:

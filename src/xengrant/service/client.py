@@ -54,6 +54,7 @@ from ..guest.share import Mapping, Share
 from ..hypercall import check_rc
 from ..portable import CopySegment, EmulatedGntshr, EmulatedGnttab, GrantRef
 from . import protocol as p
+from ._io import spin_recv
 from .evtchn import EvtchnError
 from .server import default_socket_path
 from .xenstore import XenStoreError
@@ -339,7 +340,7 @@ class Channel:
         n = -1
         try:
             if spin > 0 and not nonblocking and not self.want_fds:
-                n = _spin_recv(sock, buf, spin)
+                n = spin_recv(sock, buf, spin)
             if n < 0:
                 # poll first: its wait ignores the peer reading our request (a
                 # write-space wake-up), which would wake a recv() for nothing
@@ -545,19 +546,6 @@ _ANCBUF = socket.CMSG_SPACE(4 * struct.calcsize("i"))
 _GATHER = 1 << 14
 #: What a posted request runs on its reply: the failure to report, or None.
 OnReply = Callable[[bytes], Optional[BaseException]]
-
-
-def _spin_recv(sock: socket.socket, buf: memoryview, spin: float) -> int:
-    """``recv_into`` polled without sleeping for up to ``spin`` seconds; -1 if nothing came."""
-    end = time.perf_counter() + spin
-    recv = sock.recv_into
-    clock = time.perf_counter
-    while True:
-        try:
-            return recv(buf, 0, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            if clock() >= end:
-                return -1
 
 
 def _sendv(sock: socket.socket, *parts: bytes | bytearray | memoryview) -> None:

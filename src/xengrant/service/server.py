@@ -3,9 +3,11 @@
 One lock guards everything: the sans-IO hypervisor core
 (:class:`~xengrant.emu.Hypervisor`, over the memfd of an
 :class:`~xengrant.embedded.EmbeddedXen`), the xenstore and the event channels.
-Each connection has a thread of its own, blocked in ``recv_into`` on its
-socket; what it reads it handles under the lock.  The main thread accepts
-connections and writes what could not be sent at once (``epoll``).
+Each connection has a thread of its own, blocked in ``poll`` + ``recv_into``
+on its socket; what it reads it handles under the lock.  The main thread
+(``epoll``) accepts connections, writes what could not be sent at once, and
+on a hang-up waits for that connection's thread to finish before it accepts
+anyone else: whoever connects after a process died finds its domain gone.
 Each connection binds to one domain (CREATE makes one, ATTACH takes one a
 privileged domain made) and can then only act as that domain.  The memfd
 travels to the client with SCM_RIGHTS, so its views of frames -- its own,
@@ -66,11 +68,14 @@ from ..emu.machine import PAGE_SIZE
 from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from ..errors import HypercallError
 from . import protocol as p
+from ._io import spin_recv
 from .evtchn import ECS_INTERDOMAIN, ECS_UNBOUND, Delivery, EventChannels, EvtchnError
 from .xenstore import XenStore, XenStoreError
 
 #: A connection with this much output queued (it stopped reading) is dropped.
 MAX_OUTBUF = 64 << 20
+#: Seconds a connection's thread polls for the next request after answering one.
+DEFAULT_SPIN = 100e-6
 _RECV = 1 << 18
 _UNMAP_HANDLE = struct.Struct("<I")
 _UNMAP_HANDLE_OFF = 16
@@ -80,6 +85,8 @@ _UNMAP_SIZE = 24
 _LITTLE = sys.byteorder == "little"
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
+#: the peer hung up (or the socket failed): what the main thread watches for
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _OK = p.STATUS.pack(0)
 _NO_REASONS = p.pack_reasons([])
 _NO_DELTA = p.pack_p2m([], [])
@@ -148,6 +155,8 @@ class Server:
         max_maptrack_frames: per-domain default (Xen: 1024).
         log: where to report client misbehaviour and handler failures
             (default: stderr); None to stay quiet.
+        spin: seconds a connection's thread polls for the next request after
+            answering one, before it sleeps (0: sleep at once).
 
     Raises:
         OSError: EADDRINUSE if a service already listens at ``path``.
@@ -161,6 +170,7 @@ class Server:
         max_grant_frames: int = DEFAULT_MAX_GRANT_FRAMES,
         max_maptrack_frames: int = DEFAULT_MAX_MAPTRACK_FRAMES,
         log: Callable[[str], None] | None = None,
+        spin: float = DEFAULT_SPIN,
     ) -> None:
         self.path = path or default_socket_path()
         self.xen = EmbeddedXen(
@@ -171,10 +181,12 @@ class Server:
         self.xs.mkdir(0, "/local/domain")  # what the host's init scripts leave
         self.ev = EventChannels(self._privileged)
         self.log = log if log is not None else _stderr
+        #: seconds a connection's thread polls for the next request after one
+        self.spin = spin
         self.bound: dict[int, Connection] = {}
         self.notifies: dict[int, dict[tuple[int, int], Notify]] = {}
         self.conns: dict[int, Connection] = {}
-        #: socket fd -> its connection, for those waiting to write (epoll)
+        #: socket fd -> its connection (the main thread's epoll: hang-ups, backlogs)
         self.by_fd: dict[int, Connection] = {}
         #: held while anything of the service is read or changed
         self.lock = threading.Lock()
@@ -257,7 +269,7 @@ class Server:
         listen_fd = self.listener.fileno()
         try:
             while not self._stopping:
-                for fd, _mask in poll():
+                for fd, mask in poll():
                     if fd == listen_fd:
                         self._accept()
                     elif fd == self._wake_r:
@@ -266,9 +278,17 @@ class Server:
                     else:
                         with self.lock:
                             conn = self.by_fd.get(fd)
-                            if conn is not None and not conn.dead:
+                            if conn is None or conn.dead:
+                                continue
+                            if mask & _EPOLLOUT:
                                 self._flush(conn)
-                            self._reap()
+                                self._reap()
+                        if mask & _HANGUP and conn.reader is not None:
+                            # Its last requests and its hang-up are handled
+                            # before anyone who connected after it is let in
+                            # (a toolstack that saw a process die sees its
+                            # domain gone).
+                            conn.reader.join(5.0)
         finally:
             if close:
                 self.close()
@@ -302,6 +322,8 @@ class Server:
             conn = Connection(sock, self._next_ident)
             self._next_ident += 1
             self.conns[conn.ident] = conn
+            self.by_fd[conn.fd] = conn
+            self.ep.register(conn.fd, _HANGUP)
             conn.reader = threading.Thread(
                 target=self._read_loop, args=(conn,), name=f"xengrant-conn-{conn.ident}",
                 daemon=True,
@@ -313,6 +335,7 @@ class Server:
         sock = conn.sock
         rbuf = memoryview(bytearray(_RECV))
         lock = self.lock
+        spin = 0.0  # no request yet: nothing to expect soon
         # Wait in poll(), not in recv(): a recv() sleeper is also woken when the
         # client reads a reply (a write-space wake-up), for nothing; poll's
         # wait ignores what it did not ask for.
@@ -321,8 +344,13 @@ class Server:
         try:
             while True:
                 try:
-                    wait.poll()
-                    n = sock.recv_into(rbuf)
+                    # A client that just got a reply often sends the next
+                    # request at once (an unmap, then a map): poll for it a
+                    # little before sleeping, so nobody has to wake this vCPU.
+                    n = spin_recv(sock, rbuf, spin) if spin else -1
+                    if n < 0:
+                        wait.poll()
+                        n = sock.recv_into(rbuf)
                 except InterruptedError:
                     continue
                 except OSError:
@@ -332,6 +360,7 @@ class Server:
                         break
                     if n:
                         self._on_data(conn, rbuf, n)
+                        spin = self.spin
                     else:
                         self._schedule_close(conn)
                     if self._to_close:
@@ -409,12 +438,7 @@ class Server:
         if want != conn.want_write:
             # the main thread writes the rest when the socket has room
             conn.want_write = want
-            if want:
-                self.by_fd[conn.fd] = conn
-                self.ep.register(conn.fd, _EPOLLOUT)
-            else:
-                self.by_fd.pop(conn.fd, None)
-                self.ep.unregister(conn.fd)
+            self.ep.modify(conn.fd, _HANGUP | (_EPOLLOUT if want else 0))
 
     def _schedule_close(self, conn: Connection) -> None:
         if not conn.dead:
