@@ -561,6 +561,61 @@ fail:
     return NULL;
 }
 
+/* What every batch run (copy_run, map_run, unmap_run) holds: the machine
+ * memory and the ops as buffers, where the run starts and ends, and the
+ * domain attributes looked up so far. */
+typedef struct {
+    Py_buffer mem, uop;
+    int have_mem, have_uop;
+    Py_ssize_t start, count;
+    Py_ssize_t nframes;  /* frames in mem */
+    xg_dom cache[XG_DOM_CACHE];
+    int ncache;
+    long last_dom;       /* the granter of the previous op, looked up once */
+    xg_dom *last_rd;
+} xg_batch;
+
+static void
+xg_batch_end(xg_batch *b)
+{
+    xg_dom_clear(b->cache, b->ncache);
+    if (b->have_uop)
+        PyBuffer_Release(&b->uop);
+    if (b->have_mem)
+        PyBuffer_Release(&b->mem);
+    b->have_uop = b->have_mem = 0;
+}
+
+/* args[0..3] = (mem, uop, start, count) of a run over ops of opsize bytes;
+ * 0, or -1 with an exception set and nothing held */
+static int
+xg_batch_begin(xg_batch *b, PyObject *const *args, Py_ssize_t opsize, const char *name)
+{
+    memset(b, 0, sizeof(*b));
+    b->last_dom = -1;
+    b->start = PyLong_AsSsize_t(args[2]);
+    if (b->start == -1 && PyErr_Occurred())
+        return -1;
+    b->count = PyLong_AsSsize_t(args[3]);
+    if (b->count == -1 && PyErr_Occurred())
+        return -1;
+    if (PyObject_GetBuffer(args[0], &b->mem, PyBUF_WRITABLE) < 0)
+        return -1;
+    b->have_mem = 1;
+    if (PyObject_GetBuffer(args[1], &b->uop, PyBUF_WRITABLE) < 0) {
+        xg_batch_end(b);
+        return -1;
+    }
+    b->have_uop = 1;
+    b->nframes = b->mem.len / XG_PAGE_SIZE;
+    if (b->start < 0 || b->count > b->uop.len / opsize) {
+        PyErr_Format(PyExc_ValueError, "%s: start/count out of range", name);
+        xg_batch_end(b);
+        return -1;
+    }
+    return 0;
+}
+
 /* get_paged_frame: 1 and *mfn if gfn is RAM or a grant-table frame, 0 if
  * not, -1 on error. */
 static int
@@ -652,35 +707,17 @@ xg_copy_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
     ARGCHECK(6, "copy_run(mem, uop, start, count, ld, domains) -> index")
-    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
-    if (start == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t count = PyLong_AsSsize_t(args[3]);
-    if (count == -1 && PyErr_Occurred())
-        return NULL;
     PyObject *ld = args[4], *domains = args[5];
     if (!PyDict_Check(domains)) {
         PyErr_SetString(PyExc_TypeError, "copy_run: domains must be a dict");
         return NULL;
     }
-    Py_buffer mem, uop;
-    if (PyObject_GetBuffer(args[0], &mem, PyBUF_WRITABLE) < 0)
+    xg_batch b;
+    if (xg_batch_begin(&b, args, XG_COPY_OP_SIZE, "copy_run") < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[1], &uop, PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&mem);
-        return NULL;
-    }
-    xg_dom cache[XG_DOM_CACHE];
-    memset(cache, 0, sizeof(cache));
-    int ncache = 0;
     PyObject *ret = NULL;
-    char *m = mem.buf;
-    Py_ssize_t nframes = mem.len / XG_PAGE_SIZE;
-    Py_ssize_t i = start;
-    if (start < 0 || count > uop.len / XG_COPY_OP_SIZE) {
-        PyErr_SetString(PyExc_ValueError, "copy_run: start/count out of range");
-        goto out;
-    }
+    char *m = b.mem.buf;
+    Py_ssize_t nframes = b.nframes, i = b.start, count = b.count;
     long ldomid_l;
     {
         PyObject *o = PyObject_GetAttrString(ld, "domid");
@@ -692,11 +729,11 @@ xg_copy_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             goto out;
     }
     uint16_t ldomid = (uint16_t)ldomid_l;
-    xg_dom *ldc = xg_dom_get(cache, &ncache, ld);
+    xg_dom *ldc = xg_dom_get(b.cache, &b.ncache, ld);
     if (ldc == NULL)
         goto out;
     for (; i < count; i++) {
-        unsigned char *op = (unsigned char *)uop.buf + i * XG_COPY_OP_SIZE;
+        unsigned char *op = (unsigned char *)b.uop.buf + i * XG_COPY_OP_SIZE;
         uint64_t u[2];
         uint16_t dom[2], off[2], len, flags;
         memcpy(&u[0], op, 8);
@@ -739,7 +776,7 @@ xg_copy_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                     break;
                 }
             }
-            s->dom = xg_dom_get(cache, &ncache, d);
+            s->dom = xg_dom_get(b.cache, &b.ncache, d);
             if (s->dom == NULL) {
                 if (PyErr_Occurred())
                     goto out;
@@ -815,9 +852,7 @@ xg_copy_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
     ret = PyLong_FromSsize_t(i);
 out:
-    xg_dom_clear(cache, ncache);
-    PyBuffer_Release(&uop);
-    PyBuffer_Release(&mem);
+    xg_batch_end(&b);
     return ret;
 }
 
@@ -1066,11 +1101,14 @@ fail:
     return -1;
 }
 
-/* the granter of dom through the domain cache; NULL without an exception
- * when it is missing or not usable */
+/* the granter of dom through the batch's domain cache (the previous op's
+ * granter without a lookup); NULL without an exception when it is missing or
+ * not usable */
 static xg_dom *
-xg_granter(PyObject *domains, xg_dom *cache, int *ncache, long dom)
+xg_batch_granter(xg_batch *b, PyObject *domains, long dom)
 {
+    if (dom == b->last_dom)
+        return b->last_rd;
     PyObject *key = PyLong_FromLong(dom);
     if (key == NULL)
         return NULL;
@@ -1078,9 +1116,11 @@ xg_granter(PyObject *domains, xg_dom *cache, int *ncache, long dom)
     Py_DECREF(key);
     if (d == NULL)
         return NULL;
-    xg_dom *c = xg_dom_get(cache, ncache, d);
+    xg_dom *c = xg_dom_get(b->cache, &b->ncache, d);
     if (c == NULL || !c->usable)
         return NULL;
+    b->last_dom = dom;
+    b->last_rd = c;
     return c;
 }
 
@@ -1103,47 +1143,27 @@ xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
     ARGCHECK(7, "map_run(mem, uop, start, count, ld, domains, refcount) -> index")
-    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
-    if (start == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t count = PyLong_AsSsize_t(args[3]);
-    if (count == -1 && PyErr_Occurred())
-        return NULL;
     PyObject *domains = args[5], *refcount = args[6];
     if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
         PyErr_SetString(PyExc_TypeError, "map_run: domains must be a dict, refcount a list");
         return NULL;
     }
-    Py_buffer mem, uop;
-    if (PyObject_GetBuffer(args[0], &mem, PyBUF_WRITABLE) < 0)
+    xg_batch b;
+    if (xg_batch_begin(&b, args, XG_MAP_OP_SIZE, "map_run") < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[1], &uop, PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&mem);
-        return NULL;
-    }
-    xg_dom cache[XG_DOM_CACHE];
-    memset(cache, 0, sizeof(cache));
-    int ncache = 0;
     xg_ld l;
     memset(&l, 0, sizeof(l));
-    long last_dom = -1; /* the granter of the previous op, looked up once */
-    xg_dom *last_rd = NULL;
     PyObject *ret = NULL;
-    char *m = mem.buf;
-    Py_ssize_t nframes = mem.len / XG_PAGE_SIZE;
+    char *m = b.mem.buf;
+    Py_ssize_t nframes = b.nframes, i = b.start, count = b.count;
     if (PyList_GET_SIZE(refcount) < nframes)
         nframes = PyList_GET_SIZE(refcount);
-    Py_ssize_t i = start;
-    if (start < 0 || count > uop.len / XG_MAP_OP_SIZE) {
-        PyErr_SetString(PyExc_ValueError, "map_run: start/count out of range");
-        goto out;
-    }
     if (xg_ld_get(&l, args[4]) < 0)
         goto out;
     if (!l.usable)
         goto done;
     for (; i < count; i++) {
-        unsigned char *op = (unsigned char *)uop.buf + i * XG_MAP_OP_SIZE;
+        unsigned char *op = (unsigned char *)b.uop.buf + i * XG_MAP_OP_SIZE;
         uint64_t host_addr;
         uint32_t flags, ref;
         uint16_t dom;
@@ -1155,14 +1175,12 @@ xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                       XG_GNTMAP_contains_pte)) != XG_GNTMAP_host_map)
             break;
         int readonly = (flags & XG_GNTMAP_readonly) != 0;
-        xg_dom *rd = (long)dom == last_dom ? last_rd : xg_granter(domains, cache, &ncache, dom);
+        xg_dom *rd = xg_batch_granter(&b, domains, dom);
         if (rd == NULL) {
             if (PyErr_Occurred())
                 goto out;
             break;
         }
-        last_dom = dom;
-        last_rd = rd;
         Py_ssize_t nfree = PyObject_Size(l.free);
         if (nfree < 0)
             goto out;
@@ -1183,7 +1201,7 @@ xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             Py_DECREF(refkey);
             goto out;
         }
-        if (sf < 0 || sf >= mem.len / XG_PAGE_SIZE) {
+        if (sf < 0 || sf >= b.nframes) {
             Py_DECREF(refkey);
             break;
         }
@@ -1288,9 +1306,7 @@ done:
     ret = PyLong_FromSsize_t(i);
 out:
     xg_ld_clear(&l);
-    xg_dom_clear(cache, ncache);
-    PyBuffer_Release(&uop);
-    PyBuffer_Release(&mem);
+    xg_batch_end(&b);
     return ret;
 }
 
@@ -1317,47 +1333,27 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
     ARGCHECK(7, "unmap_run(mem, uop, start, count, ld, domains, refcount) -> index")
-    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
-    if (start == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t count = PyLong_AsSsize_t(args[3]);
-    if (count == -1 && PyErr_Occurred())
-        return NULL;
     PyObject *domains = args[5], *refcount = args[6];
     if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
         PyErr_SetString(PyExc_TypeError, "unmap_run: domains must be a dict, refcount a list");
         return NULL;
     }
-    Py_buffer mem, uop;
-    if (PyObject_GetBuffer(args[0], &mem, PyBUF_WRITABLE) < 0)
+    xg_batch b;
+    if (xg_batch_begin(&b, args, XG_UNMAP_OP_SIZE, "unmap_run") < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[1], &uop, PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&mem);
-        return NULL;
-    }
-    xg_dom cache[XG_DOM_CACHE];
-    memset(cache, 0, sizeof(cache));
-    int ncache = 0;
     xg_ld l;
     memset(&l, 0, sizeof(l));
-    long last_dom = -1; /* the granter of the previous op, looked up once */
-    xg_dom *last_rd = NULL;
     PyObject *ret = NULL;
-    char *m = mem.buf;
-    Py_ssize_t nframes = mem.len / XG_PAGE_SIZE;
+    char *m = b.mem.buf;
+    Py_ssize_t nframes = b.nframes, i = b.start, count = b.count;
     if (PyList_GET_SIZE(refcount) < nframes)
         nframes = PyList_GET_SIZE(refcount);
-    Py_ssize_t i = start;
-    if (start < 0 || count > uop.len / XG_UNMAP_OP_SIZE) {
-        PyErr_SetString(PyExc_ValueError, "unmap_run: start/count out of range");
-        goto out;
-    }
     if (xg_ld_get(&l, args[4]) < 0)
         goto out;
     if (!l.usable)
         goto done;
     for (; i < count; i++) {
-        unsigned char *op = (unsigned char *)uop.buf + i * XG_UNMAP_OP_SIZE;
+        unsigned char *op = (unsigned char *)b.uop.buf + i * XG_UNMAP_OP_SIZE;
         uint64_t host_addr, dba;
         uint32_t h;
         memcpy(&host_addr, op, 8);
@@ -1381,14 +1377,11 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             goto op_end;
         mdom = gm->domid;
         mref = gm->ref;
-        xg_dom *rd = (long)mdom == last_dom ? last_rd
-                                            : xg_granter(domains, cache, &ncache, (long)mdom);
+        xg_dom *rd = xg_batch_granter(&b, domains, (long)mdom);
         if (rd == NULL) {
             fail = PyErr_Occurred() != NULL;
             goto op_end;
         }
-        last_dom = (long)mdom;
-        last_rd = rd;
         if (mref < 0 || mref >= PyList_GET_SIZE(rd->shared) * XG_PER_V1)
             goto op_end;
         fail = 1;
@@ -1442,7 +1435,7 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             fail = 1;
             goto op_end;
         }
-        if (sf < 0 || sf >= mem.len / XG_PAGE_SIZE)
+        if (sf < 0 || sf >= b.nframes)
             goto op_end;
         /* commit */
         fail = 1;
@@ -1487,9 +1480,7 @@ done:
     ret = PyLong_FromSsize_t(i);
 out:
     xg_ld_clear(&l);
-    xg_dom_clear(cache, ncache);
-    PyBuffer_Release(&uop);
-    PyBuffer_Release(&mem);
+    xg_batch_end(&b);
     return ret;
 }
 
