@@ -53,6 +53,7 @@ from ..abi.grant_table import (
     GTF_type_mask,
     GTF_writing,
 )
+from .batch import run_batch
 from .domain import DomainState
 from .entry import clear_flags, get_paged_frame, set_status
 from .gnttab_map import _undo_pin
@@ -314,26 +315,16 @@ def copy_one(hv: Hypervisor, ld: DomainState, fields: tuple[int, ...]) -> tuple[
 def copy_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
     """GNTTABOP_copy over ``count`` ops; each op's status written in place."""
     size = COPY_OP.size
-    pack_st = _STATUS.pack_into
     log = hv.log
-    out = _STATUS_OFF
-    if FASTPATH:
-        mem, domains, unpack = hv.mem, hv.domains, COPY_OP.unpack_from
-        i = 0
-        while True:
-            i = copy_run(mem, uop, i, count, ld, domains)
-            if i >= count:
-                return 0
-            st, why = copy_one(hv, ld, unpack(uop, i * size))
-            if st != GNTST_okay and log is not None:
-                log(ld.domid, "copy", st, why)
-            pack_st(uop, i * size + _STATUS_OFF, st)
-            i += 1
-    # iter_unpack reads each op when it is reached, as the per-op copy_from_guest does.
-    for fields in COPY_OP.iter_unpack(uop[: count * size]):
-        st, why = copy_one(hv, ld, fields)
+
+    def one(i: int) -> None:
+        st, why = copy_one(hv, ld, COPY_OP.unpack_from(uop, i * size))
         if st != GNTST_okay and log is not None:
             log(ld.domid, "copy", st, why)
-        pack_st(uop, out, st)
-        out += size
+        _STATUS.pack_into(uop, i * size + _STATUS_OFF, st)
+
+    mem, domains = hv.mem, hv.domains
+    run_batch(
+        count, one, (lambda i: copy_run(mem, uop, i, count, ld, domains)) if FASTPATH else None
+    )
     return 0

@@ -34,6 +34,7 @@ from ..abi.grant_table import (
     GTF_reading,
     GTF_writing,
 )
+from .batch import run_batch
 from .domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW, DomainState
 from .entry import clear_flags, get_paged_frame, set_status
 from .grant_table import (
@@ -258,28 +259,10 @@ def release_mappings(hv: Hypervisor, d: DomainState) -> None:
 def map_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:
     """GNTTABOP_map_grant_ref over ``count`` ops; statuses written in place."""
     size = MAP_OP.size
-    pack_out = _MAP_OUT.pack_into
     log = hv.log
-    if FASTPATH:
-        mem, domains, refcount = hv.mem, hv.domains, hv.machine.refcount
-        unpack = MAP_OP.unpack_from
-        i = 0
-        while True:
-            i = map_run(mem, uop, i, count, ld, domains, refcount)
-            if i >= count:
-                return 0
-            host_addr, flags, ref, dom, _st, handle_in, dba_in = unpack(uop, i * size)
-            st, handle, dba, why = map_grant_ref(hv, ld, host_addr, flags, ref, dom)
-            if st != GNTST_okay:
-                handle, dba = handle_in, dba_in
-                if log is not None:
-                    log(ld.domid, "map_grant_ref", st, why)
-            pack_out(uop, i * size + _MAP_OUT_OFF, st, handle, dba)
-            i += 1
-    # iter_unpack reads each op when it is reached, as the per-op copy_from_guest does.
-    ops = MAP_OP.iter_unpack(uop[: count * size])
-    out = _MAP_OUT_OFF
-    for host_addr, flags, ref, dom, _st, handle_in, dba_in in ops:
+
+    def one(i: int) -> None:
+        host_addr, flags, ref, dom, _st, handle_in, dba_in = MAP_OP.unpack_from(uop, i * size)
         st, handle, dba, why = map_grant_ref(hv, ld, host_addr, flags, ref, dom)
         if st != GNTST_okay:
             # map_grant_ref sets only op->status on failure and
@@ -288,8 +271,14 @@ def map_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count:
             handle, dba = handle_in, dba_in
             if log is not None:
                 log(ld.domid, "map_grant_ref", st, why)
-        pack_out(uop, out, st, handle, dba)
-        out += size
+        _MAP_OUT.pack_into(uop, i * size + _MAP_OUT_OFF, st, handle, dba)
+
+    mem, domains, refcount = hv.mem, hv.domains, hv.machine.refcount
+    run_batch(
+        count,
+        one,
+        (lambda i: map_run(mem, uop, i, count, ld, domains, refcount)) if FASTPATH else None,
+    )
     return 0
 
 
@@ -299,33 +288,27 @@ def _unmap_batch(
     """Both unmap ops: their structs share a layout (host_addr, dev_bus_addr or new_addr,
     handle, status), and unmap_common serves both in Xen."""
     size = UNMAP_OP.size
-    pack_st = _STATUS.pack_into
     log = hv.log
     name = "unmap_and_replace" if replace else "unmap_grant_ref"
-    if FASTPATH and not replace:
-        mem, domains, refcount = hv.mem, hv.domains, hv.machine.refcount
-        unpack = UNMAP_OP.unpack_from
-        i = 0
-        while True:
-            i = unmap_run(mem, uop, i, count, ld, domains, refcount)
-            if i >= count:
-                return 0
-            host_addr, dba, handle, _st = unpack(uop, i * size)
-            st, why = unmap_grant_ref(hv, ld, host_addr, dba, handle, 0)
-            if st != GNTST_okay and log is not None:
-                log(ld.domid, name, st, why)
-            pack_st(uop, i * size + _UNMAP_STATUS_OFF, st)
-            i += 1
-    out = _UNMAP_STATUS_OFF
-    for host_addr, second, handle, _st in UNMAP_OP.iter_unpack(uop[: count * size]):
+
+    def one(i: int) -> None:
+        host_addr, second, handle, _st = UNMAP_OP.unpack_from(uop, i * size)
         if replace:
             st, why = unmap_grant_ref(hv, ld, host_addr, 0, handle, second)
         else:
             st, why = unmap_grant_ref(hv, ld, host_addr, second, handle, 0)
         if st != GNTST_okay and log is not None:
             log(ld.domid, name, st, why)
-        pack_st(uop, out, st)
-        out += size
+        _STATUS.pack_into(uop, i * size + _UNMAP_STATUS_OFF, st)
+
+    mem, domains, refcount = hv.mem, hv.domains, hv.machine.refcount
+    run_batch(
+        count,
+        one,
+        (lambda i: unmap_run(mem, uop, i, count, ld, domains, refcount))
+        if FASTPATH and not replace
+        else None,
+    )
     return 0
 
 
