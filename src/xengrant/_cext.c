@@ -1138,6 +1138,150 @@ xg_ref_add(PyObject *refcount, Py_ssize_t mfn, long delta)
     return 0;
 }
 
+static int
+xg_map_op(xg_batch *b, xg_ld *l, PyObject *domains, PyObject *refcount, unsigned char *op,
+          char *m, Py_ssize_t nframes)
+{
+    uint64_t host_addr;
+    uint32_t flags, ref;
+    uint16_t dom;
+    memcpy(&host_addr, op, 8);
+    memcpy(&flags, op + 8, 4);
+    memcpy(&ref, op + 12, 4);
+    memcpy(&dom, op + 16, 2);
+    if ((flags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map | XG_GNTMAP_application_map |
+                  XG_GNTMAP_contains_pte)) != XG_GNTMAP_host_map)
+        return 0;
+    int readonly = (flags & XG_GNTMAP_readonly) != 0;
+    xg_dom *rd = xg_batch_granter(b, domains, dom);
+    if (rd == NULL) {
+        if (PyErr_Occurred())
+            return -1;
+        return 0;
+    }
+    Py_ssize_t nfree = PyObject_Size(l->free);
+    if (nfree < 0)
+        return -1;
+    if (nfree <= 1 || (Py_ssize_t)ref >= PyList_GET_SIZE(rd->shared) * XG_PER_V1)
+        return 0;
+    PyObject *refkey = PyLong_FromUnsignedLong(ref);
+    if (refkey == NULL)
+        return -1;
+    int in = PyDict_Contains(rd->active, refkey);
+    if (in != 0) {
+        Py_DECREF(refkey);
+        if (in < 0)
+            return -1;
+        return 0;
+    }
+    Py_ssize_t sf = PyLong_AsSsize_t(PyList_GET_ITEM(rd->shared, ref / XG_PER_V1));
+    if (sf == -1 && PyErr_Occurred()) {
+        Py_DECREF(refkey);
+        return -1;
+    }
+    if (sf < 0 || sf >= b->nframes) {
+        Py_DECREF(refkey);
+        return 0;
+    }
+    PyObject *gfnkey = PyLong_FromUnsignedLongLong(host_addr >> 12);
+    if (gfnkey == NULL) {
+        Py_DECREF(refkey);
+        return -1;
+    }
+    in = PyDict_Contains(l->p2m, gfnkey);
+    if (in != 0) {
+        Py_DECREF(refkey);
+        Py_DECREF(gfnkey);
+        if (in < 0)
+            return -1;
+        return 0;
+    }
+    char *ent = m + sf * XG_PAGE_SIZE + (ref % XG_PER_V1) * 8;
+    uint16_t *eflags = (uint16_t *)ent;
+    if (!xg_pin_map((uint32_t *)ent, l->domid, readonly)) {
+        Py_DECREF(refkey);
+        Py_DECREF(gfnkey);
+        return 0;
+    }
+    /* the frame is read once the entry is pinned, as Python reads it */
+    uint32_t frame;
+    memcpy(&frame, ent + 4, 4);
+    Py_ssize_t mfn;
+    int r = xg_p2m_frame(rd->p2m, frame, nframes, &mfn);
+    XgActive *act = NULL;
+    XgMapping *mp = NULL;
+    PyObject *p2e = NULL, *handle = NULL;
+    if (r == 1) {
+        PyObject *mfn_o = PyLong_FromSsize_t(mfn);
+        PyObject *typ = PyLong_FromLong(readonly ? XG_P2M_GRANT_MAP_RO : XG_P2M_GRANT_MAP_RW);
+        act = PyObject_New(XgActive, &XgActive_Type);
+        mp = PyObject_New(XgMapping, &XgMapping_Type);
+        if (mfn_o && typ)
+            p2e = PyTuple_Pack(2, mfn_o, typ);
+        Py_XDECREF(mfn_o);
+        Py_XDECREF(typ);
+        if (act == NULL || mp == NULL || p2e == NULL) {
+            r = -1;
+        } else {
+            act->pin = readonly ? XG_GNTPIN_hstr_inc : XG_GNTPIN_hstw_inc;
+            act->domid = l->domid;
+            act->mfn = mfn;
+            act->start = 0;
+            act->length = XG_PAGE_SIZE;
+            act->is_sub_page = 0;
+            mp->flags =
+                flags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map | XG_GNTMAP_readonly);
+            mp->domid = dom;
+            mp->ref = ref;
+            mp->mfn = mfn;
+            mp->host_gfn = (long long)(host_addr >> 12);
+        }
+    }
+    if (r != 1) {
+        /* _undo_pin with no pin: clear GTF_writing (writable), then GTF_reading */
+        if (!readonly)
+            __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_writing, __ATOMIC_SEQ_CST);
+        __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_reading, __ATOMIC_SEQ_CST);
+        Py_XDECREF(act);
+        Py_XDECREF(mp);
+        Py_XDECREF(p2e);
+        Py_DECREF(refkey);
+        Py_DECREF(gfnkey);
+        if (r < 0)
+            return -1;
+        return 0;
+    }
+    /* commit, in map_grant_ref's order */
+    handle = PyObject_CallNoArgs(l->popleft);
+    Py_ssize_t h = handle ? PyLong_AsSsize_t(handle) : -1;
+    int bad = handle == NULL || (h == -1 && PyErr_Occurred());
+    if (!bad && (h < 0 || h >= PyList_GET_SIZE(l->entries))) {
+        PyErr_SetString(PyExc_AssertionError, "map_run: maptrack handle out of range");
+        bad = 1;
+    }
+    if (!bad) {
+        PyList_SetItem(l->entries, h, (PyObject *)mp); /* steals mp */
+        mp = NULL;
+        bad = PyDict_SetItem(rd->active, refkey, (PyObject *)act) < 0 ||
+              PyDict_SetItem(l->p2m, gfnkey, p2e) < 0 || xg_ref_add(refcount, mfn, 1) < 0;
+    }
+    Py_XDECREF(handle);
+    Py_XDECREF(mp);
+    Py_DECREF(act);
+    Py_DECREF(p2e);
+    Py_DECREF(refkey);
+    Py_DECREF(gfnkey);
+    if (bad)
+        return -1;
+    int16_t st = 0;
+    uint32_t h32 = (uint32_t)h;
+    uint64_t dba = (uint64_t)mfn << 12;
+    memcpy(op + 18, &st, 2);
+    memcpy(op + 20, &h32, 4);
+    memcpy(op + 24, &dba, 8);
+    return 1;
+}
+
 static PyObject *
 xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1163,144 +1307,12 @@ xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (!l.usable)
         goto done;
     for (; i < count; i++) {
-        unsigned char *op = (unsigned char *)b.uop.buf + i * XG_MAP_OP_SIZE;
-        uint64_t host_addr;
-        uint32_t flags, ref;
-        uint16_t dom;
-        memcpy(&host_addr, op, 8);
-        memcpy(&flags, op + 8, 4);
-        memcpy(&ref, op + 12, 4);
-        memcpy(&dom, op + 16, 2);
-        if ((flags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map | XG_GNTMAP_application_map |
-                      XG_GNTMAP_contains_pte)) != XG_GNTMAP_host_map)
-            break;
-        int readonly = (flags & XG_GNTMAP_readonly) != 0;
-        xg_dom *rd = xg_batch_granter(&b, domains, dom);
-        if (rd == NULL) {
-            if (PyErr_Occurred())
-                goto out;
-            break;
-        }
-        Py_ssize_t nfree = PyObject_Size(l.free);
-        if (nfree < 0)
+        int r = xg_map_op(&b, &l, domains, refcount,
+                          (unsigned char *)b.uop.buf + i * XG_MAP_OP_SIZE, m, nframes);
+        if (r < 0)
             goto out;
-        if (nfree <= 1 || (Py_ssize_t)ref >= PyList_GET_SIZE(rd->shared) * XG_PER_V1)
+        if (r == 0)
             break;
-        PyObject *refkey = PyLong_FromUnsignedLong(ref);
-        if (refkey == NULL)
-            goto out;
-        int in = PyDict_Contains(rd->active, refkey);
-        if (in != 0) {
-            Py_DECREF(refkey);
-            if (in < 0)
-                goto out;
-            break;
-        }
-        Py_ssize_t sf = PyLong_AsSsize_t(PyList_GET_ITEM(rd->shared, ref / XG_PER_V1));
-        if (sf == -1 && PyErr_Occurred()) {
-            Py_DECREF(refkey);
-            goto out;
-        }
-        if (sf < 0 || sf >= b.nframes) {
-            Py_DECREF(refkey);
-            break;
-        }
-        PyObject *gfnkey = PyLong_FromUnsignedLongLong(host_addr >> 12);
-        if (gfnkey == NULL) {
-            Py_DECREF(refkey);
-            goto out;
-        }
-        in = PyDict_Contains(l.p2m, gfnkey);
-        if (in != 0) {
-            Py_DECREF(refkey);
-            Py_DECREF(gfnkey);
-            if (in < 0)
-                goto out;
-            break;
-        }
-        char *ent = m + sf * XG_PAGE_SIZE + (ref % XG_PER_V1) * 8;
-        uint16_t *eflags = (uint16_t *)ent;
-        if (!xg_pin_map((uint32_t *)ent, l.domid, readonly)) {
-            Py_DECREF(refkey);
-            Py_DECREF(gfnkey);
-            break;
-        }
-        /* the frame is read once the entry is pinned, as Python reads it */
-        uint32_t frame;
-        memcpy(&frame, ent + 4, 4);
-        Py_ssize_t mfn;
-        int r = xg_p2m_frame(rd->p2m, frame, nframes, &mfn);
-        XgActive *act = NULL;
-        XgMapping *mp = NULL;
-        PyObject *p2e = NULL, *handle = NULL;
-        if (r == 1) {
-            PyObject *mfn_o = PyLong_FromSsize_t(mfn);
-            PyObject *typ = PyLong_FromLong(readonly ? XG_P2M_GRANT_MAP_RO : XG_P2M_GRANT_MAP_RW);
-            act = PyObject_New(XgActive, &XgActive_Type);
-            mp = PyObject_New(XgMapping, &XgMapping_Type);
-            if (mfn_o && typ)
-                p2e = PyTuple_Pack(2, mfn_o, typ);
-            Py_XDECREF(mfn_o);
-            Py_XDECREF(typ);
-            if (act == NULL || mp == NULL || p2e == NULL) {
-                r = -1;
-            } else {
-                act->pin = readonly ? XG_GNTPIN_hstr_inc : XG_GNTPIN_hstw_inc;
-                act->domid = l.domid;
-                act->mfn = mfn;
-                act->start = 0;
-                act->length = XG_PAGE_SIZE;
-                act->is_sub_page = 0;
-                mp->flags =
-                    flags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map | XG_GNTMAP_readonly);
-                mp->domid = dom;
-                mp->ref = ref;
-                mp->mfn = mfn;
-                mp->host_gfn = (long long)(host_addr >> 12);
-            }
-        }
-        if (r != 1) {
-            /* _undo_pin with no pin: clear GTF_writing (writable), then GTF_reading */
-            if (!readonly)
-                __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_writing, __ATOMIC_SEQ_CST);
-            __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_reading, __ATOMIC_SEQ_CST);
-            Py_XDECREF(act);
-            Py_XDECREF(mp);
-            Py_XDECREF(p2e);
-            Py_DECREF(refkey);
-            Py_DECREF(gfnkey);
-            if (r < 0)
-                goto out;
-            break;
-        }
-        /* commit, in map_grant_ref's order */
-        handle = PyObject_CallNoArgs(l.popleft);
-        Py_ssize_t h = handle ? PyLong_AsSsize_t(handle) : -1;
-        int bad = handle == NULL || (h == -1 && PyErr_Occurred());
-        if (!bad && (h < 0 || h >= PyList_GET_SIZE(l.entries))) {
-            PyErr_SetString(PyExc_AssertionError, "map_run: maptrack handle out of range");
-            bad = 1;
-        }
-        if (!bad) {
-            PyList_SetItem(l.entries, h, (PyObject *)mp); /* steals mp */
-            mp = NULL;
-            bad = PyDict_SetItem(rd->active, refkey, (PyObject *)act) < 0 ||
-                  PyDict_SetItem(l.p2m, gfnkey, p2e) < 0 || xg_ref_add(refcount, mfn, 1) < 0;
-        }
-        Py_XDECREF(handle);
-        Py_XDECREF(mp);
-        Py_DECREF(act);
-        Py_DECREF(p2e);
-        Py_DECREF(refkey);
-        Py_DECREF(gfnkey);
-        if (bad)
-            goto out;
-        int16_t st = 0;
-        uint32_t h32 = (uint32_t)h;
-        uint64_t dba = (uint64_t)mfn << 12;
-        memcpy(op + 18, &st, 2);
-        memcpy(op + 20, &h32, 4);
-        memcpy(op + 24, &dba, 8);
     }
 done:
     ret = PyLong_FromSsize_t(i);
@@ -1328,6 +1340,132 @@ out:
  * entry removed when no pin is left, the mapping's flags lose host_map and
  * its handle is freed (entries[h] = None, appended to the free list).
  */
+static int
+xg_unmap_op(xg_batch *b, xg_ld *l, PyObject *domains, PyObject *refcount, unsigned char *op,
+            char *m, Py_ssize_t nframes)
+{
+    uint64_t host_addr, dba;
+    uint32_t h;
+    memcpy(&host_addr, op, 8);
+    memcpy(&dba, op + 8, 8);
+    memcpy(&h, op + 16, 4);
+    if (host_addr == 0 || dba != 0 || (Py_ssize_t)h >= PyList_GET_SIZE(l->entries))
+        return 0;
+    PyObject *mp = PyList_GET_ITEM(l->entries, h);
+    if (mp == Py_None)
+        return 0;
+    Py_INCREF(mp);
+    long long mflags, mdom, mref, mfn, pin;
+    XgMapping *gm = (XgMapping *)mp;
+    XgActive *ga = NULL;
+    PyObject *act = NULL, *refkey = NULL, *gfnkey = NULL;
+    int fail = 0; /* 1: error, 0: leave to Python */
+    if (!Py_IS_TYPE(mp, &XgMapping_Type))
+        goto op_end;
+    mflags = gm->flags;
+    if ((mflags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map)) != XG_GNTMAP_host_map)
+        goto op_end;
+    mdom = gm->domid;
+    mref = gm->ref;
+    xg_dom *rd = xg_batch_granter(b, domains, (long)mdom);
+    if (rd == NULL) {
+        fail = PyErr_Occurred() != NULL;
+        goto op_end;
+    }
+    if (mref < 0 || mref >= PyList_GET_SIZE(rd->shared) * XG_PER_V1)
+        goto op_end;
+    fail = 1;
+    refkey = PyLong_FromLongLong(mref);
+    if (refkey == NULL)
+        goto op_end;
+    act = PyDict_GetItemWithError(rd->active, refkey);
+    if (act == NULL) {
+        fail = PyErr_Occurred() != NULL;
+        goto op_end;
+    }
+    Py_INCREF(act);
+    fail = 0;
+    if (!Py_IS_TYPE(act, &XgActive_Type))
+        goto op_end;
+    ga = (XgActive *)act;
+    mfn = ga->mfn;
+    pin = ga->pin;
+    fail = 1;
+    gfnkey = PyLong_FromUnsignedLongLong(host_addr >> 12);
+    if (gfnkey == NULL)
+        goto op_end;
+    PyObject *ent = PyDict_GetItemWithError(l->p2m, gfnkey);
+    if (ent == NULL) {
+        fail = PyErr_Occurred() != NULL;
+        goto op_end;
+    }
+    fail = 0;
+    if (!PyTuple_CheckExact(ent) || PyTuple_GET_SIZE(ent) != 2)
+        goto op_end;
+    fail = 1;
+    long emfn = PyLong_AsLong(PyTuple_GET_ITEM(ent, 0));
+    if (emfn == -1 && PyErr_Occurred())
+        goto op_end;
+    long etyp = PyLong_AsLong(PyTuple_GET_ITEM(ent, 1));
+    if (etyp == -1 && PyErr_Occurred())
+        goto op_end;
+    fail = 0;
+    if ((etyp != XG_P2M_GRANT_MAP_RW && etyp != XG_P2M_GRANT_MAP_RO) || emfn != mfn ||
+        mfn < 0 || mfn >= nframes)
+        goto op_end;
+    fail = 1;
+    long rc = PyLong_AsLong(PyList_GET_ITEM(refcount, mfn));
+    if (rc == -1 && PyErr_Occurred())
+        goto op_end;
+    fail = 0;
+    if (rc <= 1)
+        goto op_end; /* machine.put would free the frame: Python does that */
+    Py_ssize_t sf = PyLong_AsSsize_t(PyList_GET_ITEM(rd->shared, mref / XG_PER_V1));
+    if (sf == -1 && PyErr_Occurred()) {
+        fail = 1;
+        goto op_end;
+    }
+    if (sf < 0 || sf >= b->nframes)
+        goto op_end;
+    /* commit */
+    fail = 1;
+    int ro = (mflags & XG_GNTMAP_readonly) != 0;
+    long long npin = pin - (ro ? XG_GNTPIN_hstr_inc : XG_GNTPIN_hstw_inc);
+    if (PyDict_DelItem(l->p2m, gfnkey) < 0 || xg_ref_add(refcount, mfn, -1) < 0)
+        goto op_end;
+    gm->flags = mflags & ~(long long)XG_GNTMAP_host_map;
+    ga->pin = npin;
+    uint16_t *eflags = (uint16_t *)(m + sf * XG_PAGE_SIZE + (mref % XG_PER_V1) * 8);
+    if (!ro && !(npin & XG_GNTPIN_WRITE_MASK))
+        __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_writing, __ATOMIC_SEQ_CST);
+    if (!npin) {
+        __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_reading, __ATOMIC_SEQ_CST);
+        if (PyDict_DelItem(rd->active, refkey) < 0)
+            goto op_end;
+    }
+    /* maptrack.put(handle) */
+    Py_INCREF(Py_None);
+    PyList_SetItem(l->entries, h, Py_None);
+    PyObject *hk = PyLong_FromUnsignedLong(h);
+    if (hk == NULL)
+        goto op_end;
+    PyObject *r = PyObject_CallOneArg(l->append, hk);
+    Py_DECREF(hk);
+    if (r == NULL)
+        goto op_end;
+    Py_DECREF(r);
+    memset(op + 20, 0, 2); /* GNTST_okay */
+    fail = -1;             /* done */
+op_end:
+    Py_DECREF(mp);
+    Py_XDECREF(act);
+    Py_XDECREF(refkey);
+    Py_XDECREF(gfnkey);
+    if (fail == 1)
+        return -1;
+    return fail == 0 ? 0 : 1;
+}
+
 static PyObject *
 xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1353,127 +1491,11 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (!l.usable)
         goto done;
     for (; i < count; i++) {
-        unsigned char *op = (unsigned char *)b.uop.buf + i * XG_UNMAP_OP_SIZE;
-        uint64_t host_addr, dba;
-        uint32_t h;
-        memcpy(&host_addr, op, 8);
-        memcpy(&dba, op + 8, 8);
-        memcpy(&h, op + 16, 4);
-        if (host_addr == 0 || dba != 0 || (Py_ssize_t)h >= PyList_GET_SIZE(l.entries))
-            break;
-        PyObject *mp = PyList_GET_ITEM(l.entries, h);
-        if (mp == Py_None)
-            break;
-        Py_INCREF(mp);
-        long long mflags, mdom, mref, mfn, pin;
-        XgMapping *gm = (XgMapping *)mp;
-        XgActive *ga = NULL;
-        PyObject *act = NULL, *refkey = NULL, *gfnkey = NULL;
-        int fail = 0; /* 1: error, 0: leave to Python */
-        if (!Py_IS_TYPE(mp, &XgMapping_Type))
-            goto op_end;
-        mflags = gm->flags;
-        if ((mflags & (XG_GNTMAP_host_map | XG_GNTMAP_device_map)) != XG_GNTMAP_host_map)
-            goto op_end;
-        mdom = gm->domid;
-        mref = gm->ref;
-        xg_dom *rd = xg_batch_granter(&b, domains, (long)mdom);
-        if (rd == NULL) {
-            fail = PyErr_Occurred() != NULL;
-            goto op_end;
-        }
-        if (mref < 0 || mref >= PyList_GET_SIZE(rd->shared) * XG_PER_V1)
-            goto op_end;
-        fail = 1;
-        refkey = PyLong_FromLongLong(mref);
-        if (refkey == NULL)
-            goto op_end;
-        act = PyDict_GetItemWithError(rd->active, refkey);
-        if (act == NULL) {
-            fail = PyErr_Occurred() != NULL;
-            goto op_end;
-        }
-        Py_INCREF(act);
-        fail = 0;
-        if (!Py_IS_TYPE(act, &XgActive_Type))
-            goto op_end;
-        ga = (XgActive *)act;
-        mfn = ga->mfn;
-        pin = ga->pin;
-        fail = 1;
-        gfnkey = PyLong_FromUnsignedLongLong(host_addr >> 12);
-        if (gfnkey == NULL)
-            goto op_end;
-        PyObject *ent = PyDict_GetItemWithError(l.p2m, gfnkey);
-        if (ent == NULL) {
-            fail = PyErr_Occurred() != NULL;
-            goto op_end;
-        }
-        fail = 0;
-        if (!PyTuple_CheckExact(ent) || PyTuple_GET_SIZE(ent) != 2)
-            goto op_end;
-        fail = 1;
-        long emfn = PyLong_AsLong(PyTuple_GET_ITEM(ent, 0));
-        if (emfn == -1 && PyErr_Occurred())
-            goto op_end;
-        long etyp = PyLong_AsLong(PyTuple_GET_ITEM(ent, 1));
-        if (etyp == -1 && PyErr_Occurred())
-            goto op_end;
-        fail = 0;
-        if ((etyp != XG_P2M_GRANT_MAP_RW && etyp != XG_P2M_GRANT_MAP_RO) || emfn != mfn ||
-            mfn < 0 || mfn >= nframes)
-            goto op_end;
-        fail = 1;
-        long rc = PyLong_AsLong(PyList_GET_ITEM(refcount, mfn));
-        if (rc == -1 && PyErr_Occurred())
-            goto op_end;
-        fail = 0;
-        if (rc <= 1)
-            goto op_end; /* machine.put would free the frame: Python does that */
-        Py_ssize_t sf = PyLong_AsSsize_t(PyList_GET_ITEM(rd->shared, mref / XG_PER_V1));
-        if (sf == -1 && PyErr_Occurred()) {
-            fail = 1;
-            goto op_end;
-        }
-        if (sf < 0 || sf >= b.nframes)
-            goto op_end;
-        /* commit */
-        fail = 1;
-        int ro = (mflags & XG_GNTMAP_readonly) != 0;
-        long long npin = pin - (ro ? XG_GNTPIN_hstr_inc : XG_GNTPIN_hstw_inc);
-        if (PyDict_DelItem(l.p2m, gfnkey) < 0 || xg_ref_add(refcount, mfn, -1) < 0)
-            goto op_end;
-        gm->flags = mflags & ~(long long)XG_GNTMAP_host_map;
-        ga->pin = npin;
-        uint16_t *eflags = (uint16_t *)(m + sf * XG_PAGE_SIZE + (mref % XG_PER_V1) * 8);
-        if (!ro && !(npin & XG_GNTPIN_WRITE_MASK))
-            __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_writing, __ATOMIC_SEQ_CST);
-        if (!npin) {
-            __atomic_fetch_and(eflags, (uint16_t)~XG_GTF_reading, __ATOMIC_SEQ_CST);
-            if (PyDict_DelItem(rd->active, refkey) < 0)
-                goto op_end;
-        }
-        /* maptrack.put(handle) */
-        Py_INCREF(Py_None);
-        PyList_SetItem(l.entries, h, Py_None);
-        PyObject *hk = PyLong_FromUnsignedLong(h);
-        if (hk == NULL)
-            goto op_end;
-        PyObject *r = PyObject_CallOneArg(l.append, hk);
-        Py_DECREF(hk);
-        if (r == NULL)
-            goto op_end;
-        Py_DECREF(r);
-        memset(op + 20, 0, 2); /* GNTST_okay */
-        fail = -1;             /* done */
-    op_end:
-        Py_DECREF(mp);
-        Py_XDECREF(act);
-        Py_XDECREF(refkey);
-        Py_XDECREF(gfnkey);
-        if (fail == 1)
+        int r = xg_unmap_op(&b, &l, domains, refcount,
+                            (unsigned char *)b.uop.buf + i * XG_UNMAP_OP_SIZE, m, nframes);
+        if (r < 0)
             goto out;
-        if (fail == 0)
+        if (r == 0)
             break;
     }
 done:
@@ -1484,6 +1506,200 @@ out:
     return ret;
 }
 
+
+/* ------------------------------------------------------------------ */
+/* The service's hot path: one-op map/unmap messages                    */
+/* ------------------------------------------------------------------ */
+
+/*
+ * serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok)
+ *     -> (pos, replies, answered)
+ *
+ * What xengrant.service.server.Server._on_data does for the complete
+ * messages in buf[pos:end], for the messages it takes: a GNTTAB_OP request
+ * (flags 0 or F_POSTED) for one GNTTABOP_map_grant_ref or (with unmap_ok:
+ * no unmap notify is set for the caller) one GNTTABOP_unmap_grant_ref op,
+ * whose op is the common success case of map_run/unmap_run.  Each is
+ * answered, in stream order, with the bytes Server._gnttab_reply builds for
+ * it: status 0, the hypercall's rc 0, the op with its OUT fields, the
+ * caller's p2m entry of the op's gfn as it is now, and no debug reasons.
+ * It stops at the first message it does not take, which is left untouched
+ * (Python answers it and the rest).  Returns where it stopped, the replies
+ * (bytes, b"" for none) and how many of them answer requests that are not
+ * F_POSTED (the caller sends those at once).  The message layout is
+ * xengrant/service/protocol.py's (HEADER, GNTTAB_REQ, pack_p2m); a
+ * differential test compares these replies with the Python path's, byte for
+ * byte, together with the whole hypervisor state.
+ */
+
+#define XG_HDR 12              /* HEADER "<IHHI": length, type, flags, seq */
+#define XG_MSG_GNTTAB_OP 10
+#define XG_F_REPLY 0x1
+#define XG_F_POSTED 0x4
+#define XG_MAX_PAYLOAD (1 << 20)
+#define XG_GNTTAB_REQ 12       /* GNTTAB_REQ "<Iq": cmd, count */
+#define XG_GNTTABOP_map_grant_ref 0
+#define XG_GNTTABOP_unmap_grant_ref 1
+/* reply: header, "<iiI" (status, rc, size), op, "<Iqqq" p2m entry, u16 0 reasons */
+#define XG_REPLY_FIXED (XG_HDR + 12 + 28 + 2)
+
+/* the p2m entry of gfn as the reply carries it: (mfn, type), (-1, 0) if none */
+static int
+xg_p2m_entry(PyObject *p2m, unsigned long long gfn, long long *mfn, long long *typ)
+{
+    PyObject *k = PyLong_FromUnsignedLongLong(gfn);
+    if (k == NULL)
+        return -1;
+    PyObject *e = PyDict_GetItemWithError(p2m, k);
+    Py_DECREF(k);
+    *mfn = -1;
+    *typ = 0;
+    if (e == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 2) {
+        PyErr_SetString(PyExc_TypeError, "serve_gnttab: p2m entry is not (mfn, type)");
+        return -1;
+    }
+    *mfn = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 0));
+    if (*mfn == -1 && PyErr_Occurred())
+        return -1;
+    *typ = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
+    return (*typ == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static PyObject *
+xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    ARGCHECK(8, "serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok) "
+                "-> (pos, replies, answered)")
+    PyObject *domains = args[5], *refcount = args[6];
+    if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
+        PyErr_SetString(PyExc_TypeError, "serve_gnttab: domains must be a dict, refcount a list");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t end = PyLong_AsSsize_t(args[3]);
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    int unmap_ok = PyObject_IsTrue(args[7]);
+    if (unmap_ok < 0)
+        return NULL;
+    xg_batch b;
+    memset(&b, 0, sizeof(b));
+    b.last_dom = -1;
+    xg_ld l;
+    memset(&l, 0, sizeof(l));
+    Py_buffer in;
+    char *out = NULL;
+    Py_ssize_t olen = 0, ocap = 0, answered = 0;
+    PyObject *ret = NULL;
+    if (PyObject_GetBuffer(args[1], &in, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (pos < 0 || end > in.len || pos > end) {
+        PyErr_SetString(PyExc_ValueError, "serve_gnttab: pos/end out of range");
+        goto out;
+    }
+    if (PyObject_GetBuffer(args[0], &b.mem, PyBUF_WRITABLE) < 0)
+        goto out;
+    b.have_mem = 1;
+    b.nframes = b.mem.len / XG_PAGE_SIZE;
+    Py_ssize_t nframes = b.nframes;
+    if (PyList_GET_SIZE(refcount) < nframes)
+        nframes = PyList_GET_SIZE(refcount);
+    if (xg_ld_get(&l, args[4]) < 0)
+        goto out;
+    while (l.usable && end - pos >= XG_HDR) {
+        unsigned char *h = (unsigned char *)in.buf + pos;
+        uint32_t length, seq;
+        uint16_t mtype, flags;
+        memcpy(&length, h, 4);
+        memcpy(&mtype, h + 4, 2);
+        memcpy(&flags, h + 6, 2);
+        memcpy(&seq, h + 8, 4);
+        if (length > XG_MAX_PAYLOAD || (Py_ssize_t)length > end - pos - XG_HDR)
+            break;
+        if (mtype != XG_MSG_GNTTAB_OP || (flags != 0 && flags != XG_F_POSTED) ||
+            length < XG_GNTTAB_REQ)
+            break;
+        uint32_t cmd;
+        int64_t count;
+        memcpy(&cmd, h + XG_HDR, 4);
+        memcpy(&count, h + XG_HDR + 4, 8);
+        Py_ssize_t opsize;
+        if (cmd == XG_GNTTABOP_map_grant_ref)
+            opsize = XG_MAP_OP_SIZE;
+        else if (cmd == XG_GNTTABOP_unmap_grant_ref && unmap_ok)
+            opsize = XG_UNMAP_OP_SIZE;
+        else
+            break;
+        if (count != 1 || length != XG_GNTTAB_REQ + opsize)
+            break;
+        /* room for this reply before the op runs: no failure after it */
+        Py_ssize_t need = olen + XG_REPLY_FIXED + opsize;
+        if (need > ocap) {
+            Py_ssize_t cap = ocap ? ocap * 2 : 512;
+            while (cap < need)
+                cap *= 2;
+            char *grown = PyMem_Realloc(out, (size_t)cap);
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                goto out;
+            }
+            out = grown;
+            ocap = cap;
+        }
+        unsigned char *op = h + XG_HDR + XG_GNTTAB_REQ;
+        int r = cmd == XG_GNTTABOP_map_grant_ref
+                    ? xg_map_op(&b, &l, domains, refcount, op, b.mem.buf, nframes)
+                    : xg_unmap_op(&b, &l, domains, refcount, op, b.mem.buf, nframes);
+        if (r < 0)
+            goto out;
+        if (r == 0)
+            break;
+        uint64_t host_addr;
+        memcpy(&host_addr, op, 8);
+        long long e_mfn, e_typ;
+        if (xg_p2m_entry(l.p2m, host_addr >> 12, &e_mfn, &e_typ) < 0)
+            goto out;
+        char *o = out + olen;
+        uint32_t rlen = (uint32_t)(12 + opsize + 28 + 2), size = (uint32_t)opsize, n1 = 1;
+        uint16_t rtype = XG_MSG_GNTTAB_OP, rflags = XG_F_REPLY, noreasons = 0;
+        int32_t zero = 0;
+        int64_t gfn = (int64_t)(host_addr >> 12), mfn64 = e_mfn, typ64 = e_typ;
+        memcpy(o, &rlen, 4);
+        memcpy(o + 4, &rtype, 2);
+        memcpy(o + 6, &rflags, 2);
+        memcpy(o + 8, &seq, 4);
+        memcpy(o + 12, &zero, 4);
+        memcpy(o + 16, &zero, 4);
+        memcpy(o + 20, &size, 4);
+        memcpy(o + 24, op, (size_t)opsize);
+        o += 24 + opsize;
+        memcpy(o, &n1, 4);
+        memcpy(o + 4, &gfn, 8);
+        memcpy(o + 12, &mfn64, 8);
+        memcpy(o + 20, &typ64, 8);
+        memcpy(o + 28, &noreasons, 2);
+        olen += XG_REPLY_FIXED + opsize;
+        if (flags == 0)
+            answered++;
+        pos += XG_HDR + (Py_ssize_t)length;
+    }
+    {
+        PyObject *replies = PyBytes_FromStringAndSize(out ? out : "", olen);
+        if (replies != NULL)
+            ret = Py_BuildValue("(nNn)", pos, replies, answered);
+    }
+out:
+    PyMem_Free(out);
+    xg_ld_clear(&l);
+    xg_batch_end(&b);
+    PyBuffer_Release(&in);
+    return ret;
+}
 
 /* ------------------------------------------------------------------ */
 /* Guest side: runs over a v1 grant table's shared entries              */
@@ -1874,6 +2090,8 @@ static PyMethodDef module_methods[] = {
                   "op of a GNTTABOP_map_grant_ref batch left to Python"),
     FAST(unmap_run, "unmap_run(mem, uop, start, count, ld, domains, refcount) -> index of the "
                     "first op of a GNTTABOP_unmap_grant_ref batch left to Python"),
+    FAST(serve_gnttab, "serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok) -> "
+                       "(pos, replies, answered): the service's one-op map/unmap messages"),
     FAST(grant_run, "grant_run(frames, refs, gfns, start, domid, flags) -> index of the first "
                     "v1 entry not introduced"),
     FAST(end_run, "end_run(frames, state, refs, start) -> index of the first v1 entry whose "

@@ -57,11 +57,13 @@ from itertools import repeat
 from operator import rshift
 from typing import Any, Union
 
+from .. import _cext
 from ..abi import grant_table as gt
 from ..abi.gntalloc import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from ..abi.memory import XENMAPIDX_grant_table_status
 from ..debugkeys import dump_all
 from ..embedded import DEFAULT_MEMORY, EmbeddedXen
+from ..emu import gnttab_map
 from ..emu.domain import P2M_RAM_RW, DomainState
 from ..emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
 from ..emu.machine import PAGE_SIZE
@@ -77,6 +79,9 @@ MAX_OUTBUF = 64 << 20
 #: Seconds a connection's thread polls for the next request after answering one.
 DEFAULT_SPIN = 100e-6
 _RECV = 1 << 18
+#: Answer one-op map/unmap messages in C (:func:`_cext.serve_gnttab`) when
+#: the emulator's C map path is on too; tests turn it off to compare.
+SERVE_FASTPATH = True
 _UNMAP_HANDLE = struct.Struct("<I")
 _UNMAP_HANDLE_OFF = 16
 _UNMAP_STATUS = struct.Struct("<h")
@@ -374,6 +379,8 @@ class Server:
         """Handle the ``n`` bytes just read into ``rbuf`` (caller holds the lock)."""
         dec = conn.decoder
         pos = 0
+        if dec.idle and SERVE_FASTPATH and gnttab_map.FASTPATH and conn.domid is not None:
+            pos = self._serve_fast(conn, rbuf, n)
         if dec.idle:
             # Whole messages are handled where they lie in the receive buffer
             # (their handlers are done with it before the next recv_into).
@@ -398,6 +405,43 @@ class Server:
             self._flush(conn)  # every reply this read produced, in one send
         if self._deliveries or self.xs.events:
             self._dispatch_async()
+
+    def _serve_fast(self, conn: Connection, rbuf: memoryview, n: int) -> int:
+        """Answer the leading one-op map/unmap messages of ``rbuf[:n]`` in C.
+
+        :func:`_cext.serve_gnttab` takes them while each op is the common
+        success case, replies as :meth:`_gnttab_reply` would (a differential
+        test holds it to that), and stops at the first message it does not
+        take.  An unmap is taken only when the caller has no unmap notify
+        (:meth:`_notify_before_unmap` must see it).
+
+        Returns:
+            Where the messages left to :meth:`_request` start.
+        """
+        domid = conn.domid
+        hv = self.hv
+        d = hv.domains.get(domid) if domid is not None else None
+        if d is None or d.is_dying:
+            return 0
+        try:
+            pos, replies, answered = _cext.serve_gnttab(
+                hv.mem, rbuf, 0, n, d, hv.domains, hv.machine.refcount,
+                not self.notifies.get(domid),
+            )
+        except Exception as e:  # pragma: no cover - MemoryError and the like
+            # an op may have run without its reply: the connection cannot go on
+            self.log(f"{conn!r}: GNTTAB_OP fast path failed: {e!r}; dropping it")
+            self._schedule_close(conn)
+            return n
+        if replies:
+            conn.out.append((replies, ()))
+            conn.out_bytes += len(replies)
+            if conn.out_bytes > MAX_OUTBUF:
+                self.log(f"{conn!r}: {conn.out_bytes} bytes unread, dropping it")
+                self._schedule_close(conn)
+            elif answered:
+                conn.flush_due = True
+        return int(pos)
 
     def _send(self, conn: Connection, data: bytes, fds: tuple[int, ...] = ()) -> None:
         """Queue ``data`` for ``conn`` and send what is queued (posted replies too)."""
