@@ -420,8 +420,8 @@ class Server:
         """
         domid = conn.domid
         hv = self.hv
-        d = hv.domains.get(domid) if domid is not None else None
-        if d is None or d.is_dying:
+        d = None if domid is None else hv.domains.get(domid)
+        if domid is None or d is None or d.is_dying:
             return 0
         try:
             pos, replies, answered = _cext.serve_gnttab(
