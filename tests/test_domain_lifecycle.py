@@ -11,89 +11,42 @@ once.  Every test ends with the machine's frames all accounted for.
 from __future__ import annotations
 
 import errno
-import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-import xengrant
+from grant_helpers import (
+    HOST,
+    PAGE,
+    Dom,
+    MakeDomain,
+    Xen,
+    errno_of,
+    flags_of,
+    fresh_gfn,
+    grant,
+    map_grants,
+    ram,
+    read,
+    unmap1,
+    write,
+)
 from xengrant import abi
 from xengrant.emu.machine import NO_OWNER
-from xengrant.errors import GrantTableFull, HypercallError
+from xengrant.errors import GrantTableFull
 
-PAGE = 4096
-HOST = abi.GNTMAP_host_map
 RO = abi.GNTMAP_readonly
 PERMIT = abi.GTF_permit_access
 INUSE = abi.GTF_reading | abi.GTF_writing
 
-Xen = xengrant.EmbeddedXen
-Dom = xengrant.Domain
-MakeDomain = Callable[..., Dom]
 
-_gfns = itertools.count(0x40000)
-
-
-def ram(dom: Dom, n: int = 1) -> list[int]:
-    got = dom.hypercalls.populate_physmap([next(_gfns) for _ in range(n)])
-    assert len(got) == n
-    return got
-
-
-def write(dom: Dom, gfn: int, data: bytes, off: int = 0) -> None:
-    view = dom.view([gfn], True)
-    mv = memoryview(view)
-    mv[off : off + len(data)] = data
-    mv.release()
-    view.close()
-
-
-def read(dom: Dom, gfn: int, n: int = PAGE, off: int = 0) -> bytes:
-    view = dom.view([gfn], False)
-    mv = memoryview(view)
-    out = bytes(mv[off : off + n])
-    mv.release()
-    view.close()
-    return out
-
-
-def flags_of(xen: Xen, domid: int, ref: int) -> int:
-    g = xen.domain_state(domid).gt
-    off = g.entry_offset(ref)
-    return int.from_bytes(xen.mem[off : off + 2], "little")
-
-
-def grant(granter: Dom, to: int, data: bytes = b"", writable: bool = True) -> tuple[int, int]:
-    (gfn,) = ram(granter)
-    if data:
-        write(granter, gfn, data)
-    ref = granter.grant_table.get()
-    granter.grant_table.grant_access(ref, to, gfn, writable)
-    return ref, gfn
-
-
-def map_grants(mapper: Dom, specs: Sequence[tuple[int, int, int]]) -> Any:
-    ops = (abi.gnttab_map_grant_ref * len(specs))()
-    for op, (dom, ref, flags), gfn in zip(ops, specs, mapper.get_pages(len(specs))):
-        op.host_addr, op.flags, op.ref, op.dom = gfn << 12, flags, ref, dom
-    assert mapper.grant_table_op(abi.GNTTABOP_map_grant_ref, ops) == 0
+def map_ok(mapper: Dom, specs: Sequence[tuple[int, int, int]]) -> Any:
+    """One map batch of ``(dom, ref, flags)`` at contiguous fresh holes; each must succeed."""
+    holes = mapper.get_pages(len(specs))
+    ops = map_grants(mapper, [(*spec, gfn) for spec, gfn in zip(specs, holes)])
     assert [op.status for op in ops] == [abi.GNTST_okay] * len(specs)
     return ops
-
-
-def unmap(mapper: Dom, ops: Sequence[Any]) -> list[int]:
-    uops = (abi.gnttab_unmap_grant_ref * len(ops))()
-    for u, op in zip(uops, ops):
-        u.host_addr, u.handle = op.host_addr, op.handle
-    assert mapper.grant_table_op(abi.GNTTABOP_unmap_grant_ref, uops) == 0
-    return [u.status for u in uops]
-
-
-def errno_of(fn: Callable[[], object]) -> int:
-    with pytest.raises(HypercallError) as ei:
-        fn()
-    return ei.value.errno
 
 
 def query_size(dom: Dom) -> Any:
@@ -106,9 +59,9 @@ def test_granter_destroyed_while_mapped(xen: Xen, make_domain: MakeDomain) -> No
     b = make_domain()
     base = xen.free_frames
     a = make_domain()
-    r1, g1 = grant(a, b.domid, b"first page")
-    r2, g2 = grant(a, b.domid, b"second page", writable=False)
-    m1, m2 = map_grants(b, [(a.domid, r1, HOST), (a.domid, r2, HOST | RO)])
+    r1, g1 = grant(a, b.domid, data=b"first page")
+    r2, g2 = grant(a, b.domid, data=b"second page", writable=False)
+    m1, m2 = map_ok(b, [(a.domid, r1, HOST), (a.domid, r2, HOST | RO)])
     mfns = [xen.domain_state(a.domid).p2m[g][0] for g in (g1, g2)]
     h1, h2 = (op.host_addr >> 12 for op in (m1, m2))
 
@@ -118,7 +71,7 @@ def test_granter_destroyed_while_mapped(xen: Xen, make_domain: MakeDomain) -> No
     zombie = xen.hv.domains[a.domid]
     assert zombie.is_dying and zombie.p2m == {} and zombie.tot_pages == 0
     assert errno_of(lambda: query_size(a)) == errno.ESRCH
-    assert errno_of(lambda: a.hypercalls.populate_physmap([next(_gfns)])) == errno.ESRCH
+    assert errno_of(lambda: a.hypercalls.populate_physmap([fresh_gfn()])) == errno.ESRCH
     assert [xen.hv.machine.owner[m] for m in mfns] == [NO_OWNER, NO_OWNER]
     assert [xen.hv.machine.refcount[m] for m in mfns] == [1, 1]
     assert flags_of(xen, a.domid, r1) == PERMIT | INUSE
@@ -130,18 +83,18 @@ def test_granter_destroyed_while_mapped(xen: Xen, make_domain: MakeDomain) -> No
     assert errno_of(lambda: b.view([h2], True)) == errno.EFAULT
     frames_while_mapped = xen.free_frames
 
-    assert unmap(b, [m1]) == [abi.GNTST_okay]
+    assert unmap1(b, m1) == abi.GNTST_okay
     assert a.domid in xen.hv.domains
     assert xen.free_frames == frames_while_mapped + 1
     assert xen.mem[mfns[0] * PAGE : (mfns[0] + 1) * PAGE] == bytes(PAGE)  # scrubbed
     assert read(b, h2, 11) == b"second page"
 
-    assert unmap(b, [m2]) == [abi.GNTST_okay]
+    assert unmap1(b, m2) == abi.GNTST_okay
     assert a.domid not in xen.hv.domains
     assert errno_of(lambda: xen.domain_state(a.domid)) == errno.ESRCH
     assert xen.free_frames == base
     assert xen.domain_state(b.domid).maptrack.in_use == 0
-    assert unmap(b, [m1]) == [abi.GNTST_bad_handle]
+    assert unmap1(b, m1) == abi.GNTST_bad_handle
 
 
 def test_copy_from_a_dying_granters_pinned_grant_is_bad_domain(
@@ -151,8 +104,8 @@ def test_copy_from_a_dying_granters_pinned_grant_is_bad_domain(
     b = make_domain()
     base = xen.free_frames
     a = make_domain()
-    ref, _ = grant(a, b.domid, b"payload")
-    (m,) = map_grants(b, [(a.domid, ref, HOST | RO)])
+    ref, _ = grant(a, b.domid, data=b"payload")
+    (m,) = map_ok(b, [(a.domid, ref, HOST | RO)])
     (mine,) = ram(b)
     frames = xen.free_frames
     xen.destroy_domain(a.domid)
@@ -165,7 +118,7 @@ def test_copy_from_a_dying_granters_pinned_grant_is_bad_domain(
     assert ops[0].status == abi.GNTST_bad_domain
     assert read(b, mine, 7) == bytes(7)
     assert xen.hv.domains[a.domid].gt.active == pins
-    assert unmap(b, [m]) == [abi.GNTST_okay]
+    assert unmap1(b, m) == abi.GNTST_okay
     assert b.hypercalls.decrease_reservation([mine]) == 1
     assert xen.free_frames == base
     assert frames < base
@@ -181,7 +134,7 @@ def test_mapper_destroyed_while_mapping(xen: Xen, make_domain: MakeDomain) -> No
     r1, r2 = gt.get_n(2)
     gt.grant_access(r1, b.domid, g1, True)
     gt.grant_access(r2, b.domid, g2, False)
-    map_grants(b, [(a.domid, r1, HOST), (a.domid, r1, HOST | RO), (a.domid, r2, HOST | RO)])
+    map_ok(b, [(a.domid, r1, HOST), (a.domid, r1, HOST | RO), (a.domid, r2, HOST | RO)])
     ram(b, 3)  # some memory of its own
     assert flags_of(xen, a.domid, r1) == PERMIT | INUSE
     assert flags_of(xen, a.domid, r2) == PERMIT | abi.GTF_readonly | abi.GTF_reading
@@ -204,10 +157,10 @@ def test_mapper_destroyed_while_mapping(xen: Xen, make_domain: MakeDomain) -> No
 def test_both_ends_destroyed(xen: Xen, make_domain: MakeDomain) -> None:
     base = xen.free_frames
     a, b = make_domain(), make_domain()
-    refs = [grant(a, b.domid, bytes([i]) * 8)[0] for i in range(4)]
-    map_grants(b, [(a.domid, r, HOST) for r in refs])
+    refs = [grant(a, b.domid, data=bytes([i]) * 8)[0] for i in range(4)]
+    map_ok(b, [(a.domid, r, HOST) for r in refs])
     own, _ = grant(a, a.domid)
-    map_grants(a, [(a.domid, own, HOST | RO)])  # and a maps a grant of its own
+    map_ok(a, [(a.domid, own, HOST | RO)])  # and a maps a grant of its own
     xen.destroy_domain(a.domid)
     assert xen.hv.domains[a.domid].is_dying
     xen.destroy_domain(b.domid)
@@ -218,8 +171,8 @@ def test_both_ends_destroyed(xen: Xen, make_domain: MakeDomain) -> None:
 def test_self_mapping_domain_destroyed(xen: Xen, make_domain: MakeDomain) -> None:
     base = xen.free_frames
     a = make_domain()
-    ref, _ = grant(a, a.domid, b"me")
-    map_grants(a, [(a.domid, ref, HOST), (a.domid, ref, HOST | RO)])
+    ref, _ = grant(a, a.domid, data=b"me")
+    map_ok(a, [(a.domid, ref, HOST), (a.domid, ref, HOST | RO)])
     xen.destroy_domain(a.domid)
     assert a.domid not in xen.hv.domains
     assert xen.free_frames == base
@@ -230,11 +183,11 @@ def test_v2_domain_destroyed_frees_its_status_frames(xen: Xen, make_domain: Make
     base = xen.free_frames
     a = make_domain()
     assert a.grant_table.set_version(2) == 2
-    ref, _ = grant(a, b.domid, b"v2")
-    (m,) = map_grants(b, [(a.domid, ref, HOST)])
+    ref, _ = grant(a, b.domid, data=b"v2")
+    (m,) = map_ok(b, [(a.domid, ref, HOST)])
     xen.destroy_domain(a.domid)
     assert read(b, m.host_addr >> 12, 2) == b"v2"
-    assert unmap(b, [m]) == [abi.GNTST_okay]
+    assert unmap1(b, m) == abi.GNTST_okay
     assert a.domid not in xen.hv.domains
     assert xen.free_frames == base
 
@@ -247,25 +200,25 @@ def test_double_destroy_is_esrch(xen: Xen, make_domain: MakeDomain) -> None:
     # A zombie is dying already: destroying it again is ESRCH too.
     c = make_domain()
     ref, _ = grant(a, c.domid)
-    (m,) = map_grants(c, [(a.domid, ref, HOST)])
+    (m,) = map_ok(c, [(a.domid, ref, HOST)])
     xen.destroy_domain(a.domid)
     before = xen.free_frames
     assert errno_of(lambda: xen.destroy_domain(a.domid)) == errno.ESRCH
     assert xen.free_frames == before
     assert xen.hv.domains[a.domid].is_dying
-    assert unmap(c, [m]) == [abi.GNTST_okay]
+    assert unmap1(c, m) == abi.GNTST_okay
 
 
 def test_domid_reuse_after_full_destruction(xen: Xen, make_domain: MakeDomain) -> None:
     b = make_domain()
     base = xen.free_frames
     a = make_domain(5)
-    ref, _ = grant(a, b.domid, b"old life")
-    (m,) = map_grants(b, [(5, ref, HOST)])
+    ref, _ = grant(a, b.domid, data=b"old life")
+    (m,) = map_ok(b, [(5, ref, HOST)])
     xen.destroy_domain(5)
     # The zombie still holds the id.
     assert errno_of(lambda: make_domain(5)) == errno.EEXIST
-    assert unmap(b, [m]) == [abi.GNTST_okay]
+    assert unmap1(b, m) == abi.GNTST_okay
     assert xen.free_frames == base
 
     again = make_domain(5, max_grant_frames=4)
@@ -281,7 +234,7 @@ def test_domid_reuse_after_full_destruction(xen: Xen, make_domain: MakeDomain) -
     ops[0].ref, ops[0].dom = ref, 5
     assert b.grant_table_op(abi.GNTTABOP_map_grant_ref, ops) == 0
     assert ops[0].status == abi.GNTST_general_error
-    assert unmap(b, [m]) == [abi.GNTST_bad_handle]
+    assert unmap1(b, m) == abi.GNTST_bad_handle
     xen.destroy_domain(5)
     assert xen.free_frames == base
 
@@ -303,7 +256,7 @@ def test_table_full_then_free_works_again(xen: Xen, make_domain: MakeDomain) -> 
     with pytest.raises(GrantTableFull):
         gt.grant_foreign_access(b.domid, gfn)
     assert xen.free_frames == frames
-    (m,) = map_grants(b, [(a.domid, refs[-1], HOST | RO)])
+    (m,) = map_ok(b, [(a.domid, refs[-1], HOST | RO)])
     # Freeing one (not the mapped one) makes room again.
     gt.try_end_access(refs[0], release_ref=True)
     assert gt.num_free_grants() == 1
@@ -313,7 +266,7 @@ def test_table_full_then_free_works_again(xen: Xen, make_domain: MakeDomain) -> 
     share.unshare()
     assert gt.get_nonblock() == refs[0]
     gt.put(refs[0])
-    assert unmap(b, [m]) == [abi.GNTST_okay]
+    assert unmap1(b, m) == abi.GNTST_okay
     for ref in refs[1:]:
         gt.try_end_access(ref, release_ref=True)
     assert gt.num_free_grants() == 504

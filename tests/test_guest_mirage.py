@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 import xengrant
+from grant_helpers import Dom, MakeDomain, Xen, active, flags, in_use, wait_hook
 from xengrant import abi
 from xengrant.errors import Busy, GrantError, GrantTableFull
 
@@ -33,27 +34,11 @@ ONE_FRAME_REFS = abi.GRANT_PER_PAGE_V1 - RESERVED
 #: guard against a hang if a waiter is never woken (not a timing assertion)
 HANG = 30.0
 
-Xen = xengrant.EmbeddedXen
-Dom = xengrant.Domain
-MakeDomain = Callable[..., Dom]
-
 
 @pytest.fixture
 def small(make_domain: MakeDomain) -> tuple[Dom, Dom]:
     """A granter whose table can never grow past one frame, and a mapper."""
     return make_domain(max_grant_frames=1), make_domain()
-
-
-def active(xen: Xen, domid: int) -> int:
-    return len(xen.domain_state(domid).gt.active)
-
-
-def in_use(xen: Xen, domid: int) -> int:
-    return int(xen.domain_state(domid).maptrack.in_use)
-
-
-def flags(dom: Dom, ref: int) -> int:
-    return dom.grant_table.entry(ref).flags
 
 
 def assert_clean(xen: Xen, granter: Dom, mapper: Dom, free_frames: int, free_refs: int) -> None:
@@ -70,24 +55,6 @@ def hold_table(small: tuple[Dom, Dom]) -> Iterator[list[int]]:
     """Every ref of the one-frame granter, handed out (put back afterwards)."""
     table = small[0].grant_table
     yield table.get_n(ONE_FRAME_REFS)
-
-
-def wait_hook(table: xengrant.GrantTable, monkeypatch: pytest.MonkeyPatch) -> threading.Semaphore:
-    """A semaphore released each time a thread starts waiting in ``get``/``get_n``.
-
-    The hook runs with the table's lock held, just before ``wait`` releases it,
-    so a ``put`` issued after acquiring the semaphore can only run once the
-    waiter is really waiting: the wake-up cannot be missed or pre-empted.
-    """
-    sem = threading.Semaphore(0)
-    real_wait = table._lock.wait
-
-    def wait(timeout: float | None = None) -> bool:
-        sem.release()
-        return real_wait(timeout)
-
-    monkeypatch.setattr(table._lock, "wait", wait)
-    return sem
 
 
 def run_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:

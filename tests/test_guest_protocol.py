@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 
 import xengrant
+from grant_helpers import Dom, MakeDomain, Xen, active, flags, in_use, wait_hook
 from xengrant import CopySegment, GrantRef, abi
 from xengrant.emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
 from xengrant.errors import BatchError, Busy, GrantError, GrantTableFull
@@ -55,22 +56,6 @@ WRITING = abi.GTF_writing
 INUSE = READING | WRITING
 ENTRY = struct.Struct("<HHI")  # grant_entry_t of 2004 (and v1 today)
 HANG = 30.0
-
-Xen = xengrant.EmbeddedXen
-Dom = xengrant.Domain
-MakeDomain = Callable[..., Dom]
-
-
-def in_use(xen: Xen, domid: int) -> int:
-    return int(xen.domain_state(domid).maptrack.in_use)
-
-
-def active(xen: Xen, domid: int) -> int:
-    return len(xen.domain_state(domid).gt.active)
-
-
-def flags(dom: Dom, ref: int) -> int:
-    return dom.grant_table.entry(ref).flags
 
 
 def guest_entry_bytes(dom: Dom, ref: int) -> bytes:
@@ -456,14 +441,7 @@ def test_get_waiting_on_deferred_refs_wakes_after_the_unmap(
     front.gntshr.unshare(share)
     held = table.get_n(PER - RESERVED - 1)
     assert table.deferred == 1 and table.num_free_grants() == 0
-    waiting = threading.Semaphore(0)
-    real_wait = table._lock.wait
-
-    def wait(timeout: float | None = None) -> bool:
-        waiting.release()
-        return real_wait(timeout)
-
-    monkeypatch.setattr(table._lock, "wait", wait)
+    waiting = wait_hook(table, monkeypatch)
     got: list[int] = []
     t = threading.Thread(target=lambda: got.append(table.get()), daemon=True)
     t.start()
@@ -481,10 +459,7 @@ def test_get_waiting_on_deferred_refs_wakes_after_the_unmap(
     assert table.deferred == 1
 
     async def async_main() -> int:
-        waiting = asyncio.Event()
-        table._async_waiters = WaiterList(waiting)  # type: ignore[assignment]
-        getter = asyncio.create_task(table.get_async())
-        await waiting.wait()
+        getter = await parked(table, table.get_async())
         m2.unmap()
         return await asyncio.wait_for(getter, HANG)
 
@@ -736,40 +711,51 @@ class WaiterList(list):  # type: ignore[type-arg]
         self.event.set()
 
 
-def test_get_async_woken_by_put_from_another_task(make_domain: MakeDomain) -> None:
+def watch_waiters(table: xengrant.GrantTable, keep: list[Any] | None = None) -> asyncio.Event:
+    """A new async waiter list for ``table`` (``keep`` queued in it first): the
+    event is set when a task parks in it."""
+    waiting = asyncio.Event()
+    table._async_waiters = WaiterList(waiting)  # type: ignore[assignment]
+    table._async_waiters.extend(keep or [])
+    return waiting
+
+
+async def parked(
+    table: xengrant.GrantTable, coro: Any, keep: list[Any] | None = None
+) -> asyncio.Task[Any]:
+    """``coro`` as a task, returned once it is parked waiting for refs."""
+    waiting = watch_waiters(table, keep)
+    task = asyncio.create_task(coro)
+    await waiting.wait()
+    return task
+
+
+def full_one_frame_table(make_domain: MakeDomain) -> tuple[xengrant.GrantTable, list[int]]:
+    """A table that never grows past one frame, and every ref of it, handed out."""
     table = make_domain(max_grant_frames=1).grant_table
-    held = table.get_n(PER - RESERVED)
+    return table, table.get_n(PER - RESERVED)
+
+
+def test_get_async_woken_by_put_from_another_task(make_domain: MakeDomain) -> None:
+    table, held = full_one_frame_table(make_domain)
 
     async def main() -> int:
-        waiting = asyncio.Event()
-        table._async_waiters = WaiterList(waiting)  # type: ignore[assignment]
-        getter = asyncio.create_task(table.get_async())
-
-        async def putter() -> None:
-            await waiting.wait()  # the getter is parked on a full table
-            assert not getter.done()
-            table.put(held[3])
-
-        await asyncio.gather(putter(), getter)
-        return getter.result()
+        getter = await parked(table, table.get_async())  # on a full table
+        assert not getter.done()
+        table.put(held[3])
+        return await getter
 
     assert asyncio.run(main()) == held[3]
     assert table.num_free_grants() == 0
 
 
 def test_get_n_async_woken_by_put_n(make_domain: MakeDomain) -> None:
-    table = make_domain(max_grant_frames=1).grant_table
-    held = table.get_n(PER - RESERVED)
+    table, held = full_one_frame_table(make_domain)
 
     async def main() -> list[int]:
-        waiting = asyncio.Event()
-        table._async_waiters = WaiterList(waiting)  # type: ignore[assignment]
-        getter = asyncio.create_task(table.get_n_async(3))
-        await waiting.wait()
+        getter = await parked(table, table.get_n_async(3))
         table.put(held[0])  # not enough: the getter parks again
-        waiting.clear()
-        table._async_waiters = WaiterList(waiting)  # type: ignore[assignment]
-        await waiting.wait()
+        await watch_waiters(table).wait()
         assert not getter.done() and table.num_free_grants() == 1
         table.put_n(held[1:3])
         return await getter
@@ -780,14 +766,10 @@ def test_get_n_async_woken_by_put_n(make_domain: MakeDomain) -> None:
 
 
 def test_get_async_woken_by_put_from_a_thread(make_domain: MakeDomain) -> None:
-    table = make_domain(max_grant_frames=1).grant_table
-    held = table.get_n(PER - RESERVED)
+    table, held = full_one_frame_table(make_domain)
 
     async def main() -> int:
-        waiting = asyncio.Event()
-        table._async_waiters = WaiterList(waiting)  # type: ignore[assignment]
-        getter = asyncio.create_task(table.get_async())
-        await waiting.wait()
+        getter = await parked(table, table.get_async())
         t = threading.Thread(target=table.put, args=(held[9],))
         t.start()
         ref = await getter
@@ -800,14 +782,10 @@ def test_get_async_woken_by_put_from_a_thread(make_domain: MakeDomain) -> None:
 def test_cancelled_async_waiter_does_not_break_put(make_domain: MakeDomain) -> None:
     # A get_async cancelled on a loop that is then closed must not make a
     # later put() raise, nor keep the waiters queued behind it asleep.
-    table = make_domain(max_grant_frames=1).grant_table
-    held = table.get_n(PER - RESERVED)
+    table, held = full_one_frame_table(make_domain)
 
     async def give_up() -> None:
-        waiting = asyncio.Event()
-        table._async_waiters = WaiterList(waiting)  # type: ignore[assignment]
-        getter = asyncio.create_task(table.get_async())
-        await waiting.wait()
+        getter = await parked(table, table.get_async())
         getter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await getter
@@ -815,12 +793,8 @@ def test_cancelled_async_waiter_does_not_break_put(make_domain: MakeDomain) -> N
     asyncio.run(give_up())  # its loop is closed now
 
     async def wait_on_a_new_loop() -> int:
-        waiting = asyncio.Event()
         stale = list(table._async_waiters)  # the cancelled waiter stays queued
-        table._async_waiters = WaiterList(waiting)  # type: ignore[assignment]
-        table._async_waiters.extend(stale)
-        getter = asyncio.create_task(table.get_async())
-        await waiting.wait()
+        getter = await parked(table, table.get_async(), keep=stale)
         table.put(held[0])  # must not raise "Event loop is closed"
         return await asyncio.wait_for(getter, HANG)
 

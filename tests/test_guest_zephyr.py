@@ -14,12 +14,12 @@ prepares, and every entry gets the ``GNTST_*`` code Xen 4.17 writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 import xengrant
+from grant_helpers import Dom, MakeDomain, Xen, flags, in_use, read
 from xengrant import abi
 from xengrant.emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
 from xengrant.errors import Busy, GrantError, GrantTableFull
@@ -34,27 +34,6 @@ HOST = abi.GNTMAP_host_map
 #: what a caller leaves in handle/dev_bus_addr before the call
 SENTINEL_HANDLE = 0xFFFFFFFF
 SENTINEL_DBA = 0xAB
-
-Xen = xengrant.EmbeddedXen
-Dom = xengrant.Domain
-MakeDomain = Callable[..., Dom]
-
-
-def in_use(xen: Xen, domid: int) -> int:
-    return int(xen.domain_state(domid).maptrack.in_use)
-
-
-def flags(dom: Dom, ref: int) -> int:
-    return dom.grant_table.entry(ref).flags
-
-
-def read(dom: Dom, gfn: int, n: int) -> bytes:
-    view = dom.view([gfn], False)
-    mv = memoryview(view)
-    out = bytes(mv[:n])
-    mv.release()
-    view.close()
-    return out
 
 
 def map_ops(specs: list[tuple[int, int, int, int]]) -> Any:

@@ -11,14 +11,37 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import itertools
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 import xengrant
+from grant_helpers import (
+    HOST,
+    PAGE,
+    Dom,
+    MakeDomain,
+    Xen,
+    copy,
+    errno_of,
+    flags_of,
+    free_ram,
+    fresh_gfn,
+    grant,
+    map1,
+    map_grants,
+    ram,
+    raw_entry,
+    read,
+    set_version,
+    status_of,
+    unmap,
+    unmap1,
+    write,
+)
 from xengrant import abi
 from xengrant.emu.domain import P2M_GNTTAB_STATUS, P2M_GRANT_MAP_RW, P2M_RAM_RW
 from xengrant.emu.grant_table import (
@@ -29,69 +52,14 @@ from xengrant.emu.grant_table import (
 from xengrant.errors import Busy, GrantTableFull, HypercallError
 from xengrant.guest.memory import GNTTAB_GFN_BASE
 
-PAGE = 4096
-HOST = abi.GNTMAP_host_map
 RO = abi.GNTMAP_readonly
 READING, WRITING = abi.GTF_reading, abi.GTF_writing
 PERMIT = abi.GTF_permit_access
 SRC_GREF, DST_GREF = abi.GNTCOPY_source_gref, abi.GNTCOPY_dest_gref
 INVALID_GFN = 0xFFFF_FFFF_FFFF_FFFF
 
-Xen = xengrant.EmbeddedXen
-Dom = xengrant.Domain
-MakeDomain = Callable[..., Dom]
-
-_gfns = itertools.count(0x40000)  # RAM gfns for raw populate (below the table gfns)
-
 
 # ----------------------------------------------------------------- helpers
-def ram(dom: Dom, n: int = 1) -> list[int]:
-    """Populate ``n`` pages of RAM without a Pages object (PV: returns mfns)."""
-    want = [0] * n if dom.pv else [next(_gfns) for _ in range(n)]
-    got = dom.hypercalls.populate_physmap(want)
-    assert len(got) == n
-    return got
-
-
-def free_ram(dom: Dom, gfns: Sequence[int]) -> None:
-    assert dom.hypercalls.decrease_reservation(list(gfns)) == len(gfns)
-
-
-def write(dom: Dom, gfn: int, data: bytes, off: int = 0) -> None:
-    view = dom.view([gfn], True)
-    mv = memoryview(view)
-    mv[off : off + len(data)] = data
-    mv.release()
-    view.close()
-
-
-def read(dom: Dom, gfn: int, n: int = PAGE, off: int = 0) -> bytes:
-    view = dom.view([gfn], False)
-    mv = memoryview(view)
-    out = bytes(mv[off : off + n])
-    mv.release()
-    view.close()
-    return out
-
-
-def raw_entry(xen: Xen, domid: int, ref: int) -> bytes:
-    """The shared entry as it is in machine memory (8 bytes v1, 16 bytes v2)."""
-    g = xen.domain_state(domid).gt
-    off = g.entry_offset(ref)
-    return bytes(xen.mem[off : off + g.entry_size])
-
-
-def flags_of(xen: Xen, domid: int, ref: int) -> int:
-    return int.from_bytes(raw_entry(xen, domid, ref)[:2], "little")
-
-
-def status_of(xen: Xen, domid: int, ref: int) -> int:
-    """The v2 status word of ``ref``."""
-    g = xen.domain_state(domid).gt
-    off = g.status_offset(ref)
-    return int.from_bytes(xen.mem[off : off + 2], "little")
-
-
 def put_entry_v1(xen: Xen, domid: int, ref: int, flags: int, to: int, frame: int) -> None:
     g = xen.domain_state(domid).gt
     struct.pack_into("<HHI", xen.mem, g.entry_offset(ref), flags, to, frame)
@@ -110,78 +78,22 @@ def snapshot(xen: Xen) -> tuple[int, dict[int, Any]]:
     return xen.free_frames, doms
 
 
+@contextmanager
+def unchanged(xen: Xen) -> Iterator[None]:
+    """The block must leave ``snapshot(xen)`` as it found it."""
+    before = snapshot(xen)
+    yield
+    assert snapshot(xen) == before
+
+
 def mfn_of(xen: Xen, domid: int, gfn: int) -> int:
     return xen.domain_state(domid).p2m[gfn][0]
-
-
-def grant(
-    granter: Dom, to: int, *, writable: bool = True, data: bytes = b"", gfn: int | None = None
-) -> tuple[int, int]:
-    """A page of RAM (or ``gfn``) granted to ``to``: ``(ref, gfn)``."""
-    if gfn is None:
-        gfn = ram(granter)[0]
-        if data:
-            write(granter, gfn, data)
-    ref = granter.grant_table.get()
-    granter.grant_table.grant_access(ref, to, gfn, writable)
-    return ref, gfn
 
 
 def ungrant(granter: Dom, ref: int, gfn: int | None = None) -> None:
     granter.grant_table.try_end_access(ref, release_ref=True)
     if gfn is not None:
         free_ram(granter, [gfn])
-
-
-def map_grants(mapper: Dom, specs: Sequence[tuple[int, ...]]) -> Any:
-    """One GNTTABOP_map_grant_ref batch of ``(dom, ref, flags[, gfn])``."""
-    ops = (abi.gnttab_map_grant_ref * len(specs))()
-    for op, (dom, ref, flags, *gfn) in zip(ops, specs):
-        op.host_addr = (gfn[0] if gfn else mapper.get_pages(1)[0]) << 12
-        op.flags, op.ref, op.dom = flags, ref, dom
-    assert mapper.grant_table_op(abi.GNTTABOP_map_grant_ref, ops) == 0
-    return ops
-
-
-def map1(mapper: Dom, dom: int, ref: int, flags: int = HOST, gfn: int | None = None) -> Any:
-    spec = (dom, ref, flags) if gfn is None else (dom, ref, flags, gfn)
-    return map_grants(mapper, [spec])[0]
-
-
-def unmap(mapper: Dom, specs: Sequence[tuple[int, ...]]) -> list[int]:
-    """One GNTTABOP_unmap_grant_ref batch of ``(host_addr, handle[, dev_bus_addr])``."""
-    ops = (abi.gnttab_unmap_grant_ref * len(specs))()
-    for op, (host_addr, handle, *dba) in zip(ops, specs):
-        op.host_addr, op.handle = host_addr, handle
-        op.dev_bus_addr = dba[0] if dba else 0
-    assert mapper.grant_table_op(abi.GNTTABOP_unmap_grant_ref, ops) == 0
-    return [op.status for op in ops]
-
-
-def unmap1(mapper: Dom, mop: Any) -> int:
-    return unmap(mapper, [(mop.host_addr, mop.handle)])[0]
-
-
-def copy_ops(specs: Sequence[tuple[tuple[int, int, int], tuple[int, int, int], int, int]]) -> Any:
-    """``((u, domid, offset), (u, domid, offset), len, flags)`` -> gnttab_copy array."""
-    ops = (abi.gnttab_copy * len(specs))()
-    for op, ((su, sd, so), (du, dd, do), length, flags) in zip(ops, specs):
-        op.source.u.gmfn, op.source.domid, op.source.offset = su, sd, so
-        op.dest.u.gmfn, op.dest.domid, op.dest.offset = du, dd, do
-        op.len, op.flags = length, flags
-    return ops
-
-
-def copy(dom: Dom, *specs: Any) -> list[int]:
-    ops = copy_ops(specs)
-    assert dom.grant_table_op(abi.GNTTABOP_copy, ops) == 0
-    return [op.status for op in ops]
-
-
-def errno_of(fn: Callable[[], object]) -> int:
-    with pytest.raises(HypercallError) as ei:
-        fn()
-    return ei.value.errno
 
 
 def last_reason(xen: Xen) -> str:
@@ -257,10 +169,9 @@ def test_map_without_host_or_device_map_is_bad_gntref(
 ) -> None:
     a, b = pair
     ref, _gfn = grant(a, b.domid)
-    before = snapshot(xen)
-    op = map1(b, a.domid, ref, flags)
-    assert op.status == abi.GNTST_bad_gntref
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        op = map1(b, a.domid, ref, flags)
+        assert op.status == abi.GNTST_bad_gntref
     assert flags_of(xen, a.domid, ref) == PERMIT
     assert last_reason(xen).startswith("Bad flags in grant map op")
 
@@ -280,9 +191,8 @@ def test_map_device_or_pte_flags_from_hvm_is_general_error(
 ) -> None:
     a, b = pair
     ref, _gfn = grant(a, b.domid)
-    before = snapshot(xen)
-    assert map1(b, a.domid, ref, flags).status == abi.GNTST_general_error
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert map1(b, a.domid, ref, flags).status == abi.GNTST_general_error
     assert last_reason(xen) == "No device mapping in HVM domain"
 
 
@@ -293,10 +203,9 @@ def test_map_device_map_from_pv(xen: Xen, make_domain: MakeDomain) -> None:
     op = map1(b, a.domid, ref, abi.GNTMAP_device_map)
     assert (op.status, op.dev_bus_addr) == (abi.GNTST_okay, mfn << 12)
     assert pins(xen, a.domid) == {ref: GNTPIN_devw_inc}
-    before = snapshot(xen)
-    # unmap_common: a device mapping with the wrong bus address.
-    assert unmap(b, [(0, op.handle, (mfn + 1) << 12)]) == [abi.GNTST_bad_dev_addr]
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        # unmap_common: a device mapping with the wrong bus address.
+        assert unmap(b, [(0, op.handle, (mfn + 1) << 12)]) == [abi.GNTST_bad_dev_addr]
     assert unmap(b, [(0, op.handle, mfn << 12)]) == [abi.GNTST_okay]
     assert pins(xen, a.domid) == {}
     assert flags_of(xen, a.domid, ref) == PERMIT
@@ -350,13 +259,12 @@ def test_map_grant_of_a_bad_frame_is_bad_page(xen: Xen, pair: tuple[Dom, Dom]) -
     r1, _ = grant(a, b.domid, gfn=hole)
     r2, _ = grant(a, b.domid, gfn=foreign.host_addr >> 12)
     mine = ram(b)[0]
-    before = snapshot(xen)
-    ops = map_grants(b, [(a.domid, r1, HOST), (a.domid, r2, HOST | RO)])
-    assert [op.status for op in ops] == [abi.GNTST_bad_page] * 2
-    assert copy(b, ((r1, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF)) == [
-        abi.GNTST_bad_page
-    ]
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        ops = map_grants(b, [(a.domid, r1, HOST), (a.domid, r2, HOST | RO)])
+        assert [op.status for op in ops] == [abi.GNTST_bad_page] * 2
+        assert copy(b, ((r1, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF)) == [
+            abi.GNTST_bad_page
+        ]
     assert flags_of(xen, a.domid, r1) == flags_of(xen, a.domid, r2) == PERMIT
     assert unmap1(a, foreign) == abi.GNTST_okay
 
@@ -365,18 +273,16 @@ def test_map_grant_of_a_bad_frame_is_bad_page(xen: Xen, pair: tuple[Dom, Dom]) -
 def test_map_unknown_domain_is_bad_domain(xen: Xen, pair: tuple[Dom, Dom], dom: int) -> None:
     a, b = pair
     ref, _gfn = grant(a, b.domid)
-    before = snapshot(xen)
-    assert map1(b, dom, ref).status == abi.GNTST_bad_domain
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert map1(b, dom, ref).status == abi.GNTST_bad_domain
 
 
 @pytest.mark.parametrize("ref", [512, 513, 4096, 0xFFFFFFFF])
 def test_map_ref_past_the_table_is_bad_gntref(xen: Xen, pair: tuple[Dom, Dom], ref: int) -> None:
     a, b = pair
     assert xen.domain_state(a.domid).gt.nr_grant_entries == 512
-    before = snapshot(xen)
-    assert map1(b, a.domid, ref).status == abi.GNTST_bad_gntref
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert map1(b, a.domid, ref).status == abi.GNTST_bad_gntref
     assert last_reason(xen) == f"Bad ref {ref:#x} for d{a.domid}"
 
 
@@ -385,12 +291,11 @@ def test_map_entry_not_permit_access_is_general_error(xen: Xen, pair: tuple[Dom,
     gt = a.grant_table
     invalid = gt.get()  # allocated, never granted
     transfer = gt.grant_transfer(b.domid)
-    before = snapshot(xen)
-    entries = {r: raw_entry(xen, a.domid, r) for r in (invalid, transfer, 511)}
-    specs = [(a.domid, invalid, HOST), (a.domid, transfer, HOST), (a.domid, 511, HOST | RO)]
-    ops = map_grants(b, specs)
-    assert [op.status for op in ops] == [abi.GNTST_general_error] * 3
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        entries = {r: raw_entry(xen, a.domid, r) for r in (invalid, transfer, 511)}
+        specs = [(a.domid, invalid, HOST), (a.domid, transfer, HOST), (a.domid, 511, HOST | RO)]
+        ops = map_grants(b, specs)
+        assert [op.status for op in ops] == [abi.GNTST_general_error] * 3
     assert {r: raw_entry(xen, a.domid, r) for r in entries} == entries
 
 
@@ -399,10 +304,9 @@ def test_map_entry_for_another_domain_is_general_error(
 ) -> None:
     a, b, c = make_domain(), make_domain(), make_domain()
     ref, _gfn = grant(a, c.domid)
-    before = snapshot(xen)
-    assert map1(b, a.domid, ref).status == abi.GNTST_general_error
-    assert map1(b, a.domid, ref, HOST | RO).status == abi.GNTST_general_error
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert map1(b, a.domid, ref).status == abi.GNTST_general_error
+        assert map1(b, a.domid, ref, HOST | RO).status == abi.GNTST_general_error
     assert flags_of(xen, a.domid, ref) == PERMIT
     # Once c has it pinned, b is refused by the active entry's domid.
     cop = map1(c, a.domid, ref)
@@ -415,17 +319,15 @@ def test_map_entry_for_another_domain_is_general_error(
 def test_map_readonly_grant_writable_is_general_error(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     a, b = pair
     ref, _gfn = grant(a, b.domid, writable=False)
-    before = snapshot(xen)
-    assert map1(b, a.domid, ref).status == abi.GNTST_general_error
-    assert last_reason(xen) == "Attempt to write-pin a r/o grant entry"
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert map1(b, a.domid, ref).status == abi.GNTST_general_error
+        assert last_reason(xen) == "Attempt to write-pin a r/o grant entry"
     assert flags_of(xen, a.domid, ref) == PERMIT | abi.GTF_readonly
     ro = map1(b, a.domid, ref, HOST | RO)
     assert ro.status == abi.GNTST_okay
     # Already pinned read-only: a writable pin still re-checks GTF_readonly.
-    before = snapshot(xen)
-    assert map1(b, a.domid, ref).status == abi.GNTST_general_error
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert map1(b, a.domid, ref).status == abi.GNTST_general_error
     assert flags_of(xen, a.domid, ref) == PERMIT | abi.GTF_readonly | READING
     assert unmap1(b, ro) == abi.GNTST_okay
 
@@ -436,14 +338,13 @@ def test_map_onto_populated_gfn_is_general_error(xen: Xen, pair: tuple[Dom, Dom]
     assert b.grant_table.nr_frames == 1  # its frame 0 now sits at GNTTAB_GFN_BASE
     mine = ram(b)[0]
     write(b, mine, b"my own data")
-    before = snapshot(xen)
-    assert map1(b, a.domid, ref, HOST, mine).status == abi.GNTST_general_error
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert map1(b, a.domid, ref, HOST, mine).status == abi.GNTST_general_error
     assert flags_of(xen, a.domid, ref) == PERMIT
     assert read(b, mine, 11) == b"my own data"
     # Its own grant-table frame is no hole either.
-    assert map1(b, a.domid, ref, HOST, GNTTAB_GFN_BASE).status == abi.GNTST_general_error
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert map1(b, a.domid, ref, HOST, GNTTAB_GFN_BASE).status == abi.GNTST_general_error
 
 
 def test_map_batch_reports_each_entry(xen: Xen, make_domain: MakeDomain) -> None:
@@ -519,9 +420,8 @@ def test_maptrack_exhaustion_is_no_space(xen: Xen, make_domain: MakeDomain) -> N
     assert last_reason(xen).startswith("Failed to obtain maptrack handle")
     mt = xen.domain_state(b.domid).maptrack
     assert (mt.in_use, mt.frames) == (255, 1)
-    before = snapshot(xen)
-    assert map1(b, a.domid, refs[256]).status == abi.GNTST_no_space
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert map1(b, a.domid, refs[256]).status == abi.GNTST_no_space
     assert flags_of(xen, a.domid, refs[256]) == PERMIT
     # Freed handles go to the tail; the old sentinel is handed out first.
     assert unmap1(b, ops[7]) == abi.GNTST_okay
@@ -555,14 +455,13 @@ def test_pin_counter_overflow_at_128(xen: Xen, pair: tuple[Dom, Dom], readonly: 
         f"{128 * inc:08x}, or subpage 0"
     )
     mine = ram(b)[0]
-    before = snapshot(xen)
-    # Every kind of pin is refused while one counter is at 128, copies too.
-    assert map1(b, a.domid, ref, HOST | RO).status == abi.GNTST_general_error
-    assert map1(b, a.domid, ref, HOST).status == abi.GNTST_general_error
-    assert copy(b, ((ref, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF)) == [
-        abi.GNTST_general_error
-    ]
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        # Every kind of pin is refused while one counter is at 128, copies too.
+        assert map1(b, a.domid, ref, HOST | RO).status == abi.GNTST_general_error
+        assert map1(b, a.domid, ref, HOST).status == abi.GNTST_general_error
+        assert copy(b, ((ref, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF)) == [
+            abi.GNTST_general_error
+        ]
     # One unmap brings the counter to 127: pins work again.
     assert unmap1(b, ops[0]) == abi.GNTST_okay
     more = map1(b, a.domid, ref, flags)
@@ -610,9 +509,8 @@ def test_unmap_unknown_handle_is_bad_handle(xen: Xen, pair: tuple[Dom, Dom], han
     a, b = pair
     ref, _gfn = grant(a, b.domid)
     op = map1(b, a.domid, ref)
-    before = snapshot(xen)
-    assert unmap(b, [(op.host_addr, handle)]) == [abi.GNTST_bad_handle]
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert unmap(b, [(op.host_addr, handle)]) == [abi.GNTST_bad_handle]
     assert unmap1(b, op) == abi.GNTST_okay
 
 
@@ -621,13 +519,12 @@ def test_double_unmap_is_bad_handle(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     ref, gfn = grant(a, b.domid)
     op = map1(b, a.domid, ref)
     assert unmap1(b, op) == abi.GNTST_okay
-    before = snapshot(xen)
-    assert unmap1(b, op) == abi.GNTST_bad_handle
-    assert last_reason(xen) == f"Zero flags for d{b.domid} handle {op.handle:#x}"
-    # Both in one batch: the second finds the handle already freed.
-    op = map1(b, a.domid, ref)
-    assert unmap(b, [(op.host_addr, op.handle)] * 2) == [abi.GNTST_okay, abi.GNTST_bad_handle]
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert unmap1(b, op) == abi.GNTST_bad_handle
+        assert last_reason(xen) == f"Zero flags for d{b.domid} handle {op.handle:#x}"
+        # Both in one batch: the second finds the handle already freed.
+        op = map1(b, a.domid, ref)
+        assert unmap(b, [(op.host_addr, op.handle)] * 2) == [abi.GNTST_okay, abi.GNTST_bad_handle]
     assert xen.hv.machine.refcount[mfn_of(xen, a.domid, gfn)] == 1
 
 
@@ -638,10 +535,9 @@ def test_unmap_at_the_wrong_address_is_general_error(xen: Xen, pair: tuple[Dom, 
     m1, m2 = map1(b, a.domid, r1), map1(b, a.domid, r2)
     elsewhere = b.get_pages(1)[0] << 12
     mine = ram(b)[0] << 12
-    before = snapshot(xen)
-    statuses = unmap(b, [(elsewhere, m1.handle), (m2.host_addr, m1.handle), (mine, m1.handle)])
-    assert statuses == [abi.GNTST_general_error] * 3
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        statuses = unmap(b, [(elsewhere, m1.handle), (m2.host_addr, m1.handle), (mine, m1.handle)])
+        assert statuses == [abi.GNTST_general_error] * 3
     assert flags_of(xen, a.domid, r1) == PERMIT | READING | WRITING
     assert unmap(b, [(m1.host_addr, m1.handle), (m2.host_addr, m2.handle)]) == [0, 0]
 
@@ -650,9 +546,8 @@ def test_unmap_with_host_addr_zero_keeps_the_mapping(xen: Xen, pair: tuple[Dom, 
     a, b = pair
     ref, _ = grant(a, b.domid, data=b"still here")
     op = map1(b, a.domid, ref)
-    before = snapshot(xen)
-    assert unmap(b, [(0, op.handle)]) == [abi.GNTST_okay]
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert unmap(b, [(0, op.handle)]) == [abi.GNTST_okay]
     assert read(b, op.host_addr >> 12, 10) == b"still here"
     assert unmap1(b, op) == abi.GNTST_okay
     assert pins(xen, a.domid) == {}
@@ -665,10 +560,9 @@ def test_unmap_and_replace(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     op = map1(b, a.domid, ref)
     ops = (abi.gnttab_unmap_and_replace * 1)()
     ops[0].host_addr, ops[0].new_addr, ops[0].handle = op.host_addr, b.get_pages(1)[0] << 12, 0
-    before = snapshot(xen)
-    assert b.grant_table_op(abi.GNTTABOP_unmap_and_replace, ops) == 0
-    assert ops[0].status == abi.GNTST_general_error
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert b.grant_table_op(abi.GNTTABOP_unmap_and_replace, ops) == 0
+        assert ops[0].status == abi.GNTST_general_error
     ops[0].new_addr = 0
     assert b.grant_table_op(abi.GNTTABOP_unmap_and_replace, ops) == 0
     assert ops[0].status == abi.GNTST_okay
@@ -684,12 +578,11 @@ def test_copy_gref_to_gmfn(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     data = bytes(range(256)) * 16
     ref, _ = grant(a, b.domid, data=data, writable=False)
     mine = ram(b)[0]
-    before = snapshot(xen)
-    st = copy(b, ((ref, a.domid, 100), (mine, abi.DOMID_SELF, 3000), 1000, SRC_GREF))
-    assert st == [abi.GNTST_okay]
-    assert read(b, mine, 1000, 3000) == data[100:1100]
-    assert read(b, mine, 3000) == bytes(3000)
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        st = copy(b, ((ref, a.domid, 100), (mine, abi.DOMID_SELF, 3000), 1000, SRC_GREF))
+        assert st == [abi.GNTST_okay]
+        assert read(b, mine, 1000, 3000) == data[100:1100]
+        assert read(b, mine, 3000) == bytes(3000)
     assert flags_of(xen, a.domid, ref) == PERMIT | abi.GTF_readonly
 
 
@@ -698,10 +591,9 @@ def test_copy_gmfn_to_gref(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     ref, gfn = grant(a, b.domid)
     mine = ram(b)[0]
     write(b, mine, b"X" * PAGE)
-    before = snapshot(xen)
-    assert copy(b, ((mine, abi.DOMID_SELF, 0), (ref, a.domid, 0), PAGE, DST_GREF)) == [0]
-    assert read(a, gfn) == b"X" * PAGE
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert copy(b, ((mine, abi.DOMID_SELF, 0), (ref, a.domid, 0), PAGE, DST_GREF)) == [0]
+        assert read(a, gfn) == b"X" * PAGE
     assert flags_of(xen, a.domid, ref) == PERMIT
 
 
@@ -709,18 +601,17 @@ def test_copy_gref_to_gref_across_domains(xen: Xen, make_domain: MakeDomain) -> 
     a, b, c = make_domain(), make_domain(), make_domain()
     src, _ = grant(a, b.domid, data=b"abcdefgh" * 512, writable=False)
     dst, dgfn = grant(c, b.domid)
-    before = snapshot(xen)
-    st = copy(
-        b,
-        ((src, a.domid, 8), (dst, c.domid, 4000), 96, SRC_GREF | DST_GREF),
-        ((src, a.domid, 0), (dst, c.domid, 0), 16, SRC_GREF | DST_GREF),
-    )
-    assert st == [0, 0]
-    got = read(c, dgfn)
-    assert got[4000:] == (b"abcdefgh" * 12)
-    assert got[:16] == b"abcdefghabcdefgh"
-    assert got[16:4000] == bytes(3984)
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        st = copy(
+            b,
+            ((src, a.domid, 8), (dst, c.domid, 4000), 96, SRC_GREF | DST_GREF),
+            ((src, a.domid, 0), (dst, c.domid, 0), 16, SRC_GREF | DST_GREF),
+        )
+        assert st == [0, 0]
+        got = read(c, dgfn)
+        assert got[4000:] == (b"abcdefgh" * 12)
+        assert got[:16] == b"abcdefghabcdefgh"
+        assert got[16:4000] == bytes(3984)
 
 
 def test_copy_while_mapped_leaves_the_mappings_pins(xen: Xen, pair: tuple[Dom, Dom]) -> None:
@@ -728,10 +619,9 @@ def test_copy_while_mapped_leaves_the_mappings_pins(xen: Xen, pair: tuple[Dom, D
     ref, gfn = grant(a, b.domid, data=b"mapped")
     op = map1(b, a.domid, ref, HOST | RO)
     mine = ram(b)[0]
-    before = snapshot(xen)
-    assert copy(b, ((mine, abi.DOMID_SELF, 0), (ref, a.domid, 0), 4, DST_GREF)) == [0]
-    assert copy(b, ((ref, a.domid, 0), (mine, abi.DOMID_SELF, 8), 6, SRC_GREF)) == [0]
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert copy(b, ((mine, abi.DOMID_SELF, 0), (ref, a.domid, 0), 4, DST_GREF)) == [0]
+        assert copy(b, ((ref, a.domid, 0), (mine, abi.DOMID_SELF, 8), 6, SRC_GREF)) == [0]
     assert flags_of(xen, a.domid, ref) == PERMIT | READING
     assert read(a, gfn, 6) == bytes(4) + b"ed"
     assert read(b, mine, 6, 8) == bytes(4) + b"ed"
@@ -750,42 +640,39 @@ def test_copy_gmfn_with_numeric_domid_is_permission_denied(
         spec = ((mine, b.domid, 0), (ref, a.domid, 0), 8, DST_GREF)
     else:
         spec = ((ref, a.domid, 0), (mine, b.domid, 0), 8, SRC_GREF)
-    before = snapshot(xen)
-    assert copy(b, spec) == [abi.GNTST_permission_denied]
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert copy(b, spec) == [abi.GNTST_permission_denied]
 
 
 def test_copy_unknown_domain_is_bad_domain(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     a, b = pair
     ref, _ = grant(a, b.domid)
     mine = ram(b)[0]
-    before = snapshot(xen)
-    st = copy(
-        b,
-        ((ref, 999, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF),
-        ((mine, abi.DOMID_SELF, 0), (ref, 999, 0), 8, DST_GREF),
-        ((ref, a.domid, 0), (ref, 998, 0), 8, SRC_GREF | DST_GREF),
-    )
-    assert st == [abi.GNTST_bad_domain] * 3
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        st = copy(
+            b,
+            ((ref, 999, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF),
+            ((mine, abi.DOMID_SELF, 0), (ref, 999, 0), 8, DST_GREF),
+            ((ref, a.domid, 0), (ref, 998, 0), 8, SRC_GREF | DST_GREF),
+        )
+        assert st == [abi.GNTST_bad_domain] * 3
 
 
 def test_copy_bad_ref_is_bad_gntref(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     a, b = pair
     ref, _ = grant(a, b.domid)
     mine = ram(b)[0]
-    before = snapshot(xen)
-    st = copy(
-        b,
-        ((512, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF),
-        ((mine, abi.DOMID_SELF, 0), (0xFFFFFFFF, a.domid, 0), 8, DST_GREF),
-        # The source is claimed (and released again) before the bad dest.
-        ((ref, a.domid, 0), (600, a.domid, 0), 8, SRC_GREF | DST_GREF),
-        # Refs are checked before the offsets.
-        ((512, a.domid, 4000), (mine, abi.DOMID_SELF, 0), 200, SRC_GREF),
-    )
-    assert st == [abi.GNTST_bad_gntref] * 4
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        st = copy(
+            b,
+            ((512, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF),
+            ((mine, abi.DOMID_SELF, 0), (0xFFFFFFFF, a.domid, 0), 8, DST_GREF),
+            # The source is claimed (and released again) before the bad dest.
+            ((ref, a.domid, 0), (600, a.domid, 0), 8, SRC_GREF | DST_GREF),
+            # Refs are checked before the offsets.
+            ((512, a.domid, 4000), (mine, abi.DOMID_SELF, 0), 200, SRC_GREF),
+        )
+        assert st == [abi.GNTST_bad_gntref] * 4
     assert flags_of(xen, a.domid, ref) == PERMIT
 
 
@@ -795,16 +682,15 @@ def test_copy_wrong_type_or_domid_is_general_error(xen: Xen, make_domain: MakeDo
     invalid = a.grant_table.get()
     transfer = a.grant_table.grant_transfer(b.domid)
     mine = ram(b)[0]
-    before = snapshot(xen)
-    st = copy(
-        b,
-        ((other, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF),
-        ((invalid, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF),
-        ((transfer, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF),
-        ((mine, abi.DOMID_SELF, 0), (other, a.domid, 0), 8, DST_GREF),
-    )
-    assert st == [abi.GNTST_general_error] * 4
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        st = copy(
+            b,
+            ((other, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF),
+            ((invalid, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF),
+            ((transfer, a.domid, 0), (mine, abi.DOMID_SELF, 0), 8, SRC_GREF),
+            ((mine, abi.DOMID_SELF, 0), (other, a.domid, 0), 8, DST_GREF),
+        )
+        assert st == [abi.GNTST_general_error] * 4
 
 
 def test_copy_into_readonly_grant_is_general_error(xen: Xen, pair: tuple[Dom, Dom]) -> None:
@@ -812,12 +698,11 @@ def test_copy_into_readonly_grant_is_general_error(xen: Xen, pair: tuple[Dom, Do
     ref, gfn = grant(a, b.domid, data=b"keep", writable=False)
     mine = ram(b)[0]
     write(b, mine, b"overwrite")
-    before = snapshot(xen)
-    assert copy(b, ((mine, abi.DOMID_SELF, 0), (ref, a.domid, 0), 9, DST_GREF)) == [
-        abi.GNTST_general_error
-    ]
-    assert last_reason(xen) == "Attempt to write-pin a r/o grant entry"
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert copy(b, ((mine, abi.DOMID_SELF, 0), (ref, a.domid, 0), 9, DST_GREF)) == [
+            abi.GNTST_general_error
+        ]
+        assert last_reason(xen) == "Attempt to write-pin a r/o grant entry"
     assert read(a, gfn, 4) == b"keep"
     assert flags_of(xen, a.domid, ref) == PERMIT | abi.GTF_readonly
 
@@ -827,15 +712,14 @@ def test_copy_bad_gmfn_is_bad_page(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     ref, _ = grant(a, b.domid)
     mop = map1(b, a.domid, ref)  # a foreign (grant-mapped) gfn is no frame of b's
     hole = b.get_pages(1)[0]
-    before = snapshot(xen)
-    st = copy(
-        b,
-        ((hole, abi.DOMID_SELF, 0), (ref, a.domid, 0), 8, DST_GREF),
-        ((ref, a.domid, 0), (hole, abi.DOMID_SELF, 0), 8, SRC_GREF),
-        ((mop.host_addr >> 12, abi.DOMID_SELF, 0), (ref, a.domid, 0), 8, DST_GREF),
-    )
-    assert st == [abi.GNTST_bad_page] * 3
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        st = copy(
+            b,
+            ((hole, abi.DOMID_SELF, 0), (ref, a.domid, 0), 8, DST_GREF),
+            ((ref, a.domid, 0), (hole, abi.DOMID_SELF, 0), 8, SRC_GREF),
+            ((mop.host_addr >> 12, abi.DOMID_SELF, 0), (ref, a.domid, 0), 8, DST_GREF),
+        )
+        assert st == [abi.GNTST_bad_page] * 3
     assert unmap1(b, mop) == 0
 
 
@@ -848,15 +732,14 @@ def test_copy_crossing_the_page_is_bad_copy_arg(
     a, b = pair
     ref, _ = grant(a, b.domid)
     mine = ram(b)[0]
-    before = snapshot(xen)
-    st = copy(
-        b,
-        ((ref, a.domid, s_off), (mine, abi.DOMID_SELF, d_off), length, SRC_GREF),
-        ((mine, abi.DOMID_SELF, s_off), (ref, a.domid, d_off), length, DST_GREF),
-    )
-    assert st == [abi.GNTST_bad_copy_arg] * 2
-    assert last_reason(xen) == "copy beyond page area"
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        st = copy(
+            b,
+            ((ref, a.domid, s_off), (mine, abi.DOMID_SELF, d_off), length, SRC_GREF),
+            ((mine, abi.DOMID_SELF, s_off), (ref, a.domid, d_off), length, DST_GREF),
+        )
+        assert st == [abi.GNTST_bad_copy_arg] * 2
+        assert last_reason(xen) == "copy beyond page area"
     # Up to the last byte is fine.
     assert copy(b, ((ref, a.domid, 4000), (mine, abi.DOMID_SELF, 0), 96, SRC_GREF)) == [0]
 
@@ -866,23 +749,22 @@ def test_copy_zero_length_is_validated_in_4_17(xen: Xen, pair: tuple[Dom, Dom]) 
     a, b = pair
     ref, _ = grant(a, b.domid)
     mine = ram(b)[0]
-    before = snapshot(xen)
-    st = copy(
-        b,
-        ((600, a.domid, 0), (mine, abi.DOMID_SELF, 0), 0, SRC_GREF),
-        ((mine, b.domid, 0), (ref, a.domid, 0), 0, DST_GREF),
-        ((ref, 999, 0), (mine, abi.DOMID_SELF, 0), 0, SRC_GREF),
-        ((ref, a.domid, 0), (mine, abi.DOMID_SELF, 0), 0, SRC_GREF),
-        ((ref, a.domid, 4096), (mine, abi.DOMID_SELF, 4096), 0, SRC_GREF),
-    )
-    assert st == [
-        abi.GNTST_bad_gntref,
-        abi.GNTST_permission_denied,
-        abi.GNTST_bad_domain,
-        abi.GNTST_okay,
-        abi.GNTST_okay,
-    ]
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        st = copy(
+            b,
+            ((600, a.domid, 0), (mine, abi.DOMID_SELF, 0), 0, SRC_GREF),
+            ((mine, b.domid, 0), (ref, a.domid, 0), 0, DST_GREF),
+            ((ref, 999, 0), (mine, abi.DOMID_SELF, 0), 0, SRC_GREF),
+            ((ref, a.domid, 0), (mine, abi.DOMID_SELF, 0), 0, SRC_GREF),
+            ((ref, a.domid, 4096), (mine, abi.DOMID_SELF, 4096), 0, SRC_GREF),
+        )
+        assert st == [
+            abi.GNTST_bad_gntref,
+            abi.GNTST_permission_denied,
+            abi.GNTST_bad_domain,
+            abi.GNTST_okay,
+            abi.GNTST_okay,
+        ]
 
 
 def test_copy_batch_reports_each_entry(xen: Xen, pair: tuple[Dom, Dom]) -> None:
@@ -911,24 +793,23 @@ def test_v2_sub_page_grant_copies_only_its_window(xen: Xen, pair: tuple[Dom, Dom
     ref = gt.get()
     gt.grant_access_subpage(ref, b.domid, gfn, 1024, 512)
     mine = ram(b)[0]
-    before = snapshot(xen)
-    st = copy(
-        b,
-        ((ref, a.domid, 1024), (mine, abi.DOMID_SELF, 0), 512, SRC_GREF),
-        ((ref, a.domid, 1100), (mine, abi.DOMID_SELF, 0), 10, SRC_GREF),
-        ((ref, a.domid, 1000), (mine, abi.DOMID_SELF, 0), 100, SRC_GREF),
-        ((ref, a.domid, 1500), (mine, abi.DOMID_SELF, 0), 100, SRC_GREF),
-        ((mine, abi.DOMID_SELF, 0), (ref, a.domid, 1535), 2, DST_GREF),
-        ((mine, abi.DOMID_SELF, 0), (ref, a.domid, 2000), 8, DST_GREF),
-    )
-    assert st == [0, 0] + [abi.GNTST_general_error] * 4
-    assert last_reason(xen).startswith("copy dest out of bounds")
-    assert read(b, mine, 512) == bytes(range(76, 86)) + (bytes(range(256)) * 2)[10:]
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        st = copy(
+            b,
+            ((ref, a.domid, 1024), (mine, abi.DOMID_SELF, 0), 512, SRC_GREF),
+            ((ref, a.domid, 1100), (mine, abi.DOMID_SELF, 0), 10, SRC_GREF),
+            ((ref, a.domid, 1000), (mine, abi.DOMID_SELF, 0), 100, SRC_GREF),
+            ((ref, a.domid, 1500), (mine, abi.DOMID_SELF, 0), 100, SRC_GREF),
+            ((mine, abi.DOMID_SELF, 0), (ref, a.domid, 1535), 2, DST_GREF),
+            ((mine, abi.DOMID_SELF, 0), (ref, a.domid, 2000), 8, DST_GREF),
+        )
+        assert st == [0, 0] + [abi.GNTST_general_error] * 4
+        assert last_reason(xen).startswith("copy dest out of bounds")
+        assert read(b, mine, 512) == bytes(range(76, 86)) + (bytes(range(256)) * 2)[10:]
     assert status_of(xen, a.domid, ref) == 0
     # A sub-page grant is never mappable.
-    assert map1(b, a.domid, ref, HOST | RO).status == abi.GNTST_general_error
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert map1(b, a.domid, ref, HOST | RO).status == abi.GNTST_general_error
     # Inside the window a write lands.
     assert copy(b, ((mine, abi.DOMID_SELF, 0), (ref, a.domid, 1530), 6, DST_GREF)) == [0]
     assert read(a, gfn, 6, 1530) == read(b, mine, 6)
@@ -944,7 +825,7 @@ def _transfer(giver: Dom, frame: int, domid: int, ref: int) -> int:
 
 def test_transfer_from_pv_to_hvm(xen: Xen, make_domain: MakeDomain) -> None:
     giver, recv = make_domain(pv=True), make_domain()
-    dest = next(_gfns)
+    dest = fresh_gfn()
     ref = recv.grant_table.grant_transfer(giver.domid, dest)
     assert flags_of(xen, recv.domid, ref) == abi.GTF_accept_transfer
     (mfn,) = ram(giver)
@@ -996,15 +877,14 @@ def test_transfer_from_hvm_is_general_error_and_keeps_the_page(
     xen: Xen, pair: tuple[Dom, Dom]
 ) -> None:
     recv, giver = pair
-    ref = recv.grant_table.grant_transfer(giver.domid, next(_gfns))
+    ref = recv.grant_table.grant_transfer(giver.domid, fresh_gfn())
     gfn = ram(giver)[0]
     write(giver, gfn, b"mine")
     entry = raw_entry(xen, recv.domid, ref)
-    before = snapshot(xen)
-    assert _transfer(giver, gfn, recv.domid, ref) == abi.GNTST_general_error
-    # get_gfn_unshare comes first: nothing at the gfn is GNTST_bad_page.
-    assert _transfer(giver, giver.get_pages(1)[0], recv.domid, ref) == abi.GNTST_bad_page
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert _transfer(giver, gfn, recv.domid, ref) == abi.GNTST_general_error
+        # get_gfn_unshare comes first: nothing at the gfn is GNTST_bad_page.
+        assert _transfer(giver, giver.get_pages(1)[0], recv.domid, ref) == abi.GNTST_bad_page
     assert read(giver, gfn, 4) == b"mine"
     assert raw_entry(xen, recv.domid, ref) == entry
 
@@ -1020,7 +900,7 @@ def test_transfer_to_a_bad_entry_loses_the_page(
     if case == "permit_access":
         ref, _ = grant(recv, giver.domid)
     elif case == "other_domid":
-        ref = gt.grant_transfer(other.domid, next(_gfns))
+        ref = gt.grant_transfer(other.domid, fresh_gfn())
     elif case == "invalid":
         ref = gt.get()
     else:
@@ -1051,7 +931,7 @@ def test_transfer_to_unknown_domain_loses_the_page(xen: Xen, make_domain: MakeDo
 
 def test_transfer_to_a_full_domain_loses_the_page(xen: Xen, make_domain: MakeDomain) -> None:
     giver, recv = make_domain(pv=True), make_domain(max_pages=0)
-    ref = recv.grant_table.grant_transfer(giver.domid, next(_gfns))
+    ref = recv.grant_table.grant_transfer(giver.domid, fresh_gfn())
     (mfn,) = ram(giver)
     frames = xen.free_frames
     assert _transfer(giver, mfn, recv.domid, ref) == abi.GNTST_general_error
@@ -1065,7 +945,7 @@ def test_transfer_of_a_mapped_page_is_bad_page_and_keeps_it(
 ) -> None:
     """steal_page wants exactly the owner's reference: -EINVAL -> GNTST_bad_page."""
     giver, recv, mapper = make_domain(pv=True), make_domain(), make_domain()
-    ref = recv.grant_table.grant_transfer(giver.domid, next(_gfns))
+    ref = recv.grant_table.grant_transfer(giver.domid, fresh_gfn())
     (mfn,) = ram(giver)
     write(giver, mfn, b"shared")
     table = _pv_table(xen, giver)
@@ -1073,9 +953,8 @@ def test_transfer_of_a_mapped_page_is_bad_page_and_keeps_it(
     mop = map1(mapper, giver.domid, 9)
     assert mop.status == abi.GNTST_okay
     entry = raw_entry(xen, recv.domid, ref)
-    before = snapshot(xen)
-    assert _transfer(giver, mfn, recv.domid, ref) == abi.GNTST_bad_page
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert _transfer(giver, mfn, recv.domid, ref) == abi.GNTST_bad_page
     assert raw_entry(xen, recv.domid, ref) == entry
     assert read(mapper, mop.host_addr >> 12, 6) == b"shared"
     assert unmap1(mapper, mop) == 0
@@ -1085,12 +964,11 @@ def test_transfer_of_a_mapped_page_is_bad_page_and_keeps_it(
 
 def test_transfer_of_a_frame_not_owned_is_bad_page(xen: Xen, make_domain: MakeDomain) -> None:
     giver, recv = make_domain(pv=True), make_domain()
-    ref = recv.grant_table.grant_transfer(giver.domid, next(_gfns))
+    ref = recv.grant_table.grant_transfer(giver.domid, fresh_gfn())
     other = ram(recv)[0]
-    before = snapshot(xen)
-    for frame in (_pv_table(xen, giver), mfn_of(xen, recv.domid, other), 0, 10**9):
-        assert _transfer(giver, frame, recv.domid, ref) == abi.GNTST_bad_page
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        for frame in (_pv_table(xen, giver), mfn_of(xen, recv.domid, other), 0, 10**9):
+            assert _transfer(giver, frame, recv.domid, ref) == abi.GNTST_bad_page
 
 
 # ============================================ setup_table and table-wide ops
@@ -1107,9 +985,8 @@ def test_single_op_commands_want_count_one(
     ops = (abi.GNTTABOP_STRUCTS[cmd] * 2)()
     for op in ops:
         op.dom = abi.DOMID_SELF
-    before = snapshot(xen)
-    assert errno_of(lambda: a.grant_table_op(cmd, ops, count)) == errno.EINVAL
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert errno_of(lambda: a.grant_table_op(cmd, ops, count)) == errno.EINVAL
     # Too short a buffer for the count still answers -EINVAL first.
     one = (abi.GNTTABOP_STRUCTS[cmd] * 1)()
     assert errno_of(lambda: a.grant_table_op(cmd, one, count)) == errno.EINVAL
@@ -1173,10 +1050,9 @@ def test_setup_table_for_pv_lists_machine_frames(xen: Xen, make_domain: MakeDoma
 def test_setup_table_past_max_is_general_error(xen: Xen, make_domain: MakeDomain) -> None:
     a = make_domain(max_grant_frames=4)
     buf = ram(a)[0]
-    before = snapshot(xen)
-    assert _setup_table(a, abi.DOMID_SELF, 5, buf << 12) == abi.GNTST_general_error
-    assert _setup_table(a, abi.DOMID_SELF, 0xFFFFFFFF, buf << 12) == abi.GNTST_general_error
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert _setup_table(a, abi.DOMID_SELF, 5, buf << 12) == abi.GNTST_general_error
+        assert _setup_table(a, abi.DOMID_SELF, 0xFFFFFFFF, buf << 12) == abi.GNTST_general_error
     assert read(a, buf, 8) == bytes(8)
     assert _setup_table(a, abi.DOMID_SELF, 4, buf << 12) == abi.GNTST_okay
 
@@ -1197,24 +1073,23 @@ def test_table_ops_naming_another_domain(xen: Xen, make_domain: MakeDomain) -> N
     """XSM_TARGET (dummy policy): only the domain itself or the control domain."""
     dom0, a, b = make_domain(0), make_domain(max_grant_frames=8), make_domain()
     buf_b, buf0 = ram(b)[0], ram(dom0)[0]
-    before = snapshot(xen)
-    assert _setup_table(b, a.domid, 2, buf_b << 12) == abi.GNTST_permission_denied
-    assert _query(b, a.domid) == (abi.GNTST_permission_denied, 77, 88)
-    sf = abi.gnttab_get_status_frames(nr_frames=0, dom=a.domid, frame_list=buf_b << 12)
-    assert b.grant_table_op(abi.GNTTABOP_get_status_frames, sf) == 0
-    assert sf.status == abi.GNTST_permission_denied
-    gv = abi.gnttab_get_version(dom=a.domid)
-    assert errno_of(lambda: b.grant_table_op(abi.GNTTABOP_get_version, gv)) == errno.EPERM
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert _setup_table(b, a.domid, 2, buf_b << 12) == abi.GNTST_permission_denied
+        assert _query(b, a.domid) == (abi.GNTST_permission_denied, 77, 88)
+        sf = abi.gnttab_get_status_frames(nr_frames=0, dom=a.domid, frame_list=buf_b << 12)
+        assert b.grant_table_op(abi.GNTTABOP_get_status_frames, sf) == 0
+        assert sf.status == abi.GNTST_permission_denied
+        gv = abi.gnttab_get_version(dom=a.domid)
+        assert errno_of(lambda: b.grant_table_op(abi.GNTTABOP_get_version, gv)) == errno.EPERM
     # Unknown domains, for everyone.
-    for caller in (b, dom0):
-        assert _setup_table(caller, 999, 1, buf_b << 12) == abi.GNTST_bad_domain
-        assert _query(caller, 999) == (abi.GNTST_bad_domain, 77, 88)
-        gv = abi.gnttab_get_version(dom=999)
-        with pytest.raises(HypercallError) as ei:
-            caller.grant_table_op(abi.GNTTABOP_get_version, gv)
-        assert ei.value.errno == errno.ESRCH
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        for caller in (b, dom0):
+            assert _setup_table(caller, 999, 1, buf_b << 12) == abi.GNTST_bad_domain
+            assert _query(caller, 999) == (abi.GNTST_bad_domain, 77, 88)
+            gv = abi.gnttab_get_version(dom=999)
+            with pytest.raises(HypercallError) as ei:
+                caller.grant_table_op(abi.GNTTABOP_get_version, gv)
+            assert ei.value.errno == errno.ESRCH
     # dom0 may: the frames of a are listed in dom0's buffer.
     assert _query(dom0, a.domid) == (abi.GNTST_okay, 1, 8)
     assert _setup_table(dom0, a.domid, 3, buf0 << 12) == abi.GNTST_okay
@@ -1232,16 +1107,6 @@ def test_query_size_reports_limits(xen: Xen, make_domain: MakeDomain) -> None:
     assert _query(a, a.domid) == (abi.GNTST_okay, 1, 2)
 
 
-def _set_version(dom: Dom, version: int) -> tuple[int, int]:
-    """``(errno or 0, version field after the call)``."""
-    op = abi.gnttab_set_version(version=version)
-    try:
-        dom.grant_table_op(abi.GNTTABOP_set_version, op)
-    except HypercallError as e:
-        return e.errno, int(op.version)
-    return 0, int(op.version)
-
-
 def test_set_version_round_trip_keeps_reserved_entries(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     a, b = pair
     g = xen.domain_state(a.domid).gt
@@ -1249,7 +1114,7 @@ def test_set_version_round_trip_keeps_reserved_entries(xen: Xen, pair: tuple[Dom
         put_entry_v1(xen, a.domid, ref, PERMIT | abi.GTF_readonly, b.domid, 0x1000 + ref)
     frames = xen.free_frames
 
-    assert _set_version(a, 2) == (0, 2)
+    assert set_version(a, 2) == (0, 2)
     assert g.version == 2 and len(g.status) == 1
     assert xen.free_frames == frames - 1
     for ref in range(8):
@@ -1264,7 +1129,7 @@ def test_set_version_round_trip_keeps_reserved_entries(xen: Xen, pair: tuple[Dom
     assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, status_idx, 0x6000) == 0
     assert xen.domain_state(a.domid).p2m[0x6000] == (g.status[0], P2M_GNTTAB_STATUS)
 
-    assert _set_version(a, 1) == (0, 1)
+    assert set_version(a, 1) == (0, 1)
     assert g.version == 1 and g.status == []
     assert 0x6000 not in xen.domain_state(a.domid).p2m
     assert xen.free_frames == frames
@@ -1286,13 +1151,13 @@ def test_set_version_carries_pinned_reserved_entries(xen: Xen, pair: tuple[Dom, 
     put_entry_v1(xen, a.domid, 1, PERMIT, b.domid, gfn)
     op = map1(b, a.domid, 1)
     assert op.status == abi.GNTST_okay
-    assert _set_version(a, 2) == (0, 2)
+    assert set_version(a, 2) == (0, 2)
     assert flags_of(xen, a.domid, 1) == PERMIT
     assert status_of(xen, a.domid, 1) == READING | WRITING
     assert read(b, op.host_addr >> 12, 13) == b"xenstore ring"
-    assert _set_version(a, 1) == (0, 1)
+    assert set_version(a, 1) == (0, 1)
     assert flags_of(xen, a.domid, 1) == PERMIT | READING | WRITING
-    assert _set_version(a, 2) == (0, 2)
+    assert set_version(a, 2) == (0, 2)
     assert unmap1(b, op) == abi.GNTST_okay
     assert status_of(xen, a.domid, 1) == 0
     assert flags_of(xen, a.domid, 1) == PERMIT
@@ -1301,13 +1166,13 @@ def test_set_version_carries_pinned_reserved_entries(xen: Xen, pair: tuple[Dom, 
 def test_set_version_v2_to_v1_keeps_only_permit_access(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     """gnttab_set_version: other reserved v2 entries become invalid under v1."""
     a, b = pair
-    assert _set_version(a, 2) == (0, 2)
+    assert set_version(a, 2) == (0, 2)
     g = xen.domain_state(a.domid).gt
     struct.pack_into("<HHIQ", xen.mem, g.entry_offset(2), PERMIT, b.domid, 0, 0x1234)
     struct.pack_into(
         "<HHIQ", xen.mem, g.entry_offset(3), abi.GTF_accept_transfer, b.domid, 0, 1 << 40
     )
-    assert _set_version(a, 1) == (0, 1)
+    assert set_version(a, 1) == (0, 1)
     assert raw_entry(xen, a.domid, 2) == struct.pack("<HHI", PERMIT, b.domid, 0x1234)
     assert raw_entry(xen, a.domid, 3) == bytes(8)
 
@@ -1317,16 +1182,15 @@ def test_set_version_v2_to_v1_unrepresentable_is_erange(
     xen: Xen, pair: tuple[Dom, Dom], kind: str
 ) -> None:
     a, b = pair
-    assert _set_version(a, 2) == (0, 2)
+    assert set_version(a, 2) == (0, 2)
     g = xen.domain_state(a.domid).gt
     if kind == "transitive":
         struct.pack_into("<HHHHI", xen.mem, g.entry_offset(4), abi.GTF_transitive, b.domid, 0, 0, 9)
     else:
         struct.pack_into("<HHIQ", xen.mem, g.entry_offset(4), PERMIT, b.domid, 0, 1 << 32)
     entry = raw_entry(xen, a.domid, 4)
-    before = snapshot(xen)
-    assert _set_version(a, 1) == (errno.ERANGE, 2)
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert set_version(a, 1) == (errno.ERANGE, 2)
     assert g.version == 2 and raw_entry(xen, a.domid, 4) == entry
 
 
@@ -1335,30 +1199,27 @@ def test_set_version_with_a_mapped_grant_is_ebusy(xen: Xen, pair: tuple[Dom, Dom
     ref, _ = grant(a, b.domid)
     op = map1(b, a.domid, ref)
     entry = raw_entry(xen, a.domid, ref)
-    before = snapshot(xen)
-    assert _set_version(a, 2) == (errno.EBUSY, 1)
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert set_version(a, 2) == (errno.EBUSY, 1)
     assert raw_entry(xen, a.domid, ref) == entry
     assert unmap1(b, op) == abi.GNTST_okay
-    assert _set_version(a, 2) == (0, 2)
+    assert set_version(a, 2) == (0, 2)
 
 
 @pytest.mark.parametrize("version", [0, 3, 0xFFFFFFFF])
 def test_set_version_bad_version_is_einval(xen: Xen, make_domain: MakeDomain, version: int) -> None:
     a = make_domain()
-    before = snapshot(xen)
-    # gnttab_set_version's "out:" writes the version in force back, errors too.
-    assert _set_version(a, version) == (errno.EINVAL, 1)
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        # gnttab_set_version's "out:" writes the version in force back, errors too.
+        assert set_version(a, version) == (errno.EINVAL, 1)
 
 
 def test_set_version_same_version_is_a_no_op(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     a, b = pair
     ref, _ = grant(a, b.domid)
     op = map1(b, a.domid, ref)
-    before = snapshot(xen)
-    assert _set_version(a, 1) == (0, 1)
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert set_version(a, 1) == (0, 1)
     assert flags_of(xen, a.domid, ref) == PERMIT | READING | WRITING
     assert unmap1(b, op) == 0
 
@@ -1366,8 +1227,8 @@ def test_set_version_same_version_is_a_no_op(xen: Xen, pair: tuple[Dom, Dom]) ->
 def test_set_version_2_refused_by_max_ver_1() -> None:
     with xengrant.EmbeddedXen(memory=4 << 20, max_grant_version=1) as xen:
         a = xen.create_domain()
-        assert _set_version(a, 2) == (errno.ENOSYS, 1)
-        assert _set_version(a, 1) == (0, 1)
+        assert set_version(a, 2) == (errno.ENOSYS, 1)
+        assert set_version(a, 1) == (0, 1)
 
 
 def test_get_version(xen: Xen, make_domain: MakeDomain) -> None:
@@ -1390,7 +1251,7 @@ def test_get_status_frames(xen: Xen, make_domain: MakeDomain) -> None:
 
     assert status_frames(1) == abi.GNTST_general_error  # v1 has none
     assert status_frames(0) == abi.GNTST_okay
-    assert _set_version(a, 2) == (0, 2)
+    assert set_version(a, 2) == (0, 2)
     assert status_frames(1) == abi.GNTST_okay
     assert struct.unpack("<Q", read(a, buf, 8)) == (INVALID_GFN,)
     status_idx = abi.XENMAPIDX_grant_table_status
@@ -1405,15 +1266,14 @@ def test_add_to_physmap_status_frame_grows_the_table(xen: Xen, make_domain: Make
     a, small = make_domain(), make_domain(max_grant_frames=8)
     status_idx = abi.XENMAPIDX_grant_table_status
     for dom in (a, small):
-        assert _set_version(dom, 2) == (0, 2)
+        assert set_version(dom, 2) == (0, 2)
     assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, status_idx | 1, 0x6200) == 0
     g = xen.domain_state(a.domid).gt
     assert (g.nr_grant_frames, len(g.status)) == (16, 2)
-    before = snapshot(xen)
-    assert small.hypercalls.add_to_physmap(
-        abi.XENMAPSPACE_grant_table, status_idx | 1, 0x6200
-    ) == -errno.EINVAL
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert small.hypercalls.add_to_physmap(
+            abi.XENMAPSPACE_grant_table, status_idx | 1, 0x6200
+        ) == -errno.EINVAL
 
 
 def test_swap_grant_ref(xen: Xen, make_domain: MakeDomain) -> None:
@@ -1434,13 +1294,12 @@ def test_swap_grant_ref(xen: Xen, make_domain: MakeDomain) -> None:
     op = map1(c, a.domid, 3, HOST | RO)
     assert op.status == abi.GNTST_okay
     assert read(c, op.host_addr >> 12, 8) == read(a, g2, 8)
-    before = snapshot(xen)
-    ops = (abi.gnttab_swap_grant_ref * 2)()
-    ops[0].ref_a, ops[0].ref_b = 3, r1
-    ops[1].ref_a, ops[1].ref_b = r1, 3
-    assert a.grant_table_op(abi.GNTTABOP_swap_grant_ref, ops) == 0
-    assert [op.status for op in ops] == [abi.GNTST_eagain] * 2
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        ops = (abi.gnttab_swap_grant_ref * 2)()
+        ops[0].ref_a, ops[0].ref_b = 3, r1
+        ops[1].ref_a, ops[1].ref_b = r1, 3
+        assert a.grant_table_op(abi.GNTTABOP_swap_grant_ref, ops) == 0
+        assert [op.status for op in ops] == [abi.GNTST_eagain] * 2
     assert unmap1(c, op) == 0
 
 
@@ -1450,9 +1309,8 @@ def test_removed_arm_only_and_unknown_commands_are_enosys(
 ) -> None:
     a = make_domain()
     buf = (ctypes.c_uint8 * 64)()
-    before = snapshot(xen)
-    assert errno_of(lambda: a.grant_table_op(cmd, buf, 1)) == errno.ENOSYS
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        assert errno_of(lambda: a.grant_table_op(cmd, buf, 1)) == errno.ENOSYS
 
 
 def test_negative_count_is_einval(xen: Xen, make_domain: MakeDomain) -> None:
@@ -1518,12 +1376,13 @@ def test_v2_map_failures_leave_the_status_word_clear(xen: Xen, pair: tuple[Dom, 
     assert a.grant_table.set_version(2) == 2
     ro, _ = grant(a, b.domid, writable=False)
     other, _ = grant(a, a.domid)
-    before = snapshot(xen)
-    ops = map_grants(b, [(a.domid, ro, HOST), (a.domid, other, HOST | RO), (a.domid, 256, HOST)])
-    assert [op.status for op in ops] == [
-        abi.GNTST_general_error,
-        abi.GNTST_general_error,
-        abi.GNTST_bad_gntref,  # 256 entries per v2 frame
-    ]
-    assert snapshot(xen) == before
+    with unchanged(xen):
+        ops = map_grants(
+            b, [(a.domid, ro, HOST), (a.domid, other, HOST | RO), (a.domid, 256, HOST)]
+        )
+        assert [op.status for op in ops] == [
+            abi.GNTST_general_error,
+            abi.GNTST_general_error,
+            abi.GNTST_bad_gntref,  # 256 entries per v2 frame
+        ]
     assert status_of(xen, a.domid, ro) == status_of(xen, a.domid, other) == 0

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 import xengrant
+from grant_helpers import flags_of, status_of
 from xengrant import abi
 from xengrant.errors import Busy, GrantError
 
@@ -139,20 +140,6 @@ def racer_factory() -> Iterator[Callable[..., Racer]]:
         r.close()
 
 
-def _flags(xen: xengrant.EmbeddedXen, domid: int, ref: int) -> int:
-    """Entry flags of ``ref`` (v2: the header flags) from machine memory."""
-    g = xen.domain_state(domid).gt
-    off = g.entry_offset(ref)
-    return int.from_bytes(xen.mem[off : off + 2], "little")
-
-
-def _status(xen: xengrant.EmbeddedXen, domid: int, ref: int) -> int:
-    """The v2 status word of ``ref``."""
-    g = xen.domain_state(domid).gt
-    off = g.status_offset(ref)
-    return int.from_bytes(xen.mem[off : off + 2], "little")
-
-
 def _counts(xen: xengrant.EmbeddedXen, *doms: xengrant.Domain) -> tuple[object, ...]:
     states = [xen.domain_state(d.domid) for d in doms]
     return (
@@ -173,11 +160,42 @@ def _mapper_side(
 
     def side(ref: int) -> tuple[xengrant.Mapping, int, int, bytes]:
         m = gt.map_grants([(granter.domid, ref)], writable)
-        flags = _flags(xen, granter.domid, ref)
-        status = _status(xen, granter.domid, ref) if version == 2 else flags
+        flags = flags_of(xen, granter.domid, ref)
+        status = status_of(xen, granter.domid, ref) if version == 2 else flags
         return m, flags, status, bytes(m.mem[:8])
 
     return side
+
+
+def race_round(
+    racer: Racer, gt: xengrant.GrantTable, pages: Any, mapper: xengrant.Domain, token: bytes
+) -> tuple[int, bool, bool, Any]:
+    """Grant the page, holding ``token``, to ``mapper`` under a fresh ref; race both sides.
+
+    A side that fails must fail as Xen refuses: side A (the granter's op)
+    with ``Busy``, side B (the map) with ``GNTST_general_error``.  Returns
+    ``(ref, side A succeeded, side B succeeded, side B's value)``.
+    """
+    pages.mem[:8] = token
+    ref = gt.get()
+    gt.grant_access(ref, mapper.domid, pages.gfns[0], writable=True)
+    (a_kind, a_val), (b_kind, b_val) = racer.race(ref)
+    if a_kind == "err":
+        assert isinstance(a_val, Busy), a_val
+    if b_kind == "err":
+        assert isinstance(b_val, GrantError), b_val
+        assert b_val.status == abi.GNTST_general_error, b_val
+    return ref, a_kind == "ok", b_kind == "ok", b_val
+
+
+def end_round(
+    xen: xengrant.EmbeddedXen, granter: xengrant.Domain, mapper: xengrant.Domain, ref: int
+) -> None:
+    """The entry is unused now: ending access succeeds and leaves it invalid, nothing held."""
+    granter.grant_table.try_end_access(ref, release_ref=True)
+    assert flags_of(xen, granter.domid, ref) == 0
+    assert xen.domain_state(mapper.domid).maptrack.in_use == 0
+    assert not xen.domain_state(granter.domid).gt.active
 
 
 @pytest.mark.parametrize("granter_pv", [False, True], ids=["hvm", "pv"])
@@ -204,17 +222,7 @@ def test_end_access_races_map(
     wins = {"end": 0, "map": 0, "neither": 0}
     for n in range(rounds):
         token = n.to_bytes(8, "little")
-        pages.mem[:8] = token
-        ref = gt.get()
-        gt.grant_access(ref, mapper.domid, pages.gfns[0], writable=True)
-        (a_kind, a_val), (b_kind, b_val) = racer.race(ref)
-        ended = a_kind == "ok"
-        mapped = b_kind == "ok"
-        if a_kind == "err":
-            assert isinstance(a_val, Busy), a_val
-        if b_kind == "err":
-            assert isinstance(b_val, GrantError), b_val
-            assert b_val.status == abi.GNTST_general_error, b_val
+        ref, ended, mapped, b_val = race_round(racer, gt, pages, mapper, token)
         assert not (ended and mapped), f"round {n}: access ended under a live mapping"
         if mapped:
             m, flags, status, seen = b_val
@@ -223,7 +231,7 @@ def test_end_access_races_map(
             # but the status word keeps GTF_reading
             if version == 1:
                 assert flags & abi.GTF_type_mask == PERMIT, xengrant.decode_flags(flags)
-                assert _flags(xen, granter.domid, ref) & abi.GTF_type_mask == PERMIT
+                assert flags_of(xen, granter.domid, ref) & abi.GTF_type_mask == PERMIT
             assert status & READING, xengrant.decode_flags(status)
             assert bool(status & WRITING) == writable
             assert seen == token
@@ -240,13 +248,9 @@ def test_end_access_races_map(
             # _set_status_v2, which then saw the cleared header and backed out.
             assert version == 2, f"round {n}: both the end and the map were refused"
             wins["neither"] += 1
-        # the entry is unused now: ending access succeeds, and leaves it invalid
-        gt.try_end_access(ref, release_ref=True)
-        assert _flags(xen, granter.domid, ref) == 0
+        end_round(xen, granter, mapper, ref)
         if version == 2:
-            assert _status(xen, granter.domid, ref) == 0
-        assert xen.domain_state(mapper.domid).maptrack.in_use == 0
-        assert not xen.domain_state(granter.domid).gt.active
+            assert status_of(xen, granter.domid, ref) == 0
     assert sum(wins.values()) == rounds
     assert _counts(xen, granter, mapper) == before
     pages.free()
@@ -267,22 +271,12 @@ def test_set_readonly_races_writable_map(
     rounds = ROUNDS // 2
     for n in range(rounds):
         token = (n | 1 << 62).to_bytes(8, "little")
-        pages.mem[:8] = token
-        ref = gt.get()
-        gt.grant_access(ref, mapper.domid, pages.gfns[0], writable=True)
-        (a_kind, a_val), (b_kind, b_val) = racer.race(ref)
-        went_ro = a_kind == "ok"
-        mapped = b_kind == "ok"
-        if a_kind == "err":
-            assert isinstance(a_val, Busy), a_val
-        if b_kind == "err":
-            assert isinstance(b_val, GrantError), b_val
-            assert b_val.status == abi.GNTST_general_error, b_val
+        ref, went_ro, mapped, b_val = race_round(racer, gt, pages, mapper, token)
         assert went_ro != mapped, (
             f"round {n}: set_readonly {'succeeded' if went_ro else 'was refused'} "
             f"and the writable map {'succeeded' if mapped else 'failed'}"
         )
-        flags = _flags(xen, granter.domid, ref)
+        flags = flags_of(xen, granter.domid, ref)
         if mapped:
             m, seen_flags, _status_word, seen = b_val
             assert seen_flags & (PERMIT | RO | READING | WRITING) == PERMIT | READING | WRITING
@@ -296,9 +290,6 @@ def test_set_readonly_races_writable_map(
             # read-only now: a read-only map still works
             with mapper.grant_table.map_grants([(granter.domid, ref)], writable=False) as m:
                 assert bytes(m.mem[:8]) == token
-        gt.try_end_access(ref, release_ref=True)
-        assert _flags(xen, granter.domid, ref) == 0
-        assert xen.domain_state(mapper.domid).maptrack.in_use == 0
-        assert not xen.domain_state(granter.domid).gt.active
+        end_round(xen, granter, mapper, ref)
     assert _counts(xen, granter, mapper) == before
     pages.free()

@@ -11,50 +11,20 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable
-from typing import Any
 
-import xengrant
+from grant_helpers import MakeDomain, Xen, map1, set_version, unmap1
 from xengrant import abi
-from xengrant.errors import HypercallError
 
-Xen = xengrant.EmbeddedXen
-Dom = xengrant.Domain
 STATUS_GFN = 0x6000
 REF = 5  # a reserved ref: pins of refs 0..7 do not block set_version
 
 
-def _set_version(dom: Dom, version: int) -> tuple[int, int]:
-    """``(errno or 0, version field after the call)``."""
-    op = abi.gnttab_set_version(version=version)
-    try:
-        dom.grant_table_op(abi.GNTTABOP_set_version, op)
-    except HypercallError as e:
-        return e.errno, int(op.version)
-    return 0, int(op.version)
-
-
-def _map(mapper: Dom, dom: int, ref: int, flags: int) -> Any:
-    ops = (abi.gnttab_map_grant_ref * 1)()
-    ops[0].host_addr = mapper.get_pages(1)[0] << 12
-    ops[0].flags, ops[0].ref, ops[0].dom = flags, ref, dom
-    assert mapper.grant_table_op(abi.GNTTABOP_map_grant_ref, ops) == 0
-    return ops[0]
-
-
-def _unmap(mapper: Dom, mop: Any) -> int:
-    ops = (abi.gnttab_unmap_grant_ref * 1)()
-    ops[0].host_addr, ops[0].handle = mop.host_addr, mop.handle
-    assert mapper.grant_table_op(abi.GNTTABOP_unmap_grant_ref, ops) == 0
-    return int(ops[0].status)
-
-
 def test_set_version_1_while_a_status_frame_is_mapped_is_ebusy(
-    xen: Xen, make_domain: Callable[..., Dom]
+    xen: Xen, make_domain: MakeDomain
 ) -> None:
     a, b = make_domain(), make_domain()
     frames = xen.free_frames
-    assert _set_version(a, 2) == (0, 2)
+    assert set_version(a, 2) == (0, 2)
     st = xen.domain_state(a.domid)
     g = st.gt
     status_mfn = g.status[0]
@@ -68,7 +38,7 @@ def test_set_version_1_while_a_status_frame_is_mapped_is_ebusy(
     off = g.entry_offset(REF)
     struct.pack_into("<HHIQ", xen.mem, off, 0, b.domid, 0, STATUS_GFN)
     struct.pack_into("<H", xen.mem, off, abi.GTF_permit_access | abi.GTF_readonly)
-    mop = _map(b, a.domid, REF, abi.GNTMAP_host_map | abi.GNTMAP_readonly)
+    mop = map1(b, a.domid, REF, abi.GNTMAP_host_map | abi.GNTMAP_readonly)
     assert mop.status == abi.GNTST_okay
     assert mop.dev_bus_addr >> 12 == status_mfn
     # b sees a's status word for REF: GTF_reading, set by its own map
@@ -78,13 +48,13 @@ def test_set_version_1_while_a_status_frame_is_mapped_is_ebusy(
     assert word == abi.GTF_reading
     entry = bytes(xen.mem[off : off + 16])
 
-    assert _set_version(a, 1) == (errno.EBUSY, 2)
+    assert set_version(a, 1) == (errno.EBUSY, 2)
     assert g.version == 2 and g.status == [status_mfn]
     assert st.p2m[STATUS_GFN][0] == status_mfn
     assert bytes(xen.mem[off : off + 16]) == entry  # nothing cleared
 
-    assert _unmap(b, mop) == abi.GNTST_okay
-    assert _set_version(a, 1) == (0, 1)
+    assert unmap1(b, mop) == abi.GNTST_okay
+    assert set_version(a, 1) == (0, 1)
     assert g.status == [] and STATUS_GFN not in st.p2m
     # the reserved entry is carried over to v1, in-use bits gone
     flags, domid, frame = struct.unpack_from("<HHI", xen.mem, g.entry_offset(REF))

@@ -12,22 +12,19 @@ that no pin, in-use flag, maptrack handle or frame is left behind.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import xengrant
+from grant_helpers import PAGE, Dom, MakeDomain, Xen, copy, map1, unmap1
 from xengrant import abi
 from xengrant.emu import gnttab_copy
 from xengrant.emu.grant_table import GNTPIN_hstw_inc
 
-PAGE = 4096
 SRC, DST = abi.GNTCOPY_source_gref, abi.GNTCOPY_dest_gref
 SELF = abi.DOMID_SELF
-Xen = xengrant.EmbeddedXen
-Dom = xengrant.Domain
-MakeDomain = Callable[..., Dom]
 
 
 @pytest.fixture(params=[True, False], ids=["fastpath", "python"])
@@ -50,32 +47,6 @@ def status_of(xen: Xen, domid: int, ref: int) -> int:
     """The in-use bits of ``ref`` (status word under v2, flags under v1)."""
     flags, _domid, _frame = xen.domain_state(domid).gt.read_entry(xen.hv.mem, ref)
     return flags & (abi.GTF_reading | abi.GTF_writing)
-
-
-def copy(dom: Dom, *specs: Any) -> list[int]:
-    """``((u, domid, off), (u, domid, off), len, flags)`` ops in one GNTTABOP_copy batch."""
-    ops = (abi.gnttab_copy * len(specs))()
-    for op, ((su, sd, so), (du, dd, do), length, flags) in zip(ops, specs):
-        op.source.u.gmfn, op.source.domid, op.source.offset = su, sd, so
-        op.dest.u.gmfn, op.dest.domid, op.dest.offset = du, dd, do
-        op.len, op.flags = length, flags
-    assert dom.grant_table_op(abi.GNTTABOP_copy, ops) == 0
-    return [int(op.status) for op in ops]
-
-
-def map1(mapper: Dom, dom: int, ref: int, flags: int = abi.GNTMAP_host_map) -> Any:
-    ops = (abi.gnttab_map_grant_ref * 1)()
-    ops[0].host_addr = mapper.get_pages(1)[0] << 12
-    ops[0].flags, ops[0].ref, ops[0].dom = flags, ref, dom
-    assert mapper.grant_table_op(abi.GNTTABOP_map_grant_ref, ops) == 0
-    return ops[0]
-
-
-def unmap1(mapper: Dom, mop: Any) -> int:
-    ops = (abi.gnttab_unmap_grant_ref * 1)()
-    ops[0].host_addr, ops[0].handle = mop.host_addr, mop.handle
-    assert mapper.grant_table_op(abi.GNTTABOP_unmap_grant_ref, ops) == 0
-    return int(ops[0].status)
 
 
 class Chain:
