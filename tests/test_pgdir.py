@@ -478,19 +478,32 @@ def _chunk(hd: HandDir, i: int) -> list[int]:
     return hd.brefs[i * 1023 : (i + 1) * 1023]
 
 
+def linked(front: xengrant.Domain, back: xengrant.Domain, ndata: int, links: list[int]) -> HandDir:
+    """A directory of ``len(links)`` pages over ``ndata`` buffer pages: page ``i`` lists
+    its 1023 of the buffer's grefs and links to directory page ``links[i]`` (-1: 0, the end)."""
+    hd = HandDir(front, back.domid, len(links), ndata)
+    for i, to in enumerate(links):
+        hd.fill(i, hd.drefs[to] if to >= 0 else 0, _chunk(hd, i))
+    return hd
+
+
+def refused(
+    back: xengrant.Domain, front: xengrant.Domain, gref: int, size: int, **kw: Any
+) -> PgdirError:
+    """The PgdirError a backend's set-up on directory ``gref`` raises."""
+    with pytest.raises(PgdirError) as ei:
+        PgdirBackend(back, front.domid, gref, size, **kw)
+    return ei.value
+
+
 @pytest.mark.parametrize("be_alloc", [False, True], ids=["fe_alloc", "be_alloc"])
 def test_self_loop(env: Any, be_alloc: bool) -> None:
-    def build(hd: HandDir) -> None:
-        hd.fill(0, hd.drefs[0], _chunk(hd, 0))
-
     xen, front, back = env
-    hd = HandDir(front, back.domid, 1, 2000)
-    build(hd)
+    hd = linked(front, back, 2000, [0])
     before = counts(xen, front, back)
-    with pytest.raises(PgdirError) as ei:
-        PgdirBackend(back, front.domid, hd.drefs[0], 2000 * 4096, be_alloc=be_alloc)
-    assert ei.value.reason == "loop" and ei.value.page == 0 and ei.value.ref == hd.drefs[0]
-    assert "already directory page 0" in str(ei.value)
+    e = refused(back, front, hd.drefs[0], 2000 * 4096, be_alloc=be_alloc)
+    assert e.reason == "loop" and e.page == 0 and e.ref == hd.drefs[0]
+    assert "already directory page 0" in str(e)
     assert counts(xen, front, back) == before
     hd.close()
 
@@ -498,18 +511,15 @@ def test_self_loop(env: Any, be_alloc: bool) -> None:
 @pytest.mark.parametrize("be_alloc", [False, True], ids=["fe_alloc", "be_alloc"])
 def test_two_page_loop(env: Any, be_alloc: bool) -> None:
     xen, front, back = env
-    hd = HandDir(front, back.domid, 2, 3000)
-    hd.fill(0, hd.drefs[1], _chunk(hd, 0))
-    hd.fill(1, hd.drefs[0], _chunk(hd, 1))
+    hd = linked(front, back, 3000, [1, 0])
     before = counts(xen, front, back)
-    with pytest.raises(PgdirError) as ei:  # 3000 pages need 3 directory pages
-        PgdirBackend(back, front.domid, hd.drefs[0], 3000 * 4096, be_alloc=be_alloc)
-    assert (ei.value.reason, ei.value.page, ei.value.ref) == ("loop", 1, hd.drefs[0])
+    # 3000 pages need 3 directory pages
+    e = refused(back, front, hd.drefs[0], 3000 * 4096, be_alloc=be_alloc)
+    assert (e.reason, e.page, e.ref) == ("loop", 1, hd.drefs[0])
     # the same loop where the chain should end: still a loop, not a hang
     hd.fill(1, hd.drefs[0], _chunk(hd, 1)[:977] + [0] * 46)
-    with pytest.raises(PgdirError) as ei:
-        PgdirBackend(back, front.domid, hd.drefs[0], 2000 * 4096, be_alloc=be_alloc)
-    assert ei.value.reason == "loop" and "loops back to directory page 0" in str(ei.value)
+    e = refused(back, front, hd.drefs[0], 2000 * 4096, be_alloc=be_alloc)
+    assert e.reason == "loop" and "loops back to directory page 0" in str(e)
     assert counts(xen, front, back) == before
     hd.close()
 
@@ -540,18 +550,15 @@ def test_long_loop_reads_bounded_pages(env: Any) -> None:
 @pytest.mark.parametrize("be_alloc", [False, True], ids=["fe_alloc", "be_alloc"])
 def test_truncated_chain(env: Any, be_alloc: bool) -> None:
     xen, front, back = env
-    hd = HandDir(front, back.domid, 2, 2046)
-    hd.fill(0, hd.drefs[1], _chunk(hd, 0))
-    hd.fill(1, 0, _chunk(hd, 1))
+    hd = linked(front, back, 2046, [1, -1])
     before = counts(xen, front, back)
-    with pytest.raises(PgdirError) as ei:  # 2047 pages need a third directory page
-        PgdirBackend(back, front.domid, hd.drefs[0], 2047 * 4096, be_alloc=be_alloc)
-    assert (ei.value.reason, ei.value.page) == ("truncated", 2)
-    assert "after 2 of the 3 directory page(s)" in str(ei.value)
-    with pytest.raises(PgdirError) as ei:
-        PgdirBackend(back, front.domid, 0, 4096, be_alloc=be_alloc)
-    assert (ei.value.reason, ei.value.page) == ("truncated", 0)
-    assert "gref_directory is 0" in str(ei.value)
+    # 2047 pages need a third directory page
+    e = refused(back, front, hd.drefs[0], 2047 * 4096, be_alloc=be_alloc)
+    assert (e.reason, e.page) == ("truncated", 2)
+    assert "after 2 of the 3 directory page(s)" in str(e)
+    e = refused(back, front, 0, 4096, be_alloc=be_alloc)
+    assert (e.reason, e.page) == ("truncated", 0)
+    assert "gref_directory is 0" in str(e)
     assert counts(xen, front, back) == before
     hd.close()
 
@@ -559,13 +566,11 @@ def test_truncated_chain(env: Any, be_alloc: bool) -> None:
 @pytest.mark.parametrize("be_alloc", [False, True], ids=["fe_alloc", "be_alloc"])
 def test_chain_runs_long(env: Any, be_alloc: bool) -> None:
     xen, front, back = env
-    hd = HandDir(front, back.domid, 2, 1024)
-    hd.fill(0, hd.drefs[1], _chunk(hd, 0))
-    hd.fill(1, 0, _chunk(hd, 1))
+    hd = linked(front, back, 1024, [1, -1])
     before = counts(xen, front, back)
-    with pytest.raises(PgdirError) as ei:  # 1023 pages: one directory page is all
-        PgdirBackend(back, front.domid, hd.drefs[0], 1023 * 4096, be_alloc=be_alloc)
-    assert (ei.value.reason, ei.value.page, ei.value.ref) == ("too_long", 0, hd.drefs[1])
+    # 1023 pages: one directory page is all
+    e = refused(back, front, hd.drefs[0], 1023 * 4096, be_alloc=be_alloc)
+    assert (e.reason, e.page, e.ref) == ("too_long", 0, hd.drefs[1])
     assert counts(xen, front, back) == before
     hd.close()
 
@@ -576,15 +581,13 @@ def test_zero_gref_and_size_mismatch(env: Any) -> None:
     hd.fill(0, 0, hd.brefs[:999])
     before = counts(xen, front, back)
     # buffer_sz says 1000 pages, the directory lists 999
-    with pytest.raises(PgdirError) as ei:
-        PgdirBackend(back, front.domid, hd.drefs[0], 1000 * 4096)
-    assert (ei.value.reason, ei.value.page) == ("zero_gref", 0)
-    assert "slot 999 (buffer page 999) is 0" in str(ei.value)
+    e = refused(back, front, hd.drefs[0], 1000 * 4096)
+    assert (e.reason, e.page) == ("zero_gref", 0)
+    assert "slot 999 (buffer page 999) is 0" in str(e)
     # buffer_sz says 998 pages, the directory lists 999: a stray gref past the end
-    with pytest.raises(PgdirError) as ei:
-        PgdirBackend(back, front.domid, hd.drefs[0], 998 * 4096)
-    assert (ei.value.reason, ei.value.ref) == ("size_mismatch", hd.brefs[998])
-    assert "slot 998" in str(ei.value)
+    e = refused(back, front, hd.drefs[0], 998 * 4096)
+    assert (e.reason, e.ref) == ("size_mismatch", hd.brefs[998])
+    assert "slot 998" in str(e)
     assert counts(xen, front, back) == before
     # not strict: the first 998 are used
     be = PgdirBackend(back, front.domid, hd.drefs[0], 998 * 4096, strict=False)
@@ -597,11 +600,8 @@ def test_zero_gref_and_size_mismatch(env: Any) -> None:
 def test_bad_sizes(env: Any, buffer_sz: int) -> None:
     xen, front, back = env
     before = counts(xen, front, back)
-    with pytest.raises(PgdirError) as ei:
-        PgdirBackend(back, front.domid, 100, buffer_sz)
-    assert ei.value.reason == "bad_size"
-    with pytest.raises(PgdirError):
-        PgdirBackend(back, front.domid, 100, 10 * 4096, max_pages=9)
+    assert refused(back, front, 100, buffer_sz).reason == "bad_size"
+    refused(back, front, 100, 10 * 4096, max_pages=9)
     assert counts(xen, front, back) == before
 
 
