@@ -357,6 +357,16 @@ class FakeGntdev(_Dev):
             del c
         return view
 
+    def _copy_gref(self, f: Any) -> tuple[Any, int]:
+        """A copy segment's grant ``(domid, ref)``: the grant (or None) and its status."""
+        k = self.k
+        g = k.lookup(f.domid, f.ref)
+        if f.domid not in k.known_domids:
+            return g, abi.GNTST_bad_domain
+        if g is None:
+            return g, k.missing_status(f.ref)
+        return g, abi.GNTST_okay
+
     def _copy(self, arg: Any) -> int:
         k = self.k
         segs = [arg.segments[i] for i in range(arg.count)]
@@ -371,20 +381,10 @@ class FakeGntdev(_Dev):
             src = dst = None
             st = abi.GNTST_okay
             if s.flags & abi.GNTCOPY_source_gref:
-                f = s.source.foreign
-                src = k.lookup(f.domid, f.ref)
-                if f.domid not in k.known_domids:
-                    st = abi.GNTST_bad_domain
-                elif src is None:
-                    st = k.missing_status(f.ref)
+                src, st = self._copy_gref(s.source.foreign)
             if st == abi.GNTST_okay and s.flags & abi.GNTCOPY_dest_gref:
-                f = s.dest.foreign
-                dst = k.lookup(f.domid, f.ref)
-                if f.domid not in k.known_domids:
-                    st = abi.GNTST_bad_domain
-                elif dst is None:
-                    st = k.missing_status(f.ref)
-                elif not dst.writable:
+                dst, st = self._copy_gref(s.dest.foreign)
+                if st == abi.GNTST_okay and not dst.writable:
                     st = abi.GNTST_general_error
             s.status = st
             if st != abi.GNTST_okay:
