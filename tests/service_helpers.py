@@ -13,7 +13,8 @@ import multiprocessing as mp
 import os
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from xengrant.portable import CopySegment, GrantRef
@@ -106,22 +107,24 @@ class Actor:
         tag, self.domid = self.conn.recv()
         assert tag == "ready"
 
+    def __enter__(self) -> Actor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __call__(self, cmd: str, *args: Any, timeout: float = TIMEOUT) -> Any:
-        self.conn.send((cmd, args))
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"d{self.domid}: {cmd} took over {timeout}s")
-        tag, result = self.conn.recv()
-        if tag == "err":
-            raise ActorError(*result)
-        return result
+        self.send_only(cmd, *args)
+        return self.result(timeout, late=f"{cmd} took over {timeout}s")
 
     def send_only(self, cmd: str, *args: Any) -> None:
         """Start a command without waiting (collect with :meth:`result`)."""
         self.conn.send((cmd, args))
 
-    def result(self, timeout: float = TIMEOUT) -> Any:
+    def result(self, timeout: float = TIMEOUT, late: str | None = None) -> Any:
+        """The answer to the command sent last; ``late``: the TimeoutError's text."""
         if not self.conn.poll(timeout):
-            raise TimeoutError(f"d{self.domid}: no answer in {timeout}s")
+            raise TimeoutError(f"d{self.domid}: {late or f'no answer in {timeout}s'}")
         tag, result = self.conn.recv()
         if tag == "err":
             raise ActorError(*result)
@@ -147,6 +150,35 @@ class Actor:
     def wait_exit(self, timeout: float = TIMEOUT) -> int | None:
         self.proc.join(timeout)
         return self.proc.exitcode
+
+
+@contextmanager
+def actors(service: Service, n: int, **kw: Any) -> Iterator[list[Actor]]:
+    """``n`` domain processes alike, closed in order when the block ends."""
+    made: list[Actor] = []
+    try:
+        for _ in range(n):
+            made.append(Actor(service, **kw))
+        yield made
+    finally:
+        for a in made:
+            a.close()
+
+
+@contextmanager
+def event_channel(offers: Actor, binds: Actor) -> Iterator[tuple[int, int]]:
+    """An interdomain channel: ``offers``' unbound port, bound by ``binds``.
+
+    Yields ``(offering port, binding port)``, the bind's event already taken
+    (Xen sets the new local port pending); both ends are unbound after the
+    block, the binder's first.
+    """
+    po = offers("ev", "bind_unbound_port", binds.domid)
+    pb = binds("ev", "bind_interdomain", offers.domid, po)
+    assert binds("ev", "wait", pb, 30) == pb
+    yield po, pb
+    binds("ev", "unbind", pb)
+    offers("ev", "unbind", po)
 
 
 # ------------------------------------------------------------- commands

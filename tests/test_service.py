@@ -12,11 +12,12 @@ import errno
 import os
 import signal
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import pytest
 
-from service_helpers import Actor, ActorError, Service
+from service_helpers import Actor, ActorError, Service, actors, event_channel
 from xengrant import abi
 from xengrant.errors import BatchError
 from xengrant.service import Channel, connect, stats
@@ -50,15 +51,10 @@ def baseline(service: Service) -> Iterator[dict[str, Any]]:
         assert after[key] == before[key], key
 
 
-def actors(service: Service, n: int, **kw: Any) -> list[Actor]:
-    return [Actor(service, **kw) for _ in range(n)]
-
-
 def test_write_in_one_process_is_seen_in_another_without_copy(
     service: Service, baseline: dict[str, Any]
 ) -> None:
-    a, b = actors(service, 2)
-    try:
+    with actors(service, 2) as (a, b):
         key, refs = a("share", b.domid, 4)
         a("write", key, 0, b"written by the granter")
         m, handles = b("map", a.domid, refs)
@@ -77,14 +73,10 @@ def test_write_in_one_process_is_seen_in_another_without_copy(
         assert ei.value.kind == "Busy"
         b("unmap", m)
         a("try_unshare", key)
-    finally:
-        a.close()
-        b.close()
 
 
 def test_three_domains_copy_between_grants(service: Service, baseline: dict[str, Any]) -> None:
-    a, b, c = actors(service, 3)
-    try:
+    with actors(service, 3) as (a, b, c):
         ka, (ra,) = a("share", c.domid, 1)
         kb, (rb,) = b("share", c.domid, 1)
         a("write", ka, 0, b"from a to b, copied by c")
@@ -99,14 +91,10 @@ def test_three_domains_copy_between_grants(service: Service, baseline: dict[str,
         assert c("copy_from", a.domid, ra, 4090, 10)[0] == [abi.GNTST_bad_copy_arg]
         a("unshare", ka)
         b("unshare", kb)
-    finally:
-        for x in (a, b, c):
-            x.close()
 
 
 def test_readonly_grant_is_mapped_prot_read(service: Service, baseline: dict[str, Any]) -> None:
-    a, b = actors(service, 2)
-    try:
+    with actors(service, 2) as (a, b):
         key, (ref,) = a("share", b.domid, 1, False)
         a("write", key, 0, b"ro")
         with pytest.raises(ActorError) as ei:
@@ -124,14 +112,10 @@ def test_readonly_grant_is_mapped_prot_read(service: Service, baseline: dict[str
         service.dom0("wait_gone", b.domid)  # type: ignore[attr-defined]
         a("try_unshare", key)
         assert str(b.domid) not in stats(service.path)["domains"]
-    finally:
-        a.close()
-        b.close()
 
 
 def test_xenstore_rendezvous_and_permissions(service: Service, baseline: dict[str, Any]) -> None:
-    a, b, c = actors(service, 3)
-    try:
+    with actors(service, 3) as (a, b, c):
         home = f"/local/domain/{a.domid}"
         assert a("xs", "get_domain_path", a.domid) == home
         a("xs", "write", "data/ring-ref", "8")
@@ -168,14 +152,10 @@ def test_xenstore_rendezvous_and_permissions(service: Service, baseline: dict[st
             b("xs", "directory", "")  # canonicalised to ".../N/": trailing slash
         assert ei.value.errno == errno.EINVAL
         b("xs", "unwatch", f"{home}/data/ring-ref", "tok")
-    finally:
-        for x in (a, b, c):
-            x.close()
 
 
 def test_event_channels_across_processes(service: Service, baseline: dict[str, Any]) -> None:
-    a, b = actors(service, 2)
-    try:
+    with actors(service, 2) as (a, b):
         pa = a("ev", "bind_unbound_port", b.domid)
         assert a("ev", "status", pa) == (EVTCHNSTAT_unbound, b.domid, 0)
         pb = b("ev", "bind_interdomain", a.domid, pa)
@@ -199,59 +179,38 @@ def test_event_channels_across_processes(service: Service, baseline: dict[str, A
         b("ev", "unbind", pb)
         assert a("ev", "status", pa) == (EVTCHNSTAT_unbound, b.domid, 0)
         a("ev", "unbind", pa)
-    finally:
-        a.close()
-        b.close()
 
 
 def test_unmap_notify_gntdev(service: Service, baseline: dict[str, Any]) -> None:
-    a, b = actors(service, 2)
-    try:
+    with actors(service, 2) as (a, b):
         key, (ref,) = a("share", b.domid, 1)
         a("write", key, 0, b"\x01" * 16)
-        pa = a("ev", "bind_unbound_port", b.domid)
-        pb = b("ev", "bind_interdomain", a.domid, pa)
-        assert b("ev", "wait", pb, 30) == pb
-        m = b("map_notify", a.domid, ref, 10, pb)
-        b("unmap", m)  # gntdev: clear byte 10 while mapped, then notify
-        assert a("ev", "wait", pa, 30) == pa
-        assert a("read", key, 8, 4) == (b"\x01\x01\x00\x01", 0)
-        with pytest.raises(ActorError) as ei:
-            b("map_notify", a.domid, ref, 5000, pb)  # offset past the page
-        assert ei.value.errno == errno.EINVAL
-        b("ev", "unbind", pb)
-        a("ev", "unbind", pa)
+        with event_channel(a, b) as (pa, pb):
+            m = b("map_notify", a.domid, ref, 10, pb)
+            b("unmap", m)  # gntdev: clear byte 10 while mapped, then notify
+            assert a("ev", "wait", pa, 30) == pa
+            assert a("read", key, 8, 4) == (b"\x01\x01\x00\x01", 0)
+            with pytest.raises(ActorError) as ei:
+                b("map_notify", a.domid, ref, 5000, pb)  # offset past the page
+            assert ei.value.errno == errno.EINVAL
         a("unshare", key)
-    finally:
-        a.close()
-        b.close()
 
 
 def test_unmap_notify_gntalloc(service: Service, baseline: dict[str, Any]) -> None:
-    a, b = actors(service, 2)
-    try:
-        pb = b("ev", "bind_unbound_port", a.domid)
-        pa = a("ev", "bind_interdomain", b.domid, pb)
-        assert a("ev", "wait", pa, 30) == pa
-        key, ref = a("share_notify", b.domid, 3, pa)
-        a("write", key, 0, b"\x07" * 8)
-        m, _ = b("map", a.domid, [ref])
-        a("unshare", key)  # gntalloc: clear the byte and notify, even while mapped
-        assert b("ev", "wait", pb, 30) == pb
-        assert b("read", m, 0, 8) == (b"\x07\x07\x07\x00\x07\x07\x07\x07", 0)
-        b("unmap", m)  # the deferred end of access completes now
-        a("ev", "unbind", pa)
-        b("ev", "unbind", pb)
+    with actors(service, 2) as (a, b):
+        with event_channel(b, a) as (pb, pa):
+            key, ref = a("share_notify", b.domid, 3, pa)
+            a("write", key, 0, b"\x07" * 8)
+            m, _ = b("map", a.domid, [ref])
+            a("unshare", key)  # gntalloc: clear the byte and notify, even while mapped
+            assert b("ev", "wait", pb, 30) == pb
+            assert b("read", m, 0, 8) == (b"\x07\x07\x07\x00\x07\x07\x07\x07", 0)
+            b("unmap", m)  # the deferred end of access completes now
         assert a("reap")[0] == 0  # the deferred end of access is done
-    finally:
-        a.close()
-        b.close()
 
 
 def test_acting_only_as_own_domain(service: Service, baseline: dict[str, Any]) -> None:
-    a = Actor(service)
-    raw = Channel(service.path, timeout=30)
-    try:
+    with Actor(service) as a, closing(Channel(service.path, timeout=30)) as raw:
         st, body = raw.call(p.MSG_GNTTAB_OP, p.GNTTAB_REQ.pack(abi.GNTTABOP_query_size, 1))
         assert st == -errno.EPROTO  # no domain yet
         st, _ = raw.call(p.MSG_ATTACH, p.ATTACH_REQ.pack(p.PROTOCOL_VERSION, a.domid))
@@ -275,9 +234,6 @@ def test_acting_only_as_own_domain(service: Service, baseline: dict[str, Any]) -
         st, _ = raw.call(p.MSG_XS_WRITE, f"/local/domain/{a.domid}/data/x\0v".encode())
         assert st == -errno.EACCES
         assert a("reap")[0] == 0  # a is untouched
-    finally:
-        raw.close()
-        a.close()
 
 
 def test_toolstack_creates_domain_another_process_attaches(
@@ -286,13 +242,10 @@ def test_toolstack_creates_domain_another_process_attaches(
     dom0 = service.dom0  # type: ignore[attr-defined]
     domid = dom0("dom", "create_domain", 42)
     assert stats(service.path)["domains"]["42"]["attached"] is False
-    guest = Actor(service, domid=42)
-    try:
+    with Actor(service, domid=42) as guest:
         assert guest.domid == 42
         assert guest("xs", "read", "domid") == b"42"
         assert stats(service.path)["domains"]["42"]["attached"] is True
-    finally:
-        guest.close()
     assert "42" not in stats(service.path)["domains"]
     # dom0 may destroy what it made; an unknown domain is ESRCH
     domid = dom0("dom", "create_domain", None)
@@ -303,23 +256,17 @@ def test_toolstack_creates_domain_another_process_attaches(
 
 
 def test_pv_domain_over_the_service(service: Service, baseline: dict[str, Any]) -> None:
-    a = Actor(service, pv=True)
-    b = Actor(service)
-    try:
+    with Actor(service, pv=True) as a, Actor(service) as b:
         key, refs = a("share", b.domid, 2)
         a("write", key, 4096, b"pv page")
         m, _ = b("map", a.domid, refs)
         assert b("read", m, 4096, 7) == (b"pv page", 0)
         b("unmap", m)
         a("unshare", key)
-    finally:
-        a.close()
-        b.close()
 
 
 def test_large_batches_are_split(service: Service, baseline: dict[str, Any]) -> None:
-    a, b = actors(service, 2)
-    try:
+    with actors(service, 2) as (a, b):
         key, refs = a("share", b.domid, 1024)
         a("write", key, 1023 * 4096, b"last")
         m, handles = b("map", a.domid, refs)  # one 32 KiB message
@@ -327,35 +274,23 @@ def test_large_batches_are_split(service: Service, baseline: dict[str, Any]) -> 
         assert b("read", m, 1023 * 4096, 4) == (b"last", 0)
         b("unmap", m)
         a("unshare", key)
-    finally:
-        a.close()
-        b.close()
 
 
 def test_threads_share_one_connection(service: Service, baseline: dict[str, Any]) -> None:
     """One thread blocks waiting for an event while another makes hypercalls."""
-    a, b = actors(service, 2)
-    try:
+    with actors(service, 2) as (a, b):
         key, (ref,) = a("share", b.domid, 1)
         a("write", key, 0, b"\x02")
-        pa = a("ev", "bind_unbound_port", b.domid)
-        pb = b("ev", "bind_interdomain", a.domid, pa)
-        assert b("ev", "wait", pb, 30) == pb
-        assert b("threaded_start", pb, a.domid, ref) == 100  # 50 maps read the 2
-        a("ev", "notify", pa)
-        assert b("threaded_join") == pb
-        b("ev", "unbind", pb)
-        a("ev", "unbind", pa)
+        with event_channel(a, b) as (pa, pb):
+            assert b("threaded_start", pb, a.domid, ref) == 100  # 50 maps read the 2
+            a("ev", "notify", pa)
+            assert b("threaded_join") == pb
         a("unshare", key)
-    finally:
-        a.close()
-        b.close()
 
 
 def test_transfer_across_processes(service: Service, baseline: dict[str, Any]) -> None:
     """GNTTABOP_transfer: the receiver learns of its new page from its grant entry."""
-    giver, recv = Actor(service, pv=True), Actor(service)
-    try:
+    with Actor(service, pv=True) as giver, Actor(service) as recv:
         dest = 0x80000
         ref = recv("transfer_offer", giver.domid, dest)
         payload = b"page given by a PV domain"
@@ -365,9 +300,6 @@ def test_transfer_across_processes(service: Service, baseline: dict[str, Any]) -
         # the page arrived by another domain's hypercall: the receiver's p2m
         # mirror had not heard of it, so its view asked the service (TRANSLATE)
         assert sent == 1
-    finally:
-        giver.close()
-        recv.close()
 
 
 def test_introduce_domain_watch(service: Service, baseline: dict[str, Any]) -> None:
@@ -375,24 +307,19 @@ def test_introduce_domain_watch(service: Service, baseline: dict[str, Any]) -> N
     dom0("xs", "watch", "@introduceDomain", "intro")
     try:
         assert dom0("xs", "read_watch", 30) == ("@introduceDomain", "intro")
-        a = Actor(service)
-        try:
+        with Actor(service) as a:
             assert dom0("xs", "read_watch", 30) == ("@introduceDomain", "intro")
             with pytest.raises(ActorError) as ei:  # unprivileged: EACCES on the special node
                 a("xs", "set_perms", "@introduceDomain", ["n0", f"r{a.domid}"])
             assert ei.value.errno == errno.EACCES
             assert a("xs", "get_perms", "@introduceDomain") == ["n0"]
-        finally:
-            a.close()
     finally:
         dom0("xs", "unwatch", "@introduceDomain", "intro")
 
 
 def test_concurrent_domain_processes(service: Service, baseline: dict[str, Any]) -> None:
     """Three mappers map, write and unmap at the same time, each from its own process."""
-    a = Actor(service)
-    mappers = actors(service, 3)
-    try:
+    with Actor(service) as a, actors(service, 3) as mappers:
         shares = []
         for m in mappers:
             key, refs = a("share", m.domid, 4)
@@ -406,10 +333,6 @@ def test_concurrent_domain_processes(service: Service, baseline: dict[str, Any])
             assert a("read", key, 4096 * 3 + 100, 1) == (bytes([39]), 0)
             a("try_unshare", key)
         assert stats(service.path)["domains"][str(a.domid)]["active"] == {}
-    finally:
-        a.close()
-        for m in mappers:
-            m.close()
 
 
 @pytest.mark.parametrize("pv", [False, True])
@@ -417,13 +340,11 @@ def test_p2m_mirror_matches_the_service(
     service: Service, baseline: dict[str, Any], pv: bool
 ) -> None:
     """Every reply's p2m entries keep the process's mirror equal to the service's p2m."""
-    a, b = Actor(service, pv=pv), Actor(service)
-
     def check() -> None:
         n, ok = a("mirror")
         assert ok and n == stats(service.path)["domains"][str(a.domid)]["p2m"]
 
-    try:
+    with Actor(service, pv=pv) as a, Actor(service) as b:
         check()
         key, refs = b("share", a.domid, 3)
         m, _ = a("map", b.domid, refs)
@@ -438,9 +359,6 @@ def test_p2m_mirror_matches_the_service(
         assert a("set_version", 1) == 1
         check()
         b("unshare", key)
-    finally:
-        a.close()
-        b.close()
 
 
 def _sabotage_unmap(d: Any, m: Any) -> None:
@@ -458,8 +376,7 @@ def test_posted_unmap_is_done_before_later_requests(
 ) -> None:
     """gnttab's unmap is posted: it returns at once, the service does it before
     anything this domain sends next, and the reply comes with the next reply."""
-    a, b = connect(service.path, timeout=30), connect(service.path, timeout=30)
-    try:
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
         share = a.grant_table.share_pages(b.domid, 1)
         share.mem[:4] = b"page"
         m = b.gnttab.map_grant_ref(a.domid, share.refs[0])
@@ -475,16 +392,12 @@ def test_posted_unmap_is_done_before_later_requests(
         assert b.get_pages(1) == [gfn]  # and the hole is free again
         b.put_pages([gfn])
         share.unshare(timeout=30)  # the service ran the unmap before the status call
-    finally:
-        b.close()
-        a.close()
 
 
 def test_posted_unmap_failure_is_reported(service: Service, baseline: dict[str, Any]) -> None:
     """A posted unmap that fails is raised by the next call, by sync and by close,
     with its op name and GNTST code -- never lost."""
-    a, b = connect(service.path, timeout=30), connect(service.path, timeout=30)
-    try:
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
         share = a.grant_table.share_pages(b.domid, 3)
         gnt = b.gnttab
         # 1: the next call raises it, before sending anything
@@ -529,6 +442,3 @@ def test_posted_unmap_failure_is_reported(service: Service, baseline: dict[str, 
             b.close()
         assert ei.value.status == abi.GNTST_bad_handle
         share.unshare(timeout=30)
-    finally:
-        b.close()
-        a.close()

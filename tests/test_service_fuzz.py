@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service_helpers import Actor, Service
+from service_helpers import Actor, Service, event_channel
 from xengrant import abi
 from xengrant.service import ping, stats
 from xengrant.service import protocol as p
@@ -191,13 +191,9 @@ def _well_formed_round(a: Actor, b: Actor, n: int) -> None:
     assert statuses == [abi.GNTST_okay] and copied == data
     b("unmap", m)
     a("try_unshare", key)
-    pa = a("ev", "bind_unbound_port", b.domid)
-    pb = b("ev", "bind_interdomain", a.domid, pa)
-    assert b("ev", "wait", pb, 30) == pb
-    a("ev", "notify", pa)
-    assert b("ev", "wait", pb, 30) == pb
-    b("ev", "unbind", pb)
-    a("ev", "unbind", pa)
+    with event_channel(a, b) as (pa, pb):
+        a("ev", "notify", pa)
+        assert b("ev", "wait", pb, 30) == pb
     a("xs", "write", "data/round", str(n))
     assert a("xs", "read", "data/round") == str(n).encode()
     a("xs", "rm", "data/round")
