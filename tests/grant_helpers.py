@@ -21,7 +21,7 @@ import pytest
 
 import xengrant
 from xengrant import abi
-from xengrant.errors import HypercallError
+from xengrant.errors import Busy, HypercallError
 
 PAGE = 4096
 HOST = abi.GNTMAP_host_map
@@ -202,3 +202,26 @@ def wait_hook(table: xengrant.GrantTable, monkeypatch: pytest.MonkeyPatch) -> th
 
     monkeypatch.setattr(table._lock, "wait", wait)
     return sem
+
+
+def busy_spy(
+    monkeypatch: pytest.MonkeyPatch, table: xengrant.GrantTable, name: str, busy: Any
+) -> list[bool]:
+    """Wrap ``table.<name>``: the list gets each call's outcome (False: it raised
+    Busy, True: it returned), and ``busy.set()`` runs (a threading or asyncio
+    Event) whenever it meets Busy."""
+    outcomes: list[bool] = []
+    real = getattr(table, name)
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        try:
+            result = real(*args, **kw)
+        except Busy:
+            outcomes.append(False)
+            busy.set()
+            raise
+        outcomes.append(True)
+        return result
+
+    monkeypatch.setattr(table, name, spy)
+    return outcomes

@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 
-import xengrant
-from grant_helpers import Dom, MakeDomain, Xen, active, flags, in_use, wait_hook
+from grant_helpers import Dom, MakeDomain, Xen, active, busy_spy, flags, in_use, wait_hook
 from xengrant import abi
 from xengrant.errors import Busy, GrantError, GrantTableFull
 
@@ -260,19 +259,7 @@ def test_unshare_retries_until_the_peer_unmaps(
     share = table.share_pages(back.domid, 2)
     m = back.gnttab.map_grant_ref(front.domid, share.refs[1])
     busy = threading.Event()
-    attempts: list[str] = []
-    real = table._try_unshare
-
-    def spy(s: xengrant.Share, release_refs: bool) -> None:
-        try:
-            real(s, release_refs)
-        except Busy:
-            attempts.append("busy")
-            busy.set()
-            raise
-        attempts.append("done")
-
-    monkeypatch.setattr(table, "_try_unshare", spy)
+    attempts = busy_spy(monkeypatch, table, "_try_unshare", busy)
 
     def unmapper() -> None:
         assert busy.wait(HANG)
@@ -281,7 +268,7 @@ def test_unshare_retries_until_the_peer_unmaps(
     t, out = run_thread(unmapper)
     share.unshare(release_refs=True, timeout=HANG)  # blocks until the thread unmaps
     joined(t, out)
-    assert attempts[0] == "busy" and attempts[-1] == "done"
+    assert attempts[0] is False and attempts[-1] is True  # Busy first, done at last
     assert share.released
     assert_clean(xen, front, back, frames, ONE_FRAME_REFS)
 
@@ -478,16 +465,7 @@ def test_with_grants_waits_for_the_peer_to_unmap(
     pages = front.alloc_pages(2)
     refs = table.get_n(2)
     busy = threading.Event()
-    real = table.try_end_access
-
-    def spy(ref: int, release_ref: bool = False) -> None:
-        try:
-            real(ref, release_ref)
-        except Busy:
-            busy.set()
-            raise
-
-    monkeypatch.setattr(table, "try_end_access", spy)
+    busy_spy(monkeypatch, table, "try_end_access", busy)
     with table.with_grants(back.domid, True, refs, pages.gfns):
         m = back.gnttab.map_domain_grant_refs(front.domid, refs)
         m.mem[PAGE : PAGE + 2] = b"hi"
@@ -626,19 +604,7 @@ def test_end_access_retries_until_unmapped(
     table.grant_access(ref, back.domid, page.gfns[0])
     m = back.gnttab.map_grant_ref(front.domid, ref)
     busy = threading.Event()
-    calls: list[bool] = []
-    real = table.try_end_access
-
-    def spy(r: int, release_ref: bool = False) -> None:
-        try:
-            real(r, release_ref)
-        except Busy:
-            calls.append(False)
-            busy.set()
-            raise
-        calls.append(True)
-
-    monkeypatch.setattr(table, "try_end_access", spy)
+    calls = busy_spy(monkeypatch, table, "try_end_access", busy)
 
     def unmapper() -> None:
         assert busy.wait(HANG)

@@ -38,7 +38,16 @@ import numpy as np
 import pytest
 
 import xengrant
-from grant_helpers import Dom, MakeDomain, Xen, active, flags, in_use, wait_hook
+from grant_helpers import (
+    Dom,
+    MakeDomain,
+    Xen,
+    active,
+    busy_spy,
+    flags,
+    in_use,
+    wait_hook,
+)
 from xengrant import CopySegment, GrantRef, abi
 from xengrant.emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
 from xengrant.errors import BatchError, Busy, GrantError, GrantTableFull
@@ -811,22 +820,10 @@ def test_end_access_async(xen: Xen, pair: tuple[Dom, Dom], monkeypatch: pytest.M
     ref = table.get()
     table.grant_access(ref, back.domid, page.gfns[0])
     m = back.gnttab.map_grant_ref(front.domid, ref)
-    real = table.try_end_access
-    seen: list[str] = []
 
-    async def main() -> None:
+    async def main() -> list[bool]:
         busy = asyncio.Event()
-
-        def spy(r: int, release_ref: bool = False) -> None:
-            try:
-                real(r, release_ref)
-            except Busy:
-                seen.append("busy")
-                busy.set()
-                raise
-            seen.append("ok")
-
-        monkeypatch.setattr(table, "try_end_access", spy)
+        seen = busy_spy(monkeypatch, table, "try_end_access", busy)
         with pytest.raises(Busy):
             await table.end_access_async(ref, timeout=0)
 
@@ -837,9 +834,10 @@ def test_end_access_async(xen: Xen, pair: tuple[Dom, Dom], monkeypatch: pytest.M
         await asyncio.gather(
             table.end_access_async(ref, release_ref=True, timeout=HANG), unmapper()
         )
+        return seen
 
-    asyncio.run(main())
-    assert seen[0] == "busy" and seen[-1] == "ok"
+    seen = asyncio.run(main())
+    assert seen[0] is False and seen[-1] is True  # Busy first, ended at last
     assert flags(front, ref) == 0 and table.num_free_grants() == free
     page.free()
     assert in_use(xen, back.domid) == 0
@@ -852,19 +850,10 @@ def test_unshare_async(xen: Xen, pair: tuple[Dom, Dom], monkeypatch: pytest.Monk
     share = table.share_pages(back.domid, 2)
     r2 = share.refs[1]
     m = back.gnttab.map_grant_ref(front.domid, r2)
-    real = table._try_unshare
 
     async def main() -> None:
         busy = asyncio.Event()
-
-        def spy(s: xengrant.Share, release_refs: bool) -> None:
-            try:
-                real(s, release_refs)
-            except Busy:
-                busy.set()
-                raise
-
-        monkeypatch.setattr(table, "_try_unshare", spy)
+        busy_spy(monkeypatch, table, "_try_unshare", busy)
         with pytest.raises(Busy):
             await share.unshare_async(timeout=0)
         assert share.refs == [r2]  # the first page's ref ended
