@@ -361,12 +361,12 @@ def test_p2m_mirror_matches_the_service(
         b("unshare", key)
 
 
-def _sabotage_unmap(d: Any, m: Any) -> None:
-    """Unmap ``m``'s page behind its back (a raw GNTTABOP_unmap_grant_ref), so that
-    ``m.unmap()`` then names a handle the service no longer knows."""
+def _sabotage_unmap(d: Any, m: Any, i: int = 0) -> None:
+    """Unmap ``m``'s page ``i`` behind its back (a raw GNTTABOP_unmap_grant_ref), so
+    that ``m.unmap()`` then names a handle the service no longer knows."""
     op = (abi.gnttab_unmap_grant_ref * 1)()
-    op[0].host_addr = m.resource[0] << 12
-    op[0].handle = m.handles[0]
+    op[0].host_addr = m.resource[i] << 12
+    op[0].handle = m.handles[i]
     d.grant_table.unmap_refs(op)
     assert op[0].status == abi.GNTST_okay
 
@@ -425,10 +425,7 @@ def test_posted_unmap_failure_is_reported(service: Service, baseline: dict[str, 
         b.sync()  # nothing left
         # 3: an unmap of several pages: each entry's status
         m = gnt.map_domain_grant_refs(a.domid, share.refs[:3])
-        op = (abi.gnttab_unmap_grant_ref * 1)()
-        op[0].host_addr = m.resource[1] << 12
-        op[0].handle = m.handles[1]
-        b.grant_table.unmap_refs(op)
+        _sabotage_unmap(b, m, 1)
         m.unmap()
         b.evtchn.status(0, b.domid)
         with pytest.raises(BatchError) as ei:
