@@ -4,14 +4,21 @@ Everything runs in processes started with the ``spawn`` method.  The test
 drives each actor over a pipe: it sends a command, the actor runs it in its
 own :class:`~xengrant.service.RemoteDomain` and answers; every wait has a
 timeout and every handshake is a message, never a sleep.
+
+Every child the tests start dies with the process that started it
+(:func:`die_with_parent`): a test killed outright (SIGKILL, a CI timeout)
+leaves no service or domain process behind.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +29,62 @@ from xengrant.service import connect, serve
 
 CTX = mp.get_context("spawn")
 TIMEOUT = 60.0
+
+PR_SET_PDEATHSIG = 1
+#: libc's prctl, looked up here: a Popen child only calls it (no dlopen after fork)
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)``); exit at once if it is already gone.
+
+    ``parent`` is the pid of the process that started this one, read there.
+    A parent that died before the prctl never sends the signal: this process
+    was reparented already, so ``getppid()`` is no longer ``parent`` (the race
+    prctl(2) describes).  The signal comes when the *thread* that started the
+    child ends: start children from a thread that outlives them (the tests
+    use the main thread).  Elsewhere than Linux this does nothing.
+    """
+    if _prctl is None:  # pragma: no cover - not Linux
+        return
+    if _prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _child_main(parent: int, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    die_with_parent(parent)
+    target(*args)
+
+
+def spawn_process(target: Callable[..., Any], *args: Any, daemon: bool = True) -> Any:
+    """A ``spawn`` Process (not started yet) running ``target(*args)``, killed by
+    the kernel when this process dies (``daemon=False``: one that may have children)."""
+    return CTX.Process(target=_child_main, args=(os.getpid(), target, args), daemon=daemon)
+
+
+def dies_with_this_process() -> Callable[[], None]:
+    """A ``preexec_fn`` for ``subprocess``: the child dies with this process."""
+    return functools.partial(die_with_parent, os.getpid())
+
+
+def start_hypervisor(path: str, *args: str) -> subprocess.Popen[str]:
+    """``python -m xengrant hypervisor --socket path *args`` in a child that dies
+    with this process; returns once it listens (its stderr is a pipe)."""
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xengrant", "hypervisor", "--socket", path, *args,
+         "--ready-fd", str(w)],
+        pass_fds=(w,), stderr=subprocess.PIPE, text=True, preexec_fn=dies_with_this_process(),
+    )
+    os.close(w)
+    with os.fdopen(r) as ready:
+        line = ready.readline()  # blocks until listening (or EOF if it died)
+    assert line.strip() == path, proc.stderr.read() if proc.stderr else ""
+    return proc
 
 
 def _service_main(path: str, memory: int, conn: Any) -> None:
@@ -35,7 +98,7 @@ class Service:
         self.dir = tempfile.mkdtemp(prefix="xg-svc-")
         self.path = os.path.join(self.dir, "xengrant.sock")
         r, w = CTX.Pipe(duplex=False)
-        self.proc = CTX.Process(target=_service_main, args=(self.path, memory, w), daemon=True)
+        self.proc = spawn_process(_service_main, self.path, memory, w)
         self.proc.start()
         w.close()
         if not r.poll(TIMEOUT):
@@ -98,7 +161,7 @@ class Actor:
 
     def __init__(self, service: Service, **kw: Any) -> None:
         self.conn, child = CTX.Pipe()
-        self.proc = CTX.Process(target=_actor_main, args=(service.path, child, kw), daemon=True)
+        self.proc = spawn_process(_actor_main, service.path, child, kw)
         self.proc.start()
         child.close()
         if not self.conn.poll(TIMEOUT):

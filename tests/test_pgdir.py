@@ -905,7 +905,7 @@ def test_across_processes(be_alloc: bool) -> None:
     import hashlib
 
     pytest.importorskip("xengrant.service")
-    from service_helpers import CTX, TIMEOUT, Service
+    from service_helpers import CTX, TIMEOUT, Service, spawn_process
     from xengrant.service import connect, stats
 
     svc = Service(memory=64 << 20)
@@ -914,9 +914,7 @@ def test_across_processes(be_alloc: bool) -> None:
         back = connect(svc.path)
         n = 2047  # 3 directory pages
         conn, child = CTX.Pipe()
-        proc = CTX.Process(
-            target=_frontend_process, args=(svc.path, back.domid, n, be_alloc, child), daemon=True
-        )
+        proc = spawn_process(_frontend_process, svc.path, back.domid, n, be_alloc, child)
         proc.start()
         child.close()
         try:

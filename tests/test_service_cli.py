@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from service_helpers import dies_with_this_process, start_hypervisor
 from xengrant.service import ServiceError, connect, default_socket_path
 
 TIMEOUT = 120
@@ -20,6 +21,7 @@ def _xengrant(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "xengrant", *args],
         capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        preexec_fn=dies_with_this_process(),
     )
 
 
@@ -27,16 +29,7 @@ def _xengrant(*args: str) -> subprocess.CompletedProcess[str]:
 def hypervisor() -> Iterator[tuple[subprocess.Popen[str], str]]:
     tmp = tempfile.mkdtemp(prefix="xg-cli-")
     path = os.path.join(tmp, "hv.sock")
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xengrant", "hypervisor", "--socket", path, "--memory", "32",
-         "--ready-fd", str(w), "--quiet"],
-        pass_fds=(w,), stderr=subprocess.PIPE, text=True,
-    )
-    os.close(w)
-    with os.fdopen(r) as ready:
-        line = ready.readline()  # blocks until listening (or EOF if it died)
-    assert line.strip() == path, proc.stderr.read() if proc.stderr else ""
+    proc = start_hypervisor(path, "--memory", "32", "--quiet")
     try:
         yield proc, path
     finally:
