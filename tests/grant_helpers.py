@@ -103,6 +103,14 @@ def flags(dom: Dom, ref: int) -> int:
     return dom.grant_table.entry(ref).flags
 
 
+def granted_page(granter: Dom, to: int, writable: bool = True) -> tuple[Any, int]:
+    """A new page of ``granter``'s granted to ``to`` under a new ref: ``(pages, ref)``."""
+    page = granter.alloc_pages(1)
+    ref = granter.grant_table.get()
+    granter.grant_table.grant_access(ref, to, page.gfns[0], writable)
+    return page, ref
+
+
 # ------------------------------------------------------------ raw GNTTABOPs
 def errno_of(fn: Callable[[], object]) -> int:
     """The errno of the HypercallError ``fn()`` must raise."""

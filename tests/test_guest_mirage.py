@@ -20,7 +20,17 @@ from typing import Any
 
 import pytest
 
-from grant_helpers import Dom, MakeDomain, Xen, active, busy_spy, flags, in_use, wait_hook
+from grant_helpers import (
+    Dom,
+    MakeDomain,
+    Xen,
+    active,
+    busy_spy,
+    flags,
+    granted_page,
+    in_use,
+    wait_hook,
+)
 from xengrant import abi
 from xengrant.errors import Busy, GrantError, GrantTableFull
 
@@ -511,9 +521,7 @@ def test_with_grants_undoes_a_partial_grant(pair: tuple[Dom, Dom]) -> None:
 def test_grant_access_writes_a_valid_entry(pair: tuple[Dom, Dom]) -> None:
     front, back = pair
     table = front.grant_table
-    page = front.alloc_pages(1)
-    ref = table.get()
-    table.grant_access(ref, back.domid, page.gfns[0], writable=True)
+    page, ref = granted_page(front, back.domid)
     e = table.entry(ref)
     assert (e.ref, e.flags, e.domid, e.frame) == (ref, PERMIT, back.domid, page.gfns[0])
     assert not e.in_use
@@ -552,9 +560,7 @@ def test_grant_access_errors(small: tuple[Dom, Dom]) -> None:
 def test_try_end_access_busy_while_mapped(xen: Xen, small: tuple[Dom, Dom]) -> None:
     front, back = small
     table = front.grant_table
-    share_page = front.alloc_pages(1)
-    ref = table.get()
-    table.grant_access(ref, back.domid, share_page.gfns[0])
+    share_page, ref = granted_page(front, back.domid)
     m = back.gnttab.map_grant_ref(front.domid, ref)
     with pytest.raises(Busy) as ei:
         table.try_end_access(ref, release_ref=True)
@@ -599,9 +605,7 @@ def test_end_access_retries_until_unmapped(
     front, back = pair
     table = front.grant_table
     free = table.num_free_grants()
-    page = front.alloc_pages(1)
-    ref = table.get()
-    table.grant_access(ref, back.domid, page.gfns[0])
+    page, ref = granted_page(front, back.domid)
     m = back.gnttab.map_grant_ref(front.domid, ref)
     busy = threading.Event()
     calls = busy_spy(monkeypatch, table, "try_end_access", busy)
@@ -622,9 +626,7 @@ def test_end_access_retries_until_unmapped(
 def test_end_access_timeout(pair: tuple[Dom, Dom]) -> None:
     front, back = pair
     table = front.grant_table
-    page = front.alloc_pages(1)
-    ref = table.get()
-    table.grant_access(ref, back.domid, page.gfns[0])
+    page, ref = granted_page(front, back.domid)
     with back.gnttab.map_grant_ref(front.domid, ref):
         with pytest.raises(Busy):
             table.end_access(ref, timeout=0)

@@ -45,6 +45,7 @@ from grant_helpers import (
     active,
     busy_spy,
     flags,
+    granted_page,
     in_use,
     wait_hook,
 )
@@ -198,9 +199,7 @@ def test_entry_introduced_in_protocol_order(
 def test_removal_cmpxchg_fails_while_in_use(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     front, back = pair
     table = front.grant_table
-    page = front.alloc_pages(1)
-    ref = table.get()
-    table.grant_access(ref, back.domid, page.gfns[0])
+    page, ref = granted_page(front, back.domid)
     before = guest_entry_bytes(front, ref)
     for writable, bits in ((True, READING | WRITING), (False, READING)):
         with back.gnttab.map_grant_ref(front.domid, ref, writable=writable):
@@ -256,9 +255,7 @@ def test_removal_checks_the_cmpxchg_result(
 def test_set_readonly(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     front, back = pair
     table = front.grant_table
-    page = front.alloc_pages(1)
-    ref = table.get()
-    table.grant_access(ref, back.domid, page.gfns[0], writable=True)
+    page, ref = granted_page(front, back.domid)
     m = back.gnttab.map_grant_ref(front.domid, ref, writable=True)
     with pytest.raises(Busy):
         table.set_readonly(ref)  # CMPXCHG checking !GTF_writing
@@ -281,9 +278,7 @@ def test_set_readonly(xen: Xen, pair: tuple[Dom, Dom]) -> None:
 def test_set_writable(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     front, back = pair
     table = front.grant_table
-    page = front.alloc_pages(1)
-    ref = table.get()
-    table.grant_access(ref, back.domid, page.gfns[0], writable=False)
+    page, ref = granted_page(front, back.domid, writable=False)
     with back.gnttab.map_grant_ref(front.domid, ref, writable=False):
         table.set_writable(ref)  # a bit operation: allowed even while mapped
         assert flags(front, ref) == PERMIT | READING
@@ -816,9 +811,7 @@ def test_end_access_async(xen: Xen, pair: tuple[Dom, Dom], monkeypatch: pytest.M
     front, back = pair
     table = front.grant_table
     free = table.num_free_grants()
-    page = front.alloc_pages(1)
-    ref = table.get()
-    table.grant_access(ref, back.domid, page.gfns[0])
+    page, ref = granted_page(front, back.domid)
     m = back.gnttab.map_grant_ref(front.domid, ref)
 
     async def main() -> list[bool]:
