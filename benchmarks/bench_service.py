@@ -3,36 +3,47 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_service.py             # full run (~30 s)
+    python benchmarks/bench_service.py             # full run (~1 min)
     python benchmarks/bench_service.py --quick     # smoke run
     python benchmarks/bench_service.py --markdown  # also print Markdown tables
 
-Three processes: the service, a granter domain that shares 1024 pages with the
-mapper, and this process, the mapper.  Measured in the mapper:
+Processes: a service and a granter domain (which shares 1024 pages with the
+mapper) per CPU placement, and this process, the mapper.  A round trip
+between two processes costs what their CPUs make it cost, so every
+cross-process case runs in three placements, interleaved round by round:
+
+- ``split``: the mapper on CPU 0, the service on CPU 1 (a frontend and a
+  backend with a vCPU each);
+- ``same``: both on CPU 0 (every message is a context switch, and both
+  processes' work adds up on one CPU);
+- ``free``: no pinning, wherever the scheduler puts them.
+
+Measured in the mapper, in each placement:
 
 - a bare socket round trip to the service *process* (16 bytes to an echo
   thread there, ``sendall`` + ``recv``: no framing, no hypervisor) -- the
   target's baseline -- and the same with both ends polling first (the
   client for up to ``Channel.SPIN``, a second echo thread for the service's
   ``DEFAULT_SPIN``), as the service client and the service do;
-- a framed PING round trip through the service's loop (``Channel.call``),
-  also with the client sleeping at once (``spin`` 0);
+- a framed PING round trip through the service (``Channel.call``);
 - ``gnttab.map_grant_ref`` + ``Mapping.unmap`` of one page (the unmap is
-  posted: its reply comes with the next map's), also with ``spin`` 0;
+  posted: its reply comes with the next map's), also with the mapper
+  sleeping at once for each reply (``spin`` 0);
 - ``gnttab.map_domain_grant_refs`` + ``Mapping.unmap`` of 1024 refs (one
   message each way per call), with the map and the unmap also timed apart;
-- where the one-page time goes: the two GNTTAB_OP messages alone (raw
-  hypercalls, no guest layer, no mmap), and the service's handlers for them
-  called directly in this process (no socket);
-- the same two through :class:`xengrant.EmbeddedXen` in this process, to show
-  what the emulator itself costs.
+- the two GNTTAB_OP messages of a one-page cycle alone (raw hypercalls, no
+  guest layer, no mmap, the unmap not posted).
+
+And once, in this process: the service's handlers for those two messages
+called directly (no socket), and the one-page and 1024-ref cycles through
+:class:`xengrant.EmbeddedXen` (what the emulator itself costs).
 
 Targets (issue 4): one page <= 2x the bare round trip; the 1024 batch <= 3 ms.
 
 Each figure is the median over interleaved rounds of a timed loop's mean
 (``perf_counter_ns``, GC off during the loop); "noise" is the median absolute
-deviation of the rounds.  Every round runs every case, so load from other
-processes lands on the baselines too.
+deviation of the rounds.  Every round runs every case in every placement, so
+load from other processes lands on the baselines too.
 """
 
 from __future__ import annotations
@@ -73,7 +84,6 @@ BARE_SPIN = "  the same, both ends polling first, as the service and its client 
 PING = "framed PING round trip through the service loop"
 ONE = "map+unmap 1 page, cross-process"
 ONE_SLEEP = "  the same, the mapper sleeping at once for each reply (spin 0)"
-PING_SLEEP = "  framed PING, the client sleeping at once (spin 0)"
 BIG = f"map+unmap {BATCH} refs, cross-process"
 BIG_MAP = f"  of which map {BATCH}"
 BIG_UNMAP = f"  of which unmap {BATCH}"
@@ -97,7 +107,11 @@ def _echo(sock: socket.socket, spin: float) -> None:
         conn.sendall(buf[:n])
 
 
-def _service_main(path: str, echo_path: str, memory: int, conn: Any) -> None:
+def _service_main(
+    path: str, echo_path: str, memory: int, conn: Any, cpus: set[int] | None
+) -> None:
+    if cpus is not None:  # before any thread starts: they all inherit it
+        os.sched_setaffinity(0, cpus)
     for where, spin in ((echo_path, 0.0), (echo_path + ".poll", DEFAULT_SPIN)):
         es = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         es.bind(where)
@@ -106,7 +120,9 @@ def _service_main(path: str, echo_path: str, memory: int, conn: Any) -> None:
     serve(path, memory, ready=lambda p: conn.send(p), log=lambda s: None)
 
 
-def _granter_main(path: str, conn: Any) -> None:
+def _granter_main(path: str, conn: Any, cpus: set[int] | None) -> None:
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     d = connect(path)
     peer = conn.recv()
     share = d.grant_table.share_pages(peer, BATCH)
@@ -213,88 +229,118 @@ def machine() -> dict[str, str]:
     }
 
 
-# -------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="few rounds (a smoke run)")
-    ap.add_argument("--markdown", action="store_true", help="also print Markdown tables")
-    ap.add_argument("--rounds", type=int, default=None)
-    args = ap.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 11)
-    scale = 0.2 if args.quick else 1.0
-    info = machine()
+# ------------------------------------------------------------ placements
+#: name -> (the mapper's CPUs, the service's CPUs); None: not pinned
+PLACEMENTS: dict[str, tuple[set[int] | None, set[int] | None]] = {
+    "split": ({0}, {1}),
+    "same": ({0}, {0}),
+    "free": (None, None),
+}
 
-    ctx = mp.get_context("spawn")
-    tmp = tempfile.mkdtemp(prefix="xg-bench-")
-    path, echo_path = os.path.join(tmp, "hv.sock"), os.path.join(tmp, "echo.sock")
-    r, w = ctx.Pipe(duplex=False)
-    svc = ctx.Process(target=_service_main, args=(path, echo_path, 256 << 20, w), daemon=True)
-    svc.start()
-    w.close()
-    if not r.poll(60):
-        print("the service did not start", file=sys.stderr)
-        return 1
-    r.recv()
-    me = connect(path)
-    gconn, child = ctx.Pipe()
-    granter = ctx.Process(target=_granter_main, args=(path, child), daemon=True)
-    granter.start()
-    gconn.send(me.domid)
-    gdom, refs = gconn.recv()
-    echo = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    echo.connect(echo_path)
-    echo_poll = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    echo_poll.connect(echo_path + ".poll")
+_MSG = b"x" * 16
+_RBUF = bytearray(64)
+_MAP_OP, _UNMAP_OP = struct.Struct("<QIIHhIQ"), struct.Struct("<QQIh2x")
 
-    xen = xengrant.EmbeddedXen(memory=64 << 20)
-    ea, eb = xen.create_domain(), xen.create_domain()
-    eshare = ea.grant_table.share_pages(eb.domid, BATCH)
-    erefs = eshare.refs
 
-    gnt = me.gnttab
-    chan = me.channel
-    msg = b"x" * 16
-    rbuf = bytearray(64)
+class Placement:
+    """A service and a granter for one placement, and the mapper's cases against them."""
 
-    def bare_spin(n: int) -> None:
-        s = echo_poll
-        view = memoryview(rbuf)
-        for _ in range(n):
-            s.sendall(msg)
-            if spin_recv(s, view, chan.spin) < 0:
-                s.recv_into(rbuf)
+    def __init__(self, name: str, ctx: Any, tmp: str, scale: float) -> None:
+        self.name = name
+        mine, theirs = PLACEMENTS[name]
+        self.cpus = mine
+        self.all_cpus = os.sched_getaffinity(0)
+        d = os.path.join(tmp, name)
+        os.mkdir(d)
+        self.dir = d
+        path, echo_path = os.path.join(d, "hv.sock"), os.path.join(d, "echo.sock")
+        r, w = ctx.Pipe(duplex=False)
+        self.svc = ctx.Process(
+            target=_service_main, args=(path, echo_path, 256 << 20, w, theirs), daemon=True
+        )
+        self.svc.start()
+        w.close()
+        if not r.poll(60):
+            raise RuntimeError(f"{name}: the service did not start")
+        r.recv()
+        self.me = connect(path)
+        self.gconn, child = ctx.Pipe()
+        self.granter = ctx.Process(target=_granter_main, args=(path, child, mine), daemon=True)
+        self.granter.start()
+        self.gconn.send(self.me.domid)
+        self.gdom, self.refs = self.gconn.recv()
+        self.echo = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.echo.connect(echo_path)
+        self.echo_poll = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.echo_poll.connect(echo_path + ".poll")
+        self.hole = self.me.get_pages(1)[0]
+        n1, nb = max(50, int(2000 * scale)), max(2, int(10 * scale))
+        self.cases = [
+            Case(BARE, n1, self._pinned(self.bare)),
+            Case(BARE_SPIN, n1, self._pinned(self.bare_spin)),
+            Case(PING, n1, self._pinned(self.ping)),
+            Case(ONE, n1 // 2, self._pinned(self.one)),
+            Case(ONE_SLEEP, n1 // 2, self._pinned(self.one_sleep)),
+            Case(RAW, n1 // 2, self._pinned(self.raw)),
+            Case(BIG, nb, self._pinned(self.big)),
+        ]
+        # correctness before timing: the mapping is the granter's page, zero-copy
+        with self.me.gnttab.map_grant_ref(self.gdom, self.refs[0]) as m:
+            assert bytes(m.mem[:5]) == b"first"
 
-    def bare(n: int) -> None:
-        s = echo
+    def _pinned(self, loop: Callable[[int], Any]) -> Callable[[int], Any]:
+        def run(n: int) -> Any:
+            os.sched_setaffinity(0, self.cpus or self.all_cpus)
+            try:
+                return loop(n)
+            finally:
+                os.sched_setaffinity(0, self.all_cpus)
+        return run
+
+    def bare(self, n: int) -> None:
+        s, msg, rbuf = self.echo, _MSG, _RBUF
         for _ in range(n):
             s.sendall(msg)
             s.recv_into(rbuf)
 
-    def ping(n: int) -> None:
+    def bare_spin(self, n: int) -> None:
+        s, msg, rbuf = self.echo_poll, _MSG, _RBUF
+        view = memoryview(rbuf)
+        spin = self.me.channel.spin
         for _ in range(n):
-            chan.call(proto.MSG_PING, msg)
+            s.sendall(msg)
+            if spin_recv(s, view, spin) < 0:
+                s.recv_into(rbuf)
 
-    spin = chan.spin
+    def ping(self, n: int) -> None:
+        call = self.me.channel.call
+        for _ in range(n):
+            call(proto.MSG_PING, _MSG)
 
-    def ping_sleep(n: int) -> None:
-        chan.spin = 0.0
+    def one(self, n: int) -> None:
+        gnt, gdom, ref = self.me.gnttab, self.gdom, self.refs[0]
+        for _ in range(n):
+            gnt.map_grant_ref(gdom, ref).unmap()
+
+    def one_sleep(self, n: int) -> None:
+        chan = self.me.channel
+        spin, chan.spin = chan.spin, 0.0
         try:
-            ping(n)
+            self.one(n)
         finally:
             chan.spin = spin
 
-    def one_sleep(n: int) -> None:
-        chan.spin = 0.0
-        try:
-            one(n)
-        finally:
-            chan.spin = spin
-
-    def one(n: int) -> None:
+    def raw(self, n: int) -> None:
+        hc, hole, gdom, ref = self.me.hypercalls, self.hole, self.gdom, self.refs[0]
         for _ in range(n):
-            gnt.map_grant_ref(gdom, refs[0]).unmap()
+            buf = bytearray(_MAP_OP.pack(hole << 12, abi.GNTMAP_host_map, ref, gdom, 0, 0, 0))
+            hc.grant_table_op(abi.GNTTABOP_map_grant_ref, memoryview(buf), 1)
+            _st, handle = struct.unpack_from("<hI", buf, 18)
+            ub = bytearray(_UNMAP_OP.pack(hole << 12, 0, handle, 0))
+            hc.grant_table_op(abi.GNTTABOP_unmap_grant_ref, memoryview(ub), 1)
 
-    def big(n: int) -> list[float]:
+    def big(self, n: int) -> list[float]:
+        gnt, gdom, refs = self.me.gnttab, self.gdom, self.refs
         tm = tu = 0
         for _ in range(n):
             t0 = time.perf_counter_ns()
@@ -305,131 +351,165 @@ def main(argv: list[str] | None = None) -> int:
             tm += t1 - t0
         return [tm / n, tu / n]
 
-    hc = me.hypercalls
-    map_op, unmap_op = struct.Struct("<QIIHhIQ"), struct.Struct("<QQIh2x")
-    hole = me.get_pages(1)[0]
+    def close(self) -> None:
+        self.gconn.send("done")
+        self.granter.join(60)
+        self.echo.close()
+        self.echo_poll.close()
+        self.me.close()
+        self.svc.terminate()
+        self.svc.join(60)
+        for name in os.listdir(self.dir):
+            os.unlink(os.path.join(self.dir, name))
+        os.rmdir(self.dir)
 
-    def raw(n: int) -> None:
+
+class Local:
+    """The cases that run in this process alone: the handlers and EmbeddedXen."""
+
+    def __init__(self, tmp: str, scale: float) -> None:
+        self.srv = Server(os.path.join(tmp, "handlers.sock"), 64 << 20, log=lambda s: None)
+        self.hgranter = self.srv.xen.create_domain()
+        self.hshare = self.hgranter.grant_table.share_pages(self.hgranter.domid + 1, 1)
+        self.hsock = _NullSocket()
+        self.hconn = Connection(self.hsock, 1)  # type: ignore[arg-type]
+        self.srv._create(
+            self.hconn, proto.CREATE_REQ.pack(proto.PROTOCOL_VERSION, -1, 0, -1, -1, -1)
+        )
+        self.xen = xengrant.EmbeddedXen(memory=64 << 20)
+        self.ea, self.eb = self.xen.create_domain(), self.xen.create_domain()
+        self.eshare = self.ea.grant_table.share_pages(self.eb.domid, BATCH)
+        n1, nb = max(20, int(1000 * scale)), max(2, int(10 * scale))
+        self.cases = [
+            Case(HANDLERS, n1, self.handlers),
+            Case(EMB_ONE, n1, self.emb_one),
+            Case(EMB_BIG, nb, self.emb_big),
+        ]
+
+    def handlers(self, n: int) -> None:
+        srv, conn, sock = self.srv, self.hconn, self.hsock
+        gdom, ref, hole = self.hgranter.domid, self.hshare.refs[0], 0x100
+        hmap = proto.GNTTAB_REQ.pack(abi.GNTTABOP_map_grant_ref, 1)
+        hunmap = proto.GNTTAB_REQ.pack(abi.GNTTABOP_unmap_grant_ref, 1)
         for _ in range(n):
-            buf = bytearray(map_op.pack(hole << 12, abi.GNTMAP_host_map, refs[0], gdom, 0, 0, 0))
-            hc.grant_table_op(abi.GNTTABOP_map_grant_ref, memoryview(buf), 1)
-            _st, handle = struct.unpack_from("<hI", buf, 18)
-            ub = bytearray(unmap_op.pack(hole << 12, 0, handle, 0))
-            hc.grant_table_op(abi.GNTTABOP_unmap_grant_ref, memoryview(ub), 1)
-
-    hsrv = Server(os.path.join(tmp, "handlers.sock"), 64 << 20, log=lambda s: None)
-    hgranter = hsrv.xen.create_domain()
-    hshare = hgranter.grant_table.share_pages(hgranter.domid + 1, 1)
-    hsock = _NullSocket()
-    hconn = Connection(hsock, 1)  # type: ignore[arg-type]
-    hsrv._create(hconn, proto.CREATE_REQ.pack(proto.PROTOCOL_VERSION, -1, 0, -1, -1, -1))
-    hmap = proto.GNTTAB_REQ.pack(abi.GNTTABOP_map_grant_ref, 1)
-
-    def handlers(n: int) -> None:
-        for _ in range(n):
-            req = hmap + map_op.pack(hole << 12, abi.GNTMAP_host_map, hshare.refs[0],
-                                     hgranter.domid, 0, 0, 0)
-            hsrv._handle(hconn, proto.Frame(proto.MSG_GNTTAB_OP, 0, 1, req, len(req)))
+            req = hmap + _MAP_OP.pack(hole << 12, abi.GNTMAP_host_map, ref, gdom, 0, 0, 0)
+            srv._handle(conn, proto.Frame(proto.MSG_GNTTAB_OP, 0, 1, req, len(req)))
             # reply: header, status, rc, length, then the op (handle at +20)
-            (handle,) = struct.unpack_from("<I", hsock.last, 12 + 12 + 20)
-            req = proto.GNTTAB_REQ.pack(abi.GNTTABOP_unmap_grant_ref, 1) + unmap_op.pack(
-                hole << 12, 0, handle, 0)
-            hsrv._handle(hconn, proto.Frame(proto.MSG_GNTTAB_OP, 0, 2, req, len(req)))
+            (handle,) = struct.unpack_from("<I", sock.last, 12 + 12 + 20)
+            req = hunmap + _UNMAP_OP.pack(hole << 12, 0, handle, 0)
+            srv._handle(conn, proto.Frame(proto.MSG_GNTTAB_OP, 0, 2, req, len(req)))
 
-    def emb_one(n: int) -> None:
+    def emb_one(self, n: int) -> None:
+        gnt, dom, ref = self.eb.gnttab, self.ea.domid, self.eshare.refs[0]
         for _ in range(n):
-            eb.gnttab.map_grant_ref(ea.domid, erefs[0]).unmap()
+            gnt.map_grant_ref(dom, ref).unmap()
 
-    def emb_big(n: int) -> None:
+    def emb_big(self, n: int) -> None:
+        gnt, dom, refs = self.eb.gnttab, self.ea.domid, self.eshare.refs
         for _ in range(n):
-            eb.gnttab.map_domain_grant_refs(ea.domid, erefs).unmap()
+            gnt.map_domain_grant_refs(dom, refs).unmap()
 
-    # correctness before timing: the mapping is the granter's page, zero-copy
-    with gnt.map_grant_ref(gdom, refs[0]) as m:
-        assert bytes(m.mem[:5]) == b"first"
-    cases = [
-        Case(BARE, max(50, int(2000 * scale)), bare),
-        Case(BARE_SPIN, max(50, int(2000 * scale)), bare_spin),
-        Case(PING, max(50, int(2000 * scale)), ping),
-        Case(PING_SLEEP, max(50, int(2000 * scale)), ping_sleep),
-        Case(ONE, max(20, int(1000 * scale)), one),
-        Case(ONE_SLEEP, max(20, int(1000 * scale)), one_sleep),
-        Case(BIG, max(2, int(10 * scale)), big),
-        Case(RAW, max(20, int(1000 * scale)), raw),
-        Case(HANDLERS, max(20, int(1000 * scale)), handlers),
-        Case(EMB_ONE, max(20, int(1000 * scale)), emb_one),
-        Case(EMB_BIG, max(2, int(10 * scale)), emb_big),
-    ]
-    for c in cases:  # warm-up
-        c.run(max(1, c.n // 10))
-    run_rounds(cases, rounds)
+    def close(self) -> None:
+        self.eshare.unshare()
+        self.xen.close()
+        self.hshare.unshare()
+        self.srv.close()
 
-    free_before = xen.free_frames
-    gconn.send("done")
-    granter.join(60)
-    echo.close()
-    echo_poll.close()
-    me.close()
-    svc.terminate()
-    svc.join(60)
-    eshare.unshare()
-    xen.close()
-    del free_before
-    hshare.unshare()
-    hsrv.close()
-    for name in os.listdir(tmp):
-        os.unlink(os.path.join(tmp, name))
-    os.rmdir(tmp)
 
-    res = {c.name: (median(c.samples), mad(c.samples), c.n) for c in cases}
-    for c in cases:
-        for name, xs in c.parts.items():
-            res[name] = (median(xs), mad(xs), c.n)
-    order = [BARE, BARE_SPIN, PING, PING_SLEEP, ONE, ONE_SLEEP, RAW, HANDLERS, BIG, BIG_MAP,
-             BIG_UNMAP, EMB_ONE, EMB_BIG]
-    bare_ns = res[BARE][0]
-    rows = []
-    for name in order:
-        med, noise, n = res[name]
-        rel = f"{med / bare_ns:.1f}x bare RT" if name != BARE else "1.0x"
-        rows.append((name, fmt(med), fmt(noise), str(n), rel))
-    one_ratio = res[ONE][0] / bare_ns
-    targets = [
-        ("map+unmap 1 page <= 2x bare round trip", f"{one_ratio:.1f}x",
-         "met" if one_ratio <= TARGET_ONE_PAGE_RATIO else "missed"),
-        (f"map+unmap {BATCH} refs <= 3 ms", fmt(res[BIG][0]),
-         "met" if res[BIG][0] <= TARGET_BATCH_NS else "missed"),
-    ]
-    # like for like, not targets: both ends polling, both ends sleeping
-    context = [
-        ("map+unmap 1 page / bare round trip, both ends polling",
-         f"{res[ONE][0] / res[BARE_SPIN][0]:.1f}x"),
-        ("map+unmap 1 page / bare round trip, both sleeping at once",
-         f"{res[ONE_SLEEP][0] / bare_ns:.1f}x"),
-    ]
+# -------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few rounds (a smoke run)")
+    ap.add_argument("--markdown", action="store_true", help="also print Markdown tables")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--placements", default=None,
+                    help="comma-separated subset of split,same,free (default: all that fit)")
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 11)
+    scale = 0.2 if args.quick else 1.0
+    info = machine()
+    cpus = os.sched_getaffinity(0)
+    names = args.placements.split(",") if args.placements else list(PLACEMENTS)
+    # split needs CPUs 0 and 1
+    names = [n for n in names if all(c is None or c <= cpus for c in PLACEMENTS[n])]
+
+    ctx = mp.get_context("spawn")
+    tmp = tempfile.mkdtemp(prefix="xg-bench-")
+    places: list[Placement] = []
+    local: Local | None = None
+    try:
+        places.extend(Placement(n, ctx, tmp, scale) for n in names)
+        local = Local(tmp, scale)
+        all_cases = [c for pl in places for c in pl.cases] + local.cases
+        for c in all_cases:  # warm-up
+            c.run(max(1, c.n // 10))
+        run_rounds(all_cases, rounds)
+    finally:
+        for pl in places:
+            pl.close()
+        if local is not None:
+            local.close()
+        for name in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, name))
+        os.rmdir(tmp)
+
+    def results(cases: list[Case]) -> dict[str, tuple[float, float, int]]:
+        res = {c.name: (median(c.samples), mad(c.samples), c.n) for c in cases}
+        for c in cases:
+            for name, xs in c.parts.items():
+                res[name] = (median(xs), mad(xs), c.n)
+        return res
 
     print(f"rounds: {rounds}; machine: {info}")
-    w0 = max(len(r[0]) for r in rows)
-    print(f"{'case':<{w0}}  {'median':>10}  {'noise':>9}  {'loop n':>6}  vs")
-    for name, med_s, noise_s, n_s, rel in rows:
-        print(f"{name:<{w0}}  {med_s:>10}  {noise_s:>9}  {n_s:>6}  {rel}")
-    for t, got, verdict in targets:
-        print(f"target: {t}: {got} -> {verdict}")
-    for t, got in context:
-        print(f"like for like: {t}: {got}")
+    md: list[str] = []
+    targets = []
+    order = [BARE, BARE_SPIN, PING, ONE, ONE_SLEEP, RAW, BIG, BIG_MAP, BIG_UNMAP]
+    for pl in places:
+        res = results(pl.cases)
+        bare_ns = res[BARE][0]
+        rows = []
+        for name in order:
+            med, noise, n = res[name]
+            rel = f"{med / bare_ns:.1f}x bare RT" if name != BARE else "1.0x"
+            rows.append((name, fmt(med), fmt(noise), str(n), rel))
+        targets.append((pl.name, res[ONE][0], bare_ns, res[BIG][0], res[BARE_SPIN][0]))
+        _table(f"placement {pl.name}", rows, md)
+    lres = results(local.cases)
+    _table("in this process (no placement)",
+           [(n, fmt(lres[n][0]), fmt(lres[n][1]), str(lres[n][2]), "") for n in
+            (HANDLERS, EMB_ONE, EMB_BIG)], md)
+    print()
+    md.append("\n| placement | map+unmap 1 page | bare round trip | ratio (target <= 2x) "
+              "| 1024 batch (target <= 3 ms) | 1 page / both-polling round trip |")
+    md.append("|---|---|---|---|---|---|")
+    for name, one_ns, bare_ns, big_ns, polled_ns in targets:
+        ratio = one_ns / bare_ns
+        v1 = "met" if ratio <= TARGET_ONE_PAGE_RATIO else "missed"
+        v2 = "met" if big_ns <= TARGET_BATCH_NS else "missed"
+        print(f"target [{name}]: map+unmap 1 page <= 2x bare round trip: "
+              f"{fmt(one_ns)} / {fmt(bare_ns)} = {ratio:.1f}x -> {v1}; "
+              f"map+unmap {BATCH} refs <= 3 ms: {fmt(big_ns)} -> {v2} "
+              f"(like for like, both ends polling: {one_ns / polled_ns:.1f}x)")
+        md.append(f"| {name} | {fmt(one_ns)} | {fmt(bare_ns)} | {ratio:.1f}x: {v1} "
+                  f"| {fmt(big_ns)}: {v2} | {one_ns / polled_ns:.1f}x |")
     if args.markdown:
         print("\n| machine | |\n|---|---|")
         for k, v in info.items():
             print(f"| {k} | {v} |")
-        print("\n| case | median | noise | loop n | vs bare round trip |\n|---|---|---|---|---|")
-        for name, med_s, noise_s, n_s, rel in rows:
-            print(f"| {name.strip()} | {med_s} | {noise_s} | {n_s} | {rel} |")
-        print("\n| target | measured | verdict |\n|---|---|---|")
-        for t, got, verdict in targets:
-            print(f"| {t} | {got} | {verdict} |")
-        for t, got in context:
-            print(f"| {t} (like for like, not a target) | {got} | |")
+        print("\n".join(md))
     return 0
+
+
+def _table(title: str, rows: list[tuple[str, str, str, str, str]], md: list[str]) -> None:
+    w0 = max(len(r[0]) for r in rows)
+    print(f"\n{title}")
+    print(f"{'case':<{w0}}  {'median':>10}  {'noise':>9}  {'loop n':>6}  vs")
+    for name, med_s, noise_s, n_s, rel in rows:
+        print(f"{name:<{w0}}  {med_s:>10}  {noise_s:>9}  {n_s:>6}  {rel}")
+    md.append(f"\n{title}\n\n| case | median | noise | loop n | vs bare round trip |")
+    md.append("|---|---|---|---|---|")
+    for name, med_s, noise_s, n_s, rel in rows:
+        md.append(f"| {name.strip()} | {med_s} | {noise_s} | {n_s} | {rel} |")
 
 
 if __name__ == "__main__":
