@@ -1513,20 +1513,24 @@ out:
 
 /*
  * serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok)
- *     -> (pos, replies, answered)
+ *     -> (pos, replies, answered, partial)
  *
  * What xengrant.service.server.Server._on_data does for the complete
  * messages in buf[pos:end], for the messages it takes: a GNTTAB_OP request
- * (flags 0 or F_POSTED) for one GNTTABOP_map_grant_ref or (with unmap_ok:
- * no unmap notify is set for the caller) one GNTTABOP_unmap_grant_ref op,
- * whose op is the common success case of map_run/unmap_run.  Each is
- * answered, in stream order, with the bytes Server._gnttab_reply builds for
- * it: status 0, the hypercall's rc 0, the op with its OUT fields, the
- * caller's p2m entry of the op's gfn as it is now, and no debug reasons.
- * It stops at the first message it does not take, which is left untouched
- * (Python answers it and the rest).  Returns where it stopped, the replies
- * (bytes, b"" for none) and how many of them answer requests that are not
- * F_POSTED (the caller sends those at once).  The message layout is
+ * (flags 0 or F_POSTED) of GNTTABOP_map_grant_ref or (with unmap_ok: no
+ * unmap notify is set for the caller) GNTTABOP_unmap_grant_ref ops, exactly
+ * count of them, whose ops are the common success case of map_run/unmap_run.
+ * Each is answered, in stream order, with the bytes Server._gnttab_reply
+ * builds for it: status 0, the hypercall's rc 0, the ops with their OUT
+ * fields, the caller's p2m entries of the ops' gfns as they are now (the
+ * columns of protocol.pack_p2m), and no debug reasons.  It stops at the
+ * first message it does not take.  Ops run one at a time, in order, as
+ * do_grant_table_op runs them: if op i > 0 of a message is not taken, ops
+ * 0..i-1 stay done and partial is i -- the caller runs the rest of that
+ * message from op i (its reply covers every op); partial 0: the message is
+ * untouched.  Returns where it stopped, the replies (bytes, b"" for none),
+ * how many of them answer requests that are not F_POSTED (the caller sends
+ * those at once), and partial.  The message layout is
  * xengrant/service/protocol.py's (HEADER, GNTTAB_REQ, pack_p2m); a
  * differential test compares these replies with the Python path's, byte for
  * byte, together with the whole hypervisor state.
@@ -1540,8 +1544,9 @@ out:
 #define XG_GNTTAB_REQ 12       /* GNTTAB_REQ "<Iq": cmd, count */
 #define XG_GNTTABOP_map_grant_ref 0
 #define XG_GNTTABOP_unmap_grant_ref 1
-/* reply: header, "<iiI" (status, rc, size), op, "<Iqqq" p2m entry, u16 0 reasons */
-#define XG_REPLY_FIXED (XG_HDR + 12 + 28 + 2)
+/* reply: header, "<iiI" (status, rc, size), the ops, u32 n + n gfns, mfns and
+ * types ("q" columns), u16 0 (no reasons) */
+#define XG_P2M_ENTRY 24
 
 /* the p2m entry of gfn as the reply carries it: (mfn, type), (-1, 0) if none */
 static int
@@ -1572,7 +1577,7 @@ xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
     ARGCHECK(8, "serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok) "
-                "-> (pos, replies, answered)")
+                "-> (pos, replies, answered, partial)")
     PyObject *domains = args[5], *refcount = args[6];
     if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
         PyErr_SetString(PyExc_TypeError, "serve_gnttab: domains must be a dict, refcount a list");
@@ -1594,7 +1599,7 @@ xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     memset(&l, 0, sizeof(l));
     Py_buffer in;
     char *out = NULL;
-    Py_ssize_t olen = 0, ocap = 0, answered = 0;
+    Py_ssize_t olen = 0, ocap = 0, answered = 0, partial = 0;
     PyObject *ret = NULL;
     if (PyObject_GetBuffer(args[1], &in, PyBUF_WRITABLE) < 0)
         return NULL;
@@ -1635,10 +1640,12 @@ xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             opsize = XG_UNMAP_OP_SIZE;
         else
             break;
-        if (count != 1 || length != XG_GNTTAB_REQ + opsize)
+        if (count < 1 || count > XG_MAX_PAYLOAD / opsize ||
+            (Py_ssize_t)length != XG_GNTTAB_REQ + count * opsize)
             break;
-        /* room for this reply before the op runs: no failure after it */
-        Py_ssize_t need = olen + XG_REPLY_FIXED + opsize;
+        /* room for this reply before any op runs: no failure after one */
+        Py_ssize_t rlen = 12 + count * (opsize + XG_P2M_ENTRY) + 4 + 2;
+        Py_ssize_t need = olen + XG_HDR + rlen;
         if (need > ocap) {
             Py_ssize_t cap = ocap ? ocap * 2 : 512;
             while (cap < need)
@@ -1651,39 +1658,51 @@ xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             out = grown;
             ocap = cap;
         }
-        unsigned char *op = h + XG_HDR + XG_GNTTAB_REQ;
-        int r = cmd == XG_GNTTABOP_map_grant_ref
-                    ? xg_map_op(&b, &l, domains, refcount, op, b.mem.buf, nframes)
-                    : xg_unmap_op(&b, &l, domains, refcount, op, b.mem.buf, nframes);
-        if (r < 0)
-            goto out;
-        if (r == 0)
+        unsigned char *uop = h + XG_HDR + XG_GNTTAB_REQ;
+        Py_ssize_t i = 0;
+        for (; i < count; i++) {
+            unsigned char *op = uop + i * opsize;
+            int r = cmd == XG_GNTTABOP_map_grant_ref
+                        ? xg_map_op(&b, &l, domains, refcount, op, b.mem.buf, nframes)
+                        : xg_unmap_op(&b, &l, domains, refcount, op, b.mem.buf, nframes);
+            if (r < 0)
+                goto out;
+            if (r == 0)
+                break;
+        }
+        if (i < count) {
+            partial = i; /* 0: untouched */
             break;
-        uint64_t host_addr;
-        memcpy(&host_addr, op, 8);
-        long long e_mfn, e_typ;
-        if (xg_p2m_entry(l.p2m, host_addr >> 12, &e_mfn, &e_typ) < 0)
-            goto out;
+        }
         char *o = out + olen;
-        uint32_t rlen = (uint32_t)(12 + opsize + 28 + 2), size = (uint32_t)opsize, n1 = 1;
+        uint32_t rlen32 = (uint32_t)rlen, size = (uint32_t)(count * opsize), n32 = (uint32_t)count;
         uint16_t rtype = XG_MSG_GNTTAB_OP, rflags = XG_F_REPLY, noreasons = 0;
         int32_t zero = 0;
-        int64_t gfn = (int64_t)(host_addr >> 12), mfn64 = e_mfn, typ64 = e_typ;
-        memcpy(o, &rlen, 4);
+        memcpy(o, &rlen32, 4);
         memcpy(o + 4, &rtype, 2);
         memcpy(o + 6, &rflags, 2);
         memcpy(o + 8, &seq, 4);
         memcpy(o + 12, &zero, 4);
         memcpy(o + 16, &zero, 4);
         memcpy(o + 20, &size, 4);
-        memcpy(o + 24, op, (size_t)opsize);
-        o += 24 + opsize;
-        memcpy(o, &n1, 4);
-        memcpy(o + 4, &gfn, 8);
-        memcpy(o + 12, &mfn64, 8);
-        memcpy(o + 20, &typ64, 8);
-        memcpy(o + 28, &noreasons, 2);
-        olen += XG_REPLY_FIXED + opsize;
+        memcpy(o + 24, uop, (size_t)size);
+        o += 24 + size;
+        memcpy(o, &n32, 4);
+        o += 4;
+        for (i = 0; i < count; i++) {
+            uint64_t host_addr;
+            memcpy(&host_addr, uop + i * opsize, 8);
+            long long e_mfn, e_typ;
+            if (xg_p2m_entry(l.p2m, host_addr >> 12, &e_mfn, &e_typ) < 0)
+                goto out;
+            int64_t gfn = (int64_t)(host_addr >> 12), mfn64 = e_mfn, typ64 = e_typ;
+            memcpy(o + i * 8, &gfn, 8);
+            memcpy(o + (count + i) * 8, &mfn64, 8);
+            memcpy(o + (2 * count + i) * 8, &typ64, 8);
+        }
+        o += 24 * count;
+        memcpy(o, &noreasons, 2);
+        olen += XG_HDR + rlen;
         if (flags == 0)
             answered++;
         pos += XG_HDR + (Py_ssize_t)length;
@@ -1691,7 +1710,7 @@ xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     {
         PyObject *replies = PyBytes_FromStringAndSize(out ? out : "", olen);
         if (replies != NULL)
-            ret = Py_BuildValue("(nNn)", pos, replies, answered);
+            ret = Py_BuildValue("(nNnn)", pos, replies, answered, partial);
     }
 out:
     PyMem_Free(out);
@@ -2091,7 +2110,7 @@ static PyMethodDef module_methods[] = {
     FAST(unmap_run, "unmap_run(mem, uop, start, count, ld, domains, refcount) -> index of the "
                     "first op of a GNTTABOP_unmap_grant_ref batch left to Python"),
     FAST(serve_gnttab, "serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok) -> "
-                       "(pos, replies, answered): the service's one-op map/unmap messages"),
+                       "(pos, replies, answered, partial): the service's map/unmap messages"),
     FAST(grant_run, "grant_run(frames, refs, gfns, start, domid, flags) -> index of the first "
                     "v1 entry not introduced"),
     FAST(end_run, "end_run(frames, state, refs, start) -> index of the first v1 entry whose "

@@ -378,9 +378,9 @@ class Server:
     def _on_data(self, conn: Connection, rbuf: memoryview, n: int) -> None:
         """Handle the ``n`` bytes just read into ``rbuf`` (caller holds the lock)."""
         dec = conn.decoder
-        pos = 0
+        pos = first_op = 0
         if dec.idle and SERVE_FASTPATH and gnttab_map.FASTPATH and conn.domid is not None:
-            pos = self._serve_fast(conn, rbuf, n)
+            pos, first_op = self._serve_fast(conn, rbuf, n)
         if dec.idle:
             # Whole messages are handled where they lie in the receive buffer
             # (their handlers are done with it before the next recv_into).
@@ -392,7 +392,10 @@ class Server:
                 if length > limit or n - start < length:
                     break
                 pos = start + length
-                self._request(conn, mtype, flags, seq, rbuf[start:pos], length, hold=True)
+                self._request(
+                    conn, mtype, flags, seq, rbuf[start:pos], length, hold=True, first_op=first_op
+                )
+                first_op = 0
         if pos < n and not conn.dead:
             for frame in dec.feed(rbuf[pos:n]):
                 if conn.dead:
@@ -406,25 +409,28 @@ class Server:
         if self._deliveries or self.xs.events:
             self._dispatch_async()
 
-    def _serve_fast(self, conn: Connection, rbuf: memoryview, n: int) -> int:
-        """Answer the leading one-op map/unmap messages of ``rbuf[:n]`` in C.
+    def _serve_fast(self, conn: Connection, rbuf: memoryview, n: int) -> tuple[int, int]:
+        """Answer the leading map/unmap messages of ``rbuf[:n]`` in C.
 
-        :func:`_cext.serve_gnttab` takes them while each op is the common
+        :func:`_cext.serve_gnttab` takes them while their ops are the common
         success case, replies as :meth:`_gnttab_reply` would (a differential
         test holds it to that), and stops at the first message it does not
         take.  An unmap is taken only when the caller has no unmap notify
         (:meth:`_notify_before_unmap` must see it).
 
         Returns:
-            Where the messages left to :meth:`_request` start.
+            ``(pos, first_op)``: where the messages left to :meth:`_request`
+            start, and how many ops of the first of them already ran (0: none;
+            else its ops from there on are left, as ``do_grant_table_op``
+            would go on with them).
         """
         domid = conn.domid
         hv = self.hv
         d = None if domid is None else hv.domains.get(domid)
         if domid is None or d is None or d.is_dying:
-            return 0
+            return 0, 0
         try:
-            pos, replies, answered = _cext.serve_gnttab(
+            pos, replies, answered, first_op = _cext.serve_gnttab(
                 hv.mem, rbuf, 0, n, d, hv.domains, hv.machine.refcount,
                 not self.notifies.get(domid),
             )
@@ -432,7 +438,7 @@ class Server:
             # an op may have run without its reply: the connection cannot go on
             self.log(f"{conn!r}: GNTTAB_OP fast path failed: {e!r}; dropping it")
             self._schedule_close(conn)
-            return n
+            return n, 0
         if replies:
             conn.out.append((replies, ()))
             conn.out_bytes += len(replies)
@@ -441,7 +447,7 @@ class Server:
                 self._schedule_close(conn)
             elif answered:
                 conn.flush_due = True
-        return int(pos)
+        return int(pos), int(first_op)
 
     def _send(self, conn: Connection, data: bytes, fds: tuple[int, ...] = ()) -> None:
         """Queue ``data`` for ``conn`` and send what is queued (posted replies too)."""
@@ -525,6 +531,7 @@ class Server:
         payload: Payload | None,
         length: int,
         hold: bool = False,
+        first_op: int = 0,
     ) -> None:
         """Answer one request: its reply, or an error reply, is queued for ``conn``.
 
@@ -537,6 +544,8 @@ class Server:
             hold: leave the reply queued; the caller flushes (once per read).
                 A posted request's reply (``F_POSTED``) is queued without
                 asking for a flush either way.
+            first_op: a GNTTAB_OP whose ops before this one already ran
+                (:meth:`_serve_fast`): run the rest.
         """
         domid = conn.domid
         if (
@@ -547,7 +556,7 @@ class Server:
         ):
             # the hot path: no table lookup, the reply built in one piece
             try:
-                reply = self._gnttab_reply(domid, payload, seq)
+                reply = self._gnttab_reply(domid, payload, seq, first_op)
             except Exception as e:
                 reply = self._error_reply(conn, mtype, seq, e)
             self._queue(conn, reply, (), flags, hold)
@@ -764,12 +773,14 @@ class Server:
         the hot path, :meth:`_gnttab_reply`, whenever it can)."""
         return self._gnttab_reply(self._dom(conn), payload, 0)[p.HEADER_SIZE :]
 
-    def _gnttab_reply(self, domid: int, payload: Payload, seq: int) -> bytes:
+    def _gnttab_reply(self, domid: int, payload: Payload, seq: int, first_op: int = 0) -> bytes:
         """``HYPERVISOR_grant_table_op``: the whole reply message.
 
         ``payload`` is bytes or a writable view of the receive buffer: then
         the ops are the hypercall's ``uop`` in place, and its OUT fields are
-        copied once, into the reply.
+        copied once, into the reply.  ``first_op`` > 0 (map or unmap only):
+        the ops before it already ran (:meth:`_serve_fast`); the hypercall
+        goes on from there, and the reply covers every op.
 
         Raises:
             ProtocolError: EBADMSG, no room for the command and count.
@@ -781,23 +792,27 @@ class Server:
             uop = payload[p.GNTTAB_REQ.size :]
         else:
             uop = memoryview(bytearray(payload[p.GNTTAB_REQ.size :]))
+        ops, left = uop, count
+        if first_op:  # do_grant_table_op goes on with the ops left
+            ops = uop[first_op * _ADDR_FIELDS[cmd][0] :]
+            left = count - first_op
         notes = self.notifies.get(domid)
         fired: list[tuple[int, Notify]] = []
         if notes and cmd in (gt.GNTTABOP_unmap_grant_ref, gt.GNTTABOP_unmap_and_replace):
-            fired = self._notify_before_unmap(domid, notes, uop, count)
+            fired = self._notify_before_unmap(domid, notes, ops, left)
         if count == 1 and cmd in _ONE_GFN and len(uop) >= 24:
             touched: list[int] | None = [_U64.unpack_from(uop)[0] >> 12]
         else:
             touched = _gfns_touched(cmd, uop, count)
         xen = self.xen
         before = xen.log_count
-        rc = self.hv.grant_table_op(domid, cmd, uop, count)
+        rc = self.hv.grant_table_op(domid, cmd, ops, left)
         tail = _NO_REASONS
         if xen.log_count != before:
             fresh = xen.debug_log[-min(xen.log_count - before, len(xen.debug_log)) :]
             tail = p.pack_reasons([r for dd, _op, _st, r in fresh if dd == domid])
         if fired:
-            self._notify_after_unmap(domid, notes or {}, uop, fired)
+            self._notify_after_unmap(domid, notes or {}, ops, fired)
         if touched is not None and len(touched) == 1:
             d = self.hv.domains.get(domid)
             gfn = touched[0]
