@@ -233,3 +233,29 @@ def busy_spy(
 
     monkeypatch.setattr(table, name, spy)
     return outcomes
+
+
+def hv_state(hv: Any) -> tuple[Any, ...]:
+    """Everything an emulated hypervisor holds, for comparing two of them.
+
+    Machine memory (every page, every grant entry's flags), refcounts,
+    owners and free frames, and per domain: dying, pages, p2m, active
+    entries, maptrack entries and free-handle order.
+    """
+    doms = []
+    for domid in sorted(hv.domains):
+        ds = hv.domains[domid]
+        active = {
+            ref: (act.pin, act.domid, act.mfn, act.start, act.length, act.is_sub_page)
+            for ref, act in ds.gt.active.items()
+        }
+        mt = ds.maptrack
+        entries = [
+            None if m is None else (m.flags, m.domid, m.ref, m.mfn, m.host_gfn)
+            for m in mt.entries
+        ]
+        doms.append(
+            (domid, ds.is_dying, ds.tot_pages, dict(ds.p2m), active, entries, list(mt._free))
+        )
+    m = hv.machine
+    return (bytes(hv.mem), doms, list(m.refcount), list(m.owner), m.free_frames)

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import xengrant
+from grant_helpers import hv_state
 from xengrant import abi
 from xengrant.emu import gnttab_map
 from xengrant.emu.maptrack import MAPTRACK_PER_PAGE
@@ -73,25 +74,7 @@ class World:
         return int(getattr(self, name).domid)
 
     def state(self) -> tuple[Any, ...]:
-        xen = self.xen
-        hv = xen.hv
-        doms = []
-        for domid in sorted(hv.domains):
-            ds = hv.domains[domid]
-            active = {
-                ref: (act.pin, act.domid, act.mfn, act.start, act.length, act.is_sub_page)
-                for ref, act in ds.gt.active.items()
-            }
-            mt = ds.maptrack
-            entries = [
-                None if m is None else (m.flags, m.domid, m.ref, m.mfn, m.host_gfn)
-                for m in mt.entries
-            ]
-            doms.append(
-                (domid, ds.is_dying, ds.tot_pages, dict(ds.p2m), active, entries, list(mt._free))
-            )
-        m = hv.machine
-        return (bytes(hv.mem), doms, list(m.refcount), list(m.owner), m.free_frames)
+        return hv_state(self.xen.hv)
 
     def run(self, batch: tuple[Any, ...]) -> Any:
         kind = batch[0]

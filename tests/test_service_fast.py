@@ -27,6 +27,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from grant_helpers import hv_state
 from xengrant import _cext, abi
 from xengrant.service import protocol as p
 from xengrant.service import server
@@ -97,23 +98,8 @@ class World:
             out += data
 
     def state(self) -> tuple[Any, ...]:
-        hv = self.srv.hv
-        doms = []
-        for domid in sorted(hv.domains):
-            ds = hv.domains[domid]
-            active = {
-                ref: (a.pin, a.domid, a.mfn, a.start, a.length, a.is_sub_page)
-                for ref, a in ds.gt.active.items()
-            }
-            mt = ds.maptrack
-            entries = [
-                None if m is None else (m.flags, m.domid, m.ref, m.mfn, m.host_gfn)
-                for m in mt.entries
-            ]
-            doms.append((domid, ds.is_dying, dict(ds.p2m), active, entries, list(mt._free)))
-        m = hv.machine
         notes = {d: sorted(n) for d, n in self.srv.notifies.items()}
-        return (bytes(hv.mem), doms, list(m.refcount), list(m.owner), m.free_frames, notes)
+        return (hv_state(self.srv.hv), notes)
 
     def close(self) -> None:
         """Hang up (the mapper domain goes, with its mappings), unshare, close."""

@@ -616,10 +616,10 @@ xg_batch_begin(xg_batch *b, PyObject *const *args, Py_ssize_t opsize, const char
     return 0;
 }
 
-/* get_paged_frame: 1 and *mfn if gfn is RAM or a grant-table frame, 0 if
- * not, -1 on error. */
+/* p2m[gfn]: 1 with *mfn and *typ set for an (mfn, type) pair, 0 if gfn holds
+ * nothing, 2 if it holds something else, -1 on error. */
 static int
-xg_p2m_frame(PyObject *p2m, unsigned long long gfn, Py_ssize_t nframes, Py_ssize_t *mfn)
+xg_p2m_lookup(PyObject *p2m, unsigned long long gfn, long long *mfn, long long *typ)
 {
     PyObject *k = PyLong_FromUnsignedLongLong(gfn);
     if (k == NULL)
@@ -629,18 +629,28 @@ xg_p2m_frame(PyObject *p2m, unsigned long long gfn, Py_ssize_t nframes, Py_ssize
     if (e == NULL)
         return PyErr_Occurred() ? -1 : 0;
     if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 2)
-        return 0;
-    long t = PyLong_AsLong(PyTuple_GET_ITEM(e, 1));
-    if (t == -1 && PyErr_Occurred())
+        return 2;
+    *typ = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
+    if (*typ == -1 && PyErr_Occurred())
         return -1;
+    *mfn = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 0));
+    return (*mfn == -1 && PyErr_Occurred()) ? -1 : 1;
+}
+
+/* get_paged_frame: 1 and *mfn if gfn is RAM or a grant-table frame, 0 if
+ * not, -1 on error. */
+static int
+xg_p2m_frame(PyObject *p2m, unsigned long long gfn, Py_ssize_t nframes, Py_ssize_t *mfn)
+{
+    long long f, t;
+    int r = xg_p2m_lookup(p2m, gfn, &f, &t);
+    if (r != 1)
+        return r < 0 ? -1 : 0;
     if (t != XG_P2M_RAM_RW && t != XG_P2M_GNTTAB_SHARED && t != XG_P2M_GNTTAB_STATUS)
         return 0;
-    Py_ssize_t f = PyLong_AsSsize_t(PyTuple_GET_ITEM(e, 0));
-    if (f == -1 && PyErr_Occurred())
-        return -1;
     if (f < 0 || f >= nframes)
         return 0;
-    *mfn = f;
+    *mfn = (Py_ssize_t)f;
     return 1;
 }
 
@@ -1552,24 +1562,14 @@ out:
 static int
 xg_p2m_entry(PyObject *p2m, unsigned long long gfn, long long *mfn, long long *typ)
 {
-    PyObject *k = PyLong_FromUnsignedLongLong(gfn);
-    if (k == NULL)
-        return -1;
-    PyObject *e = PyDict_GetItemWithError(p2m, k);
-    Py_DECREF(k);
     *mfn = -1;
     *typ = 0;
-    if (e == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 2) {
+    int r = xg_p2m_lookup(p2m, gfn, mfn, typ);
+    if (r == 2) {
         PyErr_SetString(PyExc_TypeError, "serve_gnttab: p2m entry is not (mfn, type)");
         return -1;
     }
-    *mfn = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 0));
-    if (*mfn == -1 && PyErr_Occurred())
-        return -1;
-    *typ = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
-    return (*typ == -1 && PyErr_Occurred()) ? -1 : 0;
+    return r < 0 ? -1 : 0;
 }
 
 static PyObject *
