@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from ..errors import Busy
@@ -42,39 +42,42 @@ def _backoff(delay: float) -> float:
     return min(delay * 2, RETRY_MAX)
 
 
+def _busy_delays(
+    attempt: Callable[[], None], timeout: float | None, clock: Callable[[], float]
+) -> Iterator[float]:
+    """Call ``attempt`` until it stops raising :class:`Busy`; yield each wait between
+    (1 ms, doubling up to 1 s) for the caller to sleep, blocking or not.
+
+    Raises:
+        Busy: the last attempt's, once ``timeout`` seconds of ``clock`` have passed.
+    """
+    deadline = None if timeout is None else clock() + timeout
+    delay = RETRY_FIRST
+    while True:
+        try:
+            attempt()
+            return
+        except Busy:
+            if deadline is not None and clock() >= deadline:
+                raise
+        yield delay
+        delay = _backoff(delay)
+
+
 def retry_while_busy(attempt: Callable[[], None], timeout: float | None) -> None:
     """Call ``attempt`` until it stops raising :class:`Busy`, backing off 1 ms..1 s.
 
     Raises:
         Busy: the last attempt's, once ``timeout`` seconds have passed.
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    delay = RETRY_FIRST
-    while True:
-        try:
-            attempt()
-            return
-        except Busy:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise
+    for delay in _busy_delays(attempt, timeout, time.monotonic):
         time.sleep(delay)
-        delay = _backoff(delay)
 
 
 async def retry_while_busy_async(attempt: Callable[[], None], timeout: float | None) -> None:
     """asyncio twin of :func:`retry_while_busy` (sleeps without blocking the loop)."""
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    delay = RETRY_FIRST
-    while True:
-        try:
-            attempt()
-            return
-        except Busy:
-            if deadline is not None and loop.time() >= deadline:
-                raise
+    for delay in _busy_delays(attempt, timeout, asyncio.get_running_loop().time):
         await asyncio.sleep(delay)
-        delay = _backoff(delay)
 
 
 class HoldsView:

@@ -442,6 +442,18 @@ class Channel:
                 self._leader = True
             self._lead(remaining, self.spin)
 
+    def _take(self, queue: deque[Any], match: Any) -> Any:
+        """The first item of ``queue`` equal to ``match`` (caller holds ``_mu``); None if
+        there is none yet.
+
+        Raises:
+            ServiceError: none, and none can come: the connection closed.
+        """
+        item = _take(queue, match)
+        if item is None and self._eof:
+            raise ServiceError(errno.ECONNRESET, "the service closed the connection")
+        return item
+
     def wait_for(self, queue: deque[Any], match: Any, timeout: float | None) -> Any:
         """Take the first item of ``queue`` equal to ``match`` (None: any).
 
@@ -454,11 +466,9 @@ class Channel:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._mu:
-                item = _take(queue, match)
+                item = self._take(queue, match)
                 if item is not None:
                     return item
-                if self._eof:
-                    raise ServiceError(errno.ECONNRESET, "the service closed the connection")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
@@ -474,11 +484,9 @@ class Channel:
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             with self._mu:
-                item = _take(queue, match)
+                item = self._take(queue, match)
                 if item is not None:
                     return item
-                if self._eof:
-                    raise ServiceError(errno.ECONNRESET, "the service closed the connection")
                 fut: asyncio.Future[None] = loop.create_future()
                 self._async_waiters.append((loop, fut))
             if loop not in self._reader_loops:
