@@ -42,7 +42,6 @@ import gc
 import io
 import mmap
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -57,6 +56,8 @@ try:
 except ImportError:  # a checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     import xengrant
+from _machine import machine_info
+
 from xengrant import abi
 from xengrant.guest.domain import Pages
 
@@ -488,26 +489,6 @@ def fmt_ns(ns: float) -> str:
     return f"{ns:.0f} ns"
 
 
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "nproc": str(os.cpu_count()),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": platform.platform(),
-        "numpy": getattr(np, "__version__", "absent"),
-        "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
-    }
-
-
 @dataclass
 class Target:
     what: str
@@ -630,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config(args.rounds, cfg.n_cycle, cfg.n_small, cfg.n_shm, cfg.n_batch)
 
     start = time.monotonic()
-    info = machine_info()
+    info = machine_info(numpy=getattr(np, "__version__", "absent"))
     mode = "quick" if args.quick else "full"
     print(
         f"xengrant {getattr(xengrant, '__version__', '?')} bench ({mode}, {cfg.rounds} rounds)"

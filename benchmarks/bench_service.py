@@ -52,7 +52,6 @@ import argparse
 import gc
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import struct
@@ -69,6 +68,8 @@ try:
 except ImportError:  # a checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     import xengrant
+from _machine import machine_info
+
 from xengrant import abi
 from xengrant.service import connect, serve
 from xengrant.service import protocol as proto
@@ -165,17 +166,6 @@ class Case:
     parts: dict[str, list[float]] = field(default_factory=dict)
 
 
-def _timed(loop: Callable[[int], Any], n: int) -> float:
-    gc.collect()
-    gc.disable()
-    try:
-        t0 = time.perf_counter_ns()
-        loop(n)
-        return (time.perf_counter_ns() - t0) / n
-    finally:
-        gc.enable()
-
-
 def run_rounds(cases: list[Case], rounds: int) -> None:
     for _ in range(rounds):
         for c in cases:
@@ -207,26 +197,6 @@ def fmt(ns: float) -> str:
     if ns >= 1e3:
         return f"{ns / 1e3:.1f} us"
     return f"{ns:.0f} ns"
-
-
-def machine() -> dict[str, str]:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "nproc": str(os.cpu_count()),
-        "python": platform.python_implementation() + " " + platform.python_version(),
-        "platform": platform.platform(),
-        "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
-        "xengrant": xengrant.__version__,
-    }
 
 
 # ------------------------------------------------------------ placements
@@ -427,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 11)
     scale = 0.2 if args.quick else 1.0
-    info = machine()
+    info = machine_info(xengrant=xengrant.__version__)
     cpus = os.sched_getaffinity(0)
     names = args.placements.split(",") if args.placements else list(PLACEMENTS)
     # split needs CPUs 0 and 1
