@@ -1292,18 +1292,23 @@ xg_map_op(xg_batch *b, xg_ld *l, PyObject *domains, PyObject *refcount, unsigned
     return 1;
 }
 
+/* One op of a map or unmap run: 1 done, 0 left to Python, -1 error. */
+typedef int (*xg_op_fn)(xg_batch *, xg_ld *, PyObject *, PyObject *, unsigned char *, char *,
+                        Py_ssize_t);
+
+/* args = (mem, uop, start, count, ld, domains, refcount): run ops start.. of
+ * opsize bytes with one while it takes them; the index of the first it does
+ * not take. */
 static PyObject *
-xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+xg_ops_run(PyObject *const *args, Py_ssize_t opsize, xg_op_fn one, const char *name)
 {
-    (void)mod;
-    ARGCHECK(7, "map_run(mem, uop, start, count, ld, domains, refcount) -> index")
     PyObject *domains = args[5], *refcount = args[6];
     if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
-        PyErr_SetString(PyExc_TypeError, "map_run: domains must be a dict, refcount a list");
+        PyErr_Format(PyExc_TypeError, "%s: domains must be a dict, refcount a list", name);
         return NULL;
     }
     xg_batch b;
-    if (xg_batch_begin(&b, args, XG_MAP_OP_SIZE, "map_run") < 0)
+    if (xg_batch_begin(&b, args, opsize, name) < 0)
         return NULL;
     xg_ld l;
     memset(&l, 0, sizeof(l));
@@ -1314,22 +1319,27 @@ xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         nframes = PyList_GET_SIZE(refcount);
     if (xg_ld_get(&l, args[4]) < 0)
         goto out;
-    if (!l.usable)
-        goto done;
-    for (; i < count; i++) {
-        int r = xg_map_op(&b, &l, domains, refcount,
-                          (unsigned char *)b.uop.buf + i * XG_MAP_OP_SIZE, m, nframes);
+    for (; l.usable && i < count; i++) {
+        int r = one(&b, &l, domains, refcount, (unsigned char *)b.uop.buf + i * opsize, m,
+                    nframes);
         if (r < 0)
             goto out;
         if (r == 0)
             break;
     }
-done:
     ret = PyLong_FromSsize_t(i);
 out:
     xg_ld_clear(&l);
     xg_batch_end(&b);
     return ret;
+}
+
+static PyObject *
+xg_map_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    ARGCHECK(7, "map_run(mem, uop, start, count, ld, domains, refcount) -> index")
+    return xg_ops_run(args, XG_MAP_OP_SIZE, xg_map_op, "map_run");
 }
 
 /*
@@ -1481,39 +1491,7 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
     ARGCHECK(7, "unmap_run(mem, uop, start, count, ld, domains, refcount) -> index")
-    PyObject *domains = args[5], *refcount = args[6];
-    if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
-        PyErr_SetString(PyExc_TypeError, "unmap_run: domains must be a dict, refcount a list");
-        return NULL;
-    }
-    xg_batch b;
-    if (xg_batch_begin(&b, args, XG_UNMAP_OP_SIZE, "unmap_run") < 0)
-        return NULL;
-    xg_ld l;
-    memset(&l, 0, sizeof(l));
-    PyObject *ret = NULL;
-    char *m = b.mem.buf;
-    Py_ssize_t nframes = b.nframes, i = b.start, count = b.count;
-    if (PyList_GET_SIZE(refcount) < nframes)
-        nframes = PyList_GET_SIZE(refcount);
-    if (xg_ld_get(&l, args[4]) < 0)
-        goto out;
-    if (!l.usable)
-        goto done;
-    for (; i < count; i++) {
-        int r = xg_unmap_op(&b, &l, domains, refcount,
-                            (unsigned char *)b.uop.buf + i * XG_UNMAP_OP_SIZE, m, nframes);
-        if (r < 0)
-            goto out;
-        if (r == 0)
-            break;
-    }
-done:
-    ret = PyLong_FromSsize_t(i);
-out:
-    xg_ld_clear(&l);
-    xg_batch_end(&b);
-    return ret;
+    return xg_ops_run(args, XG_UNMAP_OP_SIZE, xg_unmap_op, "unmap_run");
 }
 
 
