@@ -1,7 +1,7 @@
 """Fast paths give what the plain paths give.
 
 The guest packs and unpacks batches of map/unmap ops with strided memoryview
-casts (``gnttab._VECTOR``, from ``_VECTOR_MIN`` ops) and reads copy statuses
+casts (:mod:`xengrant.guest.ops`, from ``VECTOR_MIN`` ops) and reads copy statuses
 with one strided read; here each batch runs once that way and once through the
 per-op struct/ctypes path, and the statuses, handles, bytes and counts agree.
 """
@@ -16,7 +16,7 @@ import pytest
 import xengrant
 from xengrant import abi
 from xengrant.errors import BatchError
-from xengrant.guest import gnttab as guest_gnttab
+from xengrant.guest import ops as guest_ops
 
 
 def _counts(xen: xengrant.EmbeddedXen, *doms: xengrant.Domain) -> tuple[Any, ...]:
@@ -38,7 +38,7 @@ def test_map_grants_both_paths(
 ) -> None:
     a, b = pair
     if not vector:
-        monkeypatch.setattr(guest_gnttab, "_VECTOR_MIN", 1 << 30)
+        monkeypatch.setattr(guest_ops, "VECTOR_MIN", 1 << 30)
     share = a.grant_table.share_pages(b.domid, n)
     share.mem[:] = bytes(random.Random(n).randbytes(4096 * n))
     before = _counts(xen, a, b)
@@ -74,7 +74,7 @@ def test_map_grants_bad_domid_raises_the_same(
 
     _a, b = pair
     if not vector:
-        monkeypatch.setattr(guest_gnttab, "_VECTOR_MIN", 1 << 30)
+        monkeypatch.setattr(guest_ops, "VECTOR_MIN", 1 << 30)
     with pytest.raises(ValueError, match="does not fit"):
         b.grant_table.map_grants([(1 << 16, 8)] * 20)
 

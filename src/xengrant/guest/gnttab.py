@@ -29,10 +29,8 @@ import asyncio
 import contextlib
 import ctypes
 import struct
-import sys
 import threading
 import time
-from array import array
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +55,13 @@ from ..errors import BatchError, Busy, GrantError, GrantTableFull, HypercallErro
 from ..hypercall import check_rc
 from .domain import Domain, Pages
 from .memory import GNTTAB_GFN_BASE, GNTTAB_STATUS_GFN_BASE
+from .ops import (
+    VECTOR,
+    map_results,
+    pack_map_ops,
+    pack_unmap_ops,
+    unmap_statuses,
+)
 from .share import RETRY_MAX, Mapping, Share, retry_while_busy, retry_while_busy_async
 
 _INUSE = gt.GTF_reading | gt.GTF_writing
@@ -65,16 +70,26 @@ _SETUP = struct.Struct("<H2xIh6xQ")
 _STATUS_FRAMES = struct.Struct("<IHhQ")
 _VERSION = struct.Struct("<I")
 _TRANSFER = struct.Struct("<QH2xIh6x")
-MAP_OP = struct.Struct("<QIIHhIQ")
-UNMAP_OP = struct.Struct("<QQIh2x")
-#: Batches are (un)packed with strided memoryview casts, one slice per field,
-#: instead of a struct call per op; the casts are native-endian, the ABI is
-#: little-endian, so other hosts take the per-op struct path.
-_VECTOR = sys.byteorder == "little"
-#: Below this many ops the per-op struct calls are cheaper than the casts.
-_VECTOR_MIN = 16
-#: gfn -> host_addr (``gfn << 12``), mapped over a batch at C speed.
-_PAGE_ADDR = (4096).__mul__
+
+def map_failure(
+    domids: Sequence[int], refs: Sequence[int], statuses: list[int], reasons: str
+) -> GrantError | BatchError:
+    """What a map of ``refs`` that failed raises (gntdev's all-or-nothing batch).
+
+    Args:
+        domids, refs: the grants asked for.
+        statuses: each op's GNTST code.
+        reasons: Xen's debug reasons for the failed ops, joined.
+
+    Returns:
+        A :class:`GrantError` for one grant (with its domid, ref and reason),
+        a :class:`BatchError` with every status for several.
+    """
+    if len(refs) == 1:
+        why = f"d{domids[0]} ref {refs[0]}" + (f": {reasons}" if reasons else "")
+        return GrantError("map_grant_ref", statuses[0], why)
+    return BatchError("map_grant_refs", statuses, reasons)
+
 
 # free-list states of a ref
 _FREE, _USED, _RESERVED = 0, 1, 2
@@ -894,7 +909,7 @@ class GrantTable:
         self.domain.grant_table_op(gt.GNTTABOP_copy, ops, count)
         n = len(ops) if count is None else count
         if (
-            _VECTOR
+            VECTOR
             and isinstance(ops, ctypes.Array)
             and ops._type_ is gt.gnttab_copy
             and 0 <= n <= len(ops)
@@ -931,59 +946,22 @@ class GrantTable:
         domain = self.domain
         gfns = domain.get_pages(n)
         flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
-        size = MAP_OP.size
-        buf = bytearray(size * n)
-        mv = memoryview(buf)
-        vector = _VECTOR and n >= _VECTOR_MIN
-        packed = False
-        if vector:
-            # struct gnttab_map_grant_ref (32 bytes): host_addr Q[0], flags I[2],
-            # ref I[3], dom H[8], status h[9], handle I[5], dev_bus_addr Q[3].
-            try:
-                i32 = mv.cast("I")
-                mv.cast("Q")[0::4] = array("Q", map(_PAGE_ADDR, gfns))
-                i32[2::8] = array("I", [flags]) * n
-                i32[3::8] = array("I", refs)
-                mv.cast("H")[8::16] = array("H", domids)
-                packed = True
-            except (OverflowError, TypeError, ValueError):
-                pass  # the struct path below raises what it always raised
-        if not packed:
-            pack = MAP_OP.pack_into
-            try:
-                for i, (domid, ref, gfn) in enumerate(zip(domids, refs, gfns)):
-                    pack(buf, i * size, gfn << 12, flags, ref, domid, 0, 0, 0)
-            except struct.error as e:  # a domid or ref that does not fit: give the holes back
-                domain.put_pages(gfns)
-                raise ValueError(
-                    f"map_grants: grant {(domids[i], refs[i])} does not fit gnttab_map_grant_ref "
-                    "(domid is 16 bits, ref 32 bits)"
-                ) from e
-        rc = self._hc.grant_table_op(gt.GNTTABOP_map_grant_ref, mv, n)
+        try:
+            buf = pack_map_ops(gfns, flags, refs, domids)
+        except Exception:  # a domid or ref that does not fit: give the holes back
+            domain.put_pages(gfns)
+            raise
+        rc = self._hc.grant_table_op(gt.GNTTABOP_map_grant_ref, memoryview(buf), n)
         if rc < 0:
             domain.put_pages(gfns)
             check_rc("map_grant_ref", rc)
-        statuses: list[int]
-        handles: list[int]
-        if vector:
-            statuses = mv.cast("h")[9::16].tolist()
-            handles = mv.cast("I")[5::8].tolist()
-        else:
-            unpack = MAP_OP.unpack_from
-            statuses, handles = [], []
-            for i in range(n):
-                st, handle = unpack(buf, i * size)[4:6]
-                statuses.append(st)
-                handles.append(handle)
+        statuses, handles = map_results(buf, n)
         if any(statuses):
             reasons = "; ".join(getattr(self._hc, "last_reasons", ()))
             ok = [(g, h) for g, h, s in zip(gfns, handles, statuses) if s == gt.GNTST_okay]
             self._unmap_handles([g for g, _ in ok], [h for _, h in ok])
             domain.put_pages(gfns)
-            if n == 1:
-                why = f"d{domids[0]} ref {refs[0]}" + (f": {reasons}" if reasons else "")
-                raise GrantError("map_grant_ref", statuses[0], why)
-            raise BatchError("map_grant_refs", statuses, reasons)
+            raise map_failure(domids, refs, statuses, reasons)
         view = self._hc.map_gfns(gfns, writable)
         return Mapping(
             self,
@@ -999,30 +977,12 @@ class GrantTable:
         n = len(handles)
         if not n:
             return []
-        size = UNMAP_OP.size
-        buf = bytearray(size * n)
-        mv = memoryview(buf)
-        vector = _VECTOR and n >= _VECTOR_MIN and len(gfns) == n
-        packed = False
-        if vector:
-            # struct gnttab_unmap_grant_ref (24 bytes): host_addr Q[0],
-            # dev_bus_addr Q[1], handle I[4], status h[10].
-            try:
-                mv.cast("Q")[0::3] = array("Q", map(_PAGE_ADDR, gfns))
-                mv.cast("I")[4::6] = array("I", handles)
-                packed = True
-            except (OverflowError, TypeError, ValueError):
-                pass  # the struct path below raises what it always raised
-        if not packed:
-            for i, (gfn, handle) in enumerate(zip(gfns, handles)):
-                UNMAP_OP.pack_into(buf, i * size, gfn << 12, 0, handle, 0)
+        buf = pack_unmap_ops(gfns, handles)
         check_rc(
             "unmap_grant_ref",
-            self._hc.grant_table_op(gt.GNTTABOP_unmap_grant_ref, mv, n),
+            self._hc.grant_table_op(gt.GNTTABOP_unmap_grant_ref, memoryview(buf), n),
         )
-        if vector:
-            return mv.cast("h")[10::12].tolist()
-        return [UNMAP_OP.unpack_from(buf, i * size)[3] for i in range(n)]
+        return unmap_statuses(buf, n)
 
     def _unmap(self, mapping: Mapping) -> None:
         mapping._release_memory()

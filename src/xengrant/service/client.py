@@ -40,16 +40,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import repeat
-from operator import itemgetter, lshift
+from operator import itemgetter
 from typing import Any, Optional
 
 from .. import _cext
 from ..abi import grant_table as gt
 from ..abi.gntalloc import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from ..emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
-from ..errors import BatchError, GrantError, HypercallError, XenError
+from ..errors import BatchError, HypercallError, XenError
 from ..guest.domain import Domain
-from ..guest.gnttab import MAP_OP, UNMAP_OP
+from ..guest.gnttab import map_failure
+from ..guest.ops import (
+    MAP_OP,
+    UNMAP_OP,
+    map_results,
+    pack_map_ops,
+    pack_unmap_ops,
+    unmap_statuses,
+)
 from ..guest.share import Mapping, Share
 from ..hypercall import check_rc
 from ..portable import CopySegment, EmulatedGntshr, EmulatedGnttab, GrantRef
@@ -91,8 +99,6 @@ _GNTTAB_HEAD = struct.Struct("<iiI")
 _ONE_ENTRY = p.U32.pack(1)
 _first = itemgetter(0)
 _second = itemgetter(1)
-#: status (h) and handle (I) of a gnttab_map_grant_ref, at offset 18
-_MAP_STATUS_HANDLE = struct.Struct("<hI")
 #: GNTTAB_OP's cmd and count for one map op, one unmap op
 _MAP_ONE = p.GNTTAB_REQ.pack(gt.GNTTABOP_map_grant_ref, 1)
 _UNMAP_ONE = p.GNTTAB_REQ.pack(gt.GNTTABOP_unmap_grant_ref, 1)
@@ -1198,27 +1204,9 @@ class RemoteGnttab(EmulatedGnttab):
         gfns = domain.get_pages(n)
         flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
         try:
-            if n == 1:
-                buf = bytearray(MAP_OP.pack(gfns[0] << 12, flags, refs[0], domids[0], 0, 0, 0))
-            else:
-                buf = bytearray(MAP_OP.size * n)
-                ops = memoryview(buf)
-                # struct gnttab_map_grant_ref (32 bytes): host_addr Q[0], flags I[2],
-                # ref I[3], dom H[8], status h[9], handle I[5], dev_bus_addr Q[3].
-                words = ops.cast("I")
-                ops.cast("Q")[0::4] = array.array("Q", list(map(lshift, gfns, repeat(12))))
-                words[2::8] = array.array("I", [flags]) * n
-                words[3::8] = array.array("I", refs)
-                ops.cast("H")[8::16] = array.array("H", domids)
-        except (struct.error, OverflowError, TypeError, ValueError) as e:
+            buf = pack_map_ops(gfns, flags, refs, domids)
+        except Exception:  # a domid or ref that does not fit: give the holes back
             domain.put_pages(gfns)
-            for grant in zip(domids, refs):
-                if not (isinstance(grant[0], int) and 0 <= grant[0] <= 0xFFFF
-                        and isinstance(grant[1], int) and 0 <= grant[1] <= 0xFFFFFFFF):
-                    raise ValueError(
-                        f"map_grants: grant {grant} does not fit gnttab_map_grant_ref "
-                        "(domid is 16 bits, ref 32 bits)"
-                    ) from e
             raise
         ops = memoryview(buf)
         if n == 1:
@@ -1243,14 +1231,8 @@ class RemoteGnttab(EmulatedGnttab):
         if rc < 0:
             domain.put_pages(gfns)
             check_rc("map_grant_ref", rc)
-        if n == 1:
-            status, handle = _MAP_STATUS_HANDLE.unpack_from(buf, 18)
-            statuses, handles = [status], [handle]
-        else:
-            statuses = ops.cast("h")[9::16].tolist()
-            handles = ops.cast("I")[5::8].tolist()
-            status = min(statuses) or max(statuses)
-        if status:
+        statuses, handles = map_results(buf, n)
+        if any(statuses):
             self._map_failed(domids, refs, gfns, statuses, handles)
         view = hc.map_gfns(gfns, writable)
         return Mapping(self, domids, refs, writable, view, handles, resource=gfns)
@@ -1272,13 +1254,10 @@ class RemoteGnttab(EmulatedGnttab):
         reasons = "; ".join(self._hc.last_reasons)
         ok = [i for i, st in enumerate(statuses) if st == gt.GNTST_okay]
         if ok:
-            buf = _unmap_ops([gfns[i] for i in ok], [handles[i] for i in ok])
+            buf = pack_unmap_ops([gfns[i] for i in ok], [handles[i] for i in ok])
             self._hc.grant_table_op(gt.GNTTABOP_unmap_grant_ref, memoryview(buf), len(ok))
         self.domain.put_pages(gfns)
-        if len(refs) == 1:
-            why = f"d{domids[0]} ref {refs[0]}" + (f": {reasons}" if reasons else "")
-            raise GrantError("map_grant_ref", statuses[0], why)
-        raise BatchError("map_grant_refs", statuses, reasons)
+        raise map_failure(domids, refs, statuses, reasons)
 
     def _unmap(self, mapping: Mapping) -> None:
         """Unmap a mapping made here: ``GNTTABOP_unmap_grant_ref``, posted.
@@ -1316,14 +1295,14 @@ class RemoteGnttab(EmulatedGnttab):
         gfns: list[int] = mapping.resource
         handles = mapping.handles
         assert handles is not None
-        buf = _unmap_ops(gfns, handles)
+        buf = pack_unmap_ops(gfns, handles)
         domids, refs = mapping.domids, mapping.refs
         domain = self.domain
 
         def done(rc: int) -> BaseException | None:
             if rc < 0:
                 return HypercallError("unmap_grant_ref", -rc, f"posted unmap of refs {refs}")
-            statuses = _unmap_statuses(buf, len(gfns))
+            statuses = unmap_statuses(buf, len(gfns))
             if not any(statuses):
                 domain.put_pages(gfns)
                 return None
@@ -1499,25 +1478,6 @@ class RemoteGnttab(EmulatedGnttab):
         if self._bounces is not None:
             self._bounces.free()
             self._bounces = None
-
-
-def _unmap_ops(gfns: Sequence[int], handles: Sequence[int]) -> bytearray:
-    """``gnttab_unmap_grant_ref`` ops: host_addr Q[0], dev_bus_addr Q[1], handle I[4]."""
-    n = len(handles)
-    if n == 1:
-        return bytearray(UNMAP_OP.pack(gfns[0] << 12, 0, handles[0], 0))
-    buf = bytearray(UNMAP_OP.size * n)
-    ops = memoryview(buf)
-    ops.cast("Q")[0::3] = array.array("Q", list(map(lshift, gfns, repeat(12))))
-    ops.cast("I")[4::6] = array.array("I", handles)
-    return buf
-
-
-def _unmap_statuses(buf: bytearray, n: int) -> list[int]:
-    """The ``status`` (h[10]) of ``n`` unmap ops."""
-    if n == 1:
-        return [_UNMAP_STATUS.unpack_from(buf, 20)[0]]
-    return memoryview(buf)[: n * UNMAP_OP.size].cast("h")[10::12].tolist()
 
 
 # ------------------------------------------------------------------- domain
