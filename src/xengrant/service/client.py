@@ -229,7 +229,6 @@ class Channel:
             raise ServiceError(errno.EPIPE, f"service connection lost: {e}") from None
         return seq
 
-
     def request(
         self, mtype: int, payload: bytes = b"", tail: bytes | bytearray | memoryview = b""
     ) -> bytes:
@@ -669,13 +668,7 @@ class RemoteHypercalls:
     def grant_table_op(self, cmd: int, uop: memoryview, count: int) -> int:
         """``HYPERVISOR_grant_table_op`` in the service; OUT fields come back into ``uop``."""
         nbytes, size = self._nbytes(cmd, uop, count)
-        if size is None or count < 0 or count > 0x7FFFFFFF:
-            nbytes = 0
-        elif cmd in _ONE_OP:
-            nbytes = min(len(uop), size)
-        else:
-            nbytes = min(len(uop), size * count)
-        if cmd in _SPLITTABLE and size is not None and nbytes > _BATCH_BYTES and count >= 0:
+        if cmd in _SPLITTABLE and size is not None and nbytes > _BATCH_BYTES:
             per = _BATCH_BYTES // size
             done = 0
             while done < count:

@@ -79,8 +79,8 @@ MAX_OUTBUF = 64 << 20
 #: Seconds a connection's thread polls for the next request after answering one.
 DEFAULT_SPIN = 100e-6
 _RECV = 1 << 18
-#: Answer one-op map/unmap messages in C (:func:`_cext.serve_gnttab`) when
-#: the emulator's C map path is on too; tests turn it off to compare.
+#: Answer map/unmap messages in C (:func:`_cext.serve_gnttab`) when the
+#: emulator's C map path is on too; tests turn it off to compare.
 SERVE_FASTPATH = True
 _UNMAP_HANDLE = struct.Struct("<I")
 _UNMAP_HANDLE_OFF = 16
@@ -440,13 +440,8 @@ class Server:
             self._schedule_close(conn)
             return n, 0
         if replies:
-            conn.out.append((replies, ()))
-            conn.out_bytes += len(replies)
-            if conn.out_bytes > MAX_OUTBUF:
-                self.log(f"{conn!r}: {conn.out_bytes} bytes unread, dropping it")
-                self._schedule_close(conn)
-            elif answered:
-                conn.flush_due = True
+            # all posted: held for the next send, as _queue holds a posted reply
+            self._queue(conn, replies, (), 0 if answered else p.F_POSTED, True)
         return int(pos), int(first_op)
 
     def _send(self, conn: Connection, data: bytes, fds: tuple[int, ...] = ()) -> None:
