@@ -1621,7 +1621,7 @@ xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         if (count < 1 || count > XG_MAX_PAYLOAD / opsize ||
             (Py_ssize_t)length != XG_GNTTAB_REQ + count * opsize)
             break;
-        /* room for this reply before any op runs: no failure after one */
+        /* room for this reply before any op runs: no allocation fails after one */
         Py_ssize_t rlen = 12 + count * (opsize + XG_P2M_ENTRY) + 4 + 2;
         Py_ssize_t need = olen + XG_HDR + rlen;
         if (need > ocap) {
@@ -1715,22 +1715,31 @@ out:
 #define XG_REF_USED 1
 #define XG_REF_RESERVED 2
 
-/* the v1 entry of ref, or NULL if it is outside the mapped frames */
+/* the flags word of ref's entry (esize bytes each: 8 for v1, 16 for v2) in
+ * the table's frames, or NULL if it is outside the mapped frames (or they are
+ * read-only and writable is asked for) */
 static uint16_t *
-xg_v1_entry(PyObject *frames, Py_ssize_t ref)
+xg_entry(PyObject *frames, Py_ssize_t ref, Py_ssize_t esize, int writable)
 {
     if (ref < 0)
         return NULL;
-    Py_ssize_t fi = ref / XG_PER_V1;
+    Py_ssize_t per = XG_PAGE_SIZE / esize, fi = ref / per;
     if (fi >= PyList_GET_SIZE(frames))
         return NULL;
     PyObject *f = PyList_GET_ITEM(frames, fi);
     if (!Py_IS_TYPE(f, &FrameView_Type))
         return NULL;
     FrameView *fv = (FrameView *)f;
-    if (fv->closed || fv->readonly || fv->len < XG_PAGE_SIZE)
+    if (fv->closed || (writable && fv->readonly) || fv->len < XG_PAGE_SIZE)
         return NULL;
-    return (uint16_t *)(fv->addr + (ref % XG_PER_V1) * 8);
+    return (uint16_t *)(fv->addr + (ref % per) * esize);
+}
+
+/* the v1 entry of ref, to write, or NULL if it is outside the mapped frames */
+static uint16_t *
+xg_v1_entry(PyObject *frames, Py_ssize_t ref)
+{
+    return xg_entry(frames, ref, 8, 1);
 }
 
 /* common argument checks: frames a list, refs a list, start an index */
@@ -1878,10 +1887,9 @@ xg_put_run(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "entry_size must be 8 or 16");
         return NULL;
     }
-    Py_ssize_t per = XG_PAGE_SIZE / esize;
     char *state = PyByteArray_AS_STRING(args[1]);
     Py_ssize_t nstate = PyByteArray_GET_SIZE(args[1]);
-    Py_ssize_t n = PyList_GET_SIZE(refs), nfr = PyList_GET_SIZE(frames);
+    Py_ssize_t n = PyList_GET_SIZE(refs);
     Py_ssize_t i;
     for (i = 0; i < n; i++) {
         Py_ssize_t ref = PyLong_AsSsize_t(PyList_GET_ITEM(refs, i));
@@ -1889,14 +1897,10 @@ xg_put_run(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
             PyErr_Clear();
             return PyLong_FromSsize_t(i);
         }
-        if (ref < 0 || ref >= nstate || state[ref] != XG_REF_USED || ref / per >= nfr)
+        if (ref < 0 || ref >= nstate || state[ref] != XG_REF_USED)
             return PyLong_FromSsize_t(i);
-        PyObject *f = PyList_GET_ITEM(frames, ref / per);
-        if (!Py_IS_TYPE(f, &FrameView_Type) || ((FrameView *)f)->closed ||
-            ((FrameView *)f)->len < XG_PAGE_SIZE)
-            return PyLong_FromSsize_t(i);
-        uint16_t *e = (uint16_t *)(((FrameView *)f)->addr + (ref % per) * esize);
-        if (__atomic_load_n(e, __ATOMIC_SEQ_CST) & XG_GTF_type_mask)
+        uint16_t *e = xg_entry(frames, ref, esize, 0);
+        if (e == NULL || (__atomic_load_n(e, __ATOMIC_SEQ_CST) & XG_GTF_type_mask))
             return PyLong_FromSsize_t(i);
     }
     for (i = 0; i < n; i++) {
