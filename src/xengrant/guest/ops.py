@@ -46,12 +46,18 @@ def pack_map_ops(
     """
     n = len(refs)
     size = MAP_OP.size
+    if n == 1 and gfns:  # the common single grant: one pack
+        try:
+            return bytearray(MAP_OP.pack(gfns[0] << 12, flags, refs[0], domids[0], 0, 0, 0))
+        except struct.error:
+            pass  # the loop below names the grant
     buf = bytearray(size * n)
     if VECTOR and n >= VECTOR_MIN:
         mv = memoryview(buf)
-        # host_addr Q[0], flags I[2], ref I[3], dom H[8]
+        # host_addr Q[0], flags I[2], ref I[3], dom H[8] (arrays from lists: an
+        # array built from an iterator takes a Python step per item)
         try:
-            mv.cast("Q")[0::4] = array("Q", map(_PAGE_ADDR, gfns))
+            mv.cast("Q")[0::4] = array("Q", list(map(_PAGE_ADDR, gfns)))
             i32 = mv.cast("I")
             i32[2::8] = array("I", [flags]) * n
             i32[3::8] = array("I", refs)
@@ -91,12 +97,14 @@ def pack_unmap_ops(gfns: Sequence[int], handles: Sequence[int]) -> bytearray:
     """One unmap op per handle: ``handles[i]`` mapped at ``gfns[i]`` (dev_bus_addr 0)."""
     n = len(handles)
     size = UNMAP_OP.size
+    if n == 1 and gfns:  # the common single mapping: one pack
+        return bytearray(UNMAP_OP.pack(gfns[0] << 12, 0, handles[0], 0))
     buf = bytearray(size * n)
     if VECTOR and n >= VECTOR_MIN and len(gfns) == n:
         mv = memoryview(buf)
         # host_addr Q[0], dev_bus_addr Q[1], handle I[4]
         try:
-            mv.cast("Q")[0::3] = array("Q", map(_PAGE_ADDR, gfns))
+            mv.cast("Q")[0::3] = array("Q", list(map(_PAGE_ADDR, gfns)))
             mv.cast("I")[4::6] = array("I", handles)
             return buf
         except (OverflowError, TypeError, ValueError):
