@@ -91,6 +91,32 @@ def map_failure(
     return BatchError("map_grant_refs", statuses, reasons)
 
 
+def map_ops_at_holes(
+    domain: Domain, domids: Sequence[int], refs: Sequence[int], writable: bool
+) -> tuple[list[int], bytearray]:
+    """Fresh holes for ``refs`` and the ``gnttab_map_grant_ref`` ops mapping them there.
+
+    The first half of gntdev's ``gntdev_map_grant_pages``: the pages that will
+    host the foreign frames (Zephyr's ``gnttab_get_pages``), then one op each.
+
+    Returns:
+        ``(gfns, ops)``: the holes, and the ops packed for GNTTABOP_map_grant_ref.
+
+    Raises:
+        ValueError: no grants, or a domid or ref that does not fit the op (the
+            holes are given back).
+    """
+    if not refs:
+        raise ValueError("map_grants: no grants to map")
+    gfns = domain.get_pages(len(refs))
+    flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
+    try:
+        return gfns, pack_map_ops(gfns, flags, refs, domids)
+    except Exception:
+        domain.put_pages(gfns)
+        raise
+
+
 # free-list states of a ref
 _FREE, _USED, _RESERVED = 0, 1, 2
 
@@ -940,17 +966,9 @@ class GrantTable:
 
     def _map(self, domids: list[int], refs: list[int], writable: bool) -> Mapping:
         """:meth:`map_grants` with the domids and refs apart."""
-        n = len(refs)
-        if n == 0:
-            raise ValueError("map_grants: no grants to map")
         domain = self.domain
-        gfns = domain.get_pages(n)
-        flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
-        try:
-            buf = pack_map_ops(gfns, flags, refs, domids)
-        except Exception:  # a domid or ref that does not fit: give the holes back
-            domain.put_pages(gfns)
-            raise
+        gfns, buf = map_ops_at_holes(domain, domids, refs, writable)
+        n = len(gfns)
         rc = self._hc.grant_table_op(gt.GNTTABOP_map_grant_ref, memoryview(buf), n)
         if rc < 0:
             domain.put_pages(gfns)

@@ -49,12 +49,11 @@ from ..abi.gntalloc import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from ..emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
 from ..errors import BatchError, HypercallError, XenError
 from ..guest.domain import Domain
-from ..guest.gnttab import map_failure
+from ..guest.gnttab import map_failure, map_ops_at_holes
 from ..guest.ops import (
     MAP_OP,
     UNMAP_OP,
     map_results,
-    pack_map_ops,
     pack_unmap_ops,
     unmap_statuses,
 )
@@ -1181,26 +1180,19 @@ class RemoteGnttab(EmulatedGnttab):
 
         As gntdev's ``gntdev_map_grant_pages``: if any op fails, the others
         are unmapped again and the holes given back (``GrantTable.map_grants``
-        has the same contract; this is its lean twin for the socket, with the
-        op structs filled by memoryview casts rather than per-op packing).
+        has the same contract, and packs its ops with the same
+        :func:`~xengrant.guest.gnttab.map_ops_at_holes`; here a single op's
+        reply is read with one unpack when it has a success's shape).
 
         Raises:
             GrantError: one grant, failed (Xen's GNTST code and debug reason).
             BatchError: several, some failed.
             ValueError: no grants, or a domid/ref that does not fit the op.
         """
-        n = len(refs)
-        if n == 0:
-            raise ValueError("map_grants: no grants to map")
         domain = self.domain
         hc = self._hc
-        gfns = domain.get_pages(n)
-        flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
-        try:
-            buf = pack_map_ops(gfns, flags, refs, domids)
-        except Exception:  # a domid or ref that does not fit: give the holes back
-            domain.put_pages(gfns)
-            raise
+        gfns, buf = map_ops_at_holes(domain, domids, refs, writable)
+        n = len(gfns)
         ops = memoryview(buf)
         if n == 1:
             # One op: the request is one fixed message, and a reply that has
