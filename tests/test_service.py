@@ -371,6 +371,23 @@ def _sabotage_unmap(d: Any, m: Any, i: int = 0) -> None:
     assert op[0].status == abi.GNTST_okay
 
 
+def test_map_that_does_not_fit_gives_holes_back(
+    service: Service, baseline: dict[str, Any]
+) -> None:
+    """A ref or domid that does not fit the op: ValueError, nothing sent, the holes back."""
+    with connect(service.path, timeout=30) as b:
+        before = b.get_pages(2)
+        b.put_pages(before)
+        sent = b.channel.sent
+        for bad in ([(1, 1 << 40)], [(1, 8), (1 << 20, 9)]):
+            with pytest.raises(ValueError, match="does not fit"):
+                b.gnttab.map_grant_refs(bad)
+        with pytest.raises(ValueError, match="no grants"):
+            b.gnttab.map_grant_refs([])
+        assert b.channel.sent == sent
+        assert b.get_pages(2) == before
+
+
 def test_posted_unmap_is_done_before_later_requests(
     service: Service, baseline: dict[str, Any]
 ) -> None:
