@@ -388,6 +388,27 @@ def test_map_that_does_not_fit_gives_holes_back(
         assert b.get_pages(2) == before
 
 
+def test_batch_map_with_a_bad_ref_maps_nothing(service: Service, baseline: dict[str, Any]) -> None:
+    """All or nothing, as gntdev: the ops that mapped are unmapped again, the holes go
+    back, and the error carries each entry's GNTST code (GNTST_bad_gntref: Xen's
+    map_grant_ref checks ``op->ref >= nr_grant_entries``)."""
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
+        share = a.grant_table.share_pages(b.domid, 2)
+        before = b.get_pages(3)
+        b.put_pages(before)
+        refs = [share.refs[0], 1 << 20, share.refs[1]]
+        with pytest.raises(BatchError) as ei:
+            b.gnttab.map_domain_grant_refs(a.domid, refs)
+        assert ei.value.op == "map_grant_refs"
+        assert ei.value.statuses == [abi.GNTST_okay, abi.GNTST_bad_gntref, abi.GNTST_okay]
+        assert b.get_pages(3) == before
+        b.put_pages(before)
+        st = stats(service.path)["domains"]
+        assert st[str(a.domid)]["active"] == {}  # no pin left on the granter's side
+        assert st[str(b.domid)]["maptrack_in_use"] == 0
+        share.try_unshare()  # nothing in use: ends at once
+
+
 def test_posted_unmap_is_done_before_later_requests(
     service: Service, baseline: dict[str, Any]
 ) -> None:

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from .._cext import (
     cmpxchg16,
@@ -975,11 +975,7 @@ class GrantTable:
             check_rc("map_grant_ref", rc)
         statuses, handles = map_results(buf, n)
         if any(statuses):
-            reasons = "; ".join(getattr(self._hc, "last_reasons", ()))
-            ok = [(g, h) for g, h, s in zip(gfns, handles, statuses) if s == gt.GNTST_okay]
-            self._unmap_handles([g for g, _ in ok], [h for _, h in ok])
-            domain.put_pages(gfns)
-            raise map_failure(domids, refs, statuses, reasons)
+            self._map_failed(domids, refs, gfns, statuses, handles)
         view = self._hc.map_gfns(gfns, writable)
         return Mapping(
             self,
@@ -990,6 +986,29 @@ class GrantTable:
             handles,
             resource=gfns,
         )
+
+    def _map_failed(
+        self,
+        domids: Sequence[int],
+        refs: Sequence[int],
+        gfns: list[int],
+        statuses: list[int],
+        handles: list[int],
+    ) -> NoReturn:
+        """All or nothing (gntdev_map_grant_pages): unmap the ops that did map,
+        give the holes back, raise.
+
+        Raises:
+            GrantError: one grant (its GNTST code and Xen's debug reason).
+            BatchError: several, some failed (each entry's status).
+            HypercallError: the unmap of the ones that did map was refused
+                (the holes are kept then: they may still hold pages).
+        """
+        reasons = "; ".join(getattr(self._hc, "last_reasons", ()))
+        ok = [(g, h) for g, h, s in zip(gfns, handles, statuses) if s == gt.GNTST_okay]
+        self._unmap_handles([g for g, _ in ok], [h for _, h in ok])
+        self.domain.put_pages(gfns)
+        raise map_failure(domids, refs, statuses, reasons)
 
     def _unmap_handles(self, gfns: Sequence[int], handles: Sequence[int]) -> list[int]:
         n = len(handles)

@@ -49,7 +49,7 @@ from ..abi.gntalloc import UNMAP_NOTIFY_CLEAR_BYTE, UNMAP_NOTIFY_SEND_EVENT
 from ..emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
 from ..errors import BatchError, HypercallError, XenError
 from ..guest.domain import Domain
-from ..guest.gnttab import map_failure, map_ops_at_holes
+from ..guest.gnttab import map_ops_at_holes
 from ..guest.ops import (
     MAP_OP,
     UNMAP_OP,
@@ -103,9 +103,8 @@ _MAP_ONE = p.GNTTAB_REQ.pack(gt.GNTTABOP_map_grant_ref, 1)
 _UNMAP_ONE = p.GNTTAB_REQ.pack(gt.GNTTABOP_unmap_grant_ref, 1)
 #: A successful one-op reply: status, rc, ops length; the op; a one-entry
 #: p2m delta (count, gfn, mfn, type); no reasons (u16 0).
-_MAP_ONE_REPLY = struct.Struct("<iiI" + "QIIHhIQ" + "Iqqq" + "H")
-_UNMAP_ONE_REPLY = struct.Struct("<iiI" + "QQIh2x" + "Iqqq" + "H")
-_UNMAP_STATUS = struct.Struct("<h")
+_MAP_ONE_REPLY = struct.Struct("<iiI" + MAP_OP.format.lstrip("<") + "Iqqq" + "H")
+_UNMAP_ONE_REPLY = struct.Struct("<iiI" + UNMAP_OP.format.lstrip("<") + "Iqqq" + "H")
 
 
 class ServiceError(XenError, ConnectionError):
@@ -1218,31 +1217,10 @@ class RemoteGnttab(EmulatedGnttab):
             check_rc("map_grant_ref", rc)
         statuses, handles = map_results(buf, n)
         if any(statuses):
-            self._map_failed(domids, refs, gfns, statuses, handles)
+            # the grant table's rollback: the same hypercalls, through this domain's service
+            domain.grant_table._map_failed(domids, refs, gfns, statuses, handles)
         view = hc.map_gfns(gfns, writable)
         return Mapping(self, domids, refs, writable, view, handles, resource=gfns)
-
-    def _map_failed(
-        self,
-        domids: list[int],
-        refs: list[int],
-        gfns: list[int],
-        statuses: list[int],
-        handles: list[int],
-    ) -> None:
-        """All or nothing: unmap what did map, give the holes back, raise.
-
-        Raises:
-            GrantError: one grant.
-            BatchError: several.
-        """
-        reasons = "; ".join(self._hc.last_reasons)
-        ok = [i for i, st in enumerate(statuses) if st == gt.GNTST_okay]
-        if ok:
-            buf = pack_unmap_ops([gfns[i] for i in ok], [handles[i] for i in ok])
-            self._hc.grant_table_op(gt.GNTTABOP_unmap_grant_ref, memoryview(buf), len(ok))
-        self.domain.put_pages(gfns)
-        raise map_failure(domids, refs, statuses, reasons)
 
     def _unmap(self, mapping: Mapping) -> None:
         """Unmap a mapping made here: ``GNTTABOP_unmap_grant_ref``, posted.
