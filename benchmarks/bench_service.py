@@ -75,6 +75,8 @@ except ImportError:  # a checkout without an install
 from _machine import machine_info
 
 from xengrant import abi
+from xengrant.guest.ops import MAP_OP as _MAP_OP
+from xengrant.guest.ops import UNMAP_OP as _UNMAP_OP
 from xengrant.service import connect, serve
 from xengrant.service import protocol as proto
 from xengrant.service._io import spin_recv
@@ -214,7 +216,6 @@ PLACEMENTS: dict[str, tuple[set[int] | None, set[int] | None]] = {
 
 _MSG = b"x" * 16
 _RBUF = bytearray(64)
-_MAP_OP, _UNMAP_OP = struct.Struct("<QIIHhIQ"), struct.Struct("<QQIh2x")
 
 
 class Placement:
@@ -321,7 +322,7 @@ class Placement:
         assert chan._decoder.idle and not chan._posted and not chan._replies
         sock, hole, gdom, ref = chan.sock, self.hole, self.gdom, self.refs[0]
         rbuf = bytearray(4096)
-        head, unpack = proto.HEADER, proto.HEADER.unpack_from
+        head, unpack, hs = proto.HEADER, proto.HEADER.unpack_from, proto.HEADER_SIZE
         hmap = proto.GNTTAB_REQ.pack(abi.GNTTABOP_map_grant_ref, 1)
         hunmap = proto.GNTTAB_REQ.pack(abi.GNTTABOP_unmap_grant_ref, 1)
         mlen, ulen = len(hmap) + _MAP_OP.size, len(hunmap) + _UNMAP_OP.size
@@ -339,20 +340,21 @@ class Placement:
             mine = -1
             while mine < 0:  # replies in order: the posted unmap's, then ours
                 got += sock.recv_into(memoryview(rbuf)[got:])
-                while got - pos >= 12:
+                while got - pos >= hs:
                     length, _t, _f, rseq = unpack(rbuf, pos)
-                    if got - pos - 12 < length:
+                    if got - pos - hs < length:
                         break
-                    # payload: status, rc, ops length, then the op (its status at +18 in
-                    # a map op, +20 in an unmap op)
-                    st = struct.unpack_from("<h", rbuf, pos + 12 + 12 + (18 if rseq == seq else 20))
+                    # payload: status, rc, ops length (12 bytes), then the op:
+                    # its status at +18 in a map op, +20 in an unmap op
+                    op = pos + hs + 12
+                    st = struct.unpack_from("<h", rbuf, op + (18 if rseq == seq else 20))
                     if length > 12 and st[0]:
                         raise RuntimeError(f"op failed: GNTST {st[0]}")
                     if rseq == seq:
-                        mine = pos
-                    pos += 12 + length
+                        mine = op
+                    pos += hs + length
             if i < n:
-                (handle,) = struct.unpack_from("<I", rbuf, mine + 12 + 12 + 20)
+                (handle,) = struct.unpack_from("<I", rbuf, mine + 20)  # the map op's handle
                 posted = head.pack(ulen, proto.MSG_GNTTAB_OP, proto.F_POSTED, seq + 1) + hunmap + (
                     _UNMAP_OP.pack(hole << 12, 0, handle, 0))
 
