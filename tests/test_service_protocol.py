@@ -87,16 +87,22 @@ def test_unpack_exact_and_i64s() -> None:
         p.unpack_i64s(b"\x00" * 9, "x")
 
 
+def _p2m_entries(blob: bytes, pos: int) -> tuple[list[tuple[int, int, int]], int, bool]:
+    gfns, mfns, types, end, full = p.p2m_columns(blob, pos)
+    return list(zip(gfns.tolist(), mfns.tolist(), types.tolist())), end, full
+
+
 def test_p2m_delta() -> None:
     changes = [(0x100, 7, 0), (0x1000000, -1, 0), (5, 9, 2)]
-    blob = b"pre" + p.pack_p2m_delta(changes) + b"post"
-    got, pos, full = p.unpack_p2m_delta(blob, 3)
+    gfns, entries = [g for g, _, _ in changes], [(m, t) for _, m, t in changes]
+    blob = b"pre" + p.pack_p2m(gfns, entries) + b"post"
+    got, pos, full = _p2m_entries(blob, 3)
     assert got == changes and blob[pos:] == b"post" and not full
-    assert p.unpack_p2m_delta(p.pack_p2m_delta(changes, full=True), 0)[2]
+    assert _p2m_entries(p.pack_p2m(gfns, entries, full=True), 0)[2]
     with pytest.raises(p.ProtocolError):
-        p.unpack_p2m_delta(p.pack_p2m_delta(changes)[:-1], 0)
+        _p2m_entries(p.pack_p2m(gfns, entries)[:-1], 0)
     with pytest.raises(p.ProtocolError):
-        p.unpack_p2m_delta(b"\x01", 0)
+        _p2m_entries(b"\x01", 0)
 
 
 def test_strings_and_reasons() -> None:

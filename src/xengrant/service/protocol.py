@@ -143,7 +143,7 @@ STATUS = I32
 NOTIFY_SET_REQ = struct.Struct("<IIIII")
 NOTIFY_FIRE_REQ = TWO_U32
 EVTCHN_STATUS_REPLY = struct.Struct("<IHI")
-#: One p2m change as :func:`pack_p2m_delta` writes it when there is only one:
+#: One p2m change as :func:`pack_p2m` writes it when there is only one:
 #: gfn, then mfn (-1: removed) and p2m type.
 P2M_ONE = struct.Struct("<qqq")
 TRANSLATE_ENTRY = struct.Struct("<qI")
@@ -371,16 +371,6 @@ def pack_p2m(
     return head + body.tobytes()
 
 
-def pack_p2m_delta(changes: Sequence[tuple[int, int, int]], full: bool = False) -> bytes:
-    """p2m entries ``(gfn, mfn or -1, type)``, as :func:`pack_p2m` writes them.
-
-    Args:
-        changes: the entries (mfn -1: the gfn holds nothing now).
-        full: they are the whole p2m (the count carries :data:`P2M_FULL`).
-    """
-    return pack_p2m([g for g, _, _ in changes], [(m, t) for _, m, t in changes], full)
-
-
 def p2m_columns(
     body: bytes | bytearray | memoryview, pos: int
 ) -> tuple[memoryview, memoryview, memoryview, int, bool]:
@@ -409,21 +399,6 @@ def p2m_columns(
         mv, pos, end = memoryview(cols.tobytes()), 0, 24 * n
     words = mv[pos:end].cast("q")
     return words[:n], words[n : 2 * n], words[2 * n :], end, full
-
-
-def unpack_p2m_delta(
-    body: bytes | memoryview, pos: int
-) -> tuple[list[tuple[int, int, int]], int, bool]:
-    """p2m entries at ``body[pos:]``.
-
-    Returns:
-        ``(entries, position after them, whether they are the whole p2m)``.
-
-    Raises:
-        ProtocolError: EBADMSG if truncated.
-    """
-    gfns, mfns, types, pos, full = p2m_columns(body, pos)
-    return list(zip(gfns.tolist(), mfns.tolist(), types.tolist())), pos, full
 
 
 def pack_strings(*parts: str | bytes, terminate_last: bool = True) -> bytes:
