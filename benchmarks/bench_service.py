@@ -74,12 +74,11 @@ except ImportError:  # a checkout without an install
     import xengrant
 from _machine import machine_info
 
-from xengrant import abi
+from xengrant import _cext, abi
 from xengrant.guest.ops import MAP_OP as _MAP_OP
 from xengrant.guest.ops import UNMAP_OP as _UNMAP_OP
 from xengrant.service import connect, serve
 from xengrant.service import protocol as proto
-from xengrant.service._io import spin_recv
 from xengrant.service.server import DEFAULT_SPIN, Connection, Server
 
 BATCH = 1024
@@ -105,11 +104,10 @@ EMB_BIG = f"map+unmap {BATCH} refs, EmbeddedXen (one process)"
 def _echo(sock: socket.socket, spin: float) -> None:
     conn, _ = sock.accept()
     buf = bytearray(4096)
-    view = memoryview(buf)
+    fd, spin_ns = conn.fileno(), int(spin * 1e9)
     while True:
-        n = spin_recv(conn, view, spin) if spin else -1
-        if n < 0:
-            n = conn.recv_into(buf)
+        # polling as the service's connection threads do; else a plain recv
+        n = _cext.recv_wait(fd, buf, spin_ns, -1) if spin else conn.recv_into(buf)
         if not n:
             return
         conn.sendall(buf[:n])
@@ -282,12 +280,11 @@ class Placement:
 
     def bare_spin(self, n: int) -> None:
         s, msg, rbuf = self.echo_poll, _MSG, _RBUF
-        view = memoryview(rbuf)
-        spin = self.me.channel.spin
+        fd, spin_ns = s.fileno(), int(self.me.channel.spin * 1e9)
+        recv_wait = _cext.recv_wait
         for _ in range(n):
             s.sendall(msg)
-            if spin_recv(s, view, spin) < 0:
-                s.recv_into(rbuf)
+            recv_wait(fd, rbuf, spin_ns, -1)
 
     def ping(self, n: int) -> None:
         call = self.me.channel.call

@@ -26,7 +26,11 @@
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
+#include <poll.h>
+#include <sched.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <time.h>
 
 #define XG_PAGE_SIZE 4096
 
@@ -513,6 +517,18 @@ xg_dom_clear(xg_dom *c, int n)
     }
 }
 
+/* The attributes the hot paths read, their names interned once at module
+ * init: PyObject_GetAttrString would build (and hash) a new str each call. */
+enum { XA_p2m, XA_gt, XA_is_dying, XA_shared, XA_active, XA_version, XA_domid, XA_pv, XA_maptrack, XA_entries, XA_free, XG_NATTR };
+static const char *const xg_attr_names[XG_NATTR] = {"p2m", "gt", "is_dying", "shared", "active", "version", "domid", "pv", "maptrack", "entries", "_free"};
+static PyObject *xg_attr_str[XG_NATTR];
+
+static PyObject *
+xg_getattr(PyObject *o, int which)
+{
+    return PyObject_GetAttr(o, xg_attr_str[which]);
+}
+
 /* The cached attributes of domain object d; NULL with an exception set, or
  * NULL without one when the cache is full.  Slots are never reused within a
  * call, so pointers to them stay valid. */
@@ -526,14 +542,14 @@ xg_dom_get(xg_dom *cache, int *ncache, PyObject *d)
         return NULL; /* no exception: the caller leaves the op to Python */
     xg_dom *c = &cache[*ncache];
     PyObject *gt = NULL, *ver = NULL, *dying = NULL;
-    c->p2m = PyObject_GetAttrString(d, "p2m");
-    gt = PyObject_GetAttrString(d, "gt");
-    dying = PyObject_GetAttrString(d, "is_dying");
+    c->p2m = xg_getattr(d, XA_p2m);
+    gt = xg_getattr(d, XA_gt);
+    dying = xg_getattr(d, XA_is_dying);
     if (c->p2m == NULL || gt == NULL || dying == NULL)
         goto fail;
-    c->shared = PyObject_GetAttrString(gt, "shared");
-    c->active = PyObject_GetAttrString(gt, "active");
-    ver = PyObject_GetAttrString(gt, "version");
+    c->shared = xg_getattr(gt, XA_shared);
+    c->active = xg_getattr(gt, XA_active);
+    ver = xg_getattr(gt, XA_version);
     if (c->shared == NULL || c->active == NULL || ver == NULL)
         goto fail;
     long v = PyLong_AsLong(ver);
@@ -730,7 +746,7 @@ xg_copy_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t nframes = b.nframes, i = b.start, count = b.count;
     long ldomid_l;
     {
-        PyObject *o = PyObject_GetAttrString(ld, "domid");
+        PyObject *o = xg_getattr(ld, XA_domid);
         if (o == NULL)
             goto out;
         ldomid_l = PyLong_AsLong(o);
@@ -1075,7 +1091,7 @@ xg_ld_get(xg_ld *l, PyObject *ld)
 {
     PyObject *o, *mt = NULL;
     memset(l, 0, sizeof(*l));
-    o = PyObject_GetAttrString(ld, "domid");
+    o = xg_getattr(ld, XA_domid);
     if (o == NULL)
         return -1;
     long v = PyLong_AsLong(o);
@@ -1083,19 +1099,19 @@ xg_ld_get(xg_ld *l, PyObject *ld)
     if (v == -1 && PyErr_Occurred())
         return -1;
     l->domid = (uint16_t)v;
-    o = PyObject_GetAttrString(ld, "pv");
+    o = xg_getattr(ld, XA_pv);
     if (o == NULL)
         return -1;
     int pv = PyObject_IsTrue(o);
     Py_DECREF(o);
     if (pv < 0)
         return -1;
-    l->p2m = PyObject_GetAttrString(ld, "p2m");
-    mt = PyObject_GetAttrString(ld, "maptrack");
+    l->p2m = xg_getattr(ld, XA_p2m);
+    mt = xg_getattr(ld, XA_maptrack);
     if (l->p2m == NULL || mt == NULL)
         goto fail;
-    l->entries = PyObject_GetAttrString(mt, "entries");
-    l->free = PyObject_GetAttrString(mt, "_free");
+    l->entries = xg_getattr(mt, XA_entries);
+    l->free = xg_getattr(mt, XA_free);
     if (l->entries == NULL || l->free == NULL)
         goto fail;
     l->popleft = PyObject_GetAttr(l->free, str_popleft);
@@ -1699,6 +1715,221 @@ out:
 }
 
 /* ------------------------------------------------------------------ */
+/* Waiting for a message: poll briefly, then sleep                      */
+/* ------------------------------------------------------------------ */
+
+/*
+ * recv_wait(fd, buf, spin_ns, timeout_ms) -> n
+ *
+ * recv(fd) into buf as the service's connection threads and its clients
+ * wait for a request or a reply, with the GIL released throughout:
+ *
+ * 1. for up to spin_ns nanoseconds, recv(MSG_DONTWAIT), yielding the CPU
+ *    (sched_yield) between tries.  On a virtual machine a vCPU that goes
+ *    idle takes tens of microseconds to wake again, more than a reply takes
+ *    to come; a short poll keeps it busy instead, as Linux's busy polling
+ *    (net.core.busy_read) and a guest's halt polling do.  The yield matters
+ *    when the peer shares this CPU: polling must not keep it from sending
+ *    what is polled for.
+ * 2. then poll(POLLIN) for up to timeout_ms (-1: forever) and recv.  poll,
+ *    not a blocking recv: a recv sleeper is also woken when the peer reads
+ *    what this end sent (a write-space wake-up), for nothing.
+ *
+ * Returns the bytes read (0: the peer closed), or -1 if nothing came within
+ * timeout_ms.  A signal (EINTR) runs Python's handlers, then the wait goes
+ * on; a handler's exception is raised.  Raises OSError for any other
+ * failure.
+ */
+static double
+xg_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+/* an int argument; -1 with an exception set if it is not one (or out of range) */
+static int
+xg_as_int(PyObject *o, int *out)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "recv_wait: int out of range");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+/* recv_wait's wait, called with the GIL released: the bytes read (0: closed),
+ * or -1 with *err set (ETIMEDOUT: nothing within timeout_ms) */
+static ssize_t
+xg_wait_recv(int fd, char *buf, size_t len, long long spin_ns, int timeout_ms, int *err)
+{
+    ssize_t n = -1;
+    errno = EAGAIN;
+    if (spin_ns > 0) {
+        double end = xg_now_ns() + (double)spin_ns;
+        for (;;) {
+            n = recv(fd, buf, len, MSG_DONTWAIT);
+            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+                break;
+            if (xg_now_ns() >= end)
+                break;
+            sched_yield(); /* the peer may be waiting for this very CPU */
+        }
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        struct pollfd pfd = {fd, POLLIN, 0};
+        int r = poll(&pfd, 1, timeout_ms);
+        if (r > 0)
+            n = recv(fd, buf, len, MSG_DONTWAIT);
+        else if (r == 0)
+            errno = ETIMEDOUT;
+    }
+    *err = n < 0 ? errno : 0;
+    return n;
+}
+
+/* after a failed xg_wait_recv: 1 to wait again (EINTR with no handler raising,
+ * or a spurious poll wake-up), 0 for a timeout, -1 with an exception set */
+static int
+xg_wait_again(int err)
+{
+    if (err == ETIMEDOUT)
+        return 0;
+    if (err == EINTR)
+        return PyErr_CheckSignals() < 0 ? -1 : 1;
+    if (err == EAGAIN || err == EWOULDBLOCK)
+        return 1;
+    errno = err;
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
+}
+
+/* args[0], args[1]: (fd, buf) as an int and a writable buffer */
+static int
+xg_fd_buf(PyObject *const *args, int *fd, Py_buffer *b)
+{
+    if (xg_as_int(args[0], fd) < 0)
+        return -1;
+    return PyObject_GetBuffer(args[1], b, PyBUF_WRITABLE);
+}
+
+static PyObject *
+xg_recv_wait(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(4, "recv_wait(fd, buf, spin_ns, timeout_ms) -> n")
+    int fd, timeout_ms;
+    long long spin_ns = PyLong_AsLongLong(args[2]);
+    if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[3], &timeout_ms) < 0)
+        return NULL;
+    Py_buffer b;
+    if (xg_fd_buf(args, &fd, &b) < 0)
+        return NULL;
+    ssize_t n;
+    int err, again = 1;
+    do {
+        Py_BEGIN_ALLOW_THREADS
+        n = xg_wait_recv(fd, b.buf, (size_t)b.len, spin_ns, timeout_ms, &err);
+        Py_END_ALLOW_THREADS
+        spin_ns = 0;
+    } while (n < 0 && (again = xg_wait_again(err)) > 0);
+    PyBuffer_Release(&b);
+    if (n < 0 && again < 0)
+        return NULL;
+    return PyLong_FromSsize_t(n < 0 ? -1 : n);
+}
+
+/*
+ * recv_reply(fd, buf, seq, spin_ns, timeout_ms) -> (end, start, length)
+ *
+ * A service client's wait for the reply to its request seq, when nothing
+ * else reads the socket and no partial message is held: recv into buf from
+ * its start (as recv_wait waits: polling up to spin_ns, then sleeping, all
+ * without the GIL) until buf[:end] holds whole messages (the
+ * xengrant/service/protocol.py HEADER and payload) up to and including the
+ * one flagged F_REPLY with sequence number seq.  Messages before it (posted
+ * replies, events) and any bytes after it are the caller's to decode.
+ *
+ * Returns (end, start, length): start and length of that reply's payload in
+ * buf; start -1: a message does not fit in buf (decode buf[:end] and read
+ * on), -2: the peer closed, -3: nothing came within timeout_ms (-1: forever,
+ * counted from the call).  Raises OSError for a failed recv.
+ */
+static PyObject *
+xg_recv_reply(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(5, "recv_reply(fd, buf, seq, spin_ns, timeout_ms) -> (end, start, length)")
+    int fd, timeout_ms;
+    unsigned long seq = PyLong_AsUnsignedLong(args[2]);
+    long long spin_ns = PyLong_AsLongLong(args[3]);
+    if ((seq == (unsigned long)-1 && PyErr_Occurred()) || (spin_ns == -1 && PyErr_Occurred()) ||
+        xg_as_int(args[4], &timeout_ms) < 0)
+        return NULL;
+    Py_buffer b;
+    if (xg_fd_buf(args, &fd, &b) < 0)
+        return NULL;
+    unsigned char *buf = b.buf;
+    Py_ssize_t got = 0, scan = 0, start = -1, length = 0;
+    double deadline = timeout_ms < 0 ? 0 : xg_now_ns() + (double)timeout_ms * 1e6;
+    for (;;) {
+        while (got - scan >= XG_HDR) {
+            uint32_t flen, fseq;
+            uint16_t fflags;
+            memcpy(&flen, buf + scan, 4);
+            memcpy(&fflags, buf + scan + 6, 2);
+            memcpy(&fseq, buf + scan + 8, 4);
+            if ((Py_ssize_t)flen > b.len - scan - XG_HDR)
+                goto done; /* start -1: it does not fit */
+            if ((Py_ssize_t)flen > got - scan - XG_HDR)
+                break;
+            if ((fflags & XG_F_REPLY) && fseq == (uint32_t)seq) {
+                start = scan + XG_HDR;
+                length = flen;
+                goto done;
+            }
+            scan += XG_HDR + (Py_ssize_t)flen;
+        }
+        if (got == b.len)
+            goto done;
+        int wait_ms = timeout_ms;
+        if (timeout_ms >= 0) {
+            double left = (deadline - xg_now_ns()) / 1e6;
+            wait_ms = left <= 0 ? 0 : (int)left + 1;
+        }
+        ssize_t n;
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        n = xg_wait_recv(fd, (char *)buf + got, (size_t)(b.len - got), spin_ns, wait_ms, &err);
+        Py_END_ALLOW_THREADS
+        if (n == 0) {
+            start = -2;
+            goto done;
+        }
+        if (n < 0) {
+            int again = xg_wait_again(err);
+            if (again < 0) {
+                PyBuffer_Release(&b);
+                return NULL;
+            }
+            if (again == 0) {
+                start = -3;
+                goto done;
+            }
+            spin_ns = 0;
+            continue;
+        }
+        got += n;
+    }
+done:
+    PyBuffer_Release(&b);
+    return Py_BuildValue("(nnn)", got, start, length);
+}
+
+/* ------------------------------------------------------------------ */
 /* Guest side: runs over a v1 grant table's shared entries              */
 /* ------------------------------------------------------------------ */
 
@@ -2093,6 +2324,10 @@ static PyMethodDef module_methods[] = {
                     "first op of a GNTTABOP_unmap_grant_ref batch left to Python"),
     FAST(serve_gnttab, "serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok) -> "
                        "(pos, replies, answered, partial): the service's map/unmap messages"),
+    FAST(recv_wait, "recv_wait(fd, buf, spin_ns, timeout_ms) -> bytes read (0: closed, -1: "
+                    "timed out): poll up to spin_ns yielding the CPU, then sleep in poll()"),
+    FAST(recv_reply, "recv_reply(fd, buf, seq, spin_ns, timeout_ms) -> (end, start, length): "
+                     "read until buf holds the reply to request seq"),
     FAST(grant_run, "grant_run(frames, refs, gfns, start, domid, flags) -> index of the first "
                     "v1 entry not introduced"),
     FAST(end_run, "end_run(frames, state, refs, start) -> index of the first v1 entry whose "
@@ -2121,6 +2356,9 @@ PyInit__cext(void)
     if (PyType_Ready(&FrameView_Type) < 0 || PyType_Ready(&XgActive_Type) < 0 ||
         PyType_Ready(&XgMapping_Type) < 0)
         return NULL;
+    for (int i = 0; i < XG_NATTR; i++)
+        if ((xg_attr_str[i] = PyUnicode_InternFromString(xg_attr_names[i])) == NULL)
+            return NULL;
     str_popleft = PyUnicode_InternFromString("popleft");
     str_append = PyUnicode_InternFromString("append");
     if (str_popleft == NULL || str_append == NULL)

@@ -30,6 +30,7 @@ import ctypes
 import errno
 import itertools
 import json
+import math
 import mmap
 import os
 import select
@@ -61,7 +62,6 @@ from ..guest.share import Mapping, Share
 from ..hypercall import check_rc
 from ..portable import CopySegment, EmulatedGntshr, EmulatedGnttab, GrantRef
 from . import protocol as p
-from ._io import spin_recv
 from .evtchn import EvtchnError
 from .server import default_socket_path
 from .xenstore import XenStoreError
@@ -242,10 +242,13 @@ class Channel:
         """
         if self.deferred:
             self.raise_deferred()
-        frame = self.wait_reply(self.send(mtype, payload, tail=tail))
-        if frame.payload is None or len(frame.payload) < 4:
+        seq = self.send(mtype, payload, tail=tail)
+        reply = self._wait_alone(seq)
+        if reply is None:
+            reply = self.wait_reply(seq).payload
+        if reply is None or len(reply) < 4:
             raise ServiceError(errno.EBADMSG, "reply without a status")
-        return frame.payload
+        return reply
 
     def call(self, mtype: int, payload: bytes = b"") -> tuple[int, bytes]:
         """Send a request and wait for its reply.
@@ -342,13 +345,17 @@ class Channel:
         anc: list[tuple[int, int, bytes]] = []
         n = -1
         try:
-            if spin > 0 and not nonblocking and not self.want_fds:
-                n = spin_recv(sock, buf, spin)
-            if n < 0:
+            if not nonblocking and not self.want_fds:
+                # spin, then poll() and recv, in C without the GIL (see recv_wait)
+                wait_ms = -1 if timeout is None else math.ceil(max(timeout, 0) * 1000)
+                n = _cext.recv_wait(self._fileno, buf, int(spin * 1e9), wait_ms)
+                if n < 0:
+                    return []
+            else:
                 # poll first: its wait ignores the peer reading our request (a
                 # write-space wake-up), which would wake a recv() for nothing
-                wait_ms = None if timeout is None else max(timeout, 0) * 1000
-                if not nonblocking and not self._poller.poll(wait_ms):
+                poll_ms = None if timeout is None else max(timeout, 0) * 1000
+                if not nonblocking and not self._poller.poll(poll_ms):
                     return []
                 flags = socket.MSG_DONTWAIT if nonblocking else 0
                 if self.want_fds:
@@ -418,6 +425,60 @@ class Channel:
             self._cv.wait(remaining)
         finally:
             self._waiting -= 1
+
+    def _wait_alone(self, seq: int) -> bytes | None:
+        """The payload of the reply to ``seq``, read by one C call while nobody else reads.
+
+        The common case of :meth:`wait_reply`: no other thread leads or
+        waits, nothing is held half-decoded.  ``_cext.recv_reply`` reads
+        until the reply is in the receive buffer; the messages before it
+        (posted replies, events) are decoded and dispatched first, as
+        :meth:`_dispatch` keeps stream order.
+
+        Returns:
+            The payload; None if this is not the common case, or the reply
+            did not fit the buffer (:meth:`wait_reply` goes on then).
+
+        Raises:
+            ServiceError: the service closed the connection, or the channel
+                timeout passed.
+        """
+        with self._mu:
+            if self._leader or self._eof or self.want_fds or not self._decoder.idle:
+                return None
+            self._leader = True
+        buf = self._rbuf
+        frames: list[p.Frame] = []
+        reply = None
+        try:
+            timeout = self.timeout
+            wait_ms = -1 if timeout is None else math.ceil(max(timeout, 0) * 1000)
+            try:
+                end, start, length = _cext.recv_reply(
+                    self._fileno, buf, seq, int(self.spin * 1e9), wait_ms
+                )
+            except OSError:
+                end, start, length = 0, -2, 0
+            feed = self._decoder.feed
+            if start >= 0:
+                if start > p.HEADER_SIZE:
+                    frames = feed(buf[: start - p.HEADER_SIZE])
+                reply = bytes(buf[start : start + length])
+                if end > start + length:
+                    frames += feed(buf[start + length : end])
+            elif end:
+                frames = feed(buf[:end])
+            if start == -2:
+                self._eof = True
+        finally:
+            with self._mu:
+                self._leader = False
+                self._dispatch(frames)
+        if start == -2:
+            raise ServiceError(errno.ECONNRESET, "the service closed the connection")
+        if start == -3:
+            raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
+        return reply
 
     def wait_reply(self, seq: int) -> p.Frame:
         """The reply to request ``seq``.

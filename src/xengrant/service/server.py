@@ -70,7 +70,6 @@ from ..emu.machine import PAGE_SIZE
 from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from ..errors import HypercallError
 from . import protocol as p
-from ._io import spin_recv
 from .evtchn import ECS_INTERDOMAIN, ECS_UNBOUND, Delivery, EventChannels, EvtchnError
 from .xenstore import XenStore, XenStoreError
 
@@ -338,26 +337,19 @@ class Server:
     def _read_loop(self, conn: Connection) -> None:
         """A connection's thread: read, handle under the lock, until the socket ends."""
         sock = conn.sock
+        fd = conn.fd
         rbuf = memoryview(bytearray(_RECV))
         lock = self.lock
-        spin = 0.0  # no request yet: nothing to expect soon
-        # Wait in poll(), not in recv(): a recv() sleeper is also woken when the
-        # client reads a reply (a write-space wake-up), for nothing; poll's
-        # wait ignores what it did not ask for.
-        wait = select.poll()
-        wait.register(sock, select.POLLIN)
+        recv_wait = _cext.recv_wait
+        spin_ns = 0  # no request yet: nothing to expect soon
         try:
             while True:
                 try:
                     # A client that just got a reply often sends the next
                     # request at once (an unmap, then a map): poll for it a
-                    # little before sleeping, so nobody has to wake this vCPU.
-                    n = spin_recv(sock, rbuf, spin) if spin else -1
-                    if n < 0:
-                        wait.poll()
-                        n = sock.recv_into(rbuf)
-                except InterruptedError:
-                    continue
+                    # little before sleeping, so nobody has to wake this vCPU
+                    # (recv_wait says how, and why it sleeps in poll()).
+                    n = recv_wait(fd, rbuf, spin_ns, -1)
                 except OSError:
                     n = 0
                 with lock:
@@ -365,7 +357,7 @@ class Server:
                         break
                     if n:
                         self._on_data(conn, rbuf, n)
-                        spin = self.spin
+                        spin_ns = int(self.spin * 1e9)
                     else:
                         self._schedule_close(conn)
                     if self._to_close:
