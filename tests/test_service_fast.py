@@ -79,8 +79,8 @@ class World:
         assert UNMAP_OP.unpack(op)[3] == abi.GNTST_okay
         self.buf = memoryview(bytearray(1 << 16))
 
-    def feed(self, chunk: bytes) -> bytes:
-        """``_on_data`` of ``chunk``; the bytes the service sent back."""
+    def push(self, chunk: bytes) -> None:
+        """``_on_data`` of ``chunk`` (the C path on or off, as this world's)."""
         old = server.SERVE_FASTPATH
         server.SERVE_FASTPATH = self.fast
         try:
@@ -89,6 +89,10 @@ class World:
                 self.srv._on_data(self.conn, self.buf, len(chunk))
         finally:
             server.SERVE_FASTPATH = old
+
+    def feed(self, chunk: bytes) -> bytes:
+        """``_on_data`` of ``chunk``; the bytes the service sent back."""
+        self.push(chunk)
         out = b""
         while True:
             try:
@@ -289,18 +293,22 @@ class _CountingCext:
     def __init__(self) -> None:
         self.taken = 0
         self.partial = 0
+        self.short_sends = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(_cext, name)
 
     def serve_gnttab(self, *args: Any) -> Any:
-        pos, replies, answered, partial = _cext.serve_gnttab(*args)
+        pos, replies, answered, partial, sent = _cext.serve_gnttab(*args)
         at = 0
         while at < len(replies):
             self.taken += 1
             at += p.HEADER_SIZE + p.HEADER.unpack_from(replies, at)[0]
         self.partial += partial
-        return pos, replies, answered, partial
+        fd, held = args[8], args[9]
+        if fd >= 0 and answered and 0 <= sent < len(held) + len(replies):
+            self.short_sends += 1
+        return pos, replies, answered, partial, sent
 
 
 def test_fast_path_answers_a_map_and_a_posted_unmap(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,3 +377,50 @@ def test_fast_path_answers_a_map_and_a_posted_unmap(monkeypatch: pytest.MonkeyPa
         assert fast.state() == slow.state()
         assert [UNMAP_OP.unpack_from(reply, 24 + 24 * i)[3] for i in range(2)] == [0, 0]
         assert counting.taken == 9 and counting.partial == 0
+
+
+def test_fast_path_send_that_does_not_fit_is_queued_in_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply C could not send (the client's socket is full) is queued, and sent
+    before later replies once there is room: the client reads the same bytes, in the
+    same order, as from the Python path."""
+    counting = _CountingCext()
+    monkeypatch.setattr(server, "_cext", counting)
+    with _worlds() as (fast, slow):
+        streams = []
+        for w in (fast, slow):
+            w.srv.ep.register(w.conn.fd, 0)  # _flush watches for room through it
+            junk = 0  # fill the socket: the client reads nothing meanwhile
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    junk += w.conn.sock.send(b"j" * 4096, socket.MSG_DONTWAIT)
+            maps = [
+                _frame(p.MSG_GNTTAB_OP, 0, 1 + i, _gnttab(
+                    abi.GNTTABOP_map_grant_ref, 1,
+                    MAP_OP.pack((HOLE + i) << 12, abi.GNTMAP_host_map, w.refs[i],
+                                w.granter.domid, 0, 0, 0)))
+                for i in range(3)
+            ]
+            for m in maps:
+                w.push(m)
+            assert w.conn.want_write and w.conn.out
+            got = b""
+            while w.conn.out or len(got) < junk:  # the main thread's part, once there is room
+                got += w.feed(b"")
+                with w.srv.lock:
+                    w.srv._flush(w.conn)
+            got += w.feed(b"")
+            assert got[:junk] == b"j" * junk
+            streams.append(got[junk:])
+        assert counting.short_sends == 1  # C's send found the socket full
+        assert streams[0] == streams[1]
+        assert fast.state() == slow.state()
+        seqs = []
+        pos = 0
+        while pos < len(streams[0]):
+            length, _t, _f, seq = p.HEADER.unpack_from(streams[0], pos)
+            assert struct.unpack_from("<iiI", streams[0], pos + 12) == (0, 0, MAP_OP.size)
+            assert MAP_OP.unpack_from(streams[0], pos + 24)[4] == abi.GNTST_okay
+            seqs.append(seq)
+            pos += 12 + length
+        assert seqs == [1, 2, 3]

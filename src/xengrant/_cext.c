@@ -348,6 +348,21 @@ fail:
         return NULL;                                                                               \
     }
 
+/* an int argument; -1 with an exception set if it is not one (or out of range) */
+static int
+xg_as_int(PyObject *o, int *out)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "int argument out of range");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
 #define GET_U(var, obj, T, maxv)                                                                   \
     unsigned long long var##_ll = PyLong_AsUnsignedLongLong(obj);                                  \
     if (var##_ll == (unsigned long long)-1 && PyErr_Occurred())                                    \
@@ -1516,8 +1531,8 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 /* ------------------------------------------------------------------ */
 
 /*
- * serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok)
- *     -> (pos, replies, answered, partial)
+ * serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok, fd, held)
+ *     -> (pos, replies, answered, partial, sent)
  *
  * What xengrant.service.server.Server._on_data does for the complete
  * messages in buf[pos:end], for the messages it takes: a GNTTAB_OP request
@@ -1538,6 +1553,13 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
  * xengrant/service/protocol.py's (HEADER, GNTTAB_REQ, pack_p2m); a
  * differential test compares these replies with the Python path's, byte for
  * byte, together with the whole hypervisor state.
+ *
+ * Sending: with fd >= 0 and answered > 0, held (the bytes the connection
+ * holds unsent: posted replies) and then the replies are sent at once, in
+ * one sendmsg(MSG_DONTWAIT), as Server._flush would send them; sent is how
+ * many bytes of held + replies went (0: the socket had no room; -errno: the
+ * send failed), and the caller queues the rest.  Otherwise sent is 0 and
+ * nothing is sent.
  */
 
 #define XG_HDR 12              /* HEADER "<IHHI": length, type, flags, seq */
@@ -1570,8 +1592,8 @@ static PyObject *
 xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
-    ARGCHECK(8, "serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok) "
-                "-> (pos, replies, answered, partial)")
+    ARGCHECK(10, "serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok, fd, held) "
+                 "-> (pos, replies, answered, partial, sent)")
     PyObject *domains = args[5], *refcount = args[6];
     if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
         PyErr_SetString(PyExc_TypeError, "serve_gnttab: domains must be a dict, refcount a list");
@@ -1586,6 +1608,13 @@ xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     int unmap_ok = PyObject_IsTrue(args[7]);
     if (unmap_ok < 0)
         return NULL;
+    int fd;
+    if (xg_as_int(args[8], &fd) < 0)
+        return NULL;
+    if (!PyBytes_Check(args[9])) {
+        PyErr_SetString(PyExc_TypeError, "serve_gnttab: held must be bytes");
+        return NULL;
+    }
     xg_batch b;
     memset(&b, 0, sizeof(b));
     b.last_dom = -1;
@@ -1702,9 +1731,25 @@ xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         pos += XG_HDR + (Py_ssize_t)length;
     }
     {
+        Py_ssize_t sent = 0;
+        if (fd >= 0 && answered > 0) {
+            struct iovec iov[2] = {
+                {PyBytes_AS_STRING(args[9]), (size_t)PyBytes_GET_SIZE(args[9])},
+                {out, (size_t)olen},
+            };
+            struct msghdr mh;
+            memset(&mh, 0, sizeof(mh));
+            mh.msg_iov = iov[0].iov_len ? iov : iov + 1;
+            mh.msg_iovlen = iov[0].iov_len ? 2 : 1;
+            ssize_t n;
+            do
+                n = sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+            while (n < 0 && errno == EINTR);
+            sent = n >= 0 ? n : (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+        }
         PyObject *replies = PyBytes_FromStringAndSize(out ? out : "", olen);
         if (replies != NULL)
-            ret = Py_BuildValue("(nNnn)", pos, replies, answered, partial);
+            ret = Py_BuildValue("(nNnnn)", pos, replies, answered, partial, sent);
     }
 out:
     PyMem_Free(out);
@@ -1746,21 +1791,6 @@ xg_now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
-}
-
-/* an int argument; -1 with an exception set if it is not one (or out of range) */
-static int
-xg_as_int(PyObject *o, int *out)
-{
-    long v = PyLong_AsLong(o);
-    if (v == -1 && PyErr_Occurred())
-        return -1;
-    if (v < INT_MIN || v > INT_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "recv_wait: int out of range");
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
 }
 
 /* recv_wait's wait, called with the GIL released: the bytes read (0: closed),
@@ -2322,8 +2352,9 @@ static PyMethodDef module_methods[] = {
                   "op of a GNTTABOP_map_grant_ref batch left to Python"),
     FAST(unmap_run, "unmap_run(mem, uop, start, count, ld, domains, refcount) -> index of the "
                     "first op of a GNTTABOP_unmap_grant_ref batch left to Python"),
-    FAST(serve_gnttab, "serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok) -> "
-                       "(pos, replies, answered, partial): the service's map/unmap messages"),
+    FAST(serve_gnttab, "serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok, fd, "
+                       "held) -> (pos, replies, answered, partial, sent): the service's map/unmap "
+                       "messages, answered (and sent)"),
     FAST(recv_wait, "recv_wait(fd, buf, spin_ns, timeout_ms) -> bytes read (0: closed, -1: "
                     "timed out): poll up to spin_ns yielding the CPU, then sleep in poll()"),
     FAST(recv_reply, "recv_reply(fd, buf, seq, spin_ns, timeout_ms) -> (end, start, length): "

@@ -408,7 +408,10 @@ class Server:
         success case, replies as :meth:`_gnttab_reply` would (a differential
         test holds it to that), and stops at the first message it does not
         take.  An unmap is taken only when the caller has no unmap notify
-        (:meth:`_notify_before_unmap` must see it).
+        (:meth:`_notify_before_unmap` must see it).  When a reply is awaited
+        and nothing but posted replies waits to be sent, C sends those and
+        the new replies in one go, as :meth:`_flush` would; what the socket
+        did not take is queued.
 
         Returns:
             ``(pos, first_op)``: where the messages left to :meth:`_request`
@@ -421,17 +424,33 @@ class Server:
         d = None if domid is None else hv.domains.get(domid)
         if domid is None or d is None or d.is_dying:
             return 0, 0
+        out = conn.out
+        fd, held = -1, b""
+        if not conn.want_write:  # else the main thread writes the backlog first
+            if not out:
+                fd = conn.fd
+            elif len(out) == 1 and not out[0][1]:
+                fd, held = conn.fd, out[0][0]
         try:
-            pos, replies, answered, first_op = _cext.serve_gnttab(
+            pos, replies, answered, first_op, sent = _cext.serve_gnttab(
                 hv.mem, rbuf, 0, n, d, hv.domains, hv.machine.refcount,
-                not self.notifies.get(domid),
+                not self.notifies.get(domid), fd, held,
             )
         except Exception as e:  # pragma: no cover - MemoryError and the like
             # an op may have run without its reply: the connection cannot go on
             self.log(f"{conn!r}: GNTTAB_OP fast path failed: {e!r}; dropping it")
             self._schedule_close(conn)
             return n, 0
-        if replies:
+        if fd >= 0 and answered:
+            if sent < 0:  # as _flush does when a send fails
+                self._schedule_close(conn)
+                return int(pos), 0
+            if held:
+                out.popleft()
+                conn.out_bytes -= len(held)
+            if sent < len(held) + len(replies):
+                self._queue(conn, (held + replies)[sent:], (), 0, True)
+        elif replies:
             # all posted: held for the next send, as _queue holds a posted reply
             self._queue(conn, replies, (), 0 if answered else p.F_POSTED, True)
         return int(pos), int(first_op)
