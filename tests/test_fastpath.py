@@ -1,7 +1,8 @@
 """Fast paths give what the plain paths give.
 
-The guest packs and unpacks batches of map/unmap ops with strided memoryview
-casts (:mod:`xengrant.guest.ops`, from ``VECTOR_MIN`` ops) and reads copy statuses
+The guest packs batches of map/unmap ops with one C loop and reads them back
+with strided memoryview casts (:mod:`xengrant.guest.ops`, from ``VECTOR_MIN``
+ops) and reads copy statuses
 with one strided read; here each batch runs once that way and once through the
 per-op struct/ctypes path, and the statuses, handles, bytes and counts agree.
 """
@@ -9,12 +10,15 @@ per-op struct/ctypes path, and the statuses, handles, bytes and counts agree.
 from __future__ import annotations
 
 import random
+import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import xengrant
-from xengrant import abi
+from xengrant import _cext, abi
 from xengrant.errors import BatchError
 from xengrant.guest import ops as guest_ops
 
@@ -103,3 +107,50 @@ def test_copy_statuses_strided(
     assert bytes(pages.mem[:8]) == (b"abcdefgh" if n else bytes(8))
     pages.free()
     share.unshare()
+
+
+_field = st.one_of(
+    st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF), st.integers(-5, -1),
+    st.integers(1 << 32, 1 << 40), st.sampled_from([0, 0xFFFF, 0x10000, 0xFFFFFFFF]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, (1 << 52) - 1), _field, _field),
+                     min_size=guest_ops.VECTOR_MIN, max_size=40),
+       flags=st.integers(0, 0xFFFFFFFF))
+def test_c_packers_match_struct(rows: list[tuple[int, int, int]], flags: int) -> None:
+    """``_cext.pack_map_ops``/``pack_unmap_ops`` give the struct packer's bytes, or None
+    exactly when a field does not fit (the struct path then names the grant)."""
+    gfns = [r[0] for r in rows]
+    refs = [r[1] for r in rows]
+    domids = [r[2] for r in rows]
+    try:
+        want: bytes | None = b"".join(
+            guest_ops.MAP_OP.pack(g << 12, flags, r, d, 0, 0, 0) for g, r, d in rows)
+    except struct.error:
+        want = None
+    got = _cext.pack_map_ops(gfns, flags, refs, domids)
+    assert (None if got is None else bytes(got)) == want
+    if want is None:
+        with pytest.raises(ValueError, match="does not fit"):
+            guest_ops.pack_map_ops(gfns, flags, refs, domids)
+    else:
+        assert guest_ops.pack_map_ops(gfns, flags, refs, domids) == want
+    try:
+        want = b"".join(guest_ops.UNMAP_OP.pack(g << 12, 0, h, 0) for g, h in zip(gfns, refs))
+    except struct.error:
+        want = None
+    got = _cext.pack_unmap_ops(gfns, refs)
+    assert (None if got is None else bytes(got)) == want
+
+
+def test_c_packers_refuse_what_is_not_a_batch() -> None:
+    with pytest.raises(ValueError, match="different lengths"):
+        _cext.pack_map_ops([1, 2], 0, [1, 2], [1])
+    with pytest.raises(TypeError):
+        _cext.pack_unmap_ops(5, [1])
+    with pytest.raises(ValueError, match="flags"):
+        _cext.pack_map_ops([1], 1 << 32, [1], [1])
+    assert _cext.pack_map_ops([1], 0, [1.0], [1]) is None  # not an int: the struct path's
+    assert _cext.pack_map_ops([], 0, [], []) == bytearray()

@@ -1554,7 +1554,8 @@ xg_unmap_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
  * differential test compares these replies with the Python path's, byte for
  * byte, together with the whole hypervisor state.
  *
- * Sending: with fd >= 0 and answered > 0, held (the bytes the connection
+ * Sending: with fd >= 0, answered > 0 and every message taken (pos == end:
+ * no other reply of this read is to follow), held (the bytes the connection
  * holds unsent: posted replies) and then the replies are sent at once, in
  * one sendmsg(MSG_DONTWAIT), as Server._flush would send them; sent is how
  * many bytes of held + replies went (0: the socket had no room; -errno: the
@@ -1732,7 +1733,7 @@ xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
     {
         Py_ssize_t sent = 0;
-        if (fd >= 0 && answered > 0) {
+        if (fd >= 0 && answered > 0 && pos == end) {
             struct iovec iov[2] = {
                 {PyBytes_AS_STRING(args[9]), (size_t)PyBytes_GET_SIZE(args[9])},
                 {out, (size_t)olen},
@@ -2245,6 +2246,110 @@ fail:
     return NULL;
 }
 
+/*
+ * pack_map_ops(gfns, flags, refs, domids) -> bytearray or None
+ * pack_unmap_ops(gfns, handles) -> bytearray or None
+ *
+ * A batch of struct gnttab_map_grant_ref (host_addr = gfn << 12, flags, ref,
+ * dom; status, handle and dev_bus_addr 0) or struct gnttab_unmap_grant_ref
+ * (host_addr, dev_bus_addr 0, handle; status 0), laid out as
+ * xen/include/public/grant_table.h has them (xengrant/guest/ops.py MAP_OP and
+ * UNMAP_OP; the ABI tests check those against the header).  Native byte
+ * order: for little-endian hosts only (ops.VECTOR).  None when a value does
+ * not fit its field or is not an int: the caller's per-op path then names
+ * the grant.
+ */
+#define XG_MAP_OP 32
+#define XG_UNMAP_OP 24
+
+/* seq[i] as an unsigned value <= maxv; -1 (no exception) if it is not one */
+static int
+xg_fits(PyObject *o, unsigned long long maxv, unsigned long long *out)
+{
+    if (!PyLong_Check(o))
+        return -1;
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (v > maxv)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static PyObject *
+xg_pack_ops(PyObject *const *seqs, int nseq, Py_ssize_t opsize, uint32_t flags)
+{
+    PyObject *fast[3] = {NULL, NULL, NULL}, *out = NULL;
+    Py_ssize_t n = -1;
+    for (int k = 0; k < nseq; k++) {
+        fast[k] = PySequence_Fast(seqs[k], "pack_ops: sequences of ints");
+        if (fast[k] == NULL)
+            goto done;
+        Py_ssize_t len = PySequence_Fast_GET_SIZE(fast[k]);
+        if (n >= 0 && len != n) {
+            PyErr_SetString(PyExc_ValueError, "pack_ops: sequences of different lengths");
+            goto done;
+        }
+        n = len;
+    }
+    out = PyByteArray_FromStringAndSize(NULL, n * opsize);
+    if (out == NULL)
+        goto done;
+    char *buf = PyByteArray_AS_STRING(out);
+    memset(buf, 0, (size_t)(n * opsize));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char *op = buf + i * opsize;
+        unsigned long long gfn, a, b = 0;
+        if (xg_fits(PySequence_Fast_GET_ITEM(fast[0], i), ULLONG_MAX >> 12, &gfn) < 0 ||
+            xg_fits(PySequence_Fast_GET_ITEM(fast[1], i), UINT32_MAX, &a) < 0 ||
+            (nseq == 3 && xg_fits(PySequence_Fast_GET_ITEM(fast[2], i), UINT16_MAX, &b) < 0)) {
+            Py_CLEAR(out);
+            Py_INCREF(Py_None);
+            out = Py_None;
+            goto done;
+        }
+        uint64_t host_addr = gfn << 12;
+        memcpy(op, &host_addr, 8);
+        if (nseq == 3) { /* map: flags +8, ref +12, dom +16 */
+            uint32_t ref = (uint32_t)a;
+            uint16_t dom = (uint16_t)b;
+            memcpy(op + 8, &flags, 4);
+            memcpy(op + 12, &ref, 4);
+            memcpy(op + 16, &dom, 2);
+        } else { /* unmap: handle +16 */
+            uint32_t handle = (uint32_t)a;
+            memcpy(op + 16, &handle, 4);
+        }
+    }
+done:
+    for (int k = 0; k < nseq; k++)
+        Py_XDECREF(fast[k]);
+    return out;
+}
+
+static PyObject *
+xg_pack_map_ops(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(4, "pack_map_ops(gfns, flags, refs, domids) -> bytearray or None")
+    unsigned long long flags;
+    if (xg_fits(args[1], UINT32_MAX, &flags) < 0) {
+        PyErr_SetString(PyExc_ValueError, "pack_map_ops: flags must fit 32 bits");
+        return NULL;
+    }
+    PyObject *const seqs[3] = {args[0], args[2], args[3]};
+    return xg_pack_ops(seqs, 3, XG_MAP_OP, (uint32_t)flags);
+}
+
+static PyObject *
+xg_pack_unmap_ops(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(2, "pack_unmap_ops(gfns, handles) -> bytearray or None")
+    return xg_pack_ops(args, 2, XG_UNMAP_OP, 0);
+}
+
 /* mark(state, refs, value): state[ref] = value for every ref (all checked first) */
 static PyObject *
 xg_mark(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
@@ -2359,6 +2464,10 @@ static PyMethodDef module_methods[] = {
                     "timed out): poll up to spin_ns yielding the CPU, then sleep in poll()"),
     FAST(recv_reply, "recv_reply(fd, buf, seq, spin_ns, timeout_ms) -> (end, start, length): "
                      "read until buf holds the reply to request seq"),
+    FAST(pack_map_ops, "pack_map_ops(gfns, flags, refs, domids) -> bytearray of map ops, or None "
+                       "if a value does not fit"),
+    FAST(pack_unmap_ops, "pack_unmap_ops(gfns, handles) -> bytearray of unmap ops, or None if a "
+                         "value does not fit"),
     FAST(grant_run, "grant_run(frames, refs, gfns, start, domid, flags) -> index of the first "
                     "v1 entry not introduced"),
     FAST(end_run, "end_run(frames, state, refs, start) -> index of the first v1 entry whose "

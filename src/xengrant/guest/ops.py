@@ -4,30 +4,31 @@ for the hypercall and read back after it.
 
 Both the in-process grant table (:mod:`xengrant.guest.gnttab`) and the
 service client (:mod:`xengrant.service.client`) build their batches here.
-From :data:`VECTOR_MIN` ops on, a batch is (un)packed with strided
-memoryview casts, one slice per field, instead of a struct call per op; the
-casts are native-endian and the ABI is little-endian, so other hosts always
-take the per-op struct path.
+From :data:`VECTOR_MIN` ops on, a batch is packed by one C loop
+(``_cext.pack_map_ops``/``pack_unmap_ops``) and read back with strided
+memoryview casts, one slice per field, instead of a struct call per op; both
+are native-endian and the ABI is little-endian, so other hosts always take
+the per-op struct path.
 """
 
 from __future__ import annotations
 
 import struct
 import sys
-from array import array
 from collections.abc import Sequence
+
+from .._cext import pack_map_ops as pack_map_ops_c
+from .._cext import pack_unmap_ops as pack_unmap_ops_c
 
 #: struct gnttab_map_grant_ref (32 bytes): host_addr, flags, ref, dom, status,
 #: handle, dev_bus_addr.
 MAP_OP = struct.Struct("<QIIHhIQ")
 #: struct gnttab_unmap_grant_ref (24 bytes): host_addr, dev_bus_addr, handle, status.
 UNMAP_OP = struct.Struct("<QQIh2x")
-#: The casts read and write native-endian words: only a little-endian host may use them.
+#: The C packers and the casts use native-endian words: only a little-endian host may.
 VECTOR = sys.byteorder == "little"
-#: Below this many ops the per-op struct calls are cheaper than the casts.
+#: Below this many ops the per-op struct calls are as cheap as the C loop and the casts.
 VECTOR_MIN = 16
-#: gfn -> host_addr (``gfn << 12``), mapped over a batch at C speed.
-_PAGE_ADDR = (4096).__mul__
 #: status (h) and handle (I) of one map op, at offset 18
 _STATUS_HANDLE = struct.Struct("<hI")
 
@@ -51,20 +52,11 @@ def pack_map_ops(
             return bytearray(MAP_OP.pack(gfns[0] << 12, flags, refs[0], domids[0], 0, 0, 0))
         except struct.error:
             pass  # the loop below names the grant
+    if VECTOR and n >= VECTOR_MIN and len(gfns) == n == len(domids) and 0 <= flags < 1 << 32:
+        packed: bytearray | None = pack_map_ops_c(gfns, flags, refs, domids)
+        if packed is not None:
+            return packed  # else the struct path below names the grant that does not fit
     buf = bytearray(size * n)
-    if VECTOR and n >= VECTOR_MIN:
-        mv = memoryview(buf)
-        # host_addr Q[0], flags I[2], ref I[3], dom H[8] (arrays from lists: an
-        # array built from an iterator takes a Python step per item)
-        try:
-            mv.cast("Q")[0::4] = array("Q", list(map(_PAGE_ADDR, gfns)))
-            i32 = mv.cast("I")
-            i32[2::8] = array("I", [flags]) * n
-            i32[3::8] = array("I", refs)
-            mv.cast("H")[8::16] = array("H", domids)
-            return buf
-        except (OverflowError, TypeError, ValueError):
-            pass  # the struct path below names the grant that does not fit
     pack = MAP_OP.pack_into
     for i, (domid, ref, gfn) in enumerate(zip(domids, refs, gfns)):
         try:
@@ -99,16 +91,11 @@ def pack_unmap_ops(gfns: Sequence[int], handles: Sequence[int]) -> bytearray:
     size = UNMAP_OP.size
     if n == 1 and gfns:  # the common single mapping: one pack
         return bytearray(UNMAP_OP.pack(gfns[0] << 12, 0, handles[0], 0))
-    buf = bytearray(size * n)
     if VECTOR and n >= VECTOR_MIN and len(gfns) == n:
-        mv = memoryview(buf)
-        # host_addr Q[0], dev_bus_addr Q[1], handle I[4]
-        try:
-            mv.cast("Q")[0::3] = array("Q", list(map(_PAGE_ADDR, gfns)))
-            mv.cast("I")[4::6] = array("I", handles)
-            return buf
-        except (OverflowError, TypeError, ValueError):
-            pass  # the struct path below raises what it always raised
+        packed: bytearray | None = pack_unmap_ops_c(gfns, handles)
+        if packed is not None:
+            return packed  # else the struct path below raises what it always raised
+    buf = bytearray(size * n)
     for i, (gfn, handle) in enumerate(zip(gfns, handles)):
         UNMAP_OP.pack_into(buf, i * size, gfn << 12, 0, handle, 0)
     return buf

@@ -408,10 +408,10 @@ class Server:
         success case, replies as :meth:`_gnttab_reply` would (a differential
         test holds it to that), and stops at the first message it does not
         take.  An unmap is taken only when the caller has no unmap notify
-        (:meth:`_notify_before_unmap` must see it).  When a reply is awaited
-        and nothing but posted replies waits to be sent, C sends those and
-        the new replies in one go, as :meth:`_flush` would; what the socket
-        did not take is queued.
+        (:meth:`_notify_before_unmap` must see it).  When it takes every
+        message of the read, a reply is awaited and nothing but posted
+        replies waits to be sent, C sends those and the new replies in one
+        go, as :meth:`_flush` would; what the socket did not take is queued.
 
         Returns:
             ``(pos, first_op)``: where the messages left to :meth:`_request`
@@ -441,7 +441,7 @@ class Server:
             self.log(f"{conn!r}: GNTTAB_OP fast path failed: {e!r}; dropping it")
             self._schedule_close(conn)
             return n, 0
-        if fd >= 0 and answered:
+        if fd >= 0 and answered and pos == n:  # C sent (see serve_gnttab)
             if sent < 0:  # as _flush does when a send fails
                 self._schedule_close(conn)
                 return int(pos), 0
