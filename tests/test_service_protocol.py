@@ -6,6 +6,7 @@ import errno
 
 import pytest
 
+from xengrant import _cext
 from xengrant.service import protocol as p
 
 
@@ -87,22 +88,29 @@ def test_unpack_exact_and_i64s() -> None:
         p.unpack_i64s(b"\x00" * 9, "x")
 
 
-def _p2m_entries(blob: bytes, pos: int) -> tuple[list[tuple[int, int, int]], int, bool]:
-    gfns, mfns, types, end, full = p.p2m_columns(blob, pos)
-    return list(zip(gfns.tolist(), mfns.tolist(), types.tolist())), end, full
-
-
 def test_p2m_delta() -> None:
-    changes = [(0x100, 7, 0), (0x1000000, -1, 0), (5, 9, 2)]
+    """pack_p2m's columns, as the client's mirror takes them (_cext.p2m_apply)."""
+    changes = [(0x100, 7, 0), (0x1000000, -1, 0), (5, 9, 2), (1 << 40, 1 << 35, 3)]
     gfns, entries = [g for g, _, _ in changes], [(m, t) for _, m, t in changes]
     blob = b"pre" + p.pack_p2m(gfns, entries) + b"post"
-    got, pos, full = _p2m_entries(blob, 3)
-    assert got == changes and blob[pos:] == b"post" and not full
-    assert _p2m_entries(p.pack_p2m(gfns, entries, full=True), 0)[2]
-    with pytest.raises(p.ProtocolError):
-        _p2m_entries(p.pack_p2m(gfns, entries)[:-1], 0)
-    with pytest.raises(p.ProtocolError):
-        _p2m_entries(b"\x01", 0)
+    mirror: dict[int, tuple[int, int]] = {0x1000000: (4, 1), 77: (78, 0)}
+    end = _cext.p2m_apply(mirror, blob, 3)
+    assert blob[end:] == b"post"
+    assert mirror == {0x100: (7, 0), 5: (9, 2), 1 << 40: (1 << 35, 3), 77: (78, 0)}
+    # the whole p2m: what the mirror had before goes
+    whole = p.pack_p2m(gfns, entries, full=True)
+    assert _cext.p2m_apply(mirror, whole, 0) == len(whole)
+    assert mirror == {0x100: (7, 0), 5: (9, 2), 1 << 40: (1 << 35, 3)}
+    # one entry, and an unmap batch (every gfn emptied): the packer's short forms
+    assert _cext.p2m_apply(mirror, p.pack_p2m([5], [(11, 1)]), 0) == 4 + 24
+    assert _cext.p2m_apply(mirror, p.pack_p2m([0x100, 5], [p.P2M_GONE] * 2), 0) == 4 + 48
+    assert mirror == {1 << 40: (1 << 35, 3)}
+    for bad in (p.pack_p2m(gfns, entries)[:-1], b"\x01"):
+        with pytest.raises(ValueError, match="truncated"):
+            _cext.p2m_apply(mirror, bad, 0)
+    assert mirror == {1 << 40: (1 << 35, 3)}  # nothing applied
+    with pytest.raises(TypeError):
+        _cext.p2m_apply([], whole, 0)
 
 
 def test_strings_and_reasons() -> None:

@@ -2384,6 +2384,93 @@ xg_mark(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 
 
 /*
+ * p2m_apply(p2m, body, pos) -> end
+ *
+ * A service client's p2m mirror takes the entries a reply carries: at
+ * body[pos:], u32 n (P2M_FULL 0x80000000 set: they are the whole p2m, so the
+ * mirror is cleared first), then three little-endian i64 columns of n:
+ * gfns, mfns (-1: the gfn holds nothing now) and p2m types
+ * (xengrant/service/protocol.py pack_p2m).  p2m[gfn] = (mfn, type), or
+ * p2m.pop(gfn, None) for mfn -1, in order.  Returns the position after the
+ * columns.  Raises ValueError if they are truncated (nothing is applied),
+ * TypeError if p2m is not a dict.
+ */
+#define XG_P2M_FULL 0x80000000u
+
+static int64_t
+xg_le64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return (int64_t)v;
+}
+
+static PyObject *
+xg_p2m_apply(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(3, "p2m_apply(p2m, body, pos) -> end")
+    PyObject *p2m = args[0];
+    if (!PyDict_Check(p2m)) {
+        PyErr_SetString(PyExc_TypeError, "p2m_apply: p2m must be a dict");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[1], &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *d = b.buf;
+    PyObject *ret = NULL;
+    if (pos < 0 || b.len - pos < 4) {
+        PyErr_SetString(PyExc_ValueError, "p2m delta: truncated count");
+        goto out;
+    }
+    uint32_t n = (uint32_t)d[pos] | (uint32_t)d[pos + 1] << 8 | (uint32_t)d[pos + 2] << 16 |
+                 (uint32_t)d[pos + 3] << 24;
+    int full = (n & XG_P2M_FULL) != 0;
+    n &= ~XG_P2M_FULL;
+    pos += 4;
+    if ((b.len - pos) / 24 < (Py_ssize_t)n) {
+        PyErr_SetString(PyExc_ValueError, "p2m delta: truncated entries");
+        goto out;
+    }
+    if (full)
+        PyDict_Clear(p2m);
+    const unsigned char *gcol = d + pos, *mcol = gcol + 8 * (size_t)n, *tcol = mcol + 8 * (size_t)n;
+    for (uint32_t i = 0; i < n; i++) {
+        int64_t mfn = xg_le64(mcol + 8 * (size_t)i);
+        PyObject *key = PyLong_FromLongLong(xg_le64(gcol + 8 * (size_t)i));
+        if (key == NULL)
+            goto out;
+        int r;
+        if (mfn < 0) {
+            r = PyDict_DelItem(p2m, key);
+            if (r < 0 && PyErr_ExceptionMatches(PyExc_KeyError)) {
+                PyErr_Clear();
+                r = 0;
+            }
+        } else {
+            PyObject *mo = PyLong_FromLongLong(mfn);
+            PyObject *to = PyLong_FromLongLong(xg_le64(tcol + 8 * (size_t)i));
+            PyObject *ent = mo && to ? PyTuple_Pack(2, mo, to) : NULL;
+            Py_XDECREF(mo);
+            Py_XDECREF(to);
+            r = ent == NULL ? -1 : PyDict_SetItem(p2m, key, ent);
+            Py_XDECREF(ent);
+        }
+        Py_DECREF(key);
+        if (r < 0)
+            goto out;
+    }
+    ret = PyLong_FromSsize_t(pos + 24 * (Py_ssize_t)n);
+out:
+    PyBuffer_Release(&b);
+    return ret;
+}
+
+/*
  * translate(p2m, gfns, ro_type) -> list of mfns, or the index of the first
  * gfn that does not translate
  *
@@ -2468,6 +2555,8 @@ static PyMethodDef module_methods[] = {
                        "if a value does not fit"),
     FAST(pack_unmap_ops, "pack_unmap_ops(gfns, handles) -> bytearray of unmap ops, or None if a "
                          "value does not fit"),
+    FAST(p2m_apply, "p2m_apply(p2m, body, pos) -> end: apply the p2m columns at body[pos:] to "
+                    "a dict mirror"),
     FAST(grant_run, "grant_run(frames, refs, gfns, start, domid, flags) -> index of the first "
                     "v1 entry not introduced"),
     FAST(end_run, "end_run(frames, state, refs, start) -> index of the first v1 entry whose "

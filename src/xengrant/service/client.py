@@ -40,7 +40,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from itertools import repeat
 from operator import itemgetter
 from typing import Any, Optional
 
@@ -95,7 +94,6 @@ _FOREIGN = (P2M_GRANT_MAP_RW, P2M_GRANT_MAP_RO)
 #: A GNTTAB_OP reply's head: status, the hypercall's rc, the length of the ops.
 _GNTTAB_HEAD = struct.Struct("<iiI")
 #: the count of a one-entry p2m delta
-_ONE_ENTRY = p.U32.pack(1)
 _first = itemgetter(0)
 _second = itemgetter(1)
 #: GNTTAB_OP's cmd and count for one map op, one unmap op
@@ -681,38 +679,17 @@ class RemoteHypercalls:
     def _apply_delta(self, body: bytes | memoryview, pos: int) -> int:
         """Apply the p2m entries at ``body[pos:]`` to the mirror; the position after them.
 
-        Whole columns go in with C loops (``dict.update`` over ``zip``);
-        only a delta that both adds and removes takes a step per entry.
+        One C loop (``_cext.p2m_apply``) over the columns of
+        :func:`~xengrant.service.protocol.pack_p2m`: set each entry, or pop
+        the gfns that hold nothing now.
 
         Raises:
-            ServiceError: EBADMSG, the delta is truncated.
+            ServiceError: EBADMSG, the delta is truncated (nothing applied).
         """
-        p2m = self.p2m
         try:
-            if len(body) - pos >= 28 and body[pos : pos + 4] == _ONE_ENTRY:
-                gfn, mfn, p2mt = p.P2M_ONE.unpack_from(body, pos + 4)
-                if mfn < 0:
-                    p2m.pop(gfn, None)
-                else:
-                    p2m[gfn] = (mfn, p2mt)
-                return pos + 28
-            gfns, mfns, types, end, full = p.p2m_columns(body, pos)
-        except p.ProtocolError as e:
+            end: int = _cext.p2m_apply(self.p2m, body, pos)
+        except ValueError as e:
             raise ServiceError(errno.EBADMSG, str(e)) from None
-        if full:
-            p2m.clear()
-        if not len(gfns):
-            return end
-        if min(mfns) >= 0:
-            p2m.update(zip(gfns, zip(mfns, types)))
-        elif max(mfns) < 0:
-            deque(map(p2m.pop, gfns, repeat(None)), 0)
-        else:
-            for gfn, mfn, p2mt in zip(gfns, mfns, types):
-                if mfn < 0:
-                    p2m.pop(gfn, None)
-                else:
-                    p2m[gfn] = (mfn, p2mt)
         return end
 
     def _nbytes(self, cmd: int, uop: memoryview, count: int) -> tuple[int, int | None]:
@@ -865,6 +842,14 @@ class RemoteHypercalls:
         n = len(gfns)
         if n == 0:
             raise ValueError("no frames to view")
+        if writable:
+            # the common case at C speed: every gfn in the mirror, none a
+            # read-only grant mapping (an int: the first that is not)
+            got = _cext.translate(self.p2m, list(gfns), P2M_GRANT_MAP_RO)
+            if not isinstance(got, int):
+                if n == 1 or _cext.runs(got) == [(got[0], n)]:
+                    return _cext.borrow(self._mmap, got[0] * PAGE_SIZE, n * PAGE_SIZE, False)
+                return _cext.vmap(self.fd, got, False)
         ents: list[Any] = list(map(self.p2m.get, gfns))
         types = set(map(_second, ents)) if None not in ents else {-1}
         if -1 in types or (writable and P2M_GRANT_MAP_RO in types):

@@ -371,36 +371,6 @@ def pack_p2m(
     return head + body.tobytes()
 
 
-def p2m_columns(
-    body: bytes | bytearray | memoryview, pos: int
-) -> tuple[memoryview, memoryview, memoryview, int, bool]:
-    """The p2m entries at ``body[pos:]`` as columns, without a Python step per entry.
-
-    Returns:
-        ``(gfns, mfns, types, position after them, whether they are the whole
-        p2m)``; the columns are ``i64`` memoryviews.
-
-    Raises:
-        ProtocolError: EBADMSG if truncated.
-    """
-    if len(body) - pos < 4:
-        raise ProtocolError(errno.EBADMSG, "p2m delta: truncated count")
-    (n,) = U32.unpack_from(body, pos)
-    full = bool(n & P2M_FULL)
-    n &= ~P2M_FULL
-    pos += 4
-    end = pos + 24 * n
-    if len(body) < end:
-        raise ProtocolError(errno.EBADMSG, "p2m delta: truncated entries")
-    mv = memoryview(body)
-    if not _LITTLE:  # pragma: no cover - the wire is little-endian
-        cols = array("q", bytes(mv[pos:end]))
-        cols.byteswap()
-        mv, pos, end = memoryview(cols.tobytes()), 0, 24 * n
-    words = mv[pos:end].cast("q")
-    return words[:n], words[n : 2 * n], words[2 * n :], end, full
-
-
 def pack_strings(*parts: str | bytes, terminate_last: bool = True) -> bytes:
     """NUL-separated strings, as xenstored's wire format.
 
