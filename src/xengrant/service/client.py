@@ -93,7 +93,6 @@ _RECV = 1 << 18
 _FOREIGN = (P2M_GRANT_MAP_RW, P2M_GRANT_MAP_RO)
 #: A GNTTAB_OP reply's head: status, the hypercall's rc, the length of the ops.
 _GNTTAB_HEAD = struct.Struct("<iiI")
-#: the count of a one-entry p2m delta
 _first = itemgetter(0)
 _second = itemgetter(1)
 #: GNTTAB_OP's cmd and count for one map op, one unmap op
