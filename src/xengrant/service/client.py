@@ -426,8 +426,10 @@ class Channel:
     def _wait_alone(self, seq: int) -> bytes | None:
         """The payload of the reply to ``seq``, read by one C call while nobody else reads.
 
-        The common case of :meth:`wait_reply`: no other thread leads or
-        waits, nothing is held half-decoded.  ``_cext.recv_reply`` reads
+        The common case of :meth:`wait_reply`: no other thread is reading
+        the socket (threads that wait for one that reads follow this call
+        instead, as they would follow :meth:`_lead`), nothing is held
+        half-decoded.  ``_cext.recv_reply`` reads
         until the reply is in the receive buffer; the messages before it
         (posted replies, events) are decoded and dispatched first, as
         :meth:`_dispatch` keeps stream order.
