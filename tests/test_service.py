@@ -432,6 +432,40 @@ def test_posted_unmap_is_done_before_later_requests(
         share.unshare(timeout=30)  # the service ran the unmap before the status call
 
 
+def test_one_page_lane_does_the_posted_unmap_with_the_next_map(
+    service: Service, baseline: dict[str, Any]
+) -> None:
+    """The next one-page map reads a posted unmap's reply and does it in C
+    (``_cext.map_one``): the hole comes back and leaves the p2m mirror; a failed
+    one is raised by the call after the map, which itself succeeds."""
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
+        share = a.grant_table.share_pages(b.domid, 2)
+        share.mem[:2] = b"p0"
+        share.mem[4096:4098] = b"p1"
+        gnt = b.gnttab
+        m1 = gnt.map_grant_ref(a.domid, share.refs[0])
+        gfn1 = m1.resource[0]
+        m1.unmap()
+        assert len(b.channel._posted) == 1
+        m2 = gnt.map_grant_ref(a.domid, share.refs[1])
+        assert bytes(m2.mem[:2]) == b"p1"
+        assert not b.channel._posted and gfn1 not in b.hypercalls.p2m
+        assert b.hypercalls.p2m[m2.resource[0]][0] >= 0
+        assert b.get_pages(1) == [gfn1]  # a hole again
+        b.put_pages([gfn1])
+        _sabotage_unmap(b, m2)
+        m2.unmap()  # posted; fails in the service
+        m3 = gnt.map_grant_ref(a.domid, share.refs[0])  # its reply came first
+        assert bytes(m3.mem[:2]) == b"p0"
+        with pytest.raises(BatchError) as ei:
+            m3.unmap()  # raised before anything is sent
+        assert ei.value.statuses == [abi.GNTST_bad_handle]
+        m3.unmap()
+        b.sync()
+        assert b.hypercalls.p2m.get(m3.resource[0]) is None
+        share.unshare(timeout=30)
+
+
 def test_posted_unmap_failure_is_reported(service: Service, baseline: dict[str, Any]) -> None:
     """A posted unmap that fails is raised by the next call, by sync and by close,
     with its op name and GNTST code -- never lost."""

@@ -40,6 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from functools import partial
 from operator import itemgetter
 from typing import Any, Optional
 
@@ -51,9 +52,8 @@ from ..errors import BatchError, HypercallError, XenError
 from ..guest.domain import Domain
 from ..guest.gnttab import map_ops_at_holes
 from ..guest.ops import (
-    MAP_OP,
-    UNMAP_OP,
     map_results,
+    pack_map_ops,
     pack_unmap_ops,
     unmap_statuses,
 )
@@ -95,13 +95,6 @@ _FOREIGN = (P2M_GRANT_MAP_RW, P2M_GRANT_MAP_RO)
 _GNTTAB_HEAD = struct.Struct("<iiI")
 _first = itemgetter(0)
 _second = itemgetter(1)
-#: GNTTAB_OP's cmd and count for one map op, one unmap op
-_MAP_ONE = p.GNTTAB_REQ.pack(gt.GNTTABOP_map_grant_ref, 1)
-_UNMAP_ONE = p.GNTTAB_REQ.pack(gt.GNTTABOP_unmap_grant_ref, 1)
-#: A successful one-op reply: status, rc, ops length; the op; a one-entry
-#: p2m delta (count, gfn, mfn, type); no reasons (u16 0).
-_MAP_ONE_REPLY = struct.Struct("<iiI" + MAP_OP.format.lstrip("<") + "Iqqq" + "H")
-_UNMAP_ONE_REPLY = struct.Struct("<iiI" + UNMAP_OP.format.lstrip("<") + "Iqqq" + "H")
 
 
 class ServiceError(XenError, ConnectionError):
@@ -166,7 +159,8 @@ class Channel:
         self._waiting = 0
         self._replies: dict[int, p.Frame] = {}
         #: posted requests not answered yet: seq -> what to run on the reply
-        self._posted: dict[int, OnReply] = {}
+        #: (gfn, on_reply) for a posted one-op unmap (see post_unmap_one)
+        self._posted: dict[int, OnReply | tuple[int, OnReply]] = {}
         #: failures posted requests reported, not raised yet (oldest first)
         self.deferred: deque[BaseException] = deque()
         self.events: deque[int] = deque()
@@ -378,10 +372,12 @@ class Channel:
         for fr in frames:
             flags = fr.flags
             if flags & p.F_REPLY:
-                done = self._posted.pop(fr.seq, None)
-                if done is None:
+                entry = self._posted.pop(fr.seq, None)
+                if entry is None:
                     self._replies[fr.seq] = fr
                     continue
+                # (gfn, on_reply): a one-op unmap (see post_unmap_one)
+                done = entry[1] if isinstance(entry, tuple) else entry
                 try:
                     err = done(fr.payload or b"")
                 except Exception as e:
@@ -423,6 +419,72 @@ class Channel:
         finally:
             self._waiting -= 1
 
+    def _claim(self) -> bool:
+        """Become the reader for one C read of a reply (see :meth:`_wait_alone`).
+
+        Returns:
+            False if this is not the common case: another thread reads the
+            socket, it closed, the memfd has not come yet, or a message is
+            held half-decoded.
+        """
+        with self._mu:
+            if self._leader or self._eof or self.want_fds or not self._decoder.idle:
+                return False
+            self._leader = True
+            return True
+
+    def _wait_ms(self) -> int:
+        """The channel timeout as ``recv_wait`` takes it (-1: forever)."""
+        timeout = self.timeout
+        return -1 if timeout is None else math.ceil(max(timeout, 0) * 1000)
+
+    def _settle(self, seq: int, end: int, start: int, length: int, skip: int = 0,
+                want: bool = True) -> bytes | None:
+        """Give up the reader role after a C read of ``buf[:end]`` (:meth:`_claim`).
+
+        Decodes and dispatches, in stream order, the messages before the
+        reply (from ``skip``: C did those before it) and after it, and wakes
+        whoever follows.
+
+        Args:
+            seq: the request.
+            end, start, length: as ``_cext.recv_reply`` returns them.
+            skip: where the messages C left start.
+            want: whether the reply's payload is wanted.
+
+        Returns:
+            The reply's payload if wanted and it came; else None.
+
+        Raises:
+            ServiceError: the service closed the connection, or the channel
+                timeout passed.
+        """
+        buf = self._rbuf
+        frames: list[p.Frame] = []
+        reply = None
+        try:
+            feed = self._decoder.feed
+            if start >= 0:
+                if start - p.HEADER_SIZE > skip:
+                    frames = feed(buf[skip : start - p.HEADER_SIZE])
+                if want:
+                    reply = bytes(buf[start : start + length])
+                if end > start + length:
+                    frames += feed(buf[start + length : end])
+            elif end > skip:
+                frames = feed(buf[skip:end])
+            if start == -2:
+                self._eof = True
+        finally:
+            with self._mu:
+                self._leader = False
+                self._dispatch(frames)
+        if start == -2:
+            raise ServiceError(errno.ECONNRESET, "the service closed the connection")
+        if start == -3:
+            raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
+        return reply
+
     def _wait_alone(self, seq: int) -> bytes | None:
         """The payload of the reply to ``seq``, read by one C call while nobody else reads.
 
@@ -442,42 +504,118 @@ class Channel:
             ServiceError: the service closed the connection, or the channel
                 timeout passed.
         """
-        with self._mu:
+        if not self._claim():
+            return None
+        try:
+            end, start, length = _cext.recv_reply(
+                self._fileno, self._rbuf, seq, int(self.spin * 1e9), self._wait_ms()
+            )
+        except OSError:
+            end, start, length = 0, -2, 0
+        except BaseException:
+            self._settle(seq, 0, -1, 0)
+            raise
+        return self._settle(seq, end, start, length)
+
+    def map_one(
+        self, domid: int, ref: int, gfn: int, flags: int, p2m: dict[int, Any]
+    ) -> tuple[int, int, int, bytes | None, list[int]] | None:
+        """The one-page lane: a ``GNTTABOP_map_grant_ref`` of one op, in one C call.
+
+        ``_cext.map_one`` sends the request, reads up to its reply, and does
+        the replies of posted one-op unmaps before it (entries ``(gfn,
+        on_reply)`` in the posted table: see :meth:`post_unmap_one`) as
+        their ``on_reply`` would; the rest is settled as :meth:`request`
+        settles it.
+
+        Args:
+            domid, ref: the grant.
+            gfn: the hole that takes it (``host_addr`` is ``gfn << 12``).
+            flags: the op's ``GNTMAP_*`` flags.
+            p2m: the p2m mirror (a success sets ``p2m[gfn]``).
+
+        Returns:
+            ``(handle, mfn, p2mt, None, freed)`` when the reply is a success
+            (``p2m`` has it already); ``(-1, 0, 0, payload, freed)`` for any
+            other reply, to be finished as :meth:`request`'s;
+            ``freed``: holes of posted unmaps done here.  None if this is
+            not the common case (nothing sent: use :meth:`request`).
+
+        Raises:
+            ServiceError: the connection closed or timed out.
+            Exception: a failure a posted request reported; nothing is sent.
+        """
+        if self.deferred:
+            self.raise_deferred()
+        with self._mu:  # as _claim
             if self._leader or self._eof or self.want_fds or not self._decoder.idle:
                 return None
             self._leader = True
-        buf = self._rbuf
-        frames: list[p.Frame] = []
-        reply = None
+        seq = next(self._seq) & 0xFFFFFFFF
+        freed: list[int] = []
+        timeout = self.timeout
         try:
-            timeout = self.timeout
-            wait_ms = -1 if timeout is None else math.ceil(max(timeout, 0) * 1000)
-            try:
-                end, start, length = _cext.recv_reply(
-                    self._fileno, buf, seq, int(self.spin * 1e9), wait_ms
-                )
-            except OSError:
-                end, start, length = 0, -2, 0
-            feed = self._decoder.feed
-            if start >= 0:
-                if start > p.HEADER_SIZE:
-                    frames = feed(buf[: start - p.HEADER_SIZE])
-                reply = bytes(buf[start : start + length])
-                if end > start + length:
-                    frames += feed(buf[start + length : end])
-            elif end:
-                frames = feed(buf[:end])
-            if start == -2:
-                self._eof = True
-        finally:
+            got = _cext.map_one(
+                self._fileno, self._send_lock, self._rbuf, seq, gfn, flags, ref, domid,
+                int(self.spin * 1e9), -1 if timeout is None else self._wait_ms(),
+                self._posted, p2m, freed,
+            )
+        except OSError as e:  # nothing sent
+            self._settle(seq, 0, -1, 0)
+            raise ServiceError(errno.EPIPE, f"service connection lost: {e}") from None
+        except BaseException:
+            self._settle(seq, 0, -1, 0)
+            raise
+        if got is None:
+            self._settle(seq, 0, -1, 0)
+            return None
+        self.sent += 1
+        handle, mfn, p2mt, end, start, length, skip = got
+        if handle >= 0 and end == start + length and skip == start - p.HEADER_SIZE:
+            # C did every message it read: nothing to decode (as _settle)
             with self._mu:
                 self._leader = False
-                self._dispatch(frames)
-        if start == -2:
-            raise ServiceError(errno.ECONNRESET, "the service closed the connection")
-        if start == -3:
-            raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
-        return reply
+                if self._waiting or self._async_waiters:
+                    self._dispatch([])
+            return handle, mfn, p2mt, None, freed
+        reply = self._settle(seq, end, start, length, skip, handle < 0)
+        if handle >= 0:
+            return handle, mfn, p2mt, None, freed
+        if reply is None:  # it did not fit the buffer
+            reply = self.wait_reply(seq).payload or b""
+        return -1, 0, 0, reply, freed
+
+    def post_unmap_one(self, gfn: int, handle: int, on_reply: OnReply) -> bool:
+        """Post a ``GNTTABOP_unmap_grant_ref`` of one op (``host_addr`` ``gfn << 12``).
+
+        As :meth:`post`, with the posted entry ``(gfn, on_reply)``: its
+        reply, when it has a success's shape, is done by the next
+        :meth:`map_one` (``gfn`` leaves its p2m and comes back as a hole).
+
+        Returns:
+            False if ``gfn`` or ``handle`` does not fit the op (nothing sent).
+
+        Raises:
+            ServiceError: the connection is gone.
+            Exception: an earlier posted request's failure; nothing is sent.
+        """
+        if self.deferred:
+            self.raise_deferred()
+        seq = next(self._seq) & 0xFFFFFFFF
+        with self._mu:
+            self._posted[seq] = (gfn, on_reply)
+        try:
+            if _cext.send_unmap_one(self._fileno, self._send_lock, seq, gfn, handle):
+                self.sent += 1
+                return True
+            err: OSError | None = None
+        except OSError as e:
+            err = e
+        with self._mu:
+            self._posted.pop(seq, None)
+        if err is not None:
+            raise ServiceError(errno.EPIPE, f"service connection lost: {err}") from None
+        return False
 
     def wait_reply(self, seq: int) -> p.Frame:
         """The reply to request ``seq``.
@@ -1199,7 +1337,10 @@ class RemoteGnttab(EmulatedGnttab):
             GrantError: with Xen's GNTST code.
             ValueError: a domid or ref that does not fit the op.
         """
-        return self._map([domid], [ref], writable)
+        mapping = self._map_one(domid, ref, writable)
+        if mapping is None:  # the lane is not open: the general way
+            mapping = self._map_ops([domid], [ref], writable)
+        return mapping
 
     def map_grant_refs(self, grants: Sequence[tuple[int, int]], writable: bool = True) -> Mapping:
         """Map ``(domid, ref)`` pairs into one contiguous buffer, all or nothing.
@@ -1227,46 +1368,86 @@ class RemoteGnttab(EmulatedGnttab):
         As gntdev's ``gntdev_map_grant_pages``: if any op fails, the others
         are unmapped again and the holes given back (``GrantTable.map_grants``
         has the same contract, and packs its ops with the same
-        :func:`~xengrant.guest.gnttab.map_ops_at_holes`; here a single op's
-        reply is read with one unpack when it has a success's shape).
+        :func:`~xengrant.guest.gnttab.map_ops_at_holes`).  One grant takes
+        the channel's one-page lane when it is open (:meth:`_map_one`).
 
         Raises:
             GrantError: one grant, failed (Xen's GNTST code and debug reason).
             BatchError: several, some failed.
             ValueError: no grants, or a domid/ref that does not fit the op.
         """
+        if len(refs) == 1:
+            mapping = self._map_one(domids[0], refs[0], writable)
+            if mapping is not None:
+                return mapping
+        return self._map_ops(domids, refs, writable)
+
+    def _map_ops(self, domids: list[int], refs: list[int], writable: bool) -> Mapping:
+        """:meth:`_map` by ``grant_table_op`` (any batch; one op when the lane is not open)."""
+        gfns, buf = map_ops_at_holes(self.domain, domids, refs, writable)
+        rc = self._hc.grant_table_op(gt.GNTTABOP_map_grant_ref, memoryview(buf), len(gfns))
+        return self._mapped(domids, refs, writable, gfns, buf, rc)
+
+    def _map_one(self, domid: int, ref: int, writable: bool) -> Mapping | None:
+        """One grant through the channel's one-page lane (:meth:`Channel.map_one`).
+
+        Returns:
+            The mapping; None if the lane is not open (nothing done).
+
+        Raises:
+            GrantError: Xen's GNTST code.
+            ServiceError: the connection closed or timed out.
+        """
         domain = self.domain
         hc = self._hc
-        gfns, buf = map_ops_at_holes(domain, domids, refs, writable)
-        n = len(gfns)
-        ops = memoryview(buf)
-        if n == 1:
-            # One op: the request is one fixed message, and a reply that has
-            # the shape a success has is read with one unpack.
-            body = hc.channel.request(p.MSG_GNTTAB_OP, _MAP_ONE, buf)
-            if len(body) == _MAP_ONE_REPLY.size and body[-2:] == b"\0\0":
-                (status, rc, size, _a, _f, _r, _d, st, handle, _b, count, gfn, mfn, p2mt,
-                 _nr) = _MAP_ONE_REPLY.unpack_from(body)
-                if (not status and not rc and not st and size == MAP_OP.size and count == 1
-                        and gfn == gfns[0] and mfn >= 0):
-                    hc.p2m[gfn] = (mfn, p2mt)
-                    hc.last_reasons = []
-                    if p2mt == P2M_GRANT_MAP_RW:
-                        view = _cext.borrow(hc._mmap, mfn * PAGE_SIZE, PAGE_SIZE, not writable)
-                    else:
-                        view = hc.map_gfns(gfns, writable)
-                    return Mapping(self, domids, refs, writable, view, [handle], resource=gfns)
-            rc = hc._finish(body, ops)
-        else:
-            rc = hc.grant_table_op(gt.GNTTABOP_map_grant_ref, ops, n)
+        gfn = domain.get_pages(1)[0]
+        flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
+        try:
+            got = hc.channel.map_one(domid, ref, gfn, flags, hc.p2m)
+        except BaseException:
+            domain.put_pages([gfn])
+            raise
+        if got is None:
+            domain.put_pages([gfn])
+            return None
+        handle, mfn, p2mt, body, freed = got
+        if freed:
+            domain.put_pages(freed)
+        if body is None:  # a success, in the p2m mirror already
+            hc.last_reasons = []
+            if p2mt == P2M_GRANT_MAP_RW:
+                view = _cext.borrow(hc._mmap, mfn * PAGE_SIZE, PAGE_SIZE, not writable)
+            else:
+                view = hc.map_gfns([gfn], writable)
+            return Mapping(self, [domid], [ref], writable, view, [handle], resource=[gfn])
+        buf = pack_map_ops([gfn], flags, [ref], [domid])
+        rc = hc._finish(body, memoryview(buf))
+        return self._mapped([domid], [ref], writable, [gfn], buf, rc)
+
+    def _mapped(
+        self,
+        domids: list[int],
+        refs: list[int],
+        writable: bool,
+        gfns: list[int],
+        buf: bytearray,
+        rc: int,
+    ) -> Mapping:
+        """The end of :meth:`_map`: the hypercall returned ``rc``; ``buf`` has the ops' results.
+
+        Raises:
+            GrantError, BatchError: as :meth:`_map` (the holes given back).
+        """
+        domain = self.domain
         if rc < 0:
             domain.put_pages(gfns)
             check_rc("map_grant_ref", rc)
+        n = len(gfns)
         statuses, handles = map_results(buf, n)
         if any(statuses):
             # the grant table's rollback: the same hypercalls, through this domain's service
             domain.grant_table._map_failed(domids, refs, gfns, statuses, handles)
-        view = hc.map_gfns(gfns, writable)
+        view = self._hc.map_gfns(gfns, writable)
         return Mapping(self, domids, refs, writable, view, handles, resource=gfns)
 
     def _unmap(self, mapping: Mapping) -> None:
@@ -1298,55 +1479,58 @@ class RemoteGnttab(EmulatedGnttab):
             BatchError: an earlier posted unmap failed (this mapping stays mapped).
             ServiceError: the connection is gone (the mapping stays unreleased).
         """
-        hc = self._hc
-        if hc.channel.deferred:
-            hc.channel.raise_deferred()
+        ch = self._hc.channel
+        if ch.deferred:
+            ch.raise_deferred()
         mapping._release_memory()
         gfns: list[int] = mapping.resource
         handles = mapping.handles
         assert handles is not None
-        buf = pack_unmap_ops(gfns, handles)
-        domids, refs = mapping.domids, mapping.refs
-        domain = self.domain
-
-        def done(rc: int) -> BaseException | None:
-            if rc < 0:
-                return HypercallError("unmap_grant_ref", -rc, f"posted unmap of refs {refs}")
-            statuses = unmap_statuses(buf, len(gfns))
-            if not any(statuses):
-                domain.put_pages(gfns)
-                return None
-            # a gfn whose unmap failed may still hold the page: not a hole again
-            domain.put_pages([g for g, st in zip(gfns, statuses) if st == gt.GNTST_okay])
-            failed = [(domids[i], refs[i]) for i, st in enumerate(statuses) if st]
-            return BatchError(
-                "unmap_grant_ref",
-                statuses,
-                f"posted unmap of (domid, ref) {failed}, reported with a later reply",
-            )
-
         if len(gfns) == 1:
-            gfn = gfns[0]
-
-            def one_done(body: bytes) -> BaseException | None:
-                # the shape a success has: read with one unpack
-                if len(body) == _UNMAP_ONE_REPLY.size and body[-2:] == b"\0\0":
-                    status, rc, size, _a, _b, _h, st, count, g, mfn, _t, _nr = (
-                        _UNMAP_ONE_REPLY.unpack_from(body)
-                    )
-                    if (not status and not rc and not st and size == UNMAP_OP.size
-                            and count == 1 and g == gfn and mfn < 0):
-                        hc.p2m.pop(gfn, None)
-                        domain.put_pages(gfns)
-                        return None
-                return done(hc._finish(body, memoryview(buf)))
-
-            hc.channel.post(p.MSG_GNTTAB_OP, _UNMAP_ONE, one_done, buf)
-            mapping.released = True
-            return
-
-        hc.post_grant_table_op(gt.GNTTABOP_unmap_grant_ref, memoryview(buf), len(gfns), done)
+            # the one-page lane: a success's reply is done in C by the next map
+            on_reply = partial(self._one_unmapped, gfns, handles, mapping.domids, mapping.refs)
+            if ch.post_unmap_one(gfns[0], handles[0], on_reply):
+                mapping.released = True
+                return
+        buf = pack_unmap_ops(gfns, handles)
+        self._hc.post_grant_table_op(
+            gt.GNTTABOP_unmap_grant_ref,
+            memoryview(buf),
+            len(gfns),
+            partial(self._unmapped, gfns, mapping.domids, mapping.refs, buf),
+        )
         mapping.released = True
+
+    def _one_unmapped(
+        self, gfns: list[int], handles: list[int], domids: list[int], refs: list[int], body: bytes
+    ) -> BaseException | None:
+        """A posted one-op unmap's reply, when Python reads it (else ``_cext.map_one`` does)."""
+        buf = pack_unmap_ops(gfns, handles)
+        return self._unmapped(gfns, domids, refs, buf, self._hc._finish(body, memoryview(buf)))
+
+    def _unmapped(
+        self, gfns: list[int], domids: list[int], refs: list[int], buf: bytearray, rc: int
+    ) -> BaseException | None:
+        """A posted unmap's outcome: the holes whose op succeeded go back.
+
+        Returns:
+            None, or the failure the next call raises (:attr:`Channel.deferred`).
+        """
+        if rc < 0:
+            return HypercallError("unmap_grant_ref", -rc, f"posted unmap of refs {refs}")
+        statuses = unmap_statuses(buf, len(gfns))
+        domain = self.domain
+        if not any(statuses):
+            domain.put_pages(gfns)
+            return None
+        # a gfn whose unmap failed may still hold the page: not a hole again
+        domain.put_pages([g for g, st in zip(gfns, statuses) if st == gt.GNTST_okay])
+        failed = [(domids[i], refs[i]) for i, st in enumerate(statuses) if st]
+        return BatchError(
+            "unmap_grant_ref",
+            statuses,
+            f"posted unmap of (domid, ref) {failed}, reported with a later reply",
+        )
 
     def _orphan(self, retry: Callable[[], bool]) -> None:
         """A mapping whose views outlived it: unmap it once they are gone."""
