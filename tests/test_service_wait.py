@@ -148,6 +148,20 @@ def test_recv_reply_reports_a_close_mid_message(
     assert _cext.recv_reply(a.fileno(), bytearray(64), 3, 0, -1) == (15, -2, 0)
 
 
+def test_recv_reply_keeps_what_came_before_a_failed_recv(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    # the peer closes with this unread: after the 15 bytes, a's recv fails with
+    # ECONNRESET once (then reads EOF)
+    a.sendall(b"unread")
+    b.sendall(reply(3, b"\0\0\0\0abcdef")[:15])
+    b.close()
+    buf = bytearray(64)
+    assert _cext.recv_reply(a.fileno(), buf, 3, 0, -1) == (15, -2, 0)
+    assert bytes(buf[:15]) == reply(3, b"\0\0\0\0abcdef")[:15]
+    assert _cext.recv_reply(a.fileno(), buf, 3, 0, -1) == (0, -2, 0)  # ECONNRESET went
+
+
 def test_recv_reply_times_out(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
     b.sendall(reply(4, b"\0\0\0\0"))  # a reply, but not to request 5
