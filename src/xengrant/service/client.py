@@ -1398,21 +1398,21 @@ class RemoteGnttab(EmulatedGnttab):
             GrantError: Xen's GNTST code.
             ServiceError: the connection closed or timed out.
         """
-        domain = self.domain
         hc = self._hc
-        gfn = domain.get_pages(1)[0]
+        holes = self.domain._holes  # get_pages(1) and put_pages, one call less each
+        gfn = holes.alloc(1)[0]
         flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
         try:
             got = hc.channel.map_one(domid, ref, gfn, flags, hc.p2m)
         except BaseException:
-            domain.put_pages([gfn])
+            holes.free([gfn])
             raise
         if got is None:
-            domain.put_pages([gfn])
+            holes.free([gfn])
             return None
         handle, mfn, p2mt, body, freed = got
         if freed:
-            domain.put_pages(freed)
+            holes.free(freed)
         if body is None:  # a success, in the p2m mirror already
             hc.last_reasons = []
             if p2mt == P2M_GRANT_MAP_RW:
