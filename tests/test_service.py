@@ -466,6 +466,54 @@ def test_one_page_lane_does_the_posted_unmap_with_the_next_map(
         share.unshare(timeout=30)
 
 
+def test_threads_map_and_unmap_on_one_connection(
+    service: Service, baseline: dict[str, Any]
+) -> None:
+    """Threads sharing a connection: one reads (the lane, or a raw hypercall) while
+    the others follow it or post; every mapping sees its page, and afterwards no
+    hole, p2m entry, posted request or maptrack entry is left over."""
+    import threading
+
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
+        share = a.grant_table.share_pages(b.domid, 4)
+        for i in range(4):
+            share.mem[i * 4096 : i * 4096 + 4] = b"pg%02d" % i
+        gnt = b.gnttab
+        before = set(b.hypercalls.p2m)
+        errors: list[BaseException] = []
+        start = threading.Barrier(4)
+
+        def worker(i: int) -> None:
+            try:
+                start.wait()
+                for n in range(150):
+                    if n % 10 == 9:  # a batch: grant_table_op, not the lane
+                        with gnt.map_domain_grant_refs(a.domid, share.refs) as m:
+                            assert bytes(m.mem[8192:8196]) == b"pg02"
+                        continue
+                    m = gnt.map_grant_ref(a.domid, share.refs[i])
+                    assert bytes(m.mem[:4]) == b"pg%02d" % i
+                    m.unmap()
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        b.sync()
+        assert not b.channel._posted and not b.channel._replies and not b.channel._leader
+        assert set(b.hypercalls.p2m) == before  # every grant mapping gone from the mirror
+        holes = b.get_pages(8)
+        assert len(set(holes)) == 8 and not set(holes) & set(b.hypercalls.p2m)
+        b.put_pages(holes)
+        st = stats(service.path)["domains"]
+        assert st[str(b.domid)]["maptrack_in_use"] == 0
+        share.unshare(timeout=30)
+
+
 def test_posted_unmap_failure_is_reported(service: Service, baseline: dict[str, Any]) -> None:
     """A posted unmap that fails is raised by the next call, by sync and by close,
     with its op name and GNTST code -- never lost."""

@@ -224,6 +224,20 @@ def test_client_reply_larger_than_its_buffer(fake: tuple[Channel, socket.socket]
     assert ch._decoder.idle and not ch._leader
 
 
+def test_client_does_not_wait_for_a_reply_another_thread_read(
+        fake: tuple[Channel, socket.socket]) -> None:
+    """Between a request's send and its wait, another thread reading the socket
+    may have read and sorted its reply: the wait takes it from there instead of
+    reading the socket for a reply that will not come again (which held every
+    other thread's reply until the timeout)."""
+    ch, _srv = fake
+    ch.timeout = 1
+    seq = ch.send(p.MSG_PING)
+    ch._replies[seq] = p.Frame(p.MSG_PING, p.F_REPLY, seq, b"\0\0\0\0early", 9)
+    assert ch._wait_alone(seq) is None and not ch._leader  # not read: it is there
+    assert ch.wait_reply(seq).payload == b"\0\0\0\0early"
+
+
 def test_client_wait_times_out(fake: tuple[Channel, socket.socket]) -> None:
     ch, _srv = fake
     ch.timeout = 0

@@ -419,16 +419,18 @@ class Channel:
         finally:
             self._waiting -= 1
 
-    def _claim(self) -> bool:
-        """Become the reader for one C read of a reply (see :meth:`_wait_alone`).
+    def _claim(self, seq: int) -> bool:
+        """Become the reader for one C read of the reply to ``seq`` (see :meth:`_wait_alone`).
 
         Returns:
             False if this is not the common case: another thread reads the
-            socket, it closed, the memfd has not come yet, or a message is
-            held half-decoded.
+            socket, it closed, the memfd has not come yet, a message is
+            held half-decoded, or the reply came already (read by another
+            thread between the send and this call).
         """
         with self._mu:
-            if self._leader or self._eof or self.want_fds or not self._decoder.idle:
+            if (self._leader or self._eof or self.want_fds or not self._decoder.idle
+                    or seq in self._replies):
                 return False
             self._leader = True
             return True
@@ -504,7 +506,7 @@ class Channel:
             ServiceError: the service closed the connection, or the channel
                 timeout passed.
         """
-        if not self._claim():
+        if not self._claim(seq):
             return None
         try:
             end, start, length = _cext.recv_reply(
@@ -547,7 +549,7 @@ class Channel:
         """
         if self.deferred:
             self.raise_deferred()
-        with self._mu:  # as _claim
+        with self._mu:  # as _claim: this thread reads before it sends, so no reply is lost
             if self._leader or self._eof or self.want_fds or not self._decoder.idle:
                 return None
             self._leader = True
