@@ -17,6 +17,8 @@ from ``HOLE_GFN_BASE``, far above any machine frame.
 
 from __future__ import annotations
 
+import threading
+
 from .._runs import runs
 
 RAM_GFN_BASE = 0x100
@@ -31,7 +33,9 @@ class GfnAllocator:
     Freed gfns are reused: a request takes the lowest run of that many
     consecutive free gfns, or fresh ones above everything handed out so far.
     The free gfns are a byte map (1 = free), so a request is one C-speed
-    search and freeing costs one slice per run.
+    search and freeing costs one slice per run.  Thread-safe: threads that
+    share a domain (a service connection's readers free the holes of posted
+    unmaps while others map) take and give back under one lock.
 
     Args:
         base: the first gfn.
@@ -42,36 +46,39 @@ class GfnAllocator:
         self._next = base
         self._map = bytearray()  # gfn - base -> 1 if free, for gfns below _next
         self._nfree = 0
+        self._lock = threading.Lock()
 
     def alloc(self, count: int) -> list[int]:
         """``count`` consecutive gfns."""
         if count <= 0:
             return []
-        if self._nfree >= count:
-            fmap = self._map
-            if count == 1:  # the common single page
-                i = fmap.find(1)
-                fmap[i] = 0
-                self._nfree -= 1
-                return [self._base + i]
-            i = fmap.find(b"\x01" * count)
-            if i >= 0:
-                fmap[i : i + count] = bytes(count)
-                self._nfree -= count
-                start = self._base + i
-                return list(range(start, start + count))
-        start = self._next
-        self._next += count
-        self._map.extend(bytes(count))
+        with self._lock:
+            if self._nfree >= count:
+                fmap = self._map
+                if count == 1:  # the common single page
+                    i = fmap.find(1)
+                    fmap[i] = 0
+                    self._nfree -= 1
+                    return [self._base + i]
+                i = fmap.find(b"\x01" * count)
+                if i >= 0:
+                    fmap[i : i + count] = bytes(count)
+                    self._nfree -= count
+                    start = self._base + i
+                    return list(range(start, start + count))
+            start = self._next
+            self._next += count
+            self._map.extend(bytes(count))
         return list(range(start, start + count))
 
     def free(self, gfns: list[int]) -> None:
         """Give gfns back."""
         fmap, base = self._map, self._base
-        if len(gfns) == 1:
-            fmap[gfns[0] - base] = 1
-            self._nfree += 1
-            return
-        for start, n in runs(gfns):
-            fmap[start - base : start - base + n] = b"\x01" * n
-        self._nfree += len(gfns)
+        with self._lock:
+            if len(gfns) == 1:
+                fmap[gfns[0] - base] = 1
+                self._nfree += 1
+                return
+            for start, n in runs(gfns):
+                fmap[start - base : start - base + n] = b"\x01" * n
+            self._nfree += len(gfns)
