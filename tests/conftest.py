@@ -5,12 +5,16 @@ Keep this file small and additive: fixtures other test modules can build on.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from typing import Any
 
 import pytest
 
 import xengrant
+from xengrant.service.client import Channel
 
 
 @pytest.fixture
@@ -40,3 +44,19 @@ def make_domain(xen: xengrant.EmbeddedXen) -> Callable[..., xengrant.Domain]:
 def pair(make_domain: Callable[..., xengrant.Domain]) -> tuple[xengrant.Domain, xengrant.Domain]:
     """Two HVM guests: ``(granter, mapper)``."""
     return make_domain(), make_domain()
+
+
+@pytest.fixture
+def fake(tmp_path: os.PathLike[str]) -> Iterator[tuple[Channel, socket.socket]]:
+    """A service Channel connected to a socket the test answers by hand:
+    ``(channel, the service's end)``, the memfd taken as already come."""
+    path = os.path.join(tmp_path, "fake.sock")
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with closing(ls):
+        ls.bind(path)
+        ls.listen(1)
+        ch = Channel(path, timeout=10)
+        ch.want_fds = False  # as once the memfd came
+        srv, _ = ls.accept()
+        with closing(srv), closing(ch):
+            yield ch, srv

@@ -10,7 +10,6 @@ compared with the struct packers' (``guest/ops.py``, ``service/protocol.py``).
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 import threading
@@ -251,21 +250,6 @@ def test_send_unmap_one_sends_nothing_when_a_field_does_not_fit(
 
 
 # ------------------------------------------------- the Channel's lane (a fake)
-@pytest.fixture
-def fake(tmp_path: os.PathLike[str]) -> Iterator[tuple[Channel, socket.socket]]:
-    """A Channel connected to a socket this test answers by hand."""
-    path = os.path.join(tmp_path, "fake.sock")
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with closing(ls):
-        ls.bind(path)
-        ls.listen(1)
-        ch = Channel(path, timeout=10)
-        ch.want_fds = False  # as once the memfd came
-        srv, _ = ls.accept()
-        with closing(srv), closing(ch):
-            yield ch, srv
-
-
 def next_seq(ch: Channel) -> int:
     """The sequence number the channel's next request takes (peeked, not taken)."""
     seq = next(ch._seq)

@@ -177,22 +177,7 @@ def test_recv_reply_raises_oserror_for_a_bad_fd() -> None:
     assert e.value.errno == errno.EBADF
 
 
-# ---------------------------------------- the client's wait (a fake service)
-@pytest.fixture
-def fake(tmp_path: os.PathLike[str]) -> Iterator[tuple[Channel, socket.socket]]:
-    """A Channel connected to a socket this test answers by hand."""
-    path = os.path.join(tmp_path, "fake.sock")
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with closing(ls):
-        ls.bind(path)
-        ls.listen(1)
-        ch = Channel(path, timeout=10)
-        ch.want_fds = False  # as once the memfd came
-        srv, _ = ls.accept()
-        with closing(srv), closing(ch):
-            yield ch, srv
-
-
+# ------------------- the client's wait (a fake service: the conftest fixture)
 def test_client_dispatches_earlier_replies_before_returning(
         fake: tuple[Channel, socket.socket]) -> None:
     ch, srv = fake
