@@ -514,6 +514,53 @@ def test_threads_map_and_unmap_on_one_connection(
         share.unshare(timeout=30)
 
 
+def test_asyncio_wait_while_a_thread_maps_on_the_same_connection(
+    service: Service, baseline: dict[str, Any]
+) -> None:
+    """An event loop waits for an event on a connection whose socket a thread
+    keeps reading through the one-page lane: the event the lane reads before a
+    reply is sorted and wakes the loop; every mapping sees its page."""
+    import asyncio
+    import threading
+
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
+        share = a.grant_table.share_pages(b.domid, 1)
+        share.mem[:4] = b"page"
+        po = a.evtchn.bind_unbound_port(b.domid)
+        pb = b.evtchn.bind_interdomain(a.domid, po)
+        assert b.evtchn.wait(pb, 30) == pb  # the bind's own event
+        half = threading.Event()
+        errors: list[BaseException] = []
+
+        def mapper() -> None:
+            try:
+                for n in range(300):
+                    with b.gnttab.map_grant_ref(a.domid, share.refs[0]) as m:
+                        assert bytes(m.mem[:4]) == b"page"
+                    if n == 150:
+                        half.set()
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        async def main() -> int | None:
+            waiter = asyncio.ensure_future(b.evtchn.wait_async(pb, 30))
+            t = threading.Thread(target=mapper)
+            t.start()
+            await asyncio.get_running_loop().run_in_executor(None, half.wait, 30)
+            a.evtchn.notify(po)
+            got = await waiter
+            await asyncio.get_running_loop().run_in_executor(None, t.join)
+            return got
+
+        assert asyncio.run(main()) == pb
+        assert errors == []
+        b.sync()
+        assert not b.channel._posted and not b.channel._leader
+        b.evtchn.unbind(pb)
+        a.evtchn.unbind(po)
+        share.unshare(timeout=30)
+
+
 def test_posted_unmap_failure_is_reported(service: Service, baseline: dict[str, Any]) -> None:
     """A posted unmap that fails is raised by the next call, by sync and by close,
     with its op name and GNTST code -- never lost."""
