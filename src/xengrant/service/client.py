@@ -707,9 +707,11 @@ class Channel:
 
     def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._mu:
-            if self._leader:
-                return  # a thread is reading; it wakes us when it sorts the data
-            if not any(lp is loop for lp, _ in self._async_waiters) or self._eof:
+            if not any(lp is loop for lp, _ in self._async_waiters) or self._eof or self._leader:
+                # Nobody here waits, or a thread is reading: stop watching the
+                # socket (it stays readable until that thread reads, and the
+                # loop would spin on it).  The thread wakes our waiters when it
+                # sorts what it read (_dispatch), and they watch it again.
                 self._reader_loops.discard(loop)
                 loop.remove_reader(self._fileno)
                 return
