@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import closing
+from typing import Any
 
 import pytest
 
@@ -243,3 +244,32 @@ def test_client_sees_the_service_close(fake: tuple[Channel, socket.socket]) -> N
     assert not ch._leader and ch._eof
     with pytest.raises(ServiceError):  # and so does every later wait
         ch.wait_reply(seq)
+
+
+def test_event_loop_stops_watching_while_a_thread_reads(
+        fake: tuple[Channel, socket.socket]) -> None:
+    """A waiter's loop that finds a thread reading stops watching the socket (it
+    would spin on it); the thread's dispatch wakes the waiter, which watches it
+    again and reads the event."""
+    import asyncio
+
+    ch, srv = fake
+    ch._leader = True  # a thread is reading
+    srv.sendall(reply(0, p.U32.pack(5), p.F_ASYNC, p.MSG_EVENT))
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        waiter = asyncio.ensure_future(ch.wait_for_async(ch.events, 5, 10))
+        for _ in range(1000):  # loop iterations, no timing: register, see it readable, park
+            await asyncio.sleep(0)
+            if ch._async_waiters and loop not in ch._reader_loops:
+                break
+        assert ch._async_waiters and loop not in ch._reader_loops  # parked
+        assert not waiter.done() and not ch.events  # nothing read: the "thread" reads
+        with ch._mu:  # the thread is done, with nothing for us
+            ch._leader = False
+            ch._dispatch([])
+        return await waiter
+
+    assert asyncio.run(main()) == 5
+    assert not ch._leader and ch._decoder.idle
