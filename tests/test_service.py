@@ -409,6 +409,35 @@ def test_batch_map_with_a_bad_ref_maps_nothing(service: Service, baseline: dict[
         share.try_unshare()  # nothing in use: ends at once
 
 
+def test_one_page_map_that_fails_through_the_lane(
+    service: Service, baseline: dict[str, Any]
+) -> None:
+    """A one-page map the service refuses leaves the lane for the Python path: the
+    GrantError carries Xen's code and debug reason, the hole goes back, nothing stays
+    mapped; the next map takes the lane again."""
+    from xengrant.errors import GrantError
+
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
+        share = a.grant_table.share_pages(b.domid, 1)
+        hole = b.get_pages(1)
+        b.put_pages(hole)
+        with pytest.raises(GrantError) as ei:
+            b.gnttab.map_grant_ref(a.domid, 1 << 20)
+        assert ei.value.op == "map_grant_ref" and ei.value.status == abi.GNTST_bad_gntref
+        assert f"d{a.domid} ref {1 << 20}" in str(ei.value)
+        with pytest.raises(GrantError) as ei:
+            b.gnttab.map_grant_ref(b.domid + 100, share.refs[0])  # no such domain
+        assert ei.value.status == abi.GNTST_bad_domain
+        assert b.get_pages(1) == hole  # the hole is free again
+        b.put_pages(hole)
+        assert hole[0] not in b.hypercalls.p2m and not b.channel._posted
+        with b.gnttab.map_grant_ref(a.domid, share.refs[0]) as m:
+            assert m.resource == hole
+        st = stats(service.path)["domains"]
+        assert st[str(b.domid)]["maptrack_in_use"] == 0
+        share.unshare(timeout=30)
+
+
 def test_posted_unmap_is_done_before_later_requests(
     service: Service, baseline: dict[str, Any]
 ) -> None:

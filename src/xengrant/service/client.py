@@ -594,6 +594,13 @@ class Channel:
         reply, when it has a success's shape, is done by the next
         :meth:`map_one` (``gfn`` leaves its p2m and comes back as a hole).
 
+        Args:
+            gfn: the hole the grant is mapped at.
+            handle: the map's handle.
+            on_reply: run with the reply's payload when Python reads it
+                instead (any reply that is not a success's, or one read by
+                a wait other than :meth:`map_one`).
+
         Returns:
             False if ``gfn`` or ``handle`` does not fit the op (nothing sent).
 
