@@ -298,3 +298,20 @@ def test_channel_lane_is_closed_while_another_thread_reads(
     with pytest.raises(BlockingIOError):
         request_sent(srv)  # nothing was sent
     assert ch.sent == 0
+
+
+def test_channel_lane_leaves_what_follows_the_reply_to_python(
+        fake: tuple[Channel, socket.socket]) -> None:
+    """A posted unmap's reply that comes after the map's (the service answers in
+    request order, so only one posted after the map was sent) is read with it and
+    goes to its on_reply, success or not."""
+    ch, srv = fake
+    seq = next_seq(ch)
+    got: list[bytes] = []
+    ch._posted[seq + 1] = (100, got.append)  # as post_unmap_one would, after the map
+    after = unmap_reply(seq + 1, 100)
+    srv.sendall(map_reply(seq) + after)
+    p2m: dict[int, Any] = {100: (1, 1)}
+    assert ch.map_one(DOM, REF, GFN, RW, p2m) == (HANDLE, MFN, 1, None, [])
+    assert got == [after[p.HEADER_SIZE:]] and not ch._posted
+    assert p2m == {100: (1, 1), GFN: (MFN, 1)}  # on_reply (here a stand-in) owns gfn 100
