@@ -155,6 +155,9 @@ def test_map_one_sends_nothing_when_a_field_does_not_fit(
     with pytest.raises(BlockingIOError):
         request_sent(b)
     assert map_one(a, 5, {}, {}, [], **{field: -1}) is None
+    assert map_one(a, 5, {}, {}, [], **{field: 1.0}) is None  # not an int: the struct path says
+    with pytest.raises(BlockingIOError):
+        request_sent(b)
 
 
 def test_map_one_reports_a_close_and_a_timeout(

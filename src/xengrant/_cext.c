@@ -363,6 +363,34 @@ xg_as_int(PyObject *o, int *out)
     return 0;
 }
 
+/* o as an unsigned value <= maxv; -1 (no exception) if it is not one (not
+ * an int, negative, or too big) */
+static int
+xg_fits(PyObject *o, unsigned long long maxv, unsigned long long *out)
+{
+    if (!PyLong_Check(o))
+        return -1;
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (v > maxv)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* xg_fits for args[0..n) against vmax[0..n): 1 if every one fits (into v), else 0 */
+static int
+xg_fit_all(PyObject *const *args, int n, const unsigned long long *vmax, unsigned long long *v)
+{
+    for (int i = 0; i < n; i++)
+        if (xg_fits(args[i], vmax[i], &v[i]) < 0)
+            return 0;
+    return 1;
+}
+
 #define GET_U(var, obj, T, maxv)                                                                   \
     unsigned long long var##_ll = PyLong_AsUnsignedLongLong(obj);                                  \
     if (var##_ll == (unsigned long long)-1 && PyErr_Occurred())                                    \
@@ -2183,9 +2211,9 @@ xg_take_unmaps(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t limit, PyObj
  * (start as recv_reply: -1 does not fit, -2 closed, -3 timed out).  Bytes
  * after the reply (buf[start+length:end]) are the caller's to decode.
  *
- * Returns None, with nothing sent, if gfn, flags, ref or dom does not fit
- * the op.  Raises OSError if the request could not be sent (nothing read);
- * a recv that failed is start -2.
+ * Returns None, with nothing sent, if gfn, flags, ref or dom is not an int
+ * that fits the op.  Raises OSError if the request could not be sent
+ * (nothing read); a recv that failed is start -2.
  */
 static PyObject *
 xg_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
@@ -2198,24 +2226,14 @@ xg_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     int fd, timeout_ms;
-    unsigned long long v[5]; /* seq, gfn, flags, ref, dom */
-    static const unsigned long long vmax[5] = {0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL,
-                                               0xFFFFFFFFULL, 0xFFFFULL};
-    int fits = 1;
-    for (int i = 0; i < 5; i++) {
-        int overflow;
-        long long x = PyLong_AsLongLongAndOverflow(args[3 + i], &overflow);
-        if (x == -1 && PyErr_Occurred())
-            return NULL;
-        if (overflow || x < 0 || (unsigned long long)x > vmax[i])
-            fits = 0;
-        v[i] = (unsigned long long)x;
-    }
     long long spin_ns = PyLong_AsLongLong(args[8]);
     if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[0], &fd) < 0 ||
         xg_as_int(args[9], &timeout_ms) < 0)
         return NULL;
-    if (!fits || v[0] > vmax[0])
+    unsigned long long v[5]; /* seq, gfn, flags, ref, dom */
+    static const unsigned long long vmax[5] = {0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL,
+                                               0xFFFFFFFFULL, 0xFFFFULL};
+    if (!xg_fit_all(args + 3, 5, vmax, v))
         Py_RETURN_NONE;
     unsigned char msg[XG_MAP_ONE_MSG] = {0};
     unsigned char *op = msg + XG_HDR + XG_GNTTAB_REQ;
@@ -2271,7 +2289,8 @@ out:
  *
  * Sends request seq, a posted (F_POSTED) GNTTABOP_unmap_grant_ref of one op
  * (host_addr gfn << 12, handle) under lock.  False, with nothing sent, if gfn
- * or handle does not fit the op.  Raises OSError if the send failed.
+ * or handle is not an int that fits the op.  Raises OSError if the send
+ * failed.
  */
 static PyObject *
 xg_send_unmap_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
@@ -2282,15 +2301,8 @@ xg_send_unmap_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t narg
         return NULL;
     unsigned long long v[3]; /* seq, gfn, handle */
     static const unsigned long long vmax[3] = {0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL};
-    for (int i = 0; i < 3; i++) {
-        int overflow;
-        long long x = PyLong_AsLongLongAndOverflow(args[2 + i], &overflow);
-        if (x == -1 && PyErr_Occurred())
-            return NULL;
-        if (overflow || x < 0 || (unsigned long long)x > vmax[i])
-            Py_RETURN_FALSE;
-        v[i] = (unsigned long long)x;
-    }
+    if (!xg_fit_all(args + 2, 3, vmax, v))
+        Py_RETURN_FALSE;
     unsigned char msg[XG_UNMAP_ONE_MSG] = {0};
     unsigned char *op = msg + XG_HDR + XG_GNTTAB_REQ;
     uint64_t host_addr = v[1] << 12;
@@ -2605,23 +2617,6 @@ fail:
  */
 #define XG_MAP_OP 32
 #define XG_UNMAP_OP 24
-
-/* seq[i] as an unsigned value <= maxv; -1 (no exception) if it is not one */
-static int
-xg_fits(PyObject *o, unsigned long long maxv, unsigned long long *out)
-{
-    if (!PyLong_Check(o))
-        return -1;
-    unsigned long long v = PyLong_AsUnsignedLongLong(o);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return -1;
-    }
-    if (v > maxv)
-        return -1;
-    *out = v;
-    return 0;
-}
 
 static PyObject *
 xg_pack_ops(PyObject *const *seqs, int nseq, Py_ssize_t opsize, uint32_t flags)
