@@ -97,6 +97,11 @@ _first = itemgetter(0)
 _second = itemgetter(1)
 
 
+def _wait_ms(timeout: float | None) -> int:
+    """A timeout in seconds as ``_cext.recv_wait`` takes it: ms, rounded up (-1: forever)."""
+    return -1 if timeout is None else math.ceil(max(timeout, 0) * 1000)
+
+
 class ServiceError(XenError, ConnectionError):
     """The service closed the connection or answered something unreadable."""
 
@@ -338,8 +343,7 @@ class Channel:
         try:
             if not nonblocking and not self.want_fds:
                 # spin, then poll() and recv, in C without the GIL (see recv_wait)
-                wait_ms = -1 if timeout is None else math.ceil(max(timeout, 0) * 1000)
-                n = _cext.recv_wait(self._fileno, buf, int(spin * 1e9), wait_ms)
+                n = _cext.recv_wait(self._fileno, buf, int(spin * 1e9), _wait_ms(timeout))
                 if n < 0:
                     return []
             else:
@@ -435,11 +439,6 @@ class Channel:
             self._leader = True
             return True
 
-    def _wait_ms(self) -> int:
-        """The channel timeout as ``recv_wait`` takes it (-1: forever)."""
-        timeout = self.timeout
-        return -1 if timeout is None else math.ceil(max(timeout, 0) * 1000)
-
     def _settle(self, seq: int, end: int, start: int, length: int, skip: int = 0,
                 want: bool = True) -> bytes | None:
         """Give up the reader role after a C read of ``buf[:end]`` (:meth:`_claim`).
@@ -480,7 +479,8 @@ class Channel:
         finally:
             with self._mu:
                 self._leader = False
-                self._dispatch(frames)
+                if frames or self._waiting or self._async_waiters:  # else nothing to do
+                    self._dispatch(frames)
         if start == -2:
             raise ServiceError(errno.ECONNRESET, "the service closed the connection")
         if start == -3:
@@ -510,7 +510,7 @@ class Channel:
             return None
         try:
             end, start, length = _cext.recv_reply(
-                self._fileno, self._rbuf, seq, int(self.spin * 1e9), self._wait_ms()
+                self._fileno, self._rbuf, seq, int(self.spin * 1e9), _wait_ms(self.timeout)
             )
         except OSError:
             end, start, length = 0, -2, 0
@@ -549,18 +549,14 @@ class Channel:
         """
         if self.deferred:
             self.raise_deferred()
-        with self._mu:  # as _claim: this thread reads before it sends, so no reply is lost
-            if self._leader or self._eof or self.want_fds or not self._decoder.idle:
-                return None
-            self._leader = True
         seq = next(self._seq) & 0xFFFFFFFF
+        if not self._claim(seq):  # claimed before the send: no other reader takes the reply
+            return None
         freed: list[int] = []
-        timeout = self.timeout
         try:
             got = _cext.map_one(
                 self._fileno, self._send_lock, self._rbuf, seq, gfn, flags, ref, domid,
-                int(self.spin * 1e9), -1 if timeout is None else self._wait_ms(),
-                self._posted, p2m, freed,
+                int(self.spin * 1e9), _wait_ms(self.timeout), self._posted, p2m, freed,
             )
         except OSError as e:  # nothing sent
             self._settle(seq, 0, -1, 0)
@@ -573,13 +569,6 @@ class Channel:
             return None
         self.sent += 1
         handle, mfn, p2mt, end, start, length, skip = got
-        if handle >= 0 and end == start + length and skip == start - p.HEADER_SIZE:
-            # C did every message it read: nothing to decode (as _settle)
-            with self._mu:
-                self._leader = False
-                if self._waiting or self._async_waiters:
-                    self._dispatch([])
-            return handle, mfn, p2mt, None, freed
         reply = self._settle(seq, end, start, length, skip, handle < 0)
         if handle >= 0:
             return handle, mfn, p2mt, None, freed
@@ -1348,10 +1337,7 @@ class RemoteGnttab(EmulatedGnttab):
             GrantError: with Xen's GNTST code.
             ValueError: a domid or ref that does not fit the op.
         """
-        mapping = self._map_one(domid, ref, writable)
-        if mapping is None:  # the lane is not open: the general way
-            mapping = self._map_ops([domid], [ref], writable)
-        return mapping
+        return self._map([domid], [ref], writable)
 
     def map_grant_refs(self, grants: Sequence[tuple[int, int]], writable: bool = True) -> Mapping:
         """Map ``(domid, ref)`` pairs into one contiguous buffer, all or nothing.
@@ -1410,20 +1396,20 @@ class RemoteGnttab(EmulatedGnttab):
             ServiceError: the connection closed or timed out.
         """
         hc = self._hc
-        holes = self.domain._holes  # get_pages(1) and put_pages, one call less each
-        gfn = holes.alloc(1)[0]
+        domain = self.domain
+        gfn = domain.get_pages(1)[0]
         flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
         try:
             got = hc.channel.map_one(domid, ref, gfn, flags, hc.p2m)
         except BaseException:
-            holes.free([gfn])
+            domain.put_pages([gfn])
             raise
         if got is None:
-            holes.free([gfn])
+            domain.put_pages([gfn])
             return None
         handle, mfn, p2mt, body, freed = got
         if freed:
-            holes.free(freed)
+            domain.put_pages(freed)
         if body is None:  # a success, in the p2m mirror already
             hc.last_reasons = []
             if p2mt == P2M_GRANT_MAP_RW:
