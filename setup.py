@@ -6,6 +6,7 @@ setup(
         Extension(
             "xengrant._cext",
             sources=["src/xengrant/_cext.c"],
+            depends=["src/xengrant/_ring.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         )
     ]

@@ -315,6 +315,7 @@ class Placement:
 
     def raw_posted(self, n: int) -> None:
         chan = self.me.channel
+        chan.sync()  # the last posted unmap of an earlier case (on the ring, not drained)
         # around the Channel: it must have nothing in flight, and gets nothing back
         assert chan._decoder.idle and not chan._posted and not chan._replies
         sock, hole, gdom, ref = chan.sock, self.hole, self.gdom, self.refs[0]

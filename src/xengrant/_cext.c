@@ -2864,6 +2864,9 @@ xg_translate(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))xg_##name, METH_FASTCALL, doc}
 
+/* the request ring: see _ring.c */
+#include "_ring.c"
+
 static PyMethodDef module_methods[] = {
     FAST(load16, "load16(buffer, offset) -> int: atomic 16-bit load"),
     FAST(load32, "load32(buffer, offset) -> int: atomic 32-bit load"),
@@ -2895,6 +2898,25 @@ static PyMethodDef module_methods[] = {
                   "a one-op map sent and answered, posted one-op unmaps before it done"),
     FAST(send_unmap_one, "send_unmap_one(fd, lock, seq, gfn, handle) -> bool: a posted one-op "
                          "unmap sent"),
+    FAST(ring_serve, "ring_serve(ring, state, mem, ld, domains, refcount, unmap_ok, kick_fd) -> "
+                     "left: the service answers the ring's requests it can in C"),
+    FAST(ring_take, "ring_take(ring, state) -> the next request's slot (consumed), or None"),
+    FAST(ring_redirect, "ring_redirect(ring, state, id, cmd, kick_fd): respond that the reply "
+                        "comes on the socket"),
+    FAST(ring_recv_wait, "ring_recv_wait(fd, buf, spin_ns, ring, state, kick_fd) -> n (-2: "
+                         "the ring has requests): recv_wait for a connection with a ring"),
+    FAST(ring_serve_wait, "ring_serve_wait(fd, buf, spin_ns, ring, state, svc_kick, cli_kick, "
+                          "lock, conn, to_close, mem, ld, domains, refcount, unmap_ok) -> n: "
+                          "ring_recv_wait that serves the ring itself"),
+    FAST(ring_post_map, "ring_post_map(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom) "
+                        "-> 1 sent, 0 does not fit, -1 ring full"),
+    FAST(ring_post_unmap, "ring_post_unmap(ring, state, lock, kick_fd, seq, gfn, handle) -> 1 "
+                          "sent, 0 does not fit, -1 ring full"),
+    FAST(ring_collect, "ring_collect(ring, state, posted, p2m, freed) -> status: the ring's "
+                       "responses there are, consumed"),
+    FAST(ring_map_one, "ring_map_one(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom, "
+                       "spin_ns, timeout_ms, posted, p2m, freed, later, wait_fd, sock_fd) -> "
+                       "(status, handle, mfn, p2mt): the one-page lane on the ring"),
     FAST(pack_map_ops, "pack_map_ops(gfns, flags, refs, domids) -> bytearray of map ops, or None "
                        "if a value does not fit"),
     FAST(pack_unmap_ops, "pack_unmap_ops(gfns, handles) -> bytearray of unmap ops, or None if a "

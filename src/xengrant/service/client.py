@@ -62,6 +62,7 @@ from ..hypercall import check_rc
 from ..portable import CopySegment, EmulatedGntshr, EmulatedGnttab, GrantRef
 from . import protocol as p
 from .evtchn import EvtchnError
+from .ring import ClientRing
 from .server import default_socket_path
 from .xenstore import XenStoreError
 
@@ -178,6 +179,17 @@ class Channel:
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._reader_loops: set[asyncio.AbstractEventLoop] = set()
         self.closed = False
+        #: the request ring (service/ring.py), once set up
+        self.ring: ClientRing | None = None
+        #: held by whoever consumes the ring's responses
+        self._ring_rx = threading.Lock()
+        #: posted requests sent on the socket, not answered yet: while there
+        #: is one, nothing goes on the ring (it could overtake them)
+        self._sock_posted: set[int] = set()
+        #: the p2m mirror and where the holes go, for ring responses a
+        #: drain reads (:meth:`drain_ring`); set by the domain
+        self.ring_p2m: dict[int, Any] | None = None
+        self.ring_holes: Callable[[list[int]], None] | None = None
         #: messages sent so far (every hypercall, xenstore or evtchn call is one)
         self.sent = 0
 
@@ -209,6 +221,7 @@ class Channel:
         if on_reply is not None:
             with self._mu:
                 self._posted[seq] = on_reply
+                self._sock_posted.add(seq)
         try:
             with self._send_lock:
                 if size <= _GATHER:
@@ -220,6 +233,7 @@ class Channel:
             if on_reply is not None:
                 with self._mu:
                     self._posted.pop(seq, None)
+                    self._sock_posted.discard(seq)
             raise ServiceError(errno.EPIPE, f"service connection lost: {e}") from None
         return seq
 
@@ -242,6 +256,10 @@ class Channel:
         reply = self._wait_alone(seq)
         if reply is None:
             reply = self.wait_reply(seq).payload
+        if self._posted and self.ring is not None:
+            # the ring's responses to posted unmaps came before this reply,
+            # as their socket replies would have (the service serves the ring first)
+            self.drain_ring(wait=False)
         if reply is None or len(reply) < 4:
             raise ServiceError(errno.EBADMSG, "reply without a status")
         return reply
@@ -323,6 +341,7 @@ class Channel:
         """
         if self._posted:
             self.wait_reply(self.send(p.MSG_PING))
+            self.drain_ring()
         self.raise_deferred()
 
     # ------------------------------------------------------------ receiving
@@ -380,6 +399,7 @@ class Channel:
                 if entry is None:
                     self._replies[fr.seq] = fr
                     continue
+                self._sock_posted.discard(fr.seq)
                 # (gfn, on_reply): a one-op unmap (see post_unmap_one)
                 done = entry[1] if isinstance(entry, tuple) else entry
                 try:
@@ -549,6 +569,10 @@ class Channel:
         """
         if self.deferred:
             self.raise_deferred()
+        if self.ring is not None and not self._sock_posted:
+            got = self._ring_map_one(self.ring, domid, ref, gfn, flags, p2m)
+            if got is not None:
+                return got
         seq = next(self._seq) & 0xFFFFFFFF
         if not self._claim(seq):  # claimed before the send: no other reader takes the reply
             return None
@@ -576,6 +600,86 @@ class Channel:
             reply = self.wait_reply(seq).payload or b""
         return -1, 0, 0, reply, freed
 
+    def _ring_map_one(
+        self, ring: ClientRing, domid: int, ref: int, gfn: int, flags: int, p2m: dict[int, Any]
+    ) -> tuple[int, int, int, bytes | None, list[int]] | None:
+        """:meth:`map_one` on the request ring (service/ring.py): one C call, and
+        no system call while the service polls.
+
+        Responses to posted one-op unmaps before its own are done as
+        :meth:`map_one` does them on the socket.  The socket is not read
+        here (its messages are for whoever reads it), only watched for a
+        hang-up.
+
+        Returns:
+            As :meth:`map_one`; None if the ring cannot take it now (another
+            thread consumes its responses; the ring is full; a value does
+            not fit): nothing was sent.
+
+        Raises:
+            ServiceError: the connection closed, timed out, or the service's
+                ring response is not one it sends.
+        """
+        if not self._ring_rx.acquire(blocking=False):
+            return None
+        freed: list[int] = []
+        later: list[int] = []
+        seq = next(self._seq) & 0xFFFFFFFF
+        try:
+            st, handle, mfn, p2mt = _cext.ring_map_one(
+                ring.mem, ring.state, self._send_lock, ring.kick, seq, gfn, flags, ref, domid,
+                int(self.spin * 1e9), _wait_ms(self.timeout), self._posted, p2m, freed, later,
+                ring.wait, self._fileno,
+            )
+        finally:
+            self._ring_rx.release()
+        if later:  # posted requests the service answered on the socket: their outcome first
+            self.wait_posted(later)
+        if st == 0:
+            self.sent += 1
+            return handle, mfn, p2mt, None, freed
+        self._give_holes(freed)
+        if st == 5:
+            return None
+        self.sent += 1
+        if st == 1:  # refused, or not the common case: the reply comes on the socket
+            return -1, 0, 0, self.wait_reply(seq).payload or b"", []
+        if st == -2:
+            raise ServiceError(errno.ECONNRESET, "the service closed the connection")
+        if st == -3:
+            raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
+        raise ServiceError(errno.EBADMSG, f"ring: a response the service does not send ({st})")
+
+    def _give_holes(self, freed: list[int]) -> None:
+        """Holes of posted unmaps a ring read finished, back to the domain."""
+        if freed and self.ring_holes is not None:
+            self.ring_holes(freed)
+
+    def drain_ring(self, wait: bool = True) -> None:
+        """Do the ring responses that came (posted one-op unmaps): holes back, p2m updated.
+
+        Args:
+            wait: if another thread is consuming the ring's responses, wait
+                for it (else leave them to it).
+
+        Raises:
+            ServiceError: the service's ring indices are bogus.
+        """
+        p2m = self.ring_p2m
+        if self.ring is None or p2m is None or not self._ring_rx.acquire(blocking=wait):
+            return
+        freed: list[int] = []
+        try:
+            ring = self.ring
+            st = 3
+            if ring is not None:
+                st = _cext.ring_collect(ring.mem, ring.state, self._posted, p2m, freed)
+        finally:
+            self._ring_rx.release()
+        self._give_holes(freed)
+        if st == -4:
+            raise ServiceError(errno.EBADMSG, "ring: the service's rsp_prod is bogus")
+
     def post_unmap_one(self, gfn: int, handle: int, on_reply: OnReply) -> bool:
         """Post a ``GNTTABOP_unmap_grant_ref`` of one op (``host_addr`` ``gfn << 12``).
 
@@ -602,7 +706,23 @@ class Channel:
         seq = next(self._seq) & 0xFFFFFFFF
         with self._mu:
             self._posted[seq] = (gfn, on_reply)
+        ring = self.ring
+        if ring is not None and not self._sock_posted:
+            args = (ring.mem, ring.state, self._send_lock, ring.kick, seq, gfn, handle)
+            sent = _cext.ring_post_unmap(*args)
+            if sent < 0:  # full: take the responses waiting there, then try again
+                self.drain_ring()
+                sent = _cext.ring_post_unmap(*args)
+            if sent > 0:
+                self.sent += 1
+                return True
+            if sent == 0:
+                with self._mu:
+                    self._posted.pop(seq, None)
+                return False
         try:
+            with self._mu:
+                self._sock_posted.add(seq)
             if _cext.send_unmap_one(self._fileno, self._send_lock, seq, gfn, handle):
                 self.sent += 1
                 return True
@@ -611,6 +731,7 @@ class Channel:
             err = e
         with self._mu:
             self._posted.pop(seq, None)
+            self._sock_posted.discard(seq)
         if err is not None:
             raise ServiceError(errno.EPIPE, f"service connection lost: {err}") from None
         return False
@@ -622,19 +743,39 @@ class Channel:
             ServiceError: the service closed the connection, or the channel
                 timeout passed.
         """
+        fr: p.Frame = self._await(lambda: self._replies.pop(seq, None), f"request {seq}")
+        return fr
+
+    def wait_posted(self, seqs: list[int]) -> None:
+        """Wait until the replies to posted requests ``seqs`` have been read and done.
+
+        Raises:
+            ServiceError: the service closed the connection, or the channel
+                timeout passed.
+        """
+        posted = self._posted
+        self._await(lambda: not any(s in posted for s in seqs) or None, f"requests {seqs}")
+
+    def _await(self, done: Callable[[], Any], what: str) -> Any:
+        """Read (or follow the reader) until ``done()`` (called holding ``_mu``) is not None.
+
+        Raises:
+            ServiceError: the service closed the connection, or the channel
+                timeout passed.
+        """
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         remaining = None
         while True:
             with self._mu:
-                fr = self._replies.pop(seq, None)
-                if fr is not None:
-                    return fr
+                got = done()
+                if got is not None:
+                    return got
                 if self._eof:
                     raise ServiceError(errno.ECONNRESET, "the service closed the connection")
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
+                        raise ServiceError(errno.ETIMEDOUT, f"no reply to {what}")
                 if self._leader:
                     self._follow(remaining)
                     continue
@@ -747,6 +888,11 @@ class Channel:
         for fd in self.take_fds():
             with contextlib.suppress(OSError):
                 os.close(fd)
+        with self._ring_rx:  # no thread in a ring call (they end: the socket is shut)
+            ring, self.ring = self.ring, None
+        if ring is not None:
+            with contextlib.suppress(BufferError):  # a thread still posting: left to the GC
+                ring.close()
 
 
 _ANCBUF = socket.CMSG_SPACE(4 * struct.calcsize("i"))
@@ -1808,6 +1954,7 @@ def connect(
     max_pages: int | None = None,
     timeout: float | None = None,
     spin: float | None = None,
+    ring: bool | None = None,
 ) -> RemoteDomain:
     """Join a running ``xengrant hypervisor`` as a domain.
 
@@ -1822,6 +1969,9 @@ def connect(
         timeout: seconds to wait for each reply (None: forever).
         spin: seconds a caller polls for its reply before sleeping
             (default :attr:`Channel.SPIN`; 0: sleep at once).
+        ring: one-op maps and unmaps on a request ring shared with the
+            service (service/ring.py) instead of the socket; None: yes,
+            unless ``$XENGRANT_RING`` is ``0``.
 
     Returns:
         The domain; ``close()`` it (or exit) and the service destroys it.
@@ -1844,17 +1994,40 @@ def connect(
             raise HypercallError("connect", -status, body.decode("utf-8", "replace"))
         _version, got, flags, nr_frames = p.DOMAIN_REPLY.unpack_from(body)
         fds = channel.take_fds()
-        channel.want_fds = False  # nothing else brings descriptors: plain recv_into
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             raise ServiceError(errno.EBADMSG, f"expected the memfd, got {len(fds)} fds")
         hc = RemoteHypercalls(channel, got, fds[0], nr_frames)
         hc._apply_delta(body, p.DOMAIN_REPLY.size)
-        return RemoteDomain(hc, pv=bool(flags & p.DOMFLAG_PV))
+        if ring if ring is not None else os.environ.get("XENGRANT_RING", "1") != "0":
+            channel.ring = _setup_ring(channel)
+        channel.want_fds = False  # nothing else brings descriptors: plain recv_into
+        domain = RemoteDomain(hc, pv=bool(flags & p.DOMFLAG_PV))
+        channel.ring_p2m, channel.ring_holes = hc.p2m, domain.put_pages
+        return domain
     except BaseException:
         channel.close()
         raise
+
+
+def _setup_ring(channel: Channel) -> ClientRing | None:
+    """Ask for the connection's request ring (``MSG_RING_SETUP``).
+
+    Returns:
+        The ring; None if the service has none to give (an older service,
+        or it could not make one): everything stays on the socket then.
+    """
+    status, _body = channel.call(p.MSG_RING_SETUP)
+    fds = channel.take_fds()
+    if status == 0 and len(fds) == 3:
+        try:
+            return ClientRing(*fds)
+        except OSError:
+            fds = fds[1:]  # ClientRing closed the memfd
+    for fd in fds:
+        os.close(fd)
+    return None
 
 
 # ------------------------------------------------------------ observation

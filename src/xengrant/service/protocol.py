@@ -95,6 +95,9 @@ MSG_POPULATE = 11
 MSG_DECREASE = 12
 MSG_ADD_TO_PHYSMAP = 13
 MSG_TRANSLATE = 14
+#: Set up the connection's request ring (service/ring.py); the reply brings
+#: its page and two eventfds (SCM_RIGHTS).
+MSG_RING_SETUP = 15
 MSG_EVTCHN_ALLOC_UNBOUND = 20
 MSG_EVTCHN_BIND_INTERDOMAIN = 21
 MSG_EVTCHN_SEND = 22

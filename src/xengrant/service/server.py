@@ -71,6 +71,8 @@ from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from ..errors import HypercallError
 from . import protocol as p
 from .evtchn import ECS_INTERDOMAIN, ECS_UNBOUND, Delivery, EventChannels, EvtchnError
+from .ring import ServiceRing
+from .ring import request as ring_request
 from .xenstore import XenStore, XenStoreError
 
 #: A connection with this much output queued (it stopped reading) is dropped.
@@ -141,6 +143,8 @@ class Connection:
         self.dead = False
         #: the thread reading this socket (it alone closes it)
         self.reader: threading.Thread | None = None
+        #: the request ring, once the client asked for one (MSG_RING_SETUP)
+        self.ring: ServiceRing | None = None
 
     def __repr__(self) -> str:
         return f"<conn {self.ident} d{self.domid}>"
@@ -220,6 +224,7 @@ class Server:
             p.MSG_DECREASE: (self._decrease, True),
             p.MSG_ADD_TO_PHYSMAP: (self._add_to_physmap, True),
             p.MSG_TRANSLATE: (self._translate, True),
+            p.MSG_RING_SETUP: (self._ring_setup, True),
             p.MSG_EVTCHN_ALLOC_UNBOUND: (self._ev_alloc_unbound, True),
             p.MSG_EVTCHN_BIND_INTERDOMAIN: (self._ev_bind_interdomain, True),
             p.MSG_EVTCHN_SEND: (self._ev_send, True),
@@ -344,19 +349,29 @@ class Server:
         spin_ns = 0  # no request yet: nothing to expect soon
         try:
             while True:
+                ring = conn.ring
                 try:
                     # A client that just got a reply often sends the next
                     # request at once (an unmap, then a map): poll for it a
                     # little before sleeping, so nobody has to wake this vCPU
                     # (recv_wait says how, and why it sleeps in poll()).
-                    n = recv_wait(fd, rbuf, spin_ns, -1)
+                    if ring is None:
+                        n = recv_wait(fd, rbuf, spin_ns, -1)
+                    else:  # the ring first, served in C; -2 when Python must
+                        n = self._ring_wait(conn, ring, rbuf, spin_ns)
                 except OSError:
+                    n = 0
+                except ValueError as e:  # the ring's indices are bogus
+                    self.log(f"{conn!r}: {e}; dropping it")
                     n = 0
                 with lock:
                     if conn.dead:
                         break
                     if n:
-                        self._on_data(conn, rbuf, n)
+                        if ring is not None:
+                            self._serve_ring(conn, ring)
+                        if n > 0 and not conn.dead:
+                            self._on_data(conn, rbuf, n)
                         spin_ns = int(self.spin * 1e9)
                     else:
                         self._schedule_close(conn)
@@ -366,6 +381,8 @@ class Server:
                         break
         finally:
             sock.close()  # only this thread closes it: no recv on a reused fd
+            if conn.ring is not None:  # nor unmaps the ring under a wait
+                conn.ring.close()
 
     def _on_data(self, conn: Connection, rbuf: memoryview, n: int) -> None:
         """Handle the ``n`` bytes just read into ``rbuf`` (caller holds the lock)."""
@@ -400,6 +417,78 @@ class Server:
             self._flush(conn)  # every reply this read produced, in one send
         if self._deliveries or self.xs.events:
             self._dispatch_async()
+
+    def _ring_wait(
+        self, conn: Connection, ring: ServiceRing, rbuf: memoryview, spin_ns: int
+    ) -> int:
+        """Wait for the socket or the ring; serve the ring's common case meanwhile.
+
+        ``_cext.ring_serve_wait`` answers the ring's requests under the
+        service lock as :meth:`_serve_ring` would, without coming back here,
+        while the domain lives and the fast path may run.
+
+        Returns:
+            As ``_cext.ring_recv_wait``: bytes read (0: closed), -2: the ring
+            has requests for :meth:`_serve_ring`.
+
+        Raises:
+            OSError, ValueError: as ``_cext.ring_recv_wait``.
+        """
+        domid = conn.domid
+        d = None if domid is None else self.hv.domains.get(domid)
+        if domid is None or d is None or not (SERVE_FASTPATH and gnttab_map.FASTPATH):
+            n: int = _cext.ring_recv_wait(
+                conn.fd, rbuf, spin_ns, ring.mem, ring.state, ring.svc_kick
+            )
+            return n
+        hv = self.hv
+        n = _cext.ring_serve_wait(
+            conn.fd, rbuf, spin_ns, ring.mem, ring.state, ring.svc_kick, ring.cli_kick,
+            self.lock, conn, self._to_close, hv.mem, d, hv.domains, hv.machine.refcount,
+            not self.notifies.get(domid),
+        )
+        return n
+
+    def _serve_ring(self, conn: Connection, ring: ServiceRing) -> None:
+        """Answer the requests on ``conn``'s ring (caller holds the lock).
+
+        :func:`_cext.ring_serve` answers on the ring those that succeed the
+        common way (as :meth:`_serve_fast` does on the socket); each other
+        one goes to :meth:`_request` as the socket message it stands for,
+        its reply on the socket, and its ring response says so.  Bogus
+        indices drop the connection (as a PV back end drops a front end
+        whose ring overflows).
+        """
+        domid = conn.domid
+        d = None if domid is None else self.hv.domains.get(domid)
+        fast = d is not None and not d.is_dying and SERVE_FASTPATH and gnttab_map.FASTPATH
+        unmap_ok = domid is not None and not self.notifies.get(domid)
+        hv = self.hv
+        try:
+            while not conn.dead:
+                if fast:
+                    left = _cext.ring_serve(
+                        ring.mem, ring.state, hv.mem, d, hv.domains, hv.machine.refcount,
+                        unmap_ok, ring.cli_kick,
+                    )
+                    if not left:
+                        break
+                slot = _cext.ring_take(ring.mem, ring.state)
+                if slot is None:
+                    break
+                seq, cmd, flags, payload = ring_request(slot)
+                # sent with the next flush even if posted: the client waits for
+                # it once the ring says it comes here (a posted failure is
+                # raised by the call after the next map, as on the socket)
+                flags &= ~p.F_POSTED
+                self._request(conn, p.MSG_GNTTAB_OP, flags, seq, payload, len(payload), hold=True)
+                _cext.ring_redirect(ring.mem, ring.state, seq, cmd, ring.cli_kick)
+        except ValueError as e:
+            self.log(f"{conn!r}: {e}; dropping it")
+            self._schedule_close(conn)
+            return
+        if conn.flush_due and not conn.want_write and not conn.dead:
+            self._flush(conn)
 
     def _serve_fast(self, conn: Connection, rbuf: memoryview, n: int) -> tuple[int, int]:
         """Answer the leading map/unmap messages of ``rbuf[:n]`` in C.
@@ -514,6 +603,8 @@ class Server:
                 conn.sock.shutdown(socket.SHUT_RDWR)
             if conn.reader is None:  # never served by a thread (a test's Server)
                 conn.sock.close()
+                if conn.ring is not None:
+                    conn.ring.close()
             self.xs.release_conn(conn.ident)
             if conn.domid is not None:
                 self._destroy(conn.domid)
@@ -866,6 +957,23 @@ class Server:
         p2m = self.hv.domains[domid].p2m
         body = b"".join(p.TRANSLATE_ENTRY.pack(m, p2m[g][1]) for g, m in zip(gfns, mfns))
         return self._ok(body + self._delta(domid, gfns))
+
+    def _ring_setup(self, conn: Connection, payload: bytes) -> bytes:
+        """``MSG_RING_SETUP``: make the connection's request ring (service/ring.py).
+
+        The reply brings the page and the two eventfds (SCM_RIGHTS); the
+        connection's thread serves the ring from its next wait on.
+        """
+        if payload:
+            raise p.ProtocolError(errno.EBADMSG, "RING_SETUP: no payload expected")
+        if conn.ring is not None:
+            raise HypercallError("ring_setup", errno.EEXIST, "this connection has its ring")
+        try:
+            conn.ring = ServiceRing()
+        except OSError as e:
+            raise HypercallError("ring_setup", e.errno or errno.ENOMEM, str(e)) from None
+        self._pending_fds = conn.ring.fds()
+        return self._ok()
 
     # ------------------------------------------------------- unmap notify
     def _notify_set(self, conn: Connection, payload: bytes) -> bytes:

@@ -1,0 +1,942 @@
+/*
+ * The request ring of a service connection (included by _cext.c).
+ *
+ * A domain process and ``xengrant hypervisor`` share one page per connection
+ * (a sealed memfd the service makes and passes over the socket): a shared
+ * ring as xen/include/public/io/ring.h defines it, carrying one-op
+ * GNTTABOP_map_grant_ref and (posted) GNTTABOP_unmap_grant_ref requests and
+ * their responses without a system call on either side, and two eventfds,
+ * the event channels that wake a side that went to sleep.  Everything else
+ * stays on the socket; a request the service does not answer in C here is
+ * answered there (the response says so), as a MSG_GNTTAB_OP reply with the
+ * request's sequence number.
+ *
+ * Layout (io/ring.h, DEFINE_RING_TYPES on a 4 KiB page; tests/ compile it):
+ *   0  u32 req_prod   the client's (the front end's)
+ *   4  u32 req_event  notify the service when req_prod passes it
+ *   8  u32 rsp_prod   the service's (the back end's)
+ *  12  u32 rsp_event  notify the client when rsp_prod passes it
+ *  16  pvt, __pad     (48 bytes)
+ *  64  ring[XG_RING_SIZE] of 64-byte slots, request and response in turn:
+ *      request:  u32 id (the seq), u16 cmd, u16 flags (0 or F_POSTED), the op
+ *                at 8 (gnttab_map_grant_ref 32 bytes, gnttab_unmap_grant_ref 24)
+ *      response: u32 id, u16 cmd, i16 kind (XG_RSP_DONE: the op at 8 as the
+ *                hypervisor left it, then i64 mfn at 40 and i64 p2m type at 48,
+ *                the p2m entry of the op's gfn; XG_RSP_SOCKET: the reply comes
+ *                on the socket)
+ * __RING_SIZE(s, 4096) = (4096 - 64) / 64 = 63, rounded down to a power of
+ * two: 32.
+ *
+ * The producers and consumers follow ring.h's rules: a producer writes the
+ * slots, then (write barrier) the producer index, then (full barrier) checks
+ * the peer's event index (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY); a consumer
+ * about to sleep sets its event index one past what it consumed, then (full
+ * barrier) looks again (RING_FINAL_CHECK_FOR_REQUESTS).  A consumer that
+ * polls leaves its event index behind, so the producer does not notify.
+ * The service trusts nothing in the page: the indices are checked (a
+ * front end more than a ring ahead is dropped, as blkback's
+ * RING_REQUEST_PROD_OVERFLOW check drops it), each request is copied out
+ * before it is read, and its op is checked as a socket message's is.
+ */
+#include <unistd.h>
+
+#define XG_RING_PAGE 4096
+#define XG_RING_HDR 64
+#define XG_RING_SLOT 64
+#define XG_RING_SIZE 32
+#define XG_RSP_DONE 0
+#define XG_RSP_SOCKET 1
+
+static uint32_t
+xg_ld32(const unsigned char *p)
+{
+    return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE);
+}
+
+static void
+xg_st32(unsigned char *p, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE);
+}
+
+static unsigned char *
+xg_slot(unsigned char *ring, uint32_t idx)
+{
+    return ring + XG_RING_HDR + (size_t)(idx & (XG_RING_SIZE - 1)) * XG_RING_SLOT;
+}
+
+/* the ring page and the 8-byte private state (two u32) of one side */
+static int
+xg_ring_bufs(PyObject *ring, PyObject *state, Py_buffer *rb, Py_buffer *sb)
+{
+    if (PyObject_GetBuffer(ring, rb, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(state, sb, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(rb);
+        return -1;
+    }
+    if (rb->len < XG_RING_PAGE || sb->len < 8 || ((uintptr_t)rb->buf & 3) ||
+        ((uintptr_t)sb->buf & 3)) {
+        PyBuffer_Release(rb);
+        PyBuffer_Release(sb);
+        PyErr_SetString(PyExc_ValueError, "ring: a page and 8 bytes of state, 4-byte aligned");
+        return -1;
+    }
+    return 0;
+}
+
+static void
+xg_ring_release(Py_buffer *rb, Py_buffer *sb)
+{
+    PyBuffer_Release(rb);
+    PyBuffer_Release(sb);
+}
+
+/* event channel "notify": one increment of the eventfd (-1: none) */
+static void
+xg_kick(int fd)
+{
+    if (fd >= 0) {
+        uint64_t one = 1;
+        ssize_t n;
+        do
+            n = write(fd, &one, sizeof one);
+        while (n < 0 && errno == EINTR);
+    }
+}
+
+/* push a producer index (prod at p, event at p + 4) from old to new and
+ * say whether the peer asked to be notified: RING_PUSH_*_AND_CHECK_NOTIFY */
+static int
+xg_push(unsigned char *p, uint32_t old, uint32_t new)
+{
+    xg_st32(p, new);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint32_t event = xg_ld32(p + 4);
+    return (uint32_t)(new - event) < (uint32_t)(new - old);
+}
+
+/* ------------------------------------------------------------ the service */
+
+/* the unconsumed requests (req_prod - req_cons), or -1 with ValueError if
+ * the client claims more than a ring */
+static long
+xg_ring_pending(unsigned char *ring, uint32_t cons)
+{
+    uint32_t n = xg_ld32(ring) - cons;
+    if (n > XG_RING_SIZE) {
+        PyErr_Format(PyExc_ValueError,
+                     "ring: req_prod is %u requests past req_cons (a ring holds %d)",
+                     (unsigned)n, XG_RING_SIZE);
+        return -1;
+    }
+    return (long)n;
+}
+
+/* write response kind at rsp_prod_pvt (state[1]) and advance it */
+static void
+xg_ring_put(unsigned char *ring, unsigned char *st, uint32_t id, uint16_t cmd, int16_t kind,
+            const unsigned char *op, size_t opsize, long long mfn, long long typ)
+{
+    uint32_t pvt;
+    memcpy(&pvt, st + 4, 4);
+    unsigned char *s = xg_slot(ring, pvt);
+    unsigned char rsp[XG_RING_SLOT] = {0};
+    int64_t m64 = mfn, t64 = typ;
+    memcpy(rsp, &id, 4);
+    memcpy(rsp + 4, &cmd, 2);
+    memcpy(rsp + 6, &kind, 2);
+    if (op != NULL)
+        memcpy(rsp + 8, op, opsize);
+    memcpy(rsp + 40, &m64, 8);
+    memcpy(rsp + 48, &t64, 8);
+    memcpy(s, rsp, sizeof rsp);
+    pvt++;
+    memcpy(st + 4, &pvt, 4);
+}
+
+/* make the responses up to rsp_prod_pvt visible; kick the client if it asked */
+static void
+xg_ring_push_rsp(unsigned char *ring, unsigned char *st, int kick_fd)
+{
+    uint32_t pvt, old = xg_ld32(ring + 8);
+    memcpy(&pvt, st + 4, 4);
+    if (pvt != old && xg_push(ring + 8, old, pvt))
+        xg_kick(kick_fd);
+}
+
+static PyObject *xg_serve_gnttab(PyObject *, PyObject *const *, Py_ssize_t);
+
+/*
+ * ring_serve(ring, state, mem, ld, domains, refcount, unmap_ok, kick_fd) -> left
+ *
+ * The service's side: the requests between req_cons (state[0]) and req_prod,
+ * copied out and answered by serve_gnttab (the same rules and replies as on
+ * the socket: it takes the common success case only), each response written
+ * at rsp_prod_pvt (state[1]) and pushed, the client kicked if it waits.
+ * Stops at the first request serve_gnttab does not take; left is how many
+ * are still unconsumed (the caller takes the next with ring_take).
+ * Raises ValueError if the indices are bogus (drop the connection).
+ */
+/* ring_serve with the page and state held: left, or -1 with an exception set */
+static long
+xg_ring_serve_in(PyObject *mod, unsigned char *ring, unsigned char *st, PyObject *const *sv,
+                 int kick_fd)
+{
+    long res = -1;
+    PyObject *msgs = NULL, *got = NULL;
+    uint32_t cons;
+    memcpy(&cons, st, 4);
+    long n = xg_ring_pending(ring, cons);
+    if (n < 0)
+        goto out;
+    /* copy the requests out as socket messages, up to one of another kind */
+    unsigned char req[XG_RING_SIZE][XG_RING_SLOT];
+    Py_ssize_t size = 0;
+    long k = 0;
+    for (; k < n; k++) {
+        memcpy(req[k], xg_slot(ring, cons + (uint32_t)k), XG_RING_SLOT);
+        uint16_t cmd, flags;
+        memcpy(&cmd, req[k] + 4, 2);
+        memcpy(&flags, req[k] + 6, 2);
+        if ((cmd != XG_GNTTABOP_map_grant_ref && cmd != XG_GNTTABOP_unmap_grant_ref) ||
+            (flags != 0 && flags != XG_F_POSTED))
+            break;
+        size += XG_HDR + XG_GNTTAB_REQ +
+                (cmd == XG_GNTTABOP_map_grant_ref ? XG_MAP_OP_SIZE : XG_UNMAP_OP_SIZE);
+    }
+    long taken = 0;
+    if (k > 0) {
+        msgs = PyByteArray_FromStringAndSize(NULL, size);
+        if (msgs == NULL)
+            goto out;
+        unsigned char *m = (unsigned char *)PyByteArray_AS_STRING(msgs);
+        for (long i = 0; i < k; i++) {
+            uint32_t id;
+            uint16_t cmd, flags;
+            memcpy(&id, req[i], 4);
+            memcpy(&cmd, req[i] + 4, 2);
+            memcpy(&flags, req[i] + 6, 2);
+            size_t opsize = cmd == XG_GNTTABOP_map_grant_ref ? XG_MAP_OP_SIZE : XG_UNMAP_OP_SIZE;
+            xg_put_header(m, (uint32_t)(XG_GNTTAB_REQ + opsize), flags, id, cmd);
+            memcpy(m + XG_HDR + XG_GNTTAB_REQ, req[i] + 8, opsize);
+            m += XG_HDR + XG_GNTTAB_REQ + opsize;
+        }
+        PyObject *zero = PyLong_FromLong(0), *end = PyLong_FromSsize_t(size);
+        PyObject *nofd = PyLong_FromLong(-1), *held = PyBytes_FromStringAndSize("", 0);
+        if (zero && end && nofd && held) {
+            /* serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok, fd, held) */
+            PyObject *sargs[10] = {sv[0], msgs, zero, end, sv[1], sv[2], sv[3], sv[4], nofd, held};
+            got = xg_serve_gnttab(mod, sargs, 10);
+        }
+        Py_XDECREF(zero);
+        Py_XDECREF(end);
+        Py_XDECREF(nofd);
+        Py_XDECREF(held);
+        if (got == NULL)
+            goto out;
+        /* (pos, replies, answered, partial, sent): one reply per message taken */
+        PyObject *replies = PyTuple_GET_ITEM(got, 1);
+        const unsigned char *r = (const unsigned char *)PyBytes_AS_STRING(replies);
+        Py_ssize_t rlen = PyBytes_GET_SIZE(replies), off = 0;
+        while (rlen - off >= XG_HDR + 12 && taken < k) {
+            uint32_t flen, id, opsize;
+            memcpy(&flen, r + off, 4);
+            memcpy(&id, r + off + 8, 4);
+            memcpy(&opsize, r + off + XG_HDR + 8, 4);
+            const unsigned char *pl = r + off + XG_HDR;
+            uint16_t cmd;
+            memcpy(&cmd, req[taken] + 4, 2);
+            long long mfn = -1, typ = 0;
+            if (opsize == XG_MAP_OP_SIZE || opsize == XG_UNMAP_OP_SIZE) {
+                int64_t m64, t64; /* the p2m columns: u32 count, gfn, mfn, type */
+                memcpy(&m64, pl + 12 + opsize + 4 + 8, 8);
+                memcpy(&t64, pl + 12 + opsize + 4 + 16, 8);
+                mfn = m64;
+                typ = t64;
+            }
+            xg_ring_put(ring, st, id, cmd, XG_RSP_DONE, pl + 12, opsize <= 32 ? opsize : 32,
+                        mfn, typ);
+            off += XG_HDR + (Py_ssize_t)flen;
+            taken++;
+        }
+        cons += (uint32_t)taken;
+        memcpy(st, &cons, 4);
+        xg_ring_push_rsp(ring, st, kick_fd);
+    }
+    res = n - taken;
+out:
+    Py_XDECREF(got);
+    Py_XDECREF(msgs);
+    return res;
+}
+
+static PyObject *
+xg_ring_serve(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(8, "ring_serve(ring, state, mem, ld, domains, refcount, unmap_ok, kick_fd) -> left")
+    int kick_fd;
+    if (xg_as_int(args[7], &kick_fd) < 0)
+        return NULL;
+    Py_buffer rb, sb;
+    if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
+        return NULL;
+    long left = xg_ring_serve_in(mod, rb.buf, sb.buf, args + 2, kick_fd);
+    xg_ring_release(&rb, &sb);
+    return left < 0 ? NULL : PyLong_FromLong(left);
+}
+
+/*
+ * ring_take(ring, state) -> bytes | None
+ *
+ * The next unconsumed request's slot (64 bytes, copied out), consumed; None
+ * if there is none.  Raises ValueError if the indices are bogus.
+ */
+static PyObject *
+xg_ring_take(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(2, "ring_take(ring, state) -> bytes | None")
+    Py_buffer rb, sb;
+    if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
+        return NULL;
+    unsigned char *ring = rb.buf, *st = sb.buf;
+    PyObject *res = NULL;
+    uint32_t cons;
+    memcpy(&cons, st, 4);
+    long n = xg_ring_pending(ring, cons);
+    if (n > 0) {
+        res = PyBytes_FromStringAndSize((const char *)xg_slot(ring, cons), XG_RING_SLOT);
+        if (res != NULL) {
+            cons++;
+            memcpy(st, &cons, 4);
+        }
+    } else if (n == 0) {
+        res = Py_NewRef(Py_None);
+    }
+    xg_ring_release(&rb, &sb);
+    return res;
+}
+
+/*
+ * ring_redirect(ring, state, id, cmd, kick_fd)
+ *
+ * Respond to request id: its reply comes on the socket (XG_RSP_SOCKET).
+ */
+static PyObject *
+xg_ring_redirect(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(5, "ring_redirect(ring, state, id, cmd, kick_fd)")
+    unsigned long long v[2];
+    static const unsigned long long vmax[2] = {0xFFFFFFFFULL, 0xFFFFULL};
+    int kick_fd;
+    if (!xg_fit_all(args + 2, 2, vmax, v)) {
+        PyErr_SetString(PyExc_ValueError, "ring_redirect: id must fit u32, cmd u16");
+        return NULL;
+    }
+    if (xg_as_int(args[4], &kick_fd) < 0)
+        return NULL;
+    Py_buffer rb, sb;
+    if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
+        return NULL;
+    xg_ring_put(rb.buf, sb.buf, (uint32_t)v[0], (uint16_t)v[1], XG_RSP_SOCKET, NULL, 0, -1, 0);
+    xg_ring_push_rsp(rb.buf, sb.buf, kick_fd);
+    xg_ring_release(&rb, &sb);
+    Py_RETURN_NONE;
+}
+
+/* drain an eventfd (a kick) */
+static void
+xg_unkick(int fd)
+{
+    uint64_t v;
+    ssize_t n;
+    do
+        n = read(fd, &v, sizeof v);
+    while (n < 0 && errno == EINTR);
+}
+
+/* the wait of ring_recv_wait, the GIL released: 1 if the ring has requests,
+ * else recv's result (with *err) as xg_wait_recv */
+static int
+xg_ring_wait_recv(int fd, char *buf, size_t len, long long spin_ns, unsigned char *ring,
+                  uint32_t cons, int kick_fd, ssize_t *n, int *err)
+{
+    *n = -1;
+    errno = EAGAIN;
+    if (spin_ns > 0) {
+        double end = xg_now_ns() + (double)spin_ns;
+        for (;;) {
+            sched_yield(); /* first: see xg_wait_recv */
+            if (xg_ld32(ring) != cons)
+                return 1;
+            *n = recv(fd, buf, len, MSG_DONTWAIT);
+            if (*n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+                break;
+            if (xg_now_ns() >= end)
+                break;
+        }
+    }
+    while (*n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        /* RING_FINAL_CHECK_FOR_REQUESTS: ask for a kick, then look again */
+        xg_st32(ring + 4, cons + 1);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (xg_ld32(ring) != cons)
+            return 1;
+        struct pollfd pfd[2] = {{fd, POLLIN, 0}, {kick_fd, POLLIN, 0}};
+        int r = poll(pfd, 2, -1);
+        if (r < 0)
+            break; /* errno: EINTR, or a failure */
+        if (pfd[1].revents & POLLIN)
+            xg_unkick(kick_fd);
+        if (pfd[0].revents) {
+            *n = recv(fd, buf, len, MSG_DONTWAIT);
+            continue;
+        }
+        if (xg_ld32(ring) != cons)
+            return 1;
+        errno = EAGAIN;
+    }
+    *err = *n < 0 ? errno : 0;
+    return 0;
+}
+
+/*
+ * ring_recv_wait(fd, buf, spin_ns, ring, state, kick_fd) -> n
+ *
+ * recv_wait for a connection with a ring: also returns -2 as soon as the
+ * ring has a request (looked at before the socket: a request the client put
+ * on the ring before it sent on the socket is answered first).  Sleeps with
+ * req_event set, so a client's first request after that kicks kick_fd.
+ * Returns the bytes read (0: closed), -2: ring work.  Raises OSError for a
+ * failed recv, ValueError for bogus indices.
+ */
+static PyObject *
+xg_ring_recv_wait(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(6, "ring_recv_wait(fd, buf, spin_ns, ring, state, kick_fd) -> n")
+    int fd, kick_fd;
+    long long spin_ns = PyLong_AsLongLong(args[2]);
+    if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[5], &kick_fd) < 0)
+        return NULL;
+    Py_buffer b, rb, sb;
+    if (xg_fd_buf(args, &fd, &b) < 0)
+        return NULL;
+    if (xg_ring_bufs(args[3], args[4], &rb, &sb) < 0) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    uint32_t cons;
+    memcpy(&cons, sb.buf, 4);
+    PyObject *res = NULL;
+    ssize_t n = -1;
+    int err = 0, ringwork = 0, again = 1;
+    if (xg_ring_pending(rb.buf, cons) < 0)
+        goto out;
+    do {
+        Py_BEGIN_ALLOW_THREADS
+        ringwork = xg_ring_wait_recv(fd, b.buf, (size_t)b.len, spin_ns, rb.buf, cons, kick_fd,
+                                     &n, &err);
+        Py_END_ALLOW_THREADS
+        spin_ns = 0;
+    } while (!ringwork && n < 0 && (again = xg_wait_again(err)) > 0);
+    if (!ringwork && n < 0 && again < 0)
+        goto out;
+    res = PyLong_FromSsize_t(ringwork ? -2 : n);
+out:
+    xg_ring_release(&rb, &sb);
+    PyBuffer_Release(&b);
+    return res;
+}
+
+static PyObject *str_dead, *str_is_dying;
+
+/* attribute name of o is true: 1, 0, or -1 with an exception set */
+static int
+xg_attr_true(PyObject *o, PyObject **name, const char *s)
+{
+    if (*name == NULL && (*name = PyUnicode_InternFromString(s)) == NULL)
+        return -1;
+    PyObject *v = PyObject_GetAttr(o, *name);
+    if (v == NULL)
+        return -1;
+    int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
+/*
+ * ring_serve_wait(fd, buf, spin_ns, ring, state, svc_kick, cli_kick, lock, conn, to_close,
+ *                 mem, ld, domains, refcount, unmap_ok) -> n
+ *
+ * A connection thread's wait (ring_recv_wait) that also serves the ring
+ * itself: when requests come, it takes lock and runs ring_serve, as long as
+ * the connection is alive (not conn.dead), the domain ld is not dying and
+ * no connection waits to be closed (to_close is empty); then waits again.
+ * Returns when the socket brings bytes (n, 0: closed), or with -2 when the
+ * ring has a request ring_serve did not take or the conditions do not hold
+ * (the caller serves the ring itself then).  Raises as ring_recv_wait.
+ */
+static PyObject *
+xg_ring_serve_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(15, "ring_serve_wait(fd, buf, spin_ns, ring, state, svc_kick, cli_kick, lock, "
+                 "conn, to_close, mem, ld, domains, refcount, unmap_ok) -> n")
+    int fd, svc_kick, cli_kick;
+    long long spin_ns = PyLong_AsLongLong(args[2]);
+    if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[5], &svc_kick) < 0 ||
+        xg_as_int(args[6], &cli_kick) < 0)
+        return NULL;
+    if (!PyList_Check(args[9])) {
+        PyErr_SetString(PyExc_TypeError, "ring_serve_wait: to_close must be a list");
+        return NULL;
+    }
+    long long spin_again = spin_ns;
+    Py_buffer b, rb, sb;
+    if (xg_fd_buf(args, &fd, &b) < 0)
+        return NULL;
+    if (xg_ring_bufs(args[3], args[4], &rb, &sb) < 0) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    PyObject *lock = args[7], *res = NULL;
+    ssize_t n = -1;
+    for (;;) {
+        uint32_t cons;
+        memcpy(&cons, sb.buf, 4);
+        if (xg_ring_pending(rb.buf, cons) < 0)
+            goto out;
+        int err = 0, ringwork = 0, again = 1;
+        do {
+            Py_BEGIN_ALLOW_THREADS
+            ringwork = xg_ring_wait_recv(fd, b.buf, (size_t)b.len, spin_ns, rb.buf, cons,
+                                         svc_kick, &n, &err);
+            Py_END_ALLOW_THREADS
+            spin_ns = 0;
+        } while (!ringwork && n < 0 && (again = xg_wait_again(err)) > 0);
+        if (!ringwork) {
+            if (n < 0 && again < 0)
+                goto out;
+            res = PyLong_FromSsize_t(n);
+            goto out;
+        }
+        PyObject *r = PyObject_CallMethodObjArgs(lock, str_acquire, NULL);
+        if (r == NULL)
+            goto out;
+        Py_DECREF(r);
+        long left = 1;
+        int dead = xg_attr_true(args[8], &str_dead, "dead");
+        int dying = dead == 0 ? xg_attr_true(args[11], &str_is_dying, "is_dying") : 1;
+        if (dead == 0 && dying == 0 && PyList_GET_SIZE(args[9]) == 0)
+            left = xg_ring_serve_in(mod, rb.buf, sb.buf, args + 10, cli_kick);
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        r = PyObject_CallMethodObjArgs(lock, str_release, NULL);
+        if (r == NULL) {
+            Py_XDECREF(et);
+            Py_XDECREF(ev);
+            Py_XDECREF(tb);
+            goto out;
+        }
+        Py_DECREF(r);
+        PyErr_Restore(et, ev, tb);
+        if (dead < 0 || dying < 0 || left < 0)
+            goto out;
+        if (left > 0) {
+            res = PyLong_FromLong(-2);
+            goto out;
+        }
+        spin_ns = spin_again;
+    }
+out:
+    xg_ring_release(&rb, &sb);
+    PyBuffer_Release(&b);
+    return res;
+}
+
+/* ------------------------------------------------------------- the client */
+
+/* write a request at req_prod_pvt (state[0]) under lock and push it; 1 sent,
+ * -1 the ring is full (nothing sent), -2 with an exception set */
+static int
+xg_ring_post(unsigned char *ring, unsigned char *st, PyObject *lock, int kick_fd,
+             const unsigned char *slot)
+{
+    if (lock != Py_None) {
+        PyObject *r = PyObject_CallMethodObjArgs(lock, str_acquire, NULL);
+        if (r == NULL)
+            return -2;
+        Py_DECREF(r);
+    }
+    uint32_t pvt = xg_ld32(st), cons = xg_ld32(st + 4);
+    int rc = -1;
+    if ((uint32_t)(pvt - cons) < XG_RING_SIZE) { /* !RING_FULL */
+        memcpy(xg_slot(ring, pvt), slot, XG_RING_SLOT);
+        xg_st32(st, pvt + 1);
+        if (xg_push(ring, pvt, pvt + 1))
+            xg_kick(kick_fd);
+        rc = 1;
+    }
+    if (lock != Py_None) {
+        PyObject *r = PyObject_CallMethodObjArgs(lock, str_release, NULL);
+        if (r == NULL)
+            rc = -2;
+        Py_XDECREF(r);
+    }
+    return rc;
+}
+
+/* ring_post_* with the page and state held: the PyObject result */
+static PyObject *
+xg_ring_post_obj(PyObject *const *args, int kick_fd, const unsigned char *slot)
+{
+    Py_buffer rb, sb;
+    if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
+        return NULL;
+    int rc = xg_ring_post(rb.buf, sb.buf, args[2], kick_fd, slot);
+    xg_ring_release(&rb, &sb);
+    return rc == -2 ? NULL : PyLong_FromLong(rc);
+}
+
+/* a map request slot from v = (seq, gfn, flags, ref, dom) */
+static void
+xg_map_slot(unsigned char *slot, const unsigned long long *v)
+{
+    uint32_t id = (uint32_t)v[0], flags = (uint32_t)v[2], ref = (uint32_t)v[3];
+    uint16_t cmd = XG_GNTTABOP_map_grant_ref, dom = (uint16_t)v[4];
+    uint64_t host_addr = v[1] << 12;
+    memset(slot, 0, XG_RING_SLOT);
+    memcpy(slot, &id, 4);
+    memcpy(slot + 4, &cmd, 2);
+    memcpy(slot + 8, &host_addr, 8);
+    memcpy(slot + 16, &flags, 4);
+    memcpy(slot + 20, &ref, 4);
+    memcpy(slot + 24, &dom, 2);
+}
+
+/*
+ * ring_post_map(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom) -> int
+ *
+ * The client's side: request seq, a GNTTABOP_map_grant_ref of one op
+ * (host_addr gfn << 12), on the ring under lock, the service kicked if it
+ * sleeps.  1: sent; 0: a value does not fit the op; -1: the ring is full
+ * (nothing sent either way).
+ */
+static PyObject *
+xg_ring_post_map(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(9, "ring_post_map(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom) -> int")
+    int kick_fd;
+    if (xg_as_int(args[3], &kick_fd) < 0)
+        return NULL;
+    unsigned long long v[5]; /* seq, gfn, flags, ref, dom */
+    static const unsigned long long vmax[5] = {0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL,
+                                               0xFFFFFFFFULL, 0xFFFFULL};
+    if (!xg_fit_all(args + 4, 5, vmax, v))
+        return PyLong_FromLong(0);
+    unsigned char slot[XG_RING_SLOT];
+    xg_map_slot(slot, v);
+    return xg_ring_post_obj(args, kick_fd, slot);
+}
+
+/*
+ * ring_post_unmap(ring, state, lock, kick_fd, seq, gfn, handle) -> int
+ *
+ * As ring_post_map, for a posted GNTTABOP_unmap_grant_ref of one op.
+ */
+static PyObject *
+xg_ring_post_unmap(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(7, "ring_post_unmap(ring, state, lock, kick_fd, seq, gfn, handle) -> int")
+    int kick_fd;
+    if (xg_as_int(args[3], &kick_fd) < 0)
+        return NULL;
+    unsigned long long v[3]; /* seq, gfn, handle */
+    static const unsigned long long vmax[3] = {0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL};
+    if (!xg_fit_all(args + 4, 3, vmax, v))
+        return PyLong_FromLong(0);
+    unsigned char slot[XG_RING_SLOT] = {0};
+    uint32_t id = (uint32_t)v[0], handle = (uint32_t)v[2];
+    uint16_t cmd = XG_GNTTABOP_unmap_grant_ref, flags = XG_F_POSTED;
+    uint64_t host_addr = v[1] << 12;
+    memcpy(slot, &id, 4);
+    memcpy(slot + 4, &cmd, 2);
+    memcpy(slot + 6, &flags, 2);
+    memcpy(slot + 8, &host_addr, 8);
+    memcpy(slot + 24, &handle, 4);
+    return xg_ring_post_obj(args, kick_fd, slot);
+}
+
+/* one response for the client: a posted one-op unmap that succeeded is done
+ * (popped, its gfn out of the p2m and on freed), one answered on the socket
+ * goes on later (if not NULL); 1 if it is the response to seq (*kind, and
+ * for a done map the handle, mfn and p2mt), 0 otherwise, -1 with an
+ * exception set */
+static int
+xg_ring_answer(const unsigned char *rsp, long long seq, PyObject *posted, PyObject *p2m,
+               PyObject *freed, PyObject *later, int *kind, long long *handle, long long *mfn,
+               long long *typ)
+{
+    uint32_t id;
+    uint16_t cmd;
+    int16_t k;
+    memcpy(&id, rsp, 4);
+    memcpy(&cmd, rsp + 4, 2);
+    memcpy(&k, rsp + 6, 2);
+    if (seq >= 0 && id == (uint32_t)seq) {
+        *kind = k;
+        int16_t status;
+        uint32_t h;
+        int64_t m64, t64;
+        memcpy(&status, rsp + 8 + 18, 2);
+        memcpy(&h, rsp + 8 + 20, 4);
+        memcpy(&m64, rsp + 40, 8);
+        memcpy(&t64, rsp + 48, 8);
+        if (k == XG_RSP_DONE && (cmd != XG_GNTTABOP_map_grant_ref || status != 0 || m64 < 0))
+            *kind = -1; /* not what the service sends */
+        *handle = h;
+        *mfn = m64;
+        *typ = t64;
+        return 1;
+    }
+    int16_t status;
+    memcpy(&status, rsp + 8 + 20, 2);
+    PyObject *key = PyLong_FromUnsignedLong(id);
+    if (key == NULL)
+        return -1;
+    if (k != XG_RSP_DONE || cmd != XG_GNTTABOP_unmap_grant_ref || status != 0) {
+        /* on the socket (or not the service's): the posted entry waits there */
+        int bad = k == XG_RSP_SOCKET && later != NULL && PyDict_Contains(posted, key) == 1 &&
+                  PyList_Append(later, key) < 0;
+        Py_DECREF(key);
+        return bad || PyErr_Occurred() ? -1 : 0;
+    }
+    PyObject *entry = PyDict_GetItemWithError(posted, key); /* borrowed */
+    if (entry == NULL || !PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2) {
+        Py_DECREF(key);
+        return PyErr_Occurred() ? -1 : 0; /* abandoned: nobody waits */
+    }
+    PyObject *gfnobj = PyTuple_GET_ITEM(entry, 0);
+    Py_INCREF(gfnobj);
+    int bad = PyList_Append(freed, gfnobj) < 0 || PyDict_DelItem(posted, key) < 0;
+    Py_DECREF(key);
+    if (!bad && PyDict_DelItem(p2m, gfnobj) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_KeyError))
+            PyErr_Clear();
+        else
+            bad = 1;
+    }
+    Py_DECREF(gfnobj);
+    return bad ? -1 : 0;
+}
+
+/* the wait of ring_collect, the GIL released: 0 the ring has responses, -2
+ * the socket hung up, -3 timed out, 4 EINTR.  The socket is watched for a
+ * hang-up only: its messages are for whoever reads it. */
+static int
+xg_ring_wait_rsp(unsigned char *ring, unsigned char *st, long long spin_ns, double deadline,
+                 int wait_fd, int sock_fd)
+{
+    uint32_t cons = xg_ld32(st + 4);
+    if (spin_ns > 0) {
+        double end = xg_now_ns() + (double)spin_ns;
+        do {
+            sched_yield();
+            if (xg_ld32(ring + 8) != cons)
+                return 0;
+        } while (xg_now_ns() < end);
+    }
+    for (;;) {
+        /* RING_FINAL_CHECK_FOR_RESPONSES */
+        xg_st32(ring + 12, cons + 1);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (xg_ld32(ring + 8) != cons)
+            return 0;
+        int ms = -1;
+        if (deadline > 0) {
+            double left = (deadline - xg_now_ns()) / 1e6;
+            if (left <= 0)
+                return -3;
+            ms = (int)left + 1;
+        }
+        struct pollfd pfd[2] = {{wait_fd, POLLIN, 0}, {sock_fd, 0, 0}};
+        int r = poll(pfd, 2, ms);
+        if (r < 0)
+            return errno == EINTR ? 4 : -2;
+        if (pfd[0].revents & POLLIN)
+            xg_unkick(wait_fd);
+        if (xg_ld32(ring + 8) != cons)
+            return 0;
+        if (pfd[1].revents & (POLLHUP | POLLERR | POLLNVAL))
+            return -2;
+    }
+}
+
+/* consume responses and wait as ring_collect says, with the page and state
+ * already held; 0, or -1 with an exception set */
+static int
+xg_ring_collect_in(unsigned char *ring, unsigned char *st, long long seq, long long spin_ns,
+                   int timeout_ms, PyObject *posted, PyObject *p2m, PyObject *freed,
+                   PyObject *later, int wait_fd, int sock_fd, int *status, long long *handle,
+                   long long *mfn, long long *typ)
+{
+    double deadline = timeout_ms < 0 ? 0 : xg_now_ns() + (double)timeout_ms * 1e6;
+    int kind = 0;
+    *status = 3;
+    for (;;) {
+        uint32_t cons = xg_ld32(st + 4), prod = xg_ld32(ring + 8);
+        if ((uint32_t)(prod - cons) > XG_RING_SIZE) {
+            *status = -4;
+            return 0;
+        }
+        int mine = 0;
+        while (cons != prod && !mine) {
+            unsigned char rsp[XG_RING_SLOT];
+            memcpy(rsp, xg_slot(ring, cons), XG_RING_SLOT);
+            xg_st32(st + 4, ++cons); /* the slot is free again */
+            mine = xg_ring_answer(rsp, seq, posted, p2m, freed, later, &kind, handle, mfn, typ);
+            if (mine < 0)
+                return -1;
+        }
+        if (mine) {
+            *status = kind == XG_RSP_DONE ? 0 : kind == XG_RSP_SOCKET ? 1 : -1;
+            return 0;
+        }
+        if (seq < 0)
+            return 0; /* drained: 3 */
+        int w;
+        Py_BEGIN_ALLOW_THREADS
+        w = xg_ring_wait_rsp(ring, st, spin_ns, deadline, wait_fd, sock_fd);
+        Py_END_ALLOW_THREADS
+        spin_ns = 0;
+        if (w == 4) {
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            continue;
+        }
+        if (w != 0) {
+            *status = w;
+            return 0;
+        }
+    }
+}
+
+static int
+xg_collect_args(PyObject *const *args, PyObject **posted, PyObject **p2m, PyObject **freed)
+{
+    *posted = args[0];
+    *p2m = args[1];
+    *freed = args[2];
+    if (!PyDict_Check(*posted) || !PyDict_Check(*p2m) || !PyList_Check(*freed)) {
+        PyErr_SetString(PyExc_TypeError, "ring: posted and p2m must be dicts, freed a list");
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * ring_collect(ring, state, posted, p2m, freed) -> status
+ *
+ * The client's side: consume the responses there are, from rsp_cons
+ * (state[1]) in order, without waiting.  Each posted one-op unmap that
+ * succeeded (its entry (gfn, on_reply) in posted) is done as xg_take_unmaps
+ * does it on the socket: popped, its gfn out of the p2m mirror and on freed.
+ * One answered on the socket keeps its entry (its reply comes there).
+ * Returns 3, or -4 if the service's rsp_prod is bogus.
+ */
+static PyObject *
+xg_ring_collect(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(5, "ring_collect(ring, state, posted, p2m, freed) -> status")
+    PyObject *posted, *p2m, *freed;
+    if (xg_collect_args(args + 2, &posted, &p2m, &freed) < 0)
+        return NULL;
+    Py_buffer rb, sb;
+    if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
+        return NULL;
+    int status;
+    long long handle, mfn, typ;
+    int rc = xg_ring_collect_in(rb.buf, sb.buf, -1, 0, 0, posted, p2m, freed, NULL, -1, -1,
+                                &status, &handle, &mfn, &typ);
+    xg_ring_release(&rb, &sb);
+    return rc < 0 ? NULL : PyLong_FromLong(status);
+}
+
+/*
+ * ring_map_one(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom, spin_ns, timeout_ms,
+ *              posted, p2m, freed, later, wait_fd, sock_fd) -> (status, handle, mfn, p2mt)
+ *
+ * The one-page lane on the ring: ring_post_map (a full ring is collected
+ * first, then tried again), then the responses consumed as ring_collect
+ * does (the seqs of posted requests answered on the socket go on later:
+ * the caller reads their replies before it returns), waiting for the one
+ * to seq: polling up to spin_ns, then sleeping
+ * with rsp_event set until wait_fd is kicked (the socket is watched for a
+ * hang-up only).
+ *   status 0: mapped: p2m[gfn] = (mfn, p2mt), handle the op's;
+ *   status 1: its reply comes on the socket;
+ *   status 5: nothing sent (a value does not fit; the ring is full);
+ *   status -1: a response the service does not send; -2: the socket hung
+ *   up; -3: timed out; -4: the service's rsp_prod is bogus.
+ */
+static PyObject *
+xg_ring_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGCHECK(17, "ring_map_one(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom, spin_ns, "
+                 "timeout_ms, posted, p2m, freed, later, wait_fd, sock_fd) -> (status, handle, "
+                 "mfn, p2mt)")
+    PyObject *posted, *p2m, *freed, *later = args[14];
+    if (xg_collect_args(args + 11, &posted, &p2m, &freed) < 0)
+        return NULL;
+    if (!PyList_Check(later)) {
+        PyErr_SetString(PyExc_TypeError, "ring_map_one: later must be a list");
+        return NULL;
+    }
+    int kick_fd, timeout_ms, wait_fd, sock_fd;
+    long long spin_ns = PyLong_AsLongLong(args[9]);
+    if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[3], &kick_fd) < 0 ||
+        xg_as_int(args[10], &timeout_ms) < 0 || xg_as_int(args[15], &wait_fd) < 0 ||
+        xg_as_int(args[16], &sock_fd) < 0)
+        return NULL;
+    unsigned long long v[5]; /* seq, gfn, flags, ref, dom */
+    static const unsigned long long vmax[5] = {0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL,
+                                               0xFFFFFFFFULL, 0xFFFFULL};
+    long long handle = -1, mfn = -1, typ = 0;
+    if (!xg_fit_all(args + 4, 5, vmax, v))
+        return Py_BuildValue("(iLLL)", 5, handle, mfn, typ);
+    unsigned char slot[XG_RING_SLOT];
+    xg_map_slot(slot, v);
+    Py_buffer rb, sb;
+    if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
+        return NULL;
+    PyObject *res = NULL;
+    int status = 5;
+    int sent = xg_ring_post(rb.buf, sb.buf, args[2], kick_fd, slot);
+    if (sent == -1) { /* full: what is there first */
+        if (xg_ring_collect_in(rb.buf, sb.buf, -1, 0, 0, posted, p2m, freed, later, -1, -1,
+                               &status, &handle, &mfn, &typ) < 0)
+            goto out;
+        status = status == -4 ? -4 : 5;
+        if (status == 5)
+            sent = xg_ring_post(rb.buf, sb.buf, args[2], kick_fd, slot);
+    }
+    if (sent == -2)
+        goto out;
+    if (sent == 1) {
+        if (xg_ring_collect_in(rb.buf, sb.buf, (long long)v[0], spin_ns, timeout_ms, posted, p2m,
+                               freed, later, wait_fd, sock_fd, &status, &handle, &mfn, &typ) < 0)
+            goto out;
+        if (status == 0) {
+            PyObject *key = PyLong_FromUnsignedLongLong(v[1]);
+            PyObject *val = key ? Py_BuildValue("(LL)", mfn, typ) : NULL;
+            int bad = val == NULL || PyDict_SetItem(p2m, key, val) < 0;
+            Py_XDECREF(key);
+            Py_XDECREF(val);
+            if (bad)
+                goto out;
+        }
+    }
+    res = Py_BuildValue("(iLLL)", status, handle, mfn, typ);
+out:
+    xg_ring_release(&rb, &sb);
+    return res;
+}
