@@ -388,6 +388,13 @@ def test_map_that_does_not_fit_gives_holes_back(
         assert b.get_pages(2) == before
 
 
+@pytest.fixture(params=[True, False], ids=["ring", "socket"])
+def lane(request: pytest.FixtureRequest) -> bool:
+    """The mapper's one-op maps and unmaps on its request ring, or on the socket."""
+    flag: bool = request.param
+    return flag
+
+
 def assert_nothing_mapped(service: Service, granter: Any, mapper: Any) -> None:
     """The service's tables: no pin left on the granter's side, no maptrack entry
     in use on the mapper's."""
@@ -416,14 +423,14 @@ def test_batch_map_with_a_bad_ref_maps_nothing(service: Service, baseline: dict[
 
 
 def test_one_page_map_that_fails_through_the_lane(
-    service: Service, baseline: dict[str, Any]
+    service: Service, baseline: dict[str, Any], lane: bool
 ) -> None:
     """A one-page map the service refuses leaves the lane for the Python path: the
     GrantError carries Xen's code and debug reason, the hole goes back, nothing stays
     mapped; the next map takes the lane again."""
     from xengrant.errors import GrantError
 
-    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30, ring=lane) as b:
         share = a.grant_table.share_pages(b.domid, 1)
         hole = b.get_pages(1)
         b.put_pages(hole)
@@ -445,11 +452,11 @@ def test_one_page_map_that_fails_through_the_lane(
 
 
 def test_posted_unmap_is_done_before_later_requests(
-    service: Service, baseline: dict[str, Any]
+    service: Service, baseline: dict[str, Any], lane: bool
 ) -> None:
     """gnttab's unmap is posted: it returns at once, the service does it before
     anything this domain sends next, and the reply comes with the next reply."""
-    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30, ring=lane) as b:
         share = a.grant_table.share_pages(b.domid, 1)
         share.mem[:4] = b"page"
         m = b.gnttab.map_grant_ref(a.domid, share.refs[0])
@@ -468,12 +475,12 @@ def test_posted_unmap_is_done_before_later_requests(
 
 
 def test_one_page_lane_does_the_posted_unmap_with_the_next_map(
-    service: Service, baseline: dict[str, Any]
+    service: Service, baseline: dict[str, Any], lane: bool
 ) -> None:
     """The next one-page map reads a posted unmap's reply and does it in C
     (``_cext.map_one``): the hole comes back and leaves the p2m mirror; a failed
     one is raised by the call after the map, which itself succeeds."""
-    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30, ring=lane) as b:
         share = a.grant_table.share_pages(b.domid, 2)
         share.mem[:2] = b"p0"
         share.mem[4096:4098] = b"p1"
@@ -502,14 +509,14 @@ def test_one_page_lane_does_the_posted_unmap_with_the_next_map(
 
 
 def test_threads_map_and_unmap_on_one_connection(
-    service: Service, baseline: dict[str, Any]
+    service: Service, baseline: dict[str, Any], lane: bool
 ) -> None:
     """Threads sharing a connection: one reads (the lane, or a raw hypercall) while
     the others follow it or post; every mapping sees its page, and afterwards no
     hole, p2m entry, posted request or maptrack entry is left over."""
     import threading
 
-    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30, ring=lane) as b:
         share = a.grant_table.share_pages(b.domid, 4)
         for i in range(4):
             share.mem[i * 4096 : i * 4096 + 4] = b"pg%02d" % i
@@ -549,7 +556,7 @@ def test_threads_map_and_unmap_on_one_connection(
 
 
 def test_asyncio_wait_while_a_thread_maps_on_the_same_connection(
-    service: Service, baseline: dict[str, Any]
+    service: Service, baseline: dict[str, Any], lane: bool
 ) -> None:
     """An event loop waits for an event on a connection whose socket a thread
     keeps reading through the one-page lane: the event the lane reads before a
@@ -557,7 +564,7 @@ def test_asyncio_wait_while_a_thread_maps_on_the_same_connection(
     import asyncio
     import threading
 
-    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30, ring=lane) as b:
         share = a.grant_table.share_pages(b.domid, 1)
         share.mem[:4] = b"page"
         po = a.evtchn.bind_unbound_port(b.domid)
@@ -595,10 +602,12 @@ def test_asyncio_wait_while_a_thread_maps_on_the_same_connection(
         share.unshare(timeout=30)
 
 
-def test_posted_unmap_failure_is_reported(service: Service, baseline: dict[str, Any]) -> None:
+def test_posted_unmap_failure_is_reported(
+    service: Service, baseline: dict[str, Any], lane: bool
+) -> None:
     """A posted unmap that fails is raised by the next call, by sync and by close,
     with its op name and GNTST code -- never lost."""
-    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30) as b:
+    with connect(service.path, timeout=30) as a, connect(service.path, timeout=30, ring=lane) as b:
         share = a.grant_table.share_pages(b.domid, 3)
         gnt = b.gnttab
         # 1: the next call raises it, before sending anything

@@ -711,7 +711,7 @@ class Channel:
             args = (ring.mem, ring.state, self._send_lock, ring.kick, seq, gfn, handle)
             sent = _cext.ring_post_unmap(*args)
             if sent < 0:  # full: take the responses waiting there, then try again
-                self.drain_ring()
+                self.drain_ring(wait=False)
                 sent = _cext.ring_post_unmap(*args)
             if sent > 0:
                 self.sent += 1
