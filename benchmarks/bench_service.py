@@ -26,9 +26,11 @@ Measured in the mapper, in each placement:
   client for up to ``Channel.SPIN``, a second echo thread for the service's
   ``DEFAULT_SPIN``), as the service client and the service do;
 - a framed PING round trip through the service (``Channel.call``);
-- ``gnttab.map_grant_ref`` + ``Mapping.unmap`` of one page (the unmap is
-  posted: its reply comes with the next map's), also with the mapper
-  sleeping at once for each reply (``spin`` 0);
+- ``gnttab.map_grant_ref`` + ``Mapping.unmap`` of one page on the
+  connection's request ring (the unmap is posted: its response is read
+  with the next map's), also with the mapper sleeping at once for each
+  reply (``spin`` 0), and on the socket instead (no ring, as
+  ``connect(ring=False)``);
 - ``gnttab.map_domain_grant_refs`` + ``Mapping.unmap`` of 1024 refs (one
   message each way per call), with the map and the unmap also timed apart;
 - the two GNTTAB_OP messages of a one-page cycle alone (raw hypercalls, no
@@ -90,6 +92,7 @@ BARE_SPIN = "  the same, both ends polling first, as the service and its client 
 PING = "framed PING round trip through the service loop"
 ONE = "map+unmap 1 page, cross-process"
 ONE_SLEEP = "  the same, the mapper sleeping at once for each reply (spin 0)"
+ONE_SOCKET = "  the same on the socket, no request ring (connect(ring=False))"
 BIG = f"map+unmap {BATCH} refs, cross-process"
 BIG_MAP = f"  of which map {BATCH}"
 BIG_UNMAP = f"  of which unmap {BATCH}"
@@ -255,6 +258,7 @@ class Placement:
             Case(PING, n1, self._pinned(self.ping)),
             Case(ONE, n1 // 2, self._pinned(self.one)),
             Case(ONE_SLEEP, n1 // 2, self._pinned(self.one_sleep)),
+            Case(ONE_SOCKET, n1 // 2, self._pinned(self.one_socket)),
             Case(RAW, n1 // 2, self._pinned(self.raw)),
             Case(RAW_POSTED, n1 // 2, self._pinned(self.raw_posted)),
             Case(BIG, nb, self._pinned(self.big)),
@@ -303,6 +307,16 @@ class Placement:
             self.one(n)
         finally:
             chan.spin = spin
+
+    def one_socket(self, n: int) -> None:
+        chan = self.me.channel
+        chan.sync()  # the ring's last posted unmap done, its response read
+        ring, chan.ring = chan.ring, None  # as connect(ring=False): the socket lane
+        try:
+            self.one(n)
+            chan.sync()
+        finally:
+            chan.ring = ring
 
     def raw(self, n: int) -> None:
         hc, hole, gdom, ref = self.me.hypercalls, self.hole, self.gdom, self.refs[0]
@@ -480,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rounds: {rounds}; machine: {info}")
     md: list[str] = []
     targets = []
-    order = [BARE, BARE_SPIN, PING, ONE, ONE_SLEEP, RAW, RAW_POSTED, BIG, BIG_MAP, BIG_UNMAP]
+    order = [BARE, BARE_SPIN, PING, ONE, ONE_SLEEP, ONE_SOCKET, RAW, RAW_POSTED, BIG, BIG_MAP,
+             BIG_UNMAP]
     for pl in places:
         res = results(pl.cases)
         bare_ns = res[BARE][0]

@@ -592,6 +592,8 @@ class Channel:
             self._settle(seq, 0, -1, 0)
             return None
         self.sent += 1
+        if self._sock_posted:  # C did the posted unmaps it read: they are answered
+            self._sock_posted.intersection_update(self._posted)
         handle, mfn, p2mt, end, start, length, skip = got
         reply = self._settle(seq, end, start, length, skip, handle < 0)
         if handle >= 0:

@@ -361,8 +361,8 @@ class Server:
                         n = self._ring_wait(conn, ring, rbuf, spin_ns)
                 except OSError:
                     n = 0
-                except ValueError as e:  # the ring's indices are bogus
-                    self.log(f"{conn!r}: {e}; dropping it")
+                except Exception as e:  # bogus ring indices (ValueError), MemoryError...
+                    self.log(f"{conn!r}: {e!r}; dropping it")
                     n = 0
                 with lock:
                     if conn.dead:
@@ -483,8 +483,8 @@ class Server:
                 flags &= ~p.F_POSTED
                 self._request(conn, p.MSG_GNTTAB_OP, flags, seq, payload, len(payload), hold=True)
                 _cext.ring_redirect(ring.mem, ring.state, seq, cmd, ring.cli_kick)
-        except ValueError as e:
-            self.log(f"{conn!r}: {e}; dropping it")
+        except Exception as e:  # bogus indices (ValueError), or an op without its reply
+            self.log(f"{conn!r}: {e!r}; dropping it")
             self._schedule_close(conn)
             return
         if conn.flush_due and not conn.want_write and not conn.dead:
