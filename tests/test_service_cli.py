@@ -62,6 +62,9 @@ def test_hypervisor_serves_inspects_and_stops(
             assert f"grant-table for remote d{a.domid}" in out.stdout
             assert "permit_access|reading|writing" in out.stdout
             assert f"/local/domain/{b.domid}/data = ''" in out.stdout
+            # the map went on b's ring: one request, consumed and answered
+            assert f"  d{b.domid}: req_prod=1 req_cons=1 req_event=" in out.stdout
+            assert "rsp_prod_pvt=1 rsp_prod=1 rsp_event=" in out.stdout
         share.unshare()
     # a second service on the same socket refuses to start
     again = _xengrant("hypervisor", "--socket", path)

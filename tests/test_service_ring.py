@@ -584,3 +584,21 @@ def shared_svc() -> Iterator[InProcess]:
         yield s
     finally:
         s.close()
+
+
+def test_stats_show_each_domains_ring(svc: InProcess) -> None:
+    """``xengrant`` stats: a domain's ring indices (every request consumed and
+    answered after a sync), None for a domain without a ring."""
+    from xengrant.service import stats
+
+    with connect(svc.path, timeout=30) as a, connect(svc.path, timeout=30) as b, \
+            connect(svc.path, timeout=30, ring=False) as c:
+        map_cycles(a, b, 3)
+        doms = stats(svc.path)["domains"]
+        assert doms[str(b.domid)]["ring"] == {
+            "req_prod": 6, "req_cons": 6, "rsp_prod": 6, "rsp_prod_pvt": 6,
+            "req_event": doms[str(b.domid)]["ring"]["req_event"],
+            "rsp_event": doms[str(b.domid)]["ring"]["rsp_event"],
+        }
+        assert doms[str(a.domid)]["ring"]["req_prod"] == 0
+        assert doms[str(c.domid)]["ring"] is None

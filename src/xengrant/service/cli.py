@@ -98,14 +98,27 @@ def _quiet(text: str) -> None:
     pass
 
 
+#: the ring's indices as io/ring.h lists them: requests, then responses
+_RING_ORDER = ("req_prod", "req_cons", "req_event", "rsp_prod_pvt", "rsp_prod", "rsp_event")
+
+
 def inspect_socket(path: str) -> int:
-    """Print the 'G' (grant tables), 'e' (event channels) and 'x' (xenstore) keys."""
+    """Print the 'G' (grant tables), 'e' (event channels) and 'x' (xenstore) keys,
+    then each domain's request ring."""
     try:
         print(debug_key("G", path))
         print("\nevent channels:")
         print(debug_key("e", path))
         print("\nxenstore:")
         print(debug_key("x", path))
+        print("\nrequest rings (one-op maps and unmaps; service/ring.py):")
+        doms = stats(path)["domains"]
+        for domid in sorted(doms, key=int):
+            ring = doms[domid].get("ring")
+            text = "none: the socket only" if ring is None else " ".join(
+                f"{k}={ring[k]}" for k in _RING_ORDER
+            )
+            print(f"  d{domid}: {text}")
     except OSError as e:
         print(f"xengrant inspect: {path}: {e}", file=sys.stderr)
         return 1

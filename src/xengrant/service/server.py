@@ -71,6 +71,7 @@ from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from ..errors import HypercallError
 from . import protocol as p
 from .evtchn import ECS_INTERDOMAIN, ECS_UNBOUND, Delivery, EventChannels, EvtchnError
+from .ring import INDICES as RING_INDICES
 from .ring import ServiceRing
 from .ring import request as ring_request
 from .xenstore import XenStore, XenStoreError
@@ -1235,6 +1236,7 @@ class Server:
                 "version": d.gt.version,
                 "active": {str(r): a.pin for r, a in sorted(d.gt.active.items())},
                 "maptrack_in_use": d.maptrack.in_use,
+                "ring": self._ring_snapshot(d.domid),
             }
         return {
             "nr_frames": self.hv.machine.nr_frames,
@@ -1246,6 +1248,21 @@ class Server:
             "notifies": sum(len(v) for v in self.notifies.values()),
             "connections": len(self.conns),
         }
+
+    def _ring_snapshot(self, domid: int) -> dict[str, int] | None:
+        """The indices of the request ring of ``domid``'s connection (None: it has none).
+
+        ``req_cons`` and ``rsp_prod_pvt`` are the service's own; the rest are
+        read from the shared page (the producer and event indices).
+        """
+        conn = self.bound.get(domid)
+        ring = None if conn is None else conn.ring
+        if ring is None or ring.mem.closed:
+            return None
+        req_prod, req_event, rsp_prod, rsp_event = RING_INDICES.unpack_from(ring.mem)
+        req_cons, rsp_pvt = struct.unpack_from("<II", ring.state)
+        return {"req_prod": req_prod, "req_event": req_event, "req_cons": req_cons,
+                "rsp_prod": rsp_prod, "rsp_prod_pvt": rsp_pvt, "rsp_event": rsp_event}
 
     def _stats(self, conn: Connection, payload: bytes) -> bytes:
         return self._ok(json.dumps(self.snapshot(), sort_keys=True).encode())
