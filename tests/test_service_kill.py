@@ -37,12 +37,18 @@ def world() -> Iterator[tuple[Service, Actor, Actor]]:
 
 def same_tables(before: dict[str, Any], after: dict[str, Any]) -> None:
     for key in TABLES:
-        if key == "domains":
-            assert sorted(after[key]) == sorted(before[key])
-            for domid, was in before[key].items():
-                now = after[key][domid]
+        was_, now_ = before[key], after[key]
+        if key == "domains":  # a domain's ring indices move with its work: not a table
+            was_, now_ = _without_ring(was_), _without_ring(now_)
+            assert sorted(now_) == sorted(was_)
+            for domid, was in was_.items():
+                now = now_[domid]
                 assert {k: (was[k], now[k]) for k in was if was[k] != now[k]} == {}, domid
-        assert after[key] == before[key], key
+        assert now_ == was_, key
+
+
+def _without_ring(domains: dict[str, Any]) -> dict[str, Any]:
+    return {d: {k: v for k, v in e.items() if k != "ring"} for d, e in domains.items()}
 
 
 @pytest.mark.parametrize("round_", [1, 2])

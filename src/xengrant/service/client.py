@@ -706,10 +706,13 @@ class Channel:
         if self.deferred:
             self.raise_deferred()
         seq = next(self._seq) & 0xFFFFFFFF
+        ring = self.ring
+        on_ring = ring is not None and not self._sock_posted
         with self._mu:
             self._posted[seq] = (gfn, on_reply)
-        ring = self.ring
-        if ring is not None and not self._sock_posted:
+            if not on_ring:
+                self._sock_posted.add(seq)
+        if ring is not None and on_ring:
             args = (ring.mem, ring.state, self._send_lock, ring.kick, seq, gfn, handle)
             sent = _cext.ring_post_unmap(*args)
             if sent < 0:  # full: take the responses waiting there, then try again
@@ -718,13 +721,12 @@ class Channel:
             if sent > 0:
                 self.sent += 1
                 return True
-            if sent == 0:
-                with self._mu:
-                    self._posted.pop(seq, None)
-                return False
-        try:
             with self._mu:
-                self._sock_posted.add(seq)
+                if sent == 0:
+                    self._posted.pop(seq, None)
+                    return False
+                self._sock_posted.add(seq)  # still full: on the socket
+        try:
             if _cext.send_unmap_one(self._fileno, self._send_lock, seq, gfn, handle):
                 self.sent += 1
                 return True
