@@ -31,6 +31,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #define XG_PAGE_SIZE 4096
 
@@ -1827,12 +1828,41 @@ xg_now_ns(void)
     return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
 }
 
-/* recv_wait's wait, called with the GIL released: the bytes read (0: closed),
- * or -1 with *err set (ETIMEDOUT: nothing within timeout_ms) */
-static ssize_t
-xg_wait_recv(int fd, char *buf, size_t len, long long spin_ns, int timeout_ms, int *err)
+/* acquire and release loads and stores of a shared u32 (a ring index) */
+static uint32_t
+xg_ld32(const unsigned char *p)
 {
-    ssize_t n = -1;
+    return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE);
+}
+
+static void
+xg_st32(unsigned char *p, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE);
+}
+
+/* drain an eventfd (a kick) */
+static void
+xg_unkick(int fd)
+{
+    uint64_t v;
+    ssize_t r;
+    do
+        r = read(fd, &v, sizeof v);
+    while (r < 0 && errno == EINTR);
+}
+
+/* recv_wait's wait, called with the GIL released.  With a request ring (ring
+ * not NULL: see _ring.c) it also returns 1 as soon as req_prod is past cons,
+ * looked at before the socket, and sleeps with req_event set, woken by its
+ * kick_fd too.  Else 0 with *n the bytes read (0: closed) or -1 with *err
+ * (ETIMEDOUT: nothing within timeout_ms; EAGAIN: woken for nothing, wait
+ * again; EINTR) */
+static int
+xg_wait_recv(int fd, char *buf, size_t len, long long spin_ns, int timeout_ms,
+             unsigned char *ring, uint32_t cons, int kick_fd, ssize_t *n, int *err)
+{
+    *n = -1;
     errno = EAGAIN;
     if (spin_ns > 0) {
         double end = xg_now_ns() + (double)spin_ns;
@@ -1840,23 +1870,39 @@ xg_wait_recv(int fd, char *buf, size_t len, long long spin_ns, int timeout_ms, i
             /* yield first: what is waited for answers a send of ours, and a
              * peer on this CPU cannot answer before it runs */
             sched_yield();
-            n = recv(fd, buf, len, MSG_DONTWAIT);
-            if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+            if (ring != NULL && xg_ld32(ring) != cons)
+                return 1;
+            *n = recv(fd, buf, len, MSG_DONTWAIT);
+            if (*n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
                 break;
             if (xg_now_ns() >= end)
                 break;
         }
     }
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
-        struct pollfd pfd = {fd, POLLIN, 0};
-        int r = poll(&pfd, 1, timeout_ms);
-        if (r > 0)
-            n = recv(fd, buf, len, MSG_DONTWAIT);
-        else if (r == 0)
+    if (*n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        if (ring != NULL) { /* RING_FINAL_CHECK_FOR_REQUESTS: ask for a kick, look again */
+            xg_st32(ring + 4, cons + 1);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            if (xg_ld32(ring) != cons)
+                return 1;
+        }
+        struct pollfd pfd[2] = {{fd, POLLIN, 0}, {kick_fd, POLLIN, 0}};
+        int r = poll(pfd, ring != NULL ? 2 : 1, timeout_ms);
+        if (r > 0) {
+            if (ring != NULL && (pfd[1].revents & POLLIN))
+                xg_unkick(kick_fd);
+            if (pfd[0].revents)
+                *n = recv(fd, buf, len, MSG_DONTWAIT);
+            else
+                errno = EAGAIN; /* a kick: look again */
+            if (*n < 0 && ring != NULL && xg_ld32(ring) != cons)
+                return 1;
+        } else if (r == 0) {
             errno = ETIMEDOUT;
+        }
     }
-    *err = n < 0 ? errno : 0;
-    return n;
+    *err = *n < 0 ? errno : 0;
+    return 0;
 }
 
 /* after a failed xg_wait_recv: 1 to wait again (EINTR with no handler raising,
@@ -1873,6 +1919,24 @@ xg_wait_again(int err)
     errno = err;
     PyErr_SetFromErrno(PyExc_OSError);
     return -1;
+}
+
+/* xg_wait_recv until something comes, the GIL released around each wait:
+ * 1 for ring work, 0 with *n (the bytes read, 0: closed, -1: timed out), -1
+ * with an exception set */
+static int
+xg_wait_loop(int fd, Py_buffer *b, long long spin_ns, int timeout_ms, unsigned char *ring,
+             uint32_t cons, int kick_fd, ssize_t *n)
+{
+    int err, again = 1, ringwork;
+    do {
+        Py_BEGIN_ALLOW_THREADS
+        ringwork = xg_wait_recv(fd, b->buf, (size_t)b->len, spin_ns, timeout_ms, ring, cons,
+                                kick_fd, n, &err);
+        Py_END_ALLOW_THREADS
+        spin_ns = 0;
+    } while (!ringwork && *n < 0 && (again = xg_wait_again(err)) > 0);
+    return !ringwork && *n < 0 && again < 0 ? -1 : ringwork;
 }
 
 /* args[0], args[1]: (fd, buf) as an int and a writable buffer */
@@ -1896,15 +1960,9 @@ xg_recv_wait(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     if (xg_fd_buf(args, &fd, &b) < 0)
         return NULL;
     ssize_t n;
-    int err, again = 1;
-    do {
-        Py_BEGIN_ALLOW_THREADS
-        n = xg_wait_recv(fd, b.buf, (size_t)b.len, spin_ns, timeout_ms, &err);
-        Py_END_ALLOW_THREADS
-        spin_ns = 0;
-    } while (n < 0 && (again = xg_wait_again(err)) > 0);
+    int rc = xg_wait_loop(fd, &b, spin_ns, timeout_ms, NULL, 0, -1, &n);
     PyBuffer_Release(&b);
-    if (n < 0 && again < 0)
+    if (rc < 0)
         return NULL;
     return PyLong_FromSsize_t(n < 0 ? -1 : n);
 }
@@ -1958,7 +2016,8 @@ xg_read_reply(int fd, unsigned char *buf, Py_ssize_t len, uint32_t seq, long lon
         ssize_t n;
         int err;
         Py_BEGIN_ALLOW_THREADS
-        n = xg_wait_recv(fd, (char *)buf + got, (size_t)(len - got), spin_ns, wait_ms, &err);
+        xg_wait_recv(fd, (char *)buf + got, (size_t)(len - got), spin_ns, wait_ms, NULL, 0, -1, &n,
+                     &err);
         Py_END_ALLOW_THREADS
         if (n == 0) {
             start = -2;
@@ -2048,17 +2107,45 @@ xg_recv_reply(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 
 static PyObject *str_acquire, *str_release;
 
+/* lock.acquire() unless lock is None; 0, or -1 with an exception set */
+static int
+xg_lock(PyObject *lock)
+{
+    if (lock == Py_None)
+        return 0;
+    PyObject *r = PyObject_CallMethodObjArgs(lock, str_acquire, NULL);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* lock.release() unless lock is None, keeping an exception pending from the
+ * locked work; rc, or -1 if the release failed (its exception set) */
+static int
+xg_unlock(PyObject *lock, int rc)
+{
+    if (lock == Py_None)
+        return rc;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *r = PyObject_CallMethodObjArgs(lock, str_release, NULL);
+    if (r == NULL) {
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    Py_DECREF(r);
+    PyErr_Restore(et, ev, tb);
+    return rc;
+}
+
 /* send all of msg[:len] under lock (None: no lock), the GIL released around
  * each send(2); 0, or -1 with an exception set (OSError: the connection) */
 static int
 xg_send_locked(int fd, PyObject *lock, const unsigned char *msg, size_t len)
 {
-    if (lock != Py_None) {
-        PyObject *r = PyObject_CallMethodObjArgs(lock, str_acquire, NULL);
-        if (r == NULL)
-            return -1;
-        Py_DECREF(r);
-    }
+    if (xg_lock(lock) < 0)
+        return -1;
     int rc = 0;
     size_t off = 0;
     while (off < len) {
@@ -2081,20 +2168,7 @@ xg_send_locked(int fd, PyObject *lock, const unsigned char *msg, size_t len)
         rc = -1;
         break;
     }
-    if (lock != Py_None) {
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        PyObject *r = PyObject_CallMethodObjArgs(lock, str_release, NULL);
-        if (r == NULL) {
-            Py_XDECREF(et);
-            Py_XDECREF(ev);
-            Py_XDECREF(tb);
-            return -1;
-        }
-        Py_DECREF(r);
-        PyErr_Restore(et, ev, tb);
-    }
-    return rc;
+    return xg_unlock(lock, rc);
 }
 
 static void
@@ -2108,6 +2182,36 @@ xg_put_header(unsigned char *m, uint32_t length, uint16_t flags, uint32_t seq, u
     memcpy(m + 8, &seq, 4);
     memcpy(m + XG_HDR, &cmd, 4);
     memcpy(m + XG_HDR + 4, &count, 8);
+}
+
+/* the one-op lanes' values, each within its op field: (seq, gfn, flags, ref,
+ * dom) for a map, (seq, gfn, handle) for an unmap (host_addr is gfn << 12) */
+static const unsigned long long xg_map_one_max[5] = {
+    0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL, 0xFFFFFFFFULL, 0xFFFFULL};
+static const unsigned long long xg_unmap_one_max[3] = {0xFFFFFFFFULL, (1ULL << 52) - 1,
+                                                       0xFFFFFFFFULL};
+
+/* gnttab_map_grant_ref's IN fields at op from v = (seq, gfn, flags, ref, dom) */
+static void
+xg_put_map_op(unsigned char *op, const unsigned long long *v)
+{
+    uint64_t host_addr = v[1] << 12;
+    uint32_t flags = (uint32_t)v[2], ref = (uint32_t)v[3];
+    uint16_t dom = (uint16_t)v[4];
+    memcpy(op, &host_addr, 8);
+    memcpy(op + 8, &flags, 4);
+    memcpy(op + 12, &ref, 4);
+    memcpy(op + 16, &dom, 2);
+}
+
+/* gnttab_unmap_grant_ref's IN fields at op from v = (seq, gfn, handle) */
+static void
+xg_put_unmap_op(unsigned char *op, const unsigned long long *v)
+{
+    uint64_t host_addr = v[1] << 12;
+    uint32_t handle = (uint32_t)v[2];
+    memcpy(op, &host_addr, 8);
+    memcpy(op + 16, &handle, 4);
 }
 
 /* the one p2m entry of a success reply of opsize-byte ops at p (the reply's
@@ -2136,6 +2240,24 @@ xg_one_ok(const unsigned char *p, Py_ssize_t len, Py_ssize_t opsize, Py_ssize_t 
     memcpy(&nreasons, p + 40 + opsize, 2);
     return !status && !rc && size == (uint32_t)opsize && !st && count == 1 &&
            (unsigned long long)g == gfn && !nreasons;
+}
+
+/* a posted one-op unmap that succeeded, done as its on_reply would do it:
+ * posted[key] popped, gfnobj out of the p2m mirror and on freed (a hole
+ * again); 0, or -1 with an exception set */
+static int
+xg_unmap_done(PyObject *posted, PyObject *key, PyObject *gfnobj, PyObject *p2m, PyObject *freed)
+{
+    Py_INCREF(gfnobj); /* posted's entry holds it until popped */
+    int bad = PyList_Append(freed, gfnobj) < 0 || PyDict_DelItem(posted, key) < 0;
+    if (!bad && PyDict_DelItem(p2m, gfnobj) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_KeyError))
+            PyErr_Clear();
+        else
+            bad = 1;
+    }
+    Py_DECREF(gfnobj);
+    return bad ? -1 : 0;
 }
 
 /*
@@ -2180,16 +2302,8 @@ xg_take_unmaps(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t limit, PyObj
             PyErr_Clear();
             break;
         }
-        Py_INCREF(gfnobj);
-        int bad = PyList_Append(freed, gfnobj) < 0 || PyDict_DelItem(posted, key) < 0;
+        int bad = xg_unmap_done(posted, key, gfnobj, p2m, freed);
         Py_DECREF(key);
-        if (!bad && PyDict_DelItem(p2m, gfnobj) < 0) {
-            if (PyErr_ExceptionMatches(PyExc_KeyError))
-                PyErr_Clear();
-            else
-                bad = 1;
-        }
-        Py_DECREF(gfnobj);
         if (bad)
             return -1;
         pos += XG_HDR + (Py_ssize_t)flen;
@@ -2231,21 +2345,12 @@ xg_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         xg_as_int(args[9], &timeout_ms) < 0)
         return NULL;
     unsigned long long v[5]; /* seq, gfn, flags, ref, dom */
-    static const unsigned long long vmax[5] = {0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL,
-                                               0xFFFFFFFFULL, 0xFFFFULL};
-    if (!xg_fit_all(args + 3, 5, vmax, v))
+    if (!xg_fit_all(args + 3, 5, xg_map_one_max, v))
         Py_RETURN_NONE;
     unsigned char msg[XG_MAP_ONE_MSG] = {0};
-    unsigned char *op = msg + XG_HDR + XG_GNTTAB_REQ;
-    uint64_t host_addr = v[1] << 12;
-    uint32_t flags = (uint32_t)v[2], ref = (uint32_t)v[3];
-    uint16_t dom = (uint16_t)v[4];
     xg_put_header(msg, XG_GNTTAB_REQ + XG_MAP_OP_SIZE, 0, (uint32_t)v[0],
                   XG_GNTTABOP_map_grant_ref);
-    memcpy(op, &host_addr, 8);
-    memcpy(op + 8, &flags, 4);
-    memcpy(op + 12, &ref, 4);
-    memcpy(op + 16, &dom, 2);
+    xg_put_map_op(msg + XG_HDR + XG_GNTTAB_REQ, v);
     Py_buffer b;
     if (PyObject_GetBuffer(args[2], &b, PyBUF_WRITABLE) < 0)
         return NULL;
@@ -2300,17 +2405,12 @@ xg_send_unmap_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t narg
     if (xg_as_int(args[0], &fd) < 0)
         return NULL;
     unsigned long long v[3]; /* seq, gfn, handle */
-    static const unsigned long long vmax[3] = {0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL};
-    if (!xg_fit_all(args + 2, 3, vmax, v))
+    if (!xg_fit_all(args + 2, 3, xg_unmap_one_max, v))
         Py_RETURN_FALSE;
     unsigned char msg[XG_UNMAP_ONE_MSG] = {0};
-    unsigned char *op = msg + XG_HDR + XG_GNTTAB_REQ;
-    uint64_t host_addr = v[1] << 12;
-    uint32_t handle = (uint32_t)v[2];
     xg_put_header(msg, XG_GNTTAB_REQ + XG_UNMAP_OP_SIZE, XG_F_POSTED, (uint32_t)v[0],
                   XG_GNTTABOP_unmap_grant_ref);
-    memcpy(op, &host_addr, 8);
-    memcpy(op + 16, &handle, 4);
+    xg_put_unmap_op(msg + XG_HDR + XG_GNTTAB_REQ, v);
     if (xg_send_locked(fd, args[1], msg, sizeof msg) < 0)
         return NULL;
     Py_RETURN_TRUE;

@@ -38,26 +38,12 @@
  * RING_REQUEST_PROD_OVERFLOW check drops it), each request is copied out
  * before it is read, and its op is checked as a socket message's is.
  */
-#include <unistd.h>
-
 #define XG_RING_PAGE 4096
 #define XG_RING_HDR 64
 #define XG_RING_SLOT 64
 #define XG_RING_SIZE 32
 #define XG_RSP_DONE 0
 #define XG_RSP_SOCKET 1
-
-static uint32_t
-xg_ld32(const unsigned char *p)
-{
-    return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE);
-}
-
-static void
-xg_st32(unsigned char *p, uint32_t v)
-{
-    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE);
-}
 
 static unsigned char *
 xg_slot(unsigned char *ring, uint32_t idx)
@@ -344,62 +330,6 @@ xg_ring_redirect(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
-/* drain an eventfd (a kick) */
-static void
-xg_unkick(int fd)
-{
-    uint64_t v;
-    ssize_t n;
-    do
-        n = read(fd, &v, sizeof v);
-    while (n < 0 && errno == EINTR);
-}
-
-/* the wait of ring_recv_wait, the GIL released: 1 if the ring has requests,
- * else recv's result (with *err) as xg_wait_recv */
-static int
-xg_ring_wait_recv(int fd, char *buf, size_t len, long long spin_ns, unsigned char *ring,
-                  uint32_t cons, int kick_fd, ssize_t *n, int *err)
-{
-    *n = -1;
-    errno = EAGAIN;
-    if (spin_ns > 0) {
-        double end = xg_now_ns() + (double)spin_ns;
-        for (;;) {
-            sched_yield(); /* first: see xg_wait_recv */
-            if (xg_ld32(ring) != cons)
-                return 1;
-            *n = recv(fd, buf, len, MSG_DONTWAIT);
-            if (*n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
-                break;
-            if (xg_now_ns() >= end)
-                break;
-        }
-    }
-    while (*n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        /* RING_FINAL_CHECK_FOR_REQUESTS: ask for a kick, then look again */
-        xg_st32(ring + 4, cons + 1);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (xg_ld32(ring) != cons)
-            return 1;
-        struct pollfd pfd[2] = {{fd, POLLIN, 0}, {kick_fd, POLLIN, 0}};
-        int r = poll(pfd, 2, -1);
-        if (r < 0)
-            break; /* errno: EINTR, or a failure */
-        if (pfd[1].revents & POLLIN)
-            xg_unkick(kick_fd);
-        if (pfd[0].revents) {
-            *n = recv(fd, buf, len, MSG_DONTWAIT);
-            continue;
-        }
-        if (xg_ld32(ring) != cons)
-            return 1;
-        errno = EAGAIN;
-    }
-    *err = *n < 0 ? errno : 0;
-    return 0;
-}
-
 /*
  * ring_recv_wait(fd, buf, spin_ns, ring, state, kick_fd) -> n
  *
@@ -429,17 +359,11 @@ xg_ring_recv_wait(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t narg
     memcpy(&cons, sb.buf, 4);
     PyObject *res = NULL;
     ssize_t n = -1;
-    int err = 0, ringwork = 0, again = 1;
+    int ringwork = 0;
     if (xg_ring_pending(rb.buf, cons) < 0)
         goto out;
-    do {
-        Py_BEGIN_ALLOW_THREADS
-        ringwork = xg_ring_wait_recv(fd, b.buf, (size_t)b.len, spin_ns, rb.buf, cons, kick_fd,
-                                     &n, &err);
-        Py_END_ALLOW_THREADS
-        spin_ns = 0;
-    } while (!ringwork && n < 0 && (again = xg_wait_again(err)) > 0);
-    if (!ringwork && n < 0 && again < 0)
+    ringwork = xg_wait_loop(fd, &b, spin_ns, -1, rb.buf, cons, kick_fd, &n);
+    if (ringwork < 0)
         goto out;
     res = PyLong_FromSsize_t(ringwork ? -2 : n);
 out:
@@ -505,40 +429,22 @@ xg_ring_serve_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         memcpy(&cons, sb.buf, 4);
         if (xg_ring_pending(rb.buf, cons) < 0)
             goto out;
-        int err = 0, ringwork = 0, again = 1;
-        do {
-            Py_BEGIN_ALLOW_THREADS
-            ringwork = xg_ring_wait_recv(fd, b.buf, (size_t)b.len, spin_ns, rb.buf, cons,
-                                         svc_kick, &n, &err);
-            Py_END_ALLOW_THREADS
-            spin_ns = 0;
-        } while (!ringwork && n < 0 && (again = xg_wait_again(err)) > 0);
+        int ringwork = xg_wait_loop(fd, &b, spin_ns, -1, rb.buf, cons, svc_kick, &n);
+        if (ringwork < 0)
+            goto out;
         if (!ringwork) {
-            if (n < 0 && again < 0)
-                goto out;
             res = PyLong_FromSsize_t(n);
             goto out;
         }
-        PyObject *r = PyObject_CallMethodObjArgs(lock, str_acquire, NULL);
-        if (r == NULL)
+        if (xg_lock(lock) < 0)
             goto out;
-        Py_DECREF(r);
         long left = 1;
         int dead = xg_attr_true(args[8], &str_dead, "dead");
         int dying = dead == 0 ? xg_attr_true(args[11], &str_is_dying, "is_dying") : 1;
         if (dead == 0 && dying == 0 && PyList_GET_SIZE(args[9]) == 0)
             left = xg_ring_serve_in(mod, rb.buf, sb.buf, args + 10, cli_kick);
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        r = PyObject_CallMethodObjArgs(lock, str_release, NULL);
-        if (r == NULL) {
-            Py_XDECREF(et);
-            Py_XDECREF(ev);
-            Py_XDECREF(tb);
+        if (xg_unlock(lock, 0) < 0)
             goto out;
-        }
-        Py_DECREF(r);
-        PyErr_Restore(et, ev, tb);
         if (dead < 0 || dying < 0 || left < 0)
             goto out;
         if (left > 0) {
@@ -561,12 +467,8 @@ static int
 xg_ring_post(unsigned char *ring, unsigned char *st, PyObject *lock, int kick_fd,
              const unsigned char *slot)
 {
-    if (lock != Py_None) {
-        PyObject *r = PyObject_CallMethodObjArgs(lock, str_acquire, NULL);
-        if (r == NULL)
-            return -2;
-        Py_DECREF(r);
-    }
+    if (xg_lock(lock) < 0)
+        return -2;
     uint32_t pvt = xg_ld32(st), cons = xg_ld32(st + 4);
     int rc = -1;
     if ((uint32_t)(pvt - cons) < XG_RING_SIZE) { /* !RING_FULL */
@@ -576,13 +478,7 @@ xg_ring_post(unsigned char *ring, unsigned char *st, PyObject *lock, int kick_fd
             xg_kick(kick_fd);
         rc = 1;
     }
-    if (lock != Py_None) {
-        PyObject *r = PyObject_CallMethodObjArgs(lock, str_release, NULL);
-        if (r == NULL)
-            rc = -2;
-        Py_XDECREF(r);
-    }
-    return rc;
+    return xg_unlock(lock, 0) < 0 ? -2 : rc;
 }
 
 /* ring_post_* with the page and state held: the PyObject result */
@@ -597,20 +493,37 @@ xg_ring_post_obj(PyObject *const *args, int kick_fd, const unsigned char *slot)
     return rc == -2 ? NULL : PyLong_FromLong(rc);
 }
 
-/* a map request slot from v = (seq, gfn, flags, ref, dom) */
+/* a request slot: id v[0], cmd, flags (F_POSTED for an unmap), the op's IN
+ * fields from v as xg_put_map_op / xg_put_unmap_op take them */
 static void
-xg_map_slot(unsigned char *slot, const unsigned long long *v)
+xg_ring_slot(unsigned char *slot, uint16_t cmd, const unsigned long long *v)
 {
-    uint32_t id = (uint32_t)v[0], flags = (uint32_t)v[2], ref = (uint32_t)v[3];
-    uint16_t cmd = XG_GNTTABOP_map_grant_ref, dom = (uint16_t)v[4];
-    uint64_t host_addr = v[1] << 12;
+    uint32_t id = (uint32_t)v[0];
+    uint16_t flags = cmd == XG_GNTTABOP_unmap_grant_ref ? XG_F_POSTED : 0;
     memset(slot, 0, XG_RING_SLOT);
     memcpy(slot, &id, 4);
     memcpy(slot + 4, &cmd, 2);
-    memcpy(slot + 8, &host_addr, 8);
-    memcpy(slot + 16, &flags, 4);
-    memcpy(slot + 20, &ref, 4);
-    memcpy(slot + 24, &dom, 2);
+    memcpy(slot + 6, &flags, 2);
+    if (cmd == XG_GNTTABOP_map_grant_ref)
+        xg_put_map_op(slot + 8, v);
+    else
+        xg_put_unmap_op(slot + 8, v);
+}
+
+/* ring_post_map, ring_post_unmap: kick_fd at args[3], the op's n values from
+ * args[4] within vmax */
+static PyObject *
+xg_ring_post_op(PyObject *const *args, int n, const unsigned long long *vmax, uint16_t cmd)
+{
+    int kick_fd;
+    if (xg_as_int(args[3], &kick_fd) < 0)
+        return NULL;
+    unsigned long long v[5];
+    if (!xg_fit_all(args + 4, n, vmax, v))
+        return PyLong_FromLong(0);
+    unsigned char slot[XG_RING_SLOT];
+    xg_ring_slot(slot, cmd, v);
+    return xg_ring_post_obj(args, kick_fd, slot);
 }
 
 /*
@@ -625,17 +538,7 @@ static PyObject *
 xg_ring_post_map(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
     ARGCHECK(9, "ring_post_map(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom) -> int")
-    int kick_fd;
-    if (xg_as_int(args[3], &kick_fd) < 0)
-        return NULL;
-    unsigned long long v[5]; /* seq, gfn, flags, ref, dom */
-    static const unsigned long long vmax[5] = {0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL,
-                                               0xFFFFFFFFULL, 0xFFFFULL};
-    if (!xg_fit_all(args + 4, 5, vmax, v))
-        return PyLong_FromLong(0);
-    unsigned char slot[XG_RING_SLOT];
-    xg_map_slot(slot, v);
-    return xg_ring_post_obj(args, kick_fd, slot);
+    return xg_ring_post_op(args, 5, xg_map_one_max, XG_GNTTABOP_map_grant_ref);
 }
 
 /*
@@ -647,23 +550,7 @@ static PyObject *
 xg_ring_post_unmap(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
     ARGCHECK(7, "ring_post_unmap(ring, state, lock, kick_fd, seq, gfn, handle) -> int")
-    int kick_fd;
-    if (xg_as_int(args[3], &kick_fd) < 0)
-        return NULL;
-    unsigned long long v[3]; /* seq, gfn, handle */
-    static const unsigned long long vmax[3] = {0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL};
-    if (!xg_fit_all(args + 4, 3, vmax, v))
-        return PyLong_FromLong(0);
-    unsigned char slot[XG_RING_SLOT] = {0};
-    uint32_t id = (uint32_t)v[0], handle = (uint32_t)v[2];
-    uint16_t cmd = XG_GNTTABOP_unmap_grant_ref, flags = XG_F_POSTED;
-    uint64_t host_addr = v[1] << 12;
-    memcpy(slot, &id, 4);
-    memcpy(slot + 4, &cmd, 2);
-    memcpy(slot + 6, &flags, 2);
-    memcpy(slot + 8, &host_addr, 8);
-    memcpy(slot + 24, &handle, 4);
-    return xg_ring_post_obj(args, kick_fd, slot);
+    return xg_ring_post_op(args, 3, xg_unmap_one_max, XG_GNTTABOP_unmap_grant_ref);
 }
 
 /* one response for the client: a posted one-op unmap that succeeded is done
@@ -715,18 +602,9 @@ xg_ring_answer(const unsigned char *rsp, long long seq, PyObject *posted, PyObje
         Py_DECREF(key);
         return PyErr_Occurred() ? -1 : 0; /* abandoned: nobody waits */
     }
-    PyObject *gfnobj = PyTuple_GET_ITEM(entry, 0);
-    Py_INCREF(gfnobj);
-    int bad = PyList_Append(freed, gfnobj) < 0 || PyDict_DelItem(posted, key) < 0;
+    int bad = xg_unmap_done(posted, key, PyTuple_GET_ITEM(entry, 0), p2m, freed);
     Py_DECREF(key);
-    if (!bad && PyDict_DelItem(p2m, gfnobj) < 0) {
-        if (PyErr_ExceptionMatches(PyExc_KeyError))
-            PyErr_Clear();
-        else
-            bad = 1;
-    }
-    Py_DECREF(gfnobj);
-    return bad ? -1 : 0;
+    return bad;
 }
 
 /* the wait of ring_collect, the GIL released: 0 the ring has responses, -2
@@ -898,13 +776,11 @@ xg_ring_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         xg_as_int(args[16], &sock_fd) < 0)
         return NULL;
     unsigned long long v[5]; /* seq, gfn, flags, ref, dom */
-    static const unsigned long long vmax[5] = {0xFFFFFFFFULL, (1ULL << 52) - 1, 0xFFFFFFFFULL,
-                                               0xFFFFFFFFULL, 0xFFFFULL};
     long long handle = -1, mfn = -1, typ = 0;
-    if (!xg_fit_all(args + 4, 5, vmax, v))
+    if (!xg_fit_all(args + 4, 5, xg_map_one_max, v))
         return Py_BuildValue("(iLLL)", 5, handle, mfn, typ);
     unsigned char slot[XG_RING_SLOT];
-    xg_map_slot(slot, v);
+    xg_ring_slot(slot, XG_GNTTABOP_map_grant_ref, v);
     Py_buffer rb, sb;
     if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
         return NULL;
