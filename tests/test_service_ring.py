@@ -206,7 +206,8 @@ def test_bogus_req_prod_is_an_error_not_a_read(page: Page, ahead: int) -> None:
     with pytest.raises(ValueError, match="past req_cons"):
         _cext.ring_take(page.mem, page.back)
     with pytest.raises(ValueError, match="past req_cons"):
-        _cext.ring_recv_wait(-1, bytearray(16), 0, page.mem, page.back, -1)
+        _cext.ring_serve_wait(-1, bytearray(16), 0, page.mem, page.back, -1, -1, None, None, [],
+                              None, None, None, None, False)
     assert bytes(page.back) == bytes(8)
 
 

@@ -2311,6 +2311,20 @@ xg_take_unmaps(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t limit, PyObj
     return pos;
 }
 
+/* the one-page lanes' (posted, p2m, freed) at args[0..2]: 0, or -1 with TypeError */
+static int
+xg_lane_args(PyObject *const *args, PyObject **posted, PyObject **p2m, PyObject **freed)
+{
+    *posted = args[0];
+    *p2m = args[1];
+    *freed = args[2];
+    if (!PyDict_Check(*posted) || !PyDict_Check(*p2m) || !PyList_Check(*freed)) {
+        PyErr_SetString(PyExc_TypeError, "posted and p2m must be dicts, freed a list");
+        return -1;
+    }
+    return 0;
+}
+
 /*
  * map_one(fd, lock, buf, seq, gfn, flags, ref, dom, spin_ns, timeout_ms, posted, p2m, freed)
  *     -> (handle, mfn, p2mt, end, start, length, skip), or None
@@ -2334,11 +2348,9 @@ xg_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
     ARGCHECK(13, "map_one(fd, lock, buf, seq, gfn, flags, ref, dom, spin_ns, timeout_ms, posted, "
                  "p2m, freed) -> (handle, mfn, p2mt, end, start, length, skip)")
-    PyObject *posted = args[10], *p2m = args[11], *freed = args[12];
-    if (!PyDict_Check(posted) || !PyDict_Check(p2m) || !PyList_Check(freed)) {
-        PyErr_SetString(PyExc_TypeError, "map_one: posted and p2m must be dicts, freed a list");
+    PyObject *posted, *p2m, *freed;
+    if (xg_lane_args(args + 10, &posted, &p2m, &freed) < 0)
         return NULL;
-    }
     int fd, timeout_ms;
     long long spin_ns = PyLong_AsLongLong(args[8]);
     if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[0], &fd) < 0 ||
@@ -3003,11 +3015,10 @@ static PyMethodDef module_methods[] = {
     FAST(ring_take, "ring_take(ring, state) -> the next request's slot (consumed), or None"),
     FAST(ring_redirect, "ring_redirect(ring, state, id, cmd, kick_fd): respond that the reply "
                         "comes on the socket"),
-    FAST(ring_recv_wait, "ring_recv_wait(fd, buf, spin_ns, ring, state, kick_fd) -> n (-2: "
-                         "the ring has requests): recv_wait for a connection with a ring"),
     FAST(ring_serve_wait, "ring_serve_wait(fd, buf, spin_ns, ring, state, svc_kick, cli_kick, "
-                          "lock, conn, to_close, mem, ld, domains, refcount, unmap_ok) -> n: "
-                          "ring_recv_wait that serves the ring itself"),
+                          "lock, conn, to_close, mem, ld, domains, refcount, unmap_ok) -> n "
+                          "(-2: ring work left): recv_wait that also waits for and serves the "
+                          "ring"),
     FAST(ring_post_map, "ring_post_map(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom) "
                         "-> 1 sent, 0 does not fit, -1 ring full"),
     FAST(ring_post_unmap, "ring_post_unmap(ring, state, lock, kick_fd, seq, gfn, handle) -> 1 "

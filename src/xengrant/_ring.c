@@ -330,48 +330,6 @@ xg_ring_redirect(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
-/*
- * ring_recv_wait(fd, buf, spin_ns, ring, state, kick_fd) -> n
- *
- * recv_wait for a connection with a ring: also returns -2 as soon as the
- * ring has a request (looked at before the socket: a request the client put
- * on the ring before it sent on the socket is answered first).  Sleeps with
- * req_event set, so a client's first request after that kicks kick_fd.
- * Returns the bytes read (0: closed), -2: ring work.  Raises OSError for a
- * failed recv, ValueError for bogus indices.
- */
-static PyObject *
-xg_ring_recv_wait(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
-{
-    ARGCHECK(6, "ring_recv_wait(fd, buf, spin_ns, ring, state, kick_fd) -> n")
-    int fd, kick_fd;
-    long long spin_ns = PyLong_AsLongLong(args[2]);
-    if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[5], &kick_fd) < 0)
-        return NULL;
-    Py_buffer b, rb, sb;
-    if (xg_fd_buf(args, &fd, &b) < 0)
-        return NULL;
-    if (xg_ring_bufs(args[3], args[4], &rb, &sb) < 0) {
-        PyBuffer_Release(&b);
-        return NULL;
-    }
-    uint32_t cons;
-    memcpy(&cons, sb.buf, 4);
-    PyObject *res = NULL;
-    ssize_t n = -1;
-    int ringwork = 0;
-    if (xg_ring_pending(rb.buf, cons) < 0)
-        goto out;
-    ringwork = xg_wait_loop(fd, &b, spin_ns, -1, rb.buf, cons, kick_fd, &n);
-    if (ringwork < 0)
-        goto out;
-    res = PyLong_FromSsize_t(ringwork ? -2 : n);
-out:
-    xg_ring_release(&rb, &sb);
-    PyBuffer_Release(&b);
-    return res;
-}
-
 static PyObject *str_dead, *str_is_dying;
 
 /* attribute name of o is true: 1, 0, or -1 with an exception set */
@@ -392,13 +350,17 @@ xg_attr_true(PyObject *o, PyObject **name, const char *s)
  * ring_serve_wait(fd, buf, spin_ns, ring, state, svc_kick, cli_kick, lock, conn, to_close,
  *                 mem, ld, domains, refcount, unmap_ok) -> n
  *
- * A connection thread's wait (ring_recv_wait) that also serves the ring
- * itself: when requests come, it takes lock and runs ring_serve, as long as
- * the connection is alive (not conn.dead), the domain ld is not dying and
- * no connection waits to be closed (to_close is empty); then waits again.
- * Returns when the socket brings bytes (n, 0: closed), or with -2 when the
- * ring has a request ring_serve did not take or the conditions do not hold
- * (the caller serves the ring itself then).  Raises as ring_recv_wait.
+ * A connection thread's wait when it has a ring: recv_wait on the socket
+ * that also returns as soon as the ring has a request, looked at before the
+ * socket (a request the client put on the ring before it sent on the socket
+ * is answered first), and sleeps with req_event set, so the client's first
+ * request after that kicks svc_kick.  Ring requests are served here: under
+ * lock, ring_serve runs while the connection is alive (not conn.dead), the
+ * domain ld (None: serve nothing here) is not dying and no connection waits
+ * to be closed (to_close is empty); then it waits again.
+ * Returns the bytes the socket brought (0: closed), or -2 when the ring has
+ * a request not served here (the caller serves it).  Raises OSError for a
+ * failed recv, ValueError for bogus indices.
  */
 static PyObject *
 xg_ring_serve_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -440,7 +402,9 @@ xg_ring_serve_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             goto out;
         long left = 1;
         int dead = xg_attr_true(args[8], &str_dead, "dead");
-        int dying = dead == 0 ? xg_attr_true(args[11], &str_is_dying, "is_dying") : 1;
+        int dying = dead == 0 && args[11] != Py_None
+                        ? xg_attr_true(args[11], &str_is_dying, "is_dying")
+                        : 1;
         if (dead == 0 && dying == 0 && PyList_GET_SIZE(args[9]) == 0)
             left = xg_ring_serve_in(mod, rb.buf, sb.buf, args + 10, cli_kick);
         if (xg_unlock(lock, 0) < 0)
@@ -698,19 +662,6 @@ xg_ring_collect_in(unsigned char *ring, unsigned char *st, long long seq, long l
     }
 }
 
-static int
-xg_collect_args(PyObject *const *args, PyObject **posted, PyObject **p2m, PyObject **freed)
-{
-    *posted = args[0];
-    *p2m = args[1];
-    *freed = args[2];
-    if (!PyDict_Check(*posted) || !PyDict_Check(*p2m) || !PyList_Check(*freed)) {
-        PyErr_SetString(PyExc_TypeError, "ring: posted and p2m must be dicts, freed a list");
-        return -1;
-    }
-    return 0;
-}
-
 /*
  * ring_collect(ring, state, posted, p2m, freed) -> status
  *
@@ -726,7 +677,7 @@ xg_ring_collect(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
     ARGCHECK(5, "ring_collect(ring, state, posted, p2m, freed) -> status")
     PyObject *posted, *p2m, *freed;
-    if (xg_collect_args(args + 2, &posted, &p2m, &freed) < 0)
+    if (xg_lane_args(args + 2, &posted, &p2m, &freed) < 0)
         return NULL;
     Py_buffer rb, sb;
     if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
@@ -763,7 +714,7 @@ xg_ring_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
                  "timeout_ms, posted, p2m, freed, later, wait_fd, sock_fd) -> (status, handle, "
                  "mfn, p2mt)")
     PyObject *posted, *p2m, *freed, *later = args[14];
-    if (xg_collect_args(args + 11, &posted, &p2m, &freed) < 0)
+    if (xg_lane_args(args + 11, &posted, &p2m, &freed) < 0)
         return NULL;
     if (!PyList_Check(later)) {
         PyErr_SetString(PyExc_TypeError, "ring_map_one: later must be a list");

@@ -429,24 +429,22 @@ class Server:
         while the domain lives and the fast path may run.
 
         Returns:
-            As ``_cext.ring_recv_wait``: bytes read (0: closed), -2: the ring
-            has requests for :meth:`_serve_ring`.
+            Bytes read (0: closed); -2: the ring has requests for
+            :meth:`_serve_ring`.
 
         Raises:
-            OSError, ValueError: as ``_cext.ring_recv_wait``.
+            OSError: a failed ``recv``.
+            ValueError: the ring's indices are bogus.
         """
         domid = conn.domid
         d = None if domid is None else self.hv.domains.get(domid)
-        if domid is None or d is None or not (SERVE_FASTPATH and gnttab_map.FASTPATH):
-            n: int = _cext.ring_recv_wait(
-                conn.fd, rbuf, spin_ns, ring.mem, ring.state, ring.svc_kick
-            )
-            return n
+        if not (SERVE_FASTPATH and gnttab_map.FASTPATH):
+            d = None  # serve nothing in C
         hv = self.hv
-        n = _cext.ring_serve_wait(
+        n: int = _cext.ring_serve_wait(
             conn.fd, rbuf, spin_ns, ring.mem, ring.state, ring.svc_kick, ring.cli_kick,
             self.lock, conn, self._to_close, hv.mem, d, hv.domains, hv.machine.refcount,
-            not self.notifies.get(domid),
+            domid is not None and not self.notifies.get(domid),
         )
         return n
 
