@@ -2311,6 +2311,18 @@ xg_take_unmaps(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t limit, PyObj
     return pos;
 }
 
+/* p2m[gfn] = (mfn, type) in a client's p2m mirror: 0, or -1 with an exception set */
+static int
+xg_p2m_set(PyObject *p2m, unsigned long long gfn, long long mfn, long long typ)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(gfn);
+    PyObject *val = key ? Py_BuildValue("(LL)", mfn, typ) : NULL;
+    int bad = val == NULL || PyDict_SetItem(p2m, key, val) < 0;
+    Py_XDECREF(key);
+    Py_XDECREF(val);
+    return bad ? -1 : 0;
+}
+
 /* the one-page lanes' (posted, p2m, freed) at args[0..2]: 0, or -1 with TypeError */
 static int
 xg_lane_args(PyObject *const *args, PyObject **posted, PyObject **p2m, PyObject **freed)
@@ -2386,12 +2398,7 @@ xg_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         xg_one_ok(buf + start, length, XG_MAP_OP_SIZE, 18, v[1], &mfn, &typ) && mfn >= 0) {
         uint32_t h;
         memcpy(&h, buf + start + 12 + 20, 4);
-        PyObject *key = PyLong_FromUnsignedLongLong(v[1]);
-        PyObject *val = key ? Py_BuildValue("(LL)", mfn, typ) : NULL;
-        int bad = val == NULL || PyDict_SetItem(p2m, key, val) < 0;
-        Py_XDECREF(key);
-        Py_XDECREF(val);
-        if (bad)
+        if (xg_p2m_set(p2m, v[1], mfn, typ) < 0)
             goto out;
         handle = h;
     }

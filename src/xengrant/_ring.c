@@ -752,15 +752,8 @@ xg_ring_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         if (xg_ring_collect_in(rb.buf, sb.buf, (long long)v[0], spin_ns, timeout_ms, posted, p2m,
                                freed, later, wait_fd, sock_fd, &status, &handle, &mfn, &typ) < 0)
             goto out;
-        if (status == 0) {
-            PyObject *key = PyLong_FromUnsignedLongLong(v[1]);
-            PyObject *val = key ? Py_BuildValue("(LL)", mfn, typ) : NULL;
-            int bad = val == NULL || PyDict_SetItem(p2m, key, val) < 0;
-            Py_XDECREF(key);
-            Py_XDECREF(val);
-            if (bad)
-                goto out;
-        }
+        if (status == 0 && xg_p2m_set(p2m, v[1], mfn, typ) < 0)
+            goto out;
     }
     res = Py_BuildValue("(iLLL)", status, handle, mfn, typ);
 out:
