@@ -633,6 +633,9 @@ class Channel:
                 int(self.spin * 1e9), _wait_ms(self.timeout), self._posted, p2m, freed, later,
                 ring.wait, self._fileno,
             )
+        except BaseException:  # a signal handler raised while it waited
+            self._give_holes(freed)  # posted unmaps it did on the way
+            raise
         finally:
             self._ring_rx.release()
         if later:  # posted requests the service answered on the socket: their outcome first

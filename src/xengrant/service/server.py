@@ -382,8 +382,10 @@ class Server:
                         break
         finally:
             sock.close()  # only this thread closes it: no recv on a reused fd
-            if conn.ring is not None:  # nor unmaps the ring under a wait
-                conn.ring.close()
+            with lock:  # nor unmaps the ring under a wait; stats read it under the lock
+                ring, conn.ring = conn.ring, None
+            if ring is not None:
+                ring.close()
 
     def _on_data(self, conn: Connection, rbuf: memoryview, n: int) -> None:
         """Handle the ``n`` bytes just read into ``rbuf`` (caller holds the lock)."""
