@@ -2050,6 +2050,21 @@ done:
     return rc;
 }
 
+/* the exception a signal handler raised (taken from the error indicator, with
+ * its traceback), for a wait that returns the bytes it read with it */
+static PyObject *
+xg_take_exception(void)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v != NULL && tb != NULL)
+        PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+}
+
 /*
  * recv_reply(fd, buf, seq, spin_ns, timeout_ms) -> (end, start, length)
  *
@@ -2062,7 +2077,10 @@ done:
  * buf; start -1: a message does not fit in buf (decode buf[:end] and read
  * on), -2: the peer closed (or a recv failed after buf[:end] came), -3:
  * nothing came within timeout_ms (-1: forever, counted from the call).
- * Raises OSError for a recv that failed before anything came.
+ * Raises OSError for a recv that failed before anything came.  A signal
+ * handler's exception is raised, or, when bytes came before it, returned
+ * with them as (end, -5, 0, exception): decode buf[:end], then raise it (the
+ * stream stays whole).
  */
 static PyObject *
 xg_recv_reply(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
@@ -2083,7 +2101,9 @@ xg_recv_reply(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
                            &length, &err);
     PyBuffer_Release(&b);
     if (rc < 0)
-        return NULL;
+        return got > 0 ? Py_BuildValue("(nnnN)", got, (Py_ssize_t)-5, (Py_ssize_t)0,
+                                       xg_take_exception())
+                       : NULL;
     if (start == -4) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -2353,7 +2373,10 @@ xg_lane_args(PyObject *const *args, PyObject **posted, PyObject **p2m, PyObject 
  *
  * Returns None, with nothing sent, if gfn, flags, ref or dom is not an int
  * that fits the op.  Raises OSError if the request could not be sent
- * (nothing read); a recv that failed is start -2.
+ * (nothing read); a recv that failed is start -2.  A signal handler's
+ * exception is raised, or, when bytes came before it, returned with them as
+ * (-1, -1, 0, end, -5, 0, 0, exception), nothing done in C: decode
+ * buf[:end], then raise it.
  */
 static PyObject *
 xg_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
@@ -2384,8 +2407,12 @@ xg_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t got, start, length;
     int err = 0;
     if (xg_read_reply(fd, b.buf, b.len, (uint32_t)v[0], spin_ns, timeout_ms, &got, &start,
-                      &length, &err) < 0)
+                      &length, &err) < 0) {
+        if (got > 0) /* interrupted after bytes came: they go back with the exception */
+            res = Py_BuildValue("(iiinnnnN)", -1, -1, 0, got, (Py_ssize_t)-5, (Py_ssize_t)0,
+                                (Py_ssize_t)0, xg_take_exception());
         goto out;
+    }
     if (start == -4)
         start = -2; /* a failed recv: the connection is gone */
     unsigned char *buf = b.buf;

@@ -164,6 +164,8 @@ class Channel:
         self._leader = False
         self._waiting = 0
         self._replies: dict[int, p.Frame] = {}
+        #: requests whose waiter gave up (a timeout, a signal): their replies are dropped
+        self._abandoned: set[int] = set()
         #: posted requests not answered yet: seq -> what to run on the reply
         #: (gfn, on_reply) for a posted one-op unmap (see post_unmap_one)
         self._posted: dict[int, OnReply | tuple[int, OnReply]] = {}
@@ -397,7 +399,10 @@ class Channel:
             if flags & p.F_REPLY:
                 entry = self._posted.pop(fr.seq, None)
                 if entry is None:
-                    self._replies[fr.seq] = fr
+                    if fr.seq in self._abandoned:
+                        self._abandoned.discard(fr.seq)
+                    else:
+                        self._replies[fr.seq] = fr
                     continue
                 self._sock_posted.discard(fr.seq)
                 # (gfn, on_reply): a one-op unmap (see post_unmap_one)
@@ -504,8 +509,15 @@ class Channel:
         if start == -2:
             raise ServiceError(errno.ECONNRESET, "the service closed the connection")
         if start == -3:
+            self._abandon(seq)
             raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
         return reply
+
+    def _abandon(self, seq: int) -> None:
+        """Nobody waits for the reply to ``seq`` any more: drop it, now or when it comes."""
+        with self._mu:
+            if self._replies.pop(seq, None) is None:
+                self._abandoned.add(seq)
 
     def _wait_alone(self, seq: int) -> bytes | None:
         """The payload of the reply to ``seq``, read by one C call while nobody else reads.
@@ -529,14 +541,20 @@ class Channel:
         if not self._claim(seq):
             return None
         try:
-            end, start, length = _cext.recv_reply(
+            got = _cext.recv_reply(
                 self._fileno, self._rbuf, seq, int(self.spin * 1e9), _wait_ms(self.timeout)
             )
         except OSError:
-            end, start, length = 0, -2, 0
+            got = (0, -2, 0)
         except BaseException:
             self._settle(seq, 0, -1, 0)
+            self._abandon(seq)
             raise
+        end, start, length = got[:3]
+        if start == -5:  # a signal handler raised after buf[:end] came: keep it, then raise
+            self._settle(seq, end, -1, 0)
+            self._abandon(seq)
+            raise got[3]
         return self._settle(seq, end, start, length)
 
     def map_one(
@@ -587,11 +605,16 @@ class Channel:
             raise ServiceError(errno.EPIPE, f"service connection lost: {e}") from None
         except BaseException:
             self._settle(seq, 0, -1, 0)
+            self._abandon(seq)
             raise
         if got is None:
             self._settle(seq, 0, -1, 0)
             return None
         self.sent += 1
+        if got[4] == -5:  # a signal handler raised after buf[:end] came: keep it, then raise
+            self._settle(seq, got[3], -1, 0)
+            self._abandon(seq)
+            raise got[7]
         if self._sock_posted:  # C did the posted unmaps it read: they are answered
             self._sock_posted.intersection_update(self._posted)
         handle, mfn, p2mt, end, start, length, skip = got
@@ -750,7 +773,11 @@ class Channel:
             ServiceError: the service closed the connection, or the channel
                 timeout passed.
         """
-        fr: p.Frame = self._await(lambda: self._replies.pop(seq, None), f"request {seq}")
+        try:
+            fr: p.Frame = self._await(lambda: self._replies.pop(seq, None), f"request {seq}")
+        except BaseException:
+            self._abandon(seq)
+            raise
         return fr
 
     def wait_posted(self, seqs: list[int]) -> None:
