@@ -36,7 +36,7 @@ from xengrant import _cext, abi
 from xengrant.emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
 from xengrant.errors import GrantError
 from xengrant.guest.ops import MAP_OP, UNMAP_OP
-from xengrant.service import connect
+from xengrant.service import connect, stats
 from xengrant.service import protocol as p
 from xengrant.service import ring as r
 from xengrant.service.client import RemoteDomain, ServiceError
@@ -604,3 +604,37 @@ def test_stats_show_each_domains_ring(svc: InProcess) -> None:
         }
         assert doms[str(a.domid)]["ring"]["req_prod"] == 0
         assert doms[str(c.domid)]["ring"] is None
+
+
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])
+def test_a_map_given_up_keeps_its_hole(ring: bool) -> None:
+    """A one-page map that times out (the service is held up) may still be done
+    by the service: its hole is not handed out again, so the next map takes
+    another gfn and works; the late answer is dropped; closing the domain
+    releases the mapping nobody waited for."""
+    svc = InProcess()
+    try:
+        free = svc.free_frames()
+        with connect(svc.path, timeout=30) as a:
+            b = connect(svc.path, timeout=30, ring=ring)
+            share = a.grant_table.share_pages(b.domid, 1)
+            share.mem[:2] = b"ok"
+            hole = b.get_pages(1)
+            b.put_pages(hole)
+            b.channel.timeout = 0.2
+            with svc.server.lock, pytest.raises(ServiceError) as ei:  # it cannot answer
+                b.gnttab.map_grant_ref(a.domid, share.refs[0])
+            assert ei.value.errno == errno.ETIMEDOUT
+            b.channel.timeout = 30
+            with b.gnttab.map_grant_ref(a.domid, share.refs[0]) as m:
+                assert m.resource != hole and bytes(m.mem[:2]) == b"ok"
+            b.sync()
+            assert hole[0] not in b.get_pages(4)  # never handed out again
+            assert not b.channel._replies
+            active = stats(svc.path)["domains"][str(a.domid)]["active"]
+            assert list(active) == [str(share.refs[0])]  # the mapping given up
+            b.close()  # releases it
+            share.unshare(timeout=30)
+        assert svc.free_frames() == free
+    finally:
+        svc.close()

@@ -658,6 +658,7 @@ class Channel:
             )
         except BaseException:  # a signal handler raised while it waited
             self._give_holes(freed)  # posted unmaps it did on the way
+            self._abandon(seq)  # an answer on the socket is dropped (the ring's is ignored)
             raise
         finally:
             self._ring_rx.release()
@@ -675,6 +676,7 @@ class Channel:
         if st == -2:
             raise ServiceError(errno.ECONNRESET, "the service closed the connection")
         if st == -3:
+            self._abandon(seq)
             raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
         raise ServiceError(errno.EBADMSG, f"ring: a response the service does not send ({st})")
 
@@ -1581,7 +1583,13 @@ class RemoteGnttab(EmulatedGnttab):
         flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
         try:
             got = hc.channel.map_one(domid, ref, gfn, flags, hc.p2m)
-        except BaseException:
+        except ServiceError as e:
+            if e.errno == errno.EPIPE:  # nothing was sent
+                domain.put_pages([gfn])
+            # else (a timeout): the service may map it yet, so the hole stays
+            # taken -- a gfn given up, never one mapped twice
+            raise
+        except XenError:  # an earlier posted request's failure, raised before sending
             domain.put_pages([gfn])
             raise
         if got is None:
