@@ -3057,8 +3057,8 @@ static PyMethodDef module_methods[] = {
                         "-> 1 sent, 0 does not fit, -1 ring full"),
     FAST(ring_post_unmap, "ring_post_unmap(ring, state, lock, kick_fd, seq, gfn, handle) -> 1 "
                           "sent, 0 does not fit, -1 ring full"),
-    FAST(ring_collect, "ring_collect(ring, state, posted, p2m, freed) -> status: the ring's "
-                       "responses there are, consumed"),
+    FAST(ring_collect, "ring_collect(ring, state, posted, p2m, freed, later) -> status: the "
+                       "ring's responses there are, consumed"),
     FAST(ring_map_one, "ring_map_one(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom, "
                        "spin_ns, timeout_ms, posted, p2m, freed, later, wait_fd, sock_fd) -> "
                        "(status, handle, mfn, p2mt): the one-page lane on the ring"),

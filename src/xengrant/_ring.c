@@ -555,9 +555,18 @@ xg_ring_answer(const unsigned char *rsp, long long seq, PyObject *posted, PyObje
     if (key == NULL)
         return -1;
     if (k != XG_RSP_DONE || cmd != XG_GNTTABOP_unmap_grant_ref || status != 0) {
-        /* on the socket (or not the service's): the posted entry waits there */
-        int bad = k == XG_RSP_SOCKET && later != NULL && PyDict_Contains(posted, key) == 1 &&
-                  PyList_Append(later, key) < 0;
+        /* on the socket (its seq on later: the posted entry waits there), or a
+         * given-up map done after all (its slot on later, for the entry to
+         * undo it), or not the service's */
+        int bad = 0;
+        if (later != NULL && PyDict_Contains(posted, key) == 1) {
+            PyObject *item = k == XG_RSP_SOCKET ? Py_NewRef(key)
+                             : k == XG_RSP_DONE && cmd == XG_GNTTABOP_map_grant_ref
+                                 ? PyBytes_FromStringAndSize((const char *)rsp, XG_RING_SLOT)
+                                 : NULL;
+            bad = item != NULL ? PyList_Append(later, item) < 0 : PyErr_Occurred() != NULL;
+            Py_XDECREF(item);
+        }
         Py_DECREF(key);
         return bad || PyErr_Occurred() ? -1 : 0;
     }
@@ -663,28 +672,34 @@ xg_ring_collect_in(unsigned char *ring, unsigned char *st, long long seq, long l
 }
 
 /*
- * ring_collect(ring, state, posted, p2m, freed) -> status
+ * ring_collect(ring, state, posted, p2m, freed, later) -> status
  *
  * The client's side: consume the responses there are, from rsp_cons
  * (state[1]) in order, without waiting.  Each posted one-op unmap that
  * succeeded (its entry (gfn, on_reply) in posted) is done as xg_take_unmaps
  * does it on the socket: popped, its gfn out of the p2m mirror and on freed.
- * One answered on the socket keeps its entry (its reply comes there).
+ * One answered on the socket keeps its entry (its reply comes there; its
+ * seq goes on later); a map whose waiter gave up (a posted entry of another
+ * kind) that was done after all keeps it too, its response slot on later.
  * Returns 3, or -4 if the service's rsp_prod is bogus.
  */
 static PyObject *
 xg_ring_collect(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
-    ARGCHECK(5, "ring_collect(ring, state, posted, p2m, freed) -> status")
-    PyObject *posted, *p2m, *freed;
+    ARGCHECK(6, "ring_collect(ring, state, posted, p2m, freed, later) -> status")
+    PyObject *posted, *p2m, *freed, *later = args[5];
     if (xg_lane_args(args + 2, &posted, &p2m, &freed) < 0)
         return NULL;
+    if (!PyList_Check(later)) {
+        PyErr_SetString(PyExc_TypeError, "ring_collect: later must be a list");
+        return NULL;
+    }
     Py_buffer rb, sb;
     if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
         return NULL;
     int status;
     long long handle, mfn, typ;
-    int rc = xg_ring_collect_in(rb.buf, sb.buf, -1, 0, 0, posted, p2m, freed, NULL, -1, -1,
+    int rc = xg_ring_collect_in(rb.buf, sb.buf, -1, 0, 0, posted, p2m, freed, later, -1, -1,
                                 &status, &handle, &mfn, &typ);
     xg_ring_release(&rb, &sb);
     return rc < 0 ? NULL : PyLong_FromLong(status);

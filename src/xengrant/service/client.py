@@ -63,6 +63,8 @@ from ..portable import CopySegment, EmulatedGntshr, EmulatedGnttab, GrantRef
 from . import protocol as p
 from .evtchn import EvtchnError
 from .ring import ClientRing
+from .ring import response_payload as ring_response_payload
+from .ring import response_seq as ring_response_seq
 from .server import default_socket_path
 from .xenstore import XenStoreError
 
@@ -166,6 +168,11 @@ class Channel:
         self._replies: dict[int, p.Frame] = {}
         #: requests whose waiter gave up (a timeout, a signal): their replies are dropped
         self._abandoned: set[int] = set()
+        #: what to run on the reply of a request if its waiter gives up (see _abandon)
+        self._late: dict[int, OnReply] = {}
+        #: grant mappings whose map was given up and done after all: (gfn, handle,
+        #: domid, ref), for the domain's gnttab to unmap
+        self.orphans: list[tuple[int, int, int, int]] = []
         #: posted requests not answered yet: seq -> what to run on the reply
         #: (gfn, on_reply) for a posted one-op unmap (see post_unmap_one)
         self._posted: dict[int, OnReply | tuple[int, OnReply]] = {}
@@ -240,9 +247,16 @@ class Channel:
         return seq
 
     def request(
-        self, mtype: int, payload: bytes = b"", tail: bytes | bytearray | memoryview = b""
+        self,
+        mtype: int,
+        payload: bytes = b"",
+        tail: bytes | bytearray | memoryview = b"",
+        on_late: OnReply | None = None,
     ) -> bytes:
         """Send a request and wait for its reply; the reply's whole payload.
+
+        ``on_late``, if given, runs on the reply should the wait be given up
+        (a timeout, a signal), as a posted request's ``on_reply`` would.
 
         Returns:
             The payload: an ``i32`` status (0 or -errno), then the body.
@@ -255,9 +269,13 @@ class Channel:
         if self.deferred:
             self.raise_deferred()
         seq = self.send(mtype, payload, tail=tail)
+        if on_late is not None:
+            self._late[seq] = on_late
         reply = self._wait_alone(seq)
         if reply is None:
             reply = self.wait_reply(seq).payload
+        if on_late is not None:
+            self._late.pop(seq, None)
         if self._posted and self.ring is not None:
             # the ring's responses to posted unmaps came before this reply,
             # as their socket replies would have (the service serves the ring first)
@@ -514,10 +532,32 @@ class Channel:
         return reply
 
     def _abandon(self, seq: int) -> None:
-        """Nobody waits for the reply to ``seq`` any more: drop it, now or when it comes."""
+        """Nobody waits for the reply to ``seq`` any more.
+
+        Its reply is dropped, now or when it comes; or, if the caller left
+        something to run on it (``_late[seq]``: a map's, to undo it), that
+        runs then, as a posted request's ``on_reply`` does.
+        """
+        late = self._late.pop(seq, None)
         with self._mu:
-            if self._replies.pop(seq, None) is None:
-                self._abandoned.add(seq)
+            fr = self._replies.pop(seq, None)
+            if fr is None:
+                if late is not None:
+                    self._posted[seq] = late
+                elif seq not in self._posted:
+                    self._abandoned.add(seq)
+        if fr is not None and late is not None:
+            self._run_late(late, fr.payload or b"")
+
+    def _run_late(self, late: OnReply, payload: bytes) -> None:
+        """Run a given-up request's ``late`` on its reply; keep what it reports."""
+        try:
+            err = late(payload)
+        except Exception as e:
+            err = e
+        if err is not None:
+            with self._mu:
+                self.deferred.append(err)
 
     def _wait_alone(self, seq: int) -> bytes | None:
         """The payload of the reply to ``seq``, read by one C call while nobody else reads.
@@ -558,7 +598,8 @@ class Channel:
         return self._settle(seq, end, start, length)
 
     def map_one(
-        self, domid: int, ref: int, gfn: int, flags: int, p2m: dict[int, Any]
+        self, domid: int, ref: int, gfn: int, flags: int, p2m: dict[int, Any],
+        on_late: OnReply | None = None,
     ) -> tuple[int, int, int, bytes | None, list[int]] | None:
         """The one-page lane: a ``GNTTABOP_map_grant_ref`` of one op, in one C call.
 
@@ -573,6 +614,7 @@ class Channel:
             gfn: the hole that takes it (``host_addr`` is ``gfn << 12``).
             flags: the op's ``GNTMAP_*`` flags.
             p2m: the p2m mirror (a success sets ``p2m[gfn]``).
+            on_late: run on the reply if the wait is given up (see :meth:`request`).
 
         Returns:
             ``(handle, mfn, p2mt, None, freed)`` when the reply is a success
@@ -588,12 +630,23 @@ class Channel:
         if self.deferred:
             self.raise_deferred()
         if self.ring is not None and not self._sock_posted:
-            got = self._ring_map_one(self.ring, domid, ref, gfn, flags, p2m)
+            got = self._ring_map_one(self.ring, domid, ref, gfn, flags, p2m, on_late)
             if got is not None:
                 return got
         seq = next(self._seq) & 0xFFFFFFFF
         if not self._claim(seq):  # claimed before the send: no other reader takes the reply
             return None
+        if on_late is not None:
+            self._late[seq] = on_late
+        try:
+            return self._map_one_socket(seq, domid, ref, gfn, flags, p2m)
+        finally:
+            self._late.pop(seq, None)  # answered, or given up (then _abandon took it)
+
+    def _map_one_socket(
+        self, seq: int, domid: int, ref: int, gfn: int, flags: int, p2m: dict[int, Any]
+    ) -> tuple[int, int, int, bytes | None, list[int]] | None:
+        """:meth:`map_one` on the socket, ``seq`` claimed (:meth:`_claim`)."""
         freed: list[int] = []
         try:
             got = _cext.map_one(
@@ -626,7 +679,8 @@ class Channel:
         return -1, 0, 0, reply, freed
 
     def _ring_map_one(
-        self, ring: ClientRing, domid: int, ref: int, gfn: int, flags: int, p2m: dict[int, Any]
+        self, ring: ClientRing, domid: int, ref: int, gfn: int, flags: int, p2m: dict[int, Any],
+        on_late: OnReply | None = None,
     ) -> tuple[int, int, int, bytes | None, list[int]] | None:
         """:meth:`map_one` on the request ring (service/ring.py): one C call, and
         no system call while the service polls.
@@ -648,8 +702,10 @@ class Channel:
         if not self._ring_rx.acquire(blocking=False):
             return None
         freed: list[int] = []
-        later: list[int] = []
+        later: list[Any] = []
         seq = next(self._seq) & 0xFFFFFFFF
+        if on_late is not None:
+            self._late[seq] = on_late
         try:
             st, handle, mfn, p2mt = _cext.ring_map_one(
                 ring.mem, ring.state, self._send_lock, ring.kick, seq, gfn, flags, ref, domid,
@@ -662,8 +718,10 @@ class Channel:
             raise
         finally:
             self._ring_rx.release()
-        if later:  # posted requests the service answered on the socket: their outcome first
-            self.wait_posted(later)
+        if later:
+            self._ring_later(ring, later)
+        if st != -3:  # answered (or nothing sent); a timeout keeps it for _abandon
+            self._late.pop(seq, None)
         if st == 0:
             self.sent += 1
             return handle, mfn, p2mt, None, freed
@@ -672,13 +730,33 @@ class Channel:
             return None
         self.sent += 1
         if st == 1:  # refused, or not the common case: the reply comes on the socket
-            return -1, 0, 0, self.wait_reply(seq).payload or b"", []
+            if on_late is not None:
+                self._late[seq] = on_late
+            try:
+                return -1, 0, 0, self.wait_reply(seq).payload or b"", []
+            finally:
+                self._late.pop(seq, None)
         if st == -2:
             raise ServiceError(errno.ECONNRESET, "the service closed the connection")
         if st == -3:
             self._abandon(seq)
             raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
         raise ServiceError(errno.EBADMSG, f"ring: a response the service does not send ({st})")
+
+    def _ring_later(self, ring: ClientRing, later: list[Any]) -> None:
+        """What ring_collect left for Python: seqs of posted requests answered on the
+        socket (wait for their replies, so their outcome is known before this call
+        returns), and the response slots of given-up maps (run their ``late``)."""
+        waits = [x for x in later if isinstance(x, int)]
+        for slot in later:
+            if isinstance(slot, bytes):
+                seq = ring_response_seq(slot)
+                with self._mu:
+                    late = self._posted.pop(seq, None)
+                if late is not None and not isinstance(late, tuple):
+                    self._run_late(late, ring_response_payload(slot))
+        if waits:
+            self.wait_posted(waits)
 
     def _give_holes(self, freed: list[int]) -> None:
         """Holes of posted unmaps a ring read finished, back to the domain."""
@@ -699,14 +777,17 @@ class Channel:
         if self.ring is None or p2m is None or not self._ring_rx.acquire(blocking=wait):
             return
         freed: list[int] = []
+        later: list[Any] = []
         try:
             ring = self.ring
             st = 3
             if ring is not None:
-                st = _cext.ring_collect(ring.mem, ring.state, self._posted, p2m, freed)
+                st = _cext.ring_collect(ring.mem, ring.state, self._posted, p2m, freed, later)
         finally:
             self._ring_rx.release()
         self._give_holes(freed)
+        if ring is not None and later:
+            self._ring_later(ring, [x for x in later if isinstance(x, bytes)])
         if st == -4:
             raise ServiceError(errno.EBADMSG, "ring: the service's rsp_prod is bogus")
 
@@ -1555,6 +1636,8 @@ class RemoteGnttab(EmulatedGnttab):
             BatchError: several, some failed.
             ValueError: no grants, or a domid/ref that does not fit the op.
         """
+        if self._hc.channel.orphans:
+            self._unmap_orphans()
         if len(refs) == 1:
             mapping = self._map_one(domids[0], refs[0], writable)
             if mapping is not None:
@@ -1581,13 +1664,15 @@ class RemoteGnttab(EmulatedGnttab):
         domain = self.domain
         gfn = domain.get_pages(1)[0]
         flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
+        late = partial(self._late_map, domid, ref, gfn, flags)
         try:
-            got = hc.channel.map_one(domid, ref, gfn, flags, hc.p2m)
+            got = hc.channel.map_one(domid, ref, gfn, flags, hc.p2m, late)
         except ServiceError as e:
             if e.errno == errno.EPIPE:  # nothing was sent
                 domain.put_pages([gfn])
             # else (a timeout): the service may map it yet, so the hole stays
-            # taken -- a gfn given up, never one mapped twice
+            # taken -- never a gfn mapped twice; its late reply gives it back
+            # (_late_map)
             raise
         except XenError:  # an earlier posted request's failure, raised before sending
             domain.put_pages([gfn])
@@ -1728,7 +1813,44 @@ class RemoteGnttab(EmulatedGnttab):
             BatchError, HypercallError: the oldest posted unmap that failed.
             ServiceError: the connection closed.
         """
-        self._hc.channel.sync()
+        ch = self._hc.channel
+        ch.sync()  # (a given-up map's late reply is read by then)
+        if ch.orphans:
+            self._unmap_orphans()
+            ch.sync()
+
+    def _unmap_orphans(self) -> None:
+        """Unmap what maps given up left mapped after all (:meth:`_late_map`), posted."""
+        ch = self._hc.channel
+        orphans, ch.orphans = ch.orphans, []
+        gfns = [o[0] for o in orphans]
+        domids, refs = [o[2] for o in orphans], [o[3] for o in orphans]
+        buf = pack_unmap_ops(gfns, [o[1] for o in orphans])
+        self._hc.post_grant_table_op(
+            gt.GNTTABOP_unmap_grant_ref, memoryview(buf), len(gfns),
+            partial(self._unmapped, gfns, domids, refs, buf),
+        )
+
+    def _late_map(
+        self, domid: int, ref: int, gfn: int, flags: int, body: bytes
+    ) -> BaseException | None:
+        """The reply to a one-page map whose caller gave up (a timeout, a signal).
+
+        Done, it is unmapped with the next map or sync (its hole comes back
+        then); refused, its hole comes back now.  Runs where posted replies
+        run (the channel's reader, holding its lock): nothing is sent here.
+        """
+        buf = pack_map_ops([gfn], flags, [ref], [domid])
+        try:
+            rc = self._hc._finish(body, memoryview(buf))
+        except XenError:
+            return None  # unreadable: the hole stays taken, as when nothing is known
+        statuses, handles = map_results(buf, 1)
+        if rc < 0 or statuses[0]:
+            self.domain.put_pages([gfn])
+        else:
+            self._hc.channel.orphans.append((gfn, handles[0], domid, ref))
+        return None
 
     def map_grant_ref_notify(
         self,
@@ -1934,7 +2056,10 @@ class RemoteDomain(Domain):
             BatchError, HypercallError: the oldest posted unmap that failed.
             ServiceError: the connection closed.
         """
-        self.channel.sync()
+        if self._remote_gnttab is not None:  # it also unmaps what maps given up left
+            self._remote_gnttab.sync()
+        else:
+            self.channel.sync()
 
     # ------------------------------------------------------------- closing
     def close(self) -> None:

@@ -89,6 +89,29 @@ def request(slot: bytes) -> tuple[int, int, int, bytes]:
     return seq, cmd, flags, p.GNTTAB_REQ.pack(cmd, 1) + slot[8 : 8 + size]
 
 
+def response_seq(slot: bytes) -> int:
+    """The request a response slot answers."""
+    seq: int = SLOT_HEAD.unpack_from(slot)[0]
+    return seq
+
+
+def response_payload(slot: bytes) -> bytes:
+    """An ``RSP_DONE`` response to a one-op map, as the ``MSG_GNTTAB_OP`` reply
+    payload the socket would have carried (for a handler of socket replies).
+
+    Args:
+        slot: the response's 64 bytes.
+
+    Returns:
+        status 0, rc 0, the op (32 bytes), the p2m entry of its gfn, no reasons.
+    """
+    op = slot[8 : 8 + MAP_OP.size]
+    gfn = struct.unpack_from("<Q", op)[0] >> 12
+    mfn, p2mt = SLOT_P2M.unpack_from(slot, 40)
+    return (struct.pack("<iiI", 0, 0, MAP_OP.size) + op
+            + struct.pack("<Iqqq", 1, gfn, mfn, p2mt) + b"\0\0")
+
+
 class ServiceRing:
     """The service's end: it makes the page and the two eventfds.
 
