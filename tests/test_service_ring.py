@@ -649,3 +649,39 @@ def test_a_map_given_up_is_undone_when_its_reply_comes(ring: bool, warm: bool) -
         assert svc.free_frames() == free and not svc.log
     finally:
         svc.close()
+
+
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])
+def test_a_batch_map_given_up_is_undone_when_its_reply_comes(ring: bool) -> None:
+    """As a one-page map: a batch of four (one ref bad) that times out is done by
+    the service all the same; the ops that mapped are unmapped with the next
+    sync, the bad op's hole comes back; nothing stays pinned."""
+    svc = InProcess()
+    try:
+        free = svc.free_frames()
+        with connect(svc.path, timeout=30) as a, \
+                connect(svc.path, timeout=30, ring=ring) as b:
+            share = a.grant_table.share_pages(b.domid, 3)
+            b.gnttab.map_domain_grant_refs(a.domid, share.refs).unmap()  # the tables set up
+            b.sync()
+            in_use = holes_in_use(b)
+            b.channel.timeout = 0.2
+            with svc.server.lock, pytest.raises(ServiceError) as ei:  # it cannot answer
+                b.gnttab.map_grant_refs([(a.domid, r) for r in [*share.refs, 5000]])
+            assert ei.value.errno == errno.ETIMEDOUT
+            b.channel.timeout = 30
+            b.sync()  # reads the late reply, then unmaps what it mapped
+            assert not b.channel.orphans and not b.channel._posted and not b.channel._replies
+            assert stats(svc.path)["domains"][str(a.domid)]["active"] == {}
+            assert holes_in_use(b) == in_use  # the bad op's and the unmapped ones: free
+            share.unshare(timeout=0)
+        assert svc.free_frames() == free
+    finally:
+        svc.close()
+
+
+def holes_in_use(d: RemoteDomain) -> int:
+    """How many of the domain's hole gfns are taken (its allocator's count)."""
+    alloc = d._holes
+    n: int = (alloc._next - alloc._base) - alloc._nfree
+    return n

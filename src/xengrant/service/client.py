@@ -52,6 +52,7 @@ from ..errors import BatchError, HypercallError, XenError
 from ..guest.domain import Domain
 from ..guest.gnttab import map_ops_at_holes
 from ..guest.ops import (
+    MAP_OP,
     map_results,
     pack_map_ops,
     pack_unmap_ops,
@@ -1074,6 +1075,8 @@ class RemoteHypercalls:
         self._mmap = mmap.mmap(fd, nr_frames * PAGE_SIZE, mmap.MAP_SHARED)
         #: the domain's p2m as the service last told us: gfn -> (mfn, type)
         self.p2m: dict[int, tuple[int, int]] = {}
+        #: run on the reply of a map hypercall whose caller gave up (set by the gnttab)
+        self.late_map: OnReply | None = None
         #: Xen's debug reasons for the ops that failed in the last call.
         self.last_reasons: list[str] = []
         self._closed = False
@@ -1119,7 +1122,10 @@ class RemoteHypercalls:
         return self._gnttab(cmd, uop[:nbytes], count)
 
     def _gnttab(self, cmd: int, uop: memoryview, count: int) -> int:
-        body = self.channel.request(p.MSG_GNTTAB_OP, p.GNTTAB_REQ.pack(cmd, count), uop)
+        late = self.late_map if cmd == gt.GNTTABOP_map_grant_ref else None
+        body = self.channel.request(
+            p.MSG_GNTTAB_OP, p.GNTTAB_REQ.pack(cmd, count), uop, on_late=late
+        )
         return self._finish(body, uop)
 
     def _finish(self, body: bytes, uop: memoryview) -> int:
@@ -1591,6 +1597,7 @@ class RemoteGnttab(EmulatedGnttab):
         hc = domain.hypercalls
         assert isinstance(hc, RemoteHypercalls)
         self._hc = hc
+        hc.late_map = partial(self._late_map, None)  # for every map hypercall
 
     # ------------------------------------------------------------ mapping
     def map_grant_ref(self, domid: int, ref: int, writable: bool = True) -> Mapping:
@@ -1664,7 +1671,7 @@ class RemoteGnttab(EmulatedGnttab):
         domain = self.domain
         gfn = domain.get_pages(1)[0]
         flags = gt.GNTMAP_host_map | (0 if writable else gt.GNTMAP_readonly)
-        late = partial(self._late_map, domid, ref, gfn, flags)
+        late = partial(self._late_map, [gfn])
         try:
             got = hc.channel.map_one(domid, ref, gfn, flags, hc.p2m, late)
         except ServiceError as e:
@@ -1831,25 +1838,48 @@ class RemoteGnttab(EmulatedGnttab):
             partial(self._unmapped, gfns, domids, refs, buf),
         )
 
-    def _late_map(
-        self, domid: int, ref: int, gfn: int, flags: int, body: bytes
-    ) -> BaseException | None:
-        """The reply to a one-page map whose caller gave up (a timeout, a signal).
+    def _late_map(self, gfns: list[int] | None, body: bytes) -> BaseException | None:
+        """The reply to a ``GNTTABOP_map_grant_ref`` whose caller gave up (a timeout,
+        a signal).
 
-        Done, it is unmapped with the next map or sync (its hole comes back
-        then); refused, its hole comes back now.  Runs where posted replies
-        run (the channel's reader, holding its lock): nothing is sent here.
+        Each op that mapped is unmapped with the next map or sync (its hole
+        comes back then); each that failed gives its hole back now.  Runs
+        where posted replies run (the channel's reader, holding its lock):
+        nothing is sent here.
+
+        Args:
+            gfns: the holes the ops took, if the caller knows them (a
+                refused hypercall gives them all back); None: only what the
+                reply's ops say is done.
+            body: the reply's payload.
         """
-        buf = pack_map_ops([gfn], flags, [ref], [domid])
+        if gfns is not None:
+            n = len(gfns)
+        else:  # as many as the reply carries
+            n = 0
+            if len(body) >= _GNTTAB_HEAD.size:
+                status, _rc, size = _GNTTAB_HEAD.unpack_from(body)
+                if status >= 0 and size <= len(body):
+                    n = size // MAP_OP.size
+        buf = bytearray(n * MAP_OP.size)
         try:
             rc = self._hc._finish(body, memoryview(buf))
+        except HypercallError:  # refused whole: nothing ran
+            if gfns is not None:
+                self.domain.put_pages(gfns)
+            return None
         except XenError:
-            return None  # unreadable: the hole stays taken, as when nothing is known
-        statuses, handles = map_results(buf, 1)
-        if rc < 0 or statuses[0]:
-            self.domain.put_pages([gfn])
-        else:
-            self._hc.channel.orphans.append((gfn, handles[0], domid, ref))
+            return None  # unreadable: the holes stay taken, as when nothing is known
+        if rc < 0:
+            return None  # stopped partway: which ops ran is not known
+        statuses, handles = map_results(buf, n)
+        ch = self._hc.channel
+        for i, (st, handle) in enumerate(zip(statuses, handles)):
+            host_addr, _flags, ref, dom = MAP_OP.unpack_from(buf, i * MAP_OP.size)[:4]
+            if st == gt.GNTST_okay:
+                ch.orphans.append((host_addr >> 12, handle, dom, ref))
+            else:
+                self.domain.put_pages([host_addr >> 12])
         return None
 
     def map_grant_ref_notify(
