@@ -720,31 +720,30 @@ class Channel:
         finally:
             self._ring_rx.release()
         if later:
-            self._ring_later(ring, later)
-        if st != -3:  # answered (or nothing sent); a timeout keeps it for _abandon
-            self._late.pop(seq, None)
+            self._ring_later(later)
         if st == 0:
+            self._late.pop(seq, None)
             self.sent += 1
             return handle, mfn, p2mt, None, freed
         self._give_holes(freed)
-        if st == 5:
+        if st == 5:  # nothing sent
+            self._late.pop(seq, None)
             return None
         self.sent += 1
         if st == 1:  # refused, or not the common case: the reply comes on the socket
-            if on_late is not None:
-                self._late[seq] = on_late
             try:
                 return -1, 0, 0, self.wait_reply(seq).payload or b"", []
             finally:
-                self._late.pop(seq, None)
+                self._late.pop(seq, None)  # (a wait given up: _abandon took it already)
+        if st == -3:
+            self._abandon(seq)  # the late answer runs _late[seq], or is dropped
+            raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
+        self._late.pop(seq, None)
         if st == -2:
             raise ServiceError(errno.ECONNRESET, "the service closed the connection")
-        if st == -3:
-            self._abandon(seq)
-            raise ServiceError(errno.ETIMEDOUT, f"no reply to request {seq}")
         raise ServiceError(errno.EBADMSG, f"ring: a response the service does not send ({st})")
 
-    def _ring_later(self, ring: ClientRing, later: list[Any]) -> None:
+    def _ring_later(self, later: list[Any]) -> None:
         """What ring_collect left for Python: seqs of posted requests answered on the
         socket (wait for their replies, so their outcome is known before this call
         returns), and the response slots of given-up maps (run their ``late``)."""
@@ -787,8 +786,8 @@ class Channel:
         finally:
             self._ring_rx.release()
         self._give_holes(freed)
-        if ring is not None and later:
-            self._ring_later(ring, [x for x in later if isinstance(x, bytes)])
+        if later:  # (seqs answered on the socket: their replies come with dispatch)
+            self._ring_later([x for x in later if isinstance(x, bytes)])
         if st == -4:
             raise ServiceError(errno.EBADMSG, "ring: the service's rsp_prod is bogus")
 
