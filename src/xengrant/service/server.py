@@ -438,17 +438,23 @@ class Server:
             OSError: a failed ``recv``.
             ValueError: the ring's indices are bogus.
         """
-        domid = conn.domid
-        d = None if domid is None else self.hv.domains.get(domid)
-        if not (SERVE_FASTPATH and gnttab_map.FASTPATH):
-            d = None  # serve nothing in C
+        d, unmap_ok = self._ring_domain(conn)
         hv = self.hv
         n: int = _cext.ring_serve_wait(
             conn.fd, rbuf, spin_ns, ring.mem, ring.state, ring.svc_kick, ring.cli_kick,
             self.lock, conn, self._to_close, hv.mem, d, hv.domains, hv.machine.refcount,
-            domid is not None and not self.notifies.get(domid),
+            unmap_ok,
         )
         return n
+
+    def _ring_domain(self, conn: Connection) -> tuple[DomainState | None, bool]:
+        """The domain whose ring requests C may answer (None: none), and whether
+        C may take its unmaps (:meth:`_serve_fast`'s conditions)."""
+        domid = conn.domid
+        d = None if domid is None else self.hv.domains.get(domid)
+        if d is None or d.is_dying or not (SERVE_FASTPATH and gnttab_map.FASTPATH):
+            return None, False
+        return d, not self.notifies.get(d.domid)
 
     def _serve_ring(self, conn: Connection, ring: ServiceRing) -> None:
         """Answer the requests on ``conn``'s ring (caller holds the lock).
@@ -460,14 +466,11 @@ class Server:
         indices drop the connection (as a PV back end drops a front end
         whose ring overflows).
         """
-        domid = conn.domid
-        d = None if domid is None else self.hv.domains.get(domid)
-        fast = d is not None and not d.is_dying and SERVE_FASTPATH and gnttab_map.FASTPATH
-        unmap_ok = domid is not None and not self.notifies.get(domid)
+        d, unmap_ok = self._ring_domain(conn)
         hv = self.hv
         try:
             while not conn.dead:
-                if fast:
+                if d is not None:
                     left = _cext.ring_serve(
                         ring.mem, ring.state, hv.mem, d, hv.domains, hv.machine.refcount,
                         unmap_ok, ring.cli_kick,
