@@ -1618,59 +1618,42 @@ xg_p2m_entry(PyObject *p2m, unsigned long long gfn, long long *mfn, long long *t
     return r < 0 ? -1 : 0;
 }
 
-static PyObject *
-xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+/*
+ * serve_gnttab's work on the whole messages in inb[pos:end]: those it takes
+ * (map and unmap ops in the common success case, see serve_gnttab) run in
+ * place and their replies go in *outp (PyMem memory, the caller's to free,
+ * *olenp bytes); *answeredp counts those not posted, *partialp as
+ * serve_gnttab's partial.  sv: (mem, ld, domains, refcount).  Returns where
+ * the messages it did not take start, or -1 with an exception set.
+ */
+static Py_ssize_t
+xg_serve_msgs(unsigned char *inb, Py_ssize_t pos, Py_ssize_t end, PyObject *const *sv,
+              int unmap_ok, char **outp, Py_ssize_t *olenp, Py_ssize_t *answeredp,
+              Py_ssize_t *partialp)
 {
-    (void)mod;
-    ARGCHECK(10, "serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok, fd, held) "
-                 "-> (pos, replies, answered, partial, sent)")
-    PyObject *domains = args[5], *refcount = args[6];
-    if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
-        PyErr_SetString(PyExc_TypeError, "serve_gnttab: domains must be a dict, refcount a list");
-        return NULL;
-    }
-    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t end = PyLong_AsSsize_t(args[3]);
-    if (end == -1 && PyErr_Occurred())
-        return NULL;
-    int unmap_ok = PyObject_IsTrue(args[7]);
-    if (unmap_ok < 0)
-        return NULL;
-    int fd;
-    if (xg_as_int(args[8], &fd) < 0)
-        return NULL;
-    if (!PyBytes_Check(args[9])) {
-        PyErr_SetString(PyExc_TypeError, "serve_gnttab: held must be bytes");
-        return NULL;
-    }
+    PyObject *domains = sv[2], *refcount = sv[3];
     xg_batch b;
     memset(&b, 0, sizeof(b));
     b.last_dom = -1;
     xg_ld l;
     memset(&l, 0, sizeof(l));
-    Py_buffer in;
     char *out = NULL;
-    Py_ssize_t olen = 0, ocap = 0, answered = 0, partial = 0;
-    PyObject *ret = NULL;
-    if (PyObject_GetBuffer(args[1], &in, PyBUF_WRITABLE) < 0)
-        return NULL;
-    if (pos < 0 || end > in.len || pos > end) {
-        PyErr_SetString(PyExc_ValueError, "serve_gnttab: pos/end out of range");
+    Py_ssize_t olen = 0, ocap = 0, answered = 0, partial = 0, ret = -1;
+    if (!PyDict_Check(domains) || !PyList_CheckExact(refcount)) {
+        PyErr_SetString(PyExc_TypeError, "serve_gnttab: domains must be a dict, refcount a list");
         goto out;
     }
-    if (PyObject_GetBuffer(args[0], &b.mem, PyBUF_WRITABLE) < 0)
+    if (PyObject_GetBuffer(sv[0], &b.mem, PyBUF_WRITABLE) < 0)
         goto out;
     b.have_mem = 1;
     b.nframes = b.mem.len / XG_PAGE_SIZE;
     Py_ssize_t nframes = b.nframes;
     if (PyList_GET_SIZE(refcount) < nframes)
         nframes = PyList_GET_SIZE(refcount);
-    if (xg_ld_get(&l, args[4]) < 0)
+    if (xg_ld_get(&l, sv[1]) < 0)
         goto out;
     while (l.usable && end - pos >= XG_HDR) {
-        unsigned char *h = (unsigned char *)in.buf + pos;
+        unsigned char *h = inb + pos;
         uint32_t length, seq;
         uint16_t mtype, flags;
         memcpy(&length, h, 4);
@@ -1760,6 +1743,53 @@ xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             answered++;
         pos += XG_HDR + (Py_ssize_t)length;
     }
+    ret = pos;
+out:
+    xg_ld_clear(&l);
+    xg_batch_end(&b);
+    *outp = out;
+    *olenp = olen;
+    *answeredp = answered;
+    *partialp = partial;
+    return ret;
+}
+
+static PyObject *
+xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    ARGCHECK(10, "serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok, fd, held) "
+                 "-> (pos, replies, answered, partial, sent)")
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t end = PyLong_AsSsize_t(args[3]);
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    int unmap_ok = PyObject_IsTrue(args[7]);
+    if (unmap_ok < 0)
+        return NULL;
+    int fd;
+    if (xg_as_int(args[8], &fd) < 0)
+        return NULL;
+    if (!PyBytes_Check(args[9])) {
+        PyErr_SetString(PyExc_TypeError, "serve_gnttab: held must be bytes");
+        return NULL;
+    }
+    Py_buffer in;
+    char *out = NULL;
+    Py_ssize_t olen = 0, answered = 0, partial = 0;
+    PyObject *ret = NULL;
+    if (PyObject_GetBuffer(args[1], &in, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (pos < 0 || end > in.len || pos > end) {
+        PyErr_SetString(PyExc_ValueError, "serve_gnttab: pos/end out of range");
+        goto out;
+    }
+    PyObject *sv[4] = {args[0], args[4], args[5], args[6]};
+    pos = xg_serve_msgs(in.buf, pos, end, sv, unmap_ok, &out, &olen, &answered, &partial);
+    if (pos < 0)
+        goto out;
     {
         Py_ssize_t sent = 0;
         if (fd >= 0 && answered > 0 && pos == end) {
@@ -1783,8 +1813,6 @@ xg_serve_gnttab(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
 out:
     PyMem_Free(out);
-    xg_ld_clear(&l);
-    xg_batch_end(&b);
     PyBuffer_Release(&in);
     return ret;
 }
@@ -2262,6 +2290,28 @@ xg_one_ok(const unsigned char *p, Py_ssize_t len, Py_ssize_t opsize, Py_ssize_t 
            (unsigned long long)g == gfn && !nreasons;
 }
 
+/* the client's p2m mirror: key (a gfn) -> (mfn, type), or no entry; 0, or -1
+ * with an exception set */
+static int
+xg_p2m_put(PyObject *p2m, PyObject *key, long long mfn, long long typ)
+{
+    PyObject *val = Py_BuildValue("(LL)", mfn, typ);
+    int bad = val == NULL || PyDict_SetItem(p2m, key, val) < 0;
+    Py_XDECREF(val);
+    return bad ? -1 : 0;
+}
+
+static int
+xg_p2m_drop(PyObject *p2m, PyObject *key)
+{
+    if (PyDict_DelItem(p2m, key) == 0)
+        return 0;
+    if (!PyErr_ExceptionMatches(PyExc_KeyError))
+        return -1;
+    PyErr_Clear();
+    return 0;
+}
+
 /* a posted one-op unmap that succeeded, done as its on_reply would do it:
  * posted[key] popped, gfnobj out of the p2m mirror and on freed (a hole
  * again); 0, or -1 with an exception set */
@@ -2269,13 +2319,8 @@ static int
 xg_unmap_done(PyObject *posted, PyObject *key, PyObject *gfnobj, PyObject *p2m, PyObject *freed)
 {
     Py_INCREF(gfnobj); /* posted's entry holds it until popped */
-    int bad = PyList_Append(freed, gfnobj) < 0 || PyDict_DelItem(posted, key) < 0;
-    if (!bad && PyDict_DelItem(p2m, gfnobj) < 0) {
-        if (PyErr_ExceptionMatches(PyExc_KeyError))
-            PyErr_Clear();
-        else
-            bad = 1;
-    }
+    int bad = PyList_Append(freed, gfnobj) < 0 || PyDict_DelItem(posted, key) < 0 ||
+              xg_p2m_drop(p2m, gfnobj) < 0;
     Py_DECREF(gfnobj);
     return bad ? -1 : 0;
 }
@@ -2336,10 +2381,8 @@ static int
 xg_p2m_set(PyObject *p2m, unsigned long long gfn, long long mfn, long long typ)
 {
     PyObject *key = PyLong_FromUnsignedLongLong(gfn);
-    PyObject *val = key ? Py_BuildValue("(LL)", mfn, typ) : NULL;
-    int bad = val == NULL || PyDict_SetItem(p2m, key, val) < 0;
+    int bad = key == NULL || xg_p2m_put(p2m, key, mfn, typ) < 0;
     Py_XDECREF(key);
-    Py_XDECREF(val);
     return bad ? -1 : 0;
 }
 
@@ -2929,22 +2972,8 @@ xg_p2m_apply(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         PyObject *key = PyLong_FromLongLong(xg_le64(gcol + 8 * (size_t)i));
         if (key == NULL)
             goto out;
-        int r;
-        if (mfn < 0) {
-            r = PyDict_DelItem(p2m, key);
-            if (r < 0 && PyErr_ExceptionMatches(PyExc_KeyError)) {
-                PyErr_Clear();
-                r = 0;
-            }
-        } else {
-            PyObject *mo = PyLong_FromLongLong(mfn);
-            PyObject *to = PyLong_FromLongLong(xg_le64(tcol + 8 * (size_t)i));
-            PyObject *ent = mo && to ? PyTuple_Pack(2, mo, to) : NULL;
-            Py_XDECREF(mo);
-            Py_XDECREF(to);
-            r = ent == NULL ? -1 : PyDict_SetItem(p2m, key, ent);
-            Py_XDECREF(ent);
-        }
+        int r = mfn < 0 ? xg_p2m_drop(p2m, key)
+                        : xg_p2m_put(p2m, key, mfn, xg_le64(tcol + 8 * (size_t)i));
         Py_DECREF(key);
         if (r < 0)
             goto out;

@@ -151,8 +151,6 @@ xg_ring_push_rsp(unsigned char *ring, unsigned char *st, int kick_fd)
         xg_kick(kick_fd);
 }
 
-static PyObject *xg_serve_gnttab(PyObject *, PyObject *const *, Py_ssize_t);
-
 /*
  * ring_serve(ring, state, mem, ld, domains, refcount, unmap_ok, kick_fd) -> left
  *
@@ -166,99 +164,78 @@ static PyObject *xg_serve_gnttab(PyObject *, PyObject *const *, Py_ssize_t);
  */
 /* ring_serve with the page and state held: left, or -1 with an exception set */
 static long
-xg_ring_serve_in(PyObject *mod, unsigned char *ring, unsigned char *st, PyObject *const *sv,
-                 int kick_fd)
+xg_ring_serve_in(unsigned char *ring, unsigned char *st, PyObject *const *sv, int kick_fd)
 {
-    long res = -1;
-    PyObject *msgs = NULL, *got = NULL;
     uint32_t cons;
     memcpy(&cons, st, 4);
     long n = xg_ring_pending(ring, cons);
     if (n < 0)
-        goto out;
+        return -1;
+    int unmap_ok = PyObject_IsTrue(sv[4]);
+    if (unmap_ok < 0)
+        return -1;
     /* copy the requests out as socket messages, up to one of another kind */
     unsigned char req[XG_RING_SIZE][XG_RING_SLOT];
-    Py_ssize_t size = 0;
+    unsigned char msgs[XG_RING_SIZE * (XG_HDR + XG_GNTTAB_REQ + XG_MAP_OP_SIZE)];
+    unsigned char *m = msgs;
     long k = 0;
     for (; k < n; k++) {
         memcpy(req[k], xg_slot(ring, cons + (uint32_t)k), XG_RING_SLOT);
+        uint32_t id;
         uint16_t cmd, flags;
+        memcpy(&id, req[k], 4);
         memcpy(&cmd, req[k] + 4, 2);
         memcpy(&flags, req[k] + 6, 2);
         if ((cmd != XG_GNTTABOP_map_grant_ref && cmd != XG_GNTTABOP_unmap_grant_ref) ||
             (flags != 0 && flags != XG_F_POSTED))
             break;
-        size += XG_HDR + XG_GNTTAB_REQ +
-                (cmd == XG_GNTTABOP_map_grant_ref ? XG_MAP_OP_SIZE : XG_UNMAP_OP_SIZE);
+        size_t opsize = cmd == XG_GNTTABOP_map_grant_ref ? XG_MAP_OP_SIZE : XG_UNMAP_OP_SIZE;
+        xg_put_header(m, (uint32_t)(XG_GNTTAB_REQ + opsize), flags, id, cmd);
+        memcpy(m + XG_HDR + XG_GNTTAB_REQ, req[k] + 8, opsize);
+        m += XG_HDR + XG_GNTTAB_REQ + opsize;
     }
+    if (k == 0)
+        return n;
+    /* serve_gnttab's rules, one reply per message taken, in order */
+    char *out = NULL;
+    Py_ssize_t olen = 0, answered, partial;
+    if (xg_serve_msgs(msgs, 0, m - msgs, sv, unmap_ok, &out, &olen, &answered, &partial) < 0) {
+        PyMem_Free(out);
+        return -1;
+    }
+    const unsigned char *r = (const unsigned char *)out;
+    Py_ssize_t off = 0;
     long taken = 0;
-    if (k > 0) {
-        msgs = PyByteArray_FromStringAndSize(NULL, size);
-        if (msgs == NULL)
-            goto out;
-        unsigned char *m = (unsigned char *)PyByteArray_AS_STRING(msgs);
-        for (long i = 0; i < k; i++) {
-            uint32_t id;
-            uint16_t cmd, flags;
-            memcpy(&id, req[i], 4);
-            memcpy(&cmd, req[i] + 4, 2);
-            memcpy(&flags, req[i] + 6, 2);
-            size_t opsize = cmd == XG_GNTTABOP_map_grant_ref ? XG_MAP_OP_SIZE : XG_UNMAP_OP_SIZE;
-            xg_put_header(m, (uint32_t)(XG_GNTTAB_REQ + opsize), flags, id, cmd);
-            memcpy(m + XG_HDR + XG_GNTTAB_REQ, req[i] + 8, opsize);
-            m += XG_HDR + XG_GNTTAB_REQ + opsize;
+    while (olen - off >= XG_HDR + 12 && taken < k) {
+        uint32_t flen, id, opsize;
+        memcpy(&flen, r + off, 4);
+        memcpy(&id, r + off + 8, 4);
+        memcpy(&opsize, r + off + XG_HDR + 8, 4);
+        const unsigned char *pl = r + off + XG_HDR;
+        uint16_t cmd;
+        memcpy(&cmd, req[taken] + 4, 2);
+        long long mfn = -1, typ = 0;
+        if (opsize == XG_MAP_OP_SIZE || opsize == XG_UNMAP_OP_SIZE) {
+            int64_t m64, t64; /* the p2m columns: u32 count, gfn, mfn, type */
+            memcpy(&m64, pl + 12 + opsize + 4 + 8, 8);
+            memcpy(&t64, pl + 12 + opsize + 4 + 16, 8);
+            mfn = m64;
+            typ = t64;
         }
-        PyObject *zero = PyLong_FromLong(0), *end = PyLong_FromSsize_t(size);
-        PyObject *nofd = PyLong_FromLong(-1), *held = PyBytes_FromStringAndSize("", 0);
-        if (zero && end && nofd && held) {
-            /* serve_gnttab(mem, buf, pos, end, ld, domains, refcount, unmap_ok, fd, held) */
-            PyObject *sargs[10] = {sv[0], msgs, zero, end, sv[1], sv[2], sv[3], sv[4], nofd, held};
-            got = xg_serve_gnttab(mod, sargs, 10);
-        }
-        Py_XDECREF(zero);
-        Py_XDECREF(end);
-        Py_XDECREF(nofd);
-        Py_XDECREF(held);
-        if (got == NULL)
-            goto out;
-        /* (pos, replies, answered, partial, sent): one reply per message taken */
-        PyObject *replies = PyTuple_GET_ITEM(got, 1);
-        const unsigned char *r = (const unsigned char *)PyBytes_AS_STRING(replies);
-        Py_ssize_t rlen = PyBytes_GET_SIZE(replies), off = 0;
-        while (rlen - off >= XG_HDR + 12 && taken < k) {
-            uint32_t flen, id, opsize;
-            memcpy(&flen, r + off, 4);
-            memcpy(&id, r + off + 8, 4);
-            memcpy(&opsize, r + off + XG_HDR + 8, 4);
-            const unsigned char *pl = r + off + XG_HDR;
-            uint16_t cmd;
-            memcpy(&cmd, req[taken] + 4, 2);
-            long long mfn = -1, typ = 0;
-            if (opsize == XG_MAP_OP_SIZE || opsize == XG_UNMAP_OP_SIZE) {
-                int64_t m64, t64; /* the p2m columns: u32 count, gfn, mfn, type */
-                memcpy(&m64, pl + 12 + opsize + 4 + 8, 8);
-                memcpy(&t64, pl + 12 + opsize + 4 + 16, 8);
-                mfn = m64;
-                typ = t64;
-            }
-            xg_ring_put(ring, st, id, cmd, XG_RSP_DONE, pl + 12, opsize <= 32 ? opsize : 32,
-                        mfn, typ);
-            off += XG_HDR + (Py_ssize_t)flen;
-            taken++;
-        }
-        cons += (uint32_t)taken;
-        memcpy(st, &cons, 4);
-        xg_ring_push_rsp(ring, st, kick_fd);
+        xg_ring_put(ring, st, id, cmd, XG_RSP_DONE, pl + 12, opsize <= 32 ? opsize : 32, mfn,
+                    typ);
+        off += XG_HDR + (Py_ssize_t)flen;
+        taken++;
     }
-    res = n - taken;
-out:
-    Py_XDECREF(got);
-    Py_XDECREF(msgs);
-    return res;
+    PyMem_Free(out);
+    cons += (uint32_t)taken;
+    memcpy(st, &cons, 4);
+    xg_ring_push_rsp(ring, st, kick_fd);
+    return n - taken;
 }
 
 static PyObject *
-xg_ring_serve(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+xg_ring_serve(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
     ARGCHECK(8, "ring_serve(ring, state, mem, ld, domains, refcount, unmap_ok, kick_fd) -> left")
     int kick_fd;
@@ -267,7 +244,7 @@ xg_ring_serve(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer rb, sb;
     if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
         return NULL;
-    long left = xg_ring_serve_in(mod, rb.buf, sb.buf, args + 2, kick_fd);
+    long left = xg_ring_serve_in(rb.buf, sb.buf, args + 2, kick_fd);
     xg_ring_release(&rb, &sb);
     return left < 0 ? NULL : PyLong_FromLong(left);
 }
@@ -363,7 +340,7 @@ xg_attr_true(PyObject *o, PyObject **name, const char *s)
  * failed recv, ValueError for bogus indices.
  */
 static PyObject *
-xg_ring_serve_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+xg_ring_serve_wait(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
     ARGCHECK(15, "ring_serve_wait(fd, buf, spin_ns, ring, state, svc_kick, cli_kick, lock, "
                  "conn, to_close, mem, ld, domains, refcount, unmap_ok) -> n")
@@ -406,7 +383,7 @@ xg_ring_serve_wait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                         ? xg_attr_true(args[11], &str_is_dying, "is_dying")
                         : 1;
         if (dead == 0 && dying == 0 && PyList_GET_SIZE(args[9]) == 0)
-            left = xg_ring_serve_in(mod, rb.buf, sb.buf, args + 10, cli_kick);
+            left = xg_ring_serve_in(rb.buf, sb.buf, args + 10, cli_kick);
         if (xg_unlock(lock, 0) < 0)
             goto out;
         if (dead < 0 || dying < 0 || left < 0)
