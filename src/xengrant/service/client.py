@@ -857,7 +857,9 @@ class Channel:
                 timeout passed.
         """
         try:
-            fr: p.Frame = self._await(lambda: self._replies.pop(seq, None), f"request {seq}")
+            fr: p.Frame = self._await(
+                lambda: self._replies.pop(seq, None), self.timeout, self.spin, f"request {seq}"
+            )
         except BaseException:
             self._abandon(seq)
             raise
@@ -871,16 +873,28 @@ class Channel:
                 timeout passed.
         """
         posted = self._posted
-        self._await(lambda: not any(s in posted for s in seqs) or None, f"requests {seqs}")
+        self._await(
+            lambda: not any(s in posted for s in seqs) or None, self.timeout, self.spin,
+            f"requests {seqs}",
+        )
 
-    def _await(self, done: Callable[[], Any], what: str) -> Any:
+    def _await(
+        self, done: Callable[[], Any], timeout: float | None, spin: float, what: str | None
+    ) -> Any:
         """Read (or follow the reader) until ``done()`` (called holding ``_mu``) is not None.
 
+        Args:
+            done: what is waited for, None until it is there.
+            timeout: seconds (None: forever).
+            spin: seconds the reader polls before it sleeps (0 for events).
+            what: the reply waited for, named in the timeout's error; None:
+                a timeout returns None instead.
+
         Raises:
-            ServiceError: the service closed the connection, or the channel
-                timeout passed.
+            ServiceError: the service closed the connection, or ``timeout``
+                passed (when ``what`` is given).
         """
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         remaining = None
         while True:
             with self._mu:
@@ -892,12 +906,14 @@ class Channel:
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
+                        if what is None:
+                            return None
                         raise ServiceError(errno.ETIMEDOUT, f"no reply to {what}")
                 if self._leader:
                     self._follow(remaining)
                     continue
                 self._leader = True
-            self._lead(remaining, self.spin)
+            self._lead(remaining, spin)
 
     def _take(self, queue: deque[Any], match: Any) -> Any:
         """The first item of ``queue`` equal to ``match`` (caller holds ``_mu``); None if
@@ -920,20 +936,7 @@ class Channel:
         Raises:
             ServiceError: the connection closed.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._mu:
-                item = self._take(queue, match)
-                if item is not None:
-                    return item
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                if self._leader:
-                    self._follow(remaining)
-                    continue
-                self._leader = True
-            self._lead(remaining)
+        return self._await(lambda: _take(queue, match), timeout, 0.0, None)
 
     async def wait_for_async(self, queue: deque[Any], match: Any, timeout: float | None) -> Any:
         """asyncio twin of :meth:`wait_for`: reads from the event loop."""
