@@ -23,7 +23,7 @@ fi
 extras=${1:-}
 stamp=.venv/.xengrant-installed${extras:+-$extras}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-   || [ src/xengrant/_cext.c -nt "$stamp" ]; then
+   || [ -n "$(find src/xengrant -maxdepth 1 -name '*.c' -newer "$stamp" 2>/dev/null)" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
   touch "$stamp"
