@@ -32,7 +32,7 @@ from xengrant.service.evtchn import (
 @pytest.fixture(scope="module")
 def service() -> Iterator[Service]:
     svc = Service()
-    dom0 = Actor(svc, domid=0)  # the toolstack, so nobody else can claim dom0
+    dom0 = Actor(svc, domid=0)  # the toolstack (the service's uid, with its token)
     svc.dom0 = dom0  # type: ignore[attr-defined]
     try:
         yield svc
@@ -213,12 +213,12 @@ def test_acting_only_as_own_domain(service: Service, baseline: dict[str, Any]) -
     with Actor(service) as a, closing(Channel(service.path, timeout=30)) as raw:
         st, body = raw.call(p.MSG_GNTTAB_OP, p.GNTTAB_REQ.pack(abi.GNTTABOP_query_size, 1))
         assert st == -errno.EPROTO  # no domain yet
-        st, _ = raw.call(p.MSG_ATTACH, p.ATTACH_REQ.pack(p.PROTOCOL_VERSION, a.domid))
-        assert st == -errno.EBUSY  # a's process holds it
-        st, _ = raw.call(p.MSG_ATTACH, p.ATTACH_REQ.pack(p.PROTOCOL_VERSION, 0))
-        assert st == -errno.EBUSY
-        st, _ = raw.call(p.MSG_ATTACH, p.ATTACH_REQ.pack(p.PROTOCOL_VERSION, 999))
-        assert st == -errno.ESRCH
+        no_secret = bytes(p.SECRET_SIZE)
+        for domid in (a.domid, 0, 999):  # without the secret: the same answer for each
+            st, _ = raw.call(
+                p.MSG_ATTACH, p.ATTACH_REQ.pack(p.PROTOCOL_VERSION, domid) + no_secret
+            )
+            assert st == -errno.EACCES
         st, body = raw.call(p.MSG_CREATE, p.CREATE_REQ.pack(p.PROTOCOL_VERSION, -1, 0, -1, -1, -1))
         assert st == 0
         mine = p.DOMAIN_REPLY.unpack_from(body)[1]
@@ -242,7 +242,8 @@ def test_toolstack_creates_domain_another_process_attaches(
     dom0 = service.dom0  # type: ignore[attr-defined]
     domid = dom0("dom", "create_domain", 42)
     assert stats(service.path)["domains"]["42"]["attached"] is False
-    with Actor(service, domid=42) as guest:
+    secret = dom0("dom", "domain_secret", 42)
+    with Actor(service, domid=42, secret=secret) as guest:
         assert guest.domid == 42
         assert guest("xs", "read", "domid") == b"42"
         assert stats(service.path)["domains"]["42"]["attached"] is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -86,7 +87,28 @@ def test_default_socket_path(monkeypatch: pytest.MonkeyPatch, tmp_path: object) 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert default_socket_path() == os.path.join(str(tmp_path), "xengrant.sock")
     monkeypatch.delenv("XDG_RUNTIME_DIR")
-    assert default_socket_path() == f"/tmp/xengrant-{os.getuid()}.sock"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    private = os.path.join(str(tmp_path), f"xengrant-{os.getuid()}")
+    assert default_socket_path() == os.path.join(private, "xengrant.sock")
+    assert not os.path.exists(private)  # a client makes nothing
+    assert default_socket_path(create=True) == os.path.join(private, "xengrant.sock")
+    st = os.lstat(private)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+    os.chmod(private, 0o755)  # open to others: refused by the service and its clients
+    with pytest.raises(PermissionError, match="mode 0755"):
+        default_socket_path()
+    os.rmdir(private)
+    os.symlink(str(tmp_path), private)  # a symlink squatted in its place
+    with pytest.raises(PermissionError, match="symlink"):
+        default_socket_path(create=True)
+    os.unlink(private)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    os.chmod(str(tmp_path), 0o777)
+    try:
+        with pytest.raises(PermissionError, match="not a private directory"):
+            default_socket_path()
+    finally:
+        os.chmod(str(tmp_path), 0o700)
 
 
 def test_clients_see_the_service_die(hypervisor: tuple[subprocess.Popen[str], str]) -> None:

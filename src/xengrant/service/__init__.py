@@ -2,7 +2,7 @@
 
 - :func:`serve` / ``xengrant hypervisor`` -- run the service on a Unix socket
   (``$XENGRANT_SOCKET``, else ``$XDG_RUNTIME_DIR/xengrant.sock``, else
-  ``/tmp/xengrant-<uid>.sock``).
+  ``xengrant.sock`` in a 0700 directory ``/tmp/xengrant-<uid>/``).
 - :func:`connect` -- join it as a domain: the same guest API as in-process
   (:class:`~xengrant.guest.domain.Domain`), plus ``.xs`` (xenstore) and
   ``.evtchn`` (event channels).  Machine memory is shared (a memfd), so
@@ -13,6 +13,8 @@ Modules: :mod:`~xengrant.service.protocol` (framing, sans-IO),
 :mod:`~xengrant.service.xenstore` and :mod:`~xengrant.service.evtchn`
 (sans-IO cores), :mod:`~xengrant.service.server`,
 :mod:`~xengrant.service.client`, :mod:`~xengrant.service.xenbus`,
+:mod:`~xengrant.service.paths` (socket, token, peer checks),
+:mod:`~xengrant.service.identity` (admission, dom0, attach secrets),
 :mod:`~xengrant.service.cli`.
 """
 
@@ -33,7 +35,9 @@ from .client import (
     stats,
 )
 from .evtchn import EventChannels, EvtchnError
-from .server import Server, default_socket_path, serve
+from .identity import Identity
+from .paths import default_socket_path
+from .server import Server, serve
 from .xenstore import XenStore, XenStoreError
 
 __all__ = [
@@ -41,6 +45,7 @@ __all__ = [
     "EventChannelClient",
     "EventChannels",
     "EvtchnError",
+    "Identity",
     "RemoteDomain",
     "RemoteGntshr",
     "RemoteGnttab",

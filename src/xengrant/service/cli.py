@@ -23,7 +23,8 @@ from ..emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
 from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from . import xenbus
 from .client import connect, debug_key, stats
-from .server import DEFAULT_SPIN, default_socket_path, serve
+from .paths import default_socket_path
+from .server import DEFAULT_SPIN, serve
 
 #: a 4 KiB "ring": request producer + message, response producer + message
 _REQ_PROD, _REQ, _RSP_PROD, _RSP = 0, 64, 2048, 2112
@@ -44,7 +45,18 @@ def add_parser(subparsers: Any) -> None:
         "--socket",
         default=None,
         help="socket path (default: $XENGRANT_SOCKET, else $XDG_RUNTIME_DIR/xengrant.sock, "
-        "else /tmp/xengrant-<uid>.sock)",
+        "else xengrant.sock in a 0700 directory /tmp/xengrant-<uid>/); the dom0 token is "
+        "written beside it (PATH.token, mode 0600)",
+    )
+    p.add_argument(
+        "--allow-uid", type=int, action="append", default=[], metavar="UID",
+        help="admit processes of this uid too (repeat for more; default: only this "
+        "process's uid and root). The socket is then made 0666: put it in a directory "
+        "they can reach",
+    )
+    p.add_argument(
+        "--allow-group", action="append", default=[], metavar="GROUP",
+        help="admit processes whose primary group, or whose user's membership, is GROUP",
     )
     p.add_argument(
         "--memory", type=int, default=DEFAULT_MEMORY >> 20, help="machine memory in MiB"
@@ -68,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
     if args.command != "hypervisor":
         print(f"xengrant: unknown command {args.command}", file=sys.stderr)
         return 2
-    path = args.socket or default_socket_path()
+    try:
+        path = args.socket or default_socket_path(create=True)
+    except OSError as e:
+        print(f"xengrant hypervisor: {e}", file=sys.stderr)
+        return 1
 
     def ready(p: str) -> None:
         print(f"xengrant hypervisor: listening on {p} ({args.memory} MiB)", file=sys.stderr,
@@ -86,9 +102,11 @@ def run(args: argparse.Namespace) -> int:
             max_grant_frames=args.max_grant_frames,
             max_maptrack_frames=args.max_maptrack_frames,
             spin=max(args.poll_us, 0.0) * 1e-6,
+            allow_uids=args.allow_uid,
+            allow_groups=[int(g) if g.isdigit() else g for g in args.allow_group],
             **kw,
         )
-    except OSError as e:
+    except (OSError, KeyError) as e:  # KeyError: an unknown group
         print(f"xengrant hypervisor: {e}", file=sys.stderr)
         return 1
     return 0
@@ -134,8 +152,8 @@ def _service_main(path: str, memory: int, conn: Any) -> None:
     serve(path, memory, ready=lambda p: conn.send(p), log=lambda s: None)
 
 
-def _frontend_main(path: str, domid: int, backend: int, rounds: int) -> None:
-    d = connect(path, domid)
+def _frontend_main(path: str, domid: int, secret: bytes, backend: int, rounds: int) -> None:
+    d = connect(path, domid, secret=secret)
     who = f"frontend d{d.domid}"
     dev = xenbus.frontend_path(d.domid, _KIND, 0)
     be = d.xs.read(f"{dev}/backend").decode()
@@ -170,8 +188,8 @@ def _frontend_main(path: str, domid: int, backend: int, rounds: int) -> None:
     d.close()
 
 
-def _backend_main(path: str, domid: int, frontend: int) -> None:
-    d = connect(path, domid)
+def _backend_main(path: str, domid: int, secret: bytes, frontend: int) -> None:
+    d = connect(path, domid, secret=secret)
     who = f"backend d{d.domid}"
     dev = xenbus.backend_path(d.domid, _KIND, frontend, 0)
     fe = d.xs.read(f"{dev}/frontend").decode()
@@ -244,8 +262,10 @@ def demo_processes(args: argparse.Namespace | None = None, rounds: int = 3) -> i
         _say(who, "create", f"domains d{fe} (frontend) and d{be} (backend); "
                             f"xenstore {fe_dir} <-> {be_dir}")
         procs = [
-            ctx.Process(target=_backend_main, args=(path, be, fe)),
-            ctx.Process(target=_frontend_main, args=(path, fe, be, rounds)),
+            ctx.Process(target=_backend_main, args=(path, be, dom0.domain_secret(be), fe)),
+            ctx.Process(
+                target=_frontend_main, args=(path, fe, dom0.domain_secret(fe), be, rounds)
+            ),
         ]
         for proc in procs:
             proc.start()

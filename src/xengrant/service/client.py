@@ -63,10 +63,10 @@ from ..hypercall import check_rc
 from ..portable import CopySegment, EmulatedGntshr, EmulatedGnttab, GrantRef
 from . import protocol as p
 from .evtchn import EvtchnError
+from .paths import check_server, default_socket_path, read_token, token_path
 from .ring import ClientRing
 from .ring import response_payload as ring_response_payload
 from .ring import response_seq as ring_response_seq
-from .server import default_socket_path
 from .xenstore import XenStoreError
 
 PAGE_SIZE = 4096
@@ -137,7 +137,9 @@ class Channel:
             :attr:`SPIN`; 0: sleep at once).
 
     Raises:
-        OSError: the service is not there (ENOENT, ECONNREFUSED).
+        OSError: the service is not there (ENOENT, ECONNREFUSED);
+            PermissionError if another uid serves the socket
+            (:func:`~xengrant.service.paths.check_server`).
     """
 
     #: Seconds a thread waiting for a reply polls the socket before it sleeps.
@@ -153,6 +155,7 @@ class Channel:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(self.path)
+            check_server(self.sock, self.path)  # before anything (a token) is sent
         except BaseException:
             self.sock.close()
             raise
@@ -2031,6 +2034,8 @@ class RemoteDomain(Domain):
         self._remote_gntshr: RemoteGntshr | None = None
         self._remote_gnttab: RemoteGnttab | None = None
         self.closed = False
+        #: attach secrets of the domains this one created (:meth:`domain_secret`)
+        self.secrets: dict[int, bytes] = {}
 
     def __repr__(self) -> str:
         return f"<RemoteDomain d{self.domid}{' pv' if self.pv else ''} at {self.channel.path}>"
@@ -2061,7 +2066,9 @@ class RemoteDomain(Domain):
     ) -> int:
         """``XEN_DOMCTL_createdomain`` (dom0 only): a domain another process attaches to.
 
-        It is destroyed if this connection closes before anyone attaches.
+        The process attaching needs the domain's secret
+        (:meth:`domain_secret`): ``connect(path, domid, secret=...)``.  The
+        domain is destroyed if this connection closes before anyone attaches.
 
         Raises:
             HypercallError: EPERM (not privileged), EEXIST, EINVAL, ENOMEM.
@@ -2071,7 +2078,17 @@ class RemoteDomain(Domain):
             _create_payload(domid, pv, max_grant_frames, max_maptrack_frames, max_pages),
             "createdomain",
         )
-        return int(p.DOMID.unpack(body)[0])
+        got = int(p.DOMID.unpack_from(body)[0])
+        self.secrets[got] = bytes(body[p.DOMID.size : p.DOMID.size + p.SECRET_SIZE])
+        return got
+
+    def domain_secret(self, domid: int) -> bytes:
+        """The secret that attaches to ``domid``, made by :meth:`create_domain`.
+
+        Raises:
+            KeyError: this domain did not create ``domid``.
+        """
+        return self.secrets[domid]
 
     def destroy_domain(self, domid: int) -> None:
         """``XEN_DOMCTL_destroydomain`` (dom0 only).
@@ -2154,15 +2171,20 @@ def connect(
     timeout: float | None = None,
     spin: float | None = None,
     ring: bool | None = None,
+    secret: bytes | None = None,
 ) -> RemoteDomain:
     """Join a running ``xengrant hypervisor`` as a domain.
 
     Args:
         path: the socket (default: ``$XENGRANT_SOCKET``, then
-            ``$XDG_RUNTIME_DIR/xengrant.sock``, then ``/tmp/xengrant-<uid>.sock``).
-        domid: None for a new domain with the next free id; an id to attach
-            to the domain a privileged domain created with that id, or to
-            create it if there is none.
+            ``$XDG_RUNTIME_DIR/xengrant.sock``, then
+            ``<tmp>/xengrant-<uid>/xengrant.sock``).
+        domid: None for a new domain with the next free id; 0 to become dom0
+            (the service's uid, with the token it wrote beside its socket);
+            another id to attach to the domain dom0 created with it.
+        secret: the attach secret dom0 got for ``domid``
+            (:meth:`RemoteDomain.domain_secret`); for dom0, the token
+            (default: read from :func:`~xengrant.service.paths.token_path`).
         pv: create a PV domain.
         max_grant_frames, max_maptrack_frames, max_pages: limits of a new domain.
         timeout: seconds to wait for each reply (None: forever).
@@ -2176,18 +2198,25 @@ def connect(
         The domain; ``close()`` it (or exit) and the service destroys it.
 
     Raises:
-        OSError: nothing listens at ``path``.
-        HypercallError: EEXIST, EBUSY (attached elsewhere), EINVAL, ENOMEM.
+        OSError: nothing listens at ``path``; PermissionError: another uid
+            serves it, or the token file is not private.
+        ValueError: a domid to attach to without its secret.
+        HypercallError: EPERM (dom0 not to be had), EACCES (not the
+            domain's secret), EINVAL, ENOMEM.
     """
+    if domid not in (None, 0) and secret is None:
+        raise ValueError(f"attaching to d{domid} takes the secret dom0 got for it")
     channel = Channel(path, timeout, spin)
     try:
-        status, body = -errno.ESRCH, b""
-        if domid is not None:
-            status, body = channel.call(p.MSG_ATTACH, p.ATTACH_REQ.pack(p.PROTOCOL_VERSION, domid))
-        if status == -errno.ESRCH:
+        if domid is None or domid == 0:
+            payload = _create_payload(domid, pv, max_grant_frames, max_maptrack_frames, max_pages)
+            if domid == 0:
+                payload += secret if secret is not None else read_token(token_path(channel.path))
+            status, body = channel.call(p.MSG_CREATE, payload)
+        else:
+            assert secret is not None
             status, body = channel.call(
-                p.MSG_CREATE,
-                _create_payload(domid, pv, max_grant_frames, max_maptrack_frames, max_pages),
+                p.MSG_ATTACH, p.ATTACH_REQ.pack(p.PROTOCOL_VERSION, domid) + secret
             )
         if status < 0:
             raise HypercallError("connect", -status, body.decode("utf-8", "replace"))
@@ -2230,31 +2259,48 @@ def _setup_ring(channel: Channel) -> ClientRing | None:
 
 
 # ------------------------------------------------------------ observation
-def stats(path: str | None = None, timeout: float | None = 10.0) -> dict[str, Any]:
+def _token(channel: Channel, token: bytes | None) -> bytes:
+    return token if token is not None else read_token(token_path(channel.path))
+
+
+def stats(
+    path: str | None = None, timeout: float | None = 10.0, token: bytes | None = None
+) -> dict[str, Any]:
     """The service's tables and counts (free frames, domains, pins, ports, xenstore).
 
+    The toolstack's view: it takes the dom0 token (default: read from
+    beside the socket, which only the service's uid can).  At most 1 MiB:
+    a ``"truncated"`` key says what was left out.
+
     Raises:
-        OSError: nothing listens at ``path``.
+        OSError: nothing listens at ``path``; PermissionError: no token to read.
+        HypercallError: EPERM, not the service's token or uid.
     """
     channel = Channel(path, timeout)
     try:
-        body = channel.call_ok(p.MSG_STATS, b"", "stats")
+        body = channel.call_ok(p.MSG_STATS, _token(channel, token), "stats")
         result: dict[str, Any] = json.loads(body)
         return result
     finally:
         channel.close()
 
 
-def debug_key(key: str, path: str | None = None, timeout: float | None = 10.0) -> str:
+def debug_key(
+    key: str, path: str | None = None, timeout: float | None = 10.0, token: bytes | None = None
+) -> str:
     """Press a Xen debug key on the service: ``g``/``G`` grant tables, ``e``, ``x``.
+
+    Takes the dom0 token as :func:`stats` does; the text is cut at 1 MiB
+    (a ``[truncated`` line says so).
 
     Raises:
         OSError: nothing listens at ``path``.
-        HypercallError: EINVAL for an unknown key.
+        HypercallError: EINVAL for an unknown key, EPERM without the token.
     """
     channel = Channel(path, timeout)
     try:
-        return channel.call_ok(p.MSG_DEBUG_KEY, key.encode(), "debug_key").decode()
+        payload = key.encode()[:1] + _token(channel, token)
+        return channel.call_ok(p.MSG_DEBUG_KEY, payload, "debug_key").decode()
     finally:
         channel.close()
 

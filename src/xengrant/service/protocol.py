@@ -30,13 +30,15 @@ Payloads (``q`` = i64, ``Q`` = u64, ``I`` = u32, ``i`` = i32, ``H`` = u16):
 type              request                                      reply body (after status)
 ================  ===========================================  ==========================
 PING              anything (echoed)                            the same bytes
-CREATE            I version, i domid (-1: any), I flags,       I version, H domid,
-                  i max_grant_frames, i max_maptrack_frames,   I flags, Q nr_frames,
-                  q max_pages (-1: none)                       whole p2m, memfd by
-                                                               SCM_RIGHTS
-ATTACH            I version, H domid                           as CREATE
-DOMCTL_CREATE     as CREATE (privileged: a domain to attach)   H domid
-DOMCTL_DESTROY    H domid (privileged)                         --
+CREATE            I version, i domid (-1: the next free one;   I version, H domid,
+                  0: dom0, with the token), I flags,           I flags, Q nr_frames,
+                  i max_grant_frames, i max_maptrack_frames,   whole p2m, memfd by
+                  q max_pages (-1: the service's defaults),    SCM_RIGHTS
+                  [32 bytes: the dom0 token]
+ATTACH            I version, H domid, 32 bytes: its secret     as CREATE
+DOMCTL_CREATE     as CREATE, no token (dom0 only: a domain     H domid, 32 bytes: the
+                  for another process to attach)               secret ATTACH needs
+DOMCTL_DESTROY    H domid (dom0 only)                          --
 CLOSE             -- (destroy my domain now; then hang up)      --
 GNTTAB_OP         I cmd, q count, op structs                   i rc, I n, op structs,
                                                                delta, reasons
@@ -48,8 +50,12 @@ EVTCHN_*          see :mod:`xengrant.service.evtchn`           I port / status f
 XS_*              NUL-separated strings, as xenstored's wire   xenstored's reply body
 UNMAP_NOTIFY_SET  I kind, I key, I offset, I action, I port    --
 UNMAP_NOTIFY_FIRE I kind, I key                                --
-STATS             --                                           JSON
-DEBUG_KEY         1 byte key                                   UTF-8 text
+STATS             -- (dom0), or the dom0 token (unbound)       JSON (at most 1 MiB:
+                                                               "truncated" says what
+                                                               was left out)
+DEBUG_KEY         1 byte key [, the dom0 token (unbound)]      UTF-8 text (at most
+                                                               1 MiB, cut with a
+                                                               "[truncated" line)
 EVENT (async)     --                                           I port
 WATCH_EVENT       --                                           path NUL token NUL
 ================  ===========================================  ==========================
@@ -65,8 +71,8 @@ from collections.abc import Sequence
 from operator import itemgetter
 from typing import NamedTuple
 
-#: 2: column p2m deltas and F_POSTED.
-PROTOCOL_VERSION = 2
+#: 2: column p2m deltas and F_POSTED.  3: the dom0 token, attach secrets.
+PROTOCOL_VERSION = 3
 
 #: ``struct {u32 length; u16 type; u16 flags; u32 seq;}``
 HEADER = struct.Struct("<IHHI")
@@ -137,6 +143,8 @@ CREATE_REQ = struct.Struct("<IiIiiq")
 ATTACH_REQ = struct.Struct("<IH")
 DOMAIN_REPLY = struct.Struct("<IHIQ")
 DOMID = struct.Struct("<H")
+#: Bytes of the dom0 token and of a domain's attach secret.
+SECRET_SIZE = 32
 GNTTAB_REQ = struct.Struct("<Iq")
 ADD_TO_PHYSMAP_REQ = struct.Struct("<IQq")
 U32 = struct.Struct("<I")

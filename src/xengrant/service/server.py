@@ -71,6 +71,8 @@ from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from ..errors import HypercallError
 from . import protocol as p
 from .evtchn import ECS_INTERDOMAIN, ECS_UNBOUND, Delivery, EventChannels, EvtchnError
+from .identity import Identity
+from .paths import Cred, default_socket_path, peer_cred, token_path, write_token
 from .ring import INDICES as RING_INDICES
 from .ring import ServiceRing
 from .ring import request as ring_request
@@ -101,18 +103,6 @@ _NO_DELTA = p.pack_p2m([], [])
 Payload = Union[bytes, memoryview]
 
 
-def default_socket_path() -> str:
-    """The socket path: ``$XENGRANT_SOCKET``, else ``$XDG_RUNTIME_DIR/xengrant.sock``,
-    else ``/tmp/xengrant-<uid>.sock``."""
-    env = os.environ.get("XENGRANT_SOCKET")
-    if env:
-        return env
-    run = os.environ.get("XDG_RUNTIME_DIR")
-    if run and os.path.isdir(run):
-        return os.path.join(run, "xengrant.sock")
-    return f"/tmp/xengrant-{os.getuid()}.sock"
-
-
 @dataclass
 class Notify:
     """An unmap notification (gntdev/gntalloc ``SET_UNMAP_NOTIFY``)."""
@@ -128,10 +118,14 @@ class Notify:
 class Connection:
     """One client socket and what it is bound to."""
 
-    def __init__(self, sock: socket.socket, ident: int) -> None:
+    def __init__(self, sock: socket.socket, ident: int, cred: Cred | None = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.ident = ident
+        #: the peer's credentials (SO_PEERCRED at accept)
+        self.cred = cred if cred is not None else Cred(-1, -1, -1)
+        #: the domain this connection was bound to until dom0 destroyed it
+        self.destroyed: int | None = None
         self.decoder = p.Decoder()
         self.out: deque[tuple[bytes, tuple[int, ...]]] = deque()
         self.out_bytes = 0
@@ -166,9 +160,16 @@ class Server:
             (default: stderr); None to stay quiet.
         spin: seconds a connection's thread polls for the next request after
             answering one, before it sleeps (0: sleep at once).
+        allow_uids: uids admitted besides this process's and root
+            (:class:`~xengrant.service.identity.Identity`).
+        allow_groups: groups (names or gids) whose members are admitted.
+        token_file: write the dom0 token beside the socket
+            (:func:`~xengrant.service.paths.token_path`); else only
+            :attr:`token` gives it (to the process that made this Server).
 
     Raises:
-        OSError: EADDRINUSE if a service already listens at ``path``.
+        OSError: EADDRINUSE if a service already listens at ``path``;
+            PermissionError if the default socket's directory is not private.
     """
 
     def __init__(
@@ -180,8 +181,12 @@ class Server:
         max_maptrack_frames: int = DEFAULT_MAX_MAPTRACK_FRAMES,
         log: Callable[[str], None] | None = None,
         spin: float = DEFAULT_SPIN,
+        allow_uids: Sequence[int] = (),
+        allow_groups: Sequence[int | str] = (),
+        token_file: bool = True,
     ) -> None:
-        self.path = path or default_socket_path()
+        self.path = path or default_socket_path(create=True)
+        self.identity = Identity(allow_uids, allow_groups)
         self.xen = EmbeddedXen(
             memory, max_grant_frames=max_grant_frames, max_maptrack_frames=max_maptrack_frames
         )
@@ -206,7 +211,17 @@ class Server:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stopping = False
-        self.listener = _listen(self.path)
+        self.listener = _listen(self.path, shared=bool(allow_uids or allow_groups))
+        self.token_path: str | None = None
+        if token_file:
+            try:
+                write_token(token_path(self.path), self.identity.token)
+            except BaseException:
+                self.listener.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                raise
+            self.token_path = token_path(self.path)
         self.ep.register(self.listener.fileno(), _EPOLLIN)
         self.ep.register(self._wake_r, _EPOLLIN)
         #: type -> (handler, needs a bound domain); GNTTAB_OP alone takes the
@@ -254,6 +269,11 @@ class Server:
             return True
         d = self.hv.domains.get(domid)
         return d is not None and d.privileged
+
+    @property
+    def token(self) -> bytes:
+        """The dom0 token: claims domid 0, reads STATS and debug keys."""
+        return self.identity.token
 
     @property
     def wake_fd(self) -> int:
@@ -315,6 +335,9 @@ class Server:
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        if self.token_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.token_path)
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -327,9 +350,14 @@ class Server:
             sock, _addr = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        cred = peer_cred(sock)
+        if not self.identity.admits(cred):
+            self.log(f"refused a connection from uid {cred.uid} (pid {cred.pid}): not admitted")
+            sock.close()
+            return
         sock.setblocking(True)  # the reader blocks in recv; sends say MSG_DONTWAIT
         with self.lock:
-            conn = Connection(sock, self._next_ident)
+            conn = Connection(sock, self._next_ident, cred)
             self._next_ident += 1
             self.conns[conn.ident] = conn
             self.by_fd[conn.fd] = conn
@@ -676,6 +704,11 @@ class Server:
                 raise p.ProtocolError(errno.ENOSYS, f"request type {mtype} has no handler")
             handler, needs_domain = entry
             if needs_domain and domid is None:
+                if conn.destroyed is not None:
+                    raise HypercallError(
+                        p.MSG_NAMES.get(mtype, str(mtype)).lower(), errno.ESRCH,
+                        f"d{conn.destroyed} was destroyed by the toolstack",
+                    )
                 raise p.ProtocolError(errno.EPROTO, "no domain: CREATE or ATTACH first")
             if type(payload) is not bytes:
                 payload = bytes(payload)
@@ -762,16 +795,42 @@ class Server:
     def _ping(self, conn: Connection, payload: bytes) -> bytes:
         return self._ok(payload)
 
-    def _new_domain(self, payload: bytes) -> tuple[int, bool]:
-        version, domid, flags, mgf, mmf, max_pages = p.unpack_exact(
-            p.CREATE_REQ, payload, "CREATE"
-        )
+    def _new_domain(self, conn: Connection, payload: bytes, by_dom0: bool) -> tuple[int, bool]:
+        """Create a domain from a CREATE or DOMCTL_CREATE payload.
+
+        Who picks the domid (``XEN_DOMCTL_createdomain``): dom0 may name one;
+        anyone else gets the next free one, handed out incrementally and
+        reused only after the ids wrap (:meth:`Hypervisor._free_domid`, as
+        ``do_domctl``'s ``rover`` does in xen/common/domctl.c), so a process
+        cannot take the id of a domain that just died (and the grants meant
+        for it).  Domid 0 takes the dom0 token and the service's uid, once.
+
+        Raises:
+            HypercallError: EPERM (a domid not to be had), EINVAL, ENOMEM.
+        """
+        head = payload[: p.CREATE_REQ.size]
+        version, domid, flags, mgf, mmf, max_pages = p.unpack_exact(p.CREATE_REQ, head, "CREATE")
+        extra = payload[p.CREATE_REQ.size :]
         if version != p.PROTOCOL_VERSION:
             raise p.ProtocolError(errno.EPROTONOSUPPORT, f"protocol version {version}")
         if flags & ~p.DOMFLAG_PV:
             raise p.ProtocolError(errno.EINVAL, f"unknown domain flags {flags:#x}")
         if domid < -1 or mgf < -1 or mmf < -1 or max_pages < -1:
             raise p.ProtocolError(errno.EINVAL, "negative domain parameter")
+        if extra and (by_dom0 or domid != 0 or len(extra) != p.SECRET_SIZE):
+            raise p.ProtocolError(errno.EBADMSG, f"CREATE: {len(payload)} bytes")
+        if domid == 0:
+            if self.identity.dom0_claimed:
+                raise HypercallError("createdomain", errno.EPERM, "dom0 was claimed already")
+            if not self.identity.is_owner(conn.cred, extra):
+                raise HypercallError(
+                    "createdomain", errno.EPERM,
+                    "dom0 takes the service's uid and its token",
+                )
+        elif domid != -1 and not by_dom0:
+            raise HypercallError(
+                "createdomain", errno.EPERM, f"d{conn.domid} may not choose a domid ({domid})"
+            )
         pv = bool(flags & p.DOMFLAG_PV)
         new = self.hv.create_domain(
             None if domid == -1 else domid,
@@ -780,6 +839,8 @@ class Server:
             max_maptrack_frames=mmf,
             max_pages=None if max_pages == -1 else max_pages,
         )
+        if new == 0:
+            self.identity.dom0_claimed = True
         self.ev.add_domain(new)
         self.xs.make_domain_home(new)
         self.xs.introduce_domain(new)
@@ -796,23 +857,39 @@ class Server:
         )
         return self._ok(body + self._delta(domid, None))  # the p2m so far (PV: table frames)
 
-    def _create(self, conn: Connection, payload: bytes) -> bytes:
+    def _check_unbound(self, conn: Connection) -> None:
         if conn.domid is not None:
             raise p.ProtocolError(errno.EISCONN, f"already bound to d{conn.domid}")
-        domid, _pv = self._new_domain(payload)
+        if conn.destroyed is not None:
+            raise HypercallError(
+                "connect", errno.ESRCH, f"d{conn.destroyed} was destroyed by the toolstack"
+            )
+
+    def _create(self, conn: Connection, payload: bytes) -> bytes:
+        self._check_unbound(conn)
+        domid, _pv = self._new_domain(conn, payload, False)
         return self._bind(conn, domid)
 
     def _attach(self, conn: Connection, payload: bytes) -> bytes:
-        if conn.domid is not None:
-            raise p.ProtocolError(errno.EISCONN, f"already bound to d{conn.domid}")
-        version, domid = p.unpack_exact(p.ATTACH_REQ, payload, "ATTACH")
+        """ATTACH: take a domain dom0 made, with the secret DOMCTL_CREATE gave it."""
+        self._check_unbound(conn)
+        if len(payload) != p.ATTACH_REQ.size + p.SECRET_SIZE:
+            raise p.ProtocolError(
+                errno.EBADMSG,
+                f"ATTACH: {len(payload)} bytes, want {p.ATTACH_REQ.size + p.SECRET_SIZE}",
+            )
+        version, domid = p.ATTACH_REQ.unpack_from(payload)
         if version != p.PROTOCOL_VERSION:
             raise p.ProtocolError(errno.EPROTONOSUPPORT, f"protocol version {version}")
+        if not self.identity.check_secret(domid, payload[p.ATTACH_REQ.size :]):
+            # the same answer whether d<domid> exists or not: nothing to learn
+            raise HypercallError("attach", errno.EACCES, f"d{domid}: not its secret")
         d = self.hv.domains.get(domid)
-        if d is None or d.is_dying:
+        if d is None or d.is_dying:  # pragma: no cover - the secret goes with the domain
             raise HypercallError("attach", errno.ESRCH, f"no domain {domid}")
-        if domid in self.bound:
+        if domid in self.bound:  # pragma: no cover - the secret goes at the first attach
             raise HypercallError("attach", errno.EBUSY, f"d{domid} is attached already")
+        self.identity.forget(domid)
         for other in self.conns.values():
             other.created.discard(domid)
         return self._bind(conn, domid)
@@ -823,9 +900,9 @@ class Server:
 
     def _domctl_create(self, conn: Connection, payload: bytes) -> bytes:
         self._require_privileged(conn, "createdomain")
-        domid, _pv = self._new_domain(payload)
+        domid, _pv = self._new_domain(conn, payload, True)
         conn.created.add(domid)
-        return self._ok(p.DOMID.pack(domid))
+        return self._ok(p.DOMID.pack(domid) + self.identity.new_secret(domid))
 
     def _domctl_destroy(self, conn: Connection, payload: bytes) -> bytes:
         self._require_privileged(conn, "destroydomain")
@@ -849,8 +926,10 @@ class Server:
         """Kill a domain: notifies, mappings, ports, watches, xenstore home, @releaseDomain."""
         d = self.hv.domains.get(domid)
         conn = self.bound.pop(domid, None)
+        self.identity.forget(domid)
         if conn is not None:
             conn.domid = None
+            conn.destroyed = domid  # its next call hears why
             self.xs.release_conn(conn.ident)
         if d is None or d.is_dying:
             return
@@ -1247,6 +1326,7 @@ class Server:
             "domains": doms,
             "evtchn": {str(k): v for k, v in self.ev.snapshot().items()},
             "xenstore": self.xs.dump(),
+            "xenstore_nodes": self.xs.nodes,
             "xenstore_watches": len(self.xs.watches),
             "notifies": sum(len(v) for v in self.notifies.values()),
             "connections": len(self.conns),
@@ -1267,13 +1347,54 @@ class Server:
         return {"req_prod": req_prod, "req_event": req_event, "req_cons": req_cons,
                 "rsp_prod": rsp_prod, "rsp_prod_pvt": rsp_pvt, "rsp_event": rsp_event}
 
+    def _require_toolstack(self, conn: Connection, token: bytes, op: str) -> None:
+        """dom0's connection, or an unbound one of the service's uid with the dom0 token.
+
+        Raises:
+            HypercallError: EPERM otherwise (as ``XEN_SYSCTL_*`` answers a domU).
+        """
+        if conn.domid is not None:
+            if token or not self._privileged(conn.domid):
+                raise HypercallError(op, errno.EPERM, f"d{conn.domid} is not privileged")
+        elif not self.identity.is_owner(conn.cred, token):
+            raise HypercallError(op, errno.EPERM, "dom0 or the service's token only")
+
     def _stats(self, conn: Connection, payload: bytes) -> bytes:
-        return self._ok(json.dumps(self.snapshot(), sort_keys=True).encode())
+        """STATS (dom0's): :meth:`snapshot`, at most :data:`protocol.MAX_PAYLOAD`.
+
+        Too big, the xenstore tree and the pin tables give way to their
+        counts, then domains are left out; ``"truncated"`` says which.
+        """
+        self._require_toolstack(conn, payload, "stats")
+        snap = self.snapshot()
+        limit = p.MAX_PAYLOAD - 4
+        body = json.dumps(snap, sort_keys=True).encode()
+        if len(body) <= limit:
+            return self._ok(body)
+        snap["xenstore"] = {}
+        for dom in snap["domains"].values():
+            dom["active"] = len(dom["active"])
+        snap["truncated"] = {"xenstore": "left out (its node count is xenstore_nodes)",
+                             "active": "counts instead of tables"}
+        body = json.dumps(snap, sort_keys=True).encode()
+        doms = snap["domains"]
+        while len(body) > limit and doms:
+            keep = sorted(doms, key=int)[: len(doms) // 2]
+            left = len(doms) - len(keep)
+            snap["domains"] = doms = {k: doms[k] for k in keep}
+            snap["truncated"]["domains"] = f"{left} more left out"
+            body = json.dumps(snap, sort_keys=True).encode()
+        return self._ok(body)
 
     def _debug_key(self, conn: Connection, payload: bytes) -> bytes:
-        """Xen's debug keys: 'g' grant tables (pinned entries), 'G' every valid entry,
-        'e' event channels, 'x' the xenstore tree."""
-        key = payload.decode("ascii", "replace")
+        """Xen's debug keys (dom0's): 'g' grant tables (pinned entries), 'G' every
+        valid entry, 'e' event channels, 'x' the xenstore tree.
+
+        The text stops at :data:`protocol.MAX_PAYLOAD`, with a ``[truncated``
+        line saying how much was left out.
+        """
+        self._require_toolstack(conn, payload[1:], "debug_key")
+        key = payload[:1].decode("ascii", "replace")
         if key in ("g", "G"):
             text = dump_all(self.hv, all_entries=key == "G")
         elif key == "e":
@@ -1292,7 +1413,17 @@ class Server:
             )
         else:
             raise p.ProtocolError(errno.EINVAL, f"unknown debug key {key!r}")
-        return self._ok(text.encode())
+        return self._ok(truncate(text.encode(), p.MAX_PAYLOAD - 4))
+
+
+def truncate(text: bytes, limit: int) -> bytes:
+    """``text``, cut at a line end to fit ``limit`` bytes with a marker line saying
+    how many bytes were left out."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(b"\n", 0, limit - 80)
+    cut = cut if cut >= 0 else limit - 80
+    return text[:cut] + f"\n[truncated: {len(text) - cut} more bytes]".encode()
 
 
 #: Where each batched op keeps the addresses whose gfns it maps or unmaps:
@@ -1360,8 +1491,9 @@ def _stderr(text: str) -> None:
     print(f"xengrant hypervisor: {text}", file=sys.stderr, flush=True)
 
 
-def _listen(path: str) -> socket.socket:
-    """Bind and listen at ``path`` (mode 0600), replacing a stale socket file.
+def _listen(path: str, shared: bool = False) -> socket.socket:
+    """Bind and listen at ``path`` (mode 0600; 0666 when ``shared``: other uids
+    are admitted, by SO_PEERCRED), replacing a stale socket file.
 
     Raises:
         OSError: EADDRINUSE if something answers there.
@@ -1383,6 +1515,8 @@ def _listen(path: str) -> socket.socket:
         sock.bind(path)
     finally:
         os.umask(old)
+    if shared:
+        os.chmod(path, 0o666)
     sock.listen(64)
     sock.setblocking(False)
     return sock

@@ -188,10 +188,30 @@ class XenStore:
 
     Args:
         is_privileged: whether a domain is privileged (default: only dom0).
+        quota_entries: nodes an unprivileged domain may own
+            (xenstored's ``quota-nb-entry-per-domain``, 1000).
+        quota_watches: watches an unprivileged domain may set
+            (``quota-nb-watch-per-domain``, 128).
+        max_nodes: nodes in all past which unprivileged domains create none
+            (ENOSPC; xenstored bounds its memory per domain instead).
+        max_watches: watches in all past which unprivileged domains set
+            none (E2BIG).
     """
 
-    def __init__(self, is_privileged: Callable[[int], bool] | None = None) -> None:
+    def __init__(
+        self,
+        is_privileged: Callable[[int], bool] | None = None,
+        *,
+        quota_entries: int = QUOTA_ENTRIES,
+        quota_watches: int = QUOTA_WATCHES,
+        max_nodes: int | None = None,
+        max_watches: int | None = None,
+    ) -> None:
         self.is_privileged = is_privileged or (lambda domid: domid == 0)
+        self.quota_entries = quota_entries
+        self.quota_watches = quota_watches
+        self.max_nodes = max_nodes
+        self.max_watches = max_watches
         self.root = Node([Perm(0, XS_PERM_NONE)])
         self.special: dict[str, list[Perm]] = {
             SPECIAL_INTRODUCE: [Perm(0, XS_PERM_NONE)],
@@ -212,6 +232,11 @@ class XenStore:
         c[owner] = c.get(owner, 0) + delta
         if not c[owner]:
             del c[owner]
+
+    @property
+    def nodes(self) -> int:
+        """Nodes in the store."""
+        return sum(self._counts.entries.values())
 
     def owned(self, domid: int) -> int:
         """Nodes ``domid`` owns (what the entry quota counts)."""
@@ -344,8 +369,11 @@ class XenStore:
             missing.append(p)
             p = parent_of(p)
         privileged = self.is_privileged(domid)
-        if not privileged and self.owned(domid) + len(missing) > QUOTA_ENTRIES:
-            raise XenStoreError(errno.ENOSPC, f"d{domid} node quota ({QUOTA_ENTRIES})")
+        if not privileged:
+            if self.owned(domid) + len(missing) > self.quota_entries:
+                raise XenStoreError(errno.ENOSPC, f"d{domid} node quota ({self.quota_entries})")
+            if self.max_nodes is not None and self.nodes + len(missing) > self.max_nodes:
+                raise XenStoreError(errno.ENOSPC, f"the store is full ({self.max_nodes} nodes)")
         parent = self.lookup(p)
         assert parent is not None
         node = parent
@@ -439,8 +467,11 @@ class XenStore:
         for w in self.watches:
             if w.conn == conn and w.path == full and w.token == token:
                 raise XenStoreError(errno.EEXIST, f"watch {path!r} {token!r} exists")
-        if not self.is_privileged(domid) and self.watch_count(domid) > QUOTA_WATCHES:
-            raise XenStoreError(errno.E2BIG, f"d{domid} watch quota ({QUOTA_WATCHES})")
+        if not self.is_privileged(domid):
+            if self.watch_count(domid) > self.quota_watches:
+                raise XenStoreError(errno.E2BIG, f"d{domid} watch quota ({self.quota_watches})")
+            if self.max_watches is not None and len(self.watches) >= self.max_watches:
+                raise XenStoreError(errno.E2BIG, f"watches are full ({self.max_watches})")
         w = Watch(conn, domid, full, token, relative)
         self.watches.append(w)
         self._counts.watches[domid] = self.watch_count(domid) + 1
