@@ -11,6 +11,9 @@
   page directory of grefs (displif.h/sndif.h), both ends, both allocation modes.
 - :func:`portable_backend` -- the portable layer on the emulator or, with
   ``"linux"``/``"auto"``, on real Xen through /dev/xen/gntalloc and gntdev.
+- :class:`FrontRing`, :class:`BackRing` -- io/ring.h shared rings over granted
+  pages, for any ctypes request/response layout (:mod:`xengrant.ring`).
+- :class:`EventPort` -- one bound event-channel port, service or real Xen.
 - :mod:`xengrant.abi` -- Xen's and Linux's constants and structs by C name.
 
 Quick start::
@@ -31,6 +34,7 @@ from . import abi
 from .abi.grant_table import gnttabop_error
 from .embedded import EmbeddedXen
 from .errors import BatchError, Busy, GrantError, GrantTableFull, HypercallError, XenError
+from .evtport import EventPort
 from .guest.domain import Domain, Pages
 from .guest.gnttab import GrantEntry, GrantTable, decode_flags
 from .guest.share import Mapping, Share
@@ -38,15 +42,19 @@ from .hypercall import Hypercalls
 from .linux import portable_backend
 from .pgdir import PgdirBackend, PgdirError, PgdirFrontend
 from .portable import CopySegment, Gntshr, Gnttab, GrantRef
+from .ring import BackRing, FrontRing, RingError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackRing",
     "BatchError",
     "Busy",
     "CopySegment",
     "Domain",
     "EmbeddedXen",
+    "EventPort",
+    "FrontRing",
     "Gntshr",
     "Gnttab",
     "GrantEntry",
@@ -61,6 +69,7 @@ __all__ = [
     "PgdirBackend",
     "PgdirError",
     "PgdirFrontend",
+    "RingError",
     "Share",
     "XenError",
     "abi",
