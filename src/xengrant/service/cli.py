@@ -23,8 +23,10 @@ from ..emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
 from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from . import xenbus
 from .client import connect, debug_key, stats
+from .limits import Limits
 from .paths import default_socket_path
 from .server import DEFAULT_SPIN, serve
+from .xenstore import QUOTA_ENTRIES, QUOTA_WATCHES
 
 #: a 4 KiB "ring": request producer + message, response producer + message
 _REQ_PROD, _REQ, _RSP_PROD, _RSP = 0, 64, 2048, 2112
@@ -61,8 +63,32 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--memory", type=int, default=DEFAULT_MEMORY >> 20, help="machine memory in MiB"
     )
-    p.add_argument("--max-grant-frames", type=int, default=DEFAULT_MAX_GRANT_FRAMES)
-    p.add_argument("--max-maptrack-frames", type=int, default=DEFAULT_MAX_MAPTRACK_FRAMES)
+    lim = p.add_argument_group(
+        "limits", "each domain's default and cap (a domain may ask for less, never more), "
+        "and what the service takes in all (see xengrant/service/limits.py)",
+    )
+    lim.add_argument("--max-grant-frames", type=int, default=DEFAULT_MAX_GRANT_FRAMES,
+                     help="grant-table frames per domain (default %(default)s, as Xen)")
+    lim.add_argument("--max-maptrack-frames", type=int, default=DEFAULT_MAX_MAPTRACK_FRAMES,
+                     help="maptrack frames per domain (default %(default)s, as Xen)")
+    lim.add_argument("--max-pages", type=int, default=None,
+                     help="memory frames per domain (default: a quarter of the machine)")
+    lim.add_argument("--xs-entries", type=int, default=QUOTA_ENTRIES,
+                     help="xenstore nodes an unprivileged domain may own (default %(default)s, "
+                     "as xenstored's quota-nb-entry-per-domain)")
+    lim.add_argument("--xs-watches", type=int, default=QUOTA_WATCHES,
+                     help="xenstore watches per unprivileged domain (default %(default)s)")
+    lim.add_argument("--xs-nodes-total", type=int, default=Limits.xs_nodes_total,
+                     help="xenstore nodes in all (default %(default)s)")
+    lim.add_argument("--xs-watches-total", type=int, default=Limits.xs_watches_total,
+                     help="xenstore watches in all (default %(default)s)")
+    lim.add_argument("--max-connections", type=int, default=None,
+                     help="connections in all (default: what RLIMIT_NOFILE allows, at most 1024)")
+    lim.add_argument("--max-connections-per-uid", type=int, default=None,
+                     help="connections of one uid (default: three quarters of the total)")
+    lim.add_argument("--max-unread", type=int, default=Limits.out_high >> 10, metavar="KIB",
+                     help="KiB of replies a client may leave unread before its requests are "
+                     "no longer read (default %(default)s)")
     p.add_argument(
         "--ready-fd", type=int, default=None,
         help="write the socket path and a newline to this fd once listening, then close it",
@@ -99,14 +125,24 @@ def run(args: argparse.Namespace) -> int:
             path,
             args.memory << 20,
             ready=ready,
-            max_grant_frames=args.max_grant_frames,
-            max_maptrack_frames=args.max_maptrack_frames,
+            limits=Limits(
+                max_pages=args.max_pages,
+                max_grant_frames=args.max_grant_frames,
+                max_maptrack_frames=args.max_maptrack_frames,
+                xs_entries=args.xs_entries,
+                xs_watches=args.xs_watches,
+                xs_nodes_total=args.xs_nodes_total,
+                xs_watches_total=args.xs_watches_total,
+                conns_total=args.max_connections,
+                conns_per_uid=args.max_connections_per_uid,
+                out_high=max(args.max_unread, 64) << 10,
+            ),
             spin=max(args.poll_us, 0.0) * 1e-6,
             allow_uids=args.allow_uid,
             allow_groups=[int(g) if g.isdigit() else g for g in args.allow_group],
             **kw,
         )
-    except (OSError, KeyError) as e:  # KeyError: an unknown group
+    except (OSError, KeyError, ValueError) as e:  # an unknown group, a limit below 1
         print(f"xengrant hypervisor: {e}", file=sys.stderr)
         return 1
     return 0

@@ -49,6 +49,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -72,14 +73,15 @@ from ..errors import HypercallError
 from . import protocol as p
 from .evtchn import ECS_INTERDOMAIN, ECS_UNBOUND, Delivery, EventChannels, EvtchnError
 from .identity import Identity
+from .limits import Limits, RateLimitedLog
 from .paths import Cred, default_socket_path, peer_cred, token_path, write_token
 from .ring import INDICES as RING_INDICES
 from .ring import ServiceRing
 from .ring import request as ring_request
 from .xenstore import XenStore, XenStoreError
 
-#: A connection with this much output queued (it stopped reading) is dropped.
-MAX_OUTBUF = 64 << 20
+#: Seconds between tries to accept when accept() fails (EMFILE...): doubled up to the max.
+ACCEPT_BACKOFF = (0.01, 1.0)
 #: Seconds a connection's thread polls for the next request after answering one.
 DEFAULT_SPIN = 100e-6
 _RECV = 1 << 18
@@ -140,6 +142,12 @@ class Connection:
         self.reader: threading.Thread | None = None
         #: the request ring, once the client asked for one (MSG_RING_SETUP)
         self.ring: ServiceRing | None = None
+        #: requests read but not handled: the connection is throttled
+        self.pending: deque[p.Frame] = deque()
+        #: its reader waits for the output to drain (it stopped reading)
+        self.throttled = False
+        #: notified (under the service lock) when the output drained, or it died
+        self.drained: threading.Condition | None = None
 
     def __repr__(self) -> str:
         return f"<conn {self.ident} d{self.domid}>"
@@ -154,8 +162,8 @@ class Server:
     Args:
         path: the Unix socket path.
         memory: bytes of machine memory.
-        max_grant_frames: per-domain default (Xen: 64).
-        max_maptrack_frames: per-domain default (Xen: 1024).
+        max_grant_frames: per-domain default and cap (Xen: 64), unless ``limits``.
+        max_maptrack_frames: per-domain default and cap (Xen: 1024), unless ``limits``.
         log: where to report client misbehaviour and handler failures
             (default: stderr); None to stay quiet.
         spin: seconds a connection's thread polls for the next request after
@@ -166,6 +174,7 @@ class Server:
         token_file: write the dom0 token beside the socket
             (:func:`~xengrant.service.paths.token_path`); else only
             :attr:`token` gives it (to the process that made this Server).
+        limits: the operator's limits (:class:`~xengrant.service.limits.Limits`).
 
     Raises:
         OSError: EADDRINUSE if a service already listens at ``path``;
@@ -184,17 +193,41 @@ class Server:
         allow_uids: Sequence[int] = (),
         allow_groups: Sequence[int | str] = (),
         token_file: bool = True,
+        limits: Limits | None = None,
     ) -> None:
         self.path = path or default_socket_path(create=True)
         self.identity = Identity(allow_uids, allow_groups)
+        if limits is None:
+            limits = Limits(max_grant_frames=max_grant_frames,
+                            max_maptrack_frames=max_maptrack_frames)
         self.xen = EmbeddedXen(
-            memory, max_grant_frames=max_grant_frames, max_maptrack_frames=max_maptrack_frames
+            memory, max_grant_frames=limits.max_grant_frames,
+            max_maptrack_frames=limits.max_maptrack_frames,
         )
+        #: the operator's limits (service/limits.py)
+        self.limits = limits.resolve(self.xen.nr_frames)
         self.hv = self.xen.hv
-        self.xs = XenStore(self._privileged)
+        self.xs = XenStore(
+            self._privileged, quota_entries=limits.xs_entries, quota_watches=limits.xs_watches,
+            max_nodes=limits.xs_nodes_total, max_watches=limits.xs_watches_total,
+        )
         self.xs.mkdir(0, "/local/domain")  # what the host's init scripts leave
         self.ev = EventChannels(self._privileged)
         self.log = log if log is not None else _stderr
+        #: lines about one connection (or uid), rate-limited
+        self._warn = RateLimitedLog(self.log, limits.log_burst, limits.log_interval)
+        #: what the service refused, throttled or preempted (in STATS)
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("refused_uid", "refused_conns", "accept_errors", "throttled", "dropped_unread",
+             "preempted_batches", "batch_yields", "teardown_yields"), 0,
+        )
+        #: connections per uid
+        self._per_uid: dict[int, int] = {}
+        #: the listener is off epoll until then (accept failed: back off)
+        self._accept_again = 0.0
+        self._accept_wait = ACCEPT_BACKOFF[0]
+        #: called with the lock given up at every preemption point (tests)
+        self.on_preempt: Callable[[str], None] | None = None
         #: seconds a connection's thread polls for the next request after one
         self.spin = spin
         self.bound: dict[int, Connection] = {}
@@ -299,7 +332,14 @@ class Server:
         listen_fd = self.listener.fileno()
         try:
             while not self._stopping:
-                for fd, mask in poll():
+                timeout = -1.0
+                if self._accept_again:  # backing off: take the listener back then
+                    timeout = self._accept_again - time.monotonic()
+                    if timeout <= 0:
+                        self._accept_again = 0.0
+                        self.ep.register(listen_fd, _EPOLLIN)
+                        timeout = -1.0
+                for fd, mask in poll(timeout):
                     if fd == listen_fd:
                         self._accept()
                     elif fd == self._wake_r:
@@ -312,6 +352,11 @@ class Server:
                                 continue
                             if mask & _EPOLLOUT:
                                 self._flush(conn)
+                                self._reap()
+                            if mask & _HANGUP and conn.throttled:
+                                # it reads no more and we read none of its
+                                # requests: nothing left to wait for
+                                self._schedule_close(conn)
                                 self._reap()
                         if mask & _HANGUP and conn.reader is not None:
                             # Its last requests and its hang-up are handled
@@ -346,27 +391,68 @@ class Server:
 
     # ----------------------------------------------------------- sockets
     def _accept(self) -> None:
+        """Accept one connection: admitted uids only, within the connection limits.
+
+        A failing ``accept`` (EMFILE, ENFILE, ENOBUFS, ENOMEM) or thread start
+        never ends the service: the listener leaves epoll for a while
+        (doubling from 10 ms to 1 s), and connections wait in the backlog.
+        """
         try:
             sock, _addr = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        cred = peer_cred(sock)
+        except OSError as e:
+            self._accept_backoff(f"accept: {e}")
+            return
+        self._accept_wait = ACCEPT_BACKOFF[0]
+        try:
+            cred = peer_cred(sock)
+        except OSError:  # pragma: no cover - a Unix socket always has one
+            sock.close()
+            return
+        lim = self.limits
+        why = ""
         if not self.identity.admits(cred):
-            self.log(f"refused a connection from uid {cred.uid} (pid {cred.pid}): not admitted")
+            why, counter = "not admitted", "refused_uid"
+        elif len(self.conns) >= (lim.conns_total or 0):
+            why, counter = f"{lim.conns_total} connections in all", "refused_conns"
+        elif self._per_uid.get(cred.uid, 0) >= (lim.conns_per_uid or 0):
+            why, counter = f"{lim.conns_per_uid} connections of uid {cred.uid}", "refused_conns"
+        if why:
+            self.counters[counter] += 1
+            self._warn(("uid", cred.uid), f"refused uid {cred.uid} (pid {cred.pid}): {why}")
             sock.close()
             return
         sock.setblocking(True)  # the reader blocks in recv; sends say MSG_DONTWAIT
         with self.lock:
             conn = Connection(sock, self._next_ident, cred)
+            conn.drained = threading.Condition(self.lock)
             self._next_ident += 1
             self.conns[conn.ident] = conn
             self.by_fd[conn.fd] = conn
+            self._per_uid[cred.uid] = self._per_uid.get(cred.uid, 0) + 1
             self.ep.register(conn.fd, _HANGUP)
             conn.reader = threading.Thread(
                 target=self._read_loop, args=(conn,), name=f"xengrant-conn-{conn.ident}",
                 daemon=True,
             )
-        conn.reader.start()
+        try:
+            conn.reader.start()
+        except RuntimeError as e:  # can't start new thread
+            with self.lock:
+                conn.reader = None
+                self._schedule_close(conn)
+                self._reap()
+            self._accept_backoff(f"thread: {e}")
+
+    def _accept_backoff(self, why: str) -> None:
+        """Take the listener off epoll for a while (see :meth:`_accept`)."""
+        self.counters["accept_errors"] += 1
+        self._warn("accept", f"{why}; accepting again in {self._accept_wait * 1e3:.0f} ms")
+        with contextlib.suppress(OSError):
+            self.ep.unregister(self.listener.fileno())
+        self._accept_again = time.monotonic() + self._accept_wait
+        self._accept_wait = min(self._accept_wait * 2, ACCEPT_BACKOFF[1])
 
     def _read_loop(self, conn: Connection) -> None:
         """A connection's thread: read, handle under the lock, until the socket ends."""
@@ -376,8 +462,16 @@ class Server:
         lock = self.lock
         recv_wait = _cext.recv_wait
         spin_ns = 0  # no request yet: nothing to expect soon
+        high = self.limits.out_high
         try:
             while True:
+                if conn.pending or conn.out_bytes > high:
+                    with lock:  # it stopped reading: read none of its requests
+                        self._throttle(conn)
+                        if self._to_close:
+                            self._reap()
+                        if conn.dead:
+                            break
                 ring = conn.ring
                 try:
                     # A client that just got a reply often sends the next
@@ -391,7 +485,7 @@ class Server:
                 except OSError:
                     n = 0
                 except Exception as e:  # bogus ring indices (ValueError), MemoryError...
-                    self.log(f"{conn!r}: {e!r}; dropping it")
+                    self._warn(conn.ident, f"{conn!r}: {e!r}; dropping it")
                     n = 0
                 with lock:
                     if conn.dead:
@@ -415,10 +509,50 @@ class Server:
             if ring is not None:
                 ring.close()
 
+    def _throttle(self, conn: Connection) -> None:
+        """A connection whose replies pile up (caller holds the lock).
+
+        Its thread reads none of its requests while more than
+        ``limits.out_high`` bytes wait for it, and goes on (with the requests
+        it read already, :attr:`Connection.pending`) once they are below half
+        that: the main thread writes them out as the socket takes them.
+        """
+        high = self.limits.out_high
+        low = high // 2
+        drained = conn.drained
+        while not conn.dead:
+            if conn.out_bytes > low and (conn.pending or conn.out_bytes > high):
+                if conn.out and not conn.want_write:
+                    self._flush(conn)  # what it has not been sent, posted replies too
+                    continue
+                if drained is None:  # pragma: no cover - a test's Connection
+                    return
+                if not conn.throttled:
+                    conn.throttled = True
+                    self.counters["throttled"] += 1
+                drained.wait()  # gives the lock up meanwhile
+                continue
+            conn.throttled = False
+            if not conn.pending:
+                return
+            frames = conn.pending
+            while frames and conn.out_bytes <= high and not conn.dead:
+                f = frames.popleft()
+                self._request(conn, f.type, f.flags, f.seq, f.payload, f.length, hold=True)
+            if conn.flush_due and not conn.want_write and not conn.dead:
+                self._flush(conn)
+            if self._deliveries or self.xs.events:
+                self._dispatch_async()
+
     def _on_data(self, conn: Connection, rbuf: memoryview, n: int) -> None:
-        """Handle the ``n`` bytes just read into ``rbuf`` (caller holds the lock)."""
+        """Handle the ``n`` bytes just read into ``rbuf`` (caller holds the lock).
+
+        Requests left once ``limits.out_high`` bytes of replies wait for the
+        connection are kept in :attr:`Connection.pending` (:meth:`_throttle`).
+        """
         dec = conn.decoder
         pos = first_op = 0
+        high = self.limits.out_high
         if dec.idle and SERVE_FASTPATH and gnttab_map.FASTPATH and conn.domid is not None:
             pos, first_op = self._serve_fast(conn, rbuf, n)
         if dec.idle:
@@ -426,7 +560,10 @@ class Server:
             # (their handlers are done with it before the next recv_into).
             unpack = p.HEADER.unpack_from
             limit = p.MAX_PAYLOAD
-            while n - pos >= p.HEADER_SIZE and not conn.dead:
+            while (
+                n - pos >= p.HEADER_SIZE and not conn.dead
+                and (first_op or conn.out_bytes <= high)
+            ):
                 length, mtype, flags, seq = unpack(rbuf, pos)
                 start = pos + p.HEADER_SIZE
                 if length > limit or n - start < length:
@@ -437,8 +574,12 @@ class Server:
                 )
                 first_op = 0
         if pos < n and not conn.dead:
-            for frame in dec.feed(rbuf[pos:n]):
+            frames = dec.feed(rbuf[pos:n])
+            for i, frame in enumerate(frames):
                 if conn.dead:
+                    break
+                if conn.out_bytes > high:
+                    conn.pending.extend(frames[i:])
                     break
                 self._request(
                     conn, frame.type, frame.flags, frame.seq, frame.payload, frame.length,
@@ -516,7 +657,7 @@ class Server:
                 self._request(conn, p.MSG_GNTTAB_OP, flags, seq, payload, len(payload), hold=True)
                 _cext.ring_redirect(ring.mem, ring.state, seq, cmd, ring.cli_kick)
         except Exception as e:  # bogus indices (ValueError), or an op without its reply
-            self.log(f"{conn!r}: {e!r}; dropping it")
+            self._warn(conn.ident, f"{conn!r}: {e!r}; dropping it")
             self._schedule_close(conn)
             return
         if conn.flush_due and not conn.want_write and not conn.dead:
@@ -559,7 +700,7 @@ class Server:
             )
         except Exception as e:  # pragma: no cover - MemoryError and the like
             # an op may have run without its reply: the connection cannot go on
-            self.log(f"{conn!r}: GNTTAB_OP fast path failed: {e!r}; dropping it")
+            self._warn(conn.ident, f"{conn!r}: GNTTAB_OP fast path failed: {e!r}; dropping it")
             self._schedule_close(conn)
             return n, 0
         if fd >= 0 and answered and pos == n:  # C sent (see serve_gnttab)
@@ -616,16 +757,27 @@ class Server:
             # the main thread writes the rest when the socket has room
             conn.want_write = want
             self.ep.modify(conn.fd, _HANGUP | (_EPOLLOUT if want else 0))
+        if conn.throttled and conn.out_bytes <= self.limits.out_high // 2:
+            assert conn.drained is not None
+            conn.drained.notify_all()
 
     def _schedule_close(self, conn: Connection) -> None:
         if not conn.dead:
             conn.dead = True
             self._to_close.append(conn)
+            if conn.drained is not None:
+                conn.drained.notify_all()  # a throttled reader: stop waiting
 
     def _reap(self) -> None:
         while self._to_close:
             conn = self._to_close.pop()
-            self.conns.pop(conn.ident, None)
+            if self.conns.pop(conn.ident, None) is not None:
+                left = self._per_uid.get(conn.cred.uid, 1) - 1
+                if left > 0:
+                    self._per_uid[conn.cred.uid] = left
+                else:
+                    self._per_uid.pop(conn.cred.uid, None)
+            self._warn.forget(conn.ident)
             if self.by_fd.pop(conn.fd, None) is not None:
                 with contextlib.suppress(Exception):
                     self.ep.unregister(conn.fd)
@@ -714,7 +866,7 @@ class Server:
                 payload = bytes(payload)
             body = handler(conn, payload)
             if len(body) > p.MAX_PAYLOAD:  # pragma: no cover - replies mirror bounded requests
-                self.log(f"{conn!r}: reply of {len(body)} bytes over the limit")
+                self._warn(conn.ident, f"{conn!r}: reply of {len(body)} bytes over the limit")
             reply = p.HEADER.pack(len(body), mtype, p.F_REPLY, seq) + body
         except Exception as e:
             reply = self._error_reply(conn, mtype, seq, e)
@@ -724,14 +876,15 @@ class Server:
     def _error_reply(self, conn: Connection, mtype: int, seq: int, e: Exception) -> bytes:
         """The error reply for a request whose handler raised ``e`` (logged if unexpected)."""
         if isinstance(e, p.ProtocolError):
-            self.log(f"{conn!r}: {p.MSG_NAMES.get(mtype, mtype)}: {e}")
+            self._warn(conn.ident, f"{conn!r}: {p.MSG_NAMES.get(mtype, mtype)}: {e}")
             return p.encode_error(mtype, seq, e.errno, str(e))
         if isinstance(e, (XenStoreError, EvtchnError)):
             return p.encode_error(mtype, seq, e.errno or errno.EIO, e.detail)
         if isinstance(e, HypercallError):
             return p.encode_error(mtype, seq, e.errno or errno.EIO, str(e))
         # never let a request take the service down
-        self.log(
+        self._warn(
+            conn.ident,
             f"{conn!r}: {p.MSG_NAMES.get(mtype, mtype)} failed:\n"
             + "".join(traceback.format_exception(type(e), e, e.__traceback__))
         )
@@ -745,8 +898,9 @@ class Server:
             return
         conn.out.append((reply, fds))
         conn.out_bytes += len(reply)
-        if conn.out_bytes > MAX_OUTBUF:
-            self.log(f"{conn!r}: {conn.out_bytes} bytes unread, dropping it")
+        if conn.out_bytes > self.limits.out_max:  # async messages piled on a throttled one
+            self._warn(conn.ident, f"{conn!r}: {conn.out_bytes} bytes unread, dropping it")
+            self.counters["dropped_unread"] += 1
             self._schedule_close(conn)
             return
         if flags == p.F_POSTED:
@@ -832,12 +986,13 @@ class Server:
                 "createdomain", errno.EPERM, f"d{conn.domid} may not choose a domid ({domid})"
             )
         pv = bool(flags & p.DOMFLAG_PV)
+        max_pages, mgf, mmf = self.limits.domain(max_pages, mgf, mmf)
         new = self.hv.create_domain(
             None if domid == -1 else domid,
             pv=pv,
             max_grant_frames=mgf,
             max_maptrack_frames=mmf,
-            max_pages=None if max_pages == -1 else max_pages,
+            max_pages=max_pages,
         )
         if new == 0:
             self.identity.dom0_claimed = True
@@ -1000,6 +1155,8 @@ class Server:
             delta = _ONE_DELTA.pack(1, gfn, mfn, p2mt)
         else:
             delta = self._delta(domid, touched)
+        if cmd not in gt.GNTTABOP_STRUCTS:  # an unknown command: -ENOSYS and nothing else
+            uop = uop[:0]
         size = len(uop)
         return b"".join((
             _GNTTAB_REPLY.pack(12 + size + len(delta) + len(tail), p.MSG_GNTTAB_OP, p.F_REPLY,
@@ -1447,6 +1604,8 @@ _NO_P2M = frozenset(
         gt.GNTTABOP_cache_flush,
     }
 )
+#: Ops that may change any gfn of the caller (its table frames): the whole p2m goes back.
+_ANY_P2M = frozenset({gt.GNTTABOP_setup_table, gt.GNTTABOP_set_version})
 _U64 = struct.Struct("<Q")
 #: ops whose one op changes at most the gfn of its host_addr (u64 at offset 0)
 _ONE_GFN = (gt.GNTTABOP_map_grant_ref, gt.GNTTABOP_unmap_grant_ref)
@@ -1463,8 +1622,8 @@ def _gfns_touched(cmd: int, uop: memoryview, count: int) -> list[int] | None:
 
     The addresses are read as a strided ``u64`` view and shifted by a C loop.
     """
-    if cmd in _NO_P2M:
-        return []
+    if cmd in _NO_P2M or (cmd not in _ANY_P2M and cmd not in _ADDR_FIELDS):
+        return []  # an unknown command changes nothing: -ENOSYS, no p2m
     fields = _ADDR_FIELDS.get(cmd)
     if fields is None:
         return None
