@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from grant_helpers import hv_state
 from xengrant import _cext, abi
+from xengrant.emu import gnttab_map
 from xengrant.service import protocol as p
 from xengrant.service import server
 from xengrant.service.server import Connection, Server
@@ -81,14 +82,16 @@ class World:
 
     def push(self, chunk: bytes) -> None:
         """``_on_data`` of ``chunk`` (the C path on or off, as this world's)."""
-        old = server.SERVE_FASTPATH
+        old, old_map = server.SERVE_FASTPATH, gnttab_map.FASTPATH
         server.SERVE_FASTPATH = self.fast
+        # the service's C serving needs the map fast path (off under XENGRANT_FASTPATH=0)
+        gnttab_map.FASTPATH = old_map or self.fast
         try:
             self.buf[: len(chunk)] = chunk
             with self.srv.lock:
                 self.srv._on_data(self.conn, self.buf, len(chunk))
         finally:
-            server.SERVE_FASTPATH = old
+            server.SERVE_FASTPATH, gnttab_map.FASTPATH = old, old_map
 
     def feed(self, chunk: bytes) -> bytes:
         """``_on_data`` of ``chunk``; the bytes the service sent back."""

@@ -9,7 +9,15 @@ one at a time, in order, whichever code ran them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+
+#: Whether the C runs start switched on (``gnttab_map.FASTPATH``,
+#: ``gnttab_copy.FASTPATH``, and with the first the service's C serving).
+#: ``XENGRANT_FASTPATH=0`` in the environment switches them off, in this
+#: process and in the services it starts, so that every op runs the Python
+#: rules (scripts/mutation.sh mutates those).
+FASTPATH_DEFAULT = os.environ.get("XENGRANT_FASTPATH", "1") != "0"
 
 
 def run_batch(count: int, one: Callable[[int], None], fast: Callable[[int], int] | None) -> None:

@@ -53,7 +53,7 @@ from ..abi.grant_table import (
     GTF_type_mask,
     GTF_writing,
 )
-from .batch import run_batch
+from .batch import FASTPATH_DEFAULT, run_batch
 from .domain import DomainState
 from .entry import clear_flags, get_paged_frame, set_status
 from .gnttab_map import _undo_pin
@@ -77,8 +77,9 @@ _STATUS = struct.Struct("<h")
 
 #: Run the common success case of consecutive ops in C (``_cext.copy_run``);
 #: any op it does not take (every error, v2 tables, pinned or dying grants,
-#: frames not in the p2m) runs through :func:`copy_one`.  Tests switch it off.
-FASTPATH = True
+#: frames not in the p2m) runs through :func:`copy_one`.  Tests switch it off;
+#: ``XENGRANT_FASTPATH=0`` starts it off (:data:`.batch.FASTPATH_DEFAULT`).
+FASTPATH = FASTPATH_DEFAULT
 
 
 #: The grant a transitive entry's copy pin holds underneath: ``(td, trans_gref)``

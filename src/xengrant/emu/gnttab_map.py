@@ -34,7 +34,7 @@ from ..abi.grant_table import (
     GTF_reading,
     GTF_writing,
 )
-from .batch import run_batch
+from .batch import FASTPATH_DEFAULT, run_batch
 from .domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW, DomainState
 from .entry import clear_flags, get_paged_frame, set_status
 from .grant_table import (
@@ -71,8 +71,9 @@ _MAP_KINDS = GNTMAP_host_map | GNTMAP_device_map
 #: (``_cext.map_run``), and of consecutive unmap ops (a host-only mapping of
 #: a v1 grant whose frame keeps a reference) in C (``_cext.unmap_run``); any
 #: op they do not take runs through :func:`map_grant_ref` /
-#: :func:`unmap_grant_ref`.  Tests switch it off.
-FASTPATH = True
+#: :func:`unmap_grant_ref`.  Tests switch it off;
+#: ``XENGRANT_FASTPATH=0`` starts it off (:data:`.batch.FASTPATH_DEFAULT`).
+FASTPATH = FASTPATH_DEFAULT
 
 
 def _undo_pin(mem: memoryview, g: GrantTableState, ref: int, act: ActiveGrant, ro: bool) -> None:
