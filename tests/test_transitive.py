@@ -235,3 +235,36 @@ def test_transitive_needs_a_v2_table(make_domain: MakeDomain) -> None:
     ref = a.grant_table.get()
     with pytest.raises(ValueError, match="v2"):
         a.grant_table.grant_access_transitive(ref, b.domid, b.domid, 0)
+
+
+@pytest.mark.parametrize("case", ["unknown trans_domid", "self-referential", "nested"])
+def test_bad_transitive_grant_as_copy_destination_clears_gtf_writing(
+    xen: Xen, make_domain: MakeDomain, fastpath: None, case: str
+) -> None:
+    """acquire_grant_for_copy, destination side (readonly false): _set_status_v2 set
+    GTF_reading|GTF_writing on B's entry before the transitive checks failed;
+    ``unlock_out_clear`` must clear GTF_writing as well as GTF_reading."""
+    ch = Chain(make_domain)
+    if case == "unknown trans_domid":
+        ch.transitive(trans_domid=0x7FEE)
+    elif case == "self-referential":
+        ch.transitive(trans_domid=ch.b.domid)
+    else:
+        d = make_domain()
+        ch.a.grant_table.try_end_access(ch.aref)
+        ch.a.grant_table.set_version(2)
+        ch.aref = ch.a.grant_table.get()
+        dref = d.grant_table.get()
+        d.grant_table.grant_access(dref, ch.a.domid, d.alloc_pages(1).gfns[0])
+        ch.a.grant_table.grant_access_transitive(ch.aref, ch.b.domid, d.domid, dref)
+        ch.transitive()
+    ch.mine.mem[:8] = b"C writes"
+    before = snapshot(xen, ch.a, ch.b, ch.c)
+    st = copy(ch.c, ((ch.mine.gfns[0], SELF, 0), (ch.tref, ch.b.domid, 0), 8, DST))
+    assert st == [abi.GNTST_general_error]
+    assert status_of(xen, ch.b.domid, ch.tref) == 0  # neither writing nor reading left
+    assert snapshot(xen, ch.a, ch.b, ch.c) == before
+    assert bytes(ch.page.mem[:8]) != b"C writes"
+    ch.idle(xen)
+    # B can end access at once: no flag is left for its cmpxchg to trip over
+    ch.b.grant_table.try_end_access(ch.tref, release_ref=True)

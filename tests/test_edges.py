@@ -1,0 +1,262 @@
+"""Edges no other test reaches: gfn 0, the default limits, growth that fails,
+a map hypercall that fails as a whole, and the text the guest API prints.
+
+Each rule cites the Xen 4.17 function it follows (xen/common/grant_table.c
+unless said otherwise).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import Any
+
+import pytest
+
+import xengrant
+from grant_helpers import (
+    HOST,
+    MakeDomain,
+    Xen,
+    active,
+    grant,
+    in_use,
+    map1,
+    ram,
+    read,
+    unmap1,
+)
+from xengrant import abi
+from xengrant.emu.gnttab_setup import INVALID_GFN
+from xengrant.emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES, MAPTRACK_PER_PAGE
+from xengrant.errors import GrantTableFull, HypercallError
+from xengrant.guest.gnttab import GrantEntry, decode_flags
+from xengrant.guest.memory import GNTTAB_STATUS_GFN_BASE
+
+
+def _setup_table(dom: xengrant.Domain, nr_frames: int, frame_list: int) -> int:
+    op = abi.gnttab_setup_table(dom=abi.DOMID_SELF, nr_frames=nr_frames, frame_list=frame_list)
+    assert dom.grant_table_op(abi.GNTTABOP_setup_table, op) == 0
+    return int(op.status)
+
+
+def _holds(dom: xengrant.Domain, gfn: int) -> bool:
+    """Whether ``gfn`` of ``dom`` has a frame behind it (its MMU would not fault)."""
+    try:
+        dom.view([gfn], False).close()
+    except HypercallError as e:
+        assert e.errno == errno.EFAULT
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ gfn 0
+def test_grant_mapped_at_gfn_0_is_released_with_its_dying_mapper(
+    xen: Xen, make_domain: MakeDomain
+) -> None:
+    """gnttab_release_mappings undoes a host mapping wherever it is, gfn 0 too."""
+    front, back = make_domain(), make_domain()
+    ref, _gfn = grant(front, back.domid, data=b"at zero")
+    mop = map1(back, front.domid, ref, HOST, gfn=0)
+    assert mop.status == abi.GNTST_okay
+    assert read(back, 0, 7) == b"at zero"
+    assert active(xen, front.domid) == 1 and in_use(xen, back.domid) == 1
+    xen.destroy_domain(back.domid)
+    assert active(xen, front.domid) == 0
+    assert front.grant_table.entry(ref).flags == abi.GTF_permit_access
+    front.grant_table.try_end_access(ref, release_ref=True)
+
+
+def test_unmap_with_host_addr_0_leaves_the_host_mapping(xen: Xen, make_domain: MakeDomain) -> None:
+    """unmap_common: ``op->host_addr && (map->flags & GNTMAP_host_map)`` -- a host_addr
+    of 0 names no host mapping, so a grant mapped at gfn 0 stays mapped (status okay,
+    handle still live); only the domain's death releases it."""
+    front, back = make_domain(), make_domain()
+    ref, _gfn = grant(front, back.domid)
+    mop = map1(back, front.domid, ref, HOST, gfn=0)
+    assert mop.status == abi.GNTST_okay
+    assert _holds(back, 0)
+    for _ in range(2):
+        assert unmap1(back, mop) == abi.GNTST_okay
+        assert _holds(back, 0)
+        assert active(xen, front.domid) == 1 and in_use(xen, back.domid) == 1
+    xen.destroy_domain(back.domid)
+    assert active(xen, front.domid) == 0
+    front.grant_table.try_end_access(ref, release_ref=True)
+
+
+def test_table_frame_at_gfn_0_is_listed_and_moved(xen: Xen, make_domain: MakeDomain) -> None:
+    """gnttab_setup_table lists a translated guest's frame where it is (gnttab_shared_gfn):
+    gfn 0 is a place like any other, not INVALID_GFN; moving the frame away leaves
+    gfn 0 a hole (xenmem_add_to_physmap_one removes the old gfn)."""
+    a = make_domain(max_grant_frames=4)
+    (buf,) = ram(a)
+    assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 1, 0) == 0
+    assert _setup_table(a, 2, buf << 12) == abi.GNTST_okay
+    # frame 0 was never placed (the guest API would put it at GNTTAB_GFN_BASE)
+    assert struct.unpack("<2Q", read(a, buf, 16)) == (INVALID_GFN, 0)
+    assert _holds(a, 0)
+    assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 1, 0x7100) == 0
+    assert not _holds(a, 0)
+    assert _setup_table(a, 3, buf << 12) == abi.GNTST_okay
+    assert struct.unpack("<3Q", read(a, buf, 24)) == (INVALID_GFN, 0x7100, INVALID_GFN)
+
+
+def test_status_frame_at_gfn_0_goes_with_v1(xen: Xen, make_domain: MakeDomain) -> None:
+    """gnttab_unpopulate_status_frames: back to v1, the status frame leaves the physmap,
+    gfn 0 included."""
+    a = make_domain()
+    a.grant_table.set_version(2)
+    status = abi.XENMAPIDX_grant_table_status
+    assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, status | 0, 0) == 0
+    assert _holds(a, 0) and not _holds(a, GNTTAB_STATUS_GFN_BASE)
+    a.grant_table.set_version(1)
+    assert not _holds(a, 0)
+
+
+# ----------------------------------------------------------------- limits
+def test_default_maptrack_limit_is_1024_frames(xen: Xen, make_domain: MakeDomain) -> None:
+    """opt_max_maptrack_frames defaults to 1024 pages of 256 16-byte grant_mappings;
+    the toolstack's -1 means that default."""
+    assert DEFAULT_MAX_MAPTRACK_FRAMES == 1024 and MAPTRACK_PER_PAGE == 256
+    for kw in ({}, {"max_maptrack_frames": -1}, {"max_maptrack_frames": None}):
+        d = make_domain(**kw)
+        assert xen.domain_state(d.domid).maptrack.limit == 1024 * 256
+    d = make_domain(max_maptrack_frames=3)
+    assert xen.domain_state(d.domid).maptrack.limit == 3 * 256
+    with xengrant.EmbeddedXen(memory=8 << 20, max_maptrack_frames=2) as small:
+        assert small.domain_state(small.create_domain().domid).maptrack.limit == 512
+
+
+def test_maptrack_full_is_no_space_and_the_last_handle_is_kept(
+    xen: Xen, make_domain: MakeDomain
+) -> None:
+    """One maptrack page: 255 handles (the free list keeps its tail sentinel,
+    _get_maptrack_handle), then "Failed to obtain maptrack handle" (GNTST_no_space)."""
+    front, back = make_domain(), make_domain(max_maptrack_frames=1)
+    refs = [grant(front, back.domid)[0] for _ in range(2)]
+    mops = [map1(back, front.domid, refs[i % 2]) for i in range(MAPTRACK_PER_PAGE - 1)]
+    assert {m.status for m in mops} == {abi.GNTST_okay}
+    assert sorted(m.handle for m in mops) == list(range(MAPTRACK_PER_PAGE - 1))
+    extra = map1(back, front.domid, refs[0])
+    assert extra.status == abi.GNTST_no_space
+    assert "Failed to obtain maptrack handle" in back.hypercalls.last_reasons[0]
+    assert in_use(xen, back.domid) == MAPTRACK_PER_PAGE - 1
+    assert unmap1(back, mops[0]) == abi.GNTST_okay
+    again = map1(back, front.domid, refs[0])
+    assert again.status == abi.GNTST_okay
+    for m in [*mops[1:], again]:
+        assert unmap1(back, m) == abi.GNTST_okay
+    assert in_use(xen, back.domid) == 0
+
+
+def test_table_growth_out_of_memory(xen: Xen) -> None:
+    """gnttab_setup_table: gnttab_grow_table failing is GNTST_general_error,
+    "Expand grant table of %pd to %u failed"; the guest API answers GrantTableFull."""
+    with xengrant.EmbeddedXen(memory=1 << 20) as small:
+        pv = small.create_domain(pv=True)
+        gt = pv.grant_table  # its first frame, mapped
+        (buf,) = ram(pv)
+        hog = small.create_domain()
+        while True:
+            try:
+                hog.alloc_pages(1)
+            except MemoryError:
+                break
+        assert small.free_frames == 0
+        st = _setup_table(pv, 2, buf << 12)
+        assert st == abi.GNTST_general_error
+        assert pv.hypercalls.last_reasons == [f"Expand grant table of d{pv.domid} to 2 failed"]
+        assert read(pv, buf, 8) == bytes(8)
+        assert gt.nr_frames == 1
+        n = gt.nr_entries - abi.GNTTAB_NR_RESERVED_ENTRIES
+        refs = gt.get_n_nonblock(n)
+        assert len(refs) == n
+        assert gt.get_nonblock() is None  # cannot grow: no memory
+        with pytest.raises(GrantTableFull):
+            gt.grant_foreign_access(0, 0x1234)
+        gt.put_n(refs)
+
+
+# ------------------------------------------------------ hypercall failure
+def test_map_batch_refused_by_the_hypercall_gives_its_holes_back(
+    make_domain: MakeDomain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A negative hypercall return (Xen's -EFAULT when it cannot read the ops):
+    GrantTable.map_grants raises HypercallError and keeps no hole."""
+    front, back = make_domain(), make_domain()
+    share = front.grant_table.share_pages(back.domid, 2)
+    hc = back.hypercalls
+    real = hc.grant_table_op
+    seen: list[int] = []
+
+    def refuse(cmd: int, uop: Any, count: int) -> int:
+        if cmd == abi.GNTTABOP_map_grant_ref:
+            seen.extend(struct.unpack_from("<Q", uop, 32 * i)[0] >> 12 for i in range(count))
+            return -errno.EFAULT
+        return int(real(cmd, uop, count))
+
+    monkeypatch.setattr(hc, "grant_table_op", refuse)
+    with pytest.raises(HypercallError) as ei:
+        back.gnttab.map_domain_grant_refs(front.domid, share.refs)
+    assert ei.value.errno == errno.EFAULT
+    assert len(seen) == 2
+    assert back.get_pages(2) == seen  # the same holes, given back
+    back.put_pages(seen)
+    monkeypatch.setattr(hc, "grant_table_op", real)
+    with back.gnttab.map_domain_grant_refs(front.domid, share.refs) as m:
+        assert len(m.mem) == 2 * 4096
+    share.unshare()
+
+
+# ------------------------------------------------------------------- text
+@pytest.mark.parametrize(
+    ("flags", "text"),
+    [
+        (0, "invalid"),
+        (abi.GTF_permit_access, "permit_access"),
+        (abi.GTF_permit_access | abi.GTF_readonly, "permit_access|readonly"),
+        (
+            abi.GTF_permit_access | abi.GTF_reading | abi.GTF_writing,
+            "permit_access|reading|writing",
+        ),
+        (
+            abi.GTF_permit_access | abi.GTF_PWT | abi.GTF_PCD | abi.GTF_PAT | abi.GTF_sub_page,
+            "permit_access|PWT|PCD|PAT|sub_page",
+        ),
+        (abi.GTF_transitive | abi.GTF_reading, "transitive|reading"),
+        (abi.GTF_accept_transfer, "accept_transfer"),
+        # for accept_transfer bits 2 and 3 are committed/completed, not readonly/reading
+        (
+            abi.GTF_accept_transfer | abi.GTF_transfer_committed | abi.GTF_transfer_completed,
+            "accept_transfer|committed|completed",
+        ),
+        (abi.GTF_accept_transfer | abi.GTF_writing, "accept_transfer"),
+        (abi.GTF_invalid | abi.GTF_reading, "invalid|reading"),
+    ],
+)
+def test_decode_flags(flags: int, text: str) -> None:
+    assert decode_flags(flags) == text
+
+
+def test_busy_names_the_flags(make_domain: MakeDomain) -> None:
+    front, back = make_domain(), make_domain()
+    share = front.grant_table.share_pages(back.domid, 1, writable=False)
+    with back.gnttab.map_grant_ref(front.domid, share.refs[0], writable=False):
+        with pytest.raises(xengrant.errors.Busy) as ei:
+            share.try_unshare()
+        assert "permit_access|readonly|reading" in str(ei.value)
+    share.unshare()
+
+
+def test_grant_entry_properties() -> None:
+    e = GrantEntry(9, abi.GTF_permit_access | abi.GTF_writing, 3, 0x1_2345_6789)
+    assert (e.type, e.in_use, e.frame, e.page_off, e.length) == (
+        abi.GTF_permit_access,
+        True,
+        0x1_2345_6789,
+        0,
+        4096,
+    )
+    assert not GrantEntry(9, abi.GTF_accept_transfer | abi.GTF_readonly, 3, 0).in_use
+    assert GrantEntry(9, abi.GTF_transitive, 3, 0).type == abi.GTF_transitive

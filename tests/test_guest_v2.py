@@ -1,0 +1,249 @@
+"""v2 grant tables through the guest API, and what ``set_version`` leaves behind.
+
+Xen 4.17 (grant_table.c): a v2 entry is a 16-byte header plus a 64-bit frame
+(``grant_entry_v2_t``), its GTF_reading/GTF_writing live in a separate status
+word (``_set_status_v2`` sets them, ``gnttab_clear_flags`` clears them), and
+``gnttab_swap_grant_ref`` swaps the status words with the entries.  Linux's
+``gnttab_end_foreign_access_ref_v2`` ends access by clearing the header, a
+full barrier, then reading the status word.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import xengrant
+from grant_helpers import PAGE, MakeDomain, Xen, active, in_use, status_of
+from xengrant import abi
+from xengrant.errors import Busy, GrantError
+from xengrant.guest.memory import GNTTAB_STATUS_GFN_BASE
+
+INUSE = abi.GTF_reading | abi.GTF_writing
+
+
+def v2_pair(make_domain: MakeDomain) -> tuple[xengrant.Domain, xengrant.Domain]:
+    front, back = make_domain(), make_domain()
+    assert front.grant_table.set_version(2) == 2
+    return front, back
+
+
+# ------------------------------------------------------------ share / map
+def test_share_pages_on_v2_maps_and_unshares(xen: Xen, make_domain: MakeDomain) -> None:
+    front, back = v2_pair(make_domain)
+    gt = front.grant_table
+    free0 = gt.num_free_grants()
+    share = gt.share_pages(back.domid, 2)
+    assert gt.num_free_grants() == free0 - 2
+    for ref, gfn in zip(share.refs, share.resource.gfns):
+        e = gt.entry(ref)
+        # grant_entry_v2.full_page: the 64-bit frame at offset 8 (GrantEntry.frame)
+        assert (e.flags, e.domid, e.frame) == (abi.GTF_permit_access, back.domid, gfn)
+        assert (e.page_off, e.length) == (0, PAGE)
+    share.mem[:6] = b"v2 map"
+    with back.gnttab.map_domain_grant_refs(front.domid, share.refs) as m:
+        assert bytes(m.mem[:6]) == b"v2 map"
+        m.mem[PAGE : PAGE + 4] = b"back"
+        assert bytes(share.mem[PAGE : PAGE + 4]) == b"back"
+        for ref in share.refs:
+            # _set_status_v2: reading|writing in the status word, the header untouched
+            assert status_of(xen, front.domid, ref) == INUSE
+            assert gt.entry(ref).flags == abi.GTF_permit_access | INUSE
+            assert gt.entry(ref).in_use
+        with pytest.raises(Busy):
+            share.try_unshare()
+        assert active(xen, front.domid) == 2
+    # gnttab_clear_flags cleared the status words on the unmap
+    assert [status_of(xen, front.domid, r) for r in share.refs] == [0, 0]
+    refs = list(share.refs)
+    share.unshare()
+    assert [gt.entry(r).flags for r in refs] == [0, 0]
+    assert gt.num_free_grants() == free0
+    assert active(xen, front.domid) == 0
+    assert in_use(xen, back.domid) == 0
+
+
+def test_read_only_share_on_v2(xen: Xen, make_domain: MakeDomain) -> None:
+    front, back = v2_pair(make_domain)
+    share = front.grant_table.share_pages(back.domid, 1, writable=False)
+    ref = share.refs[0]
+    assert front.grant_table.entry(ref).flags == abi.GTF_permit_access | abi.GTF_readonly
+    # _set_status_v2: "Attempt to write-pin a r/o grant entry", nothing left set
+    with pytest.raises(GrantError) as ei:
+        back.gnttab.map_grant_ref(front.domid, ref)
+    assert ei.value.status == abi.GNTST_general_error
+    assert "r/o" in str(ei.value)
+    assert status_of(xen, front.domid, ref) == 0
+    with back.gnttab.map_grant_ref(front.domid, ref, writable=False):
+        assert status_of(xen, front.domid, ref) == abi.GTF_reading
+    assert status_of(xen, front.domid, ref) == 0
+    share.unshare()
+
+
+def test_map_pins_a_v2_entry_granted_to_another(xen: Xen, make_domain: MakeDomain) -> None:
+    """_set_status_v2 checks the header's domid: a bystander cannot map it."""
+    front, back = v2_pair(make_domain)
+    other = make_domain()
+    share = front.grant_table.share_pages(back.domid, 1)
+    with pytest.raises(GrantError) as ei:
+        other.gnttab.map_grant_ref(front.domid, share.refs[0])
+    assert ei.value.status == abi.GNTST_general_error
+    assert status_of(xen, front.domid, share.refs[0]) == 0
+    share.unshare()
+
+
+# ------------------------------------------------------------------ swap
+def _swap(dom: xengrant.Domain, a: int, b: int) -> int:
+    ops = (abi.gnttab_swap_grant_ref * 1)()
+    ops[0].ref_a, ops[0].ref_b = a, b
+    assert dom.grant_table_op(abi.GNTTABOP_swap_grant_ref, ops) == 0
+    return int(ops[0].status)
+
+
+def test_swap_grant_ref_on_v2_swaps_the_status_words(xen: Xen, make_domain: MakeDomain) -> None:
+    """gnttab_swap_grant_ref (v2): entries and status words change places."""
+    front, back = v2_pair(make_domain)
+    gt = front.grant_table
+    pages = front.alloc_pages(2)
+    a, b = gt.get_n(2)
+    gt.grant_access(a, back.domid, pages.gfns[0])
+    gt.grant_access_subpage(b, back.domid + 1, pages.gfns[1], 100, 200, writable=False)
+    # The status frames are the guest's own RAM: it may scribble a stale bit in.
+    view = front.view([GNTTAB_STATUS_GFN_BASE], True)
+    with memoryview(view) as mv:
+        mv[2 * b : 2 * b + 2] = abi.GTF_reading.to_bytes(2, "little")
+    view.close()
+    assert _swap(front, a, b) == abi.GNTST_okay
+    ea, eb = gt.entry(a), gt.entry(b)
+    assert (ea.domid, ea.frame, ea.page_off, ea.length) == (back.domid + 1, pages.gfns[1], 100, 200)
+    assert ea.flags == abi.GTF_permit_access | abi.GTF_sub_page | abi.GTF_readonly | abi.GTF_reading
+    assert (eb.domid, eb.frame, eb.flags) == (back.domid, pages.gfns[0], abi.GTF_permit_access)
+    assert status_of(xen, front.domid, a) == abi.GTF_reading
+    assert status_of(xen, front.domid, b) == 0
+    # swapping back restores both
+    assert _swap(front, b, a) == abi.GNTST_okay
+    assert status_of(xen, front.domid, b) == abi.GTF_reading
+    assert status_of(xen, front.domid, a) == 0
+    assert gt.entry(a).frame == pages.gfns[0]
+
+
+def test_swap_of_a_mapped_v2_entry_is_eagain(xen: Xen, make_domain: MakeDomain) -> None:
+    front, back = v2_pair(make_domain)
+    share = front.grant_table.share_pages(back.domid, 2)
+    a, b = share.refs
+    with back.gnttab.map_grant_ref(front.domid, a):
+        assert _swap(front, a, b) == abi.GNTST_eagain
+        assert _swap(front, b, a) == abi.GNTST_eagain
+        assert status_of(xen, front.domid, a) == INUSE
+        assert status_of(xen, front.domid, b) == 0
+    assert _swap(front, a, b) == abi.GNTST_okay
+    share.unshare()
+
+
+# ----------------------------------------------------------- set_version
+def test_set_version_keeps_refs_in_use_and_hands_out_the_rest(make_domain: MakeDomain) -> None:
+    """Xen zeroes every entry past the reserved ones; the guest keeps its free list's
+    meaning: refs it holds stay held, the others are handed out lowest first."""
+    (dom,) = (make_domain(),)
+    gt = dom.grant_table
+    mx = gt.max_nr_frames
+    assert gt.num_free_grants() == mx * abi.GRANT_PER_PAGE_V1 - 8
+    held = gt.get_n(3)
+    assert held == [8, 9, 10]
+    gt.put(9)
+    assert gt.num_free_grants() == mx * abi.GRANT_PER_PAGE_V1 - 8 - 2
+    assert gt.set_version(2) == 2
+    assert gt.version == 2 and gt.per_frame == abi.GRANT_PER_PAGE_V2
+    assert gt.num_free_grants() == mx * abi.GRANT_PER_PAGE_V2 - 8 - 2
+    assert gt.get_version() == 2
+    # refs 8 and 10 are still ours: granting and putting them works, 9 comes out first
+    assert gt.get_nonblock() == 9
+    assert gt.get_nonblock() == 11
+    gt.put_n([8, 9, 10, 11])
+    with pytest.raises(ValueError, match="double put"):
+        gt.put(10)
+    with pytest.raises(ValueError, match="reserved"):
+        gt.put(7)
+    assert gt.num_free_grants() == mx * abi.GRANT_PER_PAGE_V2 - 8
+    # back to v1: 512 entries a frame again, the held ref still held
+    ref = gt.get()
+    assert ref == 11  # the free list is LIFO: the last put first
+    assert gt.set_version(1) == 1
+    assert gt.num_free_grants() == mx * abi.GRANT_PER_PAGE_V1 - 8 - 1
+    assert gt.get_nonblock() == 8  # rebuilt: lowest first, 11 still held
+    gt.put_n([8, 11])
+    assert gt.num_free_grants() == mx * abi.GRANT_PER_PAGE_V1 - 8
+
+
+def test_set_version_drops_refs_past_the_smaller_table(make_domain: MakeDomain) -> None:
+    """One v1 frame holds refs 0-511, one v2 frame 0-255: a ref past 255 is gone
+    from the table under v2 (outside it), and the table grows for more."""
+    dom = make_domain()
+    gt = dom.grant_table
+    refs = gt.get_n(300)
+    assert refs[-1] == 307 and gt.nr_frames == 1
+    gt.put_n(refs[:200])  # keep 208..307
+    assert gt.set_version(2) == 2
+    assert gt.nr_entries == abi.GRANT_PER_PAGE_V2
+    assert gt.num_free_grants() == gt.max_nr_frames * 256 - 8 - (256 - 208)
+    with pytest.raises(ValueError, match="outside the table"):
+        gt.entry(300)
+    got = gt.get_n(200)
+    assert got == list(range(8, 208))
+    nxt = gt.get_nonblock()
+    assert nxt == 256 and gt.nr_frames == 2  # grown by a frame
+
+
+def test_set_version_refused_while_mapped_keeps_the_table(
+    xen: Xen, make_domain: MakeDomain
+) -> None:
+    """gnttab_set_version: a ref past the reserved ones pinned -> -EBUSY, v1 kept."""
+    front, back = make_domain(), make_domain()
+    gt = front.grant_table
+    share = gt.share_pages(back.domid, 1)
+    free = gt.num_free_grants()
+    with back.gnttab.map_grant_ref(front.domid, share.refs[0]):
+        with pytest.raises(xengrant.errors.HypercallError) as ei:
+            gt.set_version(2)
+        assert ei.value.errno == 16  # EBUSY
+    assert gt.version == 1 and gt.get_version() == 1
+    assert gt.num_free_grants() == free
+    assert gt.entry(share.refs[0]).flags == abi.GTF_permit_access
+    share.unshare()
+
+
+# --------------------------------------------------------------- sub-page
+@pytest.mark.parametrize(
+    ("page_off", "length"),
+    [(-1, 10), (0, 0), (0, -1), (4000, 97), (4096, 1), (1, PAGE)],
+)
+def test_grant_access_subpage_refuses_a_window_outside_the_page(
+    make_domain: MakeDomain, page_off: int, length: int
+) -> None:
+    front, back = v2_pair(make_domain)
+    gt = front.grant_table
+    ref = gt.get()
+    with pytest.raises(ValueError, match="is not in a page"):
+        gt.grant_access_subpage(ref, back.domid, 0x1234, page_off, length)
+    assert gt.entry(ref).flags == 0
+    gt.put(ref)
+
+
+@pytest.mark.parametrize(("page_off", "length"), [(0, PAGE), (4095, 1), (0, 1), (4000, 96)])
+def test_grant_access_subpage_at_the_edges_of_the_page(
+    make_domain: MakeDomain, page_off: int, length: int
+) -> None:
+    front, back = v2_pair(make_domain)
+    gt = front.grant_table
+    ref = gt.get()
+    gt.grant_access_subpage(ref, back.domid, 0x1234, page_off, length, writable=False)
+    e = gt.entry(ref)
+    assert (e.page_off, e.length, e.frame, e.domid) == (page_off, length, 0x1234, back.domid)
+    assert e.flags == abi.GTF_permit_access | abi.GTF_sub_page | abi.GTF_readonly
+    gt.try_end_access(ref, release_ref=True)
+
+
+def test_grant_access_subpage_needs_v2(make_domain: MakeDomain) -> None:
+    dom = make_domain()
+    ref = dom.grant_table.get()
+    with pytest.raises(ValueError, match="v2"):
+        dom.grant_table.grant_access_subpage(ref, 0, 0x1234, 0, 16)
