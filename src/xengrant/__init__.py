@@ -13,6 +13,7 @@
   ``"linux"``/``"auto"``, on real Xen through /dev/xen/gntalloc and gntdev.
 - :class:`FrontRing`, :class:`BackRing` -- io/ring.h shared rings over granted
   pages, for any ctypes request/response layout (:mod:`xengrant.ring`).
+- :class:`Vchan` -- a libxenvchan-compatible byte channel (:mod:`xengrant.vchan`).
 - :class:`EventPort` -- one bound event-channel port, service or real Xen.
 - :mod:`xengrant.abi` -- Xen's and Linux's constants and structs by C name.
 
@@ -43,6 +44,7 @@ from .linux import portable_backend
 from .pgdir import PgdirBackend, PgdirError, PgdirFrontend
 from .portable import CopySegment, Gntshr, Gnttab, GrantRef
 from .ring import BackRing, FrontRing, RingError
+from .vchan import Vchan, VchanError, open_vchan_connection, start_vchan_server
 
 __version__ = "0.1.0"
 
@@ -71,9 +73,13 @@ __all__ = [
     "PgdirFrontend",
     "RingError",
     "Share",
+    "Vchan",
+    "VchanError",
     "XenError",
     "abi",
     "decode_flags",
     "gnttabop_error",
+    "open_vchan_connection",
     "portable_backend",
+    "start_vchan_server",
 ]
