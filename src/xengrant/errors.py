@@ -108,6 +108,17 @@ class ErrnoError(XenError, OSError):
         return str(self.strerror)
 
 
+class XenStoreError(ErrnoError):
+    """A xenstore request failed (the service's xenstore or real xenstored).
+
+    Attributes:
+        errno: the positive errno xenstored answers (EACCES, ENOENT ...).
+        detail: the explanation.
+    """
+
+    prefix = "xenstore: {name}"
+
+
 class Busy(XenError):
     """The peer still uses the grant: access cannot end yet.
 

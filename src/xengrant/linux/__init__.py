@@ -5,6 +5,8 @@
 - :class:`LinuxGnttab` -- map and copy grants through ``/dev/xen/gntdev``
   (libxengnttab's way; :mod:`.gntdev` documents what errors can be told apart).
 - :class:`EventChannels` -- ``/dev/xen/evtchn``, for unmap notifications.
+- :class:`LinuxXenStore` -- a minimal xenstore client (``xs_wire.h`` over
+  ``/dev/xen/xenbus`` or xenstored's socket): a domU's own domid, rendezvous.
 - :func:`portable_backend` -- the portable pair (``gntshr``, ``gnttab``) of
   the emulator or of real Xen; :func:`available`, :func:`open_backend`.
 
@@ -30,6 +32,7 @@ from .errors import LinuxBatchError, LinuxGrantError, LinuxGrantTableFull
 from .evtchn import EVTCHN_PATH, EventChannels
 from .gntalloc import GNTALLOC_PATH, LinuxGntshr, gntalloc_limit
 from .gntdev import GNTDEV_PATH, LinuxGnttab
+from .xenstore import XENBUS_DEVICE, LinuxXenStore, open_xenstore, xenstore_domid
 
 __all__ = [
     "EVTCHN_PATH",
@@ -42,9 +45,11 @@ __all__ = [
     "LinuxGnttab",
     "LinuxGrantError",
     "LinuxGrantTableFull",
+    "LinuxXenStore",
     "available",
     "gntalloc_limit",
     "open_backend",
+    "open_xenstore",
     "own_domid",
     "portable_backend",
 ]
@@ -59,16 +64,33 @@ def available(gntdev: str = GNTDEV_PATH) -> bool:
     return os.path.exists(gntdev)
 
 
-def own_domid(capabilities: str = "/proc/xen/capabilities") -> int | None:
-    """This domain's id when Linux can tell: 0 in dom0 (``control_d``), else None.
+def own_domid(
+    capabilities: str = "/proc/xen/capabilities",
+    xenbus: str = XENBUS_DEVICE,
+    timeout: float = 10.0,
+) -> int | None:
+    """This domain's id: 0 in dom0 (``control_d``), else its xenstore ``domid`` node.
 
-    A domU learns its id from xenstore (``domid``), which xengrant does not read.
+    A domU reads ``domid`` (relative to its home, written by the toolstack)
+    through ``xenbus`` (:mod:`.xenstore`).
+
+    Args:
+        capabilities: xenfs's capabilities file.
+        xenbus: the xenbus device (absent: not a Xen guest, or no xenstore).
+        timeout: the bound on the xenstore read, in seconds.
+
+    Returns:
+        The domid, or None when neither source can tell.
     """
     try:
         with open(capabilities) as f:
-            return 0 if "control_d" in f.read() else None
+            if "control_d" in f.read():
+                return 0
     except OSError:
+        pass
+    if not os.path.exists(xenbus):
         return None
+    return xenstore_domid(xenbus, timeout)
 
 
 class Backend:
@@ -78,8 +100,8 @@ class Backend:
         kind: ``"emulated"`` or ``"linux"``.
         gntshr: a :class:`~xengrant.portable.Gntshr`.
         gnttab: a :class:`~xengrant.portable.Gnttab`.
-        domid: this domain's id (grant to it to share with yourself), or None
-            when unknown (a Linux domU).
+        domid: this domain's id (grant to it to share with yourself): 0 in
+            dom0, a domU's from xenstore; None when unknown (no xenstore).
         xen: the :class:`~xengrant.EmbeddedXen` (emulated only).
         domain: the emulated :class:`~xengrant.Domain` (emulated only).
     """

@@ -42,7 +42,7 @@ import re
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
-from ..errors import ErrnoError
+from ..errors import XenStoreError as XenStoreError  # defined there: xengrant.linux uses it too
 
 XS_PERM_NONE = 0
 XS_PERM_READ = 1
@@ -67,17 +67,6 @@ _VALID = re.compile(r"[A-Za-z0-9\-/_@]*\Z")
 _LOCAL = re.compile(r"/local/domain/(\d{1,5})/")
 _PERM_CHARS = {"n": XS_PERM_NONE, "r": XS_PERM_READ, "w": XS_PERM_WRITE, "b": 3}
 _PERM_NAMES = {v: k for k, v in _PERM_CHARS.items()}
-
-
-class XenStoreError(ErrnoError):
-    """A xenstore request failed.
-
-    Attributes:
-        errno: the positive errno xenstored answers (EACCES, ENOENT ...).
-        detail: the explanation.
-    """
-
-    prefix = "xenstore: {name}"
 
 
 @dataclass
