@@ -63,3 +63,6 @@ class DomainState:
     #: The control domain (``is_control_domain``): may name other domains
     #: in setup_table, query_size, get_status_frames and get_version.
     privileged: bool = False
+    #: Maptrack handles still to walk while dying (``gnttab_release_mappings``
+    #: goes down from the top, preemptibly); 0: done or not dying.
+    relinquish_at: int = 0

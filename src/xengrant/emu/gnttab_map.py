@@ -243,9 +243,33 @@ def unmap_grant_ref(
     return GNTST_okay, ""
 
 
-def release_mappings(hv: Hypervisor, d: DomainState) -> None:
-    """``gnttab_release_mappings``: undo every mapping a dying domain holds."""
-    for handle, m in d.maptrack.live():
+def release_mappings(
+    hv: Hypervisor, d: DomainState, top: int | None = None, budget: int | None = None
+) -> int:
+    """``gnttab_release_mappings``: undo the mappings a dying domain holds.
+
+    As Xen's since "gnttab: add preemption check to gnttab_release_mappings()"
+    (XSA-380 era), the maptrack table is walked down from the top handle, and
+    the walk can stop after ``budget`` handles to be continued later (Xen
+    returns ``-ERESTART`` on ``hypercall_preempt_check``).
+
+    Args:
+        hv: the hypervisor.
+        d: the dying domain.
+        top: handles below this one are left to walk (None: all of them).
+        budget: handles to look at in this call (None: no limit).
+
+    Returns:
+        Handles still to walk (0: done).
+    """
+    entries = d.maptrack.entries
+    handle = len(entries) if top is None else min(top, len(entries))
+    stop = 0 if budget is None else max(handle - budget, 0)
+    while handle > stop:
+        handle -= 1
+        m = entries[handle]
+        if m is None:
+            continue
         rd = hv.domains.get(m.domid)
         done = m.flags & _MAP_KINDS
         if m.host_gfn >= 0:
@@ -255,6 +279,7 @@ def release_mappings(hv: Hypervisor, d: DomainState) -> None:
         if rd is not None and done:
             _complete_unmap(hv, rd, m, done)
         d.maptrack.put(handle)
+    return handle
 
 
 def map_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
@@ -209,18 +210,55 @@ class Hypervisor:
         Raises:
             HypercallError: ESRCH if there is no such live domain.
         """
+        d = self.kill_domain(domid)
+        while not self.relinquish_resources(d):
+            pass
+
+    def kill_domain(self, domid: int) -> DomainState:
+        """``domain_kill``'s first step: the domain is dying, nothing it asks runs.
+
+        Its resources go with :meth:`relinquish_resources`, which may be
+        called a piece at a time (others' hypercalls may run in between).
+
+        Raises:
+            HypercallError: ESRCH if there is no such live domain.
+        """
         d = self.live(domid, "destroydomain")
         d.is_dying = True
-        gnttab_map.release_mappings(self, d)
-        ram = [mfn for mfn, p2mt in d.p2m.values() if p2mt == P2M_RAM_RW]
-        d.p2m.clear()
+        d.relinquish_at = len(d.maptrack.entries)
+        return d
+
+    def relinquish_resources(self, d: DomainState, budget: int | None = None) -> bool:
+        """``domain_relinquish_resources``: release a dying domain's mappings, then memory.
+
+        Preemptible as Xen's: at most ``budget`` maptrack handles or p2m
+        entries per call (``-ERESTART`` there: call again).
+
+        Returns:
+            True once everything is released (then the zombie goes as soon
+            as nobody maps its grants, :meth:`maybe_complete_destroy`).
+        """
+        if d.relinquish_at:
+            d.relinquish_at = gnttab_map.release_mappings(self, d, d.relinquish_at, budget)
+            return False
+        p2m = d.p2m
+        if budget is None or len(p2m) <= budget:
+            entries = list(p2m.values())
+            p2m.clear()
+        else:
+            entries = [p2m.pop(gfn) for gfn in list(itertools.islice(p2m, budget))]
+        ram = [mfn for mfn, p2mt in entries if p2mt == P2M_RAM_RW]
         d.tot_pages -= len(ram)
         self.machine.disown_many(ram)
+        if p2m:
+            return False
         self.maybe_complete_destroy(d)
+        return True
 
     def maybe_complete_destroy(self, d: DomainState) -> None:
-        """Free a dying domain's grant table once no grant of it is pinned."""
-        if not d.is_dying or d.gt.active:
+        """Free a dying domain's grant table once no grant of it is pinned
+        (and :meth:`relinquish_resources` is done)."""
+        if not d.is_dying or d.gt.active or d.relinquish_at or d.p2m:
             return
         for mfn in d.gt.shared + d.gt.status:
             self.machine.disown(mfn)

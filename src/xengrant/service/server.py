@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -82,6 +83,8 @@ from .xenstore import XenStore, XenStoreError
 
 #: Seconds between tries to accept when accept() fails (EMFILE...): doubled up to the max.
 ACCEPT_BACKOFF = (0.01, 1.0)
+#: Seconds a long batch or teardown leaves the lock free at a preemption point.
+PREEMPT_PAUSE = 100e-6
 #: Seconds a connection's thread polls for the next request after answering one.
 DEFAULT_SPIN = 100e-6
 _RECV = 1 << 18
@@ -1089,10 +1092,11 @@ class Server:
         if d is None or d.is_dying:
             return
         sends = self._fire_all_notifies(d)
-        try:
-            self.hv.destroy_domain(domid)
-        except HypercallError as e:  # pragma: no cover - checked live above
-            self.log(f"destroy d{domid}: {e}")
+        self.hv.kill_domain(domid)
+        # domain_relinquish_resources is preemptible (-ERESTART): so is this
+        budget = self.limits.preempt_teardown
+        while not self.hv.relinquish_resources(d, budget):
+            self._preempt("teardown")
         for port in sends:
             with contextlib.suppress(EvtchnError):
                 self._deliveries += self.ev.send(domid, port)
@@ -1141,7 +1145,10 @@ class Server:
             touched = _gfns_touched(cmd, uop, count)
         xen = self.xen
         before = xen.log_count
-        rc = self.hv.grant_table_op(domid, cmd, ops, left)
+        if left > self.limits.preempt_ops and cmd in _PREEMPTIBLE:
+            rc = self._preemptible_op(domid, cmd, ops, left)
+        else:
+            rc = self.hv.grant_table_op(domid, cmd, ops, left)
         tail = _NO_REASONS
         if xen.log_count != before:
             fresh = xen.debug_log[-min(xen.log_count - before, len(xen.debug_log)) :]
@@ -1163,6 +1170,46 @@ class Server:
                                seq, 0, rc, size),
             uop, delta, tail,
         ))
+
+    def _preemptible_op(self, domid: int, cmd: int, ops: memoryview, count: int) -> int:
+        """A long batch, ``limits.preempt_ops`` ops at a time, the lock given up between.
+
+        As ``do_grant_table_op``: between two ops it checks
+        ``hypercall_preempt_check()`` and, if others wait, returns to the
+        guest with a continuation for the ops left (xen/common/grant_table.c).
+        What others do meanwhile is seen by the ops after, as in Xen.
+        """
+        size = _OP_SIZE[cmd]
+        if len(ops) < size * count:  # -EFAULT, as the whole call would
+            return self.hv.grant_table_op(domid, cmd, ops, count)
+        step = self.limits.preempt_ops
+        self.counters["preempted_batches"] += 1
+        done = 0
+        while True:
+            k = min(step, count - done)
+            rc = self.hv.grant_table_op(domid, cmd, ops[done * size : (done + k) * size], k)
+            done += k
+            if rc < 0 or done >= count:
+                return rc
+            self._preempt("batch")
+
+    def _preempt(self, kind: str) -> None:
+        """Give the service lock up for a moment (the caller holds it; it is held again
+        on return): a preemption point of a long batch or a domain's teardown.
+
+        Python's lock is not fair (the releaser may take it straight back), so
+        the thread pauses :data:`PREEMPT_PAUSE` seconds with it released: a
+        thread waiting for the lock has been woken and takes it meanwhile.
+        """
+        self.counters[f"{kind}_yields"] += 1
+        self.lock.release()
+        try:
+            if self.on_preempt is not None:
+                self.on_preempt(kind)
+            else:
+                time.sleep(PREEMPT_PAUSE)
+        finally:
+            self.lock.acquire()
 
     def _populate(self, conn: Connection, payload: bytes) -> bytes:
         domid = self._dom(conn)
@@ -1487,6 +1534,7 @@ class Server:
             "xenstore_watches": len(self.xs.watches),
             "notifies": sum(len(v) for v in self.notifies.values()),
             "connections": len(self.conns),
+            "counters": {**self.counters, "log_lines_suppressed": self._warn.suppressed},
         }
 
     def _ring_snapshot(self, domid: int) -> dict[str, int] | None:
@@ -1604,6 +1652,12 @@ _NO_P2M = frozenset(
         gt.GNTTABOP_cache_flush,
     }
 )
+#: Batches Xen preempts with a continuation (``do_grant_table_op``).
+_PREEMPTIBLE = frozenset({
+    gt.GNTTABOP_map_grant_ref, gt.GNTTABOP_unmap_grant_ref, gt.GNTTABOP_unmap_and_replace,
+    gt.GNTTABOP_copy, gt.GNTTABOP_transfer, gt.GNTTABOP_swap_grant_ref,
+})
+_OP_SIZE = {cmd: ctypes.sizeof(st) for cmd, st in gt.GNTTABOP_STRUCTS.items()}
 #: Ops that may change any gfn of the caller (its table frames): the whole p2m goes back.
 _ANY_P2M = frozenset({gt.GNTTABOP_setup_table, gt.GNTTABOP_set_version})
 _U64 = struct.Struct("<Q")
