@@ -95,6 +95,12 @@ def _clear_unneeded(mem: memoryview, g: GrantTableState, ref: int, pin: int, wbi
         clear_flags(mem, g, ref, GTF_reading)
 
 
+def _refused(status: int, why: str) -> tuple[int, int, int, int, str, Trans]:
+    """:func:`acquire_grant_for_copy` failed: ``(status, -1, 0, 0, why, None)``."""
+    # mutation: equivalent — a caller reads only the status and reason of a failure
+    return status, -1, 0, 0, why, None
+
+
 def acquire_grant_for_copy(
     hv: Hypervisor,
     rd: DomainState,
@@ -133,17 +139,13 @@ def acquire_grant_for_copy(
     """
     g = rd.gt
     if ref >= g.nr_grant_entries:
-        return GNTST_bad_gntref, -1, 0, 0, f"Bad grant reference {ref:#x}", None
+        return _refused(GNTST_bad_gntref, f"Bad grant reference {ref:#x}")
     act = g.active.get(ref)
     pinned = act is not None and act.pin != 0
     if act is not None and pinned and (act.domid != ldomid or act.pin & GNTPIN_OVERFLOW):
-        return (
+        return _refused(
             GNTST_general_error,
-            -1,
-            0,
-            0,
-            (f"Bad domain ({act.domid} != {ldomid}), or risk of counter overflow {act.pin:08x}"),
-            None,
+            f"Bad domain ({act.domid} != {ldomid}), or risk of counter overflow {act.pin:08x}",
         )
     mem = hv.mem
     if g.version == 2:
@@ -151,11 +153,11 @@ def acquire_grant_for_copy(
         if mem[off] & GTF_type_mask == GTF_transitive:
             return _acquire_transitive(hv, rd, ref, ldomid, readonly, allow_transitive)
     if act is not None and pinned and rd.is_dying:
-        return GNTST_bad_domain, -1, 0, 0, f"d{rd.domid} is dying", None
+        return _refused(GNTST_bad_domain, f"d{rd.domid} is dying")
     if act is None or not pinned or (not readonly and not act.pin & GNTPIN_WRITE_MASK):
         rc, why = set_status(mem, g, ref, pinned, readonly, False, ldomid)
         if rc != GNTST_okay:
-            return rc, -1, 0, 0, why, None
+            return _refused(rc, why)
         if act is None or not pinned:
             off = g.entry_offset(ref)
             start, length, sub = 0, PAGE_SIZE, False
@@ -173,7 +175,7 @@ def acquire_grant_for_copy(
             g.active[ref] = act
             if rc != GNTST_okay:
                 _undo_pin(mem, g, ref, act, readonly)
-                return rc, -1, 0, 0, f"source frame {frame:#x} invalid", None
+                return _refused(rc, f"source frame {frame:#x} invalid")
     assert act is not None
     act.pin += GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
     return GNTST_okay, act.mfn, act.start, act.length, "", None
@@ -195,7 +197,7 @@ def _acquire_transitive(
     if not old_pin or (not readonly and not old_pin & GNTPIN_WRITE_MASK):
         rc, why = set_status(mem, g, ref, old_pin != 0, readonly, False, ldomid)
         if rc != GNTST_okay:
-            return rc, -1, 0, 0, why, None
+            return _refused(rc, why)
     why = ""
     off = g.entry_offset(ref)
     # trans_domid and gref are read once (Xen's barrier()), then used.
@@ -210,13 +212,13 @@ def _acquire_transitive(
         why = f"transitive grant referenced bad domain {trans_domid}"
     if why or td is None:  # unlock_out_clear
         _clear_unneeded(mem, g, ref, old_pin, not readonly)
-        return GNTST_general_error, -1, 0, 0, why, None
+        return _refused(GNTST_general_error, why)
     rc, mfn, start, length, why, _ = acquire_grant_for_copy(
         hv, td, trans_gref, rd.domid, readonly, False
     )
     if rc != GNTST_okay:  # fixup_status_for_copy_pin
         _clear_unneeded(mem, g, ref, old_pin, True)
-        return rc, -1, 0, 0, why, None
+        return _refused(rc, why)
     if act is None or not old_pin:
         # Always sub-page: "that blocks mappings of transitive grants".
         act = ActiveGrant(ldomid, mfn, start, length, True)
@@ -226,7 +228,7 @@ def _acquire_transitive(
         # changed under it; a serialised emulator would retry forever.
         release_grant_for_copy(hv, td, trans_gref, readonly)
         _clear_unneeded(mem, g, ref, old_pin, True)
-        return GNTST_general_error, -1, 0, 0, "transitive grant changed while pinned", None
+        return _refused(GNTST_general_error, "transitive grant changed while pinned")
     act.pin += GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
     return GNTST_okay, act.mfn, act.start, act.length, "", (td, trans_gref)
 

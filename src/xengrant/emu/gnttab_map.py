@@ -85,6 +85,16 @@ def _undo_pin(mem: memoryview, g: GrantTableState, ref: int, act: ActiveGrant, r
         g.active.pop(ref, None)
 
 
+def _refused(status: int, why: str) -> tuple[int, int, int, str]:
+    """A map op that failed: ``(status, 0, 0, why)``.
+
+    Only ``op->status`` is set on failure: the batch gives the op back the
+    handle and dev_bus_addr the caller passed in (``map_grant_ref_batch``).
+    """
+    # mutation: equivalent — the two zeros are never read (see the docstring)
+    return status, 0, 0, why
+
+
 def map_grant_ref(
     hv: Hypervisor, ld: DomainState, host_addr: int, flags: int, ref: int, dom: int
 ) -> tuple[int, int, int, str]:
@@ -95,26 +105,28 @@ def map_grant_ref(
     """
     # 1. "Bad flags in grant map op": neither host nor device mapping.
     if not flags & _MAP_KINDS:
-        return GNTST_bad_gntref, 0, 0, f"Bad flags in grant map op: {flags:#x}"
+        return _refused(GNTST_bad_gntref, f"Bad flags in grant map op: {flags:#x}")
     # 2. A translated guest cannot ask for device/application/PTE maps.
     if not ld.pv and flags & (GNTMAP_device_map | GNTMAP_application_map | GNTMAP_contains_pte):
-        return GNTST_general_error, 0, 0, "No device mapping in HVM domain"
+        return _refused(GNTST_general_error, "No device mapping in HVM domain")
     # 3. rcu_lock_domain_by_id(op->dom)
     rd = hv.domains.get(dom)
     if rd is None:
-        return GNTST_bad_domain, 0, 0, f"Could not find domain {dom}"
+        return _refused(GNTST_bad_domain, f"Could not find domain {dom}")
     # 4. get_maptrack_handle
     maptrack = ld.maptrack
     placeholder = Mapping(0, dom, ref, -1, -1)
     handle = maptrack.get(placeholder)
     if handle < 0:
-        return GNTST_no_space, 0, 0, f"Failed to obtain maptrack handle (limit {maptrack.limit})"
+        return _refused(
+            GNTST_no_space, f"Failed to obtain maptrack handle (limit {maptrack.limit})"
+        )
     g = rd.gt
     mem = hv.mem
     # 5. "Bad ref %#x for d%d"
     if ref >= g.nr_grant_entries:
         maptrack.put(handle)
-        return GNTST_bad_gntref, 0, 0, f"Bad ref {ref:#x} for d{dom}"
+        return _refused(GNTST_bad_gntref, f"Bad ref {ref:#x} for d{dom}")
     act = g.active.get(ref)
     pinned = act is not None and act.pin != 0
     # 6. Pinned for another domain, about to overflow, or a sub-page grant.
@@ -122,9 +134,10 @@ def map_grant_ref(
         act.domid != ld.domid or act.pin & GNTPIN_OVERFLOW or act.is_sub_page
     ):
         maptrack.put(handle)
-        return GNTST_general_error, 0, 0, (
+        return _refused(
+            GNTST_general_error,
             f"Bad domain ({act.domid} != {ld.domid}), or risk of counter overflow "
-            f"{act.pin:08x}, or subpage {int(act.is_sub_page)}"
+            f"{act.pin:08x}, or subpage {int(act.is_sub_page)}",
         )
     readonly = bool(flags & GNTMAP_readonly)
     # 7. First pin, or first writable pin: mark the shared entry in use.
@@ -132,7 +145,7 @@ def map_grant_ref(
         rc, why = set_status(mem, g, ref, pinned, readonly, True, ld.domid)
         if rc != GNTST_okay:
             maptrack.put(handle)
-            return rc, 0, 0, why
+            return _refused(rc, why)
         if act is None or not pinned:
             # 8. First pin: find the frame behind the entry.
             off = g.entry_offset(ref)
@@ -146,7 +159,7 @@ def map_grant_ref(
                 g.active[ref] = act
                 _undo_pin(mem, g, ref, act, readonly)
                 maptrack.put(handle)
-                return rc, 0, 0, f"Could not get page {frame:#x} of d{dom}"
+                return _refused(rc, f"Could not get page {frame:#x} of d{dom}")
             act = ActiveGrant(ld.domid, mfn, 0, 4096, False)
             g.active[ref] = act
     assert act is not None
@@ -157,7 +170,8 @@ def map_grant_ref(
         if host_gfn in ld.p2m:
             _undo_pin(mem, g, ref, act, readonly)
             maptrack.put(handle)
-            return GNTST_general_error, 0, 0, (
+            return _refused(
+                GNTST_general_error,
                 f"host_addr {host_addr:#x}: gfn {host_gfn:#x} of d{ld.domid} is not a hole"
             )
         ld.p2m[host_gfn] = (mfn, P2M_GRANT_MAP_RO if readonly else P2M_GRANT_MAP_RW)
