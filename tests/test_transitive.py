@@ -62,12 +62,15 @@ class Chain:
         self.tref = self.b.grant_table.get()
         self.mine = self.c.alloc_pages(1)
 
-    def transitive(self, trans_domid: int | None = None, trans_gref: int | None = None) -> None:
+    def transitive(
+        self, trans_domid: int | None = None, trans_gref: int | None = None, writable: bool = True
+    ) -> None:
         self.b.grant_table.grant_access_transitive(
             self.tref,
             self.c.domid,
             self.a.domid if trans_domid is None else trans_domid,
             self.aref if trans_gref is None else trans_gref,
+            writable,
         )
 
     def c_reads(self, off: int = 0, length: int = PAGE) -> int:
@@ -268,3 +271,31 @@ def test_bad_transitive_grant_as_copy_destination_clears_gtf_writing(
     ch.idle(xen)
     # B can end access at once: no flag is left for its cmpxchg to trip over
     ch.b.grant_table.try_end_access(ch.tref, release_ref=True)
+
+
+def test_read_only_transitive_grant_refuses_writes(
+    xen: Xen, make_domain: MakeDomain, fastpath: None
+) -> None:
+    """B re-grants A's writable page read-only: _set_status_v2 refuses the write pin
+    of B's entry ("Attempt to write-pin a r/o grant entry"), whether the copy writes
+    through it alone or reads and writes it in one op (the second pin of a pinned
+    transitive entry is checked too); reading through it works."""
+    ch = Chain(make_domain)
+    ch.transitive(writable=False)
+    e = ch.b.grant_table.entry(ch.tref)
+    assert e.flags == abi.GTF_transitive | abi.GTF_readonly
+    ch.mine.mem[:8] = b"C writes"
+    before = snapshot(xen, ch.a, ch.b, ch.c)
+    page = bytes(ch.page.mem)
+    st = copy(
+        ch.c,
+        ((ch.mine.gfns[0], SELF, 0), (ch.tref, ch.b.domid, 0), 8, DST),
+        ((ch.tref, ch.b.domid, 100), (ch.tref, ch.b.domid, 0), 8, SRC | DST),
+    )
+    assert st == [abi.GNTST_general_error, abi.GNTST_general_error]
+    assert bytes(ch.page.mem) == page
+    assert snapshot(xen, ch.a, ch.b, ch.c) == before
+    ch.idle(xen)
+    assert ch.c_reads(0, 8) == abi.GNTST_okay
+    assert bytes(ch.mine.mem[:8]) == page[:8]
+    ch.idle(xen)

@@ -592,14 +592,17 @@ class GrantTable:
         store16(view, off, flags)
 
     def grant_access_transitive(
-        self, ref: int, domid: int, trans_domid: int, trans_gref: int
+        self, ref: int, domid: int, trans_domid: int, trans_gref: int, writable: bool = True
     ) -> None:
         """A v2 transitive grant: ``domid`` may copy (never map) through ``ref``
         whatever ``trans_domid`` granted this domain as ``trans_gref``.
 
         Writes domid, then trans_domid and gref, a write barrier, then
         ``GTF_transitive`` (grant_table.h's ``grant_entry_v2.transitive``; Xen
-        4.17 ``acquire_grant_for_copy`` follows it one level deep).
+        4.17 ``acquire_grant_for_copy`` follows it one level deep), with
+        ``GTF_readonly`` unless ``writable`` (Linux
+        ``gnttab_grant_foreign_access_trans_ref``'s flags): Xen's
+        ``_set_status_v2`` then refuses a copy into it.
 
         Raises:
             ValueError: v1 table, or ref not grantable.
@@ -612,7 +615,7 @@ class GrantTable:
         struct.pack_into("<HHHI", mv, off + 2, domid, trans_domid, 0, trans_gref)
         mv.release()
         wmb()
-        store16(view, off, gt.GTF_transitive)
+        store16(view, off, gt.GTF_transitive | (0 if writable else gt.GTF_readonly))
 
     def _check_grantable(self, ref: int) -> None:
         if not 0 <= ref < len(self._state) or self._state[ref] == _RESERVED:
