@@ -213,8 +213,19 @@ def _walk(tree: ast.AST) -> Iterator[ast.AST]:
         todo.extend(reversed(list(ast.iter_child_nodes(n))))
 
 
+#: The sources as they were when the run started: a mutant is made from these, so
+#: editing the worktree during a run does not shift it (the tests are copied too).
+_SOURCES: dict[str, str] = {}
+
+
+def _source(path: str) -> str:
+    if path not in _SOURCES:
+        _SOURCES[path] = (ROOT / path).read_text()
+    return _SOURCES[path]
+
+
 def mutants_of(path: str) -> list[Mutant]:
-    src = (ROOT / path).read_text()
+    src = _source(path)
     tree = ast.parse(src)
     skip = _skipped_lines(tree)
     lines = src.splitlines()
@@ -234,7 +245,7 @@ def mutants_of(path: str) -> list[Mutant]:
 
 
 def mutated_source(m: Mutant) -> str:
-    tree = ast.parse((ROOT / m.path).read_text())
+    tree = ast.parse(_source(m.path))
     parents: dict[int, tuple[ast.AST, str, int | None]] = {}
     for parent in ast.walk(tree):
         for field, value in ast.iter_fields(parent):
@@ -407,14 +418,25 @@ class Worker:
 
     def __init__(self, n: int, base: Path) -> None:
         self.dir = base / f"w{n}"
-        shutil.copytree(PKG, self.dir / "xengrant", ignore=shutil.ignore_patterns("__pycache__"))
-        server = base / "forkserver.py"
+        skip = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(PKG, self.dir / "xengrant", ignore=skip)
+        for path in TARGETS:  # the sources the mutants are made from
+            (self.dir / "xengrant" / Path(path).relative_to("src/xengrant")).write_text(
+                _source(path)
+            )
+        # the tests and their configuration as they were at the start, run from here
+        shutil.copytree(ROOT / "tests", self.dir / "tests", ignore=skip)
+        shutil.copy(ROOT / "pyproject.toml", self.dir / "pyproject.toml")
+        for top in ROOT.iterdir():  # what tests read beside them (docs/ ...), as it is
+            if top.name not in ("src", "tests", "pyproject.toml", ".mutation", ".git", ".venv"):
+                (self.dir / top.name).symlink_to(top)
+        server = base / "forkserver.py"  # run from the worker's directory (its tests)
         if not server.exists():
             server.write_text(_SERVER)
         env = {**os.environ, **ENV}
         env.pop("PYTHONPATH", None)
         self.proc = subprocess.Popen(
-            [sys.executable, str(server), str(ROOT), str(self.dir)],
+            [sys.executable, str(server), str(self.dir), str(self.dir)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -555,7 +577,7 @@ def report(results: list[Result], args: argparse.Namespace, took: float) -> int:
     src: dict[str, list[str]] = {}
     explained, unexplained = [], []
     for r in live:
-        text = src.setdefault(r.mutant.path, (ROOT / r.mutant.path).read_text().splitlines())
+        text = src.setdefault(r.mutant.path, _source(r.mutant.path).splitlines())
         (explained if _explained(text, r.mutant.line) else unexplained).append(r)
     total = len(results)
     killed = total - len(live)
