@@ -1,9 +1,11 @@
 # Sourced by demo.sh and test.sh: make .venv with xengrant installed (editable).
-# Usage: . scripts/_venv.sh [EXTRAS]
+# Usage: [PYTHON=python3.X] [VENV=.venv-3.X] . scripts/_venv.sh [EXTRAS]
+# PYTHON picks the interpreter (default python3), VENV the directory (default .venv).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
 if ! "$PY" -c 'import sys; assert sys.version_info >= (3, 9)' 2>/dev/null; then
   echo "xengrant needs Python >= 3.9 (found: $("$PY" --version 2>&1))" >&2; exit 1
 fi
@@ -19,12 +21,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     echo "missing: ${need_apt[*]} (install them, e.g. with apt-get)" >&2; exit 1
   fi
 fi
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 extras=${1:-}
-stamp=.venv/.xengrant-installed${extras:+-$extras}
+stamp=$VENV/.xengrant-installed${extras:+-$extras}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
    || [ -n "$(find src/xengrant -maxdepth 1 -name '*.c' -newer "$stamp" 2>/dev/null)" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
   touch "$stamp"
 fi

@@ -28,6 +28,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import compat
 from xengrant import _cext, abi
 
 P = 4096
@@ -406,7 +407,7 @@ class FakeEvtchn(_Dev):
 
     def __init__(self, kernel: FakeKernel) -> None:
         super().__init__(kernel)
-        self.efd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.efd = compat.eventfd(0, compat.EFD_NONBLOCK)
 
     def ioctl(self, request: int, arg: Any) -> int:
         k = self.k
@@ -435,7 +436,7 @@ class FakeEvtchn(_Dev):
 
     def _kick(self) -> None:
         if self.k.pending:
-            os.eventfd_write(self.efd, 1)
+            compat.eventfd_write(self.efd, 1)
 
     def fileno(self) -> int:
         self._kick()
@@ -443,7 +444,7 @@ class FakeEvtchn(_Dev):
 
     def read(self, size: int) -> bytes:
         try:
-            os.eventfd_read(self.efd)
+            compat.eventfd_read(self.efd)
         except BlockingIOError:
             pass
         if not self.k.pending:

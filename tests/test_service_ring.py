@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import compat
 from xengrant import _cext, abi
 from xengrant.emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
 from xengrant.errors import GrantError
@@ -97,8 +98,8 @@ class Page:
         r.INDICES.pack_into(self.mem, 0, 0, 1, 0, 1)  # SHARED_RING_INIT
         self.front = bytearray(8)  # req_prod_pvt, rsp_cons
         self.back = bytearray(8)  # req_cons, rsp_prod_pvt
-        flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
-        self.svc_kick, self.cli_kick = os.eventfd(0, flags), os.eventfd(0, flags)
+        flags = compat.EFD_CLOEXEC | compat.EFD_NONBLOCK
+        self.svc_kick, self.cli_kick = compat.eventfd(0, flags), compat.eventfd(0, flags)
 
     def indices(self) -> tuple[int, int, int, int]:
         got: tuple[int, int, int, int] = r.INDICES.unpack_from(self.mem)
@@ -116,7 +117,7 @@ class Page:
     def kicked(fd: int) -> int:
         """How many kicks the eventfd holds (and clears them)."""
         try:
-            return os.eventfd_read(fd)
+            return compat.eventfd_read(fd)
         except BlockingIOError:
             return 0
 
@@ -288,7 +289,7 @@ class FakeService(threading.Thread):
             struct.pack_into("<I", pg.mem, 4, done + 1)  # req_event: kick me
             _cext.mb()
             if pg.indices()[0] == done:
-                os.eventfd_read(pg.svc_kick)  # blocks until the client kicks
+                compat.eventfd_read(pg.svc_kick)  # blocks until the client kicks
                 continue
             while pg.indices()[0] > done:
                 pg.put_slot(done, self.answer(pg.slot(done)))
@@ -296,7 +297,7 @@ class FakeService(threading.Thread):
             struct.pack_into("<I", pg.mem, 8, done)
             _cext.mb()
             if struct.unpack_from("<I", pg.mem, 12)[0] <= done:  # the client sleeps
-                os.eventfd_write(pg.cli_kick, 1)
+                compat.eventfd_write(pg.cli_kick, 1)
 
 
 def ring_map_one(pg: Page, seq: int, posted: dict[int, Any], p2m: dict[int, Any],
@@ -570,7 +571,7 @@ def test_a_client_scribbling_on_its_ring_harms_nobody_else(
             for off, data in writes:
                 ring.mem[off : off + len(data)] = data[: r.RING_PAGE - off]
             if kick:
-                os.eventfd_write(ring.kick, 1)
+                compat.eventfd_write(ring.kick, 1)
             try:
                 evil.channel.call(p.MSG_PING)
             except ServiceError:

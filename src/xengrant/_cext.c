@@ -35,6 +35,17 @@
 
 #define XG_PAGE_SIZE 4096
 
+/* Py_NewRef is Python 3.10+; the package supports 3.9 (pyproject's
+ * requires-python), so give it the 3.10 definition there. */
+#if PY_VERSION_HEX < 0x030A0000
+static inline PyObject *xg_newref(PyObject *o)
+{
+    Py_INCREF(o);
+    return o;
+}
+#define Py_NewRef(o) xg_newref((PyObject *)(o))
+#endif
+
 /* ------------------------------------------------------------------ */
 /* FrameView                                                            */
 /* ------------------------------------------------------------------ */

@@ -33,6 +33,8 @@ compiles ``io/ring.h`` to check it)::
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -112,6 +114,25 @@ def response_payload(slot: bytes) -> bytes:
             + struct.pack("<Iqqq", 1, gfn, mfn, p2mt) + b"\0\0")
 
 
+
+def _eventfd() -> int:
+    """A non-blocking, close-on-exec eventfd (``eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)``).
+
+    ``os.eventfd`` is Python 3.10+; on 3.9 the same system call goes through libc.
+
+    Raises:
+        OSError: the kernel's errno (EMFILE, ENFILE, ENOMEM).
+    """
+    if hasattr(os, "eventfd"):
+        return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    # EFD_CLOEXEC and EFD_NONBLOCK are O_CLOEXEC and O_NONBLOCK (linux/eventfd.h)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = int(libc.eventfd(ctypes.c_uint(0), ctypes.c_int(os.O_CLOEXEC | os.O_NONBLOCK)))
+    if fd < 0:
+        err = ctypes.get_errno() or errno.EIO
+        raise OSError(err, f"eventfd: {os.strerror(err)}")
+    return fd
+
 class ServiceRing:
     """The service's end: it makes the page and the two eventfds.
 
@@ -138,9 +159,8 @@ class ServiceRing:
             )
             self.mem = mmap.mmap(self.memfd, RING_PAGE)
             _init(self.mem)
-            flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
-            self.svc_kick = os.eventfd(0, flags)
-            self.cli_kick = os.eventfd(0, flags)
+            self.svc_kick = _eventfd()
+            self.cli_kick = _eventfd()
         except BaseException:
             self.close()
             raise
