@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from xengrant.service import ring
+import xengrant
+from service_helpers import dies_with_this_process, start_hypervisor
+from xengrant.service import connect, ping, ring
 
 
 def test_eventfd_without_os_eventfd(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,3 +29,118 @@ def test_eventfd_without_os_eventfd(monkeypatch: pytest.MonkeyPatch) -> None:
         assert int.from_bytes(os.read(fd, 8), "little") == 3
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------ the command line
+TIMEOUT = 120
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xengrant", *args],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False, env=env,
+        preexec_fn=dies_with_this_process(),
+    )
+
+
+def test_version() -> None:
+    out = _run("--version")
+    assert out.returncode == 0
+    assert out.stdout == f"xengrant {xengrant.__version__}\n"
+    assert xengrant.__version__ == importlib.metadata.version("xengrant")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("hypervisor", "--memory", "0"), "argument --memory: must be positive, not 0"),
+        (("hypervisor", "--memory", "x"), "argument --memory: not an integer: 'x'"),
+        (("hypervisor", "--max-grant-frames", "-1"), "must be positive, not -1"),
+        (("inspect", "--interval", "0"), "argument --interval: must be positive"),
+        (("inspect", "--follow"), "inspect: --follow needs --socket"),
+        (("nosuch",), "invalid choice: 'nosuch'"),
+        ((), "the following arguments are required: command"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(args: tuple[str, ...], message: str) -> None:
+    out = _run(*args)
+    assert out.returncode == 2
+    assert out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("xengrant") and ": error: " in lines[0]
+    assert message in lines[0]
+    assert lines[0].endswith("--help)")
+
+
+def test_hypervisor_memory_it_cannot_have_is_one_line() -> None:
+    out = _run("hypervisor", "--socket", "/nonexistent-dir/x.sock", "--memory", "1")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize("args", [("demo",), ("inspect",), ("demo", "--dump")])
+def test_closed_stdout_is_no_traceback(args: tuple[str, ...]) -> None:
+    """``xengrant demo | head -0``: the reader is gone before the first line."""
+    r, w = os.pipe()
+    os.close(r)  # every write to w is EPIPE
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "xengrant", *args], stdout=w, stderr=subprocess.PIPE,
+            text=True, timeout=TIMEOUT, check=False, preexec_fn=dies_with_this_process(),
+        )
+    finally:
+        os.close(w)
+    assert proc.stderr == ""
+    assert proc.returncode == 0
+
+
+def _hypervisor(tmp: str) -> tuple[subprocess.Popen[str], str]:
+    path = os.path.join(tmp, "hv.sock")
+    return start_hypervisor(path, "--memory", "32", "--quiet"), path
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(TIMEOUT) == 0
+    if proc.stderr:
+        proc.stderr.close()
+
+
+def test_inspect_follow_refreshes_and_ends_when_the_service_goes(tmp_path: Path) -> None:
+    proc, path = _hypervisor(str(tmp_path))
+    try:
+        with connect(path) as a, connect(path) as b:
+            share = a.grant_table.share_pages(b.domid, 1)
+            out = _run("inspect", "--socket", path, "--follow", "--interval", "0.01",
+                       "--count", "3")
+            assert out.returncode == 0, out.stderr
+            assert [ln for ln in out.stdout.splitlines() if ln.startswith("--- refresh")] == [
+                "--- refresh 1", "--- refresh 2", "--- refresh 3"]
+            assert out.stdout.count(f"grant-table for remote d{a.domid}") == 3
+            share.unshare()
+    finally:
+        _stop(proc)
+    gone = _run("inspect", "--socket", path, "--follow", "--interval", "0.01")
+    assert gone.returncode == 1
+    assert len(gone.stderr.splitlines()) == 1 and path in gone.stderr
+
+
+def test_demo_processes_uses_a_running_service(tmp_path: Path) -> None:
+    proc, path = _hypervisor(str(tmp_path))
+    try:
+        env = dict(os.environ, XENGRANT_SOCKET=path)
+        out = _run("demo", "--processes", env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"[  found] the running xengrant hypervisor on {path}" in out.stdout
+        assert "got 'pong 3 from d2" in out.stdout
+        assert "the demo's domains left: []" in out.stdout
+        # dom0 is claimed once per service: a second demo says so and runs on its own service
+        again = _run("demo", "--processes", env=env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "cannot be this demo's toolstack" in again.stdout
+        assert "[  start] xengrant hypervisor pid" in again.stdout
+        assert ping(path)  # the running service was left running
+    finally:
+        _stop(proc)

@@ -48,7 +48,7 @@ def test_demo_processes() -> None:
     out = _xengrant("demo", "--processes")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "got 'pong 3 from d2" in out.stdout
-    assert "domains left besides dom0: []" in out.stdout
+    assert "the demo's domains left: []" in out.stdout
 
 
 def test_hypervisor_serves_inspects_and_stops(

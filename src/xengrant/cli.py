@@ -4,16 +4,25 @@
   write on one side and read on the other, copy, a Busy end of access while
   mapped, unshare; every step printed with what Xen would answer.
 - ``xengrant inspect`` -- grant tables as Xen's 'g' debug key prints them,
-  for a built-in scenario (``--scenario``) or a running service.
+  for a small built-in scenario (the default) or a running service
+  (``--socket PATH``; ``--follow`` refreshes it every ``--interval`` seconds,
+  like xentop).
+- ``xengrant hypervisor`` -- the service (:mod:`xengrant.service.cli`).
+
+Exit codes: 0 done, 1 failed (the demo's check, a service that does not
+answer), 2 bad arguments; a closed stdout (``xengrant demo | head -1``) ends
+the output quietly, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from types import ModuleType
+from typing import NoReturn
 
 from . import abi
 from .debugkeys import dump_all
@@ -21,8 +30,27 @@ from .embedded import EmbeddedXen
 from .errors import Busy, GrantError
 
 
+def out(text: str = "") -> None:
+    """Print a line to stdout; once the reader has gone (EPIPE), print nothing more.
+
+    ``xengrant demo | head -1``: the demo goes on (and cleans up) with its
+    output sent to /dev/null instead of ending in a BrokenPipeError traceback.
+    """
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null: what Python flushes at exit then goes nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _say(step: str, text: str) -> None:
-    print(f"[{step:>7}] {text}")
+    out(f"[{step:>7}] {text}")
 
 
 def demo(out_all: bool = False) -> int:
@@ -78,7 +106,7 @@ def demo(out_all: bool = False) -> int:
             _say("busy", f"d{front.domid} cannot end access yet: {err}")
 
         if out_all:
-            print(dump_all(xen.hv, all_entries=True))
+            out(dump_all(xen.hv, all_entries=True))
 
         mapping.unmap()
         _say("unmap", f"d{back.domid} unmapped; ref {share.refs[0]} flags now "
@@ -115,20 +143,60 @@ def inspect_scenario() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``xengrant`` command."""
-    parser = argparse.ArgumentParser(
+    """Entry point of the ``xengrant`` command; returns its exit code.
+
+    Bad arguments print one line (``xengrant: error: ...``, after the usage)
+    and return 2; a closed stdout is not an error of ours.
+    """
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``xengrant demo: error: ... (see --help)``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from . import __version__
+
+    parser = _Parser(
         prog="xengrant", description="Xen grant tables: an emulated hypervisor and guest APIs."
     )
+    parser.add_argument("--version", action="version", version=f"xengrant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="two domains share, map, copy and unshare")
     p_demo.add_argument("--dump", action="store_true", help="print the 'g' dump while mapped")
     p_demo.add_argument(
         "--processes", action="store_true",
-        help="frontend and backend as separate processes (needs the service)",
+        help="frontend and backend as separate processes, on the running service if one "
+        "answers at --socket (else a private one)",
+    )
+    p_demo.add_argument(
+        "--socket", default=None,
+        help="with --processes: the service to use (default: the default socket path)",
     )
     p_insp = sub.add_parser("inspect", help="grant tables as Xen's 'g' debug key shows them")
     p_insp.add_argument("--socket", help="a running `xengrant hypervisor` service to inspect")
-    service: Any = None
+    p_insp.add_argument(
+        "--follow", action="store_true",
+        help="with --socket: refresh every --interval seconds until interrupted (like xentop)",
+    )
+    p_insp.add_argument(
+        "--interval", type=positive_float, default=1.0, help="seconds between refreshes"
+    )
+    p_insp.add_argument(
+        "--count", type=positive_int, default=None,
+        help="with --follow: stop after this many refreshes",
+    )
+    service: ModuleType | None
     try:
         service = importlib.import_module("xengrant.service.cli")
     except ImportError:
@@ -139,22 +207,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         if args.processes:
             if service is None or not hasattr(service, "demo_processes"):
-                print("the two-process demo needs xengrant.service", file=sys.stderr)
+                print("xengrant: the two-process demo needs xengrant.service", file=sys.stderr)
                 return 2
             return int(service.demo_processes(args))
+        if args.socket:
+            parser.error("demo: --socket goes with --processes")
         return demo(args.dump)
     if args.command == "inspect":
         if args.socket:
             if service is None or not hasattr(service, "inspect_socket"):
-                print("inspecting a service needs xengrant.service", file=sys.stderr)
+                print("xengrant: inspecting a service needs xengrant.service", file=sys.stderr)
                 return 2
+            if args.follow:
+                return int(service.follow_socket(args.socket, args.interval, args.count))
             return int(service.inspect_socket(args.socket))
-        print(inspect_scenario())
+        if args.follow:
+            parser.error("inspect: --follow needs --socket")
+        out(inspect_scenario())
         return 0
     if service is not None:
         return int(service.run(args))
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int > 0 (else a one-line usage error)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite float > 0 (else a one-line usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
 
 
 if __name__ == "__main__":  # pragma: no cover

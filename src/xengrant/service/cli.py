@@ -16,13 +16,15 @@ import os
 import struct
 import sys
 import tempfile
+import time
 from typing import Any
 
+from ..cli import out, positive_int
 from ..embedded import DEFAULT_MEMORY
 from ..emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
 from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from . import xenbus
-from .client import connect, debug_key, stats
+from .client import RemoteDomain, connect, debug_key, ping, stats
 from .limits import Limits
 from .paths import default_socket_path
 from .server import DEFAULT_SPIN, serve
@@ -61,32 +63,34 @@ def add_parser(subparsers: Any) -> None:
         help="admit processes whose primary group, or whose user's membership, is GROUP",
     )
     p.add_argument(
-        "--memory", type=int, default=DEFAULT_MEMORY >> 20, help="machine memory in MiB"
+        "--memory", type=positive_int, default=DEFAULT_MEMORY >> 20, help="machine memory in MiB"
     )
     lim = p.add_argument_group(
         "limits", "each domain's default and cap (a domain may ask for less, never more), "
         "and what the service takes in all (see xengrant/service/limits.py)",
     )
-    lim.add_argument("--max-grant-frames", type=int, default=DEFAULT_MAX_GRANT_FRAMES,
+    lim.add_argument("--max-grant-frames", type=positive_int, default=DEFAULT_MAX_GRANT_FRAMES,
                      help="grant-table frames per domain (default %(default)s, as Xen)")
-    lim.add_argument("--max-maptrack-frames", type=int, default=DEFAULT_MAX_MAPTRACK_FRAMES,
+    lim.add_argument("--max-maptrack-frames", type=positive_int,
+                     default=DEFAULT_MAX_MAPTRACK_FRAMES,
                      help="maptrack frames per domain (default %(default)s, as Xen)")
-    lim.add_argument("--max-pages", type=int, default=None,
+    lim.add_argument("--max-pages", type=positive_int, default=None,
                      help="memory frames per domain (default: a quarter of the machine)")
-    lim.add_argument("--xs-entries", type=int, default=QUOTA_ENTRIES,
+    lim.add_argument("--xs-entries", type=positive_int, default=QUOTA_ENTRIES,
                      help="xenstore nodes an unprivileged domain may own (default %(default)s, "
                      "as xenstored's quota-nb-entry-per-domain)")
-    lim.add_argument("--xs-watches", type=int, default=QUOTA_WATCHES,
+    lim.add_argument("--xs-watches", type=positive_int, default=QUOTA_WATCHES,
                      help="xenstore watches per unprivileged domain (default %(default)s)")
-    lim.add_argument("--xs-nodes-total", type=int, default=Limits.xs_nodes_total,
+    lim.add_argument("--xs-nodes-total", type=positive_int, default=Limits.xs_nodes_total,
                      help="xenstore nodes in all (default %(default)s)")
-    lim.add_argument("--xs-watches-total", type=int, default=Limits.xs_watches_total,
+    lim.add_argument("--xs-watches-total", type=positive_int, default=Limits.xs_watches_total,
                      help="xenstore watches in all (default %(default)s)")
-    lim.add_argument("--max-connections", type=int, default=None,
+    lim.add_argument("--max-connections", type=positive_int, default=None,
                      help="connections in all (default: what RLIMIT_NOFILE allows, at most 1024)")
-    lim.add_argument("--max-connections-per-uid", type=int, default=None,
+    lim.add_argument("--max-connections-per-uid", type=positive_int, default=None,
                      help="connections of one uid (default: three quarters of the total)")
-    lim.add_argument("--max-unread", type=int, default=Limits.out_high >> 10, metavar="KIB",
+    lim.add_argument("--max-unread", type=positive_int, default=Limits.out_high >> 10,
+                     metavar="KIB",
                      help="KiB of replies a client may leave unread before its requests are "
                      "no longer read (default %(default)s)")
     p.add_argument(
@@ -156,32 +160,72 @@ def _quiet(text: str) -> None:
 _RING_ORDER = ("req_prod", "req_cons", "req_event", "rsp_prod_pvt", "rsp_prod", "rsp_event")
 
 
+def _inspect_text(path: str) -> str:
+    """The 'G', 'e' and 'x' keys' text, then each domain's request ring."""
+    lines = [debug_key("G", path), "", "event channels:", debug_key("e", path), "",
+             "xenstore:", debug_key("x", path), "",
+             "request rings (one-op maps and unmaps; service/ring.py):"]
+    doms = stats(path)["domains"]
+    for domid in sorted(doms, key=int):
+        ring = doms[domid].get("ring")
+        text = "none: the socket only" if ring is None else " ".join(
+            f"{k}={ring[k]}" for k in _RING_ORDER
+        )
+        lines.append(f"  d{domid}: {text}")
+    return "\n".join(lines)
+
+
 def inspect_socket(path: str) -> int:
     """Print the 'G' (grant tables), 'e' (event channels) and 'x' (xenstore) keys,
-    then each domain's request ring."""
+    then each domain's request ring.
+
+    Returns:
+        0, or 1 (one line on stderr) if the service does not answer.
+    """
     try:
-        print(debug_key("G", path))
-        print("\nevent channels:")
-        print(debug_key("e", path))
-        print("\nxenstore:")
-        print(debug_key("x", path))
-        print("\nrequest rings (one-op maps and unmaps; service/ring.py):")
-        doms = stats(path)["domains"]
-        for domid in sorted(doms, key=int):
-            ring = doms[domid].get("ring")
-            text = "none: the socket only" if ring is None else " ".join(
-                f"{k}={ring[k]}" for k in _RING_ORDER
-            )
-            print(f"  d{domid}: {text}")
+        text = _inspect_text(path)
     except OSError as e:
         print(f"xengrant inspect: {path}: {e}", file=sys.stderr)
         return 1
+    out(text)
+    return 0
+
+
+#: clear the screen and home the cursor (a terminal's refresh, as xentop does)
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+def follow_socket(path: str, interval: float = 1.0, count: int | None = None) -> int:
+    """``xengrant inspect --socket PATH --follow``: :func:`inspect_socket` every
+    ``interval`` seconds, like xentop, until interrupted (or ``count`` refreshes).
+
+    On a terminal each refresh clears the screen; piped, refreshes follow each
+    other under a ``--- refresh N`` line.
+
+    Returns:
+        0 when interrupted or ``count`` is reached; 1 (one line on stderr) once
+        the service stops answering.
+    """
+    tty = sys.stdout.isatty()
+    n = 0
+    while count is None or n < count:
+        n += 1
+        try:
+            text = _inspect_text(path)
+        except OSError as e:
+            print(f"xengrant inspect: {path}: {e}", file=sys.stderr)
+            return 1
+        stamp = time.strftime("%H:%M:%S")
+        header = f"xengrant inspect {path} at {stamp} (every {interval:g} s; Ctrl-C ends)"
+        out((_CLEAR if tty else f"--- refresh {n}\n") + header + "\n" + text)
+        if count is None or n < count:
+            time.sleep(interval)
     return 0
 
 
 # ------------------------------------------------------------------ demo
 def _say(who: str, step: str, text: str) -> None:
-    print(f"[{who:>12}] [{step:>7}] {text}", flush=True)
+    out(f"[{who:>12}] [{step:>7}] {text}")
 
 
 def _service_main(path: str, memory: int, conn: Any) -> None:
@@ -263,34 +307,61 @@ def _backend_main(path: str, domid: int, secret: bytes, frontend: int) -> None:
     d.close()
 
 
+def _running_service(args: argparse.Namespace | None) -> str | None:
+    """The socket of a service that answers (``--socket``, else the default path), or None."""
+    path = getattr(args, "socket", None)
+    if path is None:
+        try:
+            path = default_socket_path()
+        except OSError:
+            return None
+    return path if ping(path, timeout=5.0) else None
+
+
 def demo_processes(args: argparse.Namespace | None = None, rounds: int = 3) -> int:
     """``xengrant demo --processes``: a frontend and a backend as separate processes.
 
-    A private service runs in a child process; this process is the toolstack
-    (dom0): it creates the two domains, writes their device dirs to xenstore
-    (``libxl__device_generic_add``) and starts one process for each.  They
-    meet through xenstore (ring ref, event channel, XenBus states) and talk
-    through the shared ring page and the event channel.
+    This process is the toolstack (dom0): it creates the two domains, writes
+    their device dirs to xenstore (``libxl__device_generic_add``) and starts
+    one process for each.  They meet through xenstore (ring ref, event
+    channel, XenBus states) and talk through the shared ring page and the
+    event channel.  The service is the one answering at ``args.socket`` (or
+    the default socket) when it answers and its dom0 is still to be had
+    (dom0 is claimed once per service); else a private one in a child process.
 
     Returns:
-        0 if both sides finished and every frame came back, else 1.
+        0 if both sides finished, their domains are gone and (on a private
+        service) every frame came back, else 1.
     """
     ctx = mp.get_context("spawn")
-    tmp = tempfile.mkdtemp(prefix="xengrant-demo-")
-    path = os.path.join(tmp, "xengrant.sock")
-    r, w = ctx.Pipe(duplex=False)
-    svc = ctx.Process(target=_service_main, args=(path, 64 << 20, w), daemon=True)
-    svc.start()
-    w.close()
     who = "toolstack d0"
     procs: list[Any] = []
+    svc: Any = None
+    tmp: str | None = None
+    dom0: RemoteDomain | None = None
+    path = _running_service(args)
+    if path is not None:
+        try:
+            dom0 = connect(path, 0)
+            _say("service", "found", f"the running xengrant hypervisor on {path}")
+        except (OSError, ValueError) as e:  # EPERM: its dom0 is taken; the token unreadable
+            _say("service", "found", f"{path} answers but cannot be this demo's toolstack "
+                                     f"({e}); using a private service")
     try:
-        if not r.poll(_TIMEOUT):
-            print("xengrant demo: the service did not start", file=sys.stderr)
-            return 1
-        r.recv()
-        _say("service", "start", f"xengrant hypervisor pid {svc.pid} on {path}")
-        dom0 = connect(path, 0)
+        if dom0 is None:
+            tmp = tempfile.mkdtemp(prefix="xengrant-demo-")
+            path = os.path.join(tmp, "xengrant.sock")
+            r, w = ctx.Pipe(duplex=False)
+            svc = ctx.Process(target=_service_main, args=(path, 64 << 20, w), daemon=True)
+            svc.start()
+            w.close()
+            if not r.poll(_TIMEOUT):
+                print("xengrant demo: the service did not start", file=sys.stderr)
+                return 1
+            r.recv()
+            _say("service", "start", f"xengrant hypervisor pid {svc.pid} on {path}")
+            dom0 = connect(path, 0)
+        assert path is not None
         free0 = stats(path)["free_frames"]
         fe = dom0.create_domain()
         be = dom0.create_domain()
@@ -311,20 +382,26 @@ def demo_processes(args: argparse.Namespace | None = None, rounds: int = 3) -> i
         ok = all(proc.exitcode == 0 for proc in procs)
         with_domains = stats(path)
         dom0.close()
-        left = sorted(int(x) for x in with_domains["domains"] if x != "0")
+        dom0 = None
+        left = sorted(int(x) for x in with_domains["domains"] if int(x) in (fe, be))
         free = with_domains["free_frames"]
         _say(who, "check", f"processes exited {[proc.exitcode for proc in procs]}; "
-                           f"domains left besides dom0: {left}; "
+                           f"the demo's domains left: {left}; "
                            f"machine frames free: {free} (was {free0})")
-        return 0 if ok and not left and free == free0 else 1
+        # on a shared service others' domains may hold frames: compare on a private one only
+        return 0 if ok and not left and (svc is None or free == free0) else 1
     finally:
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        svc.terminate()
-        svc.join(_TIMEOUT)
-        try:
-            os.rmdir(tmp)
-        except OSError:
-            pass
+        if dom0 is not None:
+            dom0.close()
+        if svc is not None:
+            svc.terminate()
+            svc.join(_TIMEOUT)
+        if tmp is not None:
+            try:
+                os.rmdir(tmp)
+            except OSError:
+                pass
