@@ -11,7 +11,7 @@ if [ ! -f /usr/include/xen/grant_table.h ] || [ ! -f /usr/include/xen/gntdev.h ]
     echo "note: libxen-dev / linux-libc-dev headers missing; header tests will skip" >&2
   fi
 fi
-echo "== ruff"; .venv/bin/ruff check src tests tests_xen benchmarks
+echo "== ruff"; .venv/bin/ruff check src tests tests_xen benchmarks examples
 echo "== mypy"; .venv/bin/mypy
 echo "== pytest"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

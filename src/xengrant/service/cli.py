@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import multiprocessing as mp
 import os
-import struct
 import sys
 import tempfile
 import time
@@ -23,6 +23,8 @@ from ..cli import out, positive_int
 from ..embedded import DEFAULT_MEMORY
 from ..emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
 from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
+from ..evtport import EventPort
+from ..ring import BackRing, FrontRing
 from . import xenbus
 from .client import RemoteDomain, connect, debug_key, ping, stats
 from .limits import Limits
@@ -30,9 +32,19 @@ from .paths import default_socket_path
 from .server import DEFAULT_SPIN, serve
 from .xenstore import QUOTA_ENTRIES, QUOTA_WATCHES
 
-#: a 4 KiB "ring": request producer + message, response producer + message
-_REQ_PROD, _REQ, _RSP_PROD, _RSP = 0, 64, 2048, 2112
-_MSG = 64
+_MSG = 56
+
+
+class _Msg(ctypes.Structure):
+    """The demo's request and response: a sequence number and up to 56 bytes of text
+    (``DEFINE_RING_TYPES(vdemo, struct msg, struct msg)``: 64-byte slots)."""
+
+    _fields_ = [("seq", ctypes.c_uint32), ("len", ctypes.c_uint32), ("text", ctypes.c_char * _MSG)]
+
+
+def _msg(seq: int, text: str) -> _Msg:
+    data = text.encode()[:_MSG]
+    return _Msg(seq=seq, len=len(data), text=data)
 _KIND = "vdemo"
 _TIMEOUT = 60.0
 
@@ -247,17 +259,20 @@ def _frontend_main(path: str, domid: int, secret: bytes, backend: int, rounds: i
     _say(who, "xenbus", f"wrote ring-ref and event-channel to {dev}; state Initialised")
     xenbus.wait_state(d.xs, be, [xenbus.XenbusStateConnected], _TIMEOUT)
     _say(who, "xenbus", "backend is Connected")
-    ring = share.mem
+    ring = FrontRing(share.mem, _Msg, _Msg)  # io/ring.h: SHARED_RING_INIT + FRONT_RING_INIT
+    evp = EventPort(d.evtchn, port, owned=False)
     for i in range(1, rounds + 1):
-        msg = f"ping {i} from d{d.domid}".encode()
-        ring[_REQ : _REQ + _MSG] = msg.ljust(_MSG, b"\0")
-        struct.pack_into("<I", ring, _REQ_PROD, i)
-        d.evtchn.notify(port)
-        while struct.unpack_from("<I", ring, _RSP_PROD)[0] < i:
-            if d.evtchn.wait(port, _TIMEOUT) is None:
-                raise TimeoutError("no response from the backend")
-        rsp = bytes(ring[_RSP : _RSP + _MSG]).rstrip(b"\0").decode()
-        _say(who, "ring", f"sent {msg.decode()!r}, notified; got {rsp!r}")
+        msg = f"ping {i} from d{d.domid}"
+        ring.put_request(_msg(i, msg))
+        if ring.push_requests_and_check_notify():
+            evp.notify()
+        if not ring.wait_for_responses(evp, _TIMEOUT):
+            raise TimeoutError("no response from the backend")
+        got = ring.get_response()
+        assert got is not None
+        rsp = got.text[: got.len].decode()
+        _say(who, "ring", f"sent {msg!r}, notified; got {rsp!r}")
+    ring.release()
     xenbus.switch_state(d.xs, dev, xenbus.XenbusStateClosing)
     d.evtchn.notify(port)
     xenbus.wait_state(d.xs, be, [xenbus.XenbusStateClosed, xenbus.XenbusStateUnknown], _TIMEOUT)
@@ -284,21 +299,22 @@ def _backend_main(path: str, domid: int, secret: bytes, frontend: int) -> None:
     _say(who, "map", f"read ring-ref {ref} and event-channel {rport} from xenstore; "
                      f"mapped the ring, bound local port {port}")
     xenbus.switch_state(d.xs, dev, xenbus.XenbusStateConnected)
-    ring = mapping.mem
-    seen = 0
+    ring = BackRing(mapping.mem, _Msg, _Msg)
+    evp = EventPort(d.evtchn, port, owned=False)
     while True:
-        if d.evtchn.wait(port, _TIMEOUT) is None:
-            raise TimeoutError("the frontend went quiet")
+        for req in ring.requests():  # copied out of the ring, then checked
+            text = req.text[: min(req.len, _MSG)]
+            ring.put_response(_msg(req.seq, f"pong {req.seq} from d{d.domid} "
+                                            f"(read {len(text)} bytes off the ring)"))
+        if ring.push_responses_and_check_notify():
+            evp.notify()
+        if ring.final_check_for_requests():
+            continue
         if xenbus.read_state(d.xs, fe) == xenbus.XenbusStateClosing:
             break
-        prod = struct.unpack_from("<I", ring, _REQ_PROD)[0]
-        while seen < prod:
-            seen += 1
-            req = bytes(ring[_REQ : _REQ + _MSG]).rstrip(b"\0").decode()
-            rsp = f"pong {seen} from d{d.domid} (read {len(req)} bytes in place)".encode()
-            ring[_RSP : _RSP + _MSG] = rsp.ljust(_MSG, b"\0")
-            struct.pack_into("<I", ring, _RSP_PROD, seen)
-            d.evtchn.notify(port)
+        if not evp.wait(_TIMEOUT):
+            raise TimeoutError("the frontend went quiet")
+    ring.release()
     mapping.unmap()
     d.evtchn.unbind(port)
     xenbus.switch_state(d.xs, dev, xenbus.XenbusStateClosed)
