@@ -440,3 +440,19 @@ def test_vchan_is_exported() -> None:
 
     assert xengrant.Vchan is Vchan and xengrant.VchanError is VchanError
     assert isinstance(RemoteDomain, type)
+
+
+def test_fileno_for_select(world: InProcess) -> None:
+    """libxenvchan_fd_for_select: the descriptor becomes readable when the peer
+    notifies; wait(0) then takes the event."""
+    import select
+
+    srv, cli = pair(world)
+    with srv, cli:
+        srv.blocking = False
+        assert srv.read(1) is None  # asks the client for an event on its next write
+        cli.write(b"!")
+        r, _, _ = select.select([srv.fileno()], [], [], TIMEOUT)
+        assert r == [srv.fileno()]
+        assert srv.wait(0) is True
+        assert srv.read(1) == b"!"

@@ -19,8 +19,12 @@ the next wait at once, so "check, then sleep" loses no wake-up, as with
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from typing import Any
+
+#: how long ``wait(0)`` looks at the service's socket
+_LOOK = 0.001
 
 
 class EventPort:
@@ -43,6 +47,12 @@ class EventPort:
         self.closed = False
         # The service's client waits on one port; Linux's device reads them all.
         self._service = hasattr(evtchn, "wait_async")
+        channel = getattr(evtchn, "channel", None)
+        self._post = getattr(channel, "post", None) if self._service else None
+        if self._post is not None:
+            from .service import protocol
+
+            self._msg_send = protocol.MSG_EVTCHN_SEND
 
     @classmethod
     def offer(cls, evtchn: Any, remote_domid: int) -> EventPort:
@@ -63,20 +73,40 @@ class EventPort:
         return f"<EventPort {self.port}{' closed' if self.closed else ''}>"
 
     def notify(self) -> None:
-        """Signal the remote end (``EVTCHNOP_send``, ``xenevtchn_notify``)."""
+        """Signal the remote end (``EVTCHNOP_send``, ``xenevtchn_notify``).
+
+        On the service the send is posted: it returns without waiting for
+        the service's answer (the service runs it before anything this domain
+        sends next); a failure (the port closed under us) is raised by a later
+        call on the connection, as a posted unmap's is.
+        """
+        if self._post is not None:
+            self._post(self._msg_send, struct.pack("<I", self.port), self._on_reply)
+            return
         self.evtchn.notify(self.port)
+
+    def _on_reply(self, body: bytes) -> BaseException | None:
+        status = int.from_bytes(body[:4], "little", signed=True)
+        if status >= 0:
+            return None
+        err: BaseException = self.evtchn.error(-status, bytes(body[4:]).decode("utf-8", "replace"))
+        return err
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for an event on this port, and unmask it (``libxenvchan_wait``).
 
         Args:
-            timeout: seconds (None: for ever; 0: only look).
+            timeout: seconds (None: for ever; 0: only look -- on the service,
+                for at most a millisecond).
 
         Returns:
             True if one came, False after ``timeout``.
         """
         if self._service:
-            return self.evtchn.wait(self.port, timeout) is not None
+            # The service's client returns at once for 0 without reading its
+            # socket: look for a millisecond instead.
+            look = timeout if timeout is None or timeout > 0 else _LOOK
+            return self.evtchn.wait(self.port, look) is not None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
