@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import multiprocessing as mp
 import os
 import signal
@@ -340,6 +341,11 @@ def cmd_poke(d: Any, objs: dict[int, Any], key: int, off: int) -> None:
 
 def cmd_nothing(d: Any, objs: dict[int, Any]) -> None:
     return None
+
+
+def cmd_call(d: Any, objs: dict[int, Any], module: str, name: str, *args: Any) -> Any:
+    """Run ``module.name(d, objs, *args)`` in the domain process: a test's own command."""
+    return getattr(importlib.import_module(module), name)(d, objs, *args)
 
 
 COMMANDS: dict[str, Callable[..., Any]] = {

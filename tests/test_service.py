@@ -299,8 +299,9 @@ def test_transfer_across_processes(service: Service, baseline: dict[str, Any]) -
         frame, data, sent = recv("transfer_take", ref, len(payload))
         assert (frame, data) == (dest, payload)
         # the page arrived by another domain's hypercall: the receiver's p2m
-        # mirror had not heard of it, so its view asked the service (TRANSLATE)
-        assert sent == 1
+        # mirror had not heard of it, so its view asked the service (TRANSLATE),
+        # then for the page's file, a fresh one of the receiver's (REACH)
+        assert sent == 2
 
 
 def test_introduce_domain_watch(service: Service, baseline: dict[str, Any]) -> None:

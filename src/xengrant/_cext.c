@@ -221,7 +221,9 @@ xg_borrow(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)fv;
 }
 
-/* vmap(fd, frames, readonly) -> FrameView; frames is a sequence of frame numbers */
+/* vmap(fd, frames, readonly) -> FrameView; frames is a sequence of page numbers in the
+ * file(s); fd is one descriptor, or a sequence of one descriptor per frame (each frame
+ * from its own file: the service's per-domain memfds) */
 static PyObject *
 xg_vmap(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -229,30 +231,50 @@ xg_vmap(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "vmap(fd, frames, readonly)");
         return NULL;
     }
-    long fdl = PyLong_AsLong(args[0]);
-    int fd = (int)fdl;
-    if (fdl == -1 && PyErr_Occurred())
-        return NULL;
+    int fd = -1;
+    PyObject *fdseq = NULL;
+    if (PyLong_Check(args[0])) {
+        long fdl = PyLong_AsLong(args[0]);
+        if (fdl == -1 && PyErr_Occurred())
+            return NULL;
+        if (fdl < 0 || fdl > INT_MAX) {
+            PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+            return NULL;
+        }
+        fd = (int)fdl;
+    } else {
+        fdseq = PySequence_Fast(args[0], "fd must be an int or a sequence of ints");
+        if (fdseq == NULL)
+            return NULL;
+    }
     int ro = PyObject_IsTrue(args[2]);
-    if (ro == -1)
+    if (ro == -1) {
+        Py_XDECREF(fdseq);
         return NULL;
+    }
     PyObject *seq = PySequence_Fast(args[1], "frames must be a sequence of ints");
-    if (seq == NULL)
+    if (seq == NULL) {
+        Py_XDECREF(fdseq);
         return NULL;
+    }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n <= 0) {
+    if (n <= 0 || (fdseq != NULL && PySequence_Fast_GET_SIZE(fdseq) != n)) {
         Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "vmap needs at least one frame");
+        Py_XDECREF(fdseq);
+        PyErr_SetString(PyExc_ValueError,
+                        "vmap needs at least one frame (and one fd per frame)");
         return NULL;
     }
     size_t total = (size_t)n * XG_PAGE_SIZE;
     char *base = mmap(NULL, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) {
         Py_DECREF(seq);
+        Py_XDECREF(fdseq);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     int prot = ro ? PROT_READ : (PROT_READ | PROT_WRITE);
     PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject **fds = fdseq != NULL ? PySequence_Fast_ITEMS(fdseq) : NULL;
     Py_ssize_t i = 0;
     while (i < n) {
         long long first = PyLong_AsLongLong(items[i]);
@@ -261,6 +283,15 @@ xg_vmap(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
                 PyErr_SetString(PyExc_ValueError, "negative frame number");
             goto fail;
         }
+        if (fds != NULL) {
+            long f = PyLong_AsLong(fds[i]);
+            if (f < 0 || f > INT_MAX) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+                goto fail;
+            }
+            fd = (int)f;
+        }
         Py_ssize_t run = 1;
         while (i + run < n) {
             long long next = PyLong_AsLongLong(items[i + run]);
@@ -268,6 +299,13 @@ xg_vmap(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
                 goto fail;
             if (next != first + run)
                 break;
+            if (fds != NULL) {
+                long f = PyLong_AsLong(fds[i + run]);
+                if (f == -1 && PyErr_Occurred())
+                    goto fail;
+                if (f != fd)
+                    break;
+            }
             run++;
         }
         void *want = base + (size_t)i * XG_PAGE_SIZE;
@@ -280,6 +318,7 @@ xg_vmap(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         i += run;
     }
     Py_DECREF(seq);
+    Py_XDECREF(fdseq);
     FrameView *fv = PyObject_New(FrameView, &FrameView_Type);
     if (fv == NULL) {
         munmap(base, total);
@@ -296,6 +335,7 @@ xg_vmap(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 fail:
     munmap(base, total);
     Py_DECREF(seq);
+    Py_XDECREF(fdseq);
     return NULL;
 }
 

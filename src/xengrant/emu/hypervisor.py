@@ -386,7 +386,10 @@ class Hypervisor:
                     seen.add(gfn)
         if n <= 0:
             return []
-        mfns = self.machine.alloc(d.domid, n)
+        try:
+            mfns = self.machine.alloc(d.domid, n)
+        except OutOfMemory:  # the machine's backing refused (a service's file limit)
+            return []
         keys = mfns if d.pv else list(gfns[:n])
         d.p2m.update(zip(keys, zip(mfns, repeat(P2M_RAM_RW))))
         d.tot_pages += n
@@ -399,7 +402,10 @@ class Hypervisor:
         for gfn in gfns:
             if not d.pv and (gfn < 0 or gfn in p2m):
                 break
-            (mfn,) = alloc(d.domid, 1)
+            try:
+                (mfn,) = alloc(d.domid, 1)
+            except OutOfMemory:
+                break
             key = mfn if d.pv else gfn
             p2m[key] = (mfn, P2M_RAM_RW)
             d.tot_pages += 1

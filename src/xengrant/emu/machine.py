@@ -13,7 +13,7 @@ dying domain stays valid for its mappers until they unmap.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .._cext import memset
 from .._runs import runs
@@ -58,6 +58,15 @@ class Machine:
         self._nfree = nr_frames - reserved
         self._low = reserved  # no free frame below this
         self.reserved = reserved
+        #: Called with (owner, frames) after frames are allocated; may raise
+        #: (the frames are given back, then :class:`OutOfMemory`).  The
+        #: service backs each domain's frames with files of its own there.
+        self.on_alloc: Callable[[int, list[int]], None] | None = None
+        #: Called with the frames just freed; it scrubs them (before anyone can
+        #: have them again) instead of the ``memset`` done without it.
+        self.on_release: Callable[[list[int]], None] | None = None
+        #: Called with (mfn, new owner) after :meth:`transfer`.
+        self.on_transfer: Callable[[int, int], None] | None = None
 
     @property
     def free_frames(self) -> int:
@@ -80,6 +89,8 @@ class Machine:
             refs[mfn] = 1
             self._nfree -= 1
             self._low = mfn + 1
+            if self.on_alloc is not None:
+                self._hooked_alloc(owner, [mfn])
             return [mfn]
         frames: list[int] = []
         pos = self._low
@@ -100,7 +111,22 @@ class Machine:
         self._nfree -= count
         if count:
             self._low = pos
+        if self.on_alloc is not None and frames:
+            self._hooked_alloc(owner, frames)
         return frames
+
+    def _hooked_alloc(self, owner: int, frames: list[int]) -> None:
+        """Run :attr:`on_alloc`; if it fails, give the frames back and raise OutOfMemory."""
+        assert self.on_alloc is not None
+        try:
+            self.on_alloc(owner, frames)
+        except Exception as e:
+            hook, self.on_release = self.on_release, None  # nothing of theirs to undo
+            try:
+                self.disown_many(frames)
+            finally:
+                self.on_release = hook
+            raise OutOfMemory(f"{len(frames)} frame(s) for d{owner}: {e}") from e
 
     def get(self, mfn: int) -> None:
         """Take one more reference on an allocated frame (Xen's ``get_page``)."""
@@ -124,13 +150,17 @@ class Machine:
     def _release(self, mfns: list[int]) -> None:
         """Scrub and free frames whose last reference went (``free_domheap_pages``)."""
         fmap, owners, mem = self._map, self.owner, self.memory
+        scrub = self.on_release is None  # else the hook scrubs (the service punches files)
         for start, n in runs(mfns):
-            memset(mem, start * PAGE_SIZE, n * PAGE_SIZE, 0)  # scrub, as Xen does on free
+            if scrub:
+                memset(mem, start * PAGE_SIZE, n * PAGE_SIZE, 0)  # scrub, as Xen does on free
             owners[start : start + n] = [NO_OWNER] * n
             fmap[start : start + n] = b"\x01" * n
             if start < self._low:
                 self._low = start
         self._nfree += len(mfns)
+        if self.on_release is not None:
+            self.on_release(mfns)
 
     def disown(self, mfn: int) -> bool:
         """The owner lets go of a frame: drop its reference and its ownership.
@@ -172,6 +202,8 @@ class Machine:
     def transfer(self, mfn: int, new_owner: int) -> None:
         """Give an allocated frame to another domain (``steal_page`` + ``assign_pages``)."""
         self.owner[mfn] = new_owner
+        if self.on_transfer is not None:
+            self.on_transfer(mfn, new_owner)
 
     def zero(self, frames: Iterable[int]) -> None:
         """Zero whole frames in place (``clear_page``)."""

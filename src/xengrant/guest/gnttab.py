@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import struct
 import threading
 import time
@@ -201,6 +202,9 @@ class GrantTable:
         #: Mapping dropped while a numpy array still used it): each returns True
         #: once done; retried with the deferred ends of access.
         self._orphans: list[Callable[[], bool]] = []
+        #: refs granted with :meth:`grant_access` on a hypervisor whose pages
+        #: live in files (a service): ref -> gfn, told when access ends
+        self._kept: dict[int, int] = {}
         self.version = 1
         nr, self.max_nr_frames = self.query_size()
         self._map_frames(max(nr, 1))
@@ -542,6 +546,17 @@ class GrantTable:
             ValueError: ``ref`` is reserved, not allocated, or already granted.
         """
         self._check_grantable(ref)
+        prepare = getattr(self._hc, "prepare_grant", None)
+        if prepare is not None:
+            # a domain process of the service: the page gets a file of its own
+            # first, so that the grantee reaches this page and no other
+            try:
+                prepare([gfn], domid)
+            except HypercallError as e:
+                if e.errno != errno.EINVAL:  # not our RAM: Xen refuses the grant itself
+                    raise
+            else:
+                self._kept[ref] = gfn
         self._write_entry(ref, domid, gfn, writable)
 
     def _write_entry(
@@ -670,6 +685,14 @@ class GrantTable:
             status = load16(sview, soff)
             if status & _INUSE:
                 raise Busy("try_end_access", [ref], decode_flags(status))
+        if self._kept:
+            gfn = self._kept.pop(ref, None)
+            if gfn is not None:
+                # the page stays ours: off any file the grantee may still hold
+                end_grant = getattr(self._hc, "end_grant", None)
+                if end_grant is not None:
+                    with contextlib.suppress(HypercallError):
+                        end_grant([gfn])
         if release_ref:
             self.put(ref)
 

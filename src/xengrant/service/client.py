@@ -31,7 +31,6 @@ import errno
 import itertools
 import json
 import math
-import mmap
 import os
 import select
 import socket
@@ -63,6 +62,7 @@ from ..hypercall import check_rc
 from ..portable import CopySegment, EmulatedGntshr, EmulatedGnttab, GrantRef
 from . import protocol as p
 from .evtchn import EvtchnError
+from .memview import ClientMemory
 from .paths import check_server, default_socket_path, read_token, token_path
 from .ring import ClientRing
 from .ring import response_payload as ring_response_payload
@@ -1068,16 +1068,17 @@ class RemoteHypercalls:
     Args:
         channel: a connection bound to the domain.
         domid: the domain.
-        fd: the service's memfd (machine memory).
+        fd: the domain's memory socket (service/memview.py).
         nr_frames: machine frames in it.
     """
 
     def __init__(self, channel: Channel, domid: int, fd: int, nr_frames: int) -> None:
         self.channel = channel
         self.domid = domid
-        self.fd = fd
         self.nr_frames = nr_frames
-        self._mmap = mmap.mmap(fd, nr_frames * PAGE_SIZE, mmap.MAP_SHARED)
+        #: the frames this process may reach, placed where machine memory would be
+        self.memory = ClientMemory(fd, nr_frames)
+        self._mmap = self.memory.mm
         #: the domain's p2m as the service last told us: gfn -> (mfn, type)
         self.p2m: dict[int, tuple[int, int]] = {}
         #: run on the reply of a map hypercall whose caller gave up (set by the gnttab)
@@ -1243,56 +1244,88 @@ class RemoteHypercalls:
     def map_gfns(self, gfns: Sequence[int], writable: bool) -> Any:
         """A FrameView of the domain's frames, mapped in this process.
 
-        Frames contiguous in machine memory are a view of the shared memfd
-        mapping -- own frames, and foreign ones mapped writable; a read-only
-        view of foreign frames, or frames that are not contiguous, is a new
-        ``mmap`` of exactly those frames (``PROT_READ`` unless ``writable``).
+        The frames' files are placed in this process's range of machine
+        memory (asked for once, :meth:`reach`): contiguous frames are a view
+        of that range; a read-only view of foreign frames, or frames that are
+        not contiguous, is a new ``mmap`` of exactly those frames
+        (``PROT_READ`` unless ``writable``).
 
         Raises:
             HypercallError: EFAULT for a gfn with nothing mapped, or a
-                writable view of a read-only grant mapping.
+                writable view of a read-only grant mapping; EACCES for a
+                foreign frame whose file holds pages not granted to us.
         """
         n = len(gfns)
         if n == 0:
             raise ValueError("no frames to view")
+        mem = self.memory
         if writable:
             # the common case at C speed: every gfn in the mirror, none a
             # read-only grant mapping (an int: the first that is not)
             got = _cext.translate(self.p2m, list(gfns), P2M_GRANT_MAP_RO)
             if not isinstance(got, int):
-                if n == 1 or _cext.runs(got) == [(got[0], n)]:
-                    return _cext.borrow(self._mmap, got[0] * PAGE_SIZE, n * PAGE_SIZE, False)
-                return _cext.vmap(self.fd, got, False)
+                mem.ensure(got, gfns, True, self.reach)
+                return mem.view(got, False)
         ents: list[Any] = list(map(self.p2m.get, gfns))
         types = set(map(_second, ents)) if None not in ents else {-1}
         if -1 in types or (writable and P2M_GRANT_MAP_RO in types):
             ents = self.translate(gfns, writable)  # refreshes the mirror; EFAULT as the MMU
             types = set(map(_second, ents))
         mfns: list[int] = list(map(_first, ents))
-        readonly = not writable
-        first = mfns[0]
-        if (
-            (writable or types.isdisjoint(_FOREIGN))
-            and (n == 1 or (mfns[-1] - first == n - 1 and mfns == list(range(first, first + n))))
-        ):
-            # A slice of the one mapping of machine memory (as EmbeddedXen's
-            # views): the same pages, no mmap/munmap and page fault per map.
-            return _cext.borrow(self._mmap, first * PAGE_SIZE, n * PAGE_SIZE, readonly)
-        # Scattered frames, or a read-only grant: an mmap of exactly those
-        # frames, PROT_READ for a read-only grant (a store faults even via ctypes).
-        return _cext.vmap(self.fd, mfns, readonly)
+        mem.ensure(mfns, gfns, writable, self.reach)
+        if not writable and not types.isdisjoint(_FOREIGN):
+            # a read-only grant: a mapping of its own, PROT_READ (a store
+            # faults even through ctypes)
+            return mem.fresh_view(mfns, True)
+        return mem.view(mfns, not writable)
+
+    def reach(self, gfns: Sequence[int], writable: bool) -> int:
+        """``MSG_REACH``: ask for the files backing ``gfns`` (they come on the memory socket).
+
+        Returns:
+            How many files the service sent.
+
+        Raises:
+            HypercallError: EACCES, EFAULT (see ``Backing.reach``).
+        """
+        sent = 0
+        for i in range(0, len(gfns), _GFNS_PER_MSG):
+            chunk = list(gfns[i : i + _GFNS_PER_MSG])
+            body = self.channel.call_ok(
+                p.MSG_REACH, p.U32.pack(int(writable)) + p.pack_i64s(chunk), "map"
+            )
+            sent += p.U32.unpack_from(body)[0]
+        return sent
+
+    def prepare_grant(self, gfns: Sequence[int], grantee: int) -> None:
+        """Before granting RAM pages: each gets a file of its own (``MSG_GRANT_PREPARE``),
+        so that the grantee can map it without reaching its neighbours.
+
+        Raises:
+            HypercallError: EINVAL (not our RAM), ENOMEM.
+        """
+        self.channel.call_ok(
+            p.MSG_GRANT_PREPARE, p.U32.pack(grantee & 0xFFFFFFFF) + p.pack_i64s(list(gfns)),
+            "grant_access",
+        )
+        self.memory.drain()
+
+    def end_grant(self, gfns: Sequence[int]) -> None:
+        """After ending access to RAM pages we keep: those a peer could still reach
+        move to fresh files (``MSG_GRANT_END``).
+
+        Raises:
+            HypercallError: EINVAL (not our RAM).
+        """
+        self.channel.call_ok(p.MSG_GRANT_END, p.pack_i64s(list(gfns)), "end_access")
+        self.memory.drain()
 
     def close(self) -> None:
         """Let go of machine memory (views still alive keep their mappings)."""
         if self._closed:
             return
         self._closed = True
-        try:
-            self._mmap.close()
-        except BufferError:
-            pass  # a FrameView still borrows it: unmapped with the last one
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        self.memory.close()
 
 
 class _ServiceClient:
@@ -1698,9 +1731,13 @@ class RemoteGnttab(EmulatedGnttab):
         if body is None:  # a success, in the p2m mirror already
             hc.last_reasons = []
             if p2mt == P2M_GRANT_MAP_RW:
-                view = _cext.borrow(hc._mmap, mfn * PAGE_SIZE, PAGE_SIZE, not writable)
+                mem = hc.memory
+                if mem.reachable((mfn,), True) and not mem.pending():
+                    view = _cext.borrow(hc._mmap, mfn * PAGE_SIZE, PAGE_SIZE, not writable)
+                else:
+                    view = self._view([gfn], [handle], writable)
             else:
-                view = hc.map_gfns([gfn], writable)
+                view = self._view([gfn], [handle], writable)
             return Mapping(self, [domid], [ref], writable, view, [handle], resource=[gfn])
         buf = pack_map_ops([gfn], flags, [ref], [domid])
         rc = hc._finish(body, memoryview(buf))
@@ -1729,8 +1766,27 @@ class RemoteGnttab(EmulatedGnttab):
         if any(statuses):
             # the grant table's rollback: the same hypercalls, through this domain's service
             domain.grant_table._map_failed(domids, refs, gfns, statuses, handles)
-        view = self._hc.map_gfns(gfns, writable)
+        view = self._view(gfns, handles, writable)
         return Mapping(self, domids, refs, writable, view, handles, resource=gfns)
+
+    def _view(self, gfns: list[int], handles: list[int], writable: bool) -> Any:
+        """The view of grants just mapped at ``gfns``; if this process may not reach
+        them (the service refused their files), they are unmapped again and the
+        refusal raised.
+
+        Raises:
+            HypercallError: EACCES (a file holding pages not granted to us), EFAULT.
+        """
+        try:
+            return self._hc.map_gfns(gfns, writable)
+        except HypercallError:
+            buf = pack_unmap_ops(gfns, handles)
+            with contextlib.suppress(XenError):
+                self._hc.grant_table_op(gt.GNTTABOP_unmap_grant_ref, memoryview(buf), len(gfns))
+                self.domain.put_pages(
+                    [g for g, st in zip(gfns, unmap_statuses(buf, len(gfns))) if not st]
+                )
+            raise
 
     def _unmap(self, mapping: Mapping) -> None:
         """Unmap a mapping made here: ``GNTTABOP_unmap_grant_ref``, posted.
@@ -2225,7 +2281,7 @@ def connect(
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            raise ServiceError(errno.EBADMSG, f"expected the memfd, got {len(fds)} fds")
+            raise ServiceError(errno.EBADMSG, f"expected the memory socket, got {len(fds)} fds")
         hc = RemoteHypercalls(channel, got, fds[0], nr_frames)
         hc._apply_delta(body, p.DOMAIN_REPLY.size)
         if ring if ring is not None else os.environ.get("XENGRANT_RING", "1") != "0":

@@ -104,6 +104,15 @@ MSG_TRANSLATE = 14
 #: Set up the connection's request ring (service/ring.py); the reply brings
 #: its page and two eventfds (SCM_RIGHTS).
 MSG_RING_SETUP = 15
+#: Files backing gfns of the caller's p2m (service/backing.py): u32 writable,
+#: then i64 gfns; the reply's u32 says how many files came on the memory socket.
+MSG_REACH = 16
+#: Before granting RAM pages: u32 grantee, then i64 gfns; each gets a file of
+#: its own (a PLACE record each); the reply's u32 says how many moved.
+MSG_GRANT_PREPARE = 17
+#: After ending access to pages the granter keeps: i64 gfns; those a peer
+#: held move to fresh files; the reply's u32 says how many moved.
+MSG_GRANT_END = 18
 MSG_EVTCHN_ALLOC_UNBOUND = 20
 MSG_EVTCHN_BIND_INTERDOMAIN = 21
 MSG_EVTCHN_SEND = 22

@@ -72,6 +72,7 @@ from ..emu.machine import PAGE_SIZE
 from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from ..errors import HypercallError
 from . import protocol as p
+from .backing import Backing
 from .evtchn import ECS_INTERDOMAIN, ECS_UNBOUND, Delivery, EventChannels, EvtchnError
 from .identity import Identity
 from .limits import Limits, RateLimitedLog
@@ -151,6 +152,9 @@ class Connection:
         self.throttled = False
         #: notified (under the service lock) when the output drained, or it died
         self.drained: threading.Condition | None = None
+        #: the client's end of its domain's memory socket (service/backing.py),
+        #: kept until the connection goes (its bind reply may still be queued)
+        self.memory_socket: socket.socket | None = None
 
     def __repr__(self) -> str:
         return f"<conn {self.ident} d{self.domid}>"
@@ -210,6 +214,13 @@ class Server:
         #: the operator's limits (service/limits.py)
         self.limits = limits.resolve(self.xen.nr_frames)
         self.hv = self.xen.hv
+        # machine memory as a table of files, one set per domain (service/backing.py)
+        self.backing = Backing(self.xen._mmap, self.xen.fd, self.xen.nr_frames)
+        machine = self.hv.machine
+        machine.on_alloc = self.backing.allocated
+        machine.on_release = self.backing.released
+        machine.on_transfer = self.backing.transferred
+        self.backing.on_overflow = self._memory_overflow
         self.xs = XenStore(
             self._privileged, quota_entries=limits.xs_entries, quota_watches=limits.xs_watches,
             max_nodes=limits.xs_nodes_total, max_watches=limits.xs_watches_total,
@@ -277,6 +288,9 @@ class Server:
             p.MSG_ADD_TO_PHYSMAP: (self._add_to_physmap, True),
             p.MSG_TRANSLATE: (self._translate, True),
             p.MSG_RING_SETUP: (self._ring_setup, True),
+            p.MSG_REACH: (self._reach, True),
+            p.MSG_GRANT_PREPARE: (self._grant_prepare, True),
+            p.MSG_GRANT_END: (self._grant_end, True),
             p.MSG_EVTCHN_ALLOC_UNBOUND: (self._ev_alloc_unbound, True),
             p.MSG_EVTCHN_BIND_INTERDOMAIN: (self._ev_bind_interdomain, True),
             p.MSG_EVTCHN_SEND: (self._ev_send, True),
@@ -356,11 +370,13 @@ class Server:
                             if mask & _EPOLLOUT:
                                 self._flush(conn)
                                 self._reap()
+                                self.backing.flush()
                             if mask & _HANGUP and conn.throttled:
                                 # it reads no more and we read none of its
                                 # requests: nothing left to wait for
                                 self._schedule_close(conn)
                                 self._reap()
+                                self.backing.flush()
                         if mask & _HANGUP and conn.reader is not None:
                             # Its last requests and its hang-up are handled
                             # before anyone who connected after it is let in
@@ -378,6 +394,7 @@ class Server:
             for conn in list(self.conns.values()):
                 self._schedule_close(conn)
             self._reap()
+            self.backing.flush()
         for t in readers:
             t.join(5.0)
         self.listener.close()
@@ -390,6 +407,7 @@ class Server:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.ep.close()
+        self.backing.close()
         self.xen.close()
 
     # ----------------------------------------------------------- sockets
@@ -503,10 +521,13 @@ class Server:
                         self._schedule_close(conn)
                     if self._to_close:
                         self._reap()
+                    self.backing.flush()  # before the lock goes: freed frames remapped
                     if conn.dead:
                         break
         finally:
             sock.close()  # only this thread closes it: no recv on a reused fd
+            if conn.memory_socket is not None:
+                conn.memory_socket.close()
             with lock:  # nor unmaps the ring under a wait; stats read it under the lock
                 ring, conn.ring = conn.ring, None
             if ring is not None:
@@ -533,6 +554,7 @@ class Server:
                 if not conn.throttled:
                     conn.throttled = True
                     self.counters["throttled"] += 1
+                self.backing.flush()
                 drained.wait()  # gives the lock up meanwhile
                 continue
             conn.throttled = False
@@ -790,6 +812,8 @@ class Server:
                 conn.sock.shutdown(socket.SHUT_RDWR)
             if conn.reader is None:  # never served by a thread (a test's Server)
                 conn.sock.close()
+                if conn.memory_socket is not None:
+                    conn.memory_socket.close()
                 if conn.ring is not None:
                     conn.ring.close()
             self.xs.release_conn(conn.ident)
@@ -1008,7 +1032,11 @@ class Server:
         d = self.hv.domains[domid]
         conn.domid = domid
         self.bound[domid] = conn
-        self._pending_fds = (self.xen.fd,)
+        side = self.backing.open_side(domid)
+        if conn.memory_socket is not None:
+            conn.memory_socket.close()
+        conn.memory_socket = side
+        self._pending_fds = (side.fileno(),)
         self._deliveries += self.ev.redeliver(domid)
         body = p.DOMAIN_REPLY.pack(
             p.PROTOCOL_VERSION, domid, p.DOMFLAG_PV if d.pv else 0, self.xen.nr_frames
@@ -1104,6 +1132,7 @@ class Server:
         with contextlib.suppress(XenStoreError):
             self.xs.rm(0, f"/local/domain/{domid}")
         self.xs.release_domain(domid)
+        self.backing.close_side(domid)
         self._dispatch_async()
 
     # ------------------------------------------------------------ memory
@@ -1202,6 +1231,7 @@ class Server:
         thread waiting for the lock has been woken and takes it meanwhile.
         """
         self.counters[f"{kind}_yields"] += 1
+        self.backing.flush()  # frames freed so far remapped before anyone else runs
         self.lock.release()
         try:
             if self.on_preempt is not None:
@@ -1261,6 +1291,38 @@ class Server:
             raise HypercallError("ring_setup", e.errno or errno.ENOMEM, str(e)) from None
         self._pending_fds = conn.ring.fds()
         return self._ok()
+
+    # ------------------------------------------------------ memory files
+    def _reach(self, conn: Connection, payload: bytes) -> bytes:
+        """``MSG_REACH``: the files backing gfns of the caller (Backing.reach)."""
+        if len(payload) < 4:
+            raise p.ProtocolError(errno.EBADMSG, "REACH: short")
+        (writable,) = p.U32.unpack_from(payload)
+        gfns = p.unpack_i64s(payload[4:], "REACH")
+        d = self.hv.domains[self._dom(conn)]
+        return self._ok(p.U32.pack(self.backing.reach(self.hv.domains, d, gfns, bool(writable))))
+
+    def _grant_prepare(self, conn: Connection, payload: bytes) -> bytes:
+        """``MSG_GRANT_PREPARE``: pages about to be granted get files of their own."""
+        if len(payload) < 4:
+            raise p.ProtocolError(errno.EBADMSG, "GRANT_PREPARE: short")
+        (grantee,) = p.U32.unpack_from(payload)
+        gfns = p.unpack_i64s(payload[4:], "GRANT_PREPARE")
+        d = self.hv.domains[self._dom(conn)]
+        return self._ok(p.U32.pack(self.backing.prepare_grant(d, gfns, grantee)))
+
+    def _grant_end(self, conn: Connection, payload: bytes) -> bytes:
+        """``MSG_GRANT_END``: pages whose grant ended move off files a peer holds."""
+        gfns = p.unpack_i64s(payload, "GRANT_END")
+        d = self.hv.domains[self._dom(conn)]
+        return self._ok(p.U32.pack(self.backing.end_grant(d, gfns)))
+
+    def _memory_overflow(self, domid: int) -> None:
+        """A domain's memory socket is full (it stopped reading): drop its connection."""
+        conn = self.bound.get(domid)
+        if conn is not None:
+            self.log(f"{conn!r}: memory socket full, dropping it")
+            self._schedule_close(conn)
 
     # ------------------------------------------------------- unmap notify
     def _notify_set(self, conn: Connection, payload: bytes) -> bytes:
@@ -1533,6 +1595,7 @@ class Server:
             "xenstore_nodes": self.xs.nodes,
             "xenstore_watches": len(self.xs.watches),
             "notifies": sum(len(v) for v in self.notifies.values()),
+            "memory": self.backing.snapshot(),
             "connections": len(self.conns),
             "counters": {**self.counters, "log_lines_suppressed": self._warn.suppressed},
         }
