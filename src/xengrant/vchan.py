@@ -68,6 +68,8 @@ SMALL_RING_SHIFT, LARGE_RING_SHIFT, MAX_RING_SHIFT = 10, 11, 20
 SMALL_RING_OFFSET, LARGE_RING_OFFSET = 1024, 2048
 MAX_RING_SIZE = 1 << MAX_RING_SHIFT
 _M = 0xFFFFFFFF
+#: tries of the compare-and-swap that stores one byte of a shared 16-bit word
+_CAS_TRIES = 1000
 
 
 class RingShared(ctypes.Structure):
@@ -361,11 +363,12 @@ class Vchan:
     def _set_byte(self, off: int, value: int) -> None:
         """Store one byte of the u16 at ``off & ~1`` (the other byte kept, atomically)."""
         word, shift = off & ~1, (off & 1) * 8
-        while True:
+        for _ in range(_CAS_TRIES):  # bounded: the peer may change its byte all the time
             old = _cext.load16(self._hdr, word)
             new = (old & ~(0xFF << shift) & 0xFFFF) | (value << shift)
             if _cext.cmpxchg16(self._hdr, word, old, new) == old:
                 return
+        raise VchanError("set_flag", f"the peer kept changing the header's word at {word}")
 
     def _byte(self, off: int) -> int:
         return int(_cext.load16(self._hdr, off & ~1)) >> ((off & 1) * 8) & 0xFF
