@@ -100,6 +100,7 @@ class Mutant:
     index: int
     variant: int
     kind: str
+    stmt: int = 0  # the first line of the statement holding the node
 
     @property
     def key(self) -> str:
@@ -231,6 +232,11 @@ def mutants_of(path: str) -> list[Mutant]:
     lines = src.splitlines()
     # Nothing inside an f-string: the debug reasons' wording is not a rule.
     quiet = {id(n) for f in ast.walk(tree) if isinstance(f, ast.JoinedStr) for n in ast.walk(f)}
+    stmt_of: dict[int, int] = {}
+    for st in ast.walk(tree):
+        if isinstance(st, ast.stmt):
+            for n in ast.walk(st):
+                stmt_of[id(n)] = st.lineno  # inner statements come later: they win
     out = []
     for index, node in enumerate(_walk(tree)):
         line = getattr(node, "lineno", 0)
@@ -240,7 +246,8 @@ def mutants_of(path: str) -> list[Mutant]:
         if "pragma: no mutate" in text:
             continue
         for variant, kind in enumerate(_candidates(node)):
-            out.append(Mutant(path, line, getattr(node, "col_offset", 0), index, variant, kind))
+            col = getattr(node, "col_offset", 0)
+            out.append(Mutant(path, line, col, index, variant, kind, stmt_of.get(id(node), line)))
     return out
 
 
@@ -345,11 +352,19 @@ def coverage_map(stale: bool) -> tuple[dict[str, dict[int, list[str]]], dict[str
         if rel not in TARGETS:
             continue
         per: dict[int, list[str]] = {}
+        at_import: list[int] = []  # run while modules were imported (no test's context)
         for ln, ctxs in data.contexts_by_lineno(f).items():
             ids = {c.rsplit("|", 1)[0] for c in ctxs if c}
             ids = {i for i in ids if i and i not in failed}
             if ids:
                 per[ln] = sorted(ids)
+            elif "" in ctxs:
+                at_import.append(ln)
+        # A module-level line (a constant, a def) counts as covered by every test
+        # that runs any line of the module.
+        users = sorted({t for ids in per.values() for t in ids})
+        for ln in at_import:
+            per[ln] = users
         lines[rel] = per
     times = {k: v for k, v in times_d["times"].items() if k not in failed}
     if failed:
@@ -559,15 +574,17 @@ def main() -> int:
     return report(results, args, time.monotonic() - t0)
 
 
-def _explained(text: list[str], line: int) -> bool:
-    """The line, or the comment lines right above it, say the mutant is equivalent."""
-    i = line - 1
-    if EQUIVALENT.search(text[i]):
+def _explained(text: list[str], m: Mutant) -> bool:
+    """The mutant's line, or the comment lines right above it or above its
+    statement, say it is equivalent."""
+    if EQUIVALENT.search(text[m.line - 1]):
         return True
-    while i > 0 and text[i - 1].lstrip().startswith("#"):
-        i -= 1
-        if EQUIVALENT.search(text[i]):
-            return True
+    for line in {m.line, m.stmt or m.line}:
+        i = line - 1
+        while i > 0 and text[i - 1].lstrip().startswith("#"):
+            i -= 1
+            if EQUIVALENT.search(text[i]):
+                return True
     return False
 
 
@@ -578,7 +595,7 @@ def report(results: list[Result], args: argparse.Namespace, took: float) -> int:
     explained, unexplained = [], []
     for r in live:
         text = src.setdefault(r.mutant.path, _source(r.mutant.path).splitlines())
-        (explained if _explained(text, r.mutant.line) else unexplained).append(r)
+        (explained if _explained(text, r.mutant) else unexplained).append(r)
     total = len(results)
     killed = total - len(live)
     by = {k: sum(r.outcome == k for r in results) for k in ("killed", "timeout", "error")}

@@ -231,3 +231,33 @@ def test_translate_of_many_gfns_faults_on_the_first_culprit(
     assert e.value.errno == 14 and f"gfn {hole:#x} not mapped" in str(e.value)
     m.unmap()
     share.unshare()
+
+
+@pytest.mark.parametrize(
+    "pick",
+    [
+        lambda fs: fs[:12],  # one run, nobody else holds them: the bulk path
+        lambda fs: fs[2:6] + fs[9:17],  # two runs
+        lambda fs: fs[::2],  # no runs longer than one
+        lambda fs: fs[:3],  # below the bulk threshold
+    ],
+)
+def test_disown_many_matches_disown_one_at_a_time(pick: Callable[[list[int]], list[int]]) -> None:
+    """Machine.disown_many frees whole runs at once; owners, refcounts, the free count
+    and what alloc hands out next are those of disown frame by frame."""
+    worlds = []
+    for bulk in (True, False):
+        m = Machine(memoryview(bytearray(64 * PAGE)), 64)
+        frames = m.alloc(1, 20)
+        drop = pick(frames)
+        m.get(frames[19])  # a frame someone else holds too stays
+        if len(drop) < 8:
+            drop = [*drop, frames[19]]
+        if bulk:
+            m.disown_many(drop)
+        else:
+            for mfn in drop:
+                m.disown(mfn)
+        worlds.append((list(m.owner), list(m.refcount), m.free_frames, m.alloc(2, 3)))
+    assert worlds[0] == worlds[1]
+    assert len(worlds[0][1]) == 64

@@ -27,6 +27,7 @@ from grant_helpers import (
     unmap1,
 )
 from xengrant import abi
+from xengrant.emu.domain import P2M_GNTTAB_SHARED
 from xengrant.emu.gnttab_setup import INVALID_GFN
 from xengrant.emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES, MAPTRACK_PER_PAGE
 from xengrant.errors import GrantTableFull, HypercallError
@@ -260,3 +261,25 @@ def test_grant_entry_properties() -> None:
     )
     assert not GrantEntry(9, abi.GTF_accept_transfer | abi.GTF_readonly, 3, 0).in_use
     assert GrantEntry(9, abi.GTF_transitive, 3, 0).type == abi.GTF_transitive
+
+
+def test_table_frame_placed_over_ram_frees_the_page(xen: Xen, make_domain: MakeDomain) -> None:
+    """xenmem_add_to_physmap_one: a RAM page at the gfn is removed first
+    (guest_physmap_remove_page): freed, and no longer counted in tot_pages; a gfn
+    holding another domain's grant mapping is refused (-EINVAL)."""
+    a = make_domain()
+    (gfn,) = ram(a)
+    st = xen.domain_state(a.domid)
+    pages, free = st.tot_pages, xen.free_frames
+    old_mfn = st.p2m[gfn][0]
+    assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 0, gfn) == 0
+    assert st.tot_pages == pages - 1
+    assert xen.free_frames == free + 1
+    assert xen.hv.machine.refcount[old_mfn] == 0
+    assert st.p2m[gfn] == (st.gt.shared[0], P2M_GNTTAB_SHARED)
+    b = make_domain()
+    ref, _ = grant(b, a.domid)
+    mop = map1(a, b.domid, ref, HOST, gfn=0x7300)
+    assert mop.status == abi.GNTST_okay
+    assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 0, 0x7300) == -errno.EINVAL
+    assert unmap1(a, mop) == abi.GNTST_okay

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 import xengrant
-from grant_helpers import PAGE, MakeDomain, Xen, active, in_use, status_of
+from grant_helpers import PAGE, MakeDomain, Xen, active, in_use, ram, read, status_of
 from xengrant import abi
 from xengrant.errors import Busy, GrantError
 from xengrant.guest.memory import GNTTAB_STATUS_GFN_BASE
@@ -247,3 +247,81 @@ def test_grant_access_subpage_needs_v2(make_domain: MakeDomain) -> None:
     ref = dom.grant_table.get()
     with pytest.raises(ValueError, match="v2"):
         dom.grant_table.grant_access_subpage(ref, 0, 0x1234, 0, 16)
+
+
+# --------------------------------------------------------------- transfer
+def test_transfer_into_a_v2_table(xen: Xen, make_domain: MakeDomain) -> None:
+    """gnttab_transfer writes the frame into the v2 entry's 64-bit frame field: the
+    gfn a translated receiver named stays (the page appears there), a PV receiver
+    gets the mfn; then committed|completed, and end_transfer reads the frame back."""
+    giver = make_domain(pv=True)
+    hvm, pv = make_domain(), make_domain(pv=True)
+    done = abi.GTF_accept_transfer | abi.GTF_transfer_committed | abi.GTF_transfer_completed
+    for recv in (hvm, pv):
+        gt = recv.grant_table
+        assert gt.set_version(2) == 2
+        dest = 0x45678 if recv is hvm else 0
+        ref = gt.grant_transfer(giver.domid, dest)
+        e = gt.entry(ref)
+        assert (e.flags, e.domid, e.frame) == (abi.GTF_accept_transfer, giver.domid, dest)
+        (mfn,) = ram(giver)
+        payload = (b"v2 transfer to d%d " % recv.domid) * 100
+        view = giver.view([mfn], True)
+        with memoryview(view) as mv:
+            mv[: len(payload)] = payload
+        view.close()
+        giver.grant_table.transfer(mfn, recv.domid, ref)
+        e = gt.entry(ref)
+        assert e.flags == done
+        want = dest if recv is hvm else mfn
+        assert e.frame == want
+        assert gt.end_transfer(ref) == want
+        assert gt.entry(ref).flags == 0
+        assert read(recv, want, len(payload)) == payload
+        assert xen.hv.machine.owner[mfn] == recv.domid
+
+
+def test_transfer_batch_answers_each_op(xen: Xen, make_domain: MakeDomain) -> None:
+    """do_grant_table_op's loop: each op's status in its own struct."""
+    giver, recv = make_domain(pv=True), make_domain()
+    gt = recv.grant_table
+    ref = gt.grant_transfer(giver.domid, 0x45000)
+    m1, m2, m3 = ram(giver, 3)
+    ops = (abi.gnttab_transfer * 4)()
+    for op, (mfn, ref_) in zip(ops, [(m1, ref), (m2, ref), (m2, ref), (m3, 1 << 20)]):
+        op.mfn, op.domid, op.ref = mfn, recv.domid, ref_
+    assert giver.grant_table_op(abi.GNTTABOP_transfer, ops) == 0
+    # the second finds the entry committed already: general_error, and the page is
+    # lost (Xen frees it), so the third no longer owns it: bad_page; the fourth names
+    # a ref past the receiver's table (gnttab_prepare_for_transfer fails: general_error)
+    assert [op.status for op in ops] == [
+        abi.GNTST_okay,
+        abi.GNTST_general_error,
+        abi.GNTST_bad_page,
+        abi.GNTST_general_error,
+    ]
+    assert recv.hypercalls.last_reasons == [] and "Bad grant reference" in " ".join(
+        giver.hypercalls.last_reasons
+    )
+    assert gt.end_transfer(ref) == 0x45000
+
+
+def test_set_version_back_to_1_gives_the_status_frames_back(
+    xen: Xen, make_domain: MakeDomain
+) -> None:
+    """gnttab_unpopulate_status_frames frees the status frames and takes them out
+    of the physmap; going to v2 again allocates them afresh."""
+    dom = make_domain()
+    gt = dom.grant_table
+    free = xen.free_frames
+    gt.set_version(2)
+    assert xen.free_frames == free - 1  # one status frame for one table frame
+    assert len(xen.domain_state(dom.domid).gt.status) == 1
+    gt.set_version(1)
+    assert xen.free_frames == free
+    assert xen.domain_state(dom.domid).gt.status == []
+    gt.set_version(2)
+    assert xen.free_frames == free - 1
+    share = gt.share_pages(make_domain().domid, 1)
+    assert gt.entry(share.refs[0]).flags == abi.GTF_permit_access
+    share.unshare()

@@ -89,6 +89,9 @@ Trans = Optional[tuple[DomainState, int]]
 
 def _clear_unneeded(mem: memoryview, g: GrantTableState, ref: int, pin: int, wbit: bool) -> None:
     """``unlock_out_clear`` / ``fixup_status_for_copy_pin``: drop flags no pin needs."""
+    # mutation: equivalent — and->or differs only when ``pin`` holds a write pin; the
+    # callers pass a transitive entry's pin from before this op's pin, and such an entry
+    # is pinned only by copies, one op at a time, its source (a read pin) first.
     if wbit and not pin & GNTPIN_WRITE_MASK:
         clear_flags(mem, g, ref, GTF_writing)
     if not pin:
@@ -194,6 +197,10 @@ def _acquire_transitive(
     mem = hv.mem
     act = g.active.get(ref)
     old_pin = act.pin if act is not None else 0
+    # mutation: equivalent — and->or in the second clause also re-marks a read pin of
+    # an already pinned entry; that entry was pinned earlier in the same op, by its
+    # source side (copies pin a transitive entry one op at a time), so a read pin
+    # never comes second.
     if not old_pin or (not readonly and not old_pin & GNTPIN_WRITE_MASK):
         rc, why = set_status(mem, g, ref, old_pin != 0, readonly, False, ldomid)
         if rc != GNTST_okay:

@@ -346,6 +346,9 @@ def _unmap_batch(
         count,
         one,
         (lambda i: unmap_run(mem, uop, i, count, ld, domains, refcount))
+        # mutation: equivalent — with the fast paths off (as scripts/mutation.sh runs)
+        # dropping `not` leaves it False, and `or` runs unmap_run, which
+        # test_fastpath_map holds to the Python rule.
         if FASTPATH and not replace
         else None,
     )
