@@ -26,7 +26,6 @@ import ast
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -101,6 +100,7 @@ class Mutant:
     variant: int
     kind: str
     stmt: int = 0  # the first line of the statement holding the node
+    ident: str = ""  # what the sample draws by: stable while its statement is unchanged
 
     @property
     def key(self) -> str:
@@ -232,11 +232,32 @@ def mutants_of(path: str) -> list[Mutant]:
     lines = src.splitlines()
     # Nothing inside an f-string: the debug reasons' wording is not a rule.
     quiet = {id(n) for f in ast.walk(tree) if isinstance(f, ast.JoinedStr) for n in ast.walk(f)}
-    stmt_of: dict[int, int] = {}
-    for st in ast.walk(tree):
+    # Each node's innermost statement and the name of the def/class around it: a
+    # mutant's identity (for the sample) is where it sits in that statement, so
+    # editing other statements does not change which mutants are drawn.
+    stmt_of: dict[int, tuple[ast.stmt, str]] = {}
+
+    def visit(node: ast.AST, stmt: ast.stmt | None, scope: str) -> None:
+        if isinstance(node, ast.stmt):
+            stmt = node
+        if stmt is not None:
+            stmt_of[id(node)] = (stmt, scope)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            scope = f"{scope}.{node.name}"
+        for child in ast.iter_child_nodes(node):
+            visit(child, stmt, scope)
+
+    visit(tree, None, "")
+    seen: dict[str, int] = {}
+    ident_of: dict[int, str] = {}
+    for st in _walk(tree):
         if isinstance(st, ast.stmt):
-            for n in ast.walk(st):
-                stmt_of[id(n)] = st.lineno  # inner statements come later: they win
+            scope = stmt_of[id(st)][1]
+            head = ast.unparse(st).splitlines()[0]
+            n = seen[scope + head] = seen.get(scope + head, -1) + 1
+            for pos, node in enumerate(_walk(st)):
+                if stmt_of.get(id(node), (None,))[0] is st:
+                    ident_of[id(node)] = f"{path}|{scope}|{head}|{n}|{pos}"
     out = []
     for index, node in enumerate(_walk(tree)):
         line = getattr(node, "lineno", 0)
@@ -245,9 +266,13 @@ def mutants_of(path: str) -> list[Mutant]:
         text = lines[line - 1]
         if "pragma: no mutate" in text:
             continue
+        st = stmt_of.get(id(node))
         for variant, kind in enumerate(_candidates(node)):
             col = getattr(node, "col_offset", 0)
-            out.append(Mutant(path, line, col, index, variant, kind, stmt_of.get(id(node), line)))
+            ident = f"{ident_of.get(id(node), f'{path}|{index}')}|{variant}"
+            out.append(
+                Mutant(path, line, col, index, variant, kind, st[0].lineno if st else line, ident)
+            )
     return out
 
 
@@ -501,7 +526,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2, help="mutants run at once")
     ap.add_argument("--only", default="", help="a regex over target paths")
     ap.add_argument("--line", default="", help="only mutants at PATH:LINE")
-    ap.add_argument("--max-tests", type=int, default=400, help="covering tests run per mutant")
+    ap.add_argument(
+        "--max-tests", type=int, default=200, help="covering tests run per mutant (fastest)"
+    )
     ap.add_argument("--stale-coverage", action="store_true", help="reuse the newest coverage map")
     ap.add_argument(
         "--tests", nargs="*", default=None, help="run these tests for every mutant (no coverage)"
@@ -517,9 +544,12 @@ def main() -> int:
         path, line = args.line.rsplit(":", 1)
         sample = [m for m in every if m.path == path and m.line == int(line)]
     elif args.sample and args.sample < len(every):
-        sample = sorted(
-            random.Random(args.seed).sample(every, args.sample), key=lambda m: (m.path, m.line)
-        )
+        # A deterministic sample that edits elsewhere do not reshuffle: the mutants
+        # whose hash of (seed, identity) is smallest.
+        def draw(m: Mutant) -> str:
+            return hashlib.sha256(f"{args.seed}|{m.ident}".encode()).hexdigest()
+
+        sample = sorted(sorted(every, key=draw)[: args.sample], key=lambda m: (m.path, m.line))
     else:
         sample = every
     if args.list:
