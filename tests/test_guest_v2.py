@@ -325,3 +325,85 @@ def test_set_version_back_to_1_gives_the_status_frames_back(
     share = gt.share_pages(make_domain().domid, 1)
     assert gt.entry(share.refs[0]).flags == abi.GTF_permit_access
     share.unshare()
+
+
+# ------------------------------------------------------ v2 entry updates
+def test_set_readonly_and_writable_on_v2(xen: Xen, make_domain: MakeDomain) -> None:
+    """v2: set_readonly checks GTF_writing in the status word, not the header."""
+    front, back = v2_pair(make_domain)
+    gt = front.grant_table
+    share = gt.share_pages(back.domid, 1)
+    ref = share.refs[0]
+    with back.gnttab.map_grant_ref(front.domid, ref):
+        with pytest.raises(Busy):
+            gt.set_readonly(ref)
+        assert gt.entry(ref).flags == abi.GTF_permit_access | INUSE
+    with back.gnttab.map_grant_ref(front.domid, ref, writable=False):
+        gt.set_readonly(ref)  # mapped for reading only: allowed
+        assert gt.entry(ref).flags == abi.GTF_permit_access | abi.GTF_readonly | abi.GTF_reading
+        with pytest.raises(GrantError):
+            back.gnttab.map_grant_ref(front.domid, ref)
+        gt.set_writable(ref)
+        assert gt.entry(ref).flags == abi.GTF_permit_access | abi.GTF_reading
+    with back.gnttab.map_grant_ref(front.domid, ref) as m:
+        m.mem[:2] = b"rw"
+    assert bytes(share.mem[:2]) == b"rw"
+    share.unshare()
+
+
+def test_try_end_access_on_v2_while_mapped(xen: Xen, make_domain: MakeDomain) -> None:
+    """gnttab_end_foreign_access_ref_v2: the header is cleared, then the status word
+    read; mapped, the ref stays allocated (Busy) and Xen's pin is unaffected."""
+    front, back = v2_pair(make_domain)
+    gt = front.grant_table
+    pages = front.alloc_pages(1)
+    ref = gt.get()
+    gt.grant_access(ref, back.domid, pages.gfns[0], writable=False)
+    free = gt.num_free_grants()
+    with back.gnttab.map_grant_ref(front.domid, ref, writable=False) as m:
+        with pytest.raises(Busy) as ei:
+            gt.try_end_access(ref, release_ref=True)
+        assert "reading" in str(ei.value)
+        assert gt.num_free_grants() == free
+        assert len(m.mem) == PAGE
+    gt.try_end_access(ref, release_ref=True)
+    assert gt.num_free_grants() == free + 1
+    assert [e.ref for e in gt.entries()] == []
+    pages.free()
+
+
+def test_entries_lists_the_valid_ones(make_domain: MakeDomain) -> None:
+    front, back = v2_pair(make_domain)
+    gt = front.grant_table
+    share = gt.share_pages(back.domid, 2)
+    listed = gt.entries()
+    assert [e.ref for e in listed] == share.refs
+    assert all(e.domid == back.domid and e.type == abi.GTF_permit_access for e in listed)
+    everything = gt.entries(only_valid=False)
+    assert len(everything) == gt.nr_entries == abi.GRANT_PER_PAGE_V2
+    share.unshare()
+    assert gt.entries() == []
+
+
+def test_pv_guest_shares_and_maps_on_v2(xen: Xen, make_domain: MakeDomain) -> None:
+    """A PV guest lists its status frames with GNTTABOP_get_status_frames (Linux
+    gnttab_map_status_v2) instead of placing them in its physmap."""
+    front, back = make_domain(pv=True), make_domain(pv=True)
+    gt = front.grant_table
+    assert gt.set_version(2) == 2
+    share = gt.share_pages(back.domid, 3)
+    share.mem[:3] = b"pv2"
+    with back.gnttab.map_domain_grant_refs(front.domid, share.refs) as m:
+        assert bytes(m.mem[:3]) == b"pv2"
+        assert [gt.entry(r).flags for r in share.refs] == [abi.GTF_permit_access | INUSE] * 3
+    share.unshare()
+    # grown past one frame, the status frames are listed again
+    refs = gt.get_n(gt.nr_entries)
+    assert gt.nr_frames == 2
+    page = front.alloc_pages(1)
+    gt.grant_access(refs[-1], back.domid, page.gfns[0])
+    with back.gnttab.map_grant_ref(front.domid, refs[-1]):
+        assert gt.entry(refs[-1]).flags == abi.GTF_permit_access | INUSE
+    gt.try_end_access(refs[-1])
+    gt.put_n(refs)
+    page.free()

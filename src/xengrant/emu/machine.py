@@ -171,8 +171,12 @@ class Machine:
         self.owner[mfn] = NO_OWNER
         return self.put(mfn)
 
-    def disown_many(self, mfns: list[int]) -> None:
-        """:meth:`disown` for many frames, freeing runs of them at once."""
+    def disown_many(self, mfns: list[int]) -> int:
+        """:meth:`disown` for many frames, freeing runs of them at once.
+
+        Returns:
+            How many frames were freed.
+        """
         refs, owners = self.refcount, self.owner
         spans = runs(mfns) if len(mfns) >= _BULK else []
         distinct = len(spans) == 1 or len(set(mfns)) == len(mfns)
@@ -181,7 +185,7 @@ class Machine:
             self._release(mfns)
             for a, n in spans:
                 refs[a : a + n] = [0] * n
-            return
+            return len(mfns)
         freed: list[int] = []
         for mfn in mfns:
             owners[mfn] = NO_OWNER
@@ -193,6 +197,7 @@ class Machine:
                 raise AssertionError(f"frame {mfn:#x} refcount underflow")
         if freed:
             self._release(freed)
+        return len(freed)
 
     def transfer(self, mfn: int, new_owner: int) -> None:
         """Give an allocated frame to another domain (``steal_page`` + ``assign_pages``)."""

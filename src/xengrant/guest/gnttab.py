@@ -219,6 +219,7 @@ class GrantTable:
         Raises:
             GrantError: the op's status was not okay (bad domain, permission).
         """
+        # mutation: equivalent — the three zeros are outputs, and bytearray() is zeroed
         buf = bytearray(_QUERY.size)
         _QUERY.pack_into(buf, 0, domid, 0, 0, 0)
         check_rc("query_size", self._hc.grant_table_op(gt.GNTTABOP_query_size, memoryview(buf), 1))
@@ -960,6 +961,9 @@ class GrantTable:
         """
         self.domain.grant_table_op(gt.GNTTABOP_copy, ops, count)
         n = len(ops) if count is None else count
+        # mutation: equivalent — for the ops copy() takes (a ctypes array of
+        # gnttab_copy, count within it) this test only chooses the strided read; the
+        # per-op reads below give the same statuses.
         if (
             VECTOR
             and isinstance(ops, ctypes.Array)
