@@ -99,7 +99,7 @@ class Mutant:
     index: int
     variant: int
     kind: str
-    stmt: int = 0  # the first line of the statement holding the node
+    stmts: tuple[int, ...] = ()  # first lines of the statements around it in its def
     ident: str = ""  # what the sample draws by: stable while its statement is unchanged
 
     @property
@@ -236,18 +236,25 @@ def mutants_of(path: str) -> list[Mutant]:
     # mutant's identity (for the sample) is where it sits in that statement, so
     # editing other statements does not change which mutants are drawn.
     stmt_of: dict[int, tuple[ast.stmt, str]] = {}
+    # the first lines of the statements around a node inside its def, innermost first
+    chain_of: dict[int, tuple[int, ...]] = {}
 
-    def visit(node: ast.AST, stmt: ast.stmt | None, scope: str) -> None:
+    def visit(node: ast.AST, stmt: ast.stmt | None, scope: str, chain: tuple[int, ...]) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            chain = ()
+        elif isinstance(node, ast.stmt):
+            chain = (node.lineno, *chain)
         if isinstance(node, ast.stmt):
             stmt = node
         if stmt is not None:
             stmt_of[id(node)] = (stmt, scope)
+        chain_of[id(node)] = chain
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             scope = f"{scope}.{node.name}"
         for child in ast.iter_child_nodes(node):
-            visit(child, stmt, scope)
+            visit(child, stmt, scope, chain)
 
-    visit(tree, None, "")
+    visit(tree, None, "", ())
     seen: dict[str, int] = {}
     ident_of: dict[int, str] = {}
     for st in _walk(tree):
@@ -266,12 +273,11 @@ def mutants_of(path: str) -> list[Mutant]:
         text = lines[line - 1]
         if "pragma: no mutate" in text:
             continue
-        st = stmt_of.get(id(node))
         for variant, kind in enumerate(_candidates(node)):
             col = getattr(node, "col_offset", 0)
             ident = f"{ident_of.get(id(node), f'{path}|{index}')}|{variant}"
             out.append(
-                Mutant(path, line, col, index, variant, kind, st[0].lineno if st else line, ident)
+                Mutant(path, line, col, index, variant, kind, chain_of.get(id(node), ()), ident)
             )
     return out
 
@@ -386,12 +392,18 @@ def coverage_map(stale: bool) -> tuple[dict[str, dict[int, list[str]]], dict[str
             elif "" in ctxs:
                 at_import.append(ln)
         # A module-level line (a constant, a def) counts as covered by every test
-        # that runs any line of the module.
-        users = sorted({t for ids in per.values() for t in ids})
+        # that runs any line of the module (by every test, if none does: a module of
+        # constants and dataclasses).
+        users = sorted({t for ids in per.values() for t in ids}) or ["*"]
         for ln in at_import:
             per[ln] = users
         lines[rel] = per
     times = {k: v for k, v in times_d["times"].items() if k not in failed}
+    everyone = sorted(times)
+    for per in lines.values():
+        for ln, ids in per.items():
+            if ids == ["*"]:
+                per[ln] = everyone
     if failed:
         print(f"   {len(failed)} tests failed without mutants; not used: {sorted(failed)[:5]}")
     out.write_text(json.dumps({"lines": lines, "times": times}))
@@ -606,10 +618,10 @@ def main() -> int:
 
 def _explained(text: list[str], m: Mutant) -> bool:
     """The mutant's line, or the comment lines right above it or above its
-    statement, say it is equivalent."""
+    (innermost) statement, say it is equivalent."""
     if EQUIVALENT.search(text[m.line - 1]):
         return True
-    for line in {m.line, m.stmt or m.line}:
+    for line in {m.line, *m.stmts[:1]}:
         i = line - 1
         while i > 0 and text[i - 1].lstrip().startswith("#"):
             i -= 1

