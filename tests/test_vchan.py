@@ -456,3 +456,21 @@ def test_fileno_for_select(world: InProcess) -> None:
         assert r == [srv.fileno()]
         assert srv.wait(0) is True
         assert srv.read(1) == b"!"
+
+
+def test_asyncio_peer_closes_with_writes_pending(world: InProcess) -> None:
+    """The server goes while our writer still holds data it could never send: the
+    reader gets EOF and the transport closes (the pump does not wait for ever)."""
+    a, b = world.a, world.b
+    base = f"/local/domain/{a.domid}/data/vchan/aio-close"
+
+    async def main() -> bool:
+        srv = Vchan.server(a, b.domid, base, 1024, 2048)
+        reader, writer = await open_vchan_connection(b, a.domid, base)
+        writer.write(b"x" * (1 << 20))  # far more than the 1024-byte ring holds
+        srv.close()
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        await asyncio.wait_for(writer.wait_closed(), TIMEOUT)
+        return writer.is_closing()
+
+    assert asyncio.run(main())

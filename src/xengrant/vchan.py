@@ -789,8 +789,8 @@ class _VchanTransport(asyncio.Transport):
                             self._protocol.resume_writing()
                 if self._closing and (not self._buf or not v.is_open()):
                     break
-                if eof and not self._buf:
-                    break
+                if eof and (not self._buf or not v.is_open()):
+                    break  # the peer closed: what is left to write can never go
                 if moved:
                     continue
                 self._kick.clear()
