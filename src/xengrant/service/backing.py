@@ -60,6 +60,10 @@ RECORD = struct.Struct("<IIqqI")
 PLACE = 1
 #: The frames left that file: unmap them (if still that file's).
 UNPLACE = 2
+#: The first record: the domain's generation page (read-only), whose u64 counts
+#: the records sent, so that the client looks at the socket only when it moved.
+GENERATION = 3
+_GEN = struct.Struct("<Q")
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 #: Files one domain's frames may take at once (each is a mapping and a
 #: descriptor in the service); past it, allocations fail as out of memory.
@@ -157,6 +161,8 @@ class Backing:
         self._freed: list[int] = []
         #: domid -> the service's end of its memory socket
         self.sides: dict[int, socket.socket] = {}
+        #: domid -> its generation page (records sent so far)
+        self.gens: dict[int, mmap.mmap] = {}
         #: called with a domid whose memory socket is full (it stopped reading)
         self.on_overflow: Callable[[int], None] = lambda domid: None
 
@@ -291,11 +297,33 @@ class Backing:
         # a stream: a datagram queue holds only net.unix.max_dgram_qlen (10)
         # records; each record is one send of RECORD.size bytes
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(OSError):
-            mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SIDE_SNDBUF)
-        mine.setblocking(False)
-        mine.shutdown(socket.SHUT_RD)
+        try:
+            with contextlib.suppress(OSError):
+                mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SIDE_SNDBUF)
+            mine.setblocking(False)
+            mine.shutdown(socket.SHUT_RD)
+            flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            gen_fd = os.memfd_create(f"xengrant-gen-d{domid}", flags)
+            try:
+                os.ftruncate(gen_fd, PAGE_SIZE)
+                fcntl.fcntl(gen_fd, fcntl.F_ADD_SEALS, _SEALS)
+                os.fchmod(gen_fd, 0o600)
+                gen = mmap.mmap(gen_fd, PAGE_SIZE, mmap.MAP_SHARED)
+                ro = os.open(f"/proc/self/fd/{gen_fd}", os.O_RDONLY | os.O_CLOEXEC)
+            finally:
+                os.close(gen_fd)
+            try:
+                data = RECORD.pack(GENERATION, 0, 0, 1, 0)
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [ro]))]
+                mine.sendmsg([data], anc, socket.MSG_DONTWAIT)
+            finally:
+                os.close(ro)
+        except BaseException:
+            mine.close()
+            theirs.close()
+            raise
         self.sides[domid] = mine
+        self.gens[domid] = gen
         return theirs
 
     def close_side(self, domid: int) -> None:
@@ -303,6 +331,9 @@ class Backing:
         mine = self.sides.pop(domid, None)
         if mine is not None:
             mine.close()
+        gen = self.gens.pop(domid, None)
+        if gen is not None:
+            gen.close()
 
     def _push(self, domid: int, kind: int, f: MemFile, mfn: int, n: int,
               writable: bool = False, fd: int = -1) -> bool:
@@ -322,6 +353,8 @@ class Backing:
             self.close_side(domid)
             self.on_overflow(domid)
             return False
+        gen = self.gens[domid]  # after the record is in the socket
+        _GEN.pack_into(gen, 0, _GEN.unpack_from(gen)[0] + 1)
         return True
 
     # ------------------------------------------------------ requests

@@ -1732,7 +1732,7 @@ class RemoteGnttab(EmulatedGnttab):
             hc.last_reasons = []
             if p2mt == P2M_GRANT_MAP_RW:
                 mem = hc.memory
-                if mem.reachable((mfn,), True) and not mem.pending():
+                if mem.reach[mfn] == 2 and not mem.pending():
                     view = _cext.borrow(hc._mmap, mfn * PAGE_SIZE, PAGE_SIZE, not writable)
                 else:
                     view = self._view([gfn], [handle], writable)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import mmap
 import os
 import resource
-import select
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -28,7 +28,7 @@ from typing import Any
 from .. import _cext
 from ..errors import HypercallError
 from . import fixedmap
-from .backing import PLACE, RECORD, UNPLACE
+from .backing import GENERATION, PLACE, RECORD, UNPLACE
 
 PAGE_SIZE = fixedmap.PAGE_SIZE
 _ANC = socket.CMSG_SPACE(4 * 4)
@@ -68,7 +68,33 @@ class ClientMemory:
         self.files: dict[int, tuple[int, int, int, bool]] = {}
         self._lock = threading.Lock()
         self._side_fd = self.side.fileno()
+        #: the service's count of records sent (its generation page), and ours read
+        self._gen: Any = None
+        self._gen_map: mmap.mmap | None = None
+        self._seen = 0
+        self._first_record()
         self.closed = False
+
+    def _first_record(self) -> None:
+        """Take the generation page: the first record, sent with the socket."""
+        self.side.settimeout(10.0)
+        try:
+            data, anc, _flags, _addr = self.side.recvmsg(RECORD.size, _ANC)
+        finally:
+            self.side.setblocking(False)
+        fds = array.array("i")
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        try:
+            if len(data) != RECORD.size or RECORD.unpack(data)[0] != GENERATION or len(fds) != 1:
+                raise HypercallError("memory", errno.EPROTO, "no generation page first")
+            self._gen_map = mmap.mmap(fds[0], PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+            self._gen = memoryview(self._gen_map).cast("Q")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._seen = 1  # the generation record itself
 
     def drain(self) -> int:
         """Apply every record queued on the memory socket.
@@ -81,10 +107,12 @@ class ClientMemory:
         """
         n = 0
         with self._lock:
+            seen = self._gen[0]  # records up to this one are in the socket
             while True:
                 try:
                     data, anc, _flags, _addr = self.side.recvmsg(RECORD.size, _ANC)
                 except (BlockingIOError, InterruptedError):
+                    self._seen = seen
                     return n
                 except OSError:
                     return n
@@ -155,8 +183,8 @@ class ClientMemory:
                 os.close(f[0])
 
     def pending(self) -> bool:
-        """Are records waiting on the memory socket? (one ``select``, any thread)"""
-        return bool(select.select((self._side_fd,), (), (), 0)[0])
+        """Did the service send records we have not read? (a load from its page)"""
+        return bool(self._gen[0] != self._seen)
 
     def reachable(self, mfns: Sequence[int], writable: bool) -> bool:
         """Are all ``mfns`` placed, writable if asked? (Records not drained yet aside.)"""
@@ -232,6 +260,11 @@ class ClientMemory:
             for fid in list(self.files):
                 self._forget(fid)
             self.side.close()
+            gen, self._gen = self._gen, None
+            if gen is not None:
+                gen.release()
+                if self._gen_map is not None:
+                    self._gen_map.close()
         try:
             self.mm.close()
         except BufferError:
