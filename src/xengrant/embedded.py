@@ -18,7 +18,7 @@ import mmap
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import _cext
 from .emu import Hypervisor
@@ -27,6 +27,10 @@ from .emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
 from .emu.machine import PAGE_SIZE
 from .emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from .errors import HypercallError
+from .hypercall import FrameView
+
+if TYPE_CHECKING:
+    from .guest.domain import Domain
 
 #: Default machine memory: 1 GiB of frames.  The memfd is sparse, so frames
 #: cost memory only once touched (and are given back when scrubbed).
@@ -69,7 +73,7 @@ class EmbeddedHypercalls:
         with self._lock:
             return self._hv.add_to_physmap(self.domid, space, idx, gpfn)
 
-    def map_gfns(self, gfns: Sequence[int], writable: bool) -> Any:
+    def map_gfns(self, gfns: Sequence[int], writable: bool) -> FrameView:
         with self._lock:
             mfns = self._hv.translate(self.domid, gfns, writable)
         return self.xen.view_frames(mfns, not writable)
@@ -145,7 +149,7 @@ class EmbeddedXen:
         max_grant_frames: int | None = None,
         max_maptrack_frames: int | None = None,
         max_pages: int | None = None,
-    ) -> Any:
+    ) -> Domain:
         """Create a domain and return its guest handle (:class:`xengrant.Domain`).
 
         Args:
@@ -196,15 +200,18 @@ class EmbeddedXen:
         return self.hv.machine.free_frames
 
     # ------------------------------------------------------------ memory
-    def view_frames(self, mfns: Sequence[int], readonly: bool) -> Any:
+    def view_frames(self, mfns: Sequence[int], readonly: bool) -> FrameView:
         """A FrameView of machine frames: a slice when contiguous, else an mmap."""
         n = len(mfns)
         if n == 0:
             raise ValueError("no frames to view")
         first = mfns[0]
+        view: FrameView
         if n == 1 or (mfns[-1] - first == n - 1 and list(mfns) == list(range(first, first + n))):
-            return _cext.borrow(self._mmap, first * PAGE_SIZE, n * PAGE_SIZE, readonly)
-        return _cext.vmap(self.fd, list(mfns), readonly)
+            view = _cext.borrow(self._mmap, first * PAGE_SIZE, n * PAGE_SIZE, readonly)
+        else:
+            view = _cext.vmap(self.fd, list(mfns), readonly)
+        return view
 
     def close(self) -> None:
         """Release machine memory.  Views still alive keep the mapping open."""

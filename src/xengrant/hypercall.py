@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
 from .errors import HypercallError
 
@@ -51,6 +51,11 @@ class FrameView(Protocol):
 
     def __len__(self) -> int: ...
 
+    if TYPE_CHECKING:  # the buffer protocol (PEP 688), for type checkers only: C types have
+        # no __buffer__ attribute before Python 3.12, so isinstance() must not ask for it
+
+        def __buffer__(self, flags: int, /) -> memoryview: ...
+
 
 class Hypercalls(Protocol):
     """The calls a guest makes to its hypervisor, as the domain ``domid``."""
@@ -73,12 +78,12 @@ class Hypercalls(Protocol):
         """``XENMEM_add_to_physmap``: 0 or a negative errno."""
         ...
 
-    def map_gfns(self, gfns: Sequence[int], writable: bool) -> Any:
+    def map_gfns(self, gfns: Sequence[int], writable: bool) -> FrameView:
         """A :class:`FrameView` of the guest frames, contiguous, in order."""
         ...
 
 
-def as_uop(ops: Any) -> memoryview:
+def as_uop(ops: WritableBuffer) -> memoryview:
     """A writable byte view of a ctypes array/structure or bytearray of ops."""
     mv = memoryview(ops)
     if mv.readonly:

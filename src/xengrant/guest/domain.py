@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import HypercallError
-from ..hypercall import Hypercalls, as_uop, check_rc
+from ..hypercall import FrameView, Hypercalls, WritableBuffer, as_uop, check_rc
 from .memory import HOLE_GFN_BASE, RAM_GFN_BASE, GfnAllocator
 from .share import HoldsView
 
@@ -32,7 +32,7 @@ class Pages(HoldsView):
         mem: a writable memoryview of all of them (``len(gfns) * 4096`` bytes).
     """
 
-    def __init__(self, domain: Domain, gfns: list[int], view: Any) -> None:
+    def __init__(self, domain: Domain, gfns: list[int], view: FrameView) -> None:
         self.domain = domain
         self.gfns = gfns
         self._view = view
@@ -117,7 +117,7 @@ class Domain:
         return self._gnttab
 
     # ---------------------------------------------------------- hypercall
-    def grant_table_op(self, cmd: int, ops: Any, count: int | None = None) -> int:
+    def grant_table_op(self, cmd: int, ops: WritableBuffer, count: int | None = None) -> int:
         """Issue ``HYPERVISOR_grant_table_op`` with ctypes op structs.
 
         Args:
@@ -187,6 +187,6 @@ class Domain:
         """
         self._holes.free(list(gfns))
 
-    def view(self, gfns: Sequence[int], writable: bool = True) -> Any:
+    def view(self, gfns: Sequence[int], writable: bool = True) -> FrameView:
         """A FrameView of some of this guest's frames (its page tables)."""
         return self.hypercalls.map_gfns(gfns, writable)

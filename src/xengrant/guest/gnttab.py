@@ -53,7 +53,7 @@ from .._cext import (
 from ..abi import grant_table as gt
 from ..abi.memory import XENMAPIDX_grant_table_status, XENMAPSPACE_grant_table
 from ..errors import BatchError, Busy, GrantError, GrantTableFull, HypercallError
-from ..hypercall import check_rc
+from ..hypercall import WritableBuffer, check_rc
 from .domain import Domain, Pages
 from .memory import GNTTAB_GFN_BASE, GNTTAB_STATUS_GFN_BASE
 from .ops import (
@@ -711,7 +711,7 @@ class GrantTable:
         """asyncio twin of :meth:`end_access`."""
         await retry_while_busy_async(lambda: self.try_end_access(ref, release_ref), timeout)
 
-    def end_access_deferred(self, ref: int, resource: Any = None) -> bool:
+    def end_access_deferred(self, ref: int, resource: object = None) -> bool:
         """End access now, or later if busy (Linux ``gnttab_end_foreign_access``).
 
         The ref (and ``resource``, released with ``.free()`` or ``.close()``
@@ -938,7 +938,7 @@ class GrantTable:
                 self.end_access(ref)
 
     # ------------------------------------------------------------ mapping
-    def map_refs(self, ops: Any, count: int | None = None) -> int:
+    def map_refs(self, ops: WritableBuffer, count: int | None = None) -> int:
         """Map a batch of prepared ``gnttab_map_grant_ref`` ops (Zephyr ``gnttab_map_refs``).
 
         Each op's ``status``, ``handle`` and ``dev_bus_addr`` are filled in;
@@ -949,11 +949,11 @@ class GrantTable:
         """
         return self.domain.grant_table_op(gt.GNTTABOP_map_grant_ref, ops, count)
 
-    def unmap_refs(self, ops: Any, count: int | None = None) -> int:
+    def unmap_refs(self, ops: WritableBuffer, count: int | None = None) -> int:
         """Unmap a batch of ``gnttab_unmap_grant_ref`` ops (Zephyr ``gnttab_unmap_refs``)."""
         return self.domain.grant_table_op(gt.GNTTABOP_unmap_grant_ref, ops, count)
 
-    def copy(self, ops: Any, count: int | None = None) -> list[int]:
+    def copy(self, ops: ctypes.Array[gt.gnttab_copy], count: int | None = None) -> list[int]:
         """A batch of ``gnttab_copy`` ops (Linux ``gnttab_batch_copy``).
 
         Returns:

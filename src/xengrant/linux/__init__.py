@@ -26,13 +26,18 @@ docs/real-xen.md covers the harness that tests this on a real Xen 4.17.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .errors import LinuxBatchError, LinuxGrantError, LinuxGrantTableFull
 from .evtchn import EVTCHN_PATH, EventChannels
 from .gntalloc import GNTALLOC_PATH, LinuxGntshr, gntalloc_limit
 from .gntdev import GNTDEV_PATH, LinuxGnttab
 from .xenstore import XENBUS_DEVICE, LinuxXenStore, open_xenstore, xenstore_domid
+
+if TYPE_CHECKING:
+    from ..embedded import EmbeddedXen
+    from ..guest.domain import Domain
+    from ..portable import Gntshr, Gnttab
 
 __all__ = [
     "EVTCHN_PATH",
@@ -109,11 +114,11 @@ class Backend:
     def __init__(
         self,
         kind: str,
-        gntshr: Any,
-        gnttab: Any,
+        gntshr: Gntshr,
+        gnttab: Gnttab,
         domid: int | None,
-        xen: Any = None,
-        domain: Any = None,
+        xen: EmbeddedXen | None = None,
+        domain: Domain | None = None,
     ) -> None:
         self.kind = kind
         self.gntshr = gntshr
