@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import signal
 import subprocess
@@ -144,3 +145,50 @@ def test_demo_processes_uses_a_running_service(tmp_path: Path) -> None:
         assert ping(path)  # the running service was left running
     finally:
         _stop(proc)
+
+
+# ------------------------------------------------------------------ logging
+def test_xens_debug_reasons_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    with xengrant.EmbeddedXen(memory=16 << 20) as xen:
+        front, back = xen.create_domain(), xen.create_domain()
+        with caplog.at_level(logging.DEBUG, logger="xengrant"), pytest.raises(
+            xengrant.GrantError
+        ):
+            back.gnttab.map_grant_ref(front.domid, 300)
+        back.gnttab.close()
+    got = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert (
+        "xengrant.emu", logging.DEBUG,
+        f"d{back.domid} map_grant_ref: GNTST_general_error (-1): "
+        f"Bad flags (0x0) or dom (0); expected d{back.domid}",
+    ) in got, got
+
+
+def test_deferred_end_of_access_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with xengrant.EmbeddedXen(memory=16 << 20) as xen:
+        front, back = xen.create_domain(), xen.create_domain()
+        page = front.alloc_pages(1)
+        ref = front.grant_table.get()
+        front.grant_table.grant_access(ref, back.domid, page.gfns[0])
+        m = back.gnttab.map_grant_ref(front.domid, ref)
+        with caplog.at_level(logging.DEBUG, logger="xengrant.guest"):
+            assert not front.grant_table.end_access_deferred(ref, page)  # page freed later
+            m.unmap()
+            assert front.grant_table.reap_deferred() == 0
+        assert page.freed
+        back.gnttab.close()
+    msgs = [r.getMessage() for r in caplog.records if r.name == "xengrant.guest"]
+    assert msgs == [
+        f"d{front.domid}: deferring the end of access to ref {ref} (still in use)",
+        f"d{front.domid}: deferred end of access to ref {ref} done",
+    ]
+
+
+def test_the_service_logs_through_logging(caplog: pytest.LogCaptureFixture) -> None:
+    from xengrant.service import server
+
+    with caplog.at_level(logging.WARNING, logger="xengrant.service"):
+        server._stderr("<conn 1 d1>: a bad request")
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("xengrant.service", logging.WARNING, "<conn 1 d1>: a bad request")
+    ]

@@ -14,6 +14,7 @@ real guests race the hypervisor on the shared entry.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import threading
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import _cext
+from .abi.grant_table import GNTST_NAMES
 from .emu import Hypervisor
 from .emu.domain import DomainState
 from .emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
@@ -31,6 +33,9 @@ from .hypercall import FrameView
 
 if TYPE_CHECKING:
     from .guest.domain import Domain
+
+#: Xen's debug reasons for failed ops (the hypervisor's gdprintk), at DEBUG
+_logger = logging.getLogger("xengrant.emu")
 
 #: Default machine memory: 1 GiB of frames.  The memfd is sparse, so frames
 #: cost memory only once touched (and are given back when scrubbed).
@@ -134,6 +139,9 @@ class EmbeddedXen:
         self._closed = False
 
     def _log(self, domid: int, op: str, status: int, reason: str) -> None:
+        # Xen's gdprintk(XENLOG_INFO/WARNING, ...) in grant_table.c: a debug build's reasons
+        _logger.debug("d%d %s: %s (%d): %s", domid, op, GNTST_NAMES.get(status, status),
+                      status, reason)
         log = self.debug_log
         log.append((domid, op, status, reason))
         self.log_count += 1

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import logging
 import struct
 import threading
 import time
@@ -64,6 +65,9 @@ from .ops import (
     unmap_statuses,
 )
 from .share import RETRY_MAX, Mapping, Share, retry_while_busy, retry_while_busy_async
+
+#: Linux's pr_debug lines of gnttab_add_deferred / gnttab_handle_deferred
+_logger = logging.getLogger("xengrant.guest")
 
 _INUSE = gt.GTF_reading | gt.GTF_writing
 _QUERY = struct.Struct("<H2xIIh2x")
@@ -726,6 +730,9 @@ class GrantTable:
         except Busy:
             with self._lock:
                 self._deferred.append((ref, True, resource))
+            # Linux gnttab_add_deferred: pr_debug("deferring g.e. %#x (pfn %#lx)")
+            _logger.debug("d%d: deferring the end of access to ref %d (still in use)",
+                          self.domain.domid, ref)
             return False
         _free_resource(resource)
         return True
@@ -742,6 +749,7 @@ class GrantTable:
             except Busy:
                 self._deferred.append((ref, release, resource))
                 continue
+            _logger.debug("d%d: deferred end of access to ref %d done", self.domain.domid, ref)
             _free_resource(resource)
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 import multiprocessing as mp
 import os
 import sys
@@ -111,6 +112,10 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="do not log client errors to stderr")
     p.add_argument(
+        "--debug", action="store_true",
+        help="also log Xen's debug reasons for every failed grant op (the xengrant.emu logger)",
+    )
+    p.add_argument(
         "--poll-us", type=float, default=DEFAULT_SPIN * 1e6,
         help="microseconds a connection polls for its next request before sleeping "
         "(default %(default)g; 0: sleep at once)",
@@ -135,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             os.write(args.ready_fd, p.encode() + b"\n")
             os.close(args.ready_fd)
 
+    _log_to_stderr(logging.DEBUG if args.debug else logging.INFO)
     kw: dict[str, Any] = {"log": _quiet} if args.quiet else {}
     try:
         serve(
@@ -166,6 +172,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _quiet(text: str) -> None:
     pass
+
+
+def _log_to_stderr(level: int) -> None:
+    """Send the ``xengrant`` loggers' lines to stderr, one per line, prefixed with the command."""
+    logger = logging.getLogger("xengrant")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("xengrant hypervisor: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 #: the ring's indices as io/ring.h lists them: requests, then responses

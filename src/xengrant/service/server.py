@@ -43,6 +43,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import select
 import signal
@@ -172,7 +173,8 @@ class Server:
         max_grant_frames: per-domain default and cap (Xen: 64), unless ``limits``.
         max_maptrack_frames: per-domain default and cap (Xen: 1024), unless ``limits``.
         log: where to report client misbehaviour and handler failures
-            (default: stderr); None to stay quiet.
+            (default: the ``xengrant.service`` logger, at WARNING; a callable
+            that does nothing keeps it quiet).
         spin: seconds a connection's thread polls for the next request after
             answering one, before it sleeps (0: sleep at once).
         allow_uids: uids admitted besides this process's and root
@@ -1763,8 +1765,14 @@ def _gfns_touched(cmd: int, uop: memoryview, count: int) -> list[int] | None:
     return out
 
 
+#: the service's lines (client misbehaviour, refusals, handler failures): rate-limited per
+#: connection by RateLimitedLog before they get here; ``xengrant hypervisor`` prints them
+_logger = logging.getLogger("xengrant.service")
+
+
 def _stderr(text: str) -> None:
-    print(f"xengrant hypervisor: {text}", file=sys.stderr, flush=True)
+    """The default ``log``: the ``xengrant.service`` logger, at WARNING."""
+    _logger.warning("%s", text)
 
 
 def _listen(path: str, shared: bool = False) -> socket.socket:
