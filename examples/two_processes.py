@@ -18,13 +18,12 @@ from xengrant.service import connect
 
 
 def frontend(path: str, domid: int, secret: bytes, backend: int, pipe: Connection) -> None:
-    with connect(path, domid, secret=secret) as d:
-        with d.gntshr.share_pages(backend, 1) as share:
-            pipe.send(share.refs[0])  # in a real driver: through xenstore
-            assert pipe.recv() == "written"
-            assert bytes(share.mem[:5]) == b"hello"
-            pipe.send("read")
-            assert pipe.recv() == "unmapped"  # then the share ends at once
+    with connect(path, domid, secret=secret) as d, d.gntshr.share_pages(backend, 1) as share:
+        pipe.send(share.refs[0])  # in a real driver: through xenstore
+        assert pipe.recv() == "written"
+        assert bytes(share.mem[:5]) == b"hello"
+        pipe.send("read")
+        assert pipe.recv() == "unmapped"  # then the share ends at once
 
 
 def backend(path: str, domid: int, secret: bytes, frontend: int, pipe: Connection) -> None:
