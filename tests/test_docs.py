@@ -7,7 +7,10 @@ its fence (invisible when the Markdown is rendered); unmarked blocks run as they
 - ``<!-- doc-test: service -->``: run against a private ``xengrant hypervisor`` started for it
   (``XENGRANT_SOCKET`` points at it);
 - ``<!-- doc-test: xen -->``: needs a Xen host (``/dev/xen/gntdev``): skipped elsewhere, saying so;
-- ``<!-- doc-test: continues -->``: runs after the block before it in the same file (one program).
+- ``<!-- doc-test: continues -->``: runs after the block before it in the same file (one program);
+- ``<!-- doc-test: excerpt examples/FILE.py -->``: lines shown from a complete program that runs
+  elsewhere in the suite; not run on its own (reported as skipped, naming the program, which
+  must exist and is type-checked).
 
 The examples/ programs run the same way (tests/test_examples.py); both are type-checked here.
 """
@@ -29,8 +32,8 @@ from service_helpers import dies_with_this_process, start_hypervisor
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
-MARK = re.compile(r"^<!--\s*doc-test:\s*(\w+)\s*-->\s*$")
-KINDS = {"run", "service", "xen", "continues"}
+MARK = re.compile(r"^<!--\s*doc-test:\s*(\w+)(?:\s+(\S+))?\s*-->\s*$")
+KINDS = {"run", "service", "xen", "continues", "excerpt"}
 TIMEOUT = 120
 HAVE_XEN = os.path.exists("/dev/xen/gntdev")
 
@@ -41,6 +44,7 @@ class Block:
     line: int  # of the opening fence, 1-based
     kind: str
     code: str  # with the blocks it continues, if any
+    source: str = ""  # an excerpt's program
 
     @property
     def id(self) -> str:
@@ -62,12 +66,17 @@ def blocks(path: Path) -> list[Block]:
             prev = next((ln for ln in reversed(lines[:start]) if ln.strip()), "")
             m = MARK.match(prev.strip())
             kind = m.group(1) if m else "run"
+            source = (m.group(2) or "") if m else ""
             assert kind in KINDS, f"{path}:{start + 1}: unknown doc-test mark {kind!r}"
+            if kind == "excerpt":
+                assert source and (ROOT / source).is_file(), (
+                    f"{path}:{start + 1}: an excerpt names the program it comes from"
+                )
             if kind == "continues":
                 assert found, f"{path}:{start + 1}: nothing to continue"
                 code = found[-1].code + code
                 kind = found[-1].kind if found[-1].kind != "run" else "continues"
-            found.append(Block(path, start + 1, kind, code))
+            found.append(Block(path, start + 1, kind, code, source))
             i = j
         i += 1
     return found
@@ -98,6 +107,8 @@ def test_the_docs_have_blocks() -> None:
 
 @pytest.mark.parametrize("block", ALL, ids=[b.id for b in ALL])
 def test_doc_block_runs(block: Block, tmp_path: Path) -> None:
+    if block.kind == "excerpt":
+        pytest.skip(f"{block.id} is an excerpt of {block.source}, which runs as a whole")
     if block.kind == "xen" and not HAVE_XEN:
         pytest.skip(f"{block.id} is marked doc-test: xen and this is not a Xen host")
     code = tmp_path / "block.py"
@@ -120,7 +131,8 @@ def test_doc_blocks_and_examples_type_check() -> None:
     """mypy --strict over every doc block (each a module) and examples/."""
     with tempfile.TemporaryDirectory() as tmp:
         files = []
-        for n, b in enumerate(ALL):
+        checked = [b for b in ALL if b.kind != "excerpt"]  # their programs are checked whole
+        for n, b in enumerate(checked):
             f = Path(tmp) / f"doc_{n:02d}_{b.path.stem.replace('-', '_')}_{b.line}.py"
             f.write_text(b.code)
             files.append(str(f))
@@ -130,6 +142,6 @@ def test_doc_blocks_and_examples_type_check() -> None:
             capture_output=True, text=True, timeout=600, check=False, cwd=ROOT,
         )
         report = out.stdout
-        for f, b in zip(files, ALL):
+        for f, b in zip(files, checked):
             report = report.replace(f, b.id)
         assert out.returncode == 0, report + out.stderr
