@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 import xengrant
 from service_helpers import dies_with_this_process, start_hypervisor
+from xengrant.errors import XenStoreError
 from xengrant.service import connect, ping, ring
+from xengrant.service.evtchn import EVTCHNSTAT_closed, EVTCHNSTAT_unbound
 
 
 def test_eventfd_without_os_eventfd(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,3 +196,77 @@ def test_the_service_logs_through_logging(caplog: pytest.LogCaptureFixture) -> N
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
         ("xengrant.service", logging.WARNING, "<conn 1 d1>: a bad request")
     ]
+
+
+# ------------------------------------------------------------------ one way to time out
+def test_busy_is_a_timeout() -> None:
+    with xengrant.EmbeddedXen(memory=16 << 20) as xen:
+        front, back = xen.create_domain(), xen.create_domain()
+        share = front.grant_table.share_pages(back.domid, 1)
+        m = back.gnttab.map_grant_ref(front.domid, share.refs[0])
+        with pytest.raises(TimeoutError) as got:
+            share.unshare(timeout=0.01)
+        assert isinstance(got.value, xengrant.Busy) and got.value.refs == share.refs
+        with pytest.raises(TimeoutError):
+            share.try_unshare()  # a zero timeout
+        m.unmap()
+        share.unshare(timeout=0)
+        back.gnttab.close()
+
+
+def test_waiting_for_refs_times_out_with_grant_table_timeout() -> None:
+    with xengrant.EmbeddedXen(memory=16 << 20) as xen:
+        d = xen.create_domain(max_grant_frames=1)
+        table = d.grant_table
+        held = table.get_n_nonblock(512 - 8)  # one frame of v1 entries, less the reserved
+        assert len(held) == 504 and table.get_nonblock() is None
+        for call in (lambda: table.get(timeout=0.01), lambda: table.get_n(2, timeout=0)):
+            with pytest.raises(TimeoutError) as got:
+                call()
+            assert isinstance(got.value, xengrant.GrantTableTimeout)
+            assert isinstance(got.value, xengrant.GrantTableFull)  # as documented before
+        with pytest.raises(xengrant.GrantTableTimeout):
+            asyncio.run(table.get_n_async(1, timeout=0.01))
+        with pytest.raises(xengrant.GrantTableTimeout), table.with_refs(1, timeout=0):
+            pass
+        # a count the table can never hold is no timeout
+        with pytest.raises(xengrant.GrantTableFull) as never:
+            table.get_n(10_000, timeout=0)
+        assert not isinstance(never.value, TimeoutError)
+        table.put_n(held)
+        assert asyncio.run(table.get_async(timeout=0.01)) >= 8
+
+
+# ------------------------------------------------------------------ context managers
+def test_pages_are_a_context_manager() -> None:
+    with xengrant.EmbeddedXen(memory=16 << 20) as xen:
+        d = xen.create_domain()
+        free = xen.free_frames
+        with d.alloc_pages(3) as pages:
+            assert xen.free_frames == free - 3
+            pages.mem[:2] = b"ok"
+        assert pages.freed and xen.free_frames == free
+
+
+def test_server_watch_and_port_are_context_managers(tmp_path: Path) -> None:
+    from xengrant.evtport import EventPort
+    from xengrant.service import Server, XenStoreWatch
+
+    path = str(tmp_path / "s.sock")
+    with Server(path, 32 << 20) as srv:
+        loop = threading.Thread(target=srv.serve_forever, kwargs={"close": False})
+        loop.start()
+        with connect(path) as a, connect(path) as b:
+            with a.xs.watch("data", "tok") as w:
+                assert isinstance(w, XenStoreWatch)
+                assert w.read(30) == ("data", "tok")  # registering fires once
+                a.xs.write("data/x", "1")
+            assert w.closed
+            with pytest.raises(XenStoreError):
+                a.xs.unwatch("data", "tok")  # already gone
+            with EventPort.offer(a.evtchn, b.domid) as port:
+                assert a.evtchn.status(port.port)[0] == EVTCHNSTAT_unbound
+            assert port.closed
+            assert a.evtchn.status(port.port)[0] == EVTCHNSTAT_closed
+    loop.join(30)
+    assert not loop.is_alive() and not os.path.exists(path)

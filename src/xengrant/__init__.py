@@ -34,7 +34,15 @@ from __future__ import annotations
 from . import abi
 from .abi.grant_table import gnttabop_error
 from .embedded import EmbeddedXen
-from .errors import BatchError, Busy, GrantError, GrantTableFull, HypercallError, XenError
+from .errors import (
+    BatchError,
+    Busy,
+    GrantError,
+    GrantTableFull,
+    GrantTableTimeout,
+    HypercallError,
+    XenError,
+)
 from .evtport import EventPort
 from .guest.domain import Domain, Pages
 from .guest.gnttab import GrantEntry, GrantTable, decode_flags
@@ -64,6 +72,7 @@ __all__ = [
     "GrantRef",
     "GrantTable",
     "GrantTableFull",
+    "GrantTableTimeout",
     "HypercallError",
     "Hypercalls",
     "Mapping",

@@ -119,8 +119,13 @@ class XenStoreError(ErrnoError):
     prefix = "xenstore: {name}"
 
 
-class Busy(XenError):
+class Busy(XenError, TimeoutError):
     """The peer still uses the grant: access cannot end yet.
+
+    A :class:`TimeoutError`: the wait for the peer to let go timed out
+    (``unshare(timeout=)``, ``end_access(timeout=)``; ``try_unshare`` and
+    ``try_end_access`` are a zero timeout), so ``except TimeoutError`` catches
+    every timeout of the package.
 
     Attributes:
         op: the operation.
@@ -148,3 +153,11 @@ class GrantTableFull(XenError):
             f"{op}: grant table full: wanted {wanted} reference(s), {free} free "
             "and the table cannot grow past max_grant_frames"
         )
+
+
+class GrantTableTimeout(GrantTableFull, TimeoutError):
+    """A wait for free grant references (``get(timeout=)``, ``get_n(timeout=)``
+    and their asyncio twins) timed out: the table stayed full.
+
+    A :class:`GrantTableFull` (as documented before) and a :class:`TimeoutError`.
+    """

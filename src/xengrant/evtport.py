@@ -155,6 +155,12 @@ class EventPort:
         if self.owned:
             self.evtchn.unbind(self.port)
 
+    def __enter__(self) -> EventPort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():

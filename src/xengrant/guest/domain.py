@@ -42,6 +42,12 @@ class Pages(HoldsView):
     def __len__(self) -> int:
         return len(self.gfns)
 
+    def __enter__(self) -> Pages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
     def free(self) -> None:
         """Give the pages back to the hypervisor (``XENMEM_decrease_reservation``).
 

@@ -53,7 +53,14 @@ from .._cext import (
 )
 from ..abi import grant_table as gt
 from ..abi.memory import XENMAPIDX_grant_table_status, XENMAPSPACE_grant_table
-from ..errors import BatchError, Busy, GrantError, GrantTableFull, HypercallError
+from ..errors import (
+    BatchError,
+    Busy,
+    GrantError,
+    GrantTableFull,
+    GrantTableTimeout,
+    HypercallError,
+)
 from ..hypercall import WritableBuffer, check_rc
 from .domain import Domain, Pages
 from .memory import GNTTAB_GFN_BASE, GNTTAB_STATUS_GFN_BASE
@@ -377,7 +384,8 @@ class GrantTable:
         """One free ref, waiting while the table is full until a ``put``.
 
         Raises:
-            GrantTableFull: ``timeout`` expired.
+            GrantTableTimeout: ``timeout`` expired (a :class:`GrantTableFull`
+                and a :class:`TimeoutError`).
         """
         return self.get_n(1, timeout)[0]
 
@@ -385,8 +393,9 @@ class GrantTable:
         """``count`` free refs, waiting for enough to be put back.
 
         Raises:
-            GrantTableFull: ``timeout`` expired, or ``count`` exceeds what the
-                table can ever hold.
+            GrantTableTimeout: ``timeout`` expired (a :class:`GrantTableFull`
+                and a :class:`TimeoutError`).
+            GrantTableFull: ``count`` exceeds what the table can ever hold.
         """
         self._check_possible(count)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -397,7 +406,7 @@ class GrantTable:
                     return refs
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise GrantTableFull("get_n", count, len(self._free))
+                    raise GrantTableTimeout("get_n", count, len(self._free))
                 if self.deferred:
                     # Deferred ends free refs only when retried, and no put()
                     # announces the peer's unmap: poll, as Linux's timer does.
@@ -413,22 +422,33 @@ class GrantTable:
         if count > cap:
             raise GrantTableFull("get_n", count, cap)
 
-    async def get_async(self) -> int:
+    async def get_async(self, timeout: float | None = None) -> int:
         """asyncio twin of :meth:`get`."""
-        return (await self.get_n_async(1))[0]
+        return (await self.get_n_async(1, timeout))[0]
 
-    async def get_n_async(self, count: int) -> list[int]:
-        """asyncio twin of :meth:`get_n`: waits without blocking the loop."""
+    async def get_n_async(self, count: int, timeout: float | None = None) -> list[int]:
+        """asyncio twin of :meth:`get_n`: waits without blocking the loop.
+
+        Raises:
+            GrantTableTimeout: ``timeout`` expired.
+            GrantTableFull: ``count`` exceeds what the table can ever hold.
+        """
         self._check_possible(count)
         loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
             with self._lock:
                 refs = self.get_n_nonblock(count)
                 if refs or count == 0:
                     return refs
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    raise GrantTableTimeout("get_n_async", count, len(self._free))
                 fut: asyncio.Future[None] = loop.create_future()
                 self._async_waiters.append((loop, fut))
                 poll = RETRY_MAX if self.deferred else None  # as in get_n
+                if remaining is not None:
+                    poll = remaining if poll is None else min(poll, remaining)
             try:
                 await asyncio.wait([fut], timeout=poll)
             finally:
@@ -485,36 +505,46 @@ class GrantTable:
                 pass
 
     @contextlib.contextmanager
-    def with_ref(self) -> Iterator[int]:
-        """A ref for the block, put back after it (mirage ``with_ref``)."""
-        ref = self.get()
+    def with_ref(self, timeout: float | None = None) -> Iterator[int]:
+        """A ref for the block, put back after it (mirage ``with_ref``).
+
+        Raises:
+            GrantTableTimeout: no ref came within ``timeout``.
+        """
+        ref = self.get(timeout)
         try:
             yield ref
         finally:
             self.put(ref)
 
     @contextlib.contextmanager
-    def with_refs(self, count: int) -> Iterator[list[int]]:
-        """``count`` refs for the block (mirage ``with_refs``)."""
-        refs = self.get_n(count)
+    def with_refs(self, count: int, timeout: float | None = None) -> Iterator[list[int]]:
+        """``count`` refs for the block (mirage ``with_refs``).
+
+        Raises:
+            GrantTableTimeout: they did not come within ``timeout``.
+        """
+        refs = self.get_n(count, timeout)
         try:
             yield refs
         finally:
             self.put_n(refs)
 
     @contextlib.asynccontextmanager
-    async def with_ref_async(self) -> AsyncIterator[int]:
+    async def with_ref_async(self, timeout: float | None = None) -> AsyncIterator[int]:
         """asyncio twin of :meth:`with_ref`."""
-        ref = await self.get_async()
+        ref = await self.get_async(timeout)
         try:
             yield ref
         finally:
             self.put(ref)
 
     @contextlib.asynccontextmanager
-    async def with_refs_async(self, count: int) -> AsyncIterator[list[int]]:
+    async def with_refs_async(
+        self, count: int, timeout: float | None = None
+    ) -> AsyncIterator[list[int]]:
         """asyncio twin of :meth:`with_refs`."""
-        refs = await self.get_n_async(count)
+        refs = await self.get_n_async(count, timeout)
         try:
             yield refs
         finally:

@@ -1386,9 +1386,15 @@ class XenStoreClient(_ServiceClient):
         """``xs_set_permissions``: first entry owner + default, then per-domain entries."""
         self._call(p.MSG_XS_SET_PERMS, p.pack_strings(path, *perms))
 
-    def watch(self, path: str, token: str) -> None:
-        """``xs_watch``: an event comes at once, then on each change at or below ``path``."""
+    def watch(self, path: str, token: str) -> XenStoreWatch:
+        """``xs_watch``: an event comes at once, then on each change at or below ``path``.
+
+        Returns:
+            The watch: ``with xs.watch(path, token) as w: w.read(timeout)``;
+            leaving the block unwatches and drops its queued events.
+        """
         self._call(p.MSG_XS_WATCH, p.pack_strings(path, token))
+        return XenStoreWatch(self, path, token)
 
     def unwatch(self, path: str, token: str) -> None:
         """``xs_unwatch``."""
@@ -1454,6 +1460,46 @@ class XenStoreClient(_ServiceClient):
             with contextlib.suppress(XenStoreError, ServiceError):
                 self.unwatch(path, token)
             self.drop_watch_events(token)
+
+
+class XenStoreWatch:
+    """A watch :meth:`XenStoreClient.watch` set, and a context manager that removes it.
+
+    Attributes:
+        path: the watched path.
+        token: its token.
+    """
+
+    def __init__(self, xs: XenStoreClient, path: str, token: str) -> None:
+        self.xs = xs
+        self.path = path
+        self.token = token
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<XenStoreWatch {self.path!r} {self.token!r}{' closed' if self.closed else ''}>"
+
+    def read(self, timeout: float | None = None) -> tuple[str, str] | None:
+        """The next event of this watch (``read_watch_token``), or None after ``timeout``."""
+        return self.xs.read_watch_token(self.token, timeout)
+
+    def close(self) -> None:
+        """``xs_unwatch`` and drop the events still queued for it; idempotent (a
+        connection already gone has no watch left to remove)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            with contextlib.suppress(XenStoreError, ServiceError):
+                self.xs.unwatch(self.path, self.token)
+        finally:
+            self.xs.drop_watch_events(self.token)
+
+    def __enter__(self) -> XenStoreWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _TokenMatch:

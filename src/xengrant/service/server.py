@@ -260,6 +260,10 @@ class Server:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stopping = False
+        #: set while serve_forever runs (a context manager's exit waits for it to return)
+        self._serving = threading.Event()
+        self._loop_done = threading.Event()
+        self._closed = False
         self.listener = _listen(self.path, shared=bool(allow_uids or allow_groups))
         self.token_path: str | None = None
         if token_file:
@@ -349,6 +353,8 @@ class Server:
         """
         poll = self.ep.poll
         listen_fd = self.listener.fileno()
+        self._loop_done.clear()
+        self._serving.set()
         try:
             while not self._stopping:
                 timeout = -1.0
@@ -386,11 +392,30 @@ class Server:
                             # domain gone).
                             conn.reader.join(5.0)
         finally:
+            self._serving.clear()
+            self._loop_done.set()
             if close:
                 self.close()
 
+    def __enter__(self) -> Server:
+        """``with Server(...) as srv:`` run ``srv.serve_forever`` in a thread; leaving the
+        block stops the loop, waits for it to return and closes the service."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()  # first: a loop not started yet returns at once
+        if self._serving.is_set():
+            self._loop_done.wait()
+        self.close()
+
     def close(self) -> None:
-        """Drop every connection (destroying their domains) and free machine memory."""
+        """Drop every connection (destroying their domains) and free machine memory.
+
+        Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
         with self.lock:
             readers = [c.reader for c in self.conns.values() if c.reader is not None]
             for conn in list(self.conns.values()):
