@@ -257,7 +257,7 @@ def test_server_watch_and_port_are_context_managers(tmp_path: Path) -> None:
         loop = threading.Thread(target=srv.serve_forever, kwargs={"close": False})
         loop.start()
         with connect(path) as a, connect(path) as b:
-            with a.xs.watch("data", "tok") as w:
+            with a.xs.watching("data", "tok") as w:
                 assert isinstance(w, XenStoreWatch)
                 assert w.read(30) == ("data", "tok")  # registering fires once
                 a.xs.write("data/x", "1")

@@ -106,7 +106,11 @@ class EventPort:
             # The service's client returns at once for 0 without reading its
             # socket: look for a millisecond instead.
             look = timeout if timeout is None or timeout > 0 else _LOOK
-            return self.evtchn.wait(self.port, look) is not None
+            try:
+                self.evtchn.wait(self.port, look)
+            except TimeoutError:
+                return False
+            return True
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -118,7 +122,11 @@ class EventPort:
     async def wait_async(self, timeout: float | None = None) -> bool:
         """asyncio twin of :meth:`wait`."""
         if self._service:
-            return await self.evtchn.wait_async(self.port, timeout) is not None
+            try:
+                await self.evtchn.wait_async(self.port, timeout)
+            except TimeoutError:
+                return False
+            return True
         loop = asyncio.get_running_loop()
         fd = self.evtchn.fileno()
         deadline = None if timeout is None else loop.time() + timeout

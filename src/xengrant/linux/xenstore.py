@@ -274,15 +274,23 @@ class LinuxXenStore:
         self._call(XS_UNWATCH, _strings(path, token), timeout)
 
     # --------------------------------------------------------------- events
-    def read_watch(self, timeout: float | None = None) -> tuple[str, str] | None:
-        """``xs_read_watch``: the next ``(path, token)``, or None after ``timeout`` s."""
+    def read_watch(self, timeout: float | None = None) -> tuple[str, str]:
+        """``xs_read_watch``: the next ``(path, token)``.
+
+        Raises:
+            TimeoutError: none came within ``timeout`` seconds (None: wait forever).
+        """
         return self._read_event(None, timeout)
 
-    def read_watch_token(self, token: str, timeout: float | None = None) -> tuple[str, str] | None:
-        """The next event of the watch set with ``token`` (others stay queued)."""
+    def read_watch_token(self, token: str, timeout: float | None = None) -> tuple[str, str]:
+        """The next event of the watch set with ``token`` (others stay queued).
+
+        Raises:
+            TimeoutError: none came within ``timeout`` seconds.
+        """
         return self._read_event(token, timeout)
 
-    async def read_watch_async(self, timeout: float | None = None) -> tuple[str, str] | None:
+    async def read_watch_async(self, timeout: float | None = None) -> tuple[str, str]:
         """asyncio twin of :meth:`read_watch` (waits in a worker thread)."""
         import asyncio  # not at the top: a domU's agent starts faster without it
 
@@ -294,7 +302,7 @@ class LinuxXenStore:
             for item in [e for e in self.watch_events if e[1] == token]:
                 self.watch_events.remove(item)
 
-    def _read_event(self, token: str | None, timeout: float | None) -> tuple[str, str] | None:
+    def _read_event(self, token: str | None, timeout: float | None) -> tuple[str, str]:
         with self._mu:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
@@ -304,7 +312,7 @@ class LinuxXenStore:
                         return item
                 msg = self._next_message(deadline)
                 if msg is None:
-                    return None
+                    raise TimeoutError(f"read_watch: no watch event within {timeout} s")
                 if msg[0] == XS_WATCH_EVENT:
                     self._queue_event(msg[2])
                 # anything else is a late reply to a request given up
@@ -332,7 +340,8 @@ class LinuxXenStore:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"{path} did not become {want!r} in time")
-                self.read_watch_token(token, left)
+                with contextlib.suppress(TimeoutError):  # the deadline above says so
+                    self.read_watch_token(token, left)
         finally:
             with contextlib.suppress(XenStoreError, TimeoutError, OSError):
                 self.unwatch(path, token)

@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from operator import itemgetter
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from .. import _cext
 from ..abi import grant_table as gt
@@ -1386,40 +1386,48 @@ class XenStoreClient(_ServiceClient):
         """``xs_set_permissions``: first entry owner + default, then per-domain entries."""
         self._call(p.MSG_XS_SET_PERMS, p.pack_strings(path, *perms))
 
-    def watch(self, path: str, token: str) -> XenStoreWatch:
-        """``xs_watch``: an event comes at once, then on each change at or below ``path``.
-
-        Returns:
-            The watch: ``with xs.watch(path, token) as w: w.read(timeout)``;
-            leaving the block unwatches and drops its queued events.
-        """
+    def watch(self, path: str, token: str) -> None:
+        """``xs_watch``: an event comes at once, then on each change at or below ``path``."""
         self._call(p.MSG_XS_WATCH, p.pack_strings(path, token))
+
+    def watching(self, path: str, token: str) -> XenStoreWatch:
+        """:meth:`watch`, as a context manager: ``with xs.watching(path, token) as w:
+        w.read(timeout)``; leaving the block unwatches and drops its queued events."""
+        self.watch(path, token)
         return XenStoreWatch(self, path, token)
 
     def unwatch(self, path: str, token: str) -> None:
         """``xs_unwatch``."""
         self._call(p.MSG_XS_UNWATCH, p.pack_strings(path, token))
 
-    def read_watch(self, timeout: float | None = None) -> tuple[str, str] | None:
-        """``xs_read_watch``: the next ``(path, token)``, or None after ``timeout``."""
+    def read_watch(self, timeout: float | None = None) -> tuple[str, str]:
+        """``xs_read_watch``: the next ``(path, token)``.
+
+        Raises:
+            TimeoutError: none came within ``timeout`` seconds (None: wait forever).
+        """
         item: tuple[str, str] | None = self.channel.wait_for(
             self.channel.watch_events, None, timeout
         )
-        return item
+        return _or_timeout(item, "read_watch: no watch event", timeout)
 
-    async def read_watch_async(self, timeout: float | None = None) -> tuple[str, str] | None:
+    async def read_watch_async(self, timeout: float | None = None) -> tuple[str, str]:
         """asyncio twin of :meth:`read_watch`."""
         item: tuple[str, str] | None = await self.channel.wait_for_async(
             self.channel.watch_events, None, timeout
         )
-        return item
+        return _or_timeout(item, "read_watch_async: no watch event", timeout)
 
-    def read_watch_token(self, token: str, timeout: float | None = None) -> tuple[str, str] | None:
-        """The next event of the watch set with ``token`` (others stay queued)."""
+    def read_watch_token(self, token: str, timeout: float | None = None) -> tuple[str, str]:
+        """The next event of the watch set with ``token`` (others stay queued).
+
+        Raises:
+            TimeoutError: none came within ``timeout`` seconds.
+        """
         item: tuple[str, str] | None = self.channel.wait_for(
             self.channel.watch_events, _TokenMatch(token), timeout
         )
-        return item
+        return _or_timeout(item, f"read_watch_token: no event of watch {token!r}", timeout)
 
     def drop_watch_events(self, token: str) -> None:
         """Forget queued events of the watch set with ``token``."""
@@ -1455,7 +1463,8 @@ class XenStoreClient(_ServiceClient):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"{path} did not become {want!r}")
-                self.read_watch_token(token, remaining)
+                with contextlib.suppress(TimeoutError):  # the deadline above says so
+                    self.read_watch_token(token, remaining)
         finally:
             with contextlib.suppress(XenStoreError, ServiceError):
                 self.unwatch(path, token)
@@ -1463,7 +1472,7 @@ class XenStoreClient(_ServiceClient):
 
 
 class XenStoreWatch:
-    """A watch :meth:`XenStoreClient.watch` set, and a context manager that removes it.
+    """A watch :meth:`XenStoreClient.watching` set, and a context manager that removes it.
 
     Attributes:
         path: the watched path.
@@ -1479,8 +1488,12 @@ class XenStoreWatch:
     def __repr__(self) -> str:
         return f"<XenStoreWatch {self.path!r} {self.token!r}{' closed' if self.closed else ''}>"
 
-    def read(self, timeout: float | None = None) -> tuple[str, str] | None:
-        """The next event of this watch (``read_watch_token``), or None after ``timeout``."""
+    def read(self, timeout: float | None = None) -> tuple[str, str]:
+        """The next event of this watch (``read_watch_token``).
+
+        Raises:
+            TimeoutError: none came within ``timeout`` seconds.
+        """
         return self.xs.read_watch_token(self.token, timeout)
 
     def close(self) -> None:
@@ -1500,6 +1513,16 @@ class XenStoreWatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_T = TypeVar("_T")
+
+
+def _or_timeout(item: _T | None, what: str, timeout: float | None) -> _T:
+    """``item``, or TimeoutError if the wait for it gave up (``wait_for`` returned None)."""
+    if item is None:
+        raise TimeoutError(f"{what} within {timeout} s")
+    return item
 
 
 class _TokenMatch:
@@ -1554,32 +1577,40 @@ class EventChannelClient(_ServiceClient):
         state, rdom, rport = p.EVTCHN_STATUS_REPLY.unpack(body)
         return int(state), int(rdom), int(rport)
 
-    def pending(self, timeout: float | None = None) -> int | None:
-        """``xenevtchn_pending``: the next port that fired, or None after ``timeout``."""
+    def pending(self, timeout: float | None = None) -> int:
+        """``xenevtchn_pending``: the next port that fired.
+
+        Raises:
+            TimeoutError: none fired within ``timeout`` seconds (None: wait forever).
+        """
         port: int | None = self.channel.wait_for(self.channel.events, None, timeout)
-        return port
+        return _or_timeout(port, "pending: no event", timeout)
 
     def unmask(self, port: int) -> None:
         """``xenevtchn_unmask`` (one-way: nothing is answered)."""
         self.channel.send(p.MSG_EVTCHN_UNMASK, p.U32.pack(port))
 
-    def wait(self, port: int | None = None, timeout: float | None = None) -> int | None:
-        """Wait for an event (on ``port``, or any), unmask it, return the port."""
+    def wait(self, port: int | None = None, timeout: float | None = None) -> int:
+        """Wait for an event (on ``port``, or any), unmask it, return the port.
+
+        Raises:
+            TimeoutError: none came within ``timeout`` seconds (None: wait forever).
+        """
         got: int | None = self.channel.wait_for(self.channel.events, port, timeout)
-        if got is not None:
-            self.unmask(got)
+        got = _or_timeout(got, f"wait: no event on port {port}", timeout)
+        self.unmask(got)
         return got
 
-    async def pending_async(self, timeout: float | None = None) -> int | None:
+    async def pending_async(self, timeout: float | None = None) -> int:
         """asyncio twin of :meth:`pending`."""
         port: int | None = await self.channel.wait_for_async(self.channel.events, None, timeout)
-        return port
+        return _or_timeout(port, "pending_async: no event", timeout)
 
-    async def wait_async(self, port: int | None = None, timeout: float | None = None) -> int | None:
+    async def wait_async(self, port: int | None = None, timeout: float | None = None) -> int:
         """asyncio twin of :meth:`wait`."""
         got: int | None = await self.channel.wait_for_async(self.channel.events, port, timeout)
-        if got is not None:
-            self.unmask(got)
+        got = _or_timeout(got, f"wait_async: no event on port {port}", timeout)
+        self.unmask(got)
         return got
 
 

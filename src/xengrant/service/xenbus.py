@@ -125,7 +125,8 @@ def wait_state(xs: Any, dev: str, states: Sequence[int], timeout: float | None =
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"{dev}/state is {STATE_NAMES.get(state, state)}")
-            xs.read_watch_token(token, remaining)
+            with contextlib.suppress(TimeoutError):  # the deadline above says so
+                xs.read_watch_token(token, remaining)
     finally:
         with contextlib.suppress(OSError):
             xs.unwatch(f"{dev}/state", token)
