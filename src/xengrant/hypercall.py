@@ -28,6 +28,8 @@ from .errors import HypercallError
 
 #: Anything exposing a writable buffer: a ctypes array, a bytearray, a memoryview.
 WritableBuffer = Union[bytearray, memoryview, "ctypes.Array[Any]", ctypes.Structure]
+#: Anything exposing bytes to read: the same, or bytes.
+ReadableBuffer = Union[bytes, bytearray, memoryview, "ctypes.Array[Any]", ctypes.Structure]
 
 
 @runtime_checkable

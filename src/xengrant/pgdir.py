@@ -48,11 +48,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from .abi.grant_table import GNTST_okay
 from .errors import BatchError, GrantError, XenError
 from .guest.share import Mapping, Share
+from .hypercall import ReadableBuffer
 from .portable import Gntshr, Gnttab
 
 #: Xen's page size (``XEN_PAGE_SIZE``).
@@ -159,7 +160,7 @@ def encode_page(next_ref: int, grefs: Sequence[int]) -> bytes:
         raise ValueError(f"grant ref {bad} is not a uint32") from None
 
 
-def decode_page(page: Any, count: int) -> tuple[int, list[int]]:
+def decode_page(page: ReadableBuffer, count: int) -> tuple[int, list[int]]:
     """``(gref_dir_next_page, gref[0:count])`` of one directory page.
 
     Args:
@@ -199,7 +200,7 @@ def encode_directory(dir_refs: Sequence[int], grefs: Sequence[int] | None) -> by
     return bytes(out)
 
 
-def decode_directory(data: Any, num_pages: int) -> tuple[list[int], list[int]]:
+def decode_directory(data: ReadableBuffer, num_pages: int) -> tuple[list[int], list[int]]:
     """Read a contiguous directory: each page's ``next`` and the ``num_pages`` grefs.
 
     No link is followed (the pages are already in order); see

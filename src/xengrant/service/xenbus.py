@@ -15,9 +15,33 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Protocol
 
 from .xenstore import XenStoreError
+
+
+class XenStore(Protocol):
+    """The xenstore calls the XenBus helpers make: the service's ``domain.xs``
+    (:class:`~xengrant.service.client.XenStoreClient`) and real Xen's
+    :class:`~xengrant.linux.LinuxXenStore` both have them."""
+
+    def read(self, path: str) -> bytes: ...
+
+    def write(self, path: str, value: bytes | str) -> None: ...
+
+    def mkdir(self, path: str) -> None: ...
+
+    def rm(self, path: str) -> None: ...
+
+    def set_perms(self, path: str, perms: Sequence[str]) -> None: ...
+
+    def watch(self, path: str, token: str) -> None: ...
+
+    def unwatch(self, path: str, token: str) -> None: ...
+
+    def read_watch_token(self, token: str, timeout: float | None = None) -> tuple[str, str]: ...
+
+    def drop_watch_events(self, token: str) -> None: ...
 
 XenbusStateUnknown = 0
 XenbusStateInitialising = 1
@@ -52,7 +76,7 @@ def backend_path(backend: int, kind: str, frontend: int, devid: int) -> str:
     return f"/local/domain/{backend}/backend/{kind}/{frontend}/{devid}"
 
 
-def add_device(xs: Any, kind: str, devid: int, frontend: int, backend: int) -> tuple[str, str]:
+def add_device(xs: XenStore, kind: str, devid: int, frontend: int, backend: int) -> tuple[str, str]:
     """Write a device's frontend and backend dirs, as the toolstack (dom0).
 
     Args:
@@ -88,12 +112,12 @@ def add_device(xs: Any, kind: str, devid: int, frontend: int, backend: int) -> t
     return fe, be
 
 
-def switch_state(xs: Any, dev: str, state: int) -> None:
+def switch_state(xs: XenStore, dev: str, state: int) -> None:
     """Write ``dev/state`` (``xenbus_switch_state``)."""
     xs.write(f"{dev}/state", str(state))
 
 
-def read_state(xs: Any, dev: str) -> int:
+def read_state(xs: XenStore, dev: str) -> int:
     """``dev/state`` as an int (XenbusStateUnknown if absent or unreadable)."""
     try:
         return int(xs.read(f"{dev}/state"))
@@ -101,7 +125,7 @@ def read_state(xs: Any, dev: str) -> int:
         return XenbusStateUnknown
 
 
-def wait_state(xs: Any, dev: str, states: Sequence[int], timeout: float | None = None) -> int:
+def wait_state(xs: XenStore, dev: str, states: Sequence[int], timeout: float | None = None) -> int:
     """Wait (with a watch, no polling) until ``dev/state`` is one of ``states``.
 
     A state node that is absent or unreadable reads as ``XenbusStateUnknown``
