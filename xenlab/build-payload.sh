@@ -26,3 +26,7 @@ mkdir -p "$O/scenarios" && cp "$R"/tests/scenarios/*.py "$R"/tests/scenarios/*.j
 mkdir -p "$O/benchmarks" && cp "$R/benchmarks/bench_xen.py" "$O/benchmarks/" 2>/dev/null || true
 cp "$H/payload-run.sh" "$O/run.sh" && chmod +x "$O/run.sh"
 find "$O" -name __pycache__ -prune -exec rm -rf {} +
+# the C side of the vchan interop tests (tests_xen/test_vchan_xen.py): Debian's libxenvchan, static
+mkdir -p "$O/tests_xen/bin" && ${CC:-cc} -O2 -static -Wall -o "$O/tests_xen/bin/vchan_c_peer" \
+  "$R/tests_xen/vchan_c_peer.c" -lxenvchan -lxenstore -lxengnttab -lxenevtchn -lxentoolcore \
+  -lxentoollog -lpthread 2>&1 | grep -v 'statically linked' >&2 || true
