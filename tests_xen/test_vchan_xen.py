@@ -167,10 +167,13 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def test_figures_next_to_c(dom0: Dom0) -> None:
-    """Not a check of speed: the figures of docs/vchan.md and BENCHMARKS.md.  A C
-    server streams 16 MiB through 64 KiB rings to a C client and to our client,
-    and echoes 300 one-byte pings of a C client and of ours; two rounds, ABBA."""
+def test_figures_next_to_c(dom0: Dom0, request: pytest.FixtureRequest) -> None:
+    """Not a check of speed: the figures of BENCHMARKS.md.  A C server streams
+    16 MiB through 64 KiB rings to a C client and to our client, and echoes 300
+    one-byte pings of a C client and of ours; two rounds, ABBA.  About a minute
+    under TCG, so it runs only when asked for: ``-k figures -s``."""
+    if "figures" not in (request.config.getoption("keyword") or ""):
+        pytest.skip("the figures run only when asked for: -k figures -s")
     path = "/local/domain/0/data/vchan/figures"
     n, pings = 16 << 20, 300
     rows: dict[str, list[float]] = {}
