@@ -261,3 +261,38 @@ def test_disown_many_matches_disown_one_at_a_time(pick: Callable[[list[int]], li
         worlds.append((list(m.owner), list(m.refcount), m.free_frames, m.alloc(2, 3)))
     assert worlds[0] == worlds[1]
     assert len(worlds[0][1]) == 64
+
+
+def test_bulk_populate_stops_at_a_gfn_in_use_early_in_the_list(
+    make_domain: Callable[..., xengrant.Domain],
+) -> None:
+    """populate_physmap's bulk check hands a list with a gfn in use to the per-gfn
+    loop: the extents before it are done, even a single one."""
+    dom = make_domain()
+    (taken,) = dom.hypercalls.populate_physmap([0x50001])
+    gfns = [0x50000, taken, *range(0x50002, 0x5000A)]
+    assert dom.hypercalls.populate_physmap(gfns) == [0x50000]
+    assert dom.hypercalls.populate_physmap([0x50000, *gfns[2:]]) == []  # first one in use
+    assert dom.hypercalls.populate_physmap(gfns[2:]) == gfns[2:]
+
+
+def test_bulk_decrease_with_a_table_frame_among_ram(
+    xen: xengrant.EmbeddedXen, make_domain: Callable[..., xengrant.Domain]
+) -> None:
+    """decrease_reservation of RAM and a grant-table gfn: the RAM is freed, the
+    table frame only leaves the physmap (guest_remove_page), still the table's."""
+    from xengrant.guest.memory import GNTTAB_GFN_BASE
+
+    dom = make_domain()
+    gt = dom.grant_table  # frame 0 at GNTTAB_GFN_BASE
+    ram = dom.hypercalls.populate_physmap(list(range(0x51000, 0x51009)))
+    st = xen.domain_state(dom.domid)
+    table_mfn = st.gt.shared[0]
+    free, pages = xen.free_frames, st.tot_pages
+    assert dom.hypercalls.decrease_reservation([*ram, GNTTAB_GFN_BASE]) == 10
+    assert xen.free_frames == free + 9
+    assert st.tot_pages == pages - 9
+    assert GNTTAB_GFN_BASE not in st.p2m
+    assert xen.hv.machine.owner[table_mfn] == dom.domid
+    assert xen.hv.machine.refcount[table_mfn] >= 1
+    del gt

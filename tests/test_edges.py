@@ -24,6 +24,7 @@ from grant_helpers import (
     map1,
     ram,
     read,
+    unmap,
     unmap1,
 )
 from xengrant import abi
@@ -283,3 +284,144 @@ def test_table_frame_placed_over_ram_frees_the_page(xen: Xen, make_domain: MakeD
     assert mop.status == abi.GNTST_okay
     assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 0, 0x7300) == -errno.EINVAL
     assert unmap1(a, mop) == abi.GNTST_okay
+
+
+def test_dying_mapper_lingering_as_a_zombie_has_no_handle_left(
+    xen: Xen, make_domain: MakeDomain
+) -> None:
+    """gnttab_release_mappings puts every handle back (put_maptrack_handle), even
+    when the domain lingers because others still map what it granted."""
+    front, back = make_domain(), make_domain()
+    ref, _ = grant(front, back.domid)
+    mops = [map1(back, front.domid, ref) for _ in range(3)]
+    assert {m.status for m in mops} == {abi.GNTST_okay}
+    back_ref, _ = grant(back, front.domid)
+    kept = map1(front, back.domid, back_ref)
+    assert kept.status == abi.GNTST_okay
+    xen.destroy_domain(back.domid)
+    zombie = xen.hv.domains[back.domid]
+    assert zombie.is_dying
+    assert zombie.maptrack.in_use == 0
+    assert active(xen, front.domid) == 0
+    assert unmap1(front, kept) == abi.GNTST_okay
+    assert back.domid not in xen.hv.domains
+
+
+def test_pin_counters_are_xens() -> None:
+    """grant_table.c: four 8-bit counters in act->pin (hstw, hstr, devw, devr)."""
+    from xengrant.emu import grant_table as g
+
+    assert (g.GNTPIN_hstw_inc, g.GNTPIN_hstr_inc) == (0x1, 0x100)
+    assert (g.GNTPIN_devw_inc, g.GNTPIN_devr_inc) == (0x10000, 0x1000000)
+    assert (g.GNTPIN_hstw_mask, g.GNTPIN_hstr_mask) == (0xFF, 0xFF00)
+    assert (g.GNTPIN_devw_mask, g.GNTPIN_devr_mask) == (0xFF0000, 0xFF000000)
+    assert g.GNTPIN_OVERFLOW == 0x80808080
+
+
+def test_each_kind_of_pin(xen: Xen, make_domain: MakeDomain) -> None:
+    """A PV mapper can take all four kinds of pin; each adds its own counter."""
+    front, back = make_domain(), make_domain(pv=True)
+    ref, _ = grant(front, back.domid)
+    kinds = [
+        (HOST, 0x1),
+        (HOST | abi.GNTMAP_readonly, 0x100),
+        (abi.GNTMAP_device_map, 0x10000),
+        (abi.GNTMAP_device_map | abi.GNTMAP_readonly, 0x1000000),
+    ]
+    pin = 0
+    mops = []
+    for flags, inc in kinds:
+        mop = map1(back, front.domid, ref, flags)
+        assert mop.status == abi.GNTST_okay, flags
+        pin += inc
+        assert xen.domain_state(front.domid).gt.active[ref].pin == pin
+        mops.append(mop)
+    for mop, (flags, inc) in zip(mops, kinds):
+        if flags & abi.GNTMAP_device_map:
+            assert unmap(back, [(0, mop.handle, mop.dev_bus_addr)]) == [abi.GNTST_okay]
+        else:
+            assert unmap(back, [(mop.host_addr, mop.handle, 0)]) == [abi.GNTST_okay]
+        pin -= inc
+        act = xen.domain_state(front.domid).gt.active.get(ref)
+        assert (act.pin if act is not None else 0) == pin
+    assert active(xen, front.domid) == 0 and in_use(xen, back.domid) == 0
+
+
+def test_transfer_disabled_is_eopnotsupp(make_domain: MakeDomain) -> None:
+    """gnttab=transfer=0 (or Arm): GNTTABOP_transfer answers -EOPNOTSUPP."""
+    with xengrant.EmbeddedXen(memory=8 << 20) as x:
+        x.hv.grant_transfer = False
+        giver = x.create_domain(pv=True)
+        ops = (abi.gnttab_transfer * 1)()
+        with pytest.raises(HypercallError) as ei:
+            giver.grant_table_op(abi.GNTTABOP_transfer, ops)
+        assert ei.value.errno == errno.EOPNOTSUPP
+
+
+# ------------------------------------------------------------ domain set-up
+def test_domain_ids_stop_below_the_reserved_ones(xen: Xen) -> None:
+    """xen.h: DOMID_FIRST_RESERVED (0x7FF0) and above name no ordinary domain."""
+    assert xen.create_domain(0x7FEF).domid == 0x7FEF
+    for domid in (0x7FF0, abi.DOMID_SELF, 0xFFFF, -1):
+        with pytest.raises(HypercallError) as ei:
+            xen.create_domain(domid)
+        assert ei.value.errno == errno.EINVAL
+    with pytest.raises(HypercallError) as ei:
+        xen.create_domain(0x7FEF)
+    assert ei.value.errno == errno.EEXIST
+
+
+@pytest.mark.parametrize(
+    ("kw", "ok"),
+    [
+        ({"max_grant_frames": 0}, False),
+        ({"max_grant_frames": 1}, True),
+        ({"max_maptrack_frames": -2}, False),
+        ({"max_maptrack_frames": 0}, True),
+    ],
+)
+def test_createdomain_limits(xen: Xen, kw: dict[str, int], ok: bool) -> None:
+    """grant_table_init: at least one grant frame; maptrack frames may be 0 (no maps)."""
+    if ok:
+        d = xen.create_domain(**kw)
+        if kw.get("max_maptrack_frames") == 0:
+            assert xen.domain_state(d.domid).maptrack.limit == 0
+        return
+    with pytest.raises(HypercallError) as ei:
+        xen.create_domain(**kw)
+    assert ei.value.errno == errno.EINVAL
+
+
+def test_add_to_physmap_past_max_grant_frames_is_einval(xen: Xen, make_domain: MakeDomain) -> None:
+    """gnttab_get_shared_frame_mfn: idx past max_grant_frames cannot grow the table."""
+    a = make_domain(max_grant_frames=3)
+    free = xen.free_frames
+    assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 3, 0x7200) == -errno.EINVAL
+    assert xen.free_frames == free and not _holds(a, 0x7200)
+    assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 2, 0x7200) == 0
+    assert xen.free_frames == free - 2  # grown to 3 frames for it
+    assert _holds(a, 0x7200)
+
+
+def test_pv_status_frames_leave_the_physmap_with_v1(xen: Xen, make_domain: MakeDomain) -> None:
+    """A PV guest sees its status frames at gfn == mfn; back to v1 they are freed
+    and no longer reachable (gnttab_unpopulate_status_frames)."""
+    pv = make_domain(pv=True)
+    pv.grant_table.set_version(2)
+    (status_mfn,) = xen.domain_state(pv.domid).gt.status
+    assert _holds(pv, status_mfn)
+    pv.grant_table.set_version(1)
+    assert not _holds(pv, status_mfn)
+    assert status_mfn not in xen.domain_state(pv.domid).p2m
+
+
+def test_hypercall_count_as_a_signed_int(make_domain: MakeDomain) -> None:
+    """do_grant_table_op: "if ( (int)count < 0 ) return -EINVAL" -- 0x80000000 and up
+    are negative; 0x7FFFFFFF is a count (then the buffer is too short: -EFAULT)."""
+    dom = make_domain()
+    buf = memoryview(bytearray(40))
+    hc = dom.hypercalls
+    assert hc.grant_table_op(abi.GNTTABOP_copy, buf, 0x80000000) == -errno.EINVAL
+    assert hc.grant_table_op(abi.GNTTABOP_copy, buf, 0xFFFFFFFF) == -errno.EINVAL
+    assert hc.grant_table_op(abi.GNTTABOP_copy, buf, 0x7FFFFFFF) == -errno.EFAULT
+    assert hc.grant_table_op(abi.GNTTABOP_copy, buf, 0) == 0

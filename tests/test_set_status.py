@@ -242,3 +242,50 @@ def test_v2_header_unchanged_at_the_barrier_pins(
         assert seen == [1]
         assert status_of(xen, front.domid, share.refs[0]) == abi.GTF_reading | abi.GTF_writing
     share.unshare()
+
+
+# ---------------------------------------------------------------- transfer
+def test_transfer_commits_with_one_cmpxchg_when_nothing_races(
+    xen: Xen, make_domain: MakeDomain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gnttab_prepare_for_transfer: one cmpxchg sets GTF_transfer_committed."""
+    from xengrant.emu import gnttab_transfer
+
+    giver, recv = make_domain(pv=True), make_domain()
+    ref = recv.grant_table.grant_transfer(giver.domid, 0x45000)
+    calls: list[tuple[int, int]] = []
+
+    def counting(mem: Any, off: int, old: int, new: int) -> int:
+        calls.append((old, new))
+        return int(_cext.cmpxchg32(mem, off, old, new))
+
+    monkeypatch.setattr(gnttab_transfer, "cmpxchg32", counting)
+    (mfn,) = giver.hypercalls.populate_physmap([0])
+    giver.grant_table.transfer(mfn, recv.domid, ref)
+    word = abi.GTF_accept_transfer | giver.domid << 16
+    assert calls == [(word, word | abi.GTF_transfer_committed)]
+    assert recv.grant_table.end_transfer(ref) == 0x45000
+
+
+def test_transfer_entry_changed_before_the_commit_is_refused(
+    xen: Xen, make_domain: MakeDomain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver ends its offer as the giver commits: the cmpxchg fails, the
+    retry sees flags 0 ("Bad flags"), and the page is lost as in Xen."""
+    from xengrant.emu import gnttab_transfer
+
+    giver, recv = make_domain(pv=True), make_domain()
+    ref = recv.grant_table.grant_transfer(giver.domid, 0x45000)
+
+    def racing(mem: Any, off: int, old: int, new: int) -> int:
+        scribble(recv, ref, 0, 0)  # the receiver's end_transfer came first
+        return int(_cext.cmpxchg32(mem, off, old, new))
+
+    monkeypatch.setattr(gnttab_transfer, "cmpxchg32", racing)
+    (mfn,) = giver.hypercalls.populate_physmap([0])
+    with pytest.raises(GrantError) as ei:
+        giver.grant_table.transfer(mfn, recv.domid, ref)
+    assert ei.value.status == abi.GNTST_general_error
+    assert "Bad flags (0x0)" in " ".join(giver.hypercalls.last_reasons)
+    assert recv.grant_table.entry(ref).flags == 0
+    assert 0x45000 not in xen.domain_state(recv.domid).p2m

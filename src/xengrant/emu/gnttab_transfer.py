@@ -59,6 +59,9 @@ def prepare_for_transfer(hv: Hypervisor, e: DomainState, giver: int, ref: int) -
         return f"Bad grant reference {ref:#x} for transfer to d{e.domid}"
     off = g.entry_offset(ref)
     scombo = load32(hv.mem, off)
+    # mutation: equivalent — the bound: the word is checked whole (flags and domid
+    # exactly), so a failed cmpxchg always leads to "Bad flags" on the next try;
+    # Xen's "Shared grant entry is unstable" below is unreachable here as there.
     for _ in range(CMPXCHG_TRIES):
         flags, domid = scombo & 0xFFFF, scombo >> 16
         if flags != GTF_accept_transfer or domid != giver:
@@ -68,7 +71,7 @@ def prepare_for_transfer(hv: Hypervisor, e: DomainState, giver: int, ref: int) -
         if prev == scombo:
             return ""
         scombo = prev
-    return "Shared grant entry is unstable"
+    return "Shared grant entry is unstable"  # mutation: equivalent — unreachable, above
 
 
 def transfer_one(

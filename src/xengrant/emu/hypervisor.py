@@ -279,6 +279,7 @@ class Hypervisor:
             False if past max_grant_frames or out of memory (nothing changes).
         """
         g = d.gt
+        # mutation: equivalent — `<`: at equal sizes the code below grows by nothing
         if nr_frames <= g.nr_grant_frames:
             return True
         if nr_frames > g.max_grant_frames:
@@ -365,6 +366,7 @@ class Hypervisor:
         # loop of populate_physmap (xen/common/memory.c) stops there: the
         # reservation (d->max_pages), a gfn already in use, or no memory.
         n = min(len(gfns), max(d.max_pages - d.tot_pages, 0), self.machine.free_frames)
+        # mutation: equivalent — only chooses the path; both populate alike (test_bulk_paths)
         if n < _BULK:
             return self._populate_each(d, gfns[:n])
         if not d.pv:
@@ -427,6 +429,7 @@ class Hypervisor:
         d = self.live(caller, "decrease_reservation")
         p2m = d.p2m
         ents = None
+        # mutation: equivalent — only chooses the path; both release alike (test_bulk_paths)
         if len(gfns) >= _BULK:
             with contextlib.suppress(KeyError, TypeError):
                 ents = list(map(p2m.__getitem__, gfns))
