@@ -425,3 +425,61 @@ def test_hypercall_count_as_a_signed_int(make_domain: MakeDomain) -> None:
     assert hc.grant_table_op(abi.GNTTABOP_copy, buf, 0xFFFFFFFF) == -errno.EINVAL
     assert hc.grant_table_op(abi.GNTTABOP_copy, buf, 0x7FFFFFFF) == -errno.EFAULT
     assert hc.grant_table_op(abi.GNTTABOP_copy, buf, 0) == 0
+
+
+def test_add_to_physmap_is_for_translated_guests_and_grant_frames(
+    make_domain: MakeDomain,
+) -> None:
+    """xenmem_add_to_physmap: a PV guest has no physmap to add to; only
+    XENMAPSPACE_grant_table is emulated (-EOPNOTSUPP otherwise)."""
+    pv, hvm = make_domain(pv=True), make_domain()
+    assert pv.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 0, 0x7000) == (
+        -errno.EOPNOTSUPP
+    )
+    assert hvm.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table + 1, 0, 0x7000) == (
+        -errno.EOPNOTSUPP
+    )
+    assert hvm.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 0, 0x7000) == 0
+
+
+def test_table_frame_placed_over_another_table_frame(xen: Xen, make_domain: MakeDomain) -> None:
+    """The gfn holding frame 0 takes frame 1: frame 0 is nowhere now (INVALID_GFN)."""
+    a = make_domain(max_grant_frames=4)
+    (buf,) = ram(a)
+    assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 0, 0x7400) == 0
+    assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 1, 0x7400) == 0
+    assert _setup_table(a, 2, buf << 12) == abi.GNTST_okay
+    assert struct.unpack("<2Q", read(a, buf, 16)) == (INVALID_GFN, 0x7400)
+    st = xen.domain_state(a.domid)
+    assert st.p2m[0x7400] == (st.gt.shared[1], P2M_GNTTAB_SHARED)
+    # frame 0 can be placed again elsewhere
+    assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 0, 0x7401) == 0
+    assert _setup_table(a, 2, buf << 12) == abi.GNTST_okay
+    assert struct.unpack("<2Q", read(a, buf, 16)) == (0x7401, 0x7400)
+
+
+def test_setup_table_frame_list_across_a_page_boundary(make_domain: MakeDomain) -> None:
+    """copy_to_guest: a frame list that starts 8 bytes before the end of a page
+    continues at the start of the next gfn."""
+    a = make_domain(max_grant_frames=4)
+    first, second = ram(a, 2)
+    assert second == first + 1
+    for idx in range(3):
+        assert a.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, idx, 0x7500 + idx) == 0
+    assert _setup_table(a, 3, (first << 12) + 4088) == abi.GNTST_okay
+    assert read(a, first, 8, 4088) == struct.pack("<Q", 0x7500)
+    assert read(a, second, 16) == struct.pack("<2Q", 0x7501, 0x7502)
+
+
+def test_free_frames_belong_to_nobody(xen: Xen, make_domain: MakeDomain) -> None:
+    """A freed frame's owner is -1 (no domain; dom0 is 0)."""
+    from xengrant.emu.machine import NO_OWNER
+
+    assert NO_OWNER == -1
+    xen.create_domain(0)
+    d = make_domain()
+    (gfn,) = ram(d)
+    mfn = xen.domain_state(d.domid).p2m[gfn][0]
+    assert xen.hv.machine.owner[mfn] == d.domid
+    d.hypercalls.decrease_reservation([gfn])
+    assert xen.hv.machine.owner[mfn] == -1

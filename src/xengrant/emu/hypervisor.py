@@ -539,6 +539,7 @@ class Hypervisor:
             ent = p2m.get(gfns[0])
             if ent is not None and not (write and ent[1] == P2M_GRANT_MAP_RO):
                 return [ent[0]]
+        # mutation: equivalent — only chooses the C walk; the loop below answers the same
         elif type(gfns) is list and type(p2m) is dict:
             got = _cext_translate(p2m, gfns, P2M_GRANT_MAP_RO if write else -1)
             if type(got) is list:

@@ -178,6 +178,7 @@ class Machine:
             How many frames were freed.
         """
         refs, owners = self.refcount, self.owner
+        # mutation: equivalent — only chooses the path; both free alike (test_bulk_paths)
         spans = runs(mfns) if len(mfns) >= _BULK else []
         distinct = len(spans) == 1 or len(set(mfns)) == len(mfns)
         if spans and distinct and all(set(refs[a : a + n]) == {1} for a, n in spans):
