@@ -158,6 +158,8 @@ def test_table_growth_out_of_memory(xen: Xen) -> None:
     with xengrant.EmbeddedXen(memory=1 << 20) as small:
         pv = small.create_domain(pv=True)
         gt = pv.grant_table  # its first frame, mapped
+        hvm = small.create_domain()
+        hvm_gt = hvm.grant_table
         (buf,) = ram(pv)
         hog = small.create_domain()
         while True:
@@ -178,6 +180,15 @@ def test_table_growth_out_of_memory(xen: Xen) -> None:
         with pytest.raises(GrantTableFull):
             gt.grant_foreign_access(0, 0x1234)
         gt.put_n(refs)
+        # a translated guest grows with add_to_physmap: refused alike (-EINVAL)
+        assert hvm.hypercalls.add_to_physmap(abi.XENMAPSPACE_grant_table, 1, 0x7600) == (
+            -errno.EINVAL
+        )
+        refs = hvm_gt.get_n_nonblock(n)
+        assert len(refs) == n and hvm_gt.nr_frames == 1
+        assert hvm_gt.get_nonblock() is None
+        assert hvm_gt.get_n_nonblock(1) == []
+        hvm_gt.put_n(refs)
 
 
 # ------------------------------------------------------ hypercall failure
@@ -483,3 +494,33 @@ def test_free_frames_belong_to_nobody(xen: Xen, make_domain: MakeDomain) -> None
     assert xen.hv.machine.owner[mfn] == d.domid
     d.hypercalls.decrease_reservation([gfn])
     assert xen.hv.machine.owner[mfn] == -1
+
+
+@pytest.mark.parametrize("getter", ["get_nonblock", "get_n_nonblock", "get", "reap_deferred"])
+def test_deferred_ends_are_retried_when_refs_are_taken(
+    xen: Xen, make_domain: MakeDomain, getter: str
+) -> None:
+    """Linux gnttab_end_foreign_access: a busy entry is ended later; here each
+    allocation of refs retries the deferred ends first."""
+    front, back = make_domain(), make_domain()
+    gt = front.grant_table
+    page = front.alloc_pages(1)
+    ref = gt.grant_foreign_access(back.domid, page.gfns[0])
+    m = back.gnttab.map_grant_ref(front.domid, ref)
+    assert gt.end_access_deferred(ref) is False
+    assert gt.deferred == 1
+    m.unmap()
+    assert gt.deferred == 1  # nothing retried it yet
+    if getter == "get_n_nonblock":
+        got = gt.get_n_nonblock(1)
+    elif getter == "reap_deferred":
+        assert gt.reap_deferred() == 0
+        got = []
+    else:
+        got = [getattr(gt, getter)()]
+    assert gt.deferred == 0
+    assert gt.entry(ref).flags == 0
+    if got:
+        assert got == [ref]  # ended and freed first, so handed out again (LIFO)
+        gt.put_n(got)
+    page.free()

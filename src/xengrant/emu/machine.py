@@ -180,6 +180,8 @@ class Machine:
         refs, owners = self.refcount, self.owner
         # mutation: equivalent — only chooses the path; both free alike (test_bulk_paths)
         spans = runs(mfns) if len(mfns) >= _BULK else []
+        # mutation: equivalent — `!=`: callers never list a frame twice (each is one
+        # p2m entry's), so every list is distinct
         distinct = len(spans) == 1 or len(set(mfns)) == len(mfns)
         if spans and distinct and all(set(refs[a : a + n]) == {1} for a, n in spans):
             # the common case, nobody else holds them: whole runs at once

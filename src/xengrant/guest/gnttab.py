@@ -230,8 +230,8 @@ class GrantTable:
         Raises:
             GrantError: the op's status was not okay (bad domain, permission).
         """
-        # mutation: equivalent — the three zeros are outputs, and bytearray() is zeroed
         buf = bytearray(_QUERY.size)
+        # mutation: equivalent — the last three zeros are outputs (nr, max, status)
         _QUERY.pack_into(buf, 0, domid, 0, 0, 0)
         check_rc("query_size", self._hc.grant_table_op(gt.GNTTABOP_query_size, memoryview(buf), 1))
         _dom, nr, mx, st = _QUERY.unpack_from(buf)
@@ -305,9 +305,11 @@ class GrantTable:
             addr = page.gfns[0] << 12
             if cmd == gt.GNTTABOP_setup_table:
                 op, layout = "setup_table", _SETUP
+                # mutation: equivalent — the 0 is the op's status, an output
                 layout.pack_into(buf, 0, gt.DOMID_SELF, nr_frames, 0, addr)
             else:
                 op, layout = "get_status_frames", _STATUS_FRAMES
+                # mutation: equivalent — the 0 is the op's status, an output
                 layout.pack_into(buf, 0, nr_frames, gt.DOMID_SELF, 0, addr)
             check_rc(op, self._hc.grant_table_op(cmd, memoryview(buf), 1))
             status = int(layout.unpack_from(buf)[2])
