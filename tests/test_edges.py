@@ -524,3 +524,63 @@ def test_deferred_ends_are_retried_when_refs_are_taken(
         assert got == [ref]  # ended and freed first, so handed out again (LIFO)
         gt.put_n(got)
     page.free()
+
+
+def test_deferred_counts_busy_ends_and_orphaned_memory(xen: Xen, make_domain: MakeDomain) -> None:
+    """``deferred`` is both kinds of pending release: a busy end of access, and the
+    pages of a share dropped while a numpy array still uses them."""
+    import gc
+
+    import numpy as np
+
+    front, back = make_domain(), make_domain()
+    gt = front.grant_table
+    page = front.alloc_pages(1)
+    ref = gt.grant_foreign_access(back.domid, page.gfns[0])
+    m = back.gnttab.map_grant_ref(front.domid, ref)
+    assert gt.end_access_deferred(ref) is False
+    share = gt.share_pages(back.domid, 1)
+    arr = np.frombuffer(share.mem, dtype=np.uint8)
+    free = xen.free_frames
+    with pytest.warns(ResourceWarning):
+        del share
+        gc.collect()
+    assert gt.deferred == 2
+    m.unmap()
+    assert gt.reap_deferred() == 1  # the end of access; the array still holds the page
+    assert xen.free_frames == free
+    del arr
+    gc.collect()
+    assert gt.reap_deferred() == 0
+    assert xen.free_frames == free + 1
+    page.free()
+
+
+def test_end_access_deferred_ends_at_once_when_idle(make_domain: MakeDomain) -> None:
+    """Idle, the entry ends now: True, the ref freed and the resource released."""
+    front, back = make_domain(), make_domain()
+    gt = front.grant_table
+    page = front.alloc_pages(1)
+    ref = gt.grant_foreign_access(back.domid, page.gfns[0])
+    free = gt.num_free_grants()
+    assert gt.end_access_deferred(ref, page) is True
+    assert gt.deferred == 0 and gt.num_free_grants() == free + 1
+    assert page.freed
+
+
+@pytest.mark.parametrize("case", ["not allocated", "reserved", "granted"])
+def test_grant_access_transitive_checks_the_ref(make_domain: MakeDomain, case: str) -> None:
+    front, back = make_domain(), make_domain()
+    gt = front.grant_table
+    gt.set_version(2)
+    ref = gt.get()
+    if case == "not allocated":
+        gt.put(ref)
+    elif case == "reserved":
+        ref = 1
+    else:
+        gt.grant_access_transitive(ref, back.domid, back.domid, 9)
+    before = gt.entry(ref)
+    with pytest.raises(ValueError):
+        gt.grant_access_transitive(ref, back.domid, back.domid, 10)
+    assert gt.entry(ref) == before

@@ -667,6 +667,7 @@ class GrantTable:
         struct.pack_into("<HHHI", mv, off + 2, domid, trans_domid, 0, trans_gref)
         mv.release()
         wmb()
+        # mutation: equivalent — 0->1: bit 0 is already set in GTF_transitive (3)
         store16(view, off, gt.GTF_transitive | (0 if writable else gt.GTF_readonly))
 
     def _check_grantable(self, ref: int) -> None:
@@ -703,6 +704,7 @@ class GrantTable:
             Busy: the peer still maps it (GTF_reading/GTF_writing set).
             ValueError: ``ref`` is not a ref this table handed out.
         """
+        # mutation: equivalent — 0->1: ref 0 is reserved, never _USED, refused either way
         if not 0 <= ref < len(self._state) or self._state[ref] != _USED:
             raise ValueError(f"try_end_access: grant ref {ref} was not allocated")
         view, off = self._locate(ref)
