@@ -584,3 +584,12 @@ def test_grant_access_transitive_checks_the_ref(make_domain: MakeDomain, case: s
     with pytest.raises(ValueError):
         gt.grant_access_transitive(ref, back.domid, back.domid, 10)
     assert gt.entry(ref) == before
+
+
+@pytest.mark.parametrize("count", [0, -1])
+def test_share_pages_of_nothing(xen: Xen, make_domain: MakeDomain, count: int) -> None:
+    front, back = make_domain(), make_domain()
+    free = xen.free_frames
+    with pytest.raises(ValueError, match="share_pages: count must be >= 1"):
+        front.grant_table.share_pages(back.domid, count)
+    assert xen.free_frames == free
