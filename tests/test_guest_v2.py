@@ -409,3 +409,23 @@ def test_pv_guest_shares_and_maps_on_v2(xen: Xen, make_domain: MakeDomain) -> No
     gt.try_end_access(refs[-1])
     gt.put_n(refs)
     page.free()
+
+
+def test_gntshr_unshare_on_v2_defers_the_busy_refs(xen: Xen, make_domain: MakeDomain) -> None:
+    """gntalloc's DEALLOC_GREF on a v2 table (no C end_run there): idle refs end at
+    once, a mapped one when its mapper lets go; the pages go with the last."""
+    front, back = v2_pair(make_domain)
+    gt = front.grant_table
+    free_refs, free_frames = gt.num_free_grants(), xen.free_frames
+    share = front.gntshr.share_pages(back.domid, 3)
+    busy = share.refs[1]
+    m = back.gnttab.map_grant_ref(front.domid, busy)
+    front.gntshr.unshare(share)
+    assert gt.deferred == 1
+    assert gt.num_free_grants() == free_refs - 1
+    assert [gt.entry(r).flags for r in (share.refs or [])] == []
+    assert xen.free_frames == free_frames - 3  # the pages wait for the busy ref
+    m.unmap()
+    assert gt.reap_deferred() == 0
+    assert gt.num_free_grants() == free_refs
+    assert xen.free_frames == free_frames

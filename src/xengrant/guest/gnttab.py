@@ -1141,6 +1141,8 @@ class GrantTable:
                 return 0
             flags = prev
         # Committed: Xen sets completed right after writing the frame.
+        # mutation: equivalent — in process the transfer hypercall sets both bits before
+        # the guest runs again; this wait matters against a service in another process.
         while not load16(view, off) & gt.GTF_transfer_completed:
             time.sleep(0)
         if self.version == 1:
