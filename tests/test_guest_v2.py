@@ -429,3 +429,19 @@ def test_gntshr_unshare_on_v2_defers_the_busy_refs(xen: Xen, make_domain: MakeDo
     assert gt.reap_deferred() == 0
     assert gt.num_free_grants() == free_refs
     assert xen.free_frames == free_frames
+
+
+def test_v2_status_frames_follow_the_table_exactly(xen: Xen, make_domain: MakeDomain) -> None:
+    """grant_to_status_frames: ceil(frames * 256 / 2048) -- 8 v2 frames need one
+    status frame, the ninth a second; the guest maps exactly those."""
+    dom = make_domain()
+    gt = dom.grant_table
+    gt.set_version(2)
+    st = xen.domain_state(dom.domid)
+    refs = gt.get_n(8 * abi.GRANT_PER_PAGE_V2 - 8)
+    assert gt.nr_frames == 8 and st.gt.nr_grant_frames == 8
+    assert len(st.gt.status) == 1
+    more = gt.get_n(1)
+    assert gt.nr_frames == 9 and st.gt.nr_grant_frames == 9
+    assert len(st.gt.status) == 2
+    gt.put_n(refs + more)

@@ -98,6 +98,8 @@ class Machine:
         while left:
             start = fmap.find(1, pos)
             end = fmap.find(0, start)
+            # mutation: equivalent — `< 1`: frame `start` is free, so find() answers -1
+            # or an index above start, never 0
             if end < 0:
                 end = self.nr_frames
             end = min(end, start + left)

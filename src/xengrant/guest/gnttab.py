@@ -1088,6 +1088,8 @@ class GrantTable:
     def _unmap_handles(self, gfns: Sequence[int], handles: Sequence[int]) -> list[int]:
         n = len(handles)
         if not n:
+            # mutation: equivalent — only _map_failed gets here with no handle, and it
+            # ignores the answer (a Mapping always has handles)
             return []
         buf = pack_unmap_ops(gfns, handles)
         check_rc(
@@ -1164,6 +1166,7 @@ class GrantTable:
                 ``GNTST_general_error`` and keeps the page).
         """
         buf = bytearray(_TRANSFER.size)
+        # mutation: equivalent — the 0 is the op's status, an output
         _TRANSFER.pack_into(buf, 0, gfn, domid, ref, 0)
         check_rc("transfer", self._hc.grant_table_op(gt.GNTTABOP_transfer, memoryview(buf), 1))
         st = _TRANSFER.unpack_from(buf)[3]
@@ -1215,6 +1218,7 @@ class GrantTable:
 
     def get_version(self, domid: int = gt.DOMID_SELF) -> int:
         """``GNTTABOP_get_version``."""
+        # mutation: equivalent — the 0 is the version, an output
         buf = bytearray(struct.pack("<H2xI", domid, 0))
         rc = self._hc.grant_table_op(gt.GNTTABOP_get_version, memoryview(buf), 1)
         check_rc("get_version", rc)
