@@ -18,6 +18,7 @@ import functools
 import importlib
 import multiprocessing as mp
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -73,14 +74,28 @@ def dies_with_this_process() -> Callable[[], None]:
     return functools.partial(die_with_parent, os.getpid())
 
 
-def start_hypervisor(path: str, *args: str) -> subprocess.Popen[str]:
+def _hypervisor_preexec(parent: int, nofile: int | None) -> None:
+    die_with_parent(parent)
+    if nofile is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+
+def start_hypervisor(
+    path: str, *args: str, nofile: int | None = None, stderr: Any = subprocess.PIPE
+) -> subprocess.Popen[str]:
     """``python -m xengrant hypervisor --socket path *args`` in a child that dies
-    with this process; returns once it listens (its stderr is a pipe)."""
+    with this process; returns once it listens (its stderr is a pipe).
+
+    Args:
+        nofile: the child's RLIMIT_NOFILE (None: inherited).
+        stderr: where its stderr goes.
+    """
     r, w = os.pipe()
     proc = subprocess.Popen(
         [sys.executable, "-m", "xengrant", "hypervisor", "--socket", path, *args,
          "--ready-fd", str(w)],
-        pass_fds=(w,), stderr=subprocess.PIPE, text=True, preexec_fn=dies_with_this_process(),
+        pass_fds=(w,), stderr=stderr, text=True,
+        preexec_fn=functools.partial(_hypervisor_preexec, os.getpid(), nofile),
     )
     os.close(w)
     with os.fdopen(r) as ready:

@@ -156,6 +156,8 @@ class Connection:
         #: the client's end of its domain's memory socket (service/backing.py),
         #: kept until the connection goes (its bind reply may still be queued)
         self.memory_socket: socket.socket | None = None
+        #: the hang-up events the main thread's epoll watches for it
+        self.watch = _HANGUP
 
     def __repr__(self) -> str:
         return f"<conn {self.ident} d{self.domid}>"
@@ -380,17 +382,15 @@ class Server:
                                 self._reap()
                                 self.backing.flush()
                             if mask & _HANGUP and conn.throttled:
-                                # it reads no more and we read none of its
-                                # requests: nothing left to wait for
-                                self._schedule_close(conn)
-                                self._reap()
-                                self.backing.flush()
+                                self._hangup_throttled(conn, mask)
+                                continue
                         if mask & _HANGUP and conn.reader is not None:
                             # Its last requests and its hang-up are handled
                             # before anyone who connected after it is let in
                             # (a toolstack that saw a process die sees its
-                            # domain gone).
-                            conn.reader.join(5.0)
+                            # domain gone) -- unless it is throttled: then
+                            # its reader waits for it to read, not for us.
+                            self._join_reader(conn)
         finally:
             self._serving.clear()
             self._loop_done.set()
@@ -407,6 +407,34 @@ class Server:
         if self._serving.is_set():
             self._loop_done.wait()
         self.close()
+
+    def _hangup_throttled(self, conn: Connection, mask: int) -> None:
+        """A throttled connection hung up (caller holds the lock).
+
+        Gone for good (HUP, ERR): nothing is left to wait for, it is closed.
+        Only its writing side closed (RDHUP): it may still read what waits
+        for it; epoll stops reporting that, and its reader goes on once the
+        output drained (then reads the end of the stream).
+        """
+        if mask & (select.EPOLLHUP | select.EPOLLERR):
+            self._schedule_close(conn)
+            self._reap()
+            self.backing.flush()
+            return
+        conn.watch = select.EPOLLHUP | select.EPOLLERR
+        self.ep.modify(conn.fd, conn.watch | (_EPOLLOUT if conn.want_write else 0))
+
+    def _join_reader(self, conn: Connection, timeout: float = 5.0) -> None:
+        """Wait (without the lock) until ``conn``'s reader ends, or is throttled,
+        or ``timeout`` passed: a reader stopped for its client never stalls this thread."""
+        reader = conn.reader
+        assert reader is not None
+        deadline = time.monotonic() + timeout
+        while reader.is_alive() and not conn.throttled:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            reader.join(min(left, 0.01))
 
     def close(self) -> None:
         """Drop every connection (destroying their domains) and free machine memory.
@@ -491,6 +519,7 @@ class Server:
                 conn.reader = None
                 self._schedule_close(conn)
                 self._reap()
+                self.backing.flush()
             self._accept_backoff(f"thread: {e}")
 
     def _accept_backoff(self, why: str) -> None:
@@ -518,6 +547,7 @@ class Server:
                         self._throttle(conn)
                         if self._to_close:
                             self._reap()
+                        self.backing.flush()
                         if conn.dead:
                             break
                 ring = conn.ring
@@ -582,6 +612,7 @@ class Server:
                     conn.throttled = True
                     self.counters["throttled"] += 1
                 self.backing.flush()
+                self.backing.flush()  # before the lock goes (see Backing.flush)
                 drained.wait()  # gives the lock up meanwhile
                 continue
             conn.throttled = False
@@ -808,7 +839,7 @@ class Server:
         if want != conn.want_write:
             # the main thread writes the rest when the socket has room
             conn.want_write = want
-            self.ep.modify(conn.fd, _HANGUP | (_EPOLLOUT if want else 0))
+            self.ep.modify(conn.fd, conn.watch | (_EPOLLOUT if want else 0))
         if conn.throttled and conn.out_bytes <= self.limits.out_high // 2:
             assert conn.drained is not None
             conn.drained.notify_all()
@@ -1624,6 +1655,8 @@ class Server:
             "notifies": sum(len(v) for v in self.notifies.values()),
             "memory": self.backing.snapshot(),
             "connections": len(self.conns),
+            "unread_bytes_max": max((c.out_bytes for c in self.conns.values()), default=0),
+            "pending_requests": sum(len(c.pending) for c in self.conns.values()),
             "counters": {**self.counters, "log_lines_suppressed": self._warn.suppressed},
         }
 
