@@ -45,6 +45,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -1881,6 +1882,12 @@ def serve(
         handle_signals: stop cleanly on SIGTERM and SIGINT (main thread only).
         kw: more :class:`Server` arguments.
     """
+    # descriptors: connections, rings and memory files; take what the hard limit
+    # allows (the connection limits follow, limits.default_max_connections)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 16), hard))
     server = Server(path, memory, **kw)
     old_wakeup = None
     if handle_signals:
