@@ -139,7 +139,8 @@ class CrossProcess:
         self.path = os.path.join(self.dir, "xengrant.sock")
         r, w = ctx.Pipe(duplex=False)
         self.service = ctx.Process(
-            target=_service_main, args=(self.path, (mib * 4) << 20, w), daemon=True
+            # eight times the buffer: a domain may hold a quarter of the machine
+            target=_service_main, args=(self.path, (mib * 8) << 20, w), daemon=True
         )
         self.service.start()
         assert r.recv() == self.path

@@ -190,6 +190,46 @@ def _attack(fd: int, link: str, own: str) -> dict[str, Any]:
     return rep
 
 
+def punch_foreign_rw(d: Any, objs: dict[int, Any]) -> int:
+    """Punch every page of each file of another domain we hold writable: how many."""
+    own = f"xengrant-d{d.domid} "
+    done = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+            fd = int(name)
+            if "memfd:xengrant-d" not in link or own in link + " ":
+                continue
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+                continue
+            _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, os.fstat(fd).st_size)
+        except OSError:
+            continue
+        done += 1
+    return done
+
+
+def churn(d: Any, objs: dict[int, Any], rounds: int) -> int:
+    """A bystander at work: allocate, fill, check, share, free, ``rounds`` times.
+
+    Returns:
+        How many checks failed (0).
+    """
+    bad = 0
+    for i in range(rounds):
+        pages = d.alloc_pages(3)
+        data = _page(b"churn%d" % i, 0) * 3
+        pages.mem[:] = data
+        s = d.gntshr.share_pages(0, 2)
+        s.mem[:8] = b"churning"
+        bad += bytes(pages.mem) != data
+        bad += bytes(s.mem[:8]) != b"churning"
+        d.gntshr.unshare(s)
+        pages.mem.release()
+        pages.free()
+    return bad
+
+
 def _in_child(fn: Any) -> int:
     """Run ``fn`` in a forked child: 0 if it returned, else the signal that killed it."""
     pid = os.fork()
@@ -306,7 +346,9 @@ def test_every_descriptor_the_hostile_holds(world: Any) -> None:
     m_k, _ = call(h, "map_page", b.domid, ref_k, False)
     assert call(h, "read_mapping", m_k) == private[2 * PAGE : 3 * PAGE]
 
+    b.send_only("call", MOD, "churn", 200)  # the bystander works meanwhile
     report = call(h, "fd_report")
+    assert b.result() == 0
     mine = f"xengrant-d{h.domid} "
     theirs = f"xengrant-d{b.domid} "
     foreign = [r for r in report if theirs in r["link"] + " "]
@@ -333,6 +375,12 @@ def test_every_descriptor_the_hostile_holds(world: Any) -> None:
         elif theirs in r["link"] + " ":
             assert r["mmap_rw"] == "ok", r  # the page granted writable
     # the bystander's pages are as they were
+    assert call(b, "read", key) == private
+    # a writable grant's file can be punched: that zeroes the granted page (the
+    # hostile may write it anyway), nothing else
+    assert call(h, "punch_foreign_rw") == 1
+    assert call(b, "read", s_rw)[:PAGE] == bytes(PAGE)
+    assert call(b, "read", s_ro)[:4] == b"B-ro"
     assert call(b, "read", key) == private
     for m in (m_rw, m_ro, m_k):
         call(h, "unmap", m)

@@ -37,6 +37,7 @@ import resource
 import socket
 import struct
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import cast
 
 from .. import _cext
@@ -384,13 +385,19 @@ class Backing:
         if min(mfns, default=0) < 0 or max(mfns, default=0) >= self.nr_frames:
             raise HypercallError("reach", errno.EFAULT, f"d{d.domid}: a frame out of range")
         fid_of = self.fid_of
+        fids = set(map(fid_of.__getitem__, mfns))
+        all_types = set(map(itemgetter(1), ents))
         by_fid: dict[int, set[int]] = {}
-        for fid, ent in zip(map(fid_of.__getitem__, mfns), ents):
-            types = by_fid.get(fid)
-            if types is None:
-                by_fid[fid] = {ent[1]}
-            else:
-                types.add(ent[1])
+        if len(fids) == 1 or all_types <= _FOREIGN or all_types <= _OWN:
+            # the common case (one file, or one kind of entry): C-speed sets
+            by_fid = {fid: all_types for fid in fids}
+        else:
+            for fid, ent in zip(map(fid_of.__getitem__, mfns), ents):
+                types = by_fid.get(fid)
+                if types is None:
+                    by_fid[fid] = {ent[1]}
+                else:
+                    types.add(ent[1])
         for fid, types in by_fid.items():
             f = self.files.get(fid)
             if f is None:
@@ -438,8 +445,10 @@ class Backing:
 
     def _all_granted(self, granter: DomainState, f: MemFile, grantee: int, writable: bool) -> bool:
         """Is every frame ``f`` backs granted by ``granter`` to ``grantee`` (writable if asked)?"""
-        want = {m for m in range(f.start, f.start + f.npages) if self.fid_of[m] == f.fid}
-        return want <= granted_mfns(self.mem, granter, grantee, writable)
+        span: Sequence[int] = range(f.start, f.start + f.npages)
+        if self.fid_of[f.start : f.start + f.npages].count(f.fid) != f.npages:
+            span = [m for m in span if self.fid_of[m] == f.fid]  # some frames left it
+        return granted_mfns(self.mem, granter, grantee, writable).issuperset(span)
 
     def prepare_grant(self, d: DomainState, gfns: Sequence[int], grantee: int) -> int:
         """``MSG_GRANT_PREPARE``: give each of ``d``'s RAM ``gfns`` a file of its own
@@ -536,5 +545,9 @@ def granted_mfns(mem: memoryview, d: DomainState, grantee: int, writable: bool) 
         targets += [t for h, t in zip(hdrs, frames) if h & mask == want]
     if d.pv:
         return set(targets)
-    ents = map(d.p2m.get, targets)
-    return {e[0] for e in ents if e is not None and e[1] == P2M_RAM_RW}
+    ents = [e for e in map(d.p2m.get, targets) if e is not None]
+    return set(map(itemgetter(0), filter(_is_ram, ents)))
+
+
+def _is_ram(ent: tuple[int, int]) -> bool:
+    return ent[1] == P2M_RAM_RW

@@ -7,13 +7,15 @@ one message per call, so a batch of map/unmap/copy ops is one round trip --
 plus a xenstore handle (:attr:`RemoteDomain.xs`) and event channels
 (:attr:`RemoteDomain.evtchn`).
 
-Memory never crosses the socket.  The service sends its machine memory (a
-memfd) once, with SCM_RIGHTS; :class:`RemoteHypercalls` keeps a mirror of the
-domain's p2m (every hypercall reply carries the changes) and maps frames
-itself: its own RAM and grant-table frames as views of one shared mapping of
-the memfd, foreign frames it mapped with ``GNTTABOP_map_grant_ref`` as a fresh
-``mmap`` of exactly those frames (``PROT_READ`` for a read-only grant).  A
-write by one process is seen by the other with no copy.
+Memory never crosses the socket.  The service sends the memfds backing the
+frames this domain may reach (its own, and foreign ones it maps, see
+:mod:`xengrant.service.memview`), with SCM_RIGHTS; :class:`RemoteHypercalls`
+keeps a mirror of the domain's p2m (every hypercall reply carries the
+changes) and maps frames itself: its own RAM and grant-table frames as views
+of its range of machine memory, foreign frames it mapped with
+``GNTTABOP_map_grant_ref`` too, or as a fresh ``mmap`` of exactly those
+frames (``PROT_READ`` for a read-only grant).  A write by one process is
+seen by the other with no copy.
 
 Reading the socket: whichever thread waits (for a reply, an event or a
 watch) reads and sorts what arrives, the others wait on a condition; an

@@ -9,9 +9,10 @@ on its socket; what it reads it handles under the lock.  The main thread
 on a hang-up waits for that connection's thread to finish before it accepts
 anyone else: whoever connects after a process died finds its domain gone.
 Each connection binds to one domain (CREATE makes one, ATTACH takes one a
-privileged domain made) and can then only act as that domain.  The memfd
-travels to the client with SCM_RIGHTS, so its views of frames -- its own,
-its grant table's, the foreign frames it mapped -- are real shared memory.
+privileged domain made) and can then only act as that domain.  The memfds
+backing the frames it may reach (its own, and foreign frames it maps: see
+:mod:`xengrant.service.backing`) travel to the client with SCM_RIGHTS, so
+its views of frames are real shared memory.
 
 When a connection closes (the process exited or was killed), the service
 destroys its domain as Xen's ``domain_kill`` would: unmap notifications fire
