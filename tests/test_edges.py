@@ -593,3 +593,72 @@ def test_share_pages_of_nothing(xen: Xen, make_domain: MakeDomain, count: int) -
     with pytest.raises(ValueError, match="share_pages: count must be >= 1"):
         front.grant_table.share_pages(back.domid, count)
     assert xen.free_frames == free
+
+
+def test_table_ops_succeeding_return_0_and_log_nothing(xen: Xen, make_domain: MakeDomain) -> None:
+    """do_grant_table_op returns 0 for a set_version that worked, and Xen prints no
+    reason for an op that succeeded (gdprintk only on the error paths)."""
+    a = make_domain(max_grant_frames=4)
+    (buf,) = ram(a)
+    count = xen.log_count
+    assert a.grant_table_op(abi.GNTTABOP_set_version, abi.gnttab_set_version(version=2)) == 0
+    assert a.grant_table_op(abi.GNTTABOP_set_version, abi.gnttab_set_version(version=1)) == 0
+    assert _setup_table(a, 2, buf << 12) == abi.GNTST_okay
+    assert a.hypercalls.last_reasons == []
+    assert xen.log_count == count
+    assert _setup_table(a, 5, buf << 12) == abi.GNTST_general_error
+    assert xen.log_count == count + 1
+
+
+def test_p2m_types_match_the_c_runs() -> None:
+    """_cext.c hard-codes the p2m type numbers it writes and checks (XG_P2M_*)."""
+    import re
+    from pathlib import Path
+
+    from xengrant.emu import domain
+
+    src = (Path(xengrant.__file__).parent / "_cext.c").read_text()
+    defines = dict(re.findall(r"#define XG_(P2M_\w+) (\d+)\n", src))
+    names = ["P2M_RAM_RW", "P2M_GRANT_MAP_RW", "P2M_GRANT_MAP_RO"]
+    names += ["P2M_GNTTAB_SHARED", "P2M_GNTTAB_STATUS"]
+    for name in names:
+        assert getattr(domain, name) == int(defines[name]), name
+    assert len({getattr(domain, name) for name in names}) == 5
+
+
+def test_maptrack_lookup_of_handles_never_handed_out() -> None:
+    from xengrant.emu.maptrack import Maptrack
+
+    mt = Maptrack(1)
+    assert mt.lookup(0) is None and mt.lookup(-1) is None
+    placeholder = object()
+    h = mt.get(placeholder)  # type: ignore[arg-type]
+    assert h == 0 and mt.lookup(0) is placeholder
+    assert mt.lookup(len(mt.entries)) is None
+    assert mt.lookup(1 << 40) is None
+
+
+def test_fastpath_default_follows_the_environment() -> None:
+    """XENGRANT_FASTPATH=0 starts the C runs off; anything else (or nothing) on."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from xengrant.emu import batch, gnttab_copy, gnttab_map as m; "
+        "print(batch.FASTPATH_DEFAULT, m.FASTPATH, gnttab_copy.FASTPATH)"
+    )
+    cases = (("0", "False False False"), ("1", "True True True"), (None, "True True True"))
+    for value, want in cases:
+        env = {k: v for k, v in os.environ.items() if k != "XENGRANT_FASTPATH"}
+        if value is not None:
+            env["XENGRANT_FASTPATH"] = value
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert out.stdout.strip() == want

@@ -56,6 +56,7 @@ def set_status(
     Returns:
         ``(GNTST_okay, "")`` or ``(GNTST_general_error, reason)``.
     """
+    # mutation: equivalent — 0->1: bit 0 is in GTF_type_mask already
     mask = GTF_type_mask | (GTF_sub_page if mapflag else 0)
     off = g.entry_offset(ref)
     if g.version == 1:
@@ -132,5 +133,5 @@ def get_paged_frame(rd: DomainState, gfn: int) -> tuple[int, int]:
     """
     ent = rd.p2m.get(gfn)
     if ent is None or ent[1] not in (P2M_RAM_RW, P2M_GNTTAB_SHARED, P2M_GNTTAB_STATUS):
-        return GNTST_bad_page, -1
+        return GNTST_bad_page, -1  # mutation: equivalent — no caller reads a failure's mfn
     return GNTST_okay, ent[0]

@@ -22,7 +22,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 #: ``sizeof(struct grant_mapping)`` is 16 bytes: 256 handles per 4 KiB page.
-MAPTRACK_PER_PAGE = 4096 // 16
+MAPTRACK_PER_PAGE = 4096 // 16  # mutation: equivalent — 4097 // 16 is 256 too
 #: Xen's default ``max_maptrack_frames`` (xen/common/grant_table.c).
 DEFAULT_MAX_MAPTRACK_FRAMES = 1024
 
@@ -93,6 +93,8 @@ class Maptrack:
             start = len(self.entries)
             if start >= self.limit:
                 return -1  # steal_maptrack_handle: no other vCPU to steal from
+            # mutation: equivalent — `+`: limit and start are whole pages, so the
+            # minimum is a page either way
             grow = min(MAPTRACK_PER_PAGE, self.limit - start)
             self.entries.extend([None] * grow)
             free.extendleft(reversed(range(start + 1, start + grow)))
