@@ -591,7 +591,7 @@ def main() -> int:
             try:
                 cost = sum(times.get(t, 1.0) for t in tests)
                 per_test = int(max(20, 10 * max(times.get(t, 1.0) for t in tests)))
-                r = w.run(m, tests, budget=30 + 3 * cost, per_test=per_test)
+                r = w.run(m, tests, budget=60 + 4 * cost, per_test=per_test)
             finally:
                 with lock:
                     free.append(w)
