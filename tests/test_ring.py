@@ -391,3 +391,23 @@ def test_waiting_on_an_event_port() -> None:
     port2 = Port(produce)
     assert asyncio.run(back.wait_for_requests_async(port2, timeout=5))
     assert port2.waits == 1
+
+
+def test_event_port_on_a_linux_style_device_keeps_other_ports_events() -> None:
+    """/dev/xen/evtchn's read returns every port of the file: an event read while
+    waiting for another port is kept for that port's next wait, not lost."""
+    from xengrant import EventPort
+
+    class Device:  # the shape of xengrant.linux.EventChannels
+        def __init__(self) -> None:
+            self.reads = [[1, 2], [3]]
+
+        def pending(self, timeout: float | None = 0.0) -> list[int]:
+            return self.reads.pop(0) if self.reads else []
+
+    dev = Device()
+    a, b = EventPort(dev, 1, owned=False), EventPort(dev, 2, owned=False)
+    assert b.wait(0) is True  # read [1, 2]: 1 is kept
+    assert a.wait(0) is True and dev.reads == [[3]]  # from what was kept, no read
+    assert a.wait(0) is False and dev.reads == []  # read [3]: not ours, kept for port 3
+    assert EventPort(dev, 3, owned=False).wait(0) is True

@@ -9,7 +9,9 @@ xengrant has:
   of :func:`xengrant.service.connect`): ``wait(port, timeout)`` unmasks what it
   returns; events come on the domain's socket;
 - Linux's :class:`~xengrant.linux.EventChannels` (``/dev/xen/evtchn``,
-  libxenevtchn): ``pending`` reads and unmasks.
+  libxenevtchn): ``pending`` reads and unmasks every port of the file; events
+  read for another port are kept for that port's next wait, so several ports
+  (vchans, rings) can share one ``EventChannels``.
 
 Either way an event that comes while nobody waits is kept (pending) and ends
 the next wait at once, so "check, then sleep" loses no wake-up, as with
@@ -111,10 +113,18 @@ class EventPort:
             except TimeoutError:
                 return False
             return True
+        # /dev/xen/evtchn hands out every port of the file: events read for
+        # other ports are kept (on the EventChannels object) for their waiters.
+        seen: set[int] = self.evtchn.__dict__.setdefault("_xg_seen", set())
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if self.port in seen:
+                seen.discard(self.port)
+                return True
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if self.port in self.evtchn.pending(left):
+            seen.update(self.evtchn.pending(left))
+            if self.port in seen:
+                seen.discard(self.port)
                 return True
             if left is not None and left <= 0:
                 return False
