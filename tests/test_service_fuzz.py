@@ -1,9 +1,13 @@
 """Fuzz the service's socket: random, malformed, oversized, out-of-order messages.
 
-Bounded in count (ROUNDS x CONNS x MESSAGES) and in time (DEADLINE).  Between
-rounds a well-formed pair of domain processes shares, maps, copies, signals
-and uses xenstore, and must get exactly the right answers; at the end every
-domain the fuzzers created is gone and the tables are as before.
+Bounded in count (ROUNDS x CONNS x MESSAGES) and in time (DEADLINE).  Each round
+runs CONNS fuzzers at once (threads), among them floods of connections and
+clients that never read their replies.  Nobody holds dom0 while they run: it
+is the fuzzers' to try for (they never get it).  Between rounds a well-formed
+pair of domain processes shares, maps, copies, signals and uses xenstore, and
+must get exactly the right answers; at the end dom0 is still to be had by the
+token's holder, every domain the fuzzers created is gone and the tables are
+as before.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import os
 import random
 import socket
 import struct
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -33,18 +38,16 @@ _TYPES = sorted(t for t in p.MSG_NAMES if t not in (p.MSG_EVENT, p.MSG_WATCH_EVE
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[tuple[Service, Actor, Actor, Actor]]:
+def world() -> Iterator[tuple[Service, Actor, Actor]]:
     svc = Service()
-    dom0 = Actor(svc, domid=0)  # nobody else may become dom0 (and destroy others)
-    a, b = Actor(svc), Actor(svc)
+    a, b = Actor(svc), Actor(svc)  # no dom0: the fuzzers may try to become it
     a("reap")
     b("reap")
     try:
-        yield svc, dom0, a, b
+        yield svc, a, b
     finally:
         a.close()
         b.close()
-        dom0.close()
         assert svc.stop() == 0
 
 
@@ -63,9 +66,12 @@ def _payload(rng: random.Random, mtype: int) -> bytes:
             rng.choice([V, V, V, 0, V + 1]), rng.choice([-1, -1, 0, 5, 300, 0x7FF0, -7]),
             rng.choice([0, 0, 1, 2]), rng.choice([-1, 0, 1, 4, 10**6]),
             rng.choice([-1, 0, 1, 2**20]), rng.choice([-1, 0, 3, 2**40]),
-        )
-    if mtype == p.MSG_ATTACH:
-        return p.ATTACH_REQ.pack(rng.choice([V, 0]), rng.getrandbits(16))
+        ) + _rand_bytes(rng, rng.choice([0, 0, 32]))  # a dom0 token guessed
+    if mtype == p.MSG_ATTACH:  # a secret guessed, short or missing
+        return p.ATTACH_REQ.pack(rng.choice([V, 0]), rng.getrandbits(16)) + _rand_bytes(
+            rng, rng.choice([0, 31, 32, 32, 33]))
+    if mtype == p.MSG_STATS:  # a token guessed
+        return _rand_bytes(rng, rng.choice([0, 32]))
     if mtype == p.MSG_GNTTAB_OP:
         cmd = rng.choice([*range(14), 99, 2**31])
         count = rng.choice([-1, 0, 1, 2, 3, 64, 2000, 2**31, 2**40])
@@ -103,7 +109,8 @@ def _payload(rng: random.Random, mtype: int) -> bytes:
         return blob + (b"\0" if rng.random() < 0.8 else b"") + _rand_bytes(rng, rng.choice(
             [0, 0, 5]))
     if mtype == p.MSG_DEBUG_KEY:
-        return rng.choice([b"g", b"G", b"e", b"x", b"q", b"", b"gg"])
+        return rng.choice([b"g", b"G", b"e", b"x", b"q", b"", b"gg"]) + _rand_bytes(
+            rng, rng.choice([0, 32]))
     return _rand_bytes(rng, rng.choice([0, 4, 16]))
 
 
@@ -143,6 +150,9 @@ def _structured(path: str, rng: random.Random) -> set[int]:
         assert status <= 0
         if f.type in (p.MSG_CREATE, p.MSG_ATTACH) and status == 0:
             created.add(p.DOMAIN_REPLY.unpack_from(body)[1])
+        if f.type in (p.MSG_ATTACH, p.MSG_STATS, p.MSG_DEBUG_KEY, p.MSG_DOMCTL_CREATE,
+                      p.MSG_DOMCTL_DESTROY):
+            assert status < 0  # nobody's secret, nobody's token, nobody's dom0
         if f.type == 999:
             assert status == -errno.ENOSYS
     return created
@@ -179,6 +189,46 @@ def _chaos(path: str, rng: random.Random) -> None:
     s.close()
 
 
+def _flood(path: str, rng: random.Random) -> None:
+    """Many connections at once, idle or with a header cut short, all dropped together."""
+    socks = []
+    try:
+        for _ in range(rng.randrange(20, 80)):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(s)
+            s.connect(path)
+            if rng.random() < 0.3:
+                s.sendall(p.HEADER.pack(100, p.MSG_PING, 0, 1)[: rng.randrange(1, 12)])
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _never_reads(path: str, rng: random.Random) -> None:
+    """Requests with big replies, never read, until the service stops reading them."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.setblocking(False)
+    msg = p.encode(p.MSG_PING, 0, 9, _rand_bytes(rng, 1) * rng.choice([4096, 65536, 500_000]))
+    left = memoryview(msg)
+    sent = 0
+    try:
+        while sent < 16 << 20:  # bounded: the service throttles it well before
+            try:
+                n = s.send(left)
+            except BlockingIOError:
+                break
+            sent += n
+            left = left[n:] if n < len(left) else memoryview(msg)
+    finally:
+        s.close()
+
+
+_FUZZERS: list[Callable[[str, random.Random], object]] = [
+    _structured, _structured, _structured, _chaos, _chaos, _flood, _never_reads,
+]
+
+
 def _well_formed_round(a: Actor, b: Actor, n: int) -> None:
     key, refs = a("share", b.domid, 2)
     data = bytes((n * 7 + i) & 0xFF for i in range(64))
@@ -199,8 +249,34 @@ def _well_formed_round(a: Actor, b: Actor, n: int) -> None:
     a("xs", "rm", "data/round")
 
 
-def test_fuzz_keeps_serving(world: tuple[Service, Actor, Actor, Actor]) -> None:
-    svc, dom0, a, b = world
+def _round(path: str, rng: random.Random) -> set[int]:
+    """CONNS fuzzers at once, each in a thread with a random of its own; the domains
+    the structured ones created (a failed fuzzer fails the test)."""
+    created: set[int] = set()
+    failures: list[BaseException] = []
+
+    def run(fuzzer: Callable[[str, random.Random], object], seed: int) -> None:
+        try:
+            got = fuzzer(path, random.Random(seed))
+            if isinstance(got, set):
+                created.update(got)
+        except BaseException as e:  # reported by the test's thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=run, args=(rng.choice(_FUZZERS), rng.getrandbits(64)))
+               for _ in range(CONNS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    if failures:
+        raise failures[0]
+    return created
+
+
+def test_fuzz_keeps_serving(world: tuple[Service, Actor, Actor]) -> None:
+    svc, a, b = world
     rng = random.Random(SEED)
     _well_formed_round(a, b, -1)  # warm up: b keeps its grant-copy bounce pages
     before = stats(svc.path)
@@ -210,18 +286,22 @@ def test_fuzz_keeps_serving(world: tuple[Service, Actor, Actor, Actor]) -> None:
     for n in range(ROUNDS):
         if time.monotonic() - start > DEADLINE:
             break
-        for _ in range(CONNS):
-            if rng.random() < 0.6:
-                created |= _structured(svc.path, rng)
-            else:
-                _chaos(svc.path, rng)
+        created |= _round(svc.path, rng)
         assert ping(svc.path)
         _well_formed_round(a, b, n)
         rounds += 1
     assert rounds >= 1
-    for domid in sorted(created):
-        dom0("wait_gone", domid)
+    assert 0 not in created
+    # dom0 is still the token holder's: claimed now, it waits for the fuzzers' domains
+    dom0 = Actor(svc, domid=0)
+    try:
+        for domid in sorted(created):
+            dom0("wait_gone", domid)
+    finally:
+        dom0.close()
     after = stats(svc.path)
+    before["domains"].pop("0", None)
+    after["domains"].pop("0", None)
     for key in ("free_frames", "domains", "evtchn", "xenstore", "xenstore_watches", "notifies"):
         assert after[key] == before[key], key
     assert after["connections"] == before["connections"]
