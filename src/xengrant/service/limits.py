@@ -86,7 +86,7 @@ class Limits:
     out_high: int = 2 << 20
     out_max: int = 8 << 20
     preempt_ops: int = 1024
-    preempt_teardown: int = 4096
+    preempt_teardown: int = 256
     log_burst: int = 10
     log_interval: float = 5.0
 
