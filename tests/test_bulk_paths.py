@@ -296,3 +296,27 @@ def test_bulk_decrease_with_a_table_frame_among_ram(
     assert xen.hv.machine.owner[table_mfn] == dom.domid
     assert xen.hv.machine.refcount[table_mfn] >= 1
     del gt
+
+
+def test_populate_refused_by_the_machine_backing_takes_nothing(
+    xen: xengrant.EmbeddedXen,
+    make_domain: Callable[..., xengrant.Domain],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A machine whose backing refuses frames (a service's file limit) raises
+    OutOfMemory from alloc: populate_physmap populates nothing and says so."""
+    from xengrant.emu.machine import OutOfMemory
+
+    dom = make_domain()
+    st = xen.domain_state(dom.domid)
+    pages, free = st.tot_pages, xen.free_frames
+
+    def refuse(owner: int, count: int = 1) -> list[int]:
+        raise OutOfMemory("backing refused")
+
+    monkeypatch.setattr(xen.hv.machine, "alloc", refuse)
+    for n in (1, 16):
+        assert dom.hypercalls.populate_physmap(list(range(0x52000, 0x52000 + n))) == []
+    with pytest.raises(MemoryError):
+        dom.alloc_pages(2)
+    assert st.tot_pages == pages and xen.free_frames == free
