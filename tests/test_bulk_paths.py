@@ -240,6 +240,7 @@ def test_translate_of_many_gfns_faults_on_the_first_culprit(
         lambda fs: fs[2:6] + fs[9:17],  # two runs
         lambda fs: fs[::2],  # no runs longer than one
         lambda fs: fs[:3],  # below the bulk threshold
+        lambda fs: fs[18:20] + fs[:10],  # a run with a frame someone else holds (19)
     ],
 )
 def test_disown_many_matches_disown_one_at_a_time(pick: Callable[[list[int]], list[int]]) -> None:

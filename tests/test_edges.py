@@ -668,3 +668,33 @@ def test_fastpath_default_follows_the_environment() -> None:
             timeout=60,
         )
         assert out.stdout.strip() == want
+
+
+def test_grant_access_asks_a_service_backing_first(make_domain: MakeDomain) -> None:
+    """A domain process of the service prepares the page (a file of its own) before
+    the entry is written; -EINVAL (not its RAM) lets Xen refuse the grant itself."""
+    front, back = make_domain(), make_domain()
+    gt = front.grant_table
+    calls: list[tuple[list[int], int]] = []
+    answer: list[int] = [0]
+
+    def prepare_grant(gfns: list[int], domid: int) -> None:
+        calls.append((list(gfns), domid))
+        if answer[0]:
+            raise HypercallError("prepare_grant", answer[0])
+
+    front.hypercalls.prepare_grant = prepare_grant  # type: ignore[attr-defined]
+    page = front.alloc_pages(2)
+    ref = gt.get()
+    gt.grant_access(ref, back.domid, page.gfns[0])
+    assert calls == [([page.gfns[0]], back.domid)]
+    assert gt.entry(ref).flags == abi.GTF_permit_access
+    answer[0] = errno.EINVAL
+    ref2 = gt.get()
+    gt.grant_access(ref2, back.domid, page.gfns[1])
+    assert gt.entry(ref2).domid == back.domid
+    answer[0] = errno.ENOMEM
+    ref3 = gt.get()
+    with pytest.raises(HypercallError):
+        gt.grant_access(ref3, back.domid, page.gfns[1])
+    assert gt.entry(ref3).flags == 0
