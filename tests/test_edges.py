@@ -698,3 +698,19 @@ def test_grant_access_asks_a_service_backing_first(make_domain: MakeDomain) -> N
     with pytest.raises(HypercallError):
         gt.grant_access(ref3, back.domid, page.gfns[1])
     assert gt.entry(ref3).flags == 0
+
+
+def test_one_page_written_through_a_read_only_mapping_faults(
+    xen: Xen, make_domain: MakeDomain
+) -> None:
+    """p2m_grant_map_ro: the guest's MMU refuses a writable view of that one page."""
+    front, back = make_domain(), make_domain()
+    ref, _ = grant(front, back.domid, writable=False)
+    mop = map1(back, front.domid, ref, HOST | abi.GNTMAP_readonly)
+    assert mop.status == abi.GNTST_okay
+    gfn = mop.host_addr >> 12
+    with pytest.raises(HypercallError) as ei:
+        back.view([gfn], True)
+    assert ei.value.errno == errno.EFAULT
+    back.view([gfn], False).close()
+    assert unmap1(back, mop) == abi.GNTST_okay
