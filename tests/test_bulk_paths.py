@@ -321,3 +321,15 @@ def test_populate_refused_by_the_machine_backing_takes_nothing(
     with pytest.raises(MemoryError):
         dom.alloc_pages(2)
     assert st.tot_pages == pages and xen.free_frames == free
+
+
+def test_disown_many_keeps_a_held_frame_inside_one_run() -> None:
+    """One run of 12 frames, the sixth held by a mapper too: it stays allocated (refcount
+    1 left), the other eleven are freed -- as disown does frame by frame."""
+    m = Machine(memoryview(bytearray(64 * PAGE)), 64)
+    frames = m.alloc(1, 12)
+    m.get(frames[5])
+    free = m.free_frames
+    assert m.disown_many(frames) == 11
+    assert m.refcount[frames[5]] == 1 and m.free_frames == free + 11
+    assert [m.refcount[f] for f in frames if f != frames[5]] == [0] * 11
