@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Real Xen: boot Debian's Xen 4.17 with a Linux PV dom0 under QEMU (TCG), run the real-Xen suite
-# (tests_xen/, the scenario files included) and the benchmark in dom0; fail if any test fails.
-# Needs root (apt-get, debootstrap) the first time; the set-up is cached under $XENLAB
-# (default ~/.cache/xengrant-xenlab). About 1.5 min of set-up once, then about 2 min a run.
+# Real Xen: boot Debian's Xen 4.17 with a Linux PV dom0 under QEMU (TCG), start Debian's Xen
+# 4.17.7 toolstack in dom0 (xenstored, xen-init-dom0, xenconsoled), run the real-Xen suite
+# (tests_xen/: dom0 alone, and across domains with PV domUs it creates with xl; the scenario
+# files included) and the benchmarks in dom0; fail if any test fails.
+# Needs root (apt-get, debootstrap, apt-get download of the toolstack) the first time; the set-up
+# is cached under $XENLAB (default ~/.cache/xengrant-xenlab). About 1.5 min of set-up once; a run
+# takes minutes (docs/real-xen.md has the figures; everything runs under `timeout`).
 # Results: $XENLAB/results/{pytest.txt,bench.md,console.log}.  See docs/real-xen.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,6 +3,11 @@
 Every test skips where ``/dev/xen/gntdev`` does not exist.  Dom0 grants to
 itself (domid 0) and maps back, so both sides of every share run against the
 real hypervisor and Linux's real gntalloc/gntdev drivers.
+
+The cross-domain tests also need the toolstack (xl, xenstored; the harness
+starts them) and the domU boot files: ``domus`` is two PV domUs running the
+agent (domu_agent.py) for the whole session, ``make_domu`` creates more
+(destroyed at the end of the test).  They skip where those are missing.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +26,16 @@ for candidate in (HERE.parent / "scenarios", HERE.parent / "tests" / "scenarios"
         sys.path.insert(0, str(candidate))
         break
 
-from xengrant.linux import Backend, EventChannels, available, gntalloc_limit, open_backend  # noqa: E402
+import domu  # noqa: E402
+
+from xengrant.linux import (  # noqa: E402
+    Backend,
+    EventChannels,
+    LinuxXenStore,
+    available,
+    gntalloc_limit,
+    open_backend,
+)
 
 ON_XEN = available() and os.access("/dev/xen/gntalloc", os.R_OK | os.W_OK)
 
@@ -65,3 +80,72 @@ def limit() -> int:
     lim = gntalloc_limit()
     assert lim is not None
     return lim
+
+
+# ------------------------------------------------------------------ domUs
+@pytest.fixture(scope="session")
+def dom0_xs() -> Iterator[LinuxXenStore]:
+    """Dom0's xenstore connection (xenstored's socket)."""
+    if not (ON_XEN and domu.available()):
+        pytest.skip("no xl/xenstored/domU boot files (run xenlab/run.sh)")
+    with LinuxXenStore(timeout=30.0) as xs:
+        yield xs
+
+
+@pytest.fixture(scope="session")
+def free_before(dom0_xs: LinuxXenStore) -> int:
+    """Xen's free memory (MiB) before the session's first domU."""
+    return domu.free_memory_mib()
+
+
+@pytest.fixture(scope="session")
+def domus(dom0_xs: LinuxXenStore, free_before: int) -> Iterator[tuple[domu.DomU, domu.DomU]]:
+    """Two PV domUs running the agent, booted together, for the whole session."""
+    procs = [(n, domu.start(dom0_xs, n)) for n in ("xg-a", "xg-b")]
+    made: list[domu.DomU] = []
+    try:
+        for name, proc in procs:
+            made.append(domu.finish(dom0_xs, name, proc))
+        print(f"domUs {made}: ready {[d.ready for d in made]}")
+        yield made[0], made[1]
+    finally:
+        for d in made:
+            d.destroy()
+        for name, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            domu.xl("destroy", name, check=False)
+
+
+@pytest.fixture
+def make_domu(dom0_xs: LinuxXenStore) -> Iterator[Any]:
+    """Create more agent domUs (``make_domu(name)``); destroyed after the test."""
+    made: list[domu.DomU] = []
+
+    def make(name: str) -> domu.DomU:
+        d = domu.create(dom0_xs, name)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.destroy()
+
+
+@pytest.fixture
+def agents_clean(domus: tuple[domu.DomU, domu.DomU]) -> Iterator[tuple[domu.DomU, domu.DomU]]:
+    """The session's domUs; after the test, neither holds a share, mapping or port."""
+    yield domus
+    for d in domus:
+        state = d.call("state")
+        for h in state["handles"]:  # don't let one failure cascade into the next tests
+            for op in ("unmap", "unshare", "free"):
+                try:
+                    d.call(op, h=h)
+                    break
+                except Exception:
+                    continue
+        for port in state["ports"]:
+            d.call("unbind", port=port)
+        assert state["handles"] == [] and state["live_maps"] == 0, (d, state)
+        assert state["ports"] == [], (d, state)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+import domu
+
 from xengrant.linux import Backend
 
 
@@ -31,3 +33,20 @@ def test_nothing_left_allocated(xen: Backend, limit: int) -> None:
         if target.startswith("/dev/xen/gnt"):
             fds.append(target)
     assert sorted(fds) == ["/dev/xen/gntalloc", "/dev/xen/gntdev"]
+
+
+def test_domus_leave_nothing_behind(domus: tuple[domu.DomU, domu.DomU], free_before: int) -> None:
+    """The session's domUs destroyed, every domain is gone and Xen has its memory back.
+
+    ``free_before`` was read before the first domU; dom0's own grant-table
+    growth (maptrack frames for its 1024-page maps) stays, hence the MiB of slack.
+    """
+    ids = [d.domid for d in domus]
+    for d in domus:
+        d.destroy()
+    for i in ids:
+        assert domu.wait_gone(i, 60.0), f"d{i} is still listed: {domu.xl('list')}"
+    assert set(domu.listed_domids()) == {0}, domu.xl("list")
+    free = domu.free_memory_mib()
+    print(f"Xen free memory: {free_before} MiB before the domUs, {free} MiB after")
+    assert free_before - 2 <= free <= free_before + 2

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Assemble the dom0 payload: xengrant (pure Python + a _cext built for CPython 3.11, dom0's
-# Python), the real-Xen suite (tests_xen/), the scenario files, the benchmark and run.sh.
+# Python), the real-Xen suite (tests_xen/), the scenario files, the benchmark, run.sh, and the
+# PV domUs' boot files (domu/: build-domu.sh).
 # usage: build-payload.sh OUT_DIR
 # The extension is compiled here against Debian bookworm's python3.11 headers (libpython3.11-dev,
 # the same ABI and glibc as dom0's bookworm python3.11); dom0 has no compiler.
@@ -23,10 +24,15 @@ ${CC:-cc} -O2 -std=c11 -fPIC -shared -Wall -Wno-missing-field-initializers -I"$I
   "$R/src/xengrant/_cext.c" -o "$O/xengrant/_cext.cpython-311-x86_64-linux-gnu.so"
 cp -r "$R/tests_xen" "$O/tests_xen"
 mkdir -p "$O/scenarios" && cp "$R"/tests/scenarios/*.py "$R"/tests/scenarios/*.json "$O/scenarios/" 2>/dev/null || true
-mkdir -p "$O/benchmarks" && cp "$R/benchmarks/bench_xen.py" "$O/benchmarks/" 2>/dev/null || true
+mkdir -p "$O/benchmarks" && cp "$R/benchmarks/bench_xen.py" "$R/benchmarks/bench_xen_domu.py" "$O/benchmarks/"
+# the C baseline of the cross-domain benchmark: static, so neither dom0 nor the domU needs the libs
+${CC:-cc} -O2 -static -Wall -o "$O/benchmarks/xgbench" "$R/benchmarks/xgbench.c" -lxengnttab \
+  -lxenevtchn -lxentoolcore -lxentoollog -lpthread 2>&1 | grep -v 'statically linked' >&2 || true
 cp "$H/payload-run.sh" "$O/run.sh" && chmod +x "$O/run.sh"
 find "$O" -name __pycache__ -prune -exec rm -rf {} +
 # the C side of the vchan interop tests (tests_xen/test_vchan_xen.py): Debian's libxenvchan, static
 mkdir -p "$O/tests_xen/bin" && ${CC:-cc} -O2 -static -Wall -o "$O/tests_xen/bin/vchan_c_peer" \
   "$R/tests_xen/vchan_c_peer.c" -lxenvchan -lxenstore -lxengnttab -lxenevtchn -lxentoolcore \
   -lxentoollog -lpthread 2>&1 | grep -v 'statically linked' >&2 || true
+# the PV domUs' kernel and initramfs (python3.11 + xengrant + the agent), for tests_xen/domu.py
+"$H/build-domu.sh" "$O/domu" "$O/xengrant" "$R/tests_xen/domu_agent.py" "$O/benchmarks/xgbench"

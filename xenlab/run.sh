@@ -7,8 +7,10 @@
 #   OUT_DIR/pytest.txt    pytest's output in dom0
 #   OUT_DIR/bench.md      the benchmark's table
 # Exit status: pytest's in dom0 (0 = all passed); 125 if dom0 never reported; 126 build failure.
-# Environment: XENLAB (cache dir), XENLAB_TIMEOUT (s, default 900), XENGRANT_NO_BENCH=1 to skip
-# the benchmark, XENLAB_SKIP_SETUP=1 to not run setup.sh.
+# Environment: XENLAB (cache dir), XENLAB_TIMEOUT (s, default 1200: the whole QEMU run),
+# XENGRANT_PYTEST_TIMEOUT (s, default 900: pytest in dom0), XENGRANT_NO_BENCH=1 to skip the
+# benchmarks (XENGRANT_BENCH_DOMU_ONLY=1: only the cross-domain one), XENGRANT_PYTEST_ARGS to pass pytest a subset (-k ...), XENLAB_SKIP_SETUP=1 to not
+# run setup.sh.
 set -uo pipefail
 H=$(cd "$(dirname "$0")" && pwd)
 export XENLAB=${XENLAB:-${XDG_CACHE_HOME:-$HOME/.cache}/xengrant-xenlab}
@@ -20,10 +22,14 @@ fi
 P=$XENLAB/payload
 "$H/build-payload.sh" "$P" || exit 126
 if [ -n "${XENGRANT_NO_BENCH:-}" ]; then rm -rf "$P/benchmarks"; fi
+if [ -n "${XENGRANT_BENCH_DOMU_ONLY:-}" ]; then rm -f "$P/benchmarks/bench_xen.py"; fi
+if [ -n "${XENGRANT_PYTEST_TIMEOUT:-}" ]; then
+  sed -i "s|^PYTEST_TIMEOUT=.*|PYTEST_TIMEOUT=$XENGRANT_PYTEST_TIMEOUT|" "$P/run.sh"
+fi
 if [ -n "${XENGRANT_PYTEST_ARGS:-}" ]; then
   sed -i "s|^PYTEST_ARGS=.*|PYTEST_ARGS='$XENGRANT_PYTEST_ARGS'|" "$P/run.sh"
 fi
-"$H/boot.sh" "$P" "$OUT/console.log" "${XENLAB_TIMEOUT:-900}"
+"$H/boot.sh" "$P" "$OUT/console.log" "${XENLAB_TIMEOUT:-1200}"
 rc=$?
 # dom0's lines, without Xen's own console lines
 section() { sed -n "/@@@XENGRANT-$1-BEGIN/,/@@@XENGRANT-$1-END/p" "$OUT/console.log" \

@@ -1,0 +1,326 @@
+"""The test agent in a PV domU: runs the requests dom0's pytest leaves in xenstore.
+
+Started by the domU's init (xenlab/domu-init.sh) as ``/opt/agent.py``, with
+xengrant beside it.  It opens xenstore through ``/dev/xen/xenbus``
+(:class:`xengrant.linux.LinuxXenStore`), learns its domid there, opens the
+real-Xen backend (gntalloc, gntdev) and ``/dev/xen/evtchn``, writes
+``data/agent/ready`` and then serves requests until told to exit:
+
+- dom0 writes a request as a blob (below) at ``data/agent/req``;
+- the agent runs it and answers with a blob at ``data/agent/resp``, with the
+  request's id, either ``{"ok": result}`` or ``{"error": {...}}`` (the
+  exception's kind, text, GNTST status(es), errno).
+
+A blob is JSON, zlib-compressed and base64-encoded, cut into chunks of
+:data:`CHUNK` characters (a domU may write at most 2048 bytes per node:
+xenstored's entry quota) at ``<node>-c/<i>``; ``<node>`` itself, written last,
+holds ``"<id> <chunks>"``.  :func:`put_blob` and :func:`get_blob` are used on
+both sides (dom0's driver, tests_xen/domu.py, imports them from here).
+
+The ops are the portable layer's calls on handles the agent keeps (shares,
+mappings, page-directory buffers), event channels, and xenstore reads and
+writes; see :data:`OPS`.  Everything a request names is bounded: the agent
+is only a test fixture, but it runs in a domain dom0 does not trust either.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sys
+import time
+import zlib
+from typing import Any
+
+T0 = time.monotonic()
+#: characters of base64 per chunk node
+CHUNK = 1900
+#: chunks per blob at most (about 150 KB of compressed JSON)
+MAX_CHUNKS = 100
+AGENT = "data/agent"
+P = 4096
+
+
+def put_blob(xs: Any, node: str, rid: int, obj: Any) -> None:
+    """Write ``obj`` at ``node`` as request/answer ``rid`` (chunks first, header last)."""
+    text = base64.b64encode(zlib.compress(json.dumps(obj).encode(), 6)).decode()
+    chunks = [text[i : i + CHUNK] for i in range(0, len(text), CHUNK)] or [""]
+    if len(chunks) > MAX_CHUNKS:
+        raise ValueError(f"blob of {len(text)} characters is too big for xenstore")
+    for i, c in enumerate(chunks):
+        xs.write(f"{node}-c/{i}", c)
+    xs.write(node, f"{rid} {len(chunks)}")
+
+
+def read_header(xs: Any, node: str) -> tuple[int, int] | None:
+    """``(id, chunks)`` of the blob at ``node``, or None if there is none (or it is malformed)."""
+    try:
+        rid, n = (int(x) for x in xs.read(node).split())
+    except (OSError, ValueError):
+        return None
+    return (rid, n) if 0 < n <= MAX_CHUNKS else None
+
+
+def get_blob(xs: Any, node: str, n: int) -> Any:
+    """The blob of ``n`` chunks at ``node``."""
+    text = "".join(xs.read(f"{node}-c/{i}").decode() for i in range(n))
+    return json.loads(zlib.decompress(base64.b64decode(text), bufsize=1 << 16))
+
+
+def describe(e: BaseException) -> dict[str, Any]:
+    """An exception as the answer's ``error``."""
+    from xengrant.errors import BatchError, GrantError, GrantTableFull
+
+    d: dict[str, Any] = {"type": type(e).__name__, "text": str(e)}
+    for cls in (BatchError, GrantError, GrantTableFull, MemoryError, ValueError, TypeError,
+                BufferError, TimeoutError, KeyError):
+        if isinstance(e, cls):
+            d["kind"] = cls.__name__
+            break
+    else:
+        d["kind"] = "OSError" if isinstance(e, OSError) else type(e).__name__
+    if isinstance(e, GrantError):
+        d["op"], d["status"] = e.op, e.status
+    if isinstance(e, BatchError):
+        d["statuses"] = list(e.statuses)
+    err = getattr(e, "errno", None)
+    if isinstance(err, int):
+        d["errno"] = err
+    return d
+
+
+class Agent:
+    """The domU's state: backend, event channels, xenstore, and the handles it holds."""
+
+    def __init__(self) -> None:
+        from xengrant.linux import EventChannels, LinuxXenStore, open_backend
+
+        self.xs = LinuxXenStore("/dev/xen/xenbus", timeout=30.0)
+        self.backend = open_backend()
+        self.domid = self.backend.domid
+        self.ev = EventChannels()
+        self.objs: dict[int, Any] = {}
+        self.next_h = 1
+
+    def keep(self, obj: Any) -> int:
+        h = self.next_h
+        self.next_h += 1
+        self.objs[h] = obj
+        return h
+
+    def mem(self, h: int) -> Any:
+        return self.objs[h].mem
+
+    # ------------------------------------------------------------ grants
+    def op_share(self, to: int, count: int, writable: bool = True,
+                 notify_offset: int | None = None, notify_port: int | None = None) -> Any:
+        s = self.backend.gntshr.share_pages(to, count, writable, notify_offset=notify_offset,
+                                            notify_port=notify_port)
+        return {"h": self.keep(s), "refs": list(s.refs)}
+
+    def op_map(self, grants: list[list[int]], writable: bool = True,
+               notify_offset: int | None = None, notify_port: int | None = None) -> Any:
+        m = self.backend.gnttab.map_grant_refs([(int(d), int(r)) for d, r in grants], writable,
+                                               notify_offset=notify_offset,
+                                               notify_port=notify_port)
+        return {"h": self.keep(m)}
+
+    def op_unmap(self, h: int) -> None:
+        self.objs[h].unmap()
+        del self.objs[h]
+
+    def op_unshare(self, h: int) -> None:
+        self.backend.gntshr.unshare(self.objs[h])
+        del self.objs[h]
+
+    def op_fill(self, h: int, text: str, offset: int = 0) -> None:
+        mem = self.mem(h)
+        for i in range(len(mem) // P):
+            data = text.replace("{page}", f"{i:05d}").encode()
+            mem[i * P + offset : i * P + offset + len(data)] = data
+
+    def op_writes(self, h: int, items: list[list[Any]]) -> None:
+        mem = self.mem(h)
+        for off, hexdata in items:
+            data = bytes.fromhex(hexdata)
+            mem[off : off + len(data)] = data
+
+    def op_read(self, h: int, offset: int, length: int) -> str:
+        return bytes(self.mem(h)[offset : offset + min(length, 1 << 16)]).hex()
+
+    def op_snapshot(self, h: int) -> str:
+        return base64.b64encode(zlib.compress(bytes(self.mem(h)), 6)).decode()
+
+    def op_digest(self, h: int) -> str:
+        return hashlib.sha256(bytes(self.mem(h))).hexdigest()
+
+    def op_copy(self, segments: list[dict[str, Any]]) -> Any:
+        from xengrant.portable import CopySegment, GrantRef
+
+        segs, outs = [], []
+        for s in segments:
+            n = int(s["len"])
+            src = (GrantRef(*s["src"]) if isinstance(s["src"], list)
+                   else bytes.fromhex(s["src"]))
+            dst: Any = GrantRef(*s["dst"]) if isinstance(s["dst"], list) else bytearray(n)
+            segs.append(CopySegment(src, dst, n))
+            outs.append(dst)
+        statuses = self.backend.gnttab.grant_copy(segs)
+        local = [None if isinstance(d, GrantRef) else bytes(d).hex() for d in outs]
+        return {"statuses": statuses, "local": local}
+
+    # ----------------------------------------------------- event channels
+    def op_evtchn_unbound(self, remote: int) -> int:
+        return self.ev.bind_unbound_port(remote)
+
+    def op_evtchn_bind(self, remote: int, port: int) -> int:
+        return self.ev.bind_interdomain(remote, port)
+
+    def op_notify(self, port: int) -> None:
+        self.ev.notify(port)
+
+    def op_wait(self, port: int, timeout: float = 10.0) -> bool:
+        return self.ev.wait_for(port, min(timeout, 120.0))
+
+    def op_unbind(self, port: int) -> None:
+        self.ev.unbind(port)
+
+    def op_drain(self) -> list[int]:
+        return self.ev.drain()
+
+    def op_pong(self, h: int, port: int, count: int, offset: int = 3072,
+                timeout: float = 60.0) -> Any:
+        """Answer ``count`` pings: ``seq`` at ``offset`` (u32), ``ack`` after it, as xchg.c."""
+        import struct
+
+        mem = self.mem(h)
+        deadline = time.monotonic() + min(timeout, 300.0)
+        wakes, t = 0, time.monotonic()
+        while True:
+            seq, ack = struct.unpack_from("=II", mem, offset)
+            if seq != ack:
+                struct.pack_into("=I", mem, offset + 4, seq)
+                self.ev.notify(port)
+            if seq >= count:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pong: seq {seq} of {count} when the time ran out")
+            self.ev.pending(1.0)
+            wakes += 1
+        return {"wakeups": wakes, "seconds": time.monotonic() - t}
+
+    def op_evpong(self, remote: int, port: int, count: int, timeout: float = 60.0) -> None:
+        """Bind to ``remote``'s ``port``, notify once (go), then answer ``count`` events."""
+        p = self.ev.bind_interdomain(remote, port)
+        try:
+            self.ev.drain()  # Xen marks a new interdomain port pending
+            self.ev.notify(p)
+            for i in range(count):
+                if not self.ev.wait_for(p, min(timeout, 30.0)):
+                    raise TimeoutError(f"evpong: no event {i} of {count}")
+                self.ev.notify(p)
+        finally:
+            self.ev.unbind(p)
+
+    def op_run_xgbench(self, args: list[str], timeout: float = 120.0) -> str:
+        """Run the C baseline (benchmarks/xgbench.c) in this domU; its output."""
+        import subprocess
+
+        return subprocess.run(["/opt/xgbench", *map(str, args)], capture_output=True,
+                              text=True, timeout=min(timeout, 300.0), check=True).stdout
+
+    # -------------------------------------------------------------- pgdir
+    def op_pgdir_fe(self, backend: int, pages: int, be_alloc: bool = False) -> Any:
+        from xengrant.pgdir import PgdirFrontend
+
+        fe = PgdirFrontend(self.backend, backend, pages, be_alloc=be_alloc)
+        return {"h": self.keep(fe), "dir": fe.get_dir_start(), "refs": list(fe.buffer_refs)}
+
+    def op_pgdir_map(self, h: int) -> Any:
+        fe = self.objs[h]
+        fe.map()
+        return {"refs": list(fe.buffer_refs)}
+
+    def op_pgdir_be(self, frontend: int, gref: int, buffer_sz: int, be_alloc: bool = False) -> Any:
+        from xengrant.pgdir import PgdirBackend
+
+        be = PgdirBackend(self.backend, frontend, gref, buffer_sz, be_alloc=be_alloc)
+        return {"h": self.keep(be), "refs": list(be.buffer_refs)}
+
+    def op_free(self, h: int) -> None:
+        self.objs[h].free()
+        del self.objs[h]
+
+    # ----------------------------------------------------------- xenstore
+    def op_xs_read(self, path: str) -> str | None:
+        import errno
+
+        from xengrant.errors import XenStoreError
+
+        try:
+            return self.xs.read(path).decode()
+        except XenStoreError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+
+    def op_xs_write(self, path: str, value: str) -> None:
+        self.xs.write(path, value)
+
+    def op_xs_wait(self, path: str, want: list[str] | None = None, timeout: float = 10.0) -> str:
+        w = None if want is None else [x.encode() for x in want]
+        return self.xs.wait_for_value(path, w, min(timeout, 120.0)).decode()
+
+    # ------------------------------------------------------------- status
+    def op_state(self) -> Any:
+        return {
+            "domid": self.domid,
+            "handles": sorted(self.objs),
+            "live_maps": len(self.backend.gnttab.live),
+            "ports": sorted(self.ev.bound),
+        }
+
+    def op_exit(self) -> None:
+        return None
+
+
+OPS = sorted(n[3:] for n in dir(Agent) if n.startswith("op_"))
+
+
+def main() -> int:
+    from xengrant.linux import LinuxXenStore  # noqa: F401  (the import timed below)
+
+    t_import = time.monotonic() - T0
+    agent = Agent()
+    xs = agent.xs
+    xs.write(f"{AGENT}/ready", json.dumps({"domid": agent.domid, "import_s": round(t_import, 2)}))
+    print(f"AGENT d{agent.domid}: ready, xengrant imported in {t_import:.2f} s", flush=True)
+    xs.watch(f"{AGENT}/req", "req")
+    last = 0
+    while True:
+        xs.read_watch_token("req", None)
+        hdr = read_header(xs, f"{AGENT}/req")
+        if hdr is None or hdr[0] <= last:
+            continue
+        rid, n = hdr
+        last = rid
+        op = "?"
+        try:
+            req = get_blob(xs, f"{AGENT}/req", n)
+            op = str(req["op"])
+            if op not in OPS:
+                raise ValueError(f"unknown op {op!r}")
+            answer: dict[str, Any] = {"ok": getattr(agent, "op_" + op)(**req.get("args", {}))}
+        except Exception as e:  # every failure goes back to dom0
+            answer = {"error": describe(e)}
+        try:
+            put_blob(xs, f"{AGENT}/resp", rid, answer)
+        except Exception as e:
+            put_blob(xs, f"{AGENT}/resp", rid, {"error": describe(e)})
+        if op == "exit":
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
