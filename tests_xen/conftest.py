@@ -100,10 +100,18 @@ def free_before(dom0_xs: LinuxXenStore) -> int:
 
 @pytest.fixture(scope="session")
 def domus(dom0_xs: LinuxXenStore, free_before: int) -> Iterator[tuple[domu.DomU, domu.DomU]]:
-    """Two PV domUs running the agent, booted together, for the whole session."""
-    procs = [(n, domu.start(dom0_xs, n)) for n in ("xg-a", "xg-b")]
+    """Two PV domUs running the agent, for the whole session.
+
+    The second ``xl create`` starts when the first has built its domain (two at
+    once once failed to decompress the kernel: "Invalid kernel"); the boots overlap.
+    """
+    procs = []
     made: list[domu.DomU] = []
     try:
+        for name in ("xg-a", "xg-b"):
+            if procs:
+                procs[-1][1].wait(timeout=120)
+            procs.append((name, domu.start(dom0_xs, name)))
         for name, proc in procs:
             made.append(domu.finish(dom0_xs, name, proc))
         print(f"domUs {made}: ready {[d.ready for d in made]}")

@@ -222,18 +222,25 @@ class DomU:
         rid = self.rid
         base = f"{self.home}/{agent.AGENT}"
         agent.put_blob(self.xs, f"{base}/req", rid, {"op": op, "args": args})
-        want = str(rid).encode()
-
-        def answered(value: bytes) -> bool:
-            parts = value.split()
-            return len(parts) == 2 and parts[0] == want
-
-        hdr = self.wait_node(f"{agent.AGENT}/resp", answered, wait, f"the answer to {op}",
-                             self.token)
-        answer = agent.get_blob(self.xs, f"{base}/resp", int(hdr.split()[1]))
+        answer = agent.get_blob(self.xs, f"{base}/resp", self._wait_answer(rid, op, wait))
         if "error" in answer:
             raise rebuild(answer["error"], self.domid)
         return answer["ok"]
+
+    def _wait_answer(self, rid: int, op: str, wait: float) -> tuple[int, int, str]:
+        """The header of answer ``rid``: woken by the persistent watch, bounded by ``wait``."""
+        node = f"{self.home}/{agent.AGENT}/resp"
+        deadline = time.monotonic() + wait
+        while True:
+            ev = self.xs.read_watch_token(self.token, min(deadline - time.monotonic(), 5.0))
+            hdr = agent.read_header(self.xs, node)
+            if hdr is not None and hdr[0] == rid:
+                return hdr
+            if (ev is None or ev[0] == "@releaseDomain") and not self.exists():
+                raise self._gone(f"the answer to {op}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self}: no answer to {op} in {wait} s; console:\n"
+                                   + self.console())
 
     def destroy(self, timeout: float = 60.0) -> None:
         """``xl destroy`` it (idempotent)."""
@@ -288,8 +295,17 @@ def finish(xs: LinuxXenStore, name: str, proc: subprocess.Popen[str],
 
 
 def create(xs: LinuxXenStore, name: str, memory: int = MEMORY, timeout: float = 120.0) -> DomU:
-    """``xl create`` a domU running the agent and wait until it is ready."""
-    return finish(xs, name, start(xs, name, memory), timeout)
+    """``xl create`` a domU running the agent and wait until it is ready.
+
+    A failed ``xl create`` (not a timeout) is tried once more: under TCG it
+    once failed to decompress the kernel ("Invalid kernel") and worked again.
+    """
+    try:
+        return finish(xs, name, start(xs, name, memory), timeout)
+    except RuntimeError as e:
+        print(f"xl create {name} failed, once more: {e}")
+        xl("destroy", name, check=False)
+        return finish(xs, name, start(xs, name, memory), timeout)
 
 
 def wait_gone(domid: int, timeout: float = 60.0) -> bool:

@@ -11,9 +11,10 @@ real-Xen backend (gntalloc, gntdev) and ``/dev/xen/evtchn``, writes
   request's id, either ``{"ok": result}`` or ``{"error": {...}}`` (the
   exception's kind, text, GNTST status(es), errno).
 
-A blob is JSON, zlib-compressed and base64-encoded, cut into chunks of
+A blob is JSON, zlib-compressed and base64-encoded: up to :data:`CHUNK`
+characters inline in ``<node>`` (``"<id> 0 <text>"``), else cut into chunks of
 :data:`CHUNK` characters (a domU may write at most 2048 bytes per node:
-xenstored's entry quota) at ``<node>-c/<i>``; ``<node>`` itself, written last,
+xenstored's entry quota) at ``<node>-c/<i>`` and ``<node>``, written last,
 holds ``"<id> <chunks>"``.  :func:`put_blob` and :func:`get_blob` are used on
 both sides (dom0's driver, tests_xen/domu.py, imports them from here).
 
@@ -35,7 +36,7 @@ from typing import Any
 
 T0 = time.monotonic()
 #: characters of base64 per chunk node
-CHUNK = 1900
+CHUNK = 1900  # + the header's id: below the 2048-byte quota
 #: chunks per blob at most (about 150 KB of compressed JSON)
 MAX_CHUNKS = 100
 AGENT = "data/agent"
@@ -43,9 +44,16 @@ P = 4096
 
 
 def put_blob(xs: Any, node: str, rid: int, obj: Any) -> None:
-    """Write ``obj`` at ``node`` as request/answer ``rid`` (chunks first, header last)."""
+    """Write ``obj`` at ``node`` as request/answer ``rid``.
+
+    Small blobs go in the header node itself (``"<id> 0 <text>"``: one write);
+    bigger ones in chunks at ``<node>-c/<i>``, the header ``"<id> <chunks>"`` last.
+    """
     text = base64.b64encode(zlib.compress(json.dumps(obj).encode(), 6)).decode()
-    chunks = [text[i : i + CHUNK] for i in range(0, len(text), CHUNK)] or [""]
+    if len(text) <= CHUNK:
+        xs.write(node, f"{rid} 0 {text}")
+        return
+    chunks = [text[i : i + CHUNK] for i in range(0, len(text), CHUNK)]
     if len(chunks) > MAX_CHUNKS:
         raise ValueError(f"blob of {len(text)} characters is too big for xenstore")
     for i, c in enumerate(chunks):
@@ -53,18 +61,31 @@ def put_blob(xs: Any, node: str, rid: int, obj: Any) -> None:
     xs.write(node, f"{rid} {len(chunks)}")
 
 
-def read_header(xs: Any, node: str) -> tuple[int, int] | None:
-    """``(id, chunks)`` of the blob at ``node``, or None if there is none (or it is malformed)."""
+def parse_header(value: bytes) -> tuple[int, int, str] | None:
+    """``(id, chunks, inline text)`` of a blob's header, or None if malformed."""
+    parts = value.decode("ascii", "replace").split(" ", 2)
     try:
-        rid, n = (int(x) for x in xs.read(node).split())
-    except (OSError, ValueError):
+        rid, n = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
         return None
-    return (rid, n) if 0 < n <= MAX_CHUNKS else None
+    if n == 0 and len(parts) == 3:
+        return rid, 0, parts[2]
+    return (rid, n, "") if 0 < n <= MAX_CHUNKS else None
 
 
-def get_blob(xs: Any, node: str, n: int) -> Any:
-    """The blob of ``n`` chunks at ``node``."""
-    text = "".join(xs.read(f"{node}-c/{i}").decode() for i in range(n))
+def read_header(xs: Any, node: str) -> tuple[int, int, str] | None:
+    """The parsed header at ``node``, or None if there is none (or it is malformed)."""
+    try:
+        return parse_header(xs.read(node))
+    except OSError:
+        return None
+
+
+def get_blob(xs: Any, node: str, hdr: tuple[int, int, str]) -> Any:
+    """The blob whose header is ``hdr`` (read its chunks when not inline)."""
+    _rid, n, text = hdr
+    if n:
+        text = "".join(xs.read(f"{node}-c/{i}").decode() for i in range(n))
     return json.loads(zlib.decompress(base64.b64decode(text), bufsize=1 << 16))
 
 
@@ -303,11 +324,10 @@ def main() -> int:
         hdr = read_header(xs, f"{AGENT}/req")
         if hdr is None or hdr[0] <= last:
             continue
-        rid, n = hdr
-        last = rid
+        rid = last = hdr[0]
         op = "?"
         try:
-            req = get_blob(xs, f"{AGENT}/req", n)
+            req = get_blob(xs, f"{AGENT}/req", hdr)
             op = str(req["op"])
             if op not in OPS:
                 raise ValueError(f"unknown op {op!r}")
