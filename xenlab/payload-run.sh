@@ -5,7 +5,7 @@
 cd /opt/payload || exit 1
 export PYTHONPATH=/opt/payload:/opt/payload/tests_xen PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 PYTEST_ARGS=${XENGRANT_PYTEST_ARGS:-}
-PYTEST_TIMEOUT=${XENGRANT_PYTEST_TIMEOUT:-900}
+PYTEST_TIMEOUT=${XENGRANT_PYTEST_TIMEOUT:-1800}
 X=/usr/lib/xen-4.17/bin
 t() { echo "xenlab: T+$(cut -d' ' -f1 /proc/uptime) $*"; }
 if [ -x $X/xenstored ]; then

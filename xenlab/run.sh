@@ -7,8 +7,8 @@
 #   OUT_DIR/pytest.txt    pytest's output in dom0
 #   OUT_DIR/bench.md      the benchmark's table
 # Exit status: pytest's in dom0 (0 = all passed); 125 if dom0 never reported; 126 build failure.
-# Environment: XENLAB (cache dir), XENLAB_TIMEOUT (s, default 1200: the whole QEMU run),
-# XENGRANT_PYTEST_TIMEOUT (s, default 900: pytest in dom0), XENGRANT_NO_BENCH=1 to skip the
+# Environment: XENLAB (cache dir), XENLAB_TIMEOUT (s, default 2700: the whole QEMU run),
+# XENGRANT_PYTEST_TIMEOUT (s, default 1800: pytest in dom0), XENGRANT_NO_BENCH=1 to skip the
 # benchmarks (XENGRANT_BENCH_DOMU_ONLY=1: only the cross-domain one), XENGRANT_PYTEST_ARGS to pass pytest a subset (-k ...), XENLAB_SKIP_SETUP=1 to not
 # run setup.sh.
 set -uo pipefail
@@ -29,7 +29,7 @@ fi
 if [ -n "${XENGRANT_PYTEST_ARGS:-}" ]; then
   sed -i "s|^PYTEST_ARGS=.*|PYTEST_ARGS='$XENGRANT_PYTEST_ARGS'|" "$P/run.sh"
 fi
-"$H/boot.sh" "$P" "$OUT/console.log" "${XENLAB_TIMEOUT:-1200}"
+"$H/boot.sh" "$P" "$OUT/console.log" "${XENLAB_TIMEOUT:-2700}"
 rc=$?
 # dom0's lines, without Xen's own console lines
 section() { sed -n "/@@@XENGRANT-$1-BEGIN/,/@@@XENGRANT-$1-END/p" "$OUT/console.log" \
