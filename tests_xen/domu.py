@@ -45,6 +45,18 @@ def available() -> bool:
     )
 
 
+
+def _next_event(xs: LinuxXenStore, token: str, timeout: float) -> tuple[str, str] | None:
+    """The next watch event for ``token`` within ``timeout`` s, or None (a quiet while).
+
+    read_watch_token raises TimeoutError when nothing came; the callers here loop to their
+    own deadline and look at the domain between events.
+    """
+    try:
+        return xs.read_watch_token(token, max(timeout, 0.0))
+    except TimeoutError:
+        return None
+
 class DomUGone(AssertionError):
     """The domU died (or was destroyed) while dom0 waited for it."""
 
@@ -192,7 +204,7 @@ class DomU:
                     raise TimeoutError(
                         f"{self}: no {what} in {timeout} s; console:\n{self.console()}"
                     )
-                ev = self.xs.read_watch_token(tok, min(left, 5.0))
+                ev = _next_event(self.xs, tok, min(left, 5.0))
                 # a domain went, or a quiet while: is this one still there?
                 check = ev is None or ev[0] == "@releaseDomain"
         finally:
@@ -232,7 +244,7 @@ class DomU:
         node = f"{self.home}/{agent.AGENT}/resp"
         deadline = time.monotonic() + wait
         while True:
-            ev = self.xs.read_watch_token(self.token, min(deadline - time.monotonic(), 5.0))
+            ev = _next_event(self.xs, self.token, min(deadline - time.monotonic(), 5.0))
             hdr = agent.read_header(self.xs, node)
             if hdr is not None and hdr[0] == rid:
                 return hdr
