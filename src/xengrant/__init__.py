@@ -34,6 +34,7 @@ from __future__ import annotations
 from . import abi
 from .abi.grant_table import gnttabop_error
 from .embedded import EmbeddedXen
+from .emu.faults import Fault, Faults
 from .errors import (
     BatchError,
     Busy,
@@ -45,9 +46,10 @@ from .errors import (
 )
 from .evtport import EventPort
 from .guest.domain import Domain, Pages
-from .guest.gnttab import GrantEntry, GrantTable, decode_flags
+from .guest.gnttab import FreeCallback, GrantEntry, GrantTable, decode_flags
 from .guest.share import Mapping, Share
 from .hypercall import Hypercalls
+from .leaks import LeakError
 from .linux import portable_backend
 from .pgdir import PgdirBackend, PgdirError, PgdirFrontend
 from .portable import CopySegment, Gntshr, Gnttab, GrantRef
@@ -64,6 +66,9 @@ __all__ = [
     "Domain",
     "EmbeddedXen",
     "EventPort",
+    "Fault",
+    "Faults",
+    "FreeCallback",
     "FrontRing",
     "Gntshr",
     "Gnttab",
@@ -75,6 +80,7 @@ __all__ = [
     "GrantTableTimeout",
     "HypercallError",
     "Hypercalls",
+    "LeakError",
     "Mapping",
     "Pages",
     "PgdirBackend",

@@ -60,6 +60,7 @@ typedef struct {
     Py_ssize_t exports;  /* live Py_buffer exports */
     Py_buffer base;      /* borrowed views hold their base buffer */
     int has_base;
+    PyObject *on_close;  /* called once when the frames are unmapped, or NULL */
 } FrameView;
 
 static PyTypeObject FrameView_Type;
@@ -88,6 +89,26 @@ fv_releasebuffer(PyObject *obj, Py_buffer *view)
 
 static PyBufferProcs fv_as_buffer = {fv_getbuffer, fv_releasebuffer};
 
+/* Run and drop on_close (the hypervisor's put_page_from_l1e of a PV guest's
+ * own frames).  An exception it raises is reported as unraisable: closing
+ * cannot fail once the frames are unmapped. */
+static void
+fv_run_on_close(FrameView *self)
+{
+    PyObject *cb = self->on_close;
+    if (cb == NULL)
+        return;
+    self->on_close = NULL;
+    PyObject *exc_type, *exc_value, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+    PyObject *r = PyObject_CallNoArgs(cb);
+    if (r == NULL)
+        PyErr_WriteUnraisable(cb);
+    Py_XDECREF(r);
+    Py_DECREF(cb);
+    PyErr_Restore(exc_type, exc_value, exc_tb);
+}
+
 static void
 fv_do_close(FrameView *self)
 {
@@ -101,6 +122,7 @@ fv_do_close(FrameView *self)
         self->has_base = 0;
     }
     self->addr = NULL;
+    fv_run_on_close(self);
 }
 
 static PyObject *
@@ -145,6 +167,32 @@ fv_get_address(FrameView *self, void *Py_UNUSED(c))
 {
     return PyLong_FromVoidPtr(self->addr);
 }
+static PyObject *
+fv_get_on_close(FrameView *self, void *Py_UNUSED(c))
+{
+    PyObject *cb = self->on_close != NULL ? self->on_close : Py_None;
+    Py_INCREF(cb);
+    return cb;
+}
+static int
+fv_set_on_close(FrameView *self, PyObject *value, void *Py_UNUSED(c))
+{
+    if (value == NULL || value == Py_None) {
+        Py_CLEAR(self->on_close);
+        return 0;
+    }
+    if (!PyCallable_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "on_close must be callable or None");
+        return -1;
+    }
+    if (self->closed) {
+        PyErr_SetString(PyExc_ValueError, "FrameView is closed");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_XSETREF(self->on_close, value);
+    return 0;
+}
 
 static Py_ssize_t
 fv_length(FrameView *self)
@@ -159,6 +207,9 @@ static PyGetSetDef fv_getset[] = {
     {"closed", (getter)fv_get_closed, NULL, "True once close() succeeded", NULL},
     {"readonly", (getter)fv_get_readonly, NULL, "True if writes are refused", NULL},
     {"address", (getter)fv_get_address, NULL, "virtual address of the first byte", NULL},
+    {"on_close", (getter)fv_get_on_close, (setter)fv_set_on_close,
+     "callable run once when the frames are unmapped (close() or deallocation), or None",
+     NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -201,6 +252,7 @@ xg_borrow(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     fv->len = 0;
     fv->readonly = ro;
     fv->owned = 0;
+    fv->on_close = NULL;
     fv->closed = 1; /* until fully initialised */
     fv->exports = 0;
     fv->has_base = 0;
@@ -328,6 +380,7 @@ xg_vmap(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     fv->len = (Py_ssize_t)total;
     fv->readonly = ro;
     fv->owned = 1;
+    fv->on_close = NULL;
     fv->closed = 0;
     fv->exports = 0;
     fv->has_base = 0;

@@ -14,17 +14,20 @@ real guests race the hypervisor on the shared entry.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
 import threading
+import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _cext
 from .abi.grant_table import GNTST_NAMES
 from .emu import Hypervisor
 from .emu.domain import DomainState
+from .emu.faults import Faults
 from .emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
 from .emu.machine import PAGE_SIZE
 from .emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
@@ -81,7 +84,18 @@ class EmbeddedHypercalls:
     def map_gfns(self, gfns: Sequence[int], writable: bool) -> FrameView:
         with self._lock:
             mfns = self._hv.translate(self.domid, gfns, writable)
-        return self.xen.view_frames(mfns, not writable)
+            held = self._hv.hold_guest_frames(self.domid, gfns)  # PV: get_page_from_l1e
+        if not held:
+            return self.xen.view_frames(mfns, not writable)
+        try:
+            view = self.xen.view_frames(mfns, not writable)
+        except BaseException:
+            self.xen._release_guest_frames(held)
+            raise
+        # _cext.FrameView's on_close: run once when the view is unmapped
+        raw: Any = view
+        raw.on_close = functools.partial(self.xen._release_guest_frames, held)
+        return view
 
 
 class EmbeddedXen:
@@ -133,6 +147,11 @@ class EmbeddedXen:
             max_maptrack_frames=max_maptrack_frames,
             max_grant_version=max_grant_version,
         )
+        #: Fault injection for tests (:class:`xengrant.Faults`):
+        #: ``with xen.faults.inject("eagain", op="map_grant_ref", count=2): ...``
+        self.faults: Faults = self.hv.faults
+        #: The guest handles create_domain returned (for leaks()).
+        self._guests: weakref.WeakValueDictionary[int, Domain] = weakref.WeakValueDictionary()
         self.debug_log: list[tuple[int, str, int, str]] = []
         self.log_count = 0
         self.hv.log = self._log
@@ -180,7 +199,38 @@ class EmbeddedXen:
                 max_maptrack_frames=max_maptrack_frames,
                 max_pages=max_pages,
             )
-        return Domain(EmbeddedHypercalls(self, new), pv=pv)
+        dom = Domain(EmbeddedHypercalls(self, new), pv=pv)
+        self._guests[new] = dom
+        return dom
+
+    def leaks(self) -> list[str]:
+        """Everything not released, one line each (:mod:`xengrant.leaks`).
+
+        The hypervisor's side (RAM populated, entries granted, grants pinned,
+        maptrack handles, zombie domains) for every domain, and the guest's
+        side (refs handed out, deferred ends, pages and holes) of each
+        :class:`~xengrant.Domain` this hypervisor created that is still alive.
+        """
+        from .leaks import guest_leaks, hypervisor_leaks
+
+        with self.lock:
+            out = hypervisor_leaks(self.hv)
+        for _domid, dom in sorted(self._guests.items()):
+            out.extend(guest_leaks(dom))
+        return out
+
+    def check_leaks(self) -> None:
+        """Assert that everything was released (for tests).
+
+        Raises:
+            LeakError: (an AssertionError) listing every leaked ref, page,
+                mapping and pin.
+        """
+        from .leaks import LeakError
+
+        found = self.leaks()
+        if found:
+            raise LeakError(found)
 
     def destroy_domain(self, domid: int) -> None:
         """Destroy a domain: its mappings go, pages others map stay until unmapped.
@@ -201,6 +251,13 @@ class EmbeddedXen:
         if d is None:
             raise HypercallError("domain_state", 3, f"no domain {domid}")
         return d
+
+    def _release_guest_frames(self, mfns: list[int]) -> None:
+        """A PV guest's view closed: its page references go (``put_page_from_l1e``)."""
+        if self._closed:
+            return
+        with self.lock:
+            self.hv.release_guest_frames(mfns)
 
     @property
     def free_frames(self) -> int:

@@ -188,7 +188,7 @@ class EmulatedGnttab:
                 o.flags |= gt.GNTCOPY_dest_gref
             _fill_copy_ptr(o.source, seg.source, gfn)
             _fill_copy_ptr(o.dest, seg.dest, gfn)
-            domain.grant_table_op(gt.GNTTABOP_copy, op, 1)
+            domain.grant_table.copy(op, 1)  # gntdev: gnttab_batch_copy, eagain retried
             seg.status = int(o.status)
             if seg.status == gt.GNTST_okay and not dst_g:
                 dest = memoryview(seg.dest).cast("B")  # type: ignore[arg-type]

@@ -44,6 +44,7 @@ from ..abi.grant_table import (
     GNTST_bad_copy_arg,
     GNTST_bad_domain,
     GNTST_bad_gntref,
+    GNTST_eagain,
     GNTST_general_error,
     GNTST_okay,
     GNTST_permission_denied,
@@ -53,16 +54,16 @@ from ..abi.grant_table import (
     GTF_type_mask,
     GTF_writing,
 )
-from .batch import FASTPATH_DEFAULT, run_batch
+from .batch import FASTPATH_DEFAULT, efault, run_batch
 from .domain import DomainState
 from .entry import clear_flags, get_paged_frame, set_status
 from .gnttab_map import _undo_pin
 from .grant_table import (
-    GNTPIN_OVERFLOW,
     GNTPIN_WRITE_MASK,
     ActiveGrant,
     GNTPIN_hstr_inc,
     GNTPIN_hstw_inc,
+    GNTPIN_incr2oflow_mask,
     GrantTableState,
 )
 from .machine import PAGE_SHIFT, PAGE_SIZE
@@ -145,7 +146,15 @@ def acquire_grant_for_copy(
         return _refused(GNTST_bad_gntref, f"Bad grant reference {ref:#x}")
     act = g.active.get(ref)
     pinned = act is not None and act.pin != 0
-    if act is not None and pinned and (act.domid != ldomid or act.pin & GNTPIN_OVERFLOW):
+    # acquire_grant_for_copy: only the counter this copy increments (hstr
+    # for a source, hstw for a destination) may not be full (Xen 4.17,
+    # GNTPIN_incr2oflow_mask).
+    pin_incr = GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
+    if (
+        act is not None
+        and pinned
+        and (act.domid != ldomid or act.pin & GNTPIN_incr2oflow_mask(pin_incr))
+    ):
         return _refused(
             GNTST_general_error,
             f"Bad domain ({act.domid} != {ldomid}), or risk of counter overflow {act.pin:08x}",
@@ -157,7 +166,11 @@ def acquire_grant_for_copy(
             return _acquire_transitive(hv, rd, ref, ldomid, readonly, allow_transitive)
     if act is not None and pinned and rd.is_dying:
         return _refused(GNTST_bad_domain, f"d{rd.domid} is dying")
+    faults = hv.faults
     if act is None or not pinned or (not readonly and not act.pin & GNTPIN_WRITE_MASK):
+        if faults and faults.fire("unstable", "copy", ldomid):
+            # _set_status_v1 lost its 5 cmpxchg tries to a guest rewriting the entry
+            return _refused(GNTST_general_error, "Shared grant entry is unstable (injected)")
         rc, why = set_status(mem, g, ref, pinned, readonly, False, ldomid)
         if rc != GNTST_okay:
             return _refused(rc, why)
@@ -176,6 +189,8 @@ def acquire_grant_for_copy(
                     length = int.from_bytes(mem[off + 6 : off + 8], "little")
                     sub = True
             rc, mfn = get_paged_frame(rd, frame)
+            if rc == GNTST_okay and faults and faults.fire("eagain", "copy", ldomid):
+                rc, mfn = GNTST_eagain, -1  # get_paged_frame: paged out (injected)
             act = ActiveGrant(ldomid, mfn, start, length, sub)
             g.active[ref] = act
             if rc != GNTST_okay:
@@ -299,6 +314,8 @@ def copy_one(hv: Hypervisor, ld: DomainState, fields: tuple[int, ...]) -> tuple[
                 claimed.append((dom, ref, ro, trans))
             else:
                 rc, mfn = get_paged_frame(dom, u)
+                if rc == GNTST_okay and hv.faults and hv.faults.fire("eagain", "copy", ld.domid):
+                    rc = GNTST_eagain  # get_paged_frame: paged out (injected)
                 if rc != GNTST_okay:
                     return rc, f"{'source' if ro else 'dest'} frame {u:#x} invalid"
                 start, blen = 0, PAGE_SIZE
@@ -339,7 +356,9 @@ def copy_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> 
         _STATUS.pack_into(uop, i * size + _STATUS_OFF, st)
 
     mem, domains = hv.mem, hv.domains
-    run_batch(
-        count, one, (lambda i: copy_run(mem, uop, i, count, ld, domains)) if FASTPATH else None
+    return run_batch(
+        count,
+        one,
+        (lambda i: copy_run(mem, uop, i, count, ld, domains)) if FASTPATH else None,
+        efault(hv, "copy", ld.domid),
     )
-    return 0

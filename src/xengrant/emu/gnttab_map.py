@@ -28,23 +28,24 @@ from ..abi.grant_table import (
     GNTST_bad_domain,
     GNTST_bad_gntref,
     GNTST_bad_handle,
+    GNTST_eagain,
     GNTST_general_error,
     GNTST_no_space,
     GNTST_okay,
     GTF_reading,
     GTF_writing,
 )
-from .batch import FASTPATH_DEFAULT, run_batch
+from .batch import FASTPATH_DEFAULT, efault, run_batch
 from .domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW, DomainState
 from .entry import clear_flags, get_paged_frame, set_status
 from .grant_table import (
-    GNTPIN_OVERFLOW,
     GNTPIN_WRITE_MASK,
     ActiveGrant,
     GNTPIN_devr_inc,
     GNTPIN_devw_inc,
     GNTPIN_hstr_inc,
     GNTPIN_hstw_inc,
+    GNTPIN_incr2oflow_mask,
     GrantTableState,
 )
 from .maptrack import Mapping
@@ -103,8 +104,15 @@ def map_grant_ref(
     Returns:
         ``(status, handle, dev_bus_addr, detail)``.
     """
+    readonly = bool(flags & GNTMAP_readonly)
+    # map_grant_ref's pin_incr: the counters this map will increment.
+    pin_incr = 0
+    if flags & GNTMAP_device_map:
+        pin_incr += GNTPIN_devr_inc if readonly else GNTPIN_devw_inc
+    if flags & GNTMAP_host_map:
+        pin_incr += GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
     # 1. "Bad flags in grant map op": neither host nor device mapping.
-    if not flags & _MAP_KINDS:
+    if not pin_incr:
         return _refused(GNTST_bad_gntref, f"Bad flags in grant map op: {flags:#x}")
     # 2. A translated guest cannot ask for device/application/PTE maps.
     if not ld.pv and flags & (GNTMAP_device_map | GNTMAP_application_map | GNTMAP_contains_pte):
@@ -115,6 +123,9 @@ def map_grant_ref(
         return _refused(GNTST_bad_domain, f"Could not find domain {dom}")
     # 4. get_maptrack_handle
     maptrack = ld.maptrack
+    faults = hv.faults
+    if faults and faults.fire("no_maptrack", "map_grant_ref", ld.domid):
+        return _refused(GNTST_no_space, "Failed to obtain maptrack handle (injected)")
     placeholder = Mapping(0, dom, ref, -1, -1)
     handle = maptrack.get(placeholder)
     if handle < 0:
@@ -130,8 +141,13 @@ def map_grant_ref(
     act = g.active.get(ref)
     pinned = act is not None and act.pin != 0
     # 6. Pinned for another domain, about to overflow, or a sub-page grant.
-    if act is not None and pinned and (
-        act.domid != ld.domid or act.pin & GNTPIN_OVERFLOW or act.is_sub_page
+    # Only the counters this map increments are checked (Xen 4.17
+    # ``act->pin & GNTPIN_incr2oflow_mask(pin_incr)``): the 129th writable
+    # host pin is refused, a read-only map next to 128 writable ones is not.
+    if (
+        act is not None
+        and pinned
+        and (act.domid != ld.domid or act.pin & GNTPIN_incr2oflow_mask(pin_incr) or act.is_sub_page)
     ):
         maptrack.put(handle)
         return _refused(
@@ -139,10 +155,13 @@ def map_grant_ref(
             f"Bad domain ({act.domid} != {ld.domid}), or risk of counter overflow "
             f"{act.pin:08x}, or subpage {int(act.is_sub_page)}",
         )
-    readonly = bool(flags & GNTMAP_readonly)
     # 7. First pin, or first writable pin: mark the shared entry in use.
     if act is None or not pinned or (not readonly and not act.pin & GNTPIN_WRITE_MASK):
-        rc, why = set_status(mem, g, ref, pinned, readonly, True, ld.domid)
+        if faults and faults.fire("unstable", "map_grant_ref", ld.domid):
+            # _set_status_v1 lost its 5 cmpxchg tries to a guest rewriting the entry
+            rc, why = GNTST_general_error, "Shared grant entry is unstable (injected)"
+        else:
+            rc, why = set_status(mem, g, ref, pinned, readonly, True, ld.domid)
         if rc != GNTST_okay:
             maptrack.put(handle)
             return _refused(rc, why)
@@ -154,6 +173,8 @@ def map_grant_ref(
             else:
                 frame = int.from_bytes(mem[off + 8 : off + 16], "little")
             rc, mfn = get_paged_frame(rd, frame)
+            if rc == GNTST_okay and faults and faults.fire("eagain", "map_grant_ref", ld.domid):
+                rc = GNTST_eagain  # get_paged_frame: the frame is paged out (injected)
             if rc != GNTST_okay:
                 act = ActiveGrant(ld.domid, -1, 0, 4096, False)
                 g.active[ref] = act
@@ -166,13 +187,27 @@ def map_grant_ref(
     mfn = act.mfn
     host_gfn = -1
     if flags & GNTMAP_host_map:
+        if flags & GNTMAP_contains_pte:
+            # x86 create_grant_pv_mapping: host_addr is the machine address of
+            # an L1 entry; it must be 8-byte aligned and its frame an L1 page
+            # table of the caller.  The emulator models no guest page tables, so
+            # no frame is one: GNTST_general_error, the pin undone (undo_out).
+            _undo_pin(mem, g, ref, act, readonly)
+            maptrack.put(handle)
+            if host_addr & 7:
+                return _refused(GNTST_general_error, f"Misaligned PTE address {host_addr:#x}")
+            return _refused(
+                GNTST_general_error,
+                f"host_addr {host_addr:#x}: frame {host_addr >> 12:#x} is not an L1 page "
+                f"table of d{ld.domid}",
+            )
         host_gfn = host_addr >> 12
         if host_gfn in ld.p2m:
             _undo_pin(mem, g, ref, act, readonly)
             maptrack.put(handle)
             return _refused(
                 GNTST_general_error,
-                f"host_addr {host_addr:#x}: gfn {host_gfn:#x} of d{ld.domid} is not a hole"
+                f"host_addr {host_addr:#x}: gfn {host_gfn:#x} of d{ld.domid} is not a hole",
             )
         ld.p2m[host_gfn] = (mfn, P2M_GRANT_MAP_RO if readonly else P2M_GRANT_MAP_RW)
         act.pin += GNTPIN_hstr_inc if readonly else GNTPIN_hstw_inc
@@ -202,6 +237,39 @@ def _complete_unmap(hv: Hypervisor, rd: DomainState, m: Mapping, done: int) -> N
     _undo_pin(hv.mem, g, m.ref, act, ro)
     if rd.is_dying:
         hv.maybe_complete_destroy(rd)
+
+
+def _replace_pv(ld: DomainState, gfn: int, new_gfn: int) -> str:
+    """``GNTTABOP_unmap_and_replace`` with ``new_addr`` for a PV mapper.
+
+    x86 ``replace_grant_pv_mapping``: the entry at ``new_gfn`` is zapped
+    (``steal_linear_address``) and moved to ``gfn``, replacing the grant's; an
+    empty one leaves ``gfn`` empty.  A grant mapping moved this way keeps its
+    handle (its maptrack entry now names ``gfn``).  Only the linear mappings
+    the emulator models can move: a grant mapping or nothing.  A PV guest's
+    RAM and table frames are its identity physmap, not a page-table entry
+    here, so naming one is refused (``GNTST_general_error``, nothing moved; Xen
+    would move the PTE).  Xen checks the old mapping after stealing and, if
+    it fails, drops the stolen entry; the emulator checks first and moves
+    nothing.
+
+    Returns:
+        "" when done, else why not.
+    """
+    stolen = ld.p2m.get(new_gfn)
+    if new_gfn == gfn:
+        return f"new_addr names the grant's own gfn {gfn:#x}"
+    if stolen is not None and stolen[1] not in (P2M_GRANT_MAP_RW, P2M_GRANT_MAP_RO):
+        return f"steal_linear_address: gfn {new_gfn:#x} of d{ld.domid} is not a linear mapping"
+    if stolen is None:
+        del ld.p2m[gfn]
+        return ""
+    ld.p2m[gfn] = stolen
+    del ld.p2m[new_gfn]
+    for _handle, m in ld.maptrack.live():
+        if m.host_gfn == new_gfn:
+            m.host_gfn = gfn
+    return ""
 
 
 def unmap_grant_ref(
@@ -234,14 +302,22 @@ def unmap_grant_ref(
         gfn = host_addr >> 12
         ent = ld.p2m.get(gfn)
         # replace_grant_p2m_mapping: HVM cannot replace; the p2m must hold this grant.
-        if new_addr != 0:
+        if new_addr != 0 and not ld.pv:
             return GNTST_general_error, "replace_grant_host_mapping: new_addr unsupported (HVM)"
         if ent is None or ent[1] not in (P2M_GRANT_MAP_RW, P2M_GRANT_MAP_RO) or ent[0] != mfn:
             return GNTST_general_error, (
                 f"replace_grant_p2m_mapping: old mapping invalid at gfn {gfn:#x}"
             )
-        del ld.p2m[gfn]
+        if new_addr != 0:
+            # x86 replace_grant_pv_mapping: steal the entry at new_addr
+            # (steal_linear_address) and put it where the grant was.
+            why = _replace_pv(ld, gfn, new_addr >> 12)
+            if why:
+                return GNTST_general_error, why
+        else:
+            del ld.p2m[gfn]
         m.flags &= ~GNTMAP_host_map
+        m.host_gfn = -1  # the gfn is no longer this mapping's
         done |= GNTMAP_host_map
     if dev_bus_addr and m.flags & GNTMAP_device_map:
         m.flags &= ~GNTMAP_device_map
@@ -314,12 +390,12 @@ def map_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count:
         _MAP_OUT.pack_into(uop, i * size + _MAP_OUT_OFF, st, handle, dba)
 
     mem, domains, refcount = hv.mem, hv.domains, hv.machine.refcount
-    run_batch(
+    return run_batch(
         count,
         one,
         (lambda i: map_run(mem, uop, i, count, ld, domains, refcount)) if FASTPATH else None,
+        efault(hv, "map_grant_ref", ld.domid),
     )
-    return 0
 
 
 def _unmap_batch(
@@ -342,7 +418,7 @@ def _unmap_batch(
         _STATUS.pack_into(uop, i * size + _UNMAP_STATUS_OFF, st)
 
     mem, domains, refcount = hv.mem, hv.domains, hv.machine.refcount
-    run_batch(
+    return run_batch(
         count,
         one,
         (lambda i: unmap_run(mem, uop, i, count, ld, domains, refcount))
@@ -351,8 +427,8 @@ def _unmap_batch(
         # test_fastpath_map holds to the Python rule.
         if FASTPATH and not replace
         else None,
+        efault(hv, name, ld.domid),
     )
-    return 0
 
 
 def unmap_grant_ref_batch(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int) -> int:

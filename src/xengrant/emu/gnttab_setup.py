@@ -33,6 +33,7 @@ from ..abi.grant_table import (
     GTF_type_mask,
     GTF_writing,
 )
+from .batch import efault
 from .domain import DomainState
 from .grant_table import grant_to_status_frames
 from .machine import PAGE_SIZE, OutOfMemory
@@ -233,7 +234,10 @@ def swap_grant_ref(hv: Hypervisor, ld: DomainState, uop: memoryview, count: int)
     """GNTTABOP_swap_grant_ref: exchange two unpinned entries (XSA-18, XSA-134 checks)."""
     g, mem = ld.gt, hv.mem
     size = SWAP_OP.size
+    fault = efault(hv, "swap_grant_ref", ld.domid)
     for i in range(count):
+        if fault is not None and fault():
+            return -errno.EFAULT  # __copy_from_guest of op i failed (injected)
         a, b, _st = SWAP_OP.unpack_from(uop, i * size)
         nr = g.nr_grant_entries
         if a >= nr or b >= nr:

@@ -24,6 +24,7 @@ leave the page assigned but unmapped; the emulator frees it and answers
 
 from __future__ import annotations
 
+import errno
 import struct
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ from ..abi.grant_table import (
     GTF_transfer_committed,
     GTF_transfer_completed,
 )
+from .batch import efault
 from .domain import P2M_RAM_RW, DomainState
 from .entry import CMPXCHG_TRIES
 
@@ -94,8 +96,15 @@ def transfer_one(
     if ent is None or ent[1] != P2M_RAM_RW:
         return GNTST_bad_page, f"gnttab_transfer: out-of-range or unowned frame {frame:#x}"
     mfn = ent[0]
+    # x86 steal_page: exactly the allocation's reference may be left.  Another
+    # domain's mapping holds one, and so does the giver's own mapping of it
+    # (a PV guest's page-table entry, get_page_from_l1e: here a view from
+    # map_gfns): -EINVAL, which gnttab_transfer answers GNTST_bad_page.
     if machine.owner[mfn] != d.domid or machine.refcount[mfn] != 1:
-        return GNTST_bad_page, f"gnttab_transfer: can't steal frame {mfn:#x} (in use)"
+        return GNTST_bad_page, (
+            f"Bad steal mfn {mfn:#x} from d{d.domid}: "
+            f"{machine.refcount[mfn] - 1} other reference(s) (mapped)"
+        )
     # steal_page + guest_physmap_remove_page: the caller no longer has it.
     del d.p2m[frame]
     d.tot_pages -= 1
@@ -106,7 +115,11 @@ def transfer_one(
     if e.is_dying or e.tot_pages >= e.max_pages:
         machine.disown(mfn)
         return GNTST_general_error, f"gnttab_transfer: d{domid} dying or has no headroom"
-    why = prepare_for_transfer(hv, e, d.domid, ref)
+    if hv.faults and hv.faults.fire("unstable", "transfer", d.domid):
+        # gnttab_prepare_for_transfer lost its cmpxchg tries (injected)
+        why = "Shared grant entry is unstable (injected)"
+    else:
+        why = prepare_for_transfer(hv, e, d.domid, ref)
     if why:
         machine.disown(mfn)
         return GNTST_general_error, why
@@ -137,13 +150,14 @@ def transfer_one(
 
 def transfer_batch(hv: Hypervisor, d: DomainState, uop: memoryview, count: int) -> int:
     """GNTTABOP_transfer over ``count`` ops; statuses written in place."""
-    import errno
-
     if not hv.grant_transfer:
         return -errno.EOPNOTSUPP
     unpack, size = TRANSFER_OP.unpack_from, TRANSFER_OP.size
     log = hv.log
+    fault = efault(hv, "transfer", d.domid)
     for i in range(count):
+        if fault is not None and fault():
+            return -errno.EFAULT  # gnttab_transfer: "error reading req"
         frame, domid, ref, _st = unpack(uop, i * size)
         st, why = transfer_one(hv, d, frame, domid, ref)
         if st != GNTST_okay and log is not None:

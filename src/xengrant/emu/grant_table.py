@@ -42,9 +42,21 @@ GNTPIN_devw_mask = 0xFF << GNTPIN_devw_shift
 GNTPIN_devr_shift = 24
 GNTPIN_devr_inc = 1 << GNTPIN_devr_shift
 GNTPIN_devr_mask = 0xFF << GNTPIN_devr_shift
-#: A pin is refused once any counter's top bit is set ("risk of counter overflow").
-GNTPIN_OVERFLOW = 0x80808080
+GNTPIN_cntr_width = 8
 GNTPIN_WRITE_MASK = GNTPIN_hstw_mask | GNTPIN_devw_mask
+
+
+def GNTPIN_incr2oflow_mask(pin_incr: int) -> int:
+    """The top bit of each counter ``pin_incr`` is about to increment.
+
+    Xen 4.17's ``GNTPIN_incr2oflow_mask`` (since 4.15, commit 8cec5d065c):
+    ``(x) << (GNTPIN_cntr_width - 1)``.  A pin is refused ("risk of counter
+    overflow") only when a counter *it would increment* has its top bit set,
+    so 128 writable host pins still allow a read-only map, a device map and
+    a copy from the grant (before 4.15 any full counter, ``pin & 0x80808080``,
+    refused them all).
+    """
+    return pin_incr << (GNTPIN_cntr_width - 1)
 
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from .._cext import translate as _cext_translate
 from ..abi import grant_table as gt
 from ..abi.memory import XENMAPIDX_grant_table_status, XENMAPSPACE_grant_table
 from ..errors import HypercallError
-from . import gnttab_copy, gnttab_map, gnttab_setup, gnttab_transfer
+from . import gnttab_cache_flush, gnttab_copy, gnttab_map, gnttab_setup, gnttab_transfer
 from .domain import (
     P2M_GNTTAB_SHARED,
     P2M_GNTTAB_STATUS,
@@ -41,6 +41,7 @@ from .domain import (
     P2M_RAM_RW,
     DomainState,
 )
+from .faults import Faults
 from .grant_table import (
     DEFAULT_MAX_GRANT_FRAMES,
     INITIAL_NR_GRANT_FRAMES,
@@ -73,6 +74,12 @@ _OPS = {
     gt.GNTTABOP_swap_grant_ref: gnttab_setup.swap_grant_ref,
 }
 _OP_SIZES = {cmd: ctypes.sizeof(st) for cmd, st in gt.GNTTABOP_STRUCTS.items()}
+#: do_grant_table_op: the low 12 bits of ``cmd`` are the command, the rest a
+#: continuation argument only GNTTABOP_cache_flush may carry.
+GNTTABOP_CONTINUATION_ARG_SHIFT = 12
+GNTTABOP_CMD_MASK = (1 << GNTTABOP_CONTINUATION_ARG_SHIFT) - 1
+#: The op names fault injection knows commands by (:mod:`.faults`).
+_OP_NAMES = {cmd: st.__name__.replace("gnttab_", "") for cmd, st in gt.GNTTABOP_STRUCTS.items()}
 #: gnttab_setup_table, gnttab_query_size, gnttab_get_status_frames: "if ( count
 #: != 1 ) return -EINVAL;" before reading the op.
 _COUNT_MUST_BE_ONE = frozenset(
@@ -115,6 +122,8 @@ class Hypervisor:
         self.max_grant_version = max_grant_version
         #: ``gnttab=transfer=0`` (and Arm) make GNTTABOP_transfer -EOPNOTSUPP.
         self.grant_transfer = grant_transfer
+        #: Planned faults (``xen.faults.inject(...)``): see :mod:`.faults`.
+        self.faults = Faults()
         #: Called as ``log(domid, op, status, reason)`` for every failed op,
         #: like Xen's gdprintk debug lines; None to stay silent.
         self.log: Callable[[int, str, int, str], None] | None = None
@@ -324,22 +333,33 @@ class Hypervisor:
 
         Returns:
             0 (per-op results are in each op's ``status``) or a negative
-            errno: -EINVAL for a negative count or a count other than 1 where
-            Xen wants 1 (set_version and get_version ignore it), -ENOSYS
-            for unknown or removed commands
-            (dump_table, cache_flush: Arm only), -EFAULT if ``uop`` is too
-            short, -EOPNOTSUPP for transfer when disabled (``grant_transfer=False``:
-            ``gnttab=transfer=0``, Arm), -ESRCH
-            if the caller does not exist.
+            errno, decided as ``do_grant_table_op`` does: -EINVAL for a
+            negative count (``(int)count < 0``), then -EINVAL for any bit
+            above ``GNTTABOP_CMD_MASK`` (0xfff) in ``cmd`` unless the command
+            is cache_flush (whose continuation they carry), -ENOSYS for an
+            unknown or removed command (dump_table, 13 and up), -EINVAL for a
+            count other than 1 where Xen wants 1 (set_version and get_version
+            ignore it), -EFAULT if ``uop`` is too short or read-only,
+            -EOPNOTSUPP for transfer when disabled (``grant_transfer=False``:
+            ``gnttab=transfer=0``, Arm), cache_flush's own errnos
+            (:mod:`.gnttab_cache_flush`), and -ESRCH if the caller does not
+            exist.
         """
         d = self.domains.get(caller)
         if d is None or d.is_dying:
             return -errno.ESRCH
-        # do_grant_table_op: "if ( (int)count < 0 ) return -EINVAL;"
+        # do_grant_table_op(unsigned int cmd, ..., unsigned int count):
+        # "if ( (int)count < 0 ) return -EINVAL;"
         if count < 0 or count > 0x7FFFFFFF:
             return -errno.EINVAL
+        cmd &= 0xFFFFFFFF
+        opaque_in = cmd & ~GNTTABOP_CMD_MASK
+        cmd &= GNTTABOP_CMD_MASK
+        # "if ( (cmd &= GNTTABOP_CMD_MASK) != GNTTABOP_cache_flush && opaque_in )"
+        if cmd != gt.GNTTABOP_cache_flush and opaque_in:
+            return -errno.EINVAL
         handler = _OPS.get(cmd)
-        if handler is None:
+        if handler is None and cmd != gt.GNTTABOP_cache_flush:
             return -errno.ENOSYS
         if cmd in _COUNT_MUST_BE_ONE and count != 1:
             return -errno.EINVAL
@@ -347,6 +367,11 @@ class Hypervisor:
             return -errno.EFAULT
         if uop.readonly:
             return -errno.EFAULT
+        if cmd == gt.GNTTABOP_cache_flush:
+            return gnttab_cache_flush.cache_flush(self, d, uop, count, opaque_in)
+        if cmd in _ONE_OP and self.faults and self.faults.fire("efault", _OP_NAMES[cmd], caller):
+            return -errno.EFAULT  # copy_from_guest of the op failed (injected)
+        assert handler is not None
         return handler(self, d, uop, count)
 
     # --------------------------------------------------------- memory ops
@@ -553,6 +578,37 @@ class Hypervisor:
                     "access", errno.EFAULT, f"d{caller} gfn {gfn:#x} is a read-only grant mapping"
                 )
         return [p2m[gfn][0] for gfn in gfns]
+
+    def hold_guest_frames(self, caller: int, gfns: Sequence[int]) -> list[int]:
+        """A PV guest maps its own RAM: one page reference per frame.
+
+        x86 ``get_page_from_l1e``: a PV guest's page-table entry for a page it
+        owns holds a reference, so ``steal_page`` (GNTTABOP_transfer) refuses
+        a page the giver still has mapped.  The guest's views
+        (``map_gfns``) stand for its page tables: each holds its RAM frames
+        until closed (:meth:`release_guest_frames`).  A translated guest's
+        mappings hold nothing (its p2m does).
+
+        Returns:
+            The frames held (to release later); [] for a translated guest.
+        """
+        d = self.domains.get(caller)
+        if d is None or not d.pv:
+            return []
+        p2m, refs = d.p2m, self.machine.refcount
+        held: list[int] = []
+        for gfn in gfns:
+            ent = p2m.get(gfn)
+            if ent is not None and ent[1] == P2M_RAM_RW:
+                refs[ent[0]] += 1
+                held.append(ent[0])
+        return held
+
+    def release_guest_frames(self, mfns: Sequence[int]) -> None:
+        """Drop the references :meth:`hold_guest_frames` took
+        (``put_page_from_l1e``); a frame its owner gave back meanwhile is freed."""
+        for mfn in mfns:
+            self.machine.put(mfn)
 
     def copy_to_guest(self, d: DomainState, gpaddr: int, data: bytes) -> bool:
         """Write ``data`` at guest-physical ``gpaddr`` (a guest handle).

@@ -60,14 +60,30 @@ class Pages(HoldsView):
         self.freed = True
         self.domain._free_ram(self.gfns)
 
+    def _retry_free(self) -> bool:
+        try:
+            self.free()
+        except BufferError:
+            return False
+        return True
+
     def __del__(self) -> None:
-        if not getattr(self, "freed", True):
-            warnings.warn(
-                f"unfreed Pages of d{self.domain.domid} ({len(self.gfns)} pages)",
-                ResourceWarning,
-                stacklevel=2,
-                source=self,
-            )
+        if getattr(self, "freed", True):
+            return
+        warnings.warn(
+            f"unfreed Pages of d{self.domain.domid} ({len(self.gfns)} pages): "
+            "giving them back (call free())",
+            ResourceWarning,
+            stacklevel=2,
+            source=self,
+        )
+        # Like a dropped Share: give the frames back now, or once the last
+        # view of them (a numpy array) goes, retried with deferred releases.
+        try:
+            if not self._retry_free():
+                self.domain.grant_table._orphan(self._retry_free)
+        except Exception:  # pragma: no cover - never raise from __del__
+            pass
 
 
 class Domain:
@@ -121,6 +137,17 @@ class Domain:
 
             self._gnttab = EmulatedGnttab(self)
         return self._gnttab
+
+    def leaks(self) -> list[str]:
+        """What this guest still holds: refs handed out (granted or not),
+        deferred ends of access, pages and holes not given back.
+
+        Returns:
+            One line per leak; empty when everything was released.
+        """
+        from ..leaks import guest_leaks
+
+        return guest_leaks(self)
 
     # ---------------------------------------------------------- hypercall
     def grant_table_op(self, cmd: int, ops: WritableBuffer, count: int | None = None) -> int:

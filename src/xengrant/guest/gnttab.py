@@ -63,8 +63,10 @@ from ..errors import (
 )
 from ..hypercall import WritableBuffer, check_rc
 from .domain import Domain, Pages
+from .eagain import retry_eagain_gop
 from .memory import GNTTAB_GFN_BASE, GNTTAB_STATUS_GFN_BASE
 from .ops import (
+    MAP_OP,
     VECTOR,
     map_results,
     pack_map_ops,
@@ -77,6 +79,9 @@ from .share import RETRY_MAX, Mapping, Share, retry_while_busy, retry_while_busy
 _logger = logging.getLogger("xengrant.guest")
 
 _INUSE = gt.GTF_reading | gt.GTF_writing
+#: Seconds between the reaper's retries of deferred releases (Linux's
+#: ``deferred_timer``: ``jiffies + HZ``, one second).
+REAP_INTERVAL = 1.0
 _QUERY = struct.Struct("<H2xIIh2x")
 _SETUP = struct.Struct("<H2xIh6xQ")
 _STATUS_FRAMES = struct.Struct("<IHhQ")
@@ -216,6 +221,14 @@ class GrantTable:
         #: refs granted with :meth:`grant_access` on a hypervisor whose pages
         #: live in files (a service): ref -> gfn, told when access ends
         self._kept: dict[int, int] = {}
+        #: Linux's deferred_timer: retries deferred releases every
+        #: REAP_INTERVAL seconds while any is pending (a one-shot Timer thread
+        #: re-armed by each tick; none runs while nothing is pending).
+        self._reaper: threading.Timer | None = None
+        self._reaper_stopped = False
+        #: gnttab_request_free_callback's list: one-shot callbacks waiting for
+        #: enough free refs.
+        self._free_callbacks: list[FreeCallback] = []
         self.version = 1
         nr, self.max_nr_frames = self.query_size()
         self._map_frames(max(nr, 1))
@@ -490,6 +503,7 @@ class GrantTable:
                 )
             self._free.extend(refs)
             self._wake()
+            self._run_free_callbacks()
 
     def _wake(self) -> None:
         """Wake every waiter (called with ``_lock`` held); nothing to do if nobody waits."""
@@ -764,6 +778,7 @@ class GrantTable:
         except Busy:
             with self._lock:
                 self._deferred.append((ref, True, resource))
+                self._arm_reaper()
             # Linux gnttab_add_deferred: pr_debug("deferring g.e. %#x (pfn %#lx)")
             _logger.debug("d%d: deferring the end of access to ref %d (still in use)",
                           self.domain.domid, ref)
@@ -800,6 +815,115 @@ class GrantTable:
         with self._lock:
             self._reap_deferred()
             return self.deferred
+
+    def _arm_reaper(self) -> None:
+        """Start the reaper's timer unless it is pending (called with ``_lock`` held).
+
+        Linux ``gnttab_add_deferred``: ``if (!timer_pending(&deferred_timer))
+        { deferred_timer.expires = jiffies + HZ; add_timer(...); }``.
+        """
+        if self._reaper is not None or self._reaper_stopped:
+            return
+        timer = threading.Timer(REAP_INTERVAL, self._reap_tick)
+        timer.daemon = True
+        timer.name = f"xengrant-reaper-d{self.domid}"
+        self._reaper = timer
+        timer.start()
+
+    def _reap_tick(self) -> None:
+        """One tick of the reaper (Linux ``gnttab_handle_deferred``): retry every
+        deferred release, re-arm while some are still pending."""
+        with self._lock:
+            self._reaper = None
+            if self._reaper_stopped:
+                return
+            try:
+                self._reap_deferred()
+            finally:
+                if self.deferred:
+                    self._arm_reaper()
+
+    def stop_reaper(self) -> None:
+        """Cancel the reaper's timer and keep it from being armed again.
+
+        Deferred releases stay pending; :meth:`reap_deferred` still retries
+        them.  Waits for a tick already running to finish, so no reaper
+        thread is left behind.
+        """
+        with self._lock:
+            self._reaper_stopped = True
+            timer, self._reaper = self._reaper, None
+        if timer is not None:
+            timer.cancel()
+            if timer is not threading.current_thread():
+                timer.join()
+
+    @property
+    def reaper_pending(self) -> bool:
+        """True while the reaper's timer is armed."""
+        return self._reaper is not None
+
+    def _leaks(self) -> list[str]:
+        """This table's part of :func:`xengrant.leaks.guest_leaks`."""
+        out: list[str] = []
+        name = f"d{self.domid}"
+        with self._lock:
+            deferred = {ref for ref, _rel, _res in self._deferred}
+            used = [ref for ref, st in enumerate(self._state) if st == _USED]
+            orphans = len(self._orphans)
+        for ref in used:
+            e = self.entry(ref)
+            if ref in deferred:
+                what = f"end of access deferred (d{e.domid} still maps it: {decode_flags(e.flags)})"
+            elif e.type:
+                what = f"still granted to d{e.domid} ({decode_flags(e.flags)})"
+            else:
+                what = "handed out and never put back"
+            out.append(f"{name} ref {ref}: {what}")
+        if orphans:
+            out.append(f"{name}: {orphans} release(s) waiting for views of their memory to go")
+        return out
+
+    # ------------------------------------------------------- free callbacks
+    def request_free_callback(self, fn: Callable[[], None], count: int = 1) -> FreeCallback:
+        """Call ``fn()`` once ``count`` refs can be had (Linux ``gnttab_request_free_callback``).
+
+        One-shot: ``fn`` runs once, with the table's lock held (it may take
+        refs with :meth:`get_n_nonblock`), as soon as :meth:`num_free_grants`
+        reaches ``count`` -- now, if it already has.  An exception ``fn``
+        raises is logged, never raised in the caller of ``put``.
+
+        Args:
+            fn: the callback.
+            count: refs wanted.
+
+        Returns:
+            A :class:`FreeCallback`; ``cancel()`` it to drop the request
+            (Linux ``gnttab_cancel_free_callback``).
+        """
+        if count < 0:
+            raise ValueError(f"count must be >= 0, not {count}")
+        cb = FreeCallback(self, fn, count)
+        with self._lock:
+            self._free_callbacks.append(cb)
+            self._run_free_callbacks()
+        return cb
+
+    def _run_free_callbacks(self) -> None:
+        """Linux ``do_free_callbacks`` (``_lock`` held): run the satisfied ones, once."""
+        if not self._free_callbacks:
+            return
+        free = self.num_free_grants()
+        due = [cb for cb in self._free_callbacks if cb.count <= free]
+        if not due:
+            return
+        self._free_callbacks = [cb for cb in self._free_callbacks if cb.count > free]
+        for cb in due:
+            cb.done = True
+            try:
+                cb.fn()
+            except Exception:
+                _logger.exception("free callback %r raised", cb.fn)
 
     def set_readonly(self, ref: int) -> None:
         """Writable -> read-only: cmpxchg ``GTF_readonly`` in while ``!GTF_writing``.
@@ -950,6 +1074,7 @@ class GrantTable:
                 except Busy:
                     with self._lock:
                         self._deferred.append((ref, True, orphan))
+                        self._arm_reaper()
             i = ended + 1
         orphan.finish()
 
@@ -958,6 +1083,7 @@ class GrantTable:
         with self._lock:
             if retry not in self._orphans:
                 self._orphans.append(retry)
+                self._arm_reaper()
 
     @contextlib.contextmanager
     def with_grant(self, domid: int, writable: bool, ref: int, gfn: int) -> Iterator[None]:
@@ -982,17 +1108,89 @@ class GrantTable:
             for ref in done:
                 self.end_access(ref)
 
+    @contextlib.asynccontextmanager
+    async def with_grant_async(
+        self, domid: int, writable: bool, ref: int, gfn: int, timeout: float | None = None
+    ) -> AsyncIterator[None]:
+        """asyncio twin of :meth:`with_grant`: the end of access waits without
+        blocking the loop (``timeout``: :class:`Busy` after that many seconds)."""
+        async with self.with_grants_async(domid, writable, [ref], [gfn], timeout):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def with_grants_async(
+        self,
+        domid: int,
+        writable: bool,
+        refs: Sequence[int],
+        gfns: Sequence[int],
+        timeout: float | None = None,
+    ) -> AsyncIterator[None]:
+        """asyncio twin of :meth:`with_grants` (mirage ``with_grants`` under Lwt).
+
+        Raises:
+            Busy: ``timeout`` expired with a page still mapped by the peer
+                (its access is then deferred, never leaked).
+        """
+        if len(refs) != len(gfns):
+            raise ValueError(f"{len(refs)} refs for {len(gfns)} pages")
+        done: list[int] = []
+        try:
+            for ref, gfn in zip(refs, gfns):
+                self.grant_access(ref, domid, gfn, writable)
+                done.append(ref)
+            yield
+        finally:
+            for i, ref in enumerate(done):
+                try:
+                    await self.end_access_async(ref, timeout=timeout)
+                except Busy:
+                    for late in done[i:]:
+                        self._defer_end(late)
+                    raise
+
+    def _defer_end(self, ref: int) -> None:
+        """End access to a ref the caller keeps, now or by the reaper later."""
+        try:
+            self.try_end_access(ref)
+        except Busy:
+            with self._lock:
+                self._deferred.append((ref, False, None))
+                self._arm_reaper()
+
     # ------------------------------------------------------------ mapping
     def map_refs(self, ops: WritableBuffer, count: int | None = None) -> int:
         """Map a batch of prepared ``gnttab_map_grant_ref`` ops (Zephyr ``gnttab_map_refs``).
 
         Each op's ``status``, ``handle`` and ``dev_bus_addr`` are filled in;
         ``host_addr`` should be ``gfn << 12`` of a gfn from :meth:`Domain.get_pages`.
+        An op answered ``GNTST_eagain`` (its frame paged out) is re-issued
+        alone, 1 ms, 2 ms, ... up to 255 ms apart, then marked
+        ``GNTST_bad_page`` (Linux ``gnttab_map_refs`` / ``gnttab_retry_eagain_gop``).
 
         Returns:
             The hypercall's return, 0: check each op's status.
         """
-        return self.domain.grant_table_op(gt.GNTTABOP_map_grant_ref, ops, count)
+        rc = self.domain.grant_table_op(gt.GNTTABOP_map_grant_ref, ops, count)
+        self._retry_eagain(gt.GNTTABOP_map_grant_ref, ops, count)
+        return rc
+
+    def _retry_eagain(self, cmd: int, ops: Any, count: int | None) -> None:
+        """Re-issue each op of ``ops`` that answered ``GNTST_eagain``, alone
+        (Linux ``gnttab_batch_map``/``gnttab_batch_copy``)."""
+        if isinstance(ops, ctypes.Structure):
+            ops = (type(ops) * 1).from_buffer(ops)
+        n = len(ops) if count is None else count
+        for i in range(n):
+            op = ops[i]
+            if op.status != gt.GNTST_eagain:
+                continue
+
+            def issue(op: Any = op) -> int:
+                self.domain.grant_table_op(cmd, op, 1)
+                return int(op.status)
+
+            op.status = retry_eagain_gop(issue)
 
     def unmap_refs(self, ops: WritableBuffer, count: int | None = None) -> int:
         """Unmap a batch of ``gnttab_unmap_grant_ref`` ops (Zephyr ``gnttab_unmap_refs``)."""
@@ -1001,10 +1199,13 @@ class GrantTable:
     def copy(self, ops: ctypes.Array[gt.gnttab_copy], count: int | None = None) -> list[int]:
         """A batch of ``gnttab_copy`` ops (Linux ``gnttab_batch_copy``).
 
+        An op answered ``GNTST_eagain`` is retried as :meth:`map_refs` retries.
+
         Returns:
             Each op's status.
         """
         self.domain.grant_table_op(gt.GNTTABOP_copy, ops, count)
+        self._retry_eagain(gt.GNTTABOP_copy, ops, count)
         n = len(ops) if count is None else count
         # mutation: equivalent — for the ops copy() takes (a ctypes array of
         # gnttab_copy, count within it) this test only chooses the strided read; the
@@ -1049,6 +1250,8 @@ class GrantTable:
             domain.put_pages(gfns)
             check_rc("map_grant_ref", rc)
         statuses, handles = map_results(buf, n)
+        if gt.GNTST_eagain in statuses:
+            statuses, handles = self._retry_eagain_packed(buf, n, statuses)
         if any(statuses):
             self._map_failed(domids, refs, gfns, statuses, handles)
         view = self._hc.map_gfns(gfns, writable)
@@ -1061,6 +1264,30 @@ class GrantTable:
             handles,
             resource=gfns,
         )
+
+    def _retry_eagain_packed(
+        self, buf: bytearray, n: int, statuses: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """gntdev's map (Linux ``gnttab_map_refs``): re-issue each packed op that
+        answered ``GNTST_eagain``; a retry refused as a whole counts as bad_page.
+
+        Returns:
+            The statuses and handles after the retries.
+        """
+        size = MAP_OP.size
+        for i, st in enumerate(statuses):
+            if st != gt.GNTST_eagain:
+                continue
+            one = memoryview(buf)[i * size : (i + 1) * size]
+
+            def issue(one: memoryview = one) -> int:
+                if self._hc.grant_table_op(gt.GNTTABOP_map_grant_ref, one, 1) < 0:
+                    return gt.GNTST_bad_page
+                return int(MAP_OP.unpack_from(one)[4])
+
+            final = retry_eagain_gop(issue)
+            struct.pack_into("<h", buf, i * size + 18, final)
+        return map_results(buf, n)
 
     def _map_failed(
         self,
@@ -1235,6 +1462,32 @@ class GrantTable:
         return out
 
 
+class FreeCallback:
+    """A pending :meth:`GrantTable.request_free_callback` (Linux ``struct
+    gnttab_free_callback``).
+
+    Attributes:
+        fn: the callback.
+        count: refs it waits for.
+        done: True once it ran.
+    """
+
+    def __init__(self, table: GrantTable, fn: Callable[[], None], count: int) -> None:
+        self.table, self.fn, self.count, self.done = table, fn, count, False
+
+    def cancel(self) -> bool:
+        """Drop the request (Linux ``gnttab_cancel_free_callback``).
+
+        Returns:
+            True if it was still pending (``fn`` will not run), False if it
+            already ran.
+        """
+        with self.table._lock:
+            pending = self in self.table._free_callbacks
+            self.table._free_callbacks = [cb for cb in self.table._free_callbacks if cb is not self]
+            return pending
+
+
 class _OrphanPages:
     """The pages of a dropped share: freed when all refs ended and no view is left."""
 
@@ -1274,4 +1527,4 @@ def _free_resource(resource: Any) -> None:
             return
 
 
-__all__ = ["GrantEntry", "GrantTable", "HypercallError", "decode_flags"]
+__all__ = ["FreeCallback", "GrantEntry", "GrantTable", "HypercallError", "decode_flags"]

@@ -71,6 +71,12 @@ class GfnAllocator:
             self._map.extend(bytes(count))
         return list(range(start, start + count))
 
+    def in_use(self) -> list[int]:
+        """The gfns handed out and not given back, lowest first."""
+        with self._lock:
+            fmap, base = self._map, self._base
+            return [base + i for i in range(len(fmap)) if not fmap[i]]
+
     def free(self, gfns: list[int]) -> None:
         """Give gfns back."""
         fmap, base = self._map, self._base

@@ -167,17 +167,41 @@ class Share(HoldsView):
         """asyncio twin of :meth:`unshare`."""
         await retry_while_busy_async(lambda: self.try_unshare(release_refs), timeout)
 
+    def end_or_defer(self) -> bool:
+        """Stop sharing without waiting (Linux ``gnttab_end_foreign_access``).
+
+        Access ends now for every page the peer no longer maps; for a page it
+        still maps the end of access is deferred, retried by the table's
+        reaper (every second, as Linux's ``deferred_timer``) and the pages
+        are freed once the last one ends and no view of them is left.
+
+        Returns:
+            True if everything was released now, False if some of it was deferred.
+        """
+        if self.released:
+            return True
+        try:
+            self.try_unshare()
+            return True
+        except (Busy, BufferError):
+            # busy: the peer still maps a page; BufferError: access ended but a
+            # view (a numpy array) still holds the memory.  Never block: defer.
+            self._owner._abandon_share(self)
+            return False
+
     def __enter__(self) -> Share:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.unshare()
+        # Never blocks: a page still mapped by the peer is deferred, and an
+        # exception raised in the block propagates unchanged.
+        self.end_or_defer()
 
     async def __aenter__(self) -> Share:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.unshare_async()
+        self.end_or_defer()
 
     def __del__(self) -> None:
         if getattr(self, "released", True):
@@ -255,8 +279,23 @@ class Mapping(HoldsView):
     def __enter__(self) -> Mapping:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.unmap()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self.unmap()
+        except BufferError:
+            if exc_type is None:
+                raise  # nothing else went wrong: say why nothing was unmapped
+            # The block's exception must surface, not this one: unmap once
+            # the last view goes (retried with the deferred ends of access).
+            orphan = getattr(self._owner, "_orphan", None)
+            if orphan is not None:
+                orphan(self._retry_unmap)
+
+    async def __aenter__(self) -> Mapping:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.__exit__(exc_type, exc, tb)
 
     def __del__(self) -> None:
         if getattr(self, "released", True):
