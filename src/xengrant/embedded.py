@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 #: Xen's debug reasons for failed ops (the hypervisor's gdprintk), at DEBUG
 _logger = logging.getLogger("xengrant.emu")
 
+#: Maptrack handles (or p2m entries) a domain's release walks per step: a
+#: page of handles (Xen checks for preemption at each page boundary of
+#: gnttab_release_mappings).
+RELEASE_BUDGET = 256
+
 #: Default machine memory: 1 GiB of frames.  The memfd is sparse, so frames
 #: cost memory only once touched (and are given back when scrubbed).
 DEFAULT_MEMORY = 1 << 30
@@ -209,14 +214,17 @@ class EmbeddedXen:
         The hypervisor's side (RAM populated, entries granted, grants pinned,
         maptrack handles, zombie domains) for every domain, and the guest's
         side (refs handed out, deferred ends, pages and holes) of each
-        :class:`~xengrant.Domain` this hypervisor created that is still alive.
+        :class:`~xengrant.Domain` this hypervisor created that is still alive
+        (not destroyed).
         """
         from .leaks import guest_leaks, hypervisor_leaks
 
         with self.lock:
             out = hypervisor_leaks(self.hv)
-        for _domid, dom in sorted(self._guests.items()):
-            out.extend(guest_leaks(dom))
+        for domid, dom in sorted(self._guests.items()):
+            st = self.hv.lookup(domid)
+            if st is not None and not st.is_dying:  # a destroyed guest holds nothing
+                out.extend(guest_leaks(dom))
         return out
 
     def check_leaks(self) -> None:
@@ -239,7 +247,19 @@ class EmbeddedXen:
             HypercallError: ESRCH if there is no such live domain.
         """
         with self.lock:
-            self.hv.destroy_domain(domid)
+            d = self.hv.kill_domain(domid)
+        # domain_relinquish_resources is preemptible (XSA-380): a page of 256
+        # maptrack handles (or p2m entries) at a time, the lock free in
+        # between, so other domains' hypercalls are not held up by a big release.
+        while True:
+            with self.lock:
+                if self.hv.relinquish_resources(d, RELEASE_BUDGET):
+                    return
+            self._preempt()
+
+    def _preempt(self) -> None:
+        """Between two steps of a domain's release (``hypercall_preempt_check``):
+        the hypercall lock is free here."""
 
     def domain_state(self, domid: int) -> DomainState:
         """The hypervisor's record of a domain (for inspection and tests).
