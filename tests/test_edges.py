@@ -162,9 +162,10 @@ def test_table_growth_out_of_memory(xen: Xen) -> None:
         hvm_gt = hvm.grant_table
         (buf,) = ram(pv)
         hog = small.create_domain()
+        hogged = []  # kept: a dropped Pages gives its frames back
         while True:
             try:
-                hog.alloc_pages(1)
+                hogged.append(hog.alloc_pages(1))
             except MemoryError:
                 break
         assert small.free_frames == 0
@@ -189,6 +190,8 @@ def test_table_growth_out_of_memory(xen: Xen) -> None:
         assert hvm_gt.get_nonblock() is None
         assert hvm_gt.get_n_nonblock(1) == []
         hvm_gt.put_n(refs)
+        for pages in hogged:
+            pages.free()
 
 
 # ------------------------------------------------------ hypercall failure
