@@ -4,11 +4,11 @@ Mirrors ``gnttab_copy``, ``gnttab_copy_one``, ``gnttab_copy_lock_domain``,
 ``gnttab_copy_claim_buf``, ``gnttab_copy_buf`` and
 ``acquire_grant_for_copy``/``release_grant_for_copy`` of Xen 4.17:
 
-1. each side's domain: an unknown domain is ``GNTST_bad_domain``, then a gfn
-   side must say DOMID_SELF ("Only DOMID_SELF may reference via frame",
-   ``GNTST_permission_denied``, even for one's own numeric id) -- in that
-   order, as the real Xen 4.17 answers (tests_xen/test_privcmd_oracle.py);
-2. claim source, then destination: bad ref ``GNTST_bad_gntref``; wrong type,
+1. both sides' domains, source then destination: an unknown domain is
+   ``GNTST_bad_domain``;
+2. source, then destination: a gfn side must say DOMID_SELF ("Only
+   DOMID_SELF may reference via frame", ``GNTST_permission_denied``, even for
+   one's own numeric id), then the side is claimed: bad ref ``GNTST_bad_gntref``; wrong type,
    domid or a read-only grant as destination ``GNTST_general_error``; a bad
    gfn ``GNTST_bad_page``;
 3. ``offset + len > 4096`` on either side: ``GNTST_bad_copy_arg``;
@@ -291,19 +291,24 @@ def copy_one(hv: Hypervisor, ld: DomainState, fields: tuple[int, ...]) -> tuple[
         (d_u, d_dom, d_off, bool(flags & GNTCOPY_dest_gref), False),
     )
     doms: list[DomainState] = []
-    for _u, domid, _off, is_gref, _ro in sides:
-        # the domain first (real Xen 4.17 answers bad_domain for a frame of an
-        # unknown domain: checked through /dev/xen/privcmd, tests_xen/)
+    for _u, domid, _off, _is_gref, _ro in sides:
+        # Both domains first, source then destination: bad_domain.  Then each
+        # side in turn, source first: a gfn side not naming DOMID_SELF is
+        # permission_denied, else it is claimed.  This is the order the real
+        # Xen 4.17 answers in (the generated privcmd oracle, tests_xen/: a bad
+        # source claim wins over the destination's permission_denied, an
+        # unknown destination domain over the source's), not the order of
+        # gnttab_copy_lock_domain as upstream's 4.17.7 source reads.
         dom = ld if domid == DOMID_SELF else hv.domains.get(domid)
         if dom is None:
             return GNTST_bad_domain, f"Could not find domain {domid}"
-        if domid != DOMID_SELF and not is_gref:
-            return GNTST_permission_denied, "Only DOMID_SELF may reference via frame"
         doms.append(dom)
     claimed: list[tuple[DomainState, int, bool, Trans]] = []
     bufs: list[tuple[int, int, int]] = []
     try:
-        for (u, _domid, _off, is_gref, ro), dom in zip(sides, doms):
+        for (u, domid, _off, is_gref, ro), dom in zip(sides, doms):
+            if domid != DOMID_SELF and not is_gref:
+                return GNTST_permission_denied, "Only DOMID_SELF may reference via frame"
             if is_gref:
                 ref = u & 0xFFFFFFFF
                 rc, mfn, start, blen, why, trans = acquire_grant_for_copy(
