@@ -329,7 +329,9 @@ def test_pin_counters_are_xens() -> None:
     assert (g.GNTPIN_devw_inc, g.GNTPIN_devr_inc) == (0x10000, 0x1000000)
     assert (g.GNTPIN_hstw_mask, g.GNTPIN_hstr_mask) == (0xFF, 0xFF00)
     assert (g.GNTPIN_devw_mask, g.GNTPIN_devr_mask) == (0xFF0000, 0xFF000000)
-    assert g.GNTPIN_OVERFLOW == 0x80808080
+    # GNTPIN_incr2oflow_mask: the top bit of each counter being incremented
+    assert g.GNTPIN_incr2oflow_mask(g.GNTPIN_hstw_inc) == 0x80
+    assert g.GNTPIN_incr2oflow_mask(g.GNTPIN_devr_inc | g.GNTPIN_hstr_inc) == 0x80008000
 
 
 def test_each_kind_of_pin(xen: Xen, make_domain: MakeDomain) -> None:
