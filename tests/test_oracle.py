@@ -4,7 +4,7 @@ In dom0, tests_xen/test_privcmd_oracle.py issues the same hypercalls to the
 real Xen 4.17 through /dev/xen/privcmd and checks the same expectations, so
 every status here is the real hypervisor's answer.  The generated cases have
 no expectation of their own: their answers from the real Xen 4.17 are recorded
-in tests/scenarios/oracle_xen417.json (from a xenlab run's console, between
+in tests/oracle_xen417.json (from a xenlab run's console, between
 the ``@@@ORACLE-JSON`` lines), and the emulator must give each of them.
 """
 
@@ -21,7 +21,7 @@ import xengrant
 sys.path.insert(0, str(Path(__file__).parent / "scenarios"))
 import oracle
 
-RECORDED = Path(__file__).parent / "scenarios" / "oracle_xen417.json"
+RECORDED = Path(__file__).parent / "oracle_xen417.json"
 ALL = oracle.CASES + oracle.GENERATED
 
 

@@ -13,7 +13,7 @@ same process, must answer every one as the real hypervisor did.
 The real answers are also printed, between ``@@@ORACLE-JSON-BEGIN`` and
 ``@@@ORACLE-JSON-END`` lines on the console, to refresh the recording that
 tests/test_oracle.py holds the emulator to without Xen
-(tests/scenarios/oracle_xen417.json).
+(tests/oracle_xen417.json).
 """
 
 from __future__ import annotations

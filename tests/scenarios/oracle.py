@@ -51,7 +51,7 @@ class Case:
         rc: the expected hypercall return (``-errno``); None for a generated
             case, which has no expectation of its own: the real hypervisor's
             answer is the expectation (tests_xen/, and the recording of it,
-            oracle_xen417.json, in tests/test_oracle.py).
+            tests/oracle_xen417.json, in tests/test_oracle.py).
         compare: result keys both sides must agree on besides rc/status.
     """
 
