@@ -121,19 +121,16 @@ def test_mapping_exit_without_exception_still_refuses_with_a_live_view(
 
 
 # ------------------------------------------------------------------ reaper
-def _threads() -> set[str]:
-    return {t.name for t in threading.enumerate() if t.name.startswith("xengrant-reaper")}
-
-
 def test_reaper_is_cancellable_and_leaves_no_thread(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     front, back = pair
     table = front.grant_table
     ref, gfn = grant(front, back.domid)
     op = map1(back, front.domid, ref)
     assert not table.end_access_deferred(ref)
-    assert table.reaper_pending and _threads()
+    timer = table._reaper
+    assert table.reaper_pending and timer is not None and timer.is_alive()
     table.stop_reaper()
-    assert not table.reaper_pending and not _threads()
+    assert not table.reaper_pending and not timer.is_alive()
     assert unmap1(back, op) == abi.GNTST_okay
     back.put_pages([op.host_addr >> 12])
     assert table.deferred == 1  # stopped: nothing retries on its own
@@ -156,9 +153,9 @@ def test_reaper_stops_ticking_when_nothing_is_pending(
     back.put_pages([op.host_addr >> 12])
     assert done.wait(30)
     for t in threading.enumerate():  # the last tick's thread ends right after
-        if t.name.startswith("xengrant-reaper") and t is not threading.current_thread():
+        if t.name == f"xengrant-reaper-d{front.domid}" and t is not threading.current_thread():
             t.join(30)
-    assert not table.reaper_pending and not _threads()
+    assert not table.reaper_pending
     front.hypercalls.decrease_reservation([gfn])
     xen.check_leaks()
 
@@ -322,6 +319,6 @@ def test_a_dropped_pages_with_a_live_array_goes_with_the_array(
 @pytest.fixture(autouse=True)
 def _no_reaper_left(xen: Xen) -> Iterator[None]:
     yield
-    for t in threading.enumerate():
-        if t.name.startswith("xengrant-reaper"):
-            t.join(30)
+    for d in list(xen._guests.values()):
+        if d._grant_table is not None:
+            d._grant_table.stop_reaper()

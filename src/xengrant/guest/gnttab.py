@@ -839,9 +839,12 @@ class GrantTable:
                 return
             try:
                 self._reap_deferred()
-            finally:
-                if self.deferred:
-                    self._arm_reaper()
+            except Exception:  # e.g. the hypervisor went away: stop ticking
+                _logger.exception("d%d: the reaper of deferred releases stops", self.domid)
+                self._reaper_stopped = True
+                return
+            if self.deferred:
+                self._arm_reaper()
 
     def stop_reaper(self) -> None:
         """Cancel the reaper's timer and keep it from being armed again.
