@@ -492,16 +492,18 @@ class GrantMachine(RuleBasedStateMachine):
             dst.page.data[dst.off : dst.off + length] = src.page.data[src.off : src.off + length]
 
     def predict_copy(self, copier: int, sides: list[Side], n: int) -> int:
-        """gnttab_copy_one's status: both domains, claim source then dest, then bounds.
+        """gnttab_copy_one's status: both domains, then source then dest (each
+        its DOMID_SELF rule, then its claim), then bounds -- the order the real
+        Xen 4.17 answers in (the generated privcmd oracle).
 
         Xen 4.17 validates a zero-length copy like any other.
         """
         for side in sides:
-            if side.kind == "numeric_self":
-                return abi.GNTST_permission_denied  # "Only DOMID_SELF may reference via frame"
             if side.target is not None and side.target[0] >= len(self.doms):
                 return abi.GNTST_bad_domain
         for side, dest in zip(sides, (False, True)):
+            if side.kind == "numeric_self":
+                return abi.GNTST_permission_denied  # "Only DOMID_SELF may reference via frame"
             if side.kind == "bad_gfn":
                 return abi.GNTST_bad_page
             if side.target is not None:
