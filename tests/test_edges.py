@@ -628,7 +628,12 @@ def test_p2m_types_match_the_c_runs() -> None:
 
     from xengrant.emu import domain
 
-    src = (Path(xengrant.__file__).parent / "_cext.c").read_text()
+    here = [Path(xengrant.__file__).parent / "_cext.c",
+            Path(__file__).resolve().parent.parent / "src" / "xengrant" / "_cext.c"]
+    found = [c for c in here if c.exists()]
+    if not found:  # an installed wheel ships no C sources, and the sdist's test run drops src/
+        pytest.skip("_cext.c is not here: the package was installed without its C source")
+    src = found[0].read_text()
     defines = dict(re.findall(r"#define XG_(P2M_\w+) (\d+)\n", src))
     names = ["P2M_RAM_RW", "P2M_GRANT_MAP_RW", "P2M_GRANT_MAP_RO"]
     names += ["P2M_GNTTAB_SHARED", "P2M_GNTTAB_STATUS"]
