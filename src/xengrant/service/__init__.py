@@ -12,7 +12,8 @@
 Modules: :mod:`~xengrant.service.protocol` (framing, sans-IO),
 :mod:`~xengrant.service.xenstore` and :mod:`~xengrant.service.evtchn`
 (sans-IO cores), :mod:`~xengrant.service.server`,
-:mod:`~xengrant.service.client`, :mod:`~xengrant.service.xenbus`,
+:mod:`~xengrant.service.client` (its clients :mod:`~xengrant.service.xsclient`
+and :mod:`~xengrant.service.evtclient`), :mod:`~xengrant.service.xenbus`,
 :mod:`~xengrant.service.paths` (socket, token, peer checks),
 :mod:`~xengrant.service.identity` (admission, dom0, attach secrets),
 :mod:`~xengrant.service.cli`.
@@ -22,24 +23,23 @@ from __future__ import annotations
 
 from .client import (
     Channel,
-    EventChannelClient,
     RemoteDomain,
     RemoteGntshr,
     RemoteGnttab,
     RemoteHypercalls,
-    ServiceError,
-    XenStoreClient,
-    XenStoreWatch,
     connect,
     debug_key,
     ping,
     stats,
 )
+from .errors import ServiceError
 from .evtchn import EventChannels, EvtchnError
+from .evtclient import EventChannelClient
 from .identity import Identity
 from .paths import default_socket_path
 from .server import Server, serve
 from .xenstore import XenStore, XenStoreError
+from .xsclient import XenStoreClient, XenStoreWatch
 
 __all__ = [
     "Channel",

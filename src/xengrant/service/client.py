@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from operator import itemgetter
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional
 
 from .. import _cext
 from ..abi import grant_table as gt
@@ -63,13 +63,15 @@ from ..guest.share import Mapping, Share
 from ..hypercall import check_rc
 from ..portable import CopySegment, EmulatedGntshr, EmulatedGnttab, GrantRef
 from . import protocol as p
-from .evtchn import EvtchnError
+from .errors import ServiceError as ServiceError
+from .evtclient import EventChannelClient as EventChannelClient
 from .memview import ClientMemory
 from .paths import check_server, default_socket_path, read_token, token_path
 from .ring import ClientRing
 from .ring import response_payload as ring_response_payload
 from .ring import response_seq as ring_response_seq
-from .xenstore import XenStoreError
+from .xsclient import XenStoreClient as XenStoreClient
+from .xsclient import XenStoreWatch as XenStoreWatch
 
 PAGE_SIZE = 4096
 _OP_SIZES = {cmd: ctypes.sizeof(st) for cmd, st in gt.GNTTABOP_STRUCTS.items()}
@@ -106,10 +108,6 @@ _second = itemgetter(1)
 def _wait_ms(timeout: float | None) -> int:
     """A timeout in seconds as ``_cext.recv_wait`` takes it: ms, rounded up (-1: forever)."""
     return -1 if timeout is None else math.ceil(max(timeout, 0) * 1000)
-
-
-class ServiceError(XenError, ConnectionError):
-    """The service closed the connection or answered something unreadable."""
 
 
 class Channel:
@@ -1328,292 +1326,6 @@ class RemoteHypercalls:
             return
         self._closed = True
         self.memory.close()
-
-
-class _ServiceClient:
-    """A request/reply client over the domain's channel; errors raise ``error``."""
-
-    error: type[XenStoreError] | type[EvtchnError]
-
-    def __init__(self, channel: Channel, domid: int) -> None:
-        self.channel = channel
-        self.domid = domid
-
-    def _call(self, mtype: int, payload: bytes) -> bytes:
-        status, body = self.channel.call(mtype, payload)
-        if status < 0:
-            raise self.error(-status, body.decode("utf-8", "replace"))
-        return body
-
-
-# ------------------------------------------------------------------ xenstore
-class XenStoreClient(_ServiceClient):
-    """The domain's xenstore connection (libxenstore's ``xs_*`` calls).
-
-    Paths without a leading ``/`` are relative to the domain's home,
-    ``/local/domain/<domid>``.  Errors raise :class:`XenStoreError` with
-    xenstored's errno.
-    """
-
-    error = XenStoreError
-
-    def read(self, path: str) -> bytes:
-        """``xs_read``."""
-        return self._call(p.MSG_XS_READ, p.pack_strings(path))
-
-    def write(self, path: str, value: bytes | str) -> None:
-        """``xs_write`` (creates the node and missing parents)."""
-        data = value.encode() if isinstance(value, str) else bytes(value)
-        self._call(p.MSG_XS_WRITE, path.encode() + b"\0" + data)
-
-    def mkdir(self, path: str) -> None:
-        """``xs_mkdir``."""
-        self._call(p.MSG_XS_MKDIR, p.pack_strings(path))
-
-    def rm(self, path: str) -> None:
-        """``xs_rm`` (recursive)."""
-        self._call(p.MSG_XS_RM, p.pack_strings(path))
-
-    def directory(self, path: str) -> list[str]:
-        """``xs_directory``: child names."""
-        return [x.decode() for x in p.split_strings(self._call(p.MSG_XS_DIRECTORY,
-                                                                 p.pack_strings(path)))]
-
-    def get_perms(self, path: str) -> list[str]:
-        """``xs_get_permissions`` as strings (``"n0"``, ``"r5"``)."""
-        return [x.decode() for x in p.split_strings(self._call(p.MSG_XS_GET_PERMS,
-                                                                 p.pack_strings(path)))]
-
-    def set_perms(self, path: str, perms: Sequence[str]) -> None:
-        """``xs_set_permissions``: first entry owner + default, then per-domain entries."""
-        self._call(p.MSG_XS_SET_PERMS, p.pack_strings(path, *perms))
-
-    def watch(self, path: str, token: str) -> None:
-        """``xs_watch``: an event comes at once, then on each change at or below ``path``."""
-        self._call(p.MSG_XS_WATCH, p.pack_strings(path, token))
-
-    def watching(self, path: str, token: str) -> XenStoreWatch:
-        """:meth:`watch`, as a context manager: ``with xs.watching(path, token) as w:
-        w.read(timeout)``; leaving the block unwatches and drops its queued events."""
-        self.watch(path, token)
-        return XenStoreWatch(self, path, token)
-
-    def unwatch(self, path: str, token: str) -> None:
-        """``xs_unwatch``."""
-        self._call(p.MSG_XS_UNWATCH, p.pack_strings(path, token))
-
-    def read_watch(self, timeout: float | None = None) -> tuple[str, str]:
-        """``xs_read_watch``: the next ``(path, token)``.
-
-        Raises:
-            TimeoutError: none came within ``timeout`` seconds (None: wait forever).
-        """
-        item: tuple[str, str] | None = self.channel.wait_for(
-            self.channel.watch_events, None, timeout
-        )
-        return _or_timeout(item, "read_watch: no watch event", timeout)
-
-    async def read_watch_async(self, timeout: float | None = None) -> tuple[str, str]:
-        """asyncio twin of :meth:`read_watch`."""
-        item: tuple[str, str] | None = await self.channel.wait_for_async(
-            self.channel.watch_events, None, timeout
-        )
-        return _or_timeout(item, "read_watch_async: no watch event", timeout)
-
-    def read_watch_token(self, token: str, timeout: float | None = None) -> tuple[str, str]:
-        """The next event of the watch set with ``token`` (others stay queued).
-
-        Raises:
-            TimeoutError: none came within ``timeout`` seconds.
-        """
-        item: tuple[str, str] | None = self.channel.wait_for(
-            self.channel.watch_events, _TokenMatch(token), timeout
-        )
-        return _or_timeout(item, f"read_watch_token: no event of watch {token!r}", timeout)
-
-    def drop_watch_events(self, token: str) -> None:
-        """Forget queued events of the watch set with ``token``."""
-        with self.channel._mu:
-            for item in [e for e in self.channel.watch_events if e[1] == token]:
-                self.channel.watch_events.remove(item)
-
-    def get_domain_path(self, domid: int) -> str:
-        """``xs_get_domain_path``: ``/local/domain/<domid>``."""
-        body = self._call(p.MSG_XS_GET_DOMAIN_PATH, p.pack_strings(str(domid)))
-        return body.rstrip(b"\0").decode()
-
-    def wait_for_value(
-        self, path: str, want: Sequence[bytes] | None = None, timeout: float | None = None
-    ) -> bytes:
-        """Watch ``path`` until it exists (and holds one of ``want``); return its value.
-
-        Raises:
-            TimeoutError: ``timeout`` passed first.
-        """
-        token = f"wait-{id(self)}-{time.monotonic_ns()}"
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self.watch(path, token)
-        try:
-            while True:
-                try:
-                    value = self.read(path)
-                    if want is None or value in want:
-                        return value
-                except XenStoreError as e:
-                    if e.errno not in (errno.ENOENT, errno.EACCES):
-                        raise
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"{path} did not become {want!r}")
-                with contextlib.suppress(TimeoutError):  # the deadline above says so
-                    self.read_watch_token(token, remaining)
-        finally:
-            with contextlib.suppress(XenStoreError, ServiceError):
-                self.unwatch(path, token)
-            self.drop_watch_events(token)
-
-
-class XenStoreWatch:
-    """A watch :meth:`XenStoreClient.watching` set, and a context manager that removes it.
-
-    Attributes:
-        path: the watched path.
-        token: its token.
-    """
-
-    def __init__(self, xs: XenStoreClient, path: str, token: str) -> None:
-        self.xs = xs
-        self.path = path
-        self.token = token
-        self.closed = False
-
-    def __repr__(self) -> str:
-        return f"<XenStoreWatch {self.path!r} {self.token!r}{' closed' if self.closed else ''}>"
-
-    def read(self, timeout: float | None = None) -> tuple[str, str]:
-        """The next event of this watch (``read_watch_token``).
-
-        Raises:
-            TimeoutError: none came within ``timeout`` seconds.
-        """
-        return self.xs.read_watch_token(self.token, timeout)
-
-    def close(self) -> None:
-        """``xs_unwatch`` and drop the events still queued for it; idempotent (a
-        connection already gone has no watch left to remove)."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            with contextlib.suppress(XenStoreError, ServiceError):
-                self.xs.unwatch(self.path, self.token)
-        finally:
-            self.xs.drop_watch_events(self.token)
-
-    def __enter__(self) -> XenStoreWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-_T = TypeVar("_T")
-
-
-def _or_timeout(item: _T | None, what: str, timeout: float | None) -> _T:
-    """``item``, or TimeoutError if the wait for it gave up (``wait_for`` returned None)."""
-    if item is None:
-        raise TimeoutError(f"{what} within {timeout} s")
-    return item
-
-
-class _TokenMatch:
-    """Compares equal to any watch event with this token."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, tuple) and len(other) == 2 and other[1] == self.token
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-# ------------------------------------------------------------ event channels
-class EventChannelClient(_ServiceClient):
-    """The domain's event channels (libxenevtchn's ``xenevtchn_*`` calls).
-
-    As with /dev/xen/evtchn, a port that fired stays masked until
-    :meth:`unmask`; :meth:`wait` does both.  Binding an interdomain port
-    delivers one event on it at once (Xen sets it pending).
-    """
-
-    error = EvtchnError
-
-    def bind_unbound_port(self, remote_domid: int) -> int:
-        """``EVTCHNOP_alloc_unbound``: a port ``remote_domid`` may bind to."""
-        body = self._call(p.MSG_EVTCHN_ALLOC_UNBOUND, p.TWO_U32.pack(gt.DOMID_SELF, remote_domid))
-        return int(p.U32.unpack(body)[0])
-
-    def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
-        """``EVTCHNOP_bind_interdomain``: the new local port."""
-        body = self._call(
-            p.MSG_EVTCHN_BIND_INTERDOMAIN, p.TWO_U32.pack(remote_domid, remote_port)
-        )
-        return int(p.U32.unpack(body)[0])
-
-    def notify(self, port: int) -> None:
-        """``EVTCHNOP_send``."""
-        self._call(p.MSG_EVTCHN_SEND, p.U32.pack(port))
-
-    def unbind(self, port: int) -> None:
-        """``EVTCHNOP_close`` (events already queued for it are dropped)."""
-        self._call(p.MSG_EVTCHN_CLOSE, p.U32.pack(port))
-        with self.channel._mu:
-            while port in self.channel.events:
-                self.channel.events.remove(port)
-
-    def status(self, port: int, domid: int = gt.DOMID_SELF) -> tuple[int, int, int]:
-        """``EVTCHNOP_status``: ``(EVTCHNSTAT_*, remote domid, remote port)``."""
-        body = self._call(p.MSG_EVTCHN_STATUS, p.TWO_U32.pack(domid, port))
-        state, rdom, rport = p.EVTCHN_STATUS_REPLY.unpack(body)
-        return int(state), int(rdom), int(rport)
-
-    def pending(self, timeout: float | None = None) -> int:
-        """``xenevtchn_pending``: the next port that fired.
-
-        Raises:
-            TimeoutError: none fired within ``timeout`` seconds (None: wait forever).
-        """
-        port: int | None = self.channel.wait_for(self.channel.events, None, timeout)
-        return _or_timeout(port, "pending: no event", timeout)
-
-    def unmask(self, port: int) -> None:
-        """``xenevtchn_unmask`` (one-way: nothing is answered)."""
-        self.channel.send(p.MSG_EVTCHN_UNMASK, p.U32.pack(port))
-
-    def wait(self, port: int | None = None, timeout: float | None = None) -> int:
-        """Wait for an event (on ``port``, or any), unmask it, return the port.
-
-        Raises:
-            TimeoutError: none came within ``timeout`` seconds (None: wait forever).
-        """
-        got: int | None = self.channel.wait_for(self.channel.events, port, timeout)
-        got = _or_timeout(got, f"wait: no event on port {port}", timeout)
-        self.unmask(got)
-        return got
-
-    async def pending_async(self, timeout: float | None = None) -> int:
-        """asyncio twin of :meth:`pending`."""
-        port: int | None = await self.channel.wait_for_async(self.channel.events, None, timeout)
-        return _or_timeout(port, "pending_async: no event", timeout)
-
-    async def wait_async(self, port: int | None = None, timeout: float | None = None) -> int:
-        """asyncio twin of :meth:`wait`."""
-        got: int | None = await self.channel.wait_for_async(self.channel.events, port, timeout)
-        got = _or_timeout(got, f"wait_async: no event on port {port}", timeout)
-        self.unmask(got)
-        return got
 
 
 # ---------------------------------------------------------- portable layer
