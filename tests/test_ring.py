@@ -384,13 +384,31 @@ def test_waiting_on_an_event_port() -> None:
         assert front.push_requests_and_check_notify()  # the back end asked for it
 
     port = Port(produce)
-    assert back.wait_for_requests(port, timeout=5)
+    back.wait_for_requests(port, timeout=5)
     assert port.waits == 1 and back.get_request().id == 9  # type: ignore[union-attr]
     idle = Port(lambda: None)
-    assert back.wait_for_requests(idle, timeout=0) is False
+    with pytest.raises(TimeoutError, match="wait_for_requests"):
+        back.wait_for_requests(idle, timeout=0)
+    assert idle.waits == 0  # a zero timeout only looks
     port2 = Port(produce)
-    assert asyncio.run(back.wait_for_requests_async(port2, timeout=5))
-    assert port2.waits == 1
+    asyncio.run(back.wait_for_requests_async(port2, timeout=5))
+    assert port2.waits == 1 and back.get_request().id == 9  # type: ignore[union-attr]
+    with pytest.raises(TimeoutError, match="wait_for_requests"):
+        asyncio.run(back.wait_for_requests_async(idle, timeout=0))
+
+    class TimingOutPort(Port):  # a port that reports its own timeout by raising
+        def wait(self, timeout: float | None = None) -> bool:
+            self.waits += 1
+            self.on_wait()  # type: ignore[operator]
+            raise TimeoutError("port")
+
+    port3 = TimingOutPort(produce)  # the event came, then the port said "timed out"
+    back.wait_for_requests(port3, timeout=5)  # the ring looks again: the request is there
+    assert back.get_request().id == 9  # type: ignore[union-attr]
+    # the front end's side, the same
+    fport = Port(lambda: None)
+    with pytest.raises(TimeoutError, match="wait_for_responses"):
+        front.wait_for_responses(fport, timeout=0)
 
 
 def test_event_port_on_a_linux_style_device_keeps_other_ports_events() -> None:

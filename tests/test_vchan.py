@@ -33,6 +33,7 @@ from xengrant.vchan import (
     VCHAN_NOTIFY_READ,
     VCHAN_NOTIFY_WRITE,
     VchanInterface,
+    VchanTimeout,
     check_orders,
     open_vchan_connection,
     server_orders,
@@ -215,8 +216,9 @@ def test_packets_and_non_blocking(world: InProcess) -> None:
         srv.blocking = True
         with pytest.raises(ValueError, match="do not fit"):
             srv.recv(2000)  # larger than the ring: could never come
-        with pytest.raises(TimeoutError):
+        with pytest.raises(VchanTimeout, match="vchan read: timed out") as e:
             srv.read(1, timeout=0.05)
+        assert isinstance(e.value, TimeoutError) and e.value.written == 0
         with pytest.raises(ValueError, match="do not fit"):
             Vchan.send(srv, b"q" * 3000)  # blocking packet larger than the ring
         assert srv.write(b"hello") == 5
@@ -454,7 +456,7 @@ def test_fileno_for_select(world: InProcess) -> None:
         cli.write(b"!")
         r, _, _ = select.select([srv.fileno()], [], [], TIMEOUT)
         assert r == [srv.fileno()]
-        assert srv.wait(0) is True
+        srv.wait(0)  # takes the event
         assert srv.read(1) == b"!"
 
 
@@ -474,3 +476,75 @@ def test_asyncio_peer_closes_with_writes_pending(world: InProcess) -> None:
         return writer.is_closing()
 
     assert asyncio.run(main())
+
+
+def test_timeouts_raise_and_keep_what_moved(world: InProcess) -> None:
+    """Every blocking call takes timeout= and raises VchanTimeout (a TimeoutError)
+    when it passes; a stream write says how much went before."""
+    srv, cli = pair(world)  # the client writes into a 1024-byte ring
+    with srv, cli:
+        with pytest.raises(VchanTimeout) as e:
+            cli.write(b"w" * 3000, timeout=0.05)
+        assert e.value.op == "write" and e.value.written == 1024
+        assert srv.recv(1024, timeout=TIMEOUT) == b"w" * 1024
+        cli.write(b"k" * 1000)
+        with pytest.raises(VchanTimeout, match="vchan send"):
+            cli.send(b"p" * 100, timeout=0)  # 24 bytes free: a packet waits for all
+        with pytest.raises(VchanTimeout, match="vchan recv"):
+            srv.recv(1010, timeout=0)
+        assert srv.recv(1000, timeout=TIMEOUT) == b"k" * 1000
+        with pytest.raises(VchanTimeout, match="vchan read"):
+            srv.read(1, timeout=0)
+        for _ in range(100):  # take the events there are, then none comes
+            try:
+                srv.wait(0)
+            except VchanTimeout as e:
+                assert e.op == "wait"
+                break
+        else:
+            pytest.fail("wait never timed out")
+
+
+def test_asyncio_twins(world: InProcess) -> None:
+    """read_async / recv_async / write_async / send_async / wait_connected_async:
+    the same steps as the blocking calls, waiting without blocking the loop; a
+    reader and a writer task share the vchan's one event port."""
+    a, b = world.a, world.b
+    base = f"/local/domain/{a.domid}/data/vchan/twins"
+
+    async def main() -> tuple[bytes, bytes]:
+        srv = Vchan.server(a, b.domid, base, 1024, 2048)
+        cli = Vchan.client(b, a.domid, base)
+        with srv, cli:
+            await srv.wait_connected_async(TIMEOUT)
+            payload = bytes(range(256)) * 40  # 10 KiB through a 1 KiB ring
+
+            async def reader() -> bytes:
+                got = bytearray()
+                while len(got) < len(payload):
+                    chunk = await srv.read_async(4096, TIMEOUT)
+                    assert chunk
+                    got += chunk
+                return bytes(got)
+
+            async def echo_back() -> bytes:
+                assert await srv.send_async(b"pkt!", TIMEOUT) == 4
+                return await cli.recv_async(4, TIMEOUT) or b""
+
+            got, n, pkt = await asyncio.gather(reader(), cli.write_async(payload, TIMEOUT),
+                                               echo_back())
+            assert n == len(payload)
+            with pytest.raises(VchanTimeout, match="vchan read"):
+                await srv.read_async(1, timeout=0.05)
+            for _ in range(100):  # take the events there are, then none comes
+                try:
+                    await cli.wait_async(0.01)
+                except VchanTimeout as e:
+                    assert e.op == "wait" and isinstance(e, TimeoutError)
+                    break
+            else:
+                pytest.fail("wait_async never timed out")
+            return got, pkt
+
+    got, pkt = asyncio.run(main())
+    assert got == bytes(range(256)) * 40 and pkt == b"pkt!"

@@ -60,7 +60,10 @@ def run_backend(dom: Any, frontend: int, devid: int = 0, log: Any = print) -> in
                                              xenbus.XenbusStateClosed,
                                              xenbus.XenbusStateUnknown):
             break
-        port.wait(1.0)                          # an event, or look at the state again
+        try:
+            ring.wait_for_requests(port, 1.0)   # sleep until the frontend pushes
+        except TimeoutError:
+            pass                                # nothing in a second: look at the state again
     # 4. Close: unmap, unbind, say Closed.
     ring.release()
     mapping.unmap()

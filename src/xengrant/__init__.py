@@ -54,7 +54,13 @@ from .linux import portable_backend
 from .pgdir import PgdirBackend, PgdirError, PgdirFrontend
 from .portable import CopySegment, Gntshr, Gnttab, GrantRef
 from .ring import BackRing, FrontRing, RingError
-from .vchan import Vchan, VchanError, open_vchan_connection, start_vchan_server
+from .vchan import (
+    Vchan,
+    VchanError,
+    VchanTimeout,
+    open_vchan_connection,
+    start_vchan_server,
+)
 
 __version__ = "0.1.0"
 
@@ -90,6 +96,7 @@ __all__ = [
     "Share",
     "Vchan",
     "VchanError",
+    "VchanTimeout",
     "XenError",
     "abi",
     "decode_flags",

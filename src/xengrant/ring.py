@@ -54,10 +54,12 @@ atomic loads and ``xen_rmb`` before the slot is read (:mod:`xengrant._cext`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import time
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Generic, Protocol, TypeVar, Union
 
 from . import _cext
 from .errors import XenError
@@ -70,6 +72,19 @@ PAGE_SIZE = 4096
 
 Req = TypeVar("Req", bound=ctypes.Structure)
 Rsp = TypeVar("Rsp", bound=ctypes.Structure)
+
+#: Memory a ring lives in: the share's or mapping's ``mem``, or any writable buffer.
+Buffer = Union[memoryview, bytearray]
+
+
+class Waiter(Protocol):
+    """What the ring waits on: an :class:`~xengrant.evtport.EventPort`, or
+    anything with its ``wait``/``wait_async`` (they may return a bool or raise
+    :class:`TimeoutError`; the ring looks at its indices again either way)."""
+
+    def wait(self, timeout: float | None = None) -> object: ...
+
+    def wait_async(self, timeout: float | None = None) -> Awaitable[object]: ...
 
 
 class RingError(XenError):
@@ -139,7 +154,7 @@ def ring_size(req: type[ctypes.Structure], rsp: type[ctypes.Structure], nbytes: 
     return n
 
 
-def shared_ring_init(mem: Any) -> None:
+def shared_ring_init(mem: Buffer) -> None:
     """``SHARED_RING_INIT``: producers 0, event indices 1, ``pvt`` and ``__pad`` zeroed."""
     m = memoryview(mem).cast("B")
     m[16:64] = bytes(48)
@@ -150,7 +165,7 @@ def shared_ring_init(mem: Any) -> None:
 class _Ring(Generic[Req, Rsp]):
     """What both ends share: the memory, the layout, the slot arithmetic."""
 
-    def __init__(self, mem: Any, req: type[Req], rsp: type[Rsp]) -> None:
+    def __init__(self, mem: Buffer, req: type[Req], rsp: type[Rsp]) -> None:
         self.mem = memoryview(mem).cast("B")
         if self.mem.readonly:
             raise ValueError("ring: the ring's memory must be writable")
@@ -198,7 +213,7 @@ class FrontRing(_Ring[Req, Rsp]):
         ValueError: read-only memory, or too small for one slot.
     """
 
-    def __init__(self, mem: Any, req: type[Req], rsp: type[Rsp], *, init: bool = True,
+    def __init__(self, mem: Buffer, req: type[Req], rsp: type[Rsp], *, init: bool = True,
                  start: int = 0) -> None:
         super().__init__(mem, req, rsp)
         if init:
@@ -326,21 +341,28 @@ class FrontRing(_Ring[Req, Rsp]):
         _cext.store32(self.mem, RSP_EVENT, (self.rsp_cons + 1) & _M)  # then xen_mb
         return bool(self.unconsumed_responses())
 
-    def wait_for_responses(self, port: Any, timeout: float | None = None) -> bool:
+    def wait_for_responses(self, port: Waiter, timeout: float | None = None) -> None:
         """Sleep on ``port`` (an :class:`~xengrant.evtport.EventPort`) until a
-        response is there.
+        response is there (:meth:`final_check_for_responses` between sleeps).
 
-        Returns:
-            False when ``timeout`` passed first.
+        Args:
+            port: the ring's event port.
+            timeout: seconds (None: for ever; 0: only look).
 
         Raises:
+            TimeoutError: no response came in ``timeout``.
             RingError: the back end broke the ring.
         """
-        return _wait(self.final_check_for_responses, port, timeout)
+        _wait(self.final_check_for_responses, port, timeout, "wait_for_responses")
 
-    async def wait_for_responses_async(self, port: Any, timeout: float | None = None) -> bool:
-        """asyncio twin of :meth:`wait_for_responses`."""
-        return await _wait_async(self.final_check_for_responses, port, timeout)
+    async def wait_for_responses_async(self, port: Waiter, timeout: float | None = None) -> None:
+        """asyncio twin of :meth:`wait_for_responses`.
+
+        Raises:
+            TimeoutError: no response came in ``timeout``.
+            RingError: the back end broke the ring.
+        """
+        await _wait_async(self.final_check_for_responses, port, timeout, "wait_for_responses")
 
 
 class BackRing(_Ring[Req, Rsp]):
@@ -355,7 +377,7 @@ class BackRing(_Ring[Req, Rsp]):
         ValueError: read-only memory, or too small for one slot.
     """
 
-    def __init__(self, mem: Any, req: type[Req], rsp: type[Rsp], *, start: int = 0) -> None:
+    def __init__(self, mem: Buffer, req: type[Req], rsp: type[Rsp], *, start: int = 0) -> None:
         super().__init__(mem, req, rsp)
         self.rsp_prod_pvt = start & _M
         self.req_cons = start & _M
@@ -481,35 +503,53 @@ class BackRing(_Ring[Req, Rsp]):
         _cext.store32(self.mem, REQ_EVENT, (self.req_cons + 1) & _M)
         return bool(self.unconsumed_requests())
 
-    def wait_for_requests(self, port: Any, timeout: float | None = None) -> bool:
-        """Sleep on ``port`` until a request is there (False after ``timeout``).
+    def wait_for_requests(self, port: Waiter, timeout: float | None = None) -> None:
+        """Sleep on ``port`` until a request is there (:meth:`final_check_for_requests`
+        between sleeps).
+
+        Args:
+            port: the ring's event port.
+            timeout: seconds (None: for ever; 0: only look).
 
         Raises:
+            TimeoutError: no request came in ``timeout``.
             RingError: the front end broke the ring.
         """
-        return _wait(self.final_check_for_requests, port, timeout)
+        _wait(self.final_check_for_requests, port, timeout, "wait_for_requests")
 
-    async def wait_for_requests_async(self, port: Any, timeout: float | None = None) -> bool:
-        """asyncio twin of :meth:`wait_for_requests`."""
-        return await _wait_async(self.final_check_for_requests, port, timeout)
+    async def wait_for_requests_async(self, port: Waiter, timeout: float | None = None) -> None:
+        """asyncio twin of :meth:`wait_for_requests`.
+
+        Raises:
+            TimeoutError: no request came in ``timeout``.
+            RingError: the front end broke the ring.
+        """
+        await _wait_async(self.final_check_for_requests, port, timeout, "wait_for_requests")
 
 
-def _wait(check: Any, port: Any, timeout: float | None) -> bool:
+def _timed_out(op: str, timeout: float | None) -> TimeoutError:
+    return TimeoutError(f"ring {op}: nothing came in {timeout} s")
+
+
+def _wait(check: Callable[[], bool], port: Waiter, timeout: float | None, op: str) -> None:
+    """Final check, sleep on ``port``, until ``check`` says there is work."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while not check():
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
-            return False
-        port.wait(left)
-    return True
+            raise _timed_out(op, timeout)
+        # A port's own timeout (False or TimeoutError) is not ours: look again first.
+        with contextlib.suppress(TimeoutError):
+            port.wait(left)
 
 
-async def _wait_async(check: Any, port: Any, timeout: float | None) -> bool:
+async def _wait_async(check: Callable[[], bool], port: Waiter, timeout: float | None,
+                      op: str) -> None:
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     while not check():
         left = None if deadline is None else deadline - loop.time()
         if left is not None and left <= 0:
-            return False
-        await port.wait_async(left)
-    return True
+            raise _timed_out(op, timeout)
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await port.wait_async(left)

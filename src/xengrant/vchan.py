@@ -53,7 +53,7 @@ import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from . import _cext
 from .errors import XenError
@@ -175,6 +175,32 @@ def check_orders(left: int, right: int) -> None:
                          f"{end}, past {limit}")
 
 
+class VchanDomain(Protocol):
+    """What a vchan needs of a domain: ``domain`` of :func:`xengrant.service.connect`,
+    or on real Xen an object holding ``xengrant.linux.open_xenstore()``,
+    ``EventChannels()`` and ``open_backend()``'s ``gntshr``/``gnttab``.
+
+    ``xs`` is used for ``read``/``write``/``set_perms``/``rm``, ``evtchn`` through
+    :class:`~xengrant.evtport.EventPort`, ``gntshr`` (a server) to share and
+    ``gnttab`` (a client) to map; ``domid`` when xenstore cannot say it.
+    """
+
+    @property
+    def domid(self) -> int: ...
+
+    @property
+    def xs(self) -> object: ...
+
+    @property
+    def evtchn(self) -> object: ...
+
+    @property
+    def gntshr(self) -> object: ...
+
+    @property
+    def gnttab(self) -> object: ...
+
+
 def _own_domid(dom: Any) -> int:
     """``xs_read("domid")`` as init_xs_srv does, else the domain object's id."""
     with contextlib.suppress(Exception):
@@ -194,6 +220,50 @@ def _map_notify(gnttab: Any, peer: int, ref: int, offset: int, port: int) -> Any
     if hasattr(gnttab, "map_grant_ref_notify"):
         return gnttab.map_grant_ref_notify(peer, ref, offset, port, True)
     return gnttab.map_grant_ref(peer, ref, True, notify_offset=offset, notify_port=port)
+
+
+class VchanTimeout(TimeoutError):
+    """A blocking vchan call's ``timeout`` passed.
+
+    Attributes:
+        op: the call (``"read"``, ``"write"``, ``"wait"`` ...).
+        written: bytes a stream :meth:`Vchan.write` moved before it timed out
+            (0 for every other call).
+    """
+
+    def __init__(self, op: str, timeout: float | None) -> None:
+        self.op = op
+        self.written = 0
+        after = "" if timeout is None else f" after {timeout} s"
+        super().__init__(f"vchan {op}: timed out{after}")
+
+
+class _Again:
+    """A step's answer "nothing moved yet: sleep, then try again"."""
+
+
+_AGAIN = _Again()
+_T = TypeVar("_T")
+
+
+class _WriteStep:
+    """``libxenvchan_write``'s loop body, keeping how much went (``pos``)."""
+
+    def __init__(self, vchan: Vchan, view: memoryview) -> None:
+        self.v, self.view, self.pos = vchan, view, 0
+
+    def __call__(self) -> int | _Again:
+        v, view = self.v, self.view
+        size = len(view)
+        if not v.is_open():
+            after = f" after {self.pos} of {size} bytes" if self.pos else ""
+            raise BrokenPipeError(errno.EPIPE, f"vchan write: the peer closed{after}")
+        avail = min(v._fast_buffer_space(size - self.pos), size - self.pos)
+        if avail:
+            self.pos += v._do_send(view[self.pos : self.pos + avail])
+        if self.pos == size or not v.blocking:
+            return self.pos
+        return _AGAIN
 
 
 class Vchan:
@@ -231,10 +301,11 @@ class Vchan:
         self._cv = threading.Condition()
         self._waiting = False
         self._gen = 0
+        self._waiter: asyncio.Task[None] | None = None  # the asyncio side's wait on the port
 
     # ---------------------------------------------------------------- setup
     @classmethod
-    def server(cls, dom: Any, peer: int, xs_path: str, left_min: int = 1024,
+    def server(cls, dom: VchanDomain, peer: int, xs_path: str, left_min: int = 1024,
                right_min: int = 2048) -> Vchan:
         """``libxenvchan_server_init``: offer a vchan to ``peer`` at ``xs_path``.
 
@@ -253,13 +324,14 @@ class Vchan:
         """
         read_order, write_order = server_orders(left_min, right_min)
         self = cls()
+        d: Any = dom  # the backends' interfaces differ; VchanDomain names what is used
         self.is_server, self.peer, self._dom = True, peer, dom
         # The server sets cli_notify (22) to ask, and clears srv_notify (23) to tell.
         self._ask_shift, self._tell_shift, self._live = 0, 8, CLI_LIVE
         self._rd_shr, self._wr_shr = LEFT, RIGHT
         try:
-            self.port = EventPort.offer(dom.evtchn, peer)  # init_evt_srv
-            ring = _share_notify(dom.gntshr, peer, SRV_LIVE, self.port.port)  # init_gnt_srv
+            self.port = EventPort.offer(d.evtchn, peer)  # init_evt_srv
+            ring = _share_notify(d.gntshr, peer, SRV_LIVE, self.port.port)  # init_gnt_srv
             self._ring = ring
             hdr = self._hdr = ring.mem.cast("B")
             hdr[:] = bytes(PAGE_SIZE)
@@ -272,7 +344,7 @@ class Vchan:
                 if off:
                     bufs.append(hdr[off : off + (1 << order)])
                 else:
-                    share = dom.gntshr.share_pages(peer, _pages(order), True)
+                    share = d.gntshr.share_pages(peer, _pages(order), True)
                     self._bufs.append(share)
                     grants += share.refs
                     bufs.append(share.mem.cast("B"))
@@ -280,18 +352,18 @@ class Vchan:
             self._rd, self._wr = bufs
             self.read_size, self.write_size = 1 << read_order, 1 << write_order
             # init_xs_srv: owner us, nobody else but the peer, who may read.
-            perms = [f"n{_own_domid(dom)}", f"r{peer}"]
+            perms = [f"n{_own_domid(d)}", f"r{peer}"]
             self.xs_path = xs_path
             for name, value in (("ring-ref", ring.refs[0]), ("event-channel", self.port.port)):
-                dom.xs.write(f"{xs_path}/{name}", str(value))
-                dom.xs.set_perms(f"{xs_path}/{name}", perms)
+                d.xs.write(f"{xs_path}/{name}", str(value))
+                d.xs.set_perms(f"{xs_path}/{name}", perms)
         except BaseException:
             self.close()
             raise
         return self
 
     @classmethod
-    def client(cls, dom: Any, peer: int, xs_path: str) -> Vchan:
+    def client(cls, dom: VchanDomain, peer: int, xs_path: str) -> Vchan:
         """``libxenvchan_client_init``: connect to the server ``peer`` offers at ``xs_path``.
 
         Args:
@@ -304,6 +376,7 @@ class Vchan:
             GrantError, EvtchnError: the grant or port does not map/bind.
         """
         self = cls()
+        d: Any = dom  # the backends' interfaces differ; VchanDomain names what is used
         self.peer, self._dom = peer, dom
         # The client sets srv_notify (23) to ask, and clears cli_notify (22) to tell.
         self._ask_shift, self._tell_shift, self._live = 8, 0, SRV_LIVE
@@ -311,7 +384,7 @@ class Vchan:
         values = []
         for name in ("ring-ref", "event-channel"):
             try:
-                raw = dom.xs.read(f"{xs_path}/{name}")
+                raw = d.xs.read(f"{xs_path}/{name}")
             except XenError as e:
                 err = getattr(e, "errno", None) or errno.ENOENT
                 raise VchanError("client_init", f"{xs_path}/{name}: {e}", err) from e
@@ -324,8 +397,8 @@ class Vchan:
             values.append(value)
         ring_ref, remote_port = values
         try:
-            self.port = EventPort.bind(dom.evtchn, peer, remote_port)  # init_evt_cli
-            ring = _map_notify(dom.gnttab, peer, ring_ref, CLI_LIVE, self.port.port)
+            self.port = EventPort.bind(d.evtchn, peer, remote_port)  # init_evt_cli
+            ring = _map_notify(d.gnttab, peer, ring_ref, CLI_LIVE, self.port.port)
             self._ring = ring
             hdr = self._hdr = ring.mem.cast("B")
             # Read the orders and grants once: the server may change them later.
@@ -340,7 +413,7 @@ class Vchan:
                 if off:
                     bufs.append(hdr[off : off + (1 << order)])
                 else:
-                    m = dom.gnttab.map_domain_grant_refs(peer, refs, writable)
+                    m = d.gnttab.map_domain_grant_refs(peer, refs, writable)
                     self._bufs.append(m)
                     bufs.append(m.mem.cast("B"))
             self._wr, self._rd = bufs
@@ -449,17 +522,40 @@ class Vchan:
         """A server's client has come (``cli_live`` is not 2); always True for a client."""
         return not self.is_server or self._byte(CLI_LIVE) != 2
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """``libxenvchan_wait``: wait for an event from the peer (False after ``timeout``)."""
-        self._live_check("wait")
-        assert self.port is not None
-        return self.port.wait(timeout)
+    def wait(self, timeout: float | None = None) -> None:
+        """``libxenvchan_wait``: wait for an event from the peer.
 
-    async def wait_async(self, timeout: float | None = None) -> bool:
-        """asyncio twin of :meth:`wait`."""
+        Args:
+            timeout: seconds (None: for ever; 0: take an event already there).
+
+        Raises:
+            VchanTimeout: no event came in ``timeout``.
+            ValueError: the vchan is closed.
+        """
         self._live_check("wait")
         assert self.port is not None
-        return await self.port.wait_async(timeout)
+        try:
+            got = self.port.wait(timeout)
+        except TimeoutError:
+            got = False
+        if got is False:
+            raise VchanTimeout("wait", timeout)
+
+    async def wait_async(self, timeout: float | None = None) -> None:
+        """asyncio twin of :meth:`wait`.
+
+        Raises:
+            VchanTimeout: no event came in ``timeout``.
+            ValueError: the vchan is closed.
+        """
+        self._live_check("wait")
+        assert self.port is not None
+        try:
+            got = await self.port.wait_async(timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            got = False
+        if got is False:
+            raise VchanTimeout("wait", timeout)
 
     def fileno(self) -> int:
         """``libxenvchan_fd_for_select``: readable when an event may have come
@@ -494,6 +590,13 @@ class Vchan:
         self._send_notify(VCHAN_NOTIFY_READ)
         return out
 
+    # ------------------------------------------------------ blocking calls
+    # Each call is one step -- look at the ring, move what can move, answer or
+    # say "again" -- and one of two drivers that sleep on the event port between
+    # steps until the step answers or the deadline passes: the blocking calls
+    # (read, recv, write, send, wait_connected) and their asyncio twins share
+    # the steps, so io.c's rules are written once.
+
     def _sleep(self, deadline: float | None, op: str, gen: int) -> None:
         """Wait for the peer's next event after ``gen`` (read before the caller
         last looked at the ring).
@@ -503,10 +606,13 @@ class Vchan:
         taken bumps the generation and wakes them all, and each looks at its
         own ring again.  An event taken by another thread since the caller
         looked ends the wait at once, so none is lost.
+
+        Raises:
+            VchanTimeout: ``deadline`` has passed.
         """
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
-            raise TimeoutError(f"vchan {op}: timed out")
+            raise VchanTimeout(op, None)
         assert self.port is not None
         with self._cv:
             if self._gen != gen:
@@ -516,34 +622,64 @@ class Vchan:
                 return
             self._waiting = True
         try:
-            self.port.wait(left)
+            with contextlib.suppress(TimeoutError):  # the caller looks, then times out
+                self.port.wait(left)
         finally:
             with self._cv:
                 self._waiting = False
                 self._gen += 1
                 self._cv.notify_all()
 
-    @staticmethod
-    def _deadline(timeout: float | None) -> float | None:
-        return None if timeout is None else time.monotonic() + timeout
+    async def _sleep_async(self, deadline: float | None, op: str, gen: int) -> None:
+        """asyncio twin of :meth:`_sleep`: tasks of one loop share one wait on
+        the port (a second reader on the same descriptor would replace the first)."""
+        loop = asyncio.get_running_loop()
+        left = None if deadline is None else deadline - loop.time()
+        if left is not None and left <= 0:
+            raise VchanTimeout(op, None)
+        if self._gen != gen:
+            return
+        task = self._waiter
+        if task is None or task.done():
+            task = self._waiter = loop.create_task(self._port_wait_async(left))
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), left)
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> int:
-        """``libxenvchan_send``: write all of ``data`` as one packet, or nothing.
+    async def _port_wait_async(self, left: float | None) -> None:
+        assert self.port is not None
+        try:
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await self.port.wait_async(left)
+        finally:
+            self._gen += 1
 
-        Returns:
-            ``len(data)``, or 0 when non-blocking and there is no room.
-
-        Raises:
-            BrokenPipeError: the peer closed.
-            ValueError: ``data`` is larger than the ring (it could never fit).
-            TimeoutError: blocking, and ``timeout`` passed.
-            VchanError: the peer's index is bogus.
-        """
-        self._live_check("send")
-        view = memoryview(data).cast("B")
-        deadline = self._deadline(timeout)
+    def _drive(self, op: str, step: Callable[[], _T | _Again], timeout: float | None) -> _T:
+        """Run ``step`` until it answers, sleeping on the port between tries."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             gen = self._gen
+            got = step()
+            if not isinstance(got, _Again):
+                return got
+            self._sleep(deadline, op, gen)
+
+    async def _drive_async(self, op: str, step: Callable[[], _T | _Again],
+                           timeout: float | None) -> _T:
+        """asyncio twin of :meth:`_drive`."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            gen = self._gen
+            got = step()
+            if not isinstance(got, _Again):
+                return got
+            await self._sleep_async(deadline, op, gen)
+
+    def _send_step(self, data: bytes | bytearray | memoryview) -> Callable[[], int | _Again]:
+        """``libxenvchan_send``'s loop body: all of ``data``, or nothing."""
+        view = memoryview(data).cast("B")
+
+        def step() -> int | _Again:
             if not self.is_open():
                 raise BrokenPipeError(errno.EPIPE, "vchan send: the peer closed")
             if len(view) <= self._fast_buffer_space(len(view)):
@@ -553,62 +689,18 @@ class Vchan:
             if len(view) > self.write_size:
                 raise ValueError(f"vchan send: {len(view)} bytes do not fit a "
                                  f"{self.write_size}-byte ring")
-            self._sleep(deadline, "send", gen)
+            return _AGAIN
 
-    def write(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> int:
-        """``libxenvchan_write``: stream ``data`` (blocking: all of it; non-blocking:
-        what fits now).
+        return step
 
-        Returns:
-            Bytes written.
+    def _write_step(self, data: bytes | bytearray | memoryview) -> _WriteStep:
+        """``libxenvchan_write``'s loop body: blocking, all of ``data``; not, what fits."""
+        return _WriteStep(self, memoryview(data).cast("B"))
 
-        Raises:
-            BrokenPipeError: the peer closed (blocking: before all was written).
-            TimeoutError: blocking, and ``timeout`` passed (see ``written``).
-            VchanError: the peer's index is bogus.
-        """
-        self._live_check("write")
-        view = memoryview(data).cast("B")
-        size = len(view)
-        if not self.is_open():
-            raise BrokenPipeError(errno.EPIPE, "vchan write: the peer closed")
-        if not self.blocking:
-            avail = min(self._fast_buffer_space(size), size)
-            return self._do_send(view[:avail]) if avail else 0
-        deadline = self._deadline(timeout)
-        pos = 0
-        while True:
-            gen = self._gen
-            avail = min(self._fast_buffer_space(size - pos), size - pos)
-            if avail:
-                pos += self._do_send(view[pos : pos + avail])
-            if pos == size:
-                return pos
-            try:
-                self._sleep(deadline, "write", gen)
-            except TimeoutError as e:
-                e.written = pos  # type: ignore[attr-defined]
-                raise
-            if not self.is_open():
-                raise BrokenPipeError(errno.EPIPE, f"vchan write: the peer closed "
-                                      f"after {pos} of {size} bytes")
+    def _recv_step(self, size: int) -> Callable[[], bytes | _Again | None]:
+        """``libxenvchan_recv``'s loop body: exactly ``size`` bytes."""
 
-    def recv(self, size: int, timeout: float | None = None) -> bytes | None:
-        """``libxenvchan_recv``: read exactly ``size`` bytes (a packet).
-
-        Returns:
-            The bytes; ``None`` when non-blocking and fewer are there; ``b""``
-            when the peer closed with fewer there.
-
-        Raises:
-            ValueError: ``size`` is larger than the ring (blocking).
-            TimeoutError: blocking, and ``timeout`` passed.
-            VchanError: the peer's index is bogus.
-        """
-        self._live_check("recv")
-        deadline = self._deadline(timeout)
-        while True:
-            gen = self._gen
+        def step() -> bytes | _Again | None:
             if size <= self._fast_data_ready(size):
                 return self._do_recv(size)
             if not self.is_open():
@@ -618,23 +710,14 @@ class Vchan:
             if size > self.read_size:
                 raise ValueError(f"vchan recv: {size} bytes do not fit a "
                                  f"{self.read_size}-byte ring")
-            self._sleep(deadline, "recv", gen)
+            return _AGAIN
 
-    def read(self, size: int, timeout: float | None = None) -> bytes | None:
-        """``libxenvchan_read``: read up to ``size`` bytes (a stream).
+        return step
 
-        Returns:
-            What was there (at least one byte); ``None`` when non-blocking and
-            nothing is there; ``b""`` when the peer closed and nothing is left.
+    def _read_step(self, size: int) -> Callable[[], bytes | _Again | None]:
+        """``libxenvchan_read``'s loop body: what is there, up to ``size``."""
 
-        Raises:
-            TimeoutError: blocking, and ``timeout`` passed.
-            VchanError: the peer's index is bogus.
-        """
-        self._live_check("read")
-        deadline = self._deadline(timeout)
-        while True:
-            gen = self._gen
+        def step() -> bytes | _Again | None:
             avail = self._fast_data_ready(size)
             if avail:
                 return self._do_recv(min(size, avail))
@@ -642,20 +725,155 @@ class Vchan:
                 return b""
             if not self.blocking:
                 return None
-            self._sleep(deadline, "read", gen)
+            return _AGAIN
+
+        return step
+
+    def _connected_step(self) -> _Again | None:
+        return None if self.connected else _AGAIN
+
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> int:
+        """``libxenvchan_send``: write all of ``data`` as one packet, or nothing.
+
+        Args:
+            data: the packet.
+            timeout: seconds to wait for room (blocking; None: for ever).
+
+        Returns:
+            ``len(data)``, or 0 when non-blocking and there is no room.
+
+        Raises:
+            BrokenPipeError: the peer closed.
+            ValueError: ``data`` is larger than the ring (it could never fit).
+            VchanTimeout: blocking, and ``timeout`` passed (nothing was written).
+            VchanError: the peer's index is bogus.
+        """
+        self._live_check("send")
+        return self._drive("send", self._send_step(data), timeout)
+
+    async def send_async(self, data: bytes | bytearray | memoryview,
+                         timeout: float | None = None) -> int:
+        """asyncio twin of :meth:`send` (waits without blocking the loop).
+
+        Raises:
+            BrokenPipeError, ValueError, VchanTimeout, VchanError: as :meth:`send`.
+        """
+        self._live_check("send")
+        return await self._drive_async("send", self._send_step(data), timeout)
+
+    def write(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> int:
+        """``libxenvchan_write``: stream ``data`` (blocking: all of it; non-blocking:
+        what fits now).
+
+        Args:
+            data: the bytes.
+            timeout: seconds to wait for room (blocking; None: for ever).
+
+        Returns:
+            Bytes written.
+
+        Raises:
+            BrokenPipeError: the peer closed (blocking: before all was written).
+            VchanTimeout: blocking, and ``timeout`` passed (its ``written`` says
+                how much went).
+            VchanError: the peer's index is bogus.
+        """
+        self._live_check("write")
+        step = self._write_step(data)
+        try:
+            return self._drive("write", step, timeout)
+        except VchanTimeout as e:
+            e.written = step.pos
+            raise
+
+    async def write_async(self, data: bytes | bytearray | memoryview,
+                          timeout: float | None = None) -> int:
+        """asyncio twin of :meth:`write`.
+
+        Raises:
+            BrokenPipeError, VchanTimeout, VchanError: as :meth:`write`.
+        """
+        self._live_check("write")
+        step = self._write_step(data)
+        try:
+            return await self._drive_async("write", step, timeout)
+        except VchanTimeout as e:
+            e.written = step.pos
+            raise
+
+    def recv(self, size: int, timeout: float | None = None) -> bytes | None:
+        """``libxenvchan_recv``: read exactly ``size`` bytes (a packet).
+
+        Args:
+            size: bytes.
+            timeout: seconds to wait for them (blocking; None: for ever).
+
+        Returns:
+            The bytes; ``None`` when non-blocking and fewer are there; ``b""``
+            when the peer closed with fewer there.
+
+        Raises:
+            ValueError: ``size`` is larger than the ring (blocking).
+            VchanTimeout: blocking, and ``timeout`` passed (nothing was read).
+            VchanError: the peer's index is bogus.
+        """
+        self._live_check("recv")
+        return self._drive("recv", self._recv_step(size), timeout)
+
+    async def recv_async(self, size: int, timeout: float | None = None) -> bytes | None:
+        """asyncio twin of :meth:`recv`.
+
+        Raises:
+            ValueError, VchanTimeout, VchanError: as :meth:`recv`.
+        """
+        self._live_check("recv")
+        return await self._drive_async("recv", self._recv_step(size), timeout)
+
+    def read(self, size: int, timeout: float | None = None) -> bytes | None:
+        """``libxenvchan_read``: read up to ``size`` bytes (a stream).
+
+        Args:
+            size: bytes at most.
+            timeout: seconds to wait for one (blocking; None: for ever).
+
+        Returns:
+            What was there (at least one byte); ``None`` when non-blocking and
+            nothing is there; ``b""`` when the peer closed and nothing is left.
+
+        Raises:
+            VchanTimeout: blocking, and ``timeout`` passed.
+            VchanError: the peer's index is bogus.
+        """
+        self._live_check("read")
+        return self._drive("read", self._read_step(size), timeout)
+
+    async def read_async(self, size: int, timeout: float | None = None) -> bytes | None:
+        """asyncio twin of :meth:`read`.
+
+        Raises:
+            VchanTimeout, VchanError: as :meth:`read`.
+        """
+        self._live_check("read")
+        return await self._drive_async("read", self._read_step(size), timeout)
 
     def wait_connected(self, timeout: float | None = None) -> None:
         """A server: wait until the client has come (``cli_live`` no longer 2).
 
+        Args:
+            timeout: seconds (None: for ever).
+
         Raises:
-            TimeoutError: it did not come in time.
+            VchanTimeout: it did not come in time.
         """
-        deadline = self._deadline(timeout)
-        while True:
-            gen = self._gen
-            if self.connected:
-                return
-            self._sleep(deadline, "wait_connected", gen)
+        self._drive("wait_connected", self._connected_step, timeout)
+
+    async def wait_connected_async(self, timeout: float | None = None) -> None:
+        """asyncio twin of :meth:`wait_connected`.
+
+        Raises:
+            VchanTimeout: it did not come in time.
+        """
+        await self._drive_async("wait_connected", self._connected_step, timeout)
 
     # ---------------------------------------------------------------- close
     def close(self) -> None:
@@ -664,6 +882,9 @@ class Vchan:
         if self.closed:
             return
         self.closed = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.get_loop().call_soon_threadsafe(waiter.cancel)
         dom = self._dom
         self._rd = self._wr = memoryview(b"")
         for buf in self._bufs:
@@ -767,7 +988,7 @@ class _VchanTransport(asyncio.Transport):
         v.blocking = False
         exc: Exception | None = None
         eof = False
-        event: asyncio.Task[bool] | None = None
+        event: asyncio.Task[None] | None = None
         try:
             while True:
                 moved = False
@@ -820,7 +1041,7 @@ def _streams(v: Vchan, limit: int = 1 << 16) -> tuple[asyncio.StreamReader, asyn
     return reader, writer
 
 
-async def open_vchan_connection(dom: Any, peer: int, xs_path: str) -> tuple[
+async def open_vchan_connection(dom: VchanDomain, peer: int, xs_path: str) -> tuple[
         asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to a vchan server as a client (``asyncio.open_connection``'s twin).
 
@@ -836,7 +1057,7 @@ async def open_vchan_connection(dom: Any, peer: int, xs_path: str) -> tuple[
 async def start_vchan_server(
     client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
                                   Awaitable[None] | None],
-    dom: Any, peer: int, xs_path: str, left_min: int = 1024, right_min: int = 2048,
+    dom: VchanDomain, peer: int, xs_path: str, left_min: int = 1024, right_min: int = 2048,
 ) -> Vchan:
     """Offer a vchan and call ``client_connected_cb(reader, writer)`` when the
     client has come (``asyncio.start_server``'s twin; one client, as libxenvchan).

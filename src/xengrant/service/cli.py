@@ -282,8 +282,7 @@ def _frontend_main(path: str, domid: int, secret: bytes, backend: int, rounds: i
         ring.put_request(_msg(i, msg))
         if ring.push_requests_and_check_notify():
             evp.notify()
-        if not ring.wait_for_responses(evp, _TIMEOUT):
-            raise TimeoutError("no response from the backend")
+        ring.wait_for_responses(evp, _TIMEOUT)  # TimeoutError: no response from the backend
         got = ring.get_response()
         assert got is not None
         rsp = got.text[: got.len].decode()
