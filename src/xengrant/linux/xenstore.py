@@ -36,41 +36,39 @@ import errno
 import os
 import select
 import socket
-import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 
 from ..errors import XenStoreError
-
-# enum xsd_sockmsg_type (xen/include/public/io/xs_wire.h)
-XS_CONTROL = 0
-XS_DIRECTORY = 1
-XS_READ = 2
-XS_GET_PERMS = 3
-XS_WATCH = 4
-XS_UNWATCH = 5
-XS_TRANSACTION_START = 6
-XS_TRANSACTION_END = 7
-XS_INTRODUCE = 8
-XS_RELEASE = 9
-XS_GET_DOMAIN_PATH = 10
-XS_WRITE = 11
-XS_MKDIR = 12
-XS_RM = 13
-XS_SET_PERMS = 14
-XS_WATCH_EVENT = 15
-XS_ERROR = 16
-XS_IS_DOMAIN_INTRODUCED = 17
-XS_RESUME = 18
-XS_SET_TARGET = 19
-XS_RESET_WATCHES = 21
-XS_DIRECTORY_PART = 22
-#: XENSTORE_PAYLOAD_MAX: the largest payload of one message.
-XENSTORE_PAYLOAD_MAX = 4096
-#: struct xsd_sockmsg
-HEADER = struct.Struct("=IIII")
+from ..xenstore import wire as _w
+from ..xenstore.client import ClientCodec, result, wait_for_value
+from ..xenstore.wire import (  # noqa: F401  (re-exported: the XS_* numbers of xs_wire.h)
+    HEADER,
+    XENSTORE_PAYLOAD_MAX,
+    XS_CONTROL,
+    XS_DIRECTORY,
+    XS_DIRECTORY_PART,
+    XS_ERROR,
+    XS_GET_DOMAIN_PATH,
+    XS_GET_PERMS,
+    XS_INTRODUCE,
+    XS_IS_DOMAIN_INTRODUCED,
+    XS_MKDIR,
+    XS_READ,
+    XS_RELEASE,
+    XS_RESET_WATCHES,
+    XS_RESUME,
+    XS_RM,
+    XS_SET_PERMS,
+    XS_SET_TARGET,
+    XS_TRANSACTION_END,
+    XS_TRANSACTION_START,
+    XS_UNWATCH,
+    XS_WATCH,
+    XS_WATCH_EVENT,
+    XS_WRITE,
+)
 
 XENSTORED_SOCKET = "/var/run/xenstored/socket"
 XENBUS_DEVICE = "/dev/xen/xenbus"
@@ -78,15 +76,8 @@ XENBUS_DEVICE = "/dev/xen/xenbus"
 DEFAULT_TIMEOUT = 30.0
 
 
-def _errno_of(name: bytes) -> int:
-    """``XS_ERROR``'s payload (``b"ENOENT\\0"``) -> the errno (EIO when unknown)."""
-    text = name.rstrip(b"\0").decode("ascii", "replace")
-    value = getattr(errno, text, None)
-    return value if isinstance(value, int) and text.startswith("E") else errno.EIO
-
-
 def _strings(*parts: str) -> bytes:
-    return b"".join(p.encode() + b"\0" for p in parts)
+    return _w.strings(*parts)
 
 
 class LinuxXenStore:
@@ -124,10 +115,10 @@ class LinuxXenStore:
                 raise
             self.fd = self._sock.fileno()
         self._mu = threading.RLock()
-        self._buf = bytearray()
-        self._req_id = 0
+        #: request ids, reply matching, the watch-event queue (shared with every client)
+        self.codec = ClientCodec()
         #: watch events read while waiting for something else: (path, token)
-        self.watch_events: deque[tuple[str, str]] = deque()
+        self.watch_events = self.codec.watch_events
         self.closed = False
 
     def __repr__(self) -> str:
@@ -155,10 +146,7 @@ class LinuxXenStore:
         t = self.timeout if timeout is None else timeout
         return None if t < 0 else time.monotonic() + t
 
-    def _send(self, mtype: int, payload: bytes, req_id: int) -> None:
-        if len(payload) > XENSTORE_PAYLOAD_MAX:
-            raise XenStoreError(errno.E2BIG, f"payload of {len(payload)} bytes > 4096")
-        data = HEADER.pack(mtype, req_id, 0, len(payload)) + payload
+    def _send(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             try:
@@ -168,61 +156,41 @@ class LinuxXenStore:
                 continue
             view = view[n:]
 
-    def _next_message(self, deadline: float | None) -> tuple[int, int, bytes] | None:
-        """The next whole message ``(type, req_id, payload)``, or None at the deadline."""
-        while True:
-            if len(self._buf) >= HEADER.size:
-                mtype, req_id, _tx, length = HEADER.unpack_from(self._buf)
-                if length > XENSTORE_PAYLOAD_MAX:  # hostile or broken: never buffer more
-                    raise XenStoreError(errno.EPROTO, f"message of {length} bytes from {self.path}")
-                end = HEADER.size + length
-                if len(self._buf) >= end:
-                    payload = bytes(self._buf[HEADER.size : end])
-                    del self._buf[:end]
-                    return mtype, req_id, payload
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return None
-            r, _, _ = select.select([self.fd], [], [], left)
-            if not r:
-                return None
-            try:
-                chunk = os.read(self.fd, 65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                raise XenStoreError(errno.ECONNRESET, f"{self.path} closed the connection")
-            self._buf += chunk
+    def _pump(self, deadline: float | None) -> bool:
+        """Read what the peer sent into the codec; False once the deadline passed."""
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return False
+        r, _, _ = select.select([self.fd], [], [], left)
+        if not r:
+            return False
+        try:
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            raise XenStoreError(errno.ECONNRESET, f"{self.path} closed the connection")
+        self.codec.feed(chunk)  # bounded: a message over 4096 bytes raises EPROTO
+        return True
 
-    def _queue_event(self, payload: bytes) -> None:
-        parts = payload.split(b"\0")
-        if len(parts) >= 2:
-            self.watch_events.append((parts[0].decode(errors="replace"),
-                                      parts[1].decode(errors="replace")))
-
-    def _call(self, mtype: int, payload: bytes, timeout: float | None = None) -> bytes:
-        name = f"xenstore request {mtype}"
+    def _call(self, mtype: int, payload: bytes, timeout: float | None = None,
+              tx: int = 0) -> bytes:
+        name = f"XS_{_w.XS_NAMES.get(mtype, mtype)}"
         with self._mu:
             if self.closed:
                 raise XenStoreError(errno.EBADF, "the connection is closed")
-            self._req_id = (self._req_id + 1) & 0xFFFFFFFF
-            req_id = self._req_id
+            req_id, data = self.codec.request(mtype, payload, tx)
             deadline = self._deadline(timeout)
-            self._send(mtype, payload, req_id)
-            while True:
-                msg = self._next_message(deadline)
-                if msg is None:
-                    raise TimeoutError(f"{name}: no reply from {self.path} in time")
-                rtype, rid, body = msg
-                if rtype == XS_WATCH_EVENT:
-                    self._queue_event(body)
-                    continue
-                if rid != req_id:
-                    continue  # the late reply to a request given up
-                if rtype == XS_ERROR:
-                    text = body.rstrip(b"\0").decode(errors="replace")
-                    raise XenStoreError(_errno_of(body), text)
-                return body
+            try:
+                self._send(data)
+                while True:
+                    msg = self.codec.reply(req_id)
+                    if msg is not None:
+                        return result(msg, name)
+                    if not self._pump(deadline):
+                        raise TimeoutError(f"{name}: no reply from {self.path} in time")
+            finally:
+                self.codec.forget(req_id)
 
     # ------------------------------------------------------------- requests
     def read(self, path: str, timeout: float | None = None) -> bytes:
@@ -299,23 +267,17 @@ class LinuxXenStore:
     def drop_watch_events(self, token: str) -> None:
         """Forget queued events of the watch set with ``token``."""
         with self._mu:
-            for item in [e for e in self.watch_events if e[1] == token]:
-                self.watch_events.remove(item)
+            self.codec.drop_events(token)
 
     def _read_event(self, token: str | None, timeout: float | None) -> tuple[str, str]:
         with self._mu:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
-                for item in self.watch_events:
-                    if token is None or item[1] == token:
-                        self.watch_events.remove(item)
-                        return item
-                msg = self._next_message(deadline)
-                if msg is None:
+                item = self.codec.take_event(token)
+                if item is not None:
+                    return item
+                if not self._pump(deadline):
                     raise TimeoutError(f"read_watch: no watch event within {timeout} s")
-                if msg[0] == XS_WATCH_EVENT:
-                    self._queue_event(msg[2])
-                # anything else is a late reply to a request given up
 
     def wait_for_value(
         self, path: str, want: Sequence[bytes] | None = None, timeout: float | None = None
@@ -325,27 +287,7 @@ class LinuxXenStore:
         Raises:
             TimeoutError: ``timeout`` passed first.
         """
-        token = f"wait-{id(self)}-{time.monotonic_ns()}"
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self.watch(path, token)
-        try:
-            while True:
-                try:
-                    value = self.read(path)
-                    if want is None or value in want:
-                        return value
-                except XenStoreError as e:
-                    if e.errno not in (errno.ENOENT, errno.EACCES):
-                        raise
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"{path} did not become {want!r} in time")
-                with contextlib.suppress(TimeoutError):  # the deadline above says so
-                    self.read_watch_token(token, left)
-        finally:
-            with contextlib.suppress(XenStoreError, TimeoutError, OSError):
-                self.unwatch(path, token)
-            self.drop_watch_events(token)
+        return wait_for_value(self, path, want, timeout, (XenStoreError, TimeoutError, OSError))
 
     async def wait_for_value_async(
         self, path: str, want: Sequence[bytes] | None = None, timeout: float | None = None
