@@ -992,6 +992,7 @@ class GrantTable:
             self._undo_share(refs, i, pages)
             raise
         view = pages._view
+        assert view is not None  # fresh pages: their view is theirs until now
         share = Share(self, domid, refs, writable, view, resource=pages)
         pages.mem.release()
         pages.freed = True  # the share owns the pages now

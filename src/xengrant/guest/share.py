@@ -18,7 +18,7 @@ import asyncio
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import Busy
 
@@ -36,6 +36,20 @@ class ShareOwner(Protocol):
 
 class MappingOwner(Protocol):
     def _unmap(self, mapping: Mapping) -> None: ...
+
+
+class PageView(Protocol):
+    """The memory a backend hands a :class:`Share` or :class:`Mapping`: a buffer
+    (``memoryview(view)`` gives the bytes) that ``close()`` unmaps, refusing with
+    ``BufferError`` while views of it are alive -- an emulated frame view
+    (:class:`~xengrant.hypercall.FrameView`), Linux's ``mmap`` of gntalloc or
+    gntdev, a ``mmap.mmap``."""
+
+    def close(self) -> None: ...
+
+    if TYPE_CHECKING:  # the buffer protocol (PEP 688), for type checkers only
+
+        def __buffer__(self, flags: int, /) -> memoryview: ...
 
 
 def _backoff(delay: float) -> float:
@@ -84,7 +98,7 @@ class HoldsView:
     """Something whose memory is ``mem``, a memoryview of the frame view ``_view``."""
 
     mem: memoryview
-    _view: Any
+    _view: PageView | None
 
     def _release_memory(self) -> None:
         """Release ``mem`` and close the view (unmapping it).
@@ -94,10 +108,13 @@ class HoldsView:
                 stays usable and nothing is closed.
         """
         self.mem.release()
+        view = self._view
+        if view is None:  # given up already (the pages went to a share)
+            return
         try:
-            self._view.close()
+            view.close()
         except BufferError:
-            self.mem = memoryview(self._view)
+            self.mem = memoryview(view)
             raise
 
 
@@ -118,8 +135,8 @@ class Share(HoldsView):
         domid: int,
         refs: Sequence[int],
         writable: bool,
-        view: Any,
-        resource: Any = None,
+        view: PageView,
+        resource: object = None,
     ) -> None:
         self._owner = owner
         self.domid = domid
@@ -128,8 +145,9 @@ class Share(HoldsView):
         self.writable = writable
         self._view = view
         self.mem = memoryview(view)
-        #: backend data (e.g. the pages, or the gntalloc index)
-        self.resource = resource
+        #: the backend's own data (the pages, the gntalloc index): only the
+        #: backend that made the share reads it, knowing its type
+        self.resource: Any = resource
         self.released = False
 
     def __repr__(self) -> str:
@@ -235,9 +253,9 @@ class Mapping(HoldsView):
         domids: Sequence[int],
         refs: Sequence[int],
         writable: bool,
-        view: Any,
+        view: PageView,
         handles: Sequence[int] | None = None,
-        resource: Any = None,
+        resource: object = None,
     ) -> None:
         self._owner = owner
         self.domids = list(domids)
@@ -246,7 +264,8 @@ class Mapping(HoldsView):
         self.handles = list(handles) if handles is not None else None
         self._view = view
         self.mem = memoryview(view)
-        self.resource = resource
+        #: the backend's own data (the gfns, the gntdev index), for that backend
+        self.resource: Any = resource
         self.released = False
 
     def __repr__(self) -> str:

@@ -14,7 +14,10 @@ import ctypes
 import fcntl
 import mmap
 import os
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol, Union
+
+if TYPE_CHECKING:
+    from ..guest.share import PageView
 
 try:
     from .. import _cext
@@ -33,7 +36,7 @@ class Device(Protocol):
         """``ioctl(fd, request, &arg)``; raises OSError with the driver's errno."""
         ...
 
-    def mmap(self, length: int, writable: bool, offset: int) -> Any:
+    def mmap(self, length: int, writable: bool, offset: int) -> PageView:
         """``mmap(NULL, length, prot, MAP_SHARED, fd, offset)``.
 
         Returns an object with the buffer protocol (read-only unless
@@ -80,7 +83,7 @@ class OsDevice:
     def ioctl(self, request: int, arg: ctypes.Structure) -> int:
         return int(fcntl.ioctl(self.fd, request, arg, True))
 
-    def mmap(self, length: int, writable: bool, offset: int) -> Any:
+    def mmap(self, length: int, writable: bool, offset: int) -> PageView:
         """One ``mmap`` of the whole range (gntdev wants one vma per mapping).
 
         Python's ``mmap.mmap`` would ``dup`` the descriptor for every
@@ -93,7 +96,9 @@ class OsDevice:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             return mmap.mmap(self.fd, length, mmap.MAP_SHARED, prot, offset=offset)
         first = offset // PAGE_SIZE
-        return _cext.vmap(self.fd, range(first, first + length // PAGE_SIZE), not writable)
+        view: PageView = _cext.vmap(self.fd, range(first, first + length // PAGE_SIZE),
+                                    not writable)
+        return view
 
     def fileno(self) -> int:
         return self.fd
@@ -110,7 +115,11 @@ class OsDevice:
             os.close(fd)
 
 
-def buffer_address(buf: Any) -> int:
+#: A writable buffer whose address gntdev can be asked about.
+AddressableBuffer = Union[bytearray, memoryview, mmap.mmap, "PageView"]
+
+
+def buffer_address(buf: AddressableBuffer) -> int:
     """The virtual address of a writable buffer (an mmap, a bytearray).
 
     Used for ``IOCTL_GNTDEV_GET_OFFSET_FOR_VADDR``; the temporary export is

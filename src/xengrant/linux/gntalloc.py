@@ -25,10 +25,9 @@ the page until it unmaps.
 from __future__ import annotations
 
 import errno as _errno
-from typing import Any
 
 from ..abi import gntalloc as ga
-from ..guest.share import Share
+from ..guest.share import PageView, Share
 from ._device import PAGE_SIZE, Device, OsDevice
 from ._ops import alloc_ids, alloc_request
 from .errors import LinuxGrantTableFull, describe, from_oserror
@@ -147,7 +146,7 @@ class LinuxGntshr:
 
     def _map_and_notify(
         self, index: int, count: int, notify_offset: int | None, notify_port: int | None
-    ) -> Any:
+    ) -> PageView:
         try:
             view = self.dev.mmap(count * PAGE_SIZE, True, index)
         except OSError as e:
@@ -203,6 +202,7 @@ class LinuxGntshr:
         share.refs.clear()
         share.mem.release()
         try:
-            share._view.close()
+            if share._view is not None:
+                share._view.close()
         except BufferError:
             pass  # unmapped when the last view goes; gntalloc frees it then

@@ -38,6 +38,7 @@ from .evtclient import EventChannelClient
 from .identity import Identity
 from .paths import default_socket_path
 from .server import Server, serve
+from .stats_types import ServiceStats
 from .xenstore import XenStore, XenStoreError
 from .xsclient import XenStoreClient, XenStoreWatch
 
@@ -53,6 +54,7 @@ __all__ = [
     "RemoteHypercalls",
     "Server",
     "ServiceError",
+    "ServiceStats",
     "XenStore",
     "XenStoreClient",
     "XenStoreError",

@@ -197,7 +197,9 @@ def _inspect_text(path: str) -> str:
     for domid in sorted(doms, key=int):
         ring = doms[domid].get("ring")
         text = "none: the socket only" if ring is None else " ".join(
-            f"{k}={ring[k]}" for k in _RING_ORDER
+            f"{k}={v}" for k, v in zip(_RING_ORDER, (
+                ring["req_prod"], ring["req_cons"], ring["req_event"],
+                ring["rsp_prod_pvt"], ring["rsp_prod"], ring["rsp_event"]))
         )
         lines.append(f"  d{domid}: {text}")
     return "\n".join(lines)

@@ -70,6 +70,7 @@ from .paths import check_server, default_socket_path, read_token, token_path
 from .ring import ClientRing
 from .ring import response_payload as ring_response_payload
 from .ring import response_seq as ring_response_seq
+from .stats_types import ServiceStats
 from .xsclient import XenStoreClient as XenStoreClient
 from .xsclient import XenStoreWatch as XenStoreWatch
 
@@ -2112,7 +2113,7 @@ def _token(channel: Channel, token: bytes | None) -> bytes:
 
 def stats(
     path: str | None = None, timeout: float | None = 10.0, token: bytes | None = None
-) -> dict[str, Any]:
+) -> ServiceStats:
     """The service's tables and counts (free frames, domains, pins, ports, xenstore).
 
     The toolstack's view: it takes the dom0 token (default: read from
@@ -2126,7 +2127,7 @@ def stats(
     channel = Channel(path, timeout)
     try:
         body = channel.call_ok(p.MSG_STATS, _token(channel, token), "stats")
-        result: dict[str, Any] = json.loads(body)
+        result: ServiceStats = json.loads(body)
         return result
     finally:
         channel.close()
