@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -406,3 +407,59 @@ def test_own_domid_and_available(tmp_path: Any) -> None:
     assert own_domid(str(caps)) is None
     assert own_domid(str(tmp_path / "missing")) is None
     assert available(str(caps)) and not available(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------- logging
+def test_map_failures_log_xens_reasons_at_debug_rate_limited(
+    env: Env, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Why a peer's grant did not map goes to xengrant.linux at DEBUG with the
+    GNTST code, as Xen's debug build says it; a peer failing many maps gets
+    BURST lines per interval, then one that says how many were left out."""
+    from xengrant.linux import _log
+
+    clock = [0.0]
+    limit = _log.ratelimited
+    monkeypatch.setattr(limit, "clock", lambda: clock[0])
+    monkeypatch.setattr(limit, "burst", 3)
+    monkeypatch.setattr(limit, "_keys", {})
+    monkeypatch.setattr(limit, "suppressed", 0)
+    with caplog.at_level(logging.DEBUG, logger="xengrant.linux"):
+        for _ in range(5):
+            with pytest.raises(GrantError):
+                env.tab.map_grant_ref(0, 1_000_000)
+    lines = [r for r in caplog.records if r.name == "xengrant.linux"]
+    assert [r.levelno for r in lines] == [logging.DEBUG] * 3  # then the limit
+    assert "map of d0 ref 1000000: GNTST_bad_gntref (-3)" in lines[0].getMessage()
+    assert "EINVAL" in lines[0].getMessage()
+    assert limit.suppressed == 2
+    caplog.clear()
+    clock[0] = 6.0  # the next interval says what was left out
+    with caplog.at_level(logging.DEBUG, logger="xengrant.linux"), pytest.raises(GrantError):
+        env.tab.map_grant_ref(0, 1_000_000)
+    (line,) = [r for r in caplog.records if r.name == "xengrant.linux"]
+    assert line.getMessage().endswith("(2 similar lines left out)")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xengrant.linux"), pytest.raises(GrantError):
+        env.tab.map_grant_ref(0, 1_000_000)  # DEBUG is off: nothing said, nothing counted
+    assert [r for r in caplog.records if r.name == "xengrant.linux"] == []
+    env.assert_clean()
+
+
+def test_copy_failures_at_debug_and_own_errors_at_warning(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy segment the peer's grant refuses is DEBUG; gntalloc out of refs
+    (our side) is WARNING."""
+    with caplog.at_level(logging.DEBUG, logger="xengrant.linux"):
+        st = env.tab.grant_copy([CopySegment(GrantRef(0, 1_000_000), bytearray(4), 4)])
+        assert st == [abi.GNTST_bad_gntref]
+        share = env.shr.share_pages(0, 60)
+        with pytest.raises(GrantTableFull):
+            env.shr.share_pages(0, 5)
+        share.unshare()
+    got = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "xengrant.linux"]
+    assert (logging.DEBUG, "grant_copy with d0 ref 1000000: GNTST_bad_gntref (-3)") in got
+    warnings = [m for lvl, m in got if lvl == logging.WARNING]
+    assert len(warnings) == 1 and "share_pages of 5 page(s): no grant refs left" in warnings[0]
+    env.assert_clean()

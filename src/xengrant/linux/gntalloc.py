@@ -25,10 +25,12 @@ the page until it unmaps.
 from __future__ import annotations
 
 import errno as _errno
+import logging
 
 from ..abi import gntalloc as ga
 from ..guest.share import PageView, Share
 from ._device import PAGE_SIZE, Device, OsDevice
+from ._log import logger, ratelimited
 from ._ops import alloc_ids, alloc_request
 from .errors import LinuxGrantTableFull, describe, from_oserror
 
@@ -135,6 +137,9 @@ class LinuxGntshr:
     def _alloc_error(self, count: int, e: OSError) -> Exception:
         err = e.errno or _errno.EIO
         if err == _errno.ENOSPC:
+            ratelimited(logging.WARNING, ("gntalloc", "enospc"),
+                        "share_pages of %d page(s): no grant refs left (gntalloc limit %s)",
+                        count, gntalloc_limit())
             return LinuxGrantTableFull(
                 "share_pages",
                 count,
@@ -142,6 +147,8 @@ class LinuxGntshr:
                 describe(f"IOCTL_GNTALLOC_ALLOC_GREF of {self.path}", err),
                 gntalloc_limit(),
             )
+        ratelimited(logging.WARNING, ("gntalloc", err), "share_pages of %d page(s): %s", count,
+                    describe("IOCTL_GNTALLOC_ALLOC_GREF", err))
         return from_oserror("share_pages", f"IOCTL_GNTALLOC_ALLOC_GREF of {self.path}", e)
 
     def _map_and_notify(
@@ -165,6 +172,9 @@ class LinuxGntshr:
                 self.dev.ioctl(ga.IOCTL_GNTALLOC_SET_UNMAP_NOTIFY, notify)
             except OSError as e:
                 view.close()
+                ratelimited(logging.WARNING, ("gntalloc", "notify"),
+                            "no unmap notify for index %#x: %s", index,
+                            describe("IOCTL_GNTALLOC_SET_UNMAP_NOTIFY", e.errno or 0))
                 raise from_oserror(
                     "share_pages", f"IOCTL_GNTALLOC_SET_UNMAP_NOTIFY of {self.path}", e
                 ) from e
@@ -198,11 +208,13 @@ class LinuxGntshr:
         share.released = True
 
     def _abandon_share(self, share: Share) -> None:
+        refs = list(share.refs)
         share.released = True
         share.refs.clear()
         share.mem.release()
         try:
             if share._view is not None:
                 share._view.close()
-        except BufferError:
-            pass  # unmapped when the last view goes; gntalloc frees it then
+        except BufferError:  # unmapped when the last view goes; gntalloc frees it then
+            logger.debug("share of refs %s dropped with views alive: unmapped when the last "
+                         "goes", refs)

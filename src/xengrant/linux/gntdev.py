@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
+import logging
 import struct
 from collections.abc import Sequence
 
@@ -50,6 +51,7 @@ from ..errors import GrantError
 from ..guest.share import Mapping
 from ..portable import CopySegment, GrantRef
 from ._device import PAGE_SIZE, Device, OsDevice
+from ._log import logger, ratelimited
 from ._ops import map_request
 from .errors import LinuxBatchError, LinuxGrantError, describe, from_oserror
 
@@ -99,6 +101,9 @@ class LinuxGnttab:
         """
         if not self.closed:
             self.closed = True
+            if self.live:
+                logger.debug("%s closed with %d mapping(s) live: gntdev frees them as they "
+                             "are unmapped", self.path, len(self.live))
             self.dev.close()
 
     # ------------------------------------------------------------ mapping
@@ -196,6 +201,9 @@ class LinuxGnttab:
         except OSError as e:
             err = e.errno or _errno.EIO
             if err == _errno.ENOMEM:
+                ratelimited(logging.WARNING, ("gntdev", "enomem"),
+                            "map_grant_refs of %d grant(s): gntdev is out of memory (ENOMEM)",
+                            len(grants))
                 raise MemoryError(
                     f"map_grant_refs: Linux: {describe('IOCTL_GNTDEV_MAP_GRANT_REF', err)}"
                 ) from e
@@ -208,6 +216,9 @@ class LinuxGnttab:
         try:
             self.dev.ioctl(gd.IOCTL_GNTDEV_UNMAP_GRANT_REF, op)
         except OSError as e:
+            ratelimited(logging.WARNING, ("gntdev", "release"),
+                        "%s kept index %#x of %d page(s): %s", self.path, index, count,
+                        describe("IOCTL_GNTDEV_UNMAP_GRANT_REF", e.errno or 0))
             raise LinuxGrantError(
                 "unmap_grant_ref",
                 gt.GNTST_bad_handle,
@@ -218,6 +229,14 @@ class LinuxGnttab:
     def _error(
         self, grants: Sequence[tuple[int, int]], statuses: Sequence[int], err: int, linux: str
     ) -> Exception:
+        # gntdev's map failures are the granting domain's doing (a revoked or
+        # bad grant): Xen's reasons at DEBUG, rate-limited (gdprintk in a
+        # debug build's map_grant_ref)
+        for (dom, ref), st in zip(grants, statuses):
+            if st != gt.GNTST_okay:
+                ratelimited(logging.DEBUG, ("map", st),
+                            "map of d%d ref %d: %s (%d): Linux: %s", dom, ref,
+                            gt.GNTST_NAMES.get(st, str(st)), st, linux)
         if len(grants) == 1:
             dom, ref = grants[0]
             return LinuxGrantError("map_grant_ref", statuses[0], err, linux, f"d{dom} ref {ref}")
@@ -228,6 +247,8 @@ class LinuxGnttab:
     ) -> Exception:
         err = e.errno or _errno.EIO
         if err == _errno.ENOMEM:
+            ratelimited(logging.WARNING, ("gntdev", "enomem"),
+                        "mmap of %d page(s) of %s: out of memory (ENOMEM)", len(grants), self.path)
             return MemoryError(f"map_grant_refs: Linux: {describe('mmap of ' + self.path, err)}")
         linux = describe(
             f"mmap of {self.path} ({'rw' if writable else 'ro'}, {len(grants)} page(s))", err
@@ -271,7 +292,8 @@ class LinuxGnttab:
         byte = bytearray(1)
         seg = CopySegment(GrantRef(dom, ref, 0), byte, 1)
         try:
-            return self.grant_copy([seg])[0]
+            self._copy_chunk([seg], log=False)  # the map's failure is logged, not the probe's
+            return seg.status
         except (OSError, GrantError, ValueError):
             return gt.GNTST_general_error
 
@@ -319,6 +341,9 @@ class LinuxGnttab:
         try:
             self.dev.ioctl(gd.IOCTL_GNTDEV_SET_UNMAP_NOTIFY, op)
         except OSError as e:
+            ratelimited(logging.WARNING, ("gntdev", "notify"),
+                        "no unmap notify for index %#x: %s", op.index,
+                        describe("IOCTL_GNTDEV_SET_UNMAP_NOTIFY", e.errno or 0))
             raise from_oserror(
                 "set_unmap_notify", f"IOCTL_GNTDEV_SET_UNMAP_NOTIFY of {self.path}", e
             ) from e
@@ -369,7 +394,7 @@ class LinuxGnttab:
             self._copy_chunk(segments[start : start + COPY_CHUNK])
         return [seg.status for seg in segments]
 
-    def _copy_chunk(self, segments: Sequence[CopySegment]) -> None:
+    def _copy_chunk(self, segments: Sequence[CopySegment], log: bool = True) -> None:
         n = len(segments)
         bounce = ctypes.create_string_buffer(max(1, sum(s.len for s in segments)))
         bmem = memoryview(bounce).cast("B")
@@ -407,9 +432,19 @@ class LinuxGnttab:
         try:
             self.dev.ioctl(gd.IOCTL_GNTDEV_GRANT_COPY, arg)
         except OSError as e:
+            if log:
+                ratelimited(logging.WARNING, ("gntdev", "copy"),
+                            "grant_copy of %d segment(s): %s", len(sent),
+                            describe("IOCTL_GNTDEV_GRANT_COPY", e.errno or 0))
             raise from_oserror("grant_copy", f"IOCTL_GNTDEV_GRANT_COPY of {self.path}", e) from e
         for at, seg, off in sent:
             (seg.status,) = _STATUS.unpack_from(ops, at + _SEG_STATUS)
+            if seg.status != gt.GNTST_okay and log:  # the peer's grant: Xen's reason at DEBUG
+                g = seg.source if isinstance(seg.source, GrantRef) else seg.dest
+                assert isinstance(g, GrantRef)
+                ratelimited(logging.DEBUG, ("copy", seg.status),
+                            "grant_copy with d%d ref %d: %s (%d)", g.domid, g.ref,
+                            gt.GNTST_NAMES.get(seg.status, str(seg.status)), seg.status)
             if seg.status == gt.GNTST_okay and not isinstance(seg.dest, GrantRef):
                 memoryview(seg.dest).cast("B")[: seg.len] = bmem[off : off + seg.len]
 
