@@ -141,11 +141,17 @@ def test_demo_processes_uses_a_running_service(tmp_path: Path) -> None:
         assert f"[  found] the running xengrant hypervisor on {path}" in out.stdout
         assert "got 'pong 3 from d2" in out.stdout
         assert "the demo's domains left: []" in out.stdout
-        # dom0 is claimed once per service: a second demo says so and runs on its own service
+        assert "this process is its toolstack (dom0)" in out.stdout
+        # dom0 is claimed once per service: a second demo says so and still runs on it,
+        # each process making its own domain
         again = _run("demo", "--processes", env=env)
         assert again.returncode == 0, again.stdout + again.stderr
-        assert "cannot be this demo's toolstack" in again.stdout
-        assert "[  start] xengrant hypervisor pid" in again.stdout
+        assert "its dom0 is claimed already" in again.stdout
+        assert "the frontend and backend make their own domains" in again.stdout
+        assert "starting a private service" not in again.stdout
+        assert "[  start] xengrant hypervisor pid" not in again.stdout
+        assert "got 'pong 3 from d" in again.stdout
+        assert "the demo's domains left: []" in again.stdout
         assert ping(path)  # the running service was left running
     finally:
         _stop(proc)

@@ -125,3 +125,18 @@ def test_clients_see_the_service_die(hypervisor: tuple[subprocess.Popen[str], st
     pages._view.close()
     pages.freed = True
     d.close()
+
+
+def test_demo_says_why_it_starts_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user who cannot read the service's dom0 token is not its owner: the demo
+    says so, and that it starts a private service."""
+    from xengrant.service import cli as service_cli
+
+    def no_token(path: str, domid: int | None = None, **kw: object) -> object:
+        raise PermissionError(13, "Permission denied", f"{path}.token")
+
+    monkeypatch.setattr(service_cli, "connect", no_token)
+    dom0, own, why = service_cli._claim_or_why("/run/x/xengrant.sock")
+    assert dom0 is None and not own
+    assert f"this user (uid {os.getuid()}) cannot read its dom0 token" in why
+    assert "only the uid that started the service may be its toolstack" in why

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import logging
 import multiprocessing as mp
 import os
@@ -24,6 +25,7 @@ from ..cli import out, positive_int
 from ..embedded import DEFAULT_MEMORY
 from ..emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
 from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
+from ..errors import HypercallError
 from ..evtport import EventPort
 from ..ring import BackRing, FrontRing
 from . import xenbus
@@ -262,11 +264,57 @@ def _service_main(path: str, memory: int, conn: Any) -> None:
     serve(path, memory, ready=lambda p: conn.send(p), log=lambda s: None)
 
 
-def _frontend_main(path: str, domid: int, secret: bytes, backend: int, rounds: int) -> None:
-    d = connect(path, domid, secret=secret)
+class _Meet:
+    """How a demo domain finds its peer and its device dirs.
+
+    With a toolstack (dom0 of the service), the parent created the domain and
+    wrote both dirs (``libxl__device_generic_add``): attach with the secret,
+    read the peer's dir from ours.  Without one (the service's dom0 is claimed
+    already: Xen makes dom0 once), each process makes its own domain
+    (``connect``), the two learn each other's domid through the parent, and
+    each writes its half of the device under its own ``data`` dir, readable by
+    the peer (a domU may not write under ``device``, which is dom0's).
+    """
+
+    def __init__(self, domid: int | None, secret: bytes | None, peer: int | None,
+                 pipe: Any = None) -> None:
+        self.domid, self.secret, self.peer, self.pipe = domid, secret, peer, pipe
+
+    def join(self, path: str, frontend: bool) -> tuple[RemoteDomain, int, str, str]:
+        """Connect; returns ``(domain, peer, our dir, the peer's dir)``."""
+        if self.pipe is None:
+            assert self.domid is not None and self.peer is not None
+            d = connect(path, self.domid, secret=self.secret)
+            if frontend:
+                dev = xenbus.frontend_path(d.domid, _KIND, 0)
+                return d, self.peer, dev, d.xs.read(f"{dev}/backend").decode()
+            dev = xenbus.backend_path(d.domid, _KIND, self.peer, 0)
+            return d, self.peer, dev, d.xs.read(f"{dev}/frontend").decode()
+        d = connect(path)
+        self.pipe.send(d.domid)
+        peer = int(self.pipe.recv())
+        fe_id, be_id = (d.domid, peer) if frontend else (peer, d.domid)
+        fe = f"/local/domain/{fe_id}/data/{_KIND}/0"
+        be = f"/local/domain/{be_id}/data/{_KIND}-backend/{fe_id}/0"
+        mine, theirs = (fe, be) if frontend else (be, fe)
+        d.xs.mkdir(mine)
+        d.xs.set_perms(mine, [f"n{d.domid}", f"r{peer}"])
+        if frontend:
+            d.xs.write(f"{fe}/backend", be)
+            d.xs.write(f"{fe}/backend-id", str(be_id))
+        else:
+            d.xs.write(f"{be}/frontend", fe)
+            d.xs.write(f"{be}/frontend-id", str(fe_id))
+            d.xs.write(f"{be}/online", "1")
+        xenbus.switch_state(d.xs, mine, xenbus.XenbusStateInitialising)
+        _say(f"{'frontend' if frontend else 'backend'} d{d.domid}", "xenbus",
+             f"no toolstack: made d{d.domid} and wrote {mine}, readable by d{peer}")
+        return d, peer, mine, theirs
+
+
+def _frontend_main(path: str, meet: _Meet, rounds: int) -> None:
+    d, backend, dev, be = meet.join(path, True)
     who = f"frontend d{d.domid}"
-    dev = xenbus.frontend_path(d.domid, _KIND, 0)
-    be = d.xs.read(f"{dev}/backend").decode()
     share = d.gntshr.share_pages(backend, 1)
     port = d.evtchn.bind_unbound_port(backend)
     _say(who, "share", f"ring page granted to d{backend}: ref {share.refs[0]}; "
@@ -300,11 +348,9 @@ def _frontend_main(path: str, domid: int, secret: bytes, backend: int, rounds: i
     d.close()
 
 
-def _backend_main(path: str, domid: int, secret: bytes, frontend: int) -> None:
-    d = connect(path, domid, secret=secret)
+def _backend_main(path: str, meet: _Meet) -> None:
+    d, frontend, dev, fe = meet.join(path, False)
     who = f"backend d{d.domid}"
-    dev = xenbus.backend_path(d.domid, _KIND, frontend, 0)
-    fe = d.xs.read(f"{dev}/frontend").decode()
     xenbus.switch_state(d.xs, dev, xenbus.XenbusStateInitWait)
     _say(who, "xenbus", f"state InitWait; waiting for {fe} to be Initialised")
     xenbus.wait_state(d.xs, fe, [xenbus.XenbusStateInitialised], _TIMEOUT)
@@ -329,7 +375,11 @@ def _backend_main(path: str, domid: int, secret: bytes, frontend: int) -> None:
             continue
         if xenbus.read_state(d.xs, fe) == xenbus.XenbusStateClosing:
             break
-        if not evp.wait(_TIMEOUT):
+        try:  # an event (a request, or the frontend Closing), else it went quiet
+            got: object = evp.wait(_TIMEOUT)
+        except TimeoutError:
+            got = False
+        if got is False:
             raise TimeoutError("the frontend went quiet")
     ring.release()
     mapping.unmap()
@@ -351,6 +401,35 @@ def _running_service(args: argparse.Namespace | None) -> str | None:
     return path if ping(path, timeout=5.0) else None
 
 
+def _claim_or_why(path: str) -> tuple[RemoteDomain | None, bool, str]:
+    """Be the running service's toolstack if we can.
+
+    Returns:
+        ``(dom0, own_domains, why)``: dom0 when its domid 0 was to be had; else
+        ``own_domains`` True when we are the service's owner (its dom0 token is
+        ours to read) and dom0 is claimed already -- the demo's processes make
+        their own domains on it; else False, with ``why`` saying why a private
+        service is needed.
+    """
+    try:
+        return connect(path, 0), False, ""
+    except HypercallError as e:
+        if e.errno != errno.EPERM:
+            return None, False, f"connecting as dom0 failed: {e}"
+        claimed = str(e)
+    except PermissionError as e:  # the token beside the socket is the owner's (0600)
+        return None, False, (f"this user (uid {os.getuid()}) cannot read its dom0 token ({e}): "
+                             f"only the uid that started the service may be its toolstack")
+    except (OSError, ValueError) as e:
+        return None, False, f"connecting as dom0 failed: {e}"
+    try:  # dom0 is claimed (Xen makes it once); the owner can still look and make domains
+        stats(path)
+    except (OSError, ValueError) as e:
+        return None, False, (f"its dom0 is claimed already ({claimed}) and this user "
+                             f"(uid {os.getuid()}) is not its owner ({e})")
+    return None, True, claimed
+
+
 def demo_processes(args: argparse.Namespace | None = None, rounds: int = 3) -> int:
     """``xengrant demo --processes``: a frontend and a backend as separate processes.
 
@@ -359,8 +438,11 @@ def demo_processes(args: argparse.Namespace | None = None, rounds: int = 3) -> i
     one process for each.  They meet through xenstore (ring ref, event
     channel, XenBus states) and talk through the shared ring page and the
     event channel.  The service is the one answering at ``args.socket`` (or
-    the default socket) when it answers and its dom0 is still to be had
-    (dom0 is claimed once per service); else a private one in a child process.
+    the default socket) when one answers: as its dom0 while that is to be had,
+    else (dom0 is claimed once per service), if this user is the service's
+    owner, each process makes its own domain and writes its half of the
+    device itself.  Otherwise -- no service answers, or this user is not its
+    owner -- the demo says why and starts a private one in a child process.
 
     Returns:
         0 if both sides finished, their domains are gone and (on a private
@@ -372,16 +454,23 @@ def demo_processes(args: argparse.Namespace | None = None, rounds: int = 3) -> i
     svc: Any = None
     tmp: str | None = None
     dom0: RemoteDomain | None = None
+    own = False
     path = _running_service(args)
     if path is not None:
-        try:
-            dom0 = connect(path, 0)
-            _say("service", "found", f"the running xengrant hypervisor on {path}")
-        except (OSError, ValueError) as e:  # EPERM: its dom0 is taken; the token unreadable
-            _say("service", "found", f"{path} answers but cannot be this demo's toolstack "
-                                     f"({e}); using a private service")
+        dom0, own, why = _claim_or_why(path)
+        if dom0 is not None:
+            _say("service", "found", f"the running xengrant hypervisor on {path}; "
+                                     f"this process is its toolstack (dom0)")
+        elif own:
+            who = "demo"
+            _say("service", "found", f"the running xengrant hypervisor on {path}; its dom0 "
+                                     f"is claimed already (Xen makes dom0 once), so the "
+                                     f"frontend and backend make their own domains")
+        else:
+            _say("service", "found", f"{path} answers but this demo cannot use it: {why}; "
+                                     f"starting a private service")
     try:
-        if dom0 is None:
+        if dom0 is None and not own:
             tmp = tempfile.mkdtemp(prefix="xengrant-demo-")
             path = os.path.join(tmp, "xengrant.sock")
             r, w = ctx.Pipe(duplex=False)
@@ -396,26 +485,47 @@ def demo_processes(args: argparse.Namespace | None = None, rounds: int = 3) -> i
             dom0 = connect(path, 0)
         assert path is not None
         free0 = stats(path)["free_frames"]
-        fe = dom0.create_domain()
-        be = dom0.create_domain()
-        fe_dir, be_dir = xenbus.add_device(dom0.xs, _KIND, 0, fe, be)
-        _say(who, "create", f"domains d{fe} (frontend) and d{be} (backend); "
-                            f"xenstore {fe_dir} <-> {be_dir}")
-        procs = [
-            ctx.Process(target=_backend_main, args=(path, be, dom0.domain_secret(be), fe)),
-            ctx.Process(
-                target=_frontend_main, args=(path, fe, dom0.domain_secret(fe), be, rounds)
-            ),
-        ]
-        for proc in procs:
-            proc.start()
+        if dom0 is not None:
+            fe = dom0.create_domain()
+            be = dom0.create_domain()
+            fe_dir, be_dir = xenbus.add_device(dom0.xs, _KIND, 0, fe, be)
+            _say(who, "create", f"domains d{fe} (frontend) and d{be} (backend); "
+                                f"xenstore {fe_dir} <-> {be_dir}")
+            procs = [
+                ctx.Process(target=_backend_main,
+                            args=(path, _Meet(be, dom0.domain_secret(be), fe))),
+                ctx.Process(target=_frontend_main,
+                            args=(path, _Meet(fe, dom0.domain_secret(fe), be), rounds)),
+            ]
+            for proc in procs:
+                proc.start()
+        else:  # no toolstack: each makes its domain; they learn each other's domid here
+            be_end, be_child = ctx.Pipe()
+            fe_end, fe_child = ctx.Pipe()
+            procs = [
+                ctx.Process(target=_backend_main, args=(path, _Meet(None, None, None, be_child))),
+                ctx.Process(target=_frontend_main,
+                            args=(path, _Meet(None, None, None, fe_child), rounds)),
+            ]
+            for proc in procs:
+                proc.start()
+            be_child.close()
+            fe_child.close()
+            if not (be_end.poll(_TIMEOUT) and fe_end.poll(_TIMEOUT)):
+                print("xengrant demo: the frontend or backend did not start", file=sys.stderr)
+                return 1
+            be, fe = int(be_end.recv()), int(fe_end.recv())
+            be_end.send(fe)
+            fe_end.send(be)
+            _say(who, "meet", f"told d{fe} (frontend) and d{be} (backend) each other's domid")
         _say(who, "spawn", f"backend pid {procs[0].pid}, frontend pid {procs[1].pid}")
         for proc in procs:
             proc.join(_TIMEOUT)
         ok = all(proc.exitcode == 0 for proc in procs)
         with_domains = stats(path)
-        dom0.close()
-        dom0 = None
+        if dom0 is not None:
+            dom0.close()
+            dom0 = None
         left = sorted(int(x) for x in with_domains["domains"] if int(x) in (fe, be))
         free = with_domains["free_frames"]
         _say(who, "check", f"processes exited {[proc.exitcode for proc in procs]}; "
