@@ -14,7 +14,10 @@
 - :class:`FrontRing`, :class:`BackRing` -- io/ring.h shared rings over granted
   pages, for any ctypes request/response layout (:mod:`xengrant.ring`).
 - :class:`Vchan` -- a libxenvchan-compatible byte channel (:mod:`xengrant.vchan`).
-- :class:`EventPort` -- one bound event-channel port, service or real Xen.
+- :class:`Evtchn` -- the portable event-channel handle (libxenevtchn's calls):
+  ``domain.evtchn`` of an :class:`EmbeddedXen` domain (:class:`EmbeddedEvtchn`),
+  of a service domain, or real Xen's ``xengrant.linux.LinuxEvtchn``.
+- :class:`EventPort` -- one bound event-channel port, on any of them.
 - :mod:`xengrant.abi` -- Xen's and Linux's constants and structs by C name.
 
 Quick start::
@@ -34,6 +37,7 @@ from __future__ import annotations
 from . import abi
 from .abi.grant_table import gnttabop_error
 from .embedded import EmbeddedXen
+from .embedded_domain import EmbeddedDomain
 from .emu.faults import Fault, Faults
 from .errors import (
     BatchError,
@@ -44,6 +48,7 @@ from .errors import (
     HypercallError,
     XenError,
 )
+from .evtchn import EmbeddedEvtchn, Evtchn, EvtchnError
 from .evtport import EventPort
 from .guest.domain import Domain, Pages
 from .guest.gnttab import FreeCallback, GrantEntry, GrantTable, decode_flags
@@ -70,8 +75,12 @@ __all__ = [
     "Busy",
     "CopySegment",
     "Domain",
+    "EmbeddedDomain",
+    "EmbeddedEvtchn",
     "EmbeddedXen",
     "EventPort",
+    "Evtchn",
+    "EvtchnError",
     "Fault",
     "Faults",
     "FreeCallback",

@@ -32,10 +32,11 @@ from .emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
 from .emu.machine import PAGE_SIZE
 from .emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from .errors import HypercallError
+from .evtchn.embedded import EmbeddedEvtchn, EvtchnHub
 from .hypercall import FrameView
 
 if TYPE_CHECKING:
-    from .guest.domain import Domain
+    from .embedded_domain import EmbeddedDomain
 
 #: Xen's debug reasons for failed ops (the hypervisor's gdprintk), at DEBUG
 _logger = logging.getLogger("xengrant.emu")
@@ -156,7 +157,12 @@ class EmbeddedXen:
         #: ``with xen.faults.inject("eagain", op="map_grant_ref", count=2): ...``
         self.faults: Faults = self.hv.faults
         #: The guest handles create_domain returned (for leaks()).
-        self._guests: weakref.WeakValueDictionary[int, Domain] = weakref.WeakValueDictionary()
+        self._guests: weakref.WeakValueDictionary[int, EmbeddedDomain] = (
+            weakref.WeakValueDictionary()
+        )
+        #: Every domain's event channels (the service's sans-IO core; dom0 privileged).
+        self.evtchn_hub = EvtchnHub()
+        self._evtchn_handles: weakref.WeakSet[EmbeddedEvtchn] = weakref.WeakSet()
         self.debug_log: list[tuple[int, str, int, str]] = []
         self.log_count = 0
         self.hv.log = self._log
@@ -181,8 +187,9 @@ class EmbeddedXen:
         max_grant_frames: int | None = None,
         max_maptrack_frames: int | None = None,
         max_pages: int | None = None,
-    ) -> Domain:
-        """Create a domain and return its guest handle (:class:`xengrant.Domain`).
+    ) -> EmbeddedDomain:
+        """Create a domain and return its guest handle (:class:`xengrant.Domain`,
+        with event channels: ``.evtchn``).
 
         Args:
             domid: the id wanted, or None for the next free one.
@@ -194,7 +201,7 @@ class EmbeddedXen:
         Raises:
             HypercallError: EEXIST / EINVAL / ENOMEM (see ``Hypervisor.create_domain``).
         """
-        from .guest.domain import Domain
+        from .embedded_domain import EmbeddedDomain
 
         with self.lock:
             new = self.hv.create_domain(
@@ -204,7 +211,8 @@ class EmbeddedXen:
                 max_maptrack_frames=max_maptrack_frames,
                 max_pages=max_pages,
             )
-        dom = Domain(EmbeddedHypercalls(self, new), pv=pv)
+        self.evtchn_hub.add_domain(new)  # evtchn_init
+        dom = EmbeddedDomain(self, EmbeddedHypercalls(self, new), pv=pv)
         self._guests[new] = dom
         return dom
 
@@ -248,6 +256,7 @@ class EmbeddedXen:
         """
         with self.lock:
             d = self.hv.kill_domain(domid)
+        self.evtchn_hub.destroy_domain(domid)  # evtchn_destroy, from domain_kill
         # domain_relinquish_resources is preemptible (XSA-380): a page of 256
         # maptrack handles (or p2m entries) at a time, the lock free in
         # between, so other domains' hypercalls are not held up by a big release.
@@ -256,6 +265,16 @@ class EmbeddedXen:
                 if self.hv.relinquish_resources(d, RELEASE_BUDGET):
                     return
             self._preempt()
+
+    def evtchn_open(self, domid: int) -> EmbeddedEvtchn:
+        """A new event-channel handle acting for ``domid`` (``xenevtchn_open``).
+
+        Each handle has its own ports and queue, as each open of
+        ``/dev/xen/evtchn`` has; :meth:`close` closes those still open.
+        """
+        handle = self.evtchn_hub.open(domid)
+        self._evtchn_handles.add(handle)
+        return handle
 
     def _preempt(self) -> None:
         """Between two steps of a domain's release (``hypercall_preempt_check``):
@@ -303,6 +322,8 @@ class EmbeddedXen:
         if self._closed:
             return
         self._closed = True
+        for handle in list(self._evtchn_handles):
+            handle.close()
         self.mem.release()
         try:
             self._mmap.close()

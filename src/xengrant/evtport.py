@@ -1,40 +1,36 @@
-"""One bound event-channel port, the same on the service and on real Xen.
+"""One bound event-channel port, on any backend of the portable API.
 
 Rings and vchans signal through one local port: notify the other end, wait
 for it to notify us.  :class:`EventPort` gives that pair (and an asyncio twin
-and a descriptor for ``select``) over either event-channel interface
-xengrant has:
-
-- the service's :class:`~xengrant.service.EventChannelClient` (``domain.evtchn``
-  of :func:`xengrant.service.connect`): ``wait(port, timeout)`` unmasks what it
-  returns; events come on the domain's socket;
-- Linux's :class:`~xengrant.linux.EventChannels` (``/dev/xen/evtchn``,
-  libxenevtchn): ``pending`` reads and unmasks every port of the file; events
-  read for another port are kept for that port's next wait, so several ports
-  (vchans, rings) can share one ``EventChannels``.
+and a descriptor for ``select``) over an :class:`~xengrant.evtchn.Evtchn`
+handle -- an :class:`~xengrant.EmbeddedXen` domain's ``domain.evtchn``, the
+service's ``domain.evtchn``, real Xen's :class:`~xengrant.linux.LinuxEvtchn`
+-- and over the older :class:`~xengrant.linux.EventChannels`, whose
+``pending`` returns every port it read (the ports read for another port are
+kept for that port's next wait).
 
 Either way an event that comes while nobody waits is kept (pending) and ends
 the next wait at once, so "check, then sleep" loses no wake-up, as with
-``xenevtchn_pending`` (``libxenvchan_wait``).
+``xenevtchn_pending`` (``libxenvchan_wait``).  A wait that gives up raises
+:class:`TimeoutError`, as every wait of the portable API does.
 """
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import time
 from typing import Any
 
-#: how long ``wait(0)`` looks at the service's socket
-_LOOK = 0.001
+from .evtchn.protocol import poll_fd_async
 
 
 class EventPort:
     """A local port bound to a remote one.
 
     Args:
-        evtchn: the domain's event channels (``domain.evtchn``, or an open
-            :class:`~xengrant.linux.EventChannels`).
+        evtchn: an :class:`~xengrant.evtchn.Evtchn` handle (``domain.evtchn``,
+            :class:`~xengrant.linux.LinuxEvtchn`) or an open
+            :class:`~xengrant.linux.EventChannels`.
         port: the local port.
         owned: unbind it in :meth:`close`.
 
@@ -47,10 +43,11 @@ class EventPort:
         self.port = port
         self.owned = owned
         self.closed = False
-        # The service's client waits on one port; Linux's device reads them all.
-        self._service = hasattr(evtchn, "wait_async")
+        # The first real-Xen wrapper's pending() reads every port at once.
+        self._legacy = not hasattr(evtchn, "wait_async")
+        # The service's notify can be posted (not waited for).
         channel = getattr(evtchn, "channel", None)
-        self._post = getattr(channel, "post", None) if self._service else None
+        self._post = getattr(channel, "post", None)
         if self._post is not None:
             from .service import protocol
 
@@ -94,25 +91,21 @@ class EventPort:
         err: BaseException = self.evtchn.error(-status, bytes(body[4:]).decode("utf-8", "replace"))
         return err
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: float | None = None) -> None:
         """Wait for an event on this port, and unmask it (``libxenvchan_wait``).
 
         Args:
             timeout: seconds (None: for ever; 0: only look -- on the service,
                 for at most a millisecond).
 
-        Returns:
-            True if one came, False after ``timeout``.
+        Raises:
+            TimeoutError: none came within ``timeout``.
         """
-        if self._service:
-            # The service's client returns at once for 0 without reading its
-            # socket: look for a millisecond instead.
-            look = timeout if timeout is None or timeout > 0 else _LOOK
-            try:
-                self.evtchn.wait(self.port, look)
-            except TimeoutError:
-                return False
-            return True
+        if not self._legacy:
+            if timeout == 0 and not hasattr(self.evtchn, "fileno"):
+                timeout = 0.001  # the service's client before it looked at its socket for 0
+            self.evtchn.wait(self.port, timeout)
+            return
         # /dev/xen/evtchn hands out every port of the file: events read for
         # other ports are kept (on the EventChannels object) for their waiters.
         seen: set[int] = self.evtchn.__dict__.setdefault("_xg_seen", set())
@@ -120,50 +113,40 @@ class EventPort:
         while True:
             if self.port in seen:
                 seen.discard(self.port)
-                return True
+                return
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             seen.update(self.evtchn.pending(left))
             if self.port in seen:
                 seen.discard(self.port)
-                return True
+                return
             if left is not None and left <= 0:
-                return False
+                raise TimeoutError(f"wait: no event on port {self.port} within {timeout} s")
 
-    async def wait_async(self, timeout: float | None = None) -> bool:
+    async def wait_async(self, timeout: float | None = None) -> None:
         """asyncio twin of :meth:`wait`."""
-        if self._service:
+        if not self._legacy:
+            await self.evtchn.wait_async(self.port, timeout)
+            return
+
+        def look() -> bool | None:
             try:
-                await self.evtchn.wait_async(self.port, timeout)
+                self.wait(0)
             except TimeoutError:
-                return False
+                return None
             return True
-        loop = asyncio.get_running_loop()
-        fd = self.evtchn.fileno()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            if self.wait(0):
-                return True
-            fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _resolve, fut)
-            try:
-                left = None if deadline is None else deadline - loop.time()
-                if left is not None and left <= 0:
-                    return False
-                try:
-                    await asyncio.wait_for(fut, left)
-                except asyncio.TimeoutError:
-                    return self.wait(0)
-            finally:
-                loop.remove_reader(fd)
+
+        await poll_fd_async(self.evtchn.fileno(), look, timeout,
+                            f"wait_async: no event on port {self.port}")
 
     def fileno(self) -> int:
         """A descriptor that becomes readable when an event may have come
-        (``libxenvchan_fd_for_select``): ``/dev/xen/evtchn`` on Linux, the
-        domain's socket on the service (readable for any message; call
-        :meth:`wait` with ``timeout=0`` to see whether it was this port's)."""
-        if self._service:
+        (``libxenvchan_fd_for_select``): the handle's :meth:`~xengrant.evtchn.Evtchn.fileno`
+        (on the service the domain's socket, readable for any message); call
+        :meth:`wait` with ``timeout=0`` to see whether it was this port's."""
+        fileno = getattr(self.evtchn, "fileno", None)
+        if fileno is None:  # the service's client before it had fileno()
             return int(self.evtchn.channel.sock.fileno())
-        return int(self.evtchn.fileno())
+        return int(fileno())
 
     def close(self) -> None:
         """Unbind the port (when owned); idempotent."""
@@ -179,7 +162,3 @@ class EventPort:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)

@@ -29,7 +29,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .errors import LinuxBatchError, LinuxGrantError, LinuxGrantTableFull
-from .evtchn import EVTCHN_PATH, EventChannels
+from .evtchn import EVTCHN_PATH, EventChannels, LinuxEvtchn
 from .gntalloc import GNTALLOC_PATH, LinuxGntshr, gntalloc_limit
 from .gntdev import GNTDEV_PATH, LinuxGnttab
 from .xenstore import XENBUS_DEVICE, LinuxXenStore, open_xenstore, xenstore_domid
@@ -46,6 +46,7 @@ __all__ = [
     "Backend",
     "EventChannels",
     "LinuxBatchError",
+    "LinuxEvtchn",
     "LinuxGntshr",
     "LinuxGnttab",
     "LinuxGrantError",

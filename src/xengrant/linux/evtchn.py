@@ -15,20 +15,26 @@ remote end of a local port.  Xen marks a newly bound interdomain port pending
 from __future__ import annotations
 
 import errno as _errno
+import os
 import select
 import struct
+import threading
 import time
+from collections import deque
 from typing import Any
 
 from ..abi import evtchn as ev
+from ..evtchn.core import EvtchnError
+from ..evtchn.protocol import poll_fd_async, timed_out
 from ._device import Device, OsDevice
 from .errors import from_oserror
 
 EVTCHN_PATH = "/dev/xen/evtchn"
 
 
-class EventChannels:
-    """An open ``/dev/xen/evtchn`` (``xenevtchn_handle``), non-blocking.
+class _EvtchnDevice:
+    """An open ``/dev/xen/evtchn`` (``xenevtchn_handle``), non-blocking: the
+    binding, notifying and unmasking calls both classes below make.
 
     Args:
         path: the device node.
@@ -43,21 +49,18 @@ class EventChannels:
         self.path = path
         self.bound: set[int] = set()
 
-    def __enter__(self) -> EventChannels:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def fileno(self) -> int:
         """The file descriptor, readable when an event is pending."""
         return self.dev.fileno()
+
+    def _error(self, name: str, call: str, e: OSError) -> Exception:
+        return from_oserror(name, call, e)
 
     def _ioctl(self, name: str, request: int, arg: Any) -> int:
         try:
             return self.dev.ioctl(request, arg)
         except OSError as e:
-            raise from_oserror(name, f"IOCTL_EVTCHN_{name.upper()} of {self.path}", e) from e
+            raise self._error(name, f"IOCTL_EVTCHN_{name.upper()} of {self.path}", e) from e
 
     def bind_unbound_port(self, remote_domid: int) -> int:
         """Allocate a port ``remote_domid`` may bind to (``xenevtchn_bind_unbound_port``).
@@ -90,16 +93,17 @@ class EventChannels:
         self.bound.add(port)
         return port
 
-    def loopback(self, domid: int = 0) -> tuple[int, int]:
-        """Two connected local ports (this domain is ``domid``): ``(a, b)``.
+    def bind_virq(self, virq: int) -> int:
+        """Bind a virtual IRQ of this domain (``xenevtchn_bind_virq``, ``VIRQ_*``).
 
-        Signalling either raises an event on the other.  The initial pending
-        event Xen sets on the interdomain bind is consumed.
+        Returns:
+            The local port.
         """
-        a = self.bind_unbound_port(domid)
-        b = self.bind_interdomain(domid, a)
-        self.drain()
-        return a, b
+        port = self._ioctl(
+            "bind_virq", ev.IOCTL_EVTCHN_BIND_VIRQ, ev.ioctl_evtchn_bind_virq(virq=virq)
+        )
+        self.bound.add(port)
+        return port
 
     def notify(self, port: int) -> None:
         """Signal the remote end of local ``port`` (``xenevtchn_notify``)."""
@@ -112,7 +116,54 @@ class EventChannels:
 
     def unmask(self, port: int) -> None:
         """Re-enable delivery on ``port`` after reading it (``xenevtchn_unmask``)."""
-        self.dev.write(struct.pack("=I", port))
+        try:
+            self.dev.write(struct.pack("=I", port))
+        except OSError as e:
+            raise self._error("unmask", f"write of {self.path}", e) from e
+
+    def _read_ports(self, timeout: float | None) -> list[int]:
+        """Ports the driver queued (each masked), waiting up to ``timeout``; [] if none."""
+        fd = self.dev.fileno()
+        r, _, _ = select.select([fd], [], [], timeout)
+        if not r:
+            return []
+        try:
+            data = self.dev.read(4096)
+        except OSError as e:
+            if e.errno == _errno.EAGAIN:
+                return []
+            raise self._error("pending", f"read of {self.path}", e) from e
+        return [p for (p,) in struct.iter_unpack("=I", data[: len(data) // 4 * 4])]
+
+    def close(self) -> None:
+        """Close the device (the driver unbinds every port of this file)."""
+        self.bound.clear()
+        self.dev.close()
+
+
+class EventChannels(_EvtchnDevice):
+    """``/dev/xen/evtchn`` with the calls this project's real-Xen tests began with:
+    :meth:`pending` returns every port read, already unmasked, and
+    :meth:`wait_for` a bool.  The portable handle, with the same semantics as
+    the emulator's and the service's, is :class:`LinuxEvtchn`.
+    """
+
+    def __enter__(self) -> EventChannels:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def loopback(self, domid: int = 0) -> tuple[int, int]:
+        """Two connected local ports (this domain is ``domid``): ``(a, b)``.
+
+        Signalling either raises an event on the other.  The initial pending
+        event Xen sets on the interdomain bind is consumed.
+        """
+        a = self.bind_unbound_port(domid)
+        b = self.bind_interdomain(domid, a)
+        self.drain()
+        return a, b
 
     def pending(self, timeout: float | None = 0.0) -> list[int]:
         """Ports with events, each unmasked again (``xenevtchn_pending`` + ``unmask``).
@@ -123,17 +174,7 @@ class EventChannels:
         Returns:
             The ports read (empty when none arrived in time).
         """
-        fd = self.dev.fileno()
-        r, _, _ = select.select([fd], [], [], timeout)
-        if not r:
-            return []
-        try:
-            data = self.dev.read(4096)
-        except OSError as e:
-            if e.errno == _errno.EAGAIN:
-                return []
-            raise from_oserror("pending", f"read of {self.path}", e) from e
-        ports = [p for (p,) in struct.iter_unpack("=I", data[: len(data) // 4 * 4])]
+        ports = self._read_ports(timeout)
         for p in ports:
             self.unmask(p)
         return ports
@@ -161,7 +202,113 @@ class EventChannels:
             if port in self.pending(left):
                 return True
 
+
+class LinuxEvtchn(_EvtchnDevice):
+    """The portable event-channel handle (:class:`~xengrant.evtchn.Evtchn`) on
+    ``/dev/xen/evtchn``: the same semantics and return types as the
+    emulator's and the service's.
+
+    A read of the device returns every port the driver queued; :meth:`pending`
+    hands them out one at a time, still masked (``xenevtchn_pending`` reads one
+    ``evtchn_port_t``), and :meth:`wait` keeps the ports it read for other
+    waits.  Errors are :class:`~xengrant.evtchn.EvtchnError` with the driver's
+    errno (``ENOTCONN`` for a port this handle did not bind, as
+    ``evtchn_ioctl``'s ``find_evtchn`` answers).
+
+    Args:
+        path: the device node.
+        device: an already open device (tests pass a fake).
+
+    Raises:
+        OSError: the device cannot be opened.
+    """
+
+    def __init__(self, path: str = EVTCHN_PATH, *, device: Device | None = None) -> None:
+        super().__init__(path, device=device)
+        self._queue: deque[int] = deque()
+        self._mu = threading.Lock()
+
+    def __enter__(self) -> LinuxEvtchn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _error(self, name: str, call: str, e: OSError) -> Exception:
+        err = e.errno or _errno.EIO
+        return EvtchnError(err, f"{name}: {call}: {os.strerror(err)}")
+
+    def unbind(self, port: int) -> None:
+        """Close local ``port`` (``xenevtchn_unbind``); events read for it go.
+
+        Raises:
+            EvtchnError: ENOTCONN (not bound by this handle), EINVAL.
+        """
+        super().unbind(port)
+        with self._mu:
+            while port in self._queue:
+                self._queue.remove(port)
+
+    def _take(self, port: int | None, timeout: float | None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._mu:
+                q = self._queue
+                if port is None and q:
+                    return q.popleft()
+                if port is not None and port in q:
+                    q.remove(port)
+                    return port
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            got = self._read_ports(left)
+            with self._mu:
+                self._queue.extend(got)
+            if not got and left is not None and left <= 0:
+                with self._mu:  # one last look: another thread may have read it
+                    if port is None and self._queue:
+                        return self._queue.popleft()
+                    if port is not None and port in self._queue:
+                        self._queue.remove(port)
+                        return port
+                return None
+
+    def pending(self, timeout: float | None = None) -> int:
+        """``xenevtchn_pending``: the next port that fired, still masked.
+
+        Raises:
+            TimeoutError: none within ``timeout`` seconds (None: for ever).
+        """
+        got = self._take(None, timeout)
+        if got is None:
+            raise timed_out("pending: no event", timeout)
+        return got
+
+    def wait(self, port: int | None = None, timeout: float | None = None) -> int:
+        """Wait for an event on ``port`` (None: any), unmask it, return the port.
+
+        Raises:
+            TimeoutError: none within ``timeout`` seconds (None: for ever).
+        """
+        got = self._take(port, timeout)
+        if got is None:
+            raise timed_out(f"wait: no event on port {port}", timeout)
+        self.unmask(got)
+        return got
+
+    async def pending_async(self, timeout: float | None = None) -> int:
+        """asyncio twin of :meth:`pending`."""
+        return await poll_fd_async(self.fileno(), lambda: self._take(None, 0.0), timeout,
+                                   "pending_async: no event")
+
+    async def wait_async(self, port: int | None = None, timeout: float | None = None) -> int:
+        """asyncio twin of :meth:`wait`."""
+        got = await poll_fd_async(self.fileno(), lambda: self._take(port, 0.0), timeout,
+                                  f"wait_async: no event on port {port}")
+        self.unmask(got)
+        return got
+
     def close(self) -> None:
-        """Close the device (the driver unbinds every port of this file)."""
-        self.bound.clear()
-        self.dev.close()
+        """``xenevtchn_close``: the driver unbinds every port of this file."""
+        with self._mu:
+            self._queue.clear()
+        super().close()
