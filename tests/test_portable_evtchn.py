@@ -60,7 +60,7 @@ def _service() -> Iterator[str]:
         svc.stop()
 
 
-@pytest.fixture(params=["embedded"])
+@pytest.fixture(params=["embedded", "service"])
 def evtchn_pair(request: pytest.FixtureRequest) -> Iterator[EvtchnPair]:
     """Two handles of two domains, on each backend."""
     if request.param == "embedded":

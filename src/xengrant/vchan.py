@@ -535,11 +535,9 @@ class Vchan:
         self._live_check("wait")
         assert self.port is not None
         try:
-            got = self.port.wait(timeout)
+            self.port.wait(timeout)  # EventPort.wait raises TimeoutError
         except TimeoutError:
-            got = False
-        if got is False:
-            raise VchanTimeout("wait", timeout)
+            raise VchanTimeout("wait", timeout) from None
 
     async def wait_async(self, timeout: float | None = None) -> None:
         """asyncio twin of :meth:`wait`.
@@ -551,11 +549,9 @@ class Vchan:
         self._live_check("wait")
         assert self.port is not None
         try:
-            got = await self.port.wait_async(timeout)
+            await self.port.wait_async(timeout)
         except (TimeoutError, asyncio.TimeoutError):
-            got = False
-        if got is False:
-            raise VchanTimeout("wait", timeout)
+            raise VchanTimeout("wait", timeout) from None
 
     def fileno(self) -> int:
         """``libxenvchan_fd_for_select``: readable when an event may have come

@@ -1,11 +1,25 @@
-"""The domain's event channels over the service's socket (``domain.evtchn``)."""
+"""The domain's event channels over the service's socket (``domain.evtchn``).
+
+An :class:`~xengrant.evtchn.Evtchn`: the same semantics and return types as
+the embedded and the real-Xen handles.  The client plays the part of the
+process's ``/dev/xen/evtchn`` file: ports bound through it are its own, and
+notify/unbind of any other port is ``ENOTCONN`` as Linux's ``evtchn_ioctl``
+answers (the service itself, like the hypercall, would say ``EINVAL``).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import errno
+from typing import TYPE_CHECKING
 
 from ..abi import grant_table as gt
 from . import protocol as p
 from .callclient import ServiceCallClient, or_timeout
 from .evtchn import EvtchnError
+
+if TYPE_CHECKING:
+    from .client import Channel
 
 
 # ------------------------------------------------------------ event channels
@@ -19,25 +33,62 @@ class EventChannelClient(ServiceCallClient):
 
     error = EvtchnError
 
+    def __init__(self, channel: Channel, domid: int) -> None:
+        super().__init__(channel, domid)
+        #: ports bound through this client (its "file")
+        self.bound: set[int] = set()
+
+    def _own(self, port: int) -> int:
+        self.bound.add(port)
+        return port
+
+    def _mine(self, op: str, port: int) -> None:
+        if port not in self.bound:  # evtchn_ioctl: find_evtchn failed
+            raise EvtchnError(errno.ENOTCONN, f"{op}: port {port} is not bound by this handle")
+
+    def fileno(self) -> int:
+        """``xenevtchn_fd``: the domain's socket, readable when any message may
+        have come; then ``pending(0)`` reads it and says whether it was an event."""
+        return int(self.channel.sock.fileno())
+
     def bind_unbound_port(self, remote_domid: int) -> int:
         """``EVTCHNOP_alloc_unbound``: a port ``remote_domid`` may bind to."""
         body = self._call(p.MSG_EVTCHN_ALLOC_UNBOUND, p.TWO_U32.pack(gt.DOMID_SELF, remote_domid))
-        return int(p.U32.unpack(body)[0])
+        return self._own(int(p.U32.unpack(body)[0]))
 
     def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
         """``EVTCHNOP_bind_interdomain``: the new local port."""
         body = self._call(
             p.MSG_EVTCHN_BIND_INTERDOMAIN, p.TWO_U32.pack(remote_domid, remote_port)
         )
-        return int(p.U32.unpack(body)[0])
+        return self._own(int(p.U32.unpack(body)[0]))
+
+    def bind_virq(self, virq: int) -> int:
+        """``xenevtchn_bind_virq``: the service raises no virtual IRQs.
+
+        Raises:
+            EvtchnError: ENOSYS, always.
+        """
+        raise EvtchnError(errno.ENOSYS, f"bind_virq({virq}): the service has no virtual IRQs")
 
     def notify(self, port: int) -> None:
-        """``EVTCHNOP_send``."""
+        """``EVTCHNOP_send``.
+
+        Raises:
+            EvtchnError: ENOTCONN (not bound through this client), EINVAL.
+        """
+        self._mine("notify", port)
         self._call(p.MSG_EVTCHN_SEND, p.U32.pack(port))
 
     def unbind(self, port: int) -> None:
-        """``EVTCHNOP_close`` (events already queued for it are dropped)."""
+        """``EVTCHNOP_close`` (events already queued for it are dropped).
+
+        Raises:
+            EvtchnError: ENOTCONN (not bound through this client), EINVAL.
+        """
+        self._mine("unbind", port)
         self._call(p.MSG_EVTCHN_CLOSE, p.U32.pack(port))
+        self.bound.discard(port)
         with self.channel._mu:
             while port in self.channel.events:
                 self.channel.events.remove(port)
@@ -54,11 +105,14 @@ class EventChannelClient(ServiceCallClient):
         Raises:
             TimeoutError: none fired within ``timeout`` seconds (None: wait forever).
         """
-        port: int | None = self.channel.wait_for(self.channel.events, None, timeout)
+        port: int | None = self.channel.wait_for(self.channel.events, None, _look(timeout))
         return or_timeout(port, "pending: no event", timeout)
 
     def unmask(self, port: int) -> None:
-        """``xenevtchn_unmask`` (one-way: nothing is answered)."""
+        """``xenevtchn_unmask`` (one-way: nothing is answered); a port not bound
+        through this client is ignored (``evtchn_write``)."""
+        if port not in self.bound:
+            return
         self.channel.send(p.MSG_EVTCHN_UNMASK, p.U32.pack(port))
 
     def wait(self, port: int | None = None, timeout: float | None = None) -> int:
@@ -67,7 +121,7 @@ class EventChannelClient(ServiceCallClient):
         Raises:
             TimeoutError: none came within ``timeout`` seconds (None: wait forever).
         """
-        got: int | None = self.channel.wait_for(self.channel.events, port, timeout)
+        got: int | None = self.channel.wait_for(self.channel.events, port, _look(timeout))
         got = or_timeout(got, f"wait: no event on port {port}", timeout)
         self.unmask(got)
         return got
@@ -83,3 +137,16 @@ class EventChannelClient(ServiceCallClient):
         got = or_timeout(got, f"wait_async: no event on port {port}", timeout)
         self.unmask(got)
         return got
+
+    def close(self) -> None:
+        """``xenevtchn_close``: unbind every port bound through this client
+        (``evtchn_release``); the connection stays open."""
+        for port in sorted(self.bound):
+            with contextlib.suppress(EvtchnError):
+                self.unbind(port)
+
+
+def _look(timeout: float | None) -> float | None:
+    """A zero timeout still reads what the socket holds: for a millisecond at most
+    (the channel's wait gives up before reading when its time is already up)."""
+    return 0.001 if timeout is not None and timeout <= 0 else timeout
