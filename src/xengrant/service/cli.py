@@ -68,6 +68,11 @@ def add_parser(subparsers: Any) -> None:
         "written beside it (PATH.token, mode 0600)",
     )
     p.add_argument(
+        "--xenstored-socket", default=None, metavar="PATH",
+        help="also serve xenstore's own protocol (xen/io/xs_wire.h) there, as xenstored's "
+        "socket does, for dom0's tools: XENSTORED_PATH=PATH xenstore-ls (only this uid)",
+    )
+    p.add_argument(
         "--allow-uid", type=int, action="append", default=[], metavar="UID",
         help="admit processes of this uid too (repeat for more; default: only this "
         "process's uid and root). The socket is then made 0666: put it in a directory "
@@ -164,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
             spin=max(args.poll_us, 0.0) * 1e-6,
             allow_uids=args.allow_uid,
             allow_groups=[int(g) if g.isdigit() else g for g in args.allow_group],
+            xenstored_path=args.xenstored_socket,
             **kw,
         )
     except (OSError, KeyError, ValueError) as e:  # an unknown group, a limit below 1

@@ -48,6 +48,7 @@ ADD_TO_PHYSMAP    I space, Q idx, q gpfn                       i rc, delta
 TRANSLATE         I writable, q gfn * n                        (q mfn, I type) * n, delta
 EVTCHN_*          see :mod:`xengrant.service.evtchn`           I port / status fields
 XS_*              NUL-separated strings, as xenstored's wire   xenstored's reply body
+XS_WIRE           one xsd_sockmsg and its payload (xs_wire.h)  xenstored's reply message
 UNMAP_NOTIFY_SET  I kind, I key, I offset, I action, I port    --
 UNMAP_NOTIFY_FIRE I kind, I key                                --
 STATS             -- (dom0), or the dom0 token (unbound)       JSON (at most 1 MiB:
@@ -129,6 +130,10 @@ MSG_XS_SET_PERMS = 36
 MSG_XS_WATCH = 37
 MSG_XS_UNWATCH = 38
 MSG_XS_GET_DOMAIN_PATH = 39
+#: One whole xs_wire message (``struct xsd_sockmsg`` and its payload, as
+#: xen/io/xs_wire.h): the reply body is xenstored's reply message, byte for
+#: byte (xengrant.xenstore.session).  MSG_XS_READ ... carry only the payload.
+MSG_XS_WIRE = 42
 MSG_UNMAP_NOTIFY_SET = 40
 MSG_UNMAP_NOTIFY_FIRE = 41
 MSG_STATS = 60

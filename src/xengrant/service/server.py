@@ -74,6 +74,8 @@ from ..emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
 from ..emu.machine import PAGE_SIZE
 from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from ..errors import HypercallError
+from ..xenstore import wire as xsw
+from ..xenstore.session import Domains, Session
 from . import protocol as p
 from .backing import Backing
 from .evtchn import ECS_INTERDOMAIN, ECS_UNBOUND, Delivery, EventChannels, EvtchnError
@@ -84,6 +86,7 @@ from .ring import INDICES as RING_INDICES
 from .ring import ServiceRing
 from .ring import request as ring_request
 from .xenstore import XenStore, XenStoreError
+from .xssocket import XenstoredSocket
 
 #: Seconds between tries to accept when accept() fails (EMFILE...): doubled up to the max.
 ACCEPT_BACKOFF = (0.01, 1.0)
@@ -188,6 +191,9 @@ class Server:
             (:func:`~xengrant.service.paths.token_path`); else only
             :attr:`token` gives it (to the process that made this Server).
         limits: the operator's limits (:class:`~xengrant.service.limits.Limits`).
+        xenstored_path: also listen there for dom0's xenstore tools, speaking
+            xs_wire as xenstored's socket does
+            (:class:`~xengrant.service.xssocket.XenstoredSocket`).
 
     Raises:
         OSError: EADDRINUSE if a service already listens at ``path``;
@@ -207,6 +213,7 @@ class Server:
         allow_groups: Sequence[int | str] = (),
         token_file: bool = True,
         limits: Limits | None = None,
+        xenstored_path: str | None = None,
     ) -> None:
         self.path = path or default_socket_path(create=True)
         self.identity = Identity(allow_uids, allow_groups)
@@ -232,6 +239,11 @@ class Server:
             max_nodes=limits.xs_nodes_total, max_watches=limits.xs_watches_total,
         )
         self.xs.mkdir(0, "/local/domain")  # what the host's init scripts leave
+        #: the domains xenstore knows (XS_IS_DOMAIN_INTRODUCED), dom0 from the start
+        self.xs_domains = Domains({0})
+        #: each connection's xs_wire session (xengrant.xenstore.session), by ident
+        self.xs_sessions: dict[int, Session] = {}
+        self.xenstored: XenstoredSocket | None = None
         self.ev = EventChannels(self._privileged)
         self.log = log if log is not None else _stderr
         #: lines about one connection (or uid), rate-limited
@@ -316,11 +328,23 @@ class Server:
             p.MSG_XS_WATCH: (self._xs_watch, True),
             p.MSG_XS_UNWATCH: (self._xs_unwatch, True),
             p.MSG_XS_GET_DOMAIN_PATH: (self._xs_get_domain_path, True),
+            p.MSG_XS_WIRE: (self._xs_wire, True),
             p.MSG_UNMAP_NOTIFY_SET: (self._notify_set, True),
             p.MSG_UNMAP_NOTIFY_FIRE: (self._notify_fire, True),
         }
         self._pending_fds: tuple[int, ...] = ()
         self._deliveries: list[Delivery] = []
+        if xenstored_path is not None:
+            try:
+                self.xenstored = XenstoredSocket(
+                    xenstored_path, self.xs, self.lock, self.xs_domains, self._dispatch_async,
+                    self.log, uid=self.identity.uid,
+                )
+            except BaseException:
+                self.listener.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                raise
 
     # ------------------------------------------------------------ lifecycle
     def _privileged(self, domid: int) -> bool:
@@ -454,6 +478,8 @@ class Server:
             self.backing.flush()
         for t in readers:
             t.join(5.0)
+        if self.xenstored is not None:
+            self.xenstored.close()
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -876,7 +902,7 @@ class Server:
                     conn.memory_socket.close()
                 if conn.ring is not None:
                     conn.ring.close()
-            self.xs.release_conn(conn.ident)
+            self._xs_close(conn.ident)
             if conn.domid is not None:
                 self._destroy(conn.domid)
             for domid in sorted(conn.created):
@@ -1006,8 +1032,11 @@ class Server:
         for ev in self.xs.drain_events():
             target = self.conns.get(ev.conn) if isinstance(ev.conn, int) else None
             if target is not None:
+                # the XS_WATCH_EVENT's payload (its xsd_sockmsg header is always 15, 0, 0, len)
                 payload = p.pack_strings(ev.path, ev.token)
                 self._send(target, p.encode(p.MSG_WATCH_EVENT, p.F_ASYNC, 0, payload))
+            elif self.xenstored is not None:
+                self.xenstored.deliver(ev.conn, ev.path, ev.token)
 
     @staticmethod
     def _ok(body: bytes = b"") -> bytes:
@@ -1085,6 +1114,7 @@ class Server:
             self.identity.dom0_claimed = True
         self.ev.add_domain(new)
         self.xs.make_domain_home(new)
+        self.xs_domains.introduced.add(new)
         self.xs.introduce_domain(new)
         return new, pv
 
@@ -1176,7 +1206,7 @@ class Server:
         if conn is not None:
             conn.domid = None
             conn.destroyed = domid  # its next call hears why
-            self.xs.release_conn(conn.ident)
+            self._xs_close(conn.ident)
         if d is None or d.is_dying:
             return
         sends = self._fire_all_notifies(d)
@@ -1191,6 +1221,7 @@ class Server:
         self._deliveries += self.ev.destroy_domain(domid)
         with contextlib.suppress(XenStoreError):
             self.xs.rm(0, f"/local/domain/{domid}")
+        self.xs_domains.introduced.discard(domid)
         self.xs.release_domain(domid)
         self.backing.close_side(domid)
         self._dispatch_async()
@@ -1544,89 +1575,76 @@ class Server:
         return self._ok(p.EVTCHN_STATUS_REPLY.pack(state, rdom, rport))
 
     # ------------------------------------------------------------ xenstore
-    @staticmethod
-    def _xs_args(payload: bytes, n: int, what: str) -> list[str]:
-        if len(payload) > p.XS_PAYLOAD_MAX:
-            raise XenStoreError(errno.E2BIG, f"{what}: {len(payload)} bytes")
-        parts = p.split_strings(payload)
-        if len(parts) != n or len(payload) != sum(len(x) + 1 for x in parts):
-            raise XenStoreError(errno.EINVAL, f"{what}: want {n} NUL-terminated strings")
-        try:
-            return [x.decode("ascii") for x in parts]
-        except UnicodeDecodeError:
-            raise XenStoreError(errno.EINVAL, f"{what}: not ASCII") from None
+    def _xs_session(self, conn: Connection) -> Session:
+        """The connection's xs_wire session (made on its first xenstore request)."""
+        sess = self.xs_sessions.get(conn.ident)
+        if sess is None or sess.domid != conn.domid:
+            if sess is not None:
+                sess.close()
+            sess = Session(self.xs, self._dom(conn), conn.ident, domains=self.xs_domains)
+            self.xs_sessions[conn.ident] = sess
+        return sess
 
-    @staticmethod
-    def _xs_reply(body: bytes) -> bytes:
-        if len(body) > p.XS_PAYLOAD_MAX:  # send_reply: "if ( len > XENSTORE_PAYLOAD_MAX )"
-            raise XenStoreError(errno.E2BIG, f"reply of {len(body)} bytes")
-        return p.STATUS.pack(0) + body
+    def _xs_close(self, ident: int) -> None:
+        """A connection or its domain went: its watches and transactions go."""
+        sess = self.xs_sessions.pop(ident, None)
+        if sess is not None:
+            sess.close()
+        self.xs.release_conn(ident)
+
+    def _xs_wire(self, conn: Connection, payload: bytes) -> bytes:
+        """XS_WIRE: one xs_wire message in, xenstored's reply message out."""
+        if len(payload) < xsw.HEADER_SIZE:
+            raise p.ProtocolError(errno.EPROTO, f"XS_WIRE: {len(payload)} bytes, no xsd_sockmsg")
+        mtype, req_id, tx_id, length = xsw.HEADER.unpack_from(payload)
+        if length > xsw.XENSTORE_PAYLOAD_MAX or length != len(payload) - xsw.HEADER_SIZE:
+            # xenstored drops such a connection; this one carries more than
+            # xenstore, so only the message is refused
+            raise p.ProtocolError(errno.EPROTO, f"XS_WIRE: len {length} with "
+                                  f"{len(payload) - xsw.HEADER_SIZE} bytes of payload")
+        msg = xsw.Message(mtype, req_id, tx_id, payload[xsw.HEADER_SIZE :])
+        return self._ok(self._xs_session(conn).handle(msg))
+
+    def _xs_call(self, conn: Connection, xs_type: int, payload: bytes) -> bytes:
+        """MSG_XS_READ ...: the payload alone, run by the same session."""
+        if len(payload) > xsw.XENSTORE_PAYLOAD_MAX:
+            raise XenStoreError(errno.E2BIG, f"{len(payload)} bytes")
+        reply = self._xs_session(conn).handle(xsw.Message(xs_type, 0, 0, payload))
+        rtype = xsw.HEADER.unpack_from(reply)[0]
+        body = reply[xsw.HEADER_SIZE :]
+        if rtype == xsw.XS_ERROR:
+            raise XenStoreError(xsw.errno_of(body), f"XS_{xsw.XS_NAMES[xs_type]}")
+        return self._ok(body)
 
     def _xs_read(self, conn: Connection, payload: bytes) -> bytes:
-        (path,) = self._xs_args(payload, 1, "XS_READ")
-        return self._xs_reply(self.xs.read(self._dom(conn), path))
+        return self._xs_call(conn, xsw.XS_READ, payload)
 
     def _xs_write(self, conn: Connection, payload: bytes) -> bytes:
-        if len(payload) > p.XS_PAYLOAD_MAX:
-            raise XenStoreError(errno.E2BIG, f"XS_WRITE: {len(payload)} bytes")
-        nul = payload.find(b"\0")
-        if nul < 0:
-            raise XenStoreError(errno.EINVAL, "XS_WRITE: no path")
-        try:
-            path = payload[:nul].decode("ascii")
-        except UnicodeDecodeError:
-            raise XenStoreError(errno.EINVAL, "XS_WRITE: path not ASCII") from None
-        self.xs.write(self._dom(conn), path, payload[nul + 1 :])
-        return self._ok(b"OK\0")
+        return self._xs_call(conn, xsw.XS_WRITE, payload)
 
     def _xs_mkdir(self, conn: Connection, payload: bytes) -> bytes:
-        (path,) = self._xs_args(payload, 1, "XS_MKDIR")
-        self.xs.mkdir(self._dom(conn), path)
-        return self._ok(b"OK\0")
+        return self._xs_call(conn, xsw.XS_MKDIR, payload)
 
     def _xs_rm(self, conn: Connection, payload: bytes) -> bytes:
-        (path,) = self._xs_args(payload, 1, "XS_RM")
-        self.xs.rm(self._dom(conn), path)
-        return self._ok(b"OK\0")
+        return self._xs_call(conn, xsw.XS_RM, payload)
 
     def _xs_directory(self, conn: Connection, payload: bytes) -> bytes:
-        (path,) = self._xs_args(payload, 1, "XS_DIRECTORY")
-        names = self.xs.directory(self._dom(conn), path)
-        return self._xs_reply(b"".join(n.encode() + b"\0" for n in names))
+        return self._xs_call(conn, xsw.XS_DIRECTORY, payload)
 
     def _xs_get_perms(self, conn: Connection, payload: bytes) -> bytes:
-        (path,) = self._xs_args(payload, 1, "XS_GET_PERMS")
-        perms = self.xs.get_perms(self._dom(conn), path)
-        return self._xs_reply(p.pack_strings(*perms))
+        return self._xs_call(conn, xsw.XS_GET_PERMS, payload)
 
     def _xs_set_perms(self, conn: Connection, payload: bytes) -> bytes:
-        if len(payload) > p.XS_PAYLOAD_MAX:
-            raise XenStoreError(errno.E2BIG, "XS_SET_PERMS")
-        parts = p.split_strings(payload)
-        if len(parts) < 2:
-            raise XenStoreError(errno.EINVAL, "XS_SET_PERMS: path and permissions")
-        try:
-            strs = [x.decode("ascii") for x in parts]
-        except UnicodeDecodeError:
-            raise XenStoreError(errno.EINVAL, "XS_SET_PERMS: not ASCII") from None
-        self.xs.set_perms(self._dom(conn), strs[0], strs[1:])
-        return self._ok(b"OK\0")
+        return self._xs_call(conn, xsw.XS_SET_PERMS, payload)
 
     def _xs_watch(self, conn: Connection, payload: bytes) -> bytes:
-        path, token = self._xs_args(payload, 2, "XS_WATCH")
-        self.xs.watch(conn.ident, self._dom(conn), path, token)
-        return self._ok(b"OK\0")
+        return self._xs_call(conn, xsw.XS_WATCH, payload)
 
     def _xs_unwatch(self, conn: Connection, payload: bytes) -> bytes:
-        path, token = self._xs_args(payload, 2, "XS_UNWATCH")
-        self.xs.unwatch(conn.ident, self._dom(conn), path, token)
-        return self._ok(b"OK\0")
+        return self._xs_call(conn, xsw.XS_UNWATCH, payload)
 
     def _xs_get_domain_path(self, conn: Connection, payload: bytes) -> bytes:
-        (dom,) = self._xs_args(payload, 1, "XS_GET_DOMAIN_PATH")
-        if not dom.isdigit():
-            raise XenStoreError(errno.EINVAL, "XS_GET_DOMAIN_PATH: domid")
-        return self._ok(f"/local/domain/{int(dom)}".encode() + b"\0")
+        return self._xs_call(conn, xsw.XS_GET_DOMAIN_PATH, payload)
 
     # ------------------------------------------------------------ inspect
     def snapshot(self) -> dict[str, Any]:

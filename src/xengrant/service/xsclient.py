@@ -4,60 +4,109 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import time
+import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from ..xenstore.client import ClientCodec, result, wait_for_value
+from ..xenstore.wire import (
+    XS_DIRECTORY,
+    XS_GET_DOMAIN_PATH,
+    XS_GET_PERMS,
+    XS_MKDIR,
+    XS_NAMES,
+    XS_READ,
+    XS_RM,
+    XS_SET_PERMS,
+    XS_UNWATCH,
+    XS_WATCH,
+    XS_WRITE,
+    Decoder,
+    split_strings,
+    strings,
+)
 from . import protocol as p
 from .callclient import ServiceCallClient, or_timeout
 from .errors import ServiceError
 from .xenstore import XenStoreError
+
+if TYPE_CHECKING:
+    from .client import Channel
 
 
 # ------------------------------------------------------------------ xenstore
 class XenStoreClient(ServiceCallClient):
     """The domain's xenstore connection (libxenstore's ``xs_*`` calls).
 
-    Paths without a leading ``/`` are relative to the domain's home,
-    ``/local/domain/<domid>``.  Errors raise :class:`XenStoreError` with
-    xenstored's errno.
+    Every call is one xs_wire message (``struct xsd_sockmsg`` and its
+    payload, packed by :class:`~xengrant.xenstore.client.ClientCodec`) in a
+    ``MSG_XS_WIRE`` request; the reply is xenstored's reply message, byte
+    for byte.  Watch events come as the XS_WATCH_EVENT payload in async
+    ``MSG_WATCH_EVENT`` frames.  Paths without a leading ``/`` are relative
+    to the domain's home, ``/local/domain/<domid>``.  Errors raise
+    :class:`XenStoreError` with xenstored's errno.
     """
 
     error = XenStoreError
 
-    def read(self, path: str) -> bytes:
-        """``xs_read``."""
-        return self._call(p.MSG_XS_READ, p.pack_strings(path))
+    def __init__(self, channel: Channel, domid: int) -> None:
+        super().__init__(channel, domid)
+        self._codec = ClientCodec()
+        self._codec_mu = threading.Lock()
 
-    def write(self, path: str, value: bytes | str) -> None:
+    def call(self, mtype: int, payload: bytes, tx: int = 0) -> bytes:
+        """One xs_wire request (``XS_*`` type, payload, transaction id) -> the reply's payload.
+
+        Raises:
+            XenStoreError: the XS_ERROR xenstored's rules answer, or EPROTO
+                for a reply that is not one message answering this request.
+            ServiceError: the connection is gone.
+        """
+        with self._codec_mu:
+            req_id, data = self._codec.request(mtype, payload, tx)
+            self._codec.forget(req_id)  # replies are matched here, not queued there
+        name = f"XS_{XS_NAMES.get(mtype, mtype)}"
+        body = self._call(p.MSG_XS_WIRE, data)
+        try:
+            msgs = Decoder().feed(body)
+        except XenStoreError:
+            msgs = []
+        if len(msgs) != 1 or msgs[0].req_id != req_id:
+            raise XenStoreError(errno.EPROTO, f"{name}: the reply is not one xs_wire message")
+        return result(msgs[0], name)
+
+    def read(self, path: str, tx: int = 0) -> bytes:
+        """``xs_read``."""
+        return self.call(XS_READ, strings(path), tx)
+
+    def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
         """``xs_write`` (creates the node and missing parents)."""
         data = value.encode() if isinstance(value, str) else bytes(value)
-        self._call(p.MSG_XS_WRITE, path.encode() + b"\0" + data)
+        self.call(XS_WRITE, path.encode() + b"\0" + data, tx)
 
-    def mkdir(self, path: str) -> None:
+    def mkdir(self, path: str, tx: int = 0) -> None:
         """``xs_mkdir``."""
-        self._call(p.MSG_XS_MKDIR, p.pack_strings(path))
+        self.call(XS_MKDIR, strings(path), tx)
 
-    def rm(self, path: str) -> None:
+    def rm(self, path: str, tx: int = 0) -> None:
         """``xs_rm`` (recursive)."""
-        self._call(p.MSG_XS_RM, p.pack_strings(path))
+        self.call(XS_RM, strings(path), tx)
 
-    def directory(self, path: str) -> list[str]:
+    def directory(self, path: str, tx: int = 0) -> list[str]:
         """``xs_directory``: child names."""
-        return [x.decode() for x in p.split_strings(self._call(p.MSG_XS_DIRECTORY,
-                                                                 p.pack_strings(path)))]
+        return [x.decode() for x in split_strings(self.call(XS_DIRECTORY, strings(path), tx))]
 
-    def get_perms(self, path: str) -> list[str]:
+    def get_perms(self, path: str, tx: int = 0) -> list[str]:
         """``xs_get_permissions`` as strings (``"n0"``, ``"r5"``)."""
-        return [x.decode() for x in p.split_strings(self._call(p.MSG_XS_GET_PERMS,
-                                                                 p.pack_strings(path)))]
+        return [x.decode() for x in split_strings(self.call(XS_GET_PERMS, strings(path), tx))]
 
-    def set_perms(self, path: str, perms: Sequence[str]) -> None:
+    def set_perms(self, path: str, perms: Sequence[str], tx: int = 0) -> None:
         """``xs_set_permissions``: first entry owner + default, then per-domain entries."""
-        self._call(p.MSG_XS_SET_PERMS, p.pack_strings(path, *perms))
+        self.call(XS_SET_PERMS, strings(path, *perms), tx)
 
     def watch(self, path: str, token: str) -> None:
         """``xs_watch``: an event comes at once, then on each change at or below ``path``."""
-        self._call(p.MSG_XS_WATCH, p.pack_strings(path, token))
+        self.call(XS_WATCH, strings(path, token))
 
     def watching(self, path: str, token: str) -> XenStoreWatch:
         """:meth:`watch`, as a context manager: ``with xs.watching(path, token) as w:
@@ -67,7 +116,7 @@ class XenStoreClient(ServiceCallClient):
 
     def unwatch(self, path: str, token: str) -> None:
         """``xs_unwatch``."""
-        self._call(p.MSG_XS_UNWATCH, p.pack_strings(path, token))
+        self.call(XS_UNWATCH, strings(path, token))
 
     def read_watch(self, timeout: float | None = None) -> tuple[str, str]:
         """``xs_read_watch``: the next ``(path, token)``.
@@ -106,8 +155,7 @@ class XenStoreClient(ServiceCallClient):
 
     def get_domain_path(self, domid: int) -> str:
         """``xs_get_domain_path``: ``/local/domain/<domid>``."""
-        body = self._call(p.MSG_XS_GET_DOMAIN_PATH, p.pack_strings(str(domid)))
-        return body.rstrip(b"\0").decode()
+        return self.call(XS_GET_DOMAIN_PATH, strings(str(domid))).rstrip(b"\0").decode()
 
     def wait_for_value(
         self, path: str, want: Sequence[bytes] | None = None, timeout: float | None = None
@@ -117,27 +165,7 @@ class XenStoreClient(ServiceCallClient):
         Raises:
             TimeoutError: ``timeout`` passed first.
         """
-        token = f"wait-{id(self)}-{time.monotonic_ns()}"
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self.watch(path, token)
-        try:
-            while True:
-                try:
-                    value = self.read(path)
-                    if want is None or value in want:
-                        return value
-                except XenStoreError as e:
-                    if e.errno not in (errno.ENOENT, errno.EACCES):
-                        raise
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"{path} did not become {want!r}")
-                with contextlib.suppress(TimeoutError):  # the deadline above says so
-                    self.read_watch_token(token, remaining)
-        finally:
-            with contextlib.suppress(XenStoreError, ServiceError):
-                self.unwatch(path, token)
-            self.drop_watch_events(token)
+        return wait_for_value(self, path, want, timeout, (XenStoreError, ServiceError))
 
 
 class XenStoreWatch:
