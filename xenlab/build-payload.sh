@@ -23,6 +23,8 @@ EXTRA=
 ${CC:-cc} -O2 -std=c11 -fPIC -shared -Wall -Wno-missing-field-initializers -I"$INC" $EXTRA \
   "$R/src/xengrant/_cext.c" -o "$O/xengrant/_cext.cpython-311-x86_64-linux-gnu.so"
 cp -r "$R/tests_xen" "$O/tests_xen"
+# the portable suites tests_xen/test_portable_xen.py runs on real Xen (not collected on their own)
+mkdir -p "$O/portable" && cp "$R"/tests/test_portable_evtchn.py "$R"/tests/test_portable_xenstore.py "$O/portable/"
 mkdir -p "$O/scenarios" && cp "$R"/tests/scenarios/*.py "$R"/tests/scenarios/*.json "$O/scenarios/" 2>/dev/null || true
 mkdir -p "$O/benchmarks" && cp "$R/benchmarks/bench_xen.py" "$R/benchmarks/bench_xen_domu.py" "$O/benchmarks/"
 # the C baseline of the cross-domain benchmark: static, so neither dom0 nor the domU needs the libs

@@ -18,6 +18,11 @@
   ``domain.evtchn`` of an :class:`EmbeddedXen` domain (:class:`EmbeddedEvtchn`),
   of a service domain, or real Xen's ``xengrant.linux.LinuxEvtchn``.
 - :class:`EventPort` -- one bound event-channel port, on any of them.
+- :class:`XenStore` -- the portable xenstore connection (libxenstore's calls,
+  transactions with :func:`run_transaction`): ``domain.xs`` of an
+  :class:`EmbeddedXen` domain (:class:`EmbeddedXenStore`), of a service
+  domain, or real Xen's ``xengrant.linux.LinuxXenStore``; :mod:`xengrant.xenbus`
+  on top.
 - :mod:`xengrant.abi` -- Xen's and Linux's constants and structs by C name.
 
 Quick start::
@@ -34,7 +39,7 @@ Quick start::
 
 from __future__ import annotations
 
-from . import abi
+from . import abi, xenbus
 from .abi.grant_table import gnttabop_error
 from .embedded import EmbeddedXen
 from .embedded_domain import EmbeddedDomain
@@ -66,6 +71,8 @@ from .vchan import (
     open_vchan_connection,
     start_vchan_server,
 )
+from .xs_embedded import EmbeddedXenStore
+from .xsapi import Transaction, TransactionConflict, XenStore, run_transaction
 
 __version__ = "0.1.0"
 
@@ -78,6 +85,7 @@ __all__ = [
     "EmbeddedDomain",
     "EmbeddedEvtchn",
     "EmbeddedXen",
+    "EmbeddedXenStore",
     "EventPort",
     "Evtchn",
     "EvtchnError",
@@ -103,14 +111,19 @@ __all__ = [
     "PgdirFrontend",
     "RingError",
     "Share",
+    "Transaction",
+    "TransactionConflict",
     "Vchan",
     "VchanError",
     "VchanTimeout",
     "XenError",
+    "XenStore",
     "abi",
     "decode_flags",
     "gnttabop_error",
     "open_vchan_connection",
     "portable_backend",
+    "run_transaction",
     "start_vchan_server",
+    "xenbus",
 ]

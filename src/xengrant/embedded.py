@@ -34,6 +34,7 @@ from .emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from .errors import HypercallError
 from .evtchn.embedded import EmbeddedEvtchn, EvtchnHub
 from .hypercall import FrameView
+from .xs_embedded import EmbeddedXenStore, XsHub
 
 if TYPE_CHECKING:
     from .embedded_domain import EmbeddedDomain
@@ -162,6 +163,9 @@ class EmbeddedXen:
         )
         #: Every domain's event channels (the service's sans-IO core; dom0 privileged).
         self.evtchn_hub = EvtchnHub()
+        #: The xenstore every domain's ``domain.xs`` connects to (xenstored's rules).
+        self.xs_hub = XsHub()
+        self._xs_conns: weakref.WeakSet[EmbeddedXenStore] = weakref.WeakSet()
         self._evtchn_handles: weakref.WeakSet[EmbeddedEvtchn] = weakref.WeakSet()
         self.debug_log: list[tuple[int, str, int, str]] = []
         self.log_count = 0
@@ -212,6 +216,7 @@ class EmbeddedXen:
                 max_pages=max_pages,
             )
         self.evtchn_hub.add_domain(new)  # evtchn_init
+        self.xs_hub.add_domain(new)  # libxl's domain dirs, @introduceDomain
         dom = EmbeddedDomain(self, EmbeddedHypercalls(self, new), pv=pv)
         self._guests[new] = dom
         return dom
@@ -257,6 +262,7 @@ class EmbeddedXen:
         with self.lock:
             d = self.hv.kill_domain(domid)
         self.evtchn_hub.destroy_domain(domid)  # evtchn_destroy, from domain_kill
+        self.xs_hub.destroy_domain(domid)  # its home goes, @releaseDomain
         # domain_relinquish_resources is preemptible (XSA-380): a page of 256
         # maptrack handles (or p2m entries) at a time, the lock free in
         # between, so other domains' hypercalls are not held up by a big release.
@@ -275,6 +281,14 @@ class EmbeddedXen:
         handle = self.evtchn_hub.open(domid)
         self._evtchn_handles.add(handle)
         return handle
+
+    def xs_open(self, domid: int) -> EmbeddedXenStore:
+        """A new xenstore connection acting as ``domid`` (``xs_open``); :meth:`close`
+        closes those still open.
+        """
+        conn = self.xs_hub.open(domid)
+        self._xs_conns.add(conn)
+        return conn
 
     def _preempt(self) -> None:
         """Between two steps of a domain's release (``hypercall_preempt_check``):
@@ -324,6 +338,8 @@ class EmbeddedXen:
         self._closed = True
         for handle in list(self._evtchn_handles):
             handle.close()
+        for conn in list(self._xs_conns):
+            conn.close()
         self.mem.release()
         try:
             self._mmap.close()

@@ -16,6 +16,7 @@ from .hypercall import Hypercalls
 if TYPE_CHECKING:
     from .embedded import EmbeddedXen
     from .evtchn.embedded import EmbeddedEvtchn
+    from .xs_embedded import EmbeddedXenStore
 
 
 class EmbeddedDomain(Domain):
@@ -31,6 +32,7 @@ class EmbeddedDomain(Domain):
         super().__init__(hypercalls, pv=pv)
         self.xen = xen
         self._evtchn: EmbeddedEvtchn | None = None
+        self._xs: EmbeddedXenStore | None = None
 
     def __repr__(self) -> str:
         return f"<EmbeddedDomain d{self.domid}{' pv' if self.pv else ''}>"
@@ -42,3 +44,11 @@ class EmbeddedDomain(Domain):
         if self._evtchn is None:
             self._evtchn = self.xen.evtchn_open(self.domid)
         return self._evtchn
+
+    @property
+    def xs(self) -> EmbeddedXenStore:
+        """This domain's xenstore connection (an :class:`~xengrant.xsapi.XenStore`);
+        :meth:`EmbeddedXen.xs_open` opens more."""
+        if self._xs is None:
+            self._xs = self.xen.xs_open(self.domid)
+        return self._xs

@@ -26,7 +26,8 @@ The API is the service's ``domain.xs`` (:class:`~xengrant.service.client.XenStor
 :mod:`xengrant.service.xenbus`'s handshake helpers run on both.  Every call
 waits at most ``timeout`` seconds (``TimeoutError``); what xenstored sends is
 input from another domain's daemon and is bounded (``len`` <= 4096) before it
-is read.  No transactions (``tx_id`` is 0).
+is read.  Transactions (:meth:`LinuxXenStore.transaction`) put their
+``tx_id`` in each request's header, as libxenstore does.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ from ..xenstore.wire import (  # noqa: F401  (re-exported: the XS_* numbers of x
     XS_WATCH_EVENT,
     XS_WRITE,
 )
+from ..xsapi import Watching, WireTransaction
 
 XENSTORED_SOCKET = "/var/run/xenstored/socket"
 XENBUS_DEVICE = "/dev/xen/xenbus"
@@ -240,6 +242,26 @@ class LinuxXenStore:
     def unwatch(self, path: str, token: str, timeout: float | None = None) -> None:
         """``xs_unwatch``."""
         self._call(XS_UNWATCH, _strings(path, token), timeout)
+
+    def watching(self, path: str, token: str) -> Watching:
+        """:meth:`watch` as a context manager: leaving it unwatches and drops
+        the watch's queued events."""
+        self.watch(path, token)
+        return Watching(self, path, token)
+
+    def transaction(self) -> WireTransaction:
+        """``xs_transaction_start`` (``XS_TRANSACTION_START``): a transaction
+        whose requests carry its ``tx_id``; its commit raises
+        :class:`~xengrant.xsapi.TransactionConflict` on xenstored's EAGAIN."""
+        return WireTransaction(lambda mtype, payload, tx: self._call(mtype, payload, None, tx))
+
+    def introduce(self, domid: int, mfn: int, port: int, timeout: float | None = None) -> None:
+        """``xs_introduce_domain`` (``XS_INTRODUCE``; dom0, to xenstored's socket)."""
+        self._call(XS_INTRODUCE, _strings(str(domid), str(mfn), str(port)), timeout)
+
+    def release(self, domid: int, timeout: float | None = None) -> None:
+        """``xs_release_domain`` (``XS_RELEASE``; dom0)."""
+        self._call(XS_RELEASE, _strings(str(domid)), timeout)
 
     # --------------------------------------------------------------- events
     def read_watch(self, timeout: float | None = None) -> tuple[str, str]:
