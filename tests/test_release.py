@@ -256,6 +256,29 @@ def test_with_grant_async_timeout_defers_instead_of_leaking(
     xen.check_leaks()
 
 
+def test_with_grant_timeout_defers_instead_of_leaking(xen: Xen, pair: tuple[Dom, Dom]) -> None:
+    """The blocking with_grant takes timeout= too: Busy (a TimeoutError) when the
+    peer still maps the page, and the end of access is deferred, not leaked."""
+    front, back = pair
+    table = front.grant_table
+    pages = front.alloc_pages(2)
+    refs = table.get_n(2)
+    box: list[xengrant.Mapping] = []
+    with pytest.raises(Busy) as e, table.with_grants(back.domid, True, refs, pages.gfns,
+                                                     timeout=0.01):
+        box.append(back.gnttab.map_grant_ref(front.domid, refs[0]))
+    assert isinstance(e.value, TimeoutError)
+    assert table.deferred == 1  # the busy one; the one after it, not mapped, ended at once
+    assert table.entry(refs[1]).flags == 0
+    table.stop_reaper()
+    box[0].unmap()
+    assert table.reap_deferred() == 0
+    assert [table.entry(r).flags for r in refs] == [0, 0]
+    table.put_n(refs)
+    pages.free()
+    xen.check_leaks()
+
+
 # --------------------------------------------------------------- leak check
 def test_check_leaks_names_every_leak(xen: Xen, pair: tuple[Dom, Dom]) -> None:
     front, back = pair

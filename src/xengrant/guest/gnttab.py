@@ -1090,27 +1090,45 @@ class GrantTable:
                 self._arm_reaper()
 
     @contextlib.contextmanager
-    def with_grant(self, domid: int, writable: bool, ref: int, gfn: int) -> Iterator[None]:
-        """Grant for the block, then end access, waiting for the peer (mirage ``with_grant``)."""
-        with self.with_grants(domid, writable, [ref], [gfn]):
+    def with_grant(
+        self, domid: int, writable: bool, ref: int, gfn: int, timeout: float | None = None
+    ) -> Iterator[None]:
+        """Grant for the block, then end access, waiting for the peer (mirage ``with_grant``).
+
+        Raises:
+            Busy: ``timeout`` passed with the page still mapped by the peer (its
+                access is then deferred, never leaked).
+        """
+        with self.with_grants(domid, writable, [ref], [gfn], timeout):
             yield
 
     @contextlib.contextmanager
     def with_grants(
-        self, domid: int, writable: bool, refs: Sequence[int], gfns: Sequence[int]
+        self,
+        domid: int,
+        writable: bool,
+        refs: Sequence[int],
+        gfns: Sequence[int],
+        timeout: float | None = None,
     ) -> Iterator[None]:
-        """:meth:`with_grant` for several pages (mirage ``with_grants``)."""
-        if len(refs) != len(gfns):
-            raise ValueError(f"{len(refs)} refs for {len(gfns)} pages")
-        done: list[int] = []
+        """:meth:`with_grant` for several pages (mirage ``with_grants``): access ends
+        in ``refs`` order, each waiting for the peer to unmap.
+
+        Raises:
+            ValueError: not one ref per page.
+            Busy: ``timeout`` passed with a page still mapped by the peer (that
+                one's access and the rest are then deferred, never leaked).
+        """
+        done = self._grant_all(domid, writable, refs, gfns)
         try:
-            for ref, gfn in zip(refs, gfns):
-                self.grant_access(ref, domid, gfn, writable)
-                done.append(ref)
             yield
         finally:
-            for ref in done:
-                self.end_access(ref)
+            for i, ref in enumerate(done):
+                try:
+                    self.end_access(ref, timeout=timeout)
+                except Busy:
+                    self._defer_all(done[i:])
+                    raise
 
     @contextlib.asynccontextmanager
     async def with_grant_async(
@@ -1133,8 +1151,31 @@ class GrantTable:
         """asyncio twin of :meth:`with_grants` (mirage ``with_grants`` under Lwt).
 
         Raises:
+            ValueError: not one ref per page.
             Busy: ``timeout`` expired with a page still mapped by the peer
                 (its access is then deferred, never leaked).
+        """
+        done = self._grant_all(domid, writable, refs, gfns)
+        try:
+            yield
+        finally:
+            for i, ref in enumerate(done):
+                try:
+                    await self.end_access_async(ref, timeout=timeout)
+                except Busy:
+                    self._defer_all(done[i:])
+                    raise
+
+    def _grant_all(
+        self, domid: int, writable: bool, refs: Sequence[int], gfns: Sequence[int]
+    ) -> list[int]:
+        """Grant each page in order (both ``with_grants``): the refs granted.
+
+        A grant that fails ends those made before it (now, or deferred to the
+        reaper if the peer mapped one already) and raises.
+
+        Raises:
+            ValueError: not one ref per page.
         """
         if len(refs) != len(gfns):
             raise ValueError(f"{len(refs)} refs for {len(gfns)} pages")
@@ -1143,15 +1184,15 @@ class GrantTable:
             for ref, gfn in zip(refs, gfns):
                 self.grant_access(ref, domid, gfn, writable)
                 done.append(ref)
-            yield
-        finally:
-            for i, ref in enumerate(done):
-                try:
-                    await self.end_access_async(ref, timeout=timeout)
-                except Busy:
-                    for late in done[i:]:
-                        self._defer_end(late)
-                    raise
+        except BaseException:
+            self._defer_all(done)
+            raise
+        return done
+
+    def _defer_all(self, refs: Sequence[int]) -> None:
+        """:meth:`_defer_end` each of ``refs``."""
+        for ref in refs:
+            self._defer_end(ref)
 
     def _defer_end(self, ref: int) -> None:
         """End access to a ref the caller keeps, now or by the reaper later."""
