@@ -13,9 +13,11 @@ from ..xenstore.wire import (
     XS_DIRECTORY,
     XS_GET_DOMAIN_PATH,
     XS_GET_PERMS,
+    XS_INTRODUCE,
     XS_MKDIR,
     XS_NAMES,
     XS_READ,
+    XS_RELEASE,
     XS_RM,
     XS_SET_PERMS,
     XS_UNWATCH,
@@ -25,6 +27,7 @@ from ..xenstore.wire import (
     split_strings,
     strings,
 )
+from ..xsapi import WireTransaction
 from . import protocol as p
 from .callclient import ServiceCallClient, or_timeout
 from .errors import ServiceError
@@ -152,6 +155,28 @@ class XenStoreClient(ServiceCallClient):
         with self.channel._mu:
             for item in [e for e in self.channel.watch_events if e[1] == token]:
                 self.channel.watch_events.remove(item)
+
+    def transaction(self) -> WireTransaction:
+        """``xs_transaction_start`` (``XS_TRANSACTION_START``): a transaction
+        whose requests carry its ``tx_id`` (:mod:`xengrant.xsapi`); its commit
+        raises :class:`~xengrant.xsapi.TransactionConflict` on EAGAIN."""
+        return WireTransaction(self.call)
+
+    def introduce(self, domid: int, mfn: int = 0, port: int = 0) -> None:
+        """``xs_introduce_domain`` (``XS_INTRODUCE``, dom0 only): fires ``@introduceDomain``.
+
+        Raises:
+            XenStoreError: EACCES (not privileged), EINVAL.
+        """
+        self.call(XS_INTRODUCE, strings(str(domid), str(mfn), str(port)))
+
+    def release(self, domid: int) -> None:
+        """``xs_release_domain`` (``XS_RELEASE``, dom0 only): fires ``@releaseDomain``.
+
+        Raises:
+            XenStoreError: EACCES (not privileged), ENOENT.
+        """
+        self.call(XS_RELEASE, strings(str(domid)))
 
     def get_domain_path(self, domid: int) -> str:
         """``xs_get_domain_path``: ``/local/domain/<domid>``."""
