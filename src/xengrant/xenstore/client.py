@@ -130,7 +130,7 @@ def wait_until(
     path: str,
     check: Callable[[], T | None],
     timeout: float | None = None,
-    what: str = "",
+    what: str | Callable[[], str] = "",
     ignore: tuple[type[BaseException], ...] = (OSError,),
 ) -> T:
     """Watch ``path`` and call ``check`` at once and after each event until it returns non-None.
@@ -140,7 +140,7 @@ def wait_until(
         path: the watched path.
         check: the test; its first non-None result is returned.
         timeout: seconds in all (None: no bound).
-        what: the TimeoutError's text.
+        what: the TimeoutError's text (or a function giving it then).
         ignore: errors of the final unwatch to ignore (the connection may be gone).
 
     Returns:
@@ -159,7 +159,8 @@ def wait_until(
                 return got
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutError(what or f"{path}: not there in time")
+                text = what() if callable(what) else what
+                raise TimeoutError(text or f"{path}: not there in time")
             with contextlib.suppress(TimeoutError):  # the deadline above says so
                 xs.read_watch_token(token, left)
     finally:
