@@ -19,11 +19,15 @@ Two places, each with its own baseline measured in the same rounds:
 Cases (this process is the vchan server, the peer the client):
 
 - ``throughput``: the peer streams ``--mbytes`` MiB in 64 KiB writes, we read
-  it (``Vchan.read`` of up to 64 KiB); rings of 64 KiB each way
+  it (``Vchan.read_into`` a 64 KiB buffer, as the socket's ``recv_into``;
+  libxenvchan_read copies into the caller's buffer too); rings of 64 KiB each way
   (``left_min = right_min = 65536``: 16 granted pages each) and the
   default in-page rings (1024/2048 bytes; at most 2 MiB streamed) -- MB/s;
 - ``round trip``: we send one byte, the peer echoes it (``recv(1)`` then
-  ``send``), we ``recv(1)`` it -- microseconds per round trip.
+  ``send``), we ``recv(1)`` it -- microseconds per round trip; and ``events
+  only``: the same ping-pong on a bare event channel between the two domains
+  (``EventPort.notify`` then ``wait``, no vchan), the floor the vchan's round
+  trip stands on (a blocked reader and writer notify each other once each).
 
 Every figure is the median over interleaved rounds (every round runs every
 case and its baseline); "noise" is the median absolute deviation.  The
@@ -34,6 +38,7 @@ no timing assertions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
@@ -53,12 +58,15 @@ except ImportError:  # a checkout without an install
     import xengrant
 from _machine import machine_info
 
+from xengrant.evtport import EventPort
 from xengrant.service import Server, connect, serve
 from xengrant.vchan import Vchan
 
 CHUNK = 64 << 10
 TIMEOUT = 120.0
 RINGS = {"64K rings": (65536, 65536), "in-page rings": (1024, 2048)}
+#: the round trip of a bare event channel through the service (no vchan): the floor
+EVENTS = "events only"
 
 
 # ------------------------------------------------------------------ the peer
@@ -67,13 +75,30 @@ def _pattern(total: int) -> bytes:
 
 
 def _peer_loop(dom: Any, sock: socket.socket, ctl: Any) -> None:
-    """Obey ``ctl``: connect to vchans, stream, echo, on vchans or the socket."""
+    """Obey ``ctl``: connect to vchans, stream, echo, on vchans, the socket or a
+    bare event channel."""
     vchans: dict[str, Vchan] = {}
+    port: EventPort | None = None
     while True:
         cmd = ctl.recv()
         kind = cmd[0]
         if kind == "quit":
             break
+        if kind == "bind":  # the events-only case: a port of our own, bound to the server's
+            _, server, remote = cmd
+            port = EventPort.bind(dom.evtchn, server, remote)
+            with contextlib.suppress(TimeoutError):
+                port.wait(TIMEOUT)  # Xen marks a freshly bound port pending
+            ctl.send("ok")
+            continue
+        if kind == "echo" and cmd[1] == EVENTS:
+            assert port is not None
+            for _ in range(cmd[2]):
+                with contextlib.suppress(TimeoutError):
+                    port.wait(TIMEOUT)
+                port.notify()
+            ctl.send("ok")
+            continue
         if kind == "connect":
             _, name, server, path = cmd
             vchans[name] = Vchan.client(dom, server, path)
@@ -99,6 +124,8 @@ def _peer_loop(dom: Any, sock: socket.socket, ctl: Any) -> None:
             ctl.send("ok")
     for v in vchans.values():
         v.close()
+    if port is not None:
+        port.close()
     sock.close()
     ctl.send("ok")
 
@@ -179,6 +206,9 @@ class Place:
             self._call("connect", name, self.me.domid, base)
             self._done()
             self.vchans[name].wait_connected(TIMEOUT)
+        self.port = EventPort.offer(self.me.evtchn, self.peer)
+        self._call("bind", self.me.domid, self.port.port)
+        self._done()
 
     def _call(self, *cmd: Any) -> None:
         self.ctl.send(cmd)
@@ -199,13 +229,15 @@ class Place:
                 n = self.sock.recv_into(buf, min(CHUNK, total - got))
                 h.update(memoryview(buf)[:n])
                 got += n
-        else:
+        else:  # libxenvchan_read into our buffer, as the socket's recv_into
             v = self.vchans[name]
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
             while got < total:
-                data = v.read(min(CHUNK, total - got), timeout=TIMEOUT)
-                assert data
-                h.update(data)
-                got += len(data)
+                n = v.read_into(view[: min(CHUNK, total - got)], timeout=TIMEOUT)
+                assert n
+                h.update(view[:n])
+                got += n
         dt = time.perf_counter() - t0
         self._done()
         assert h.digest() == want, "the stream came out different"
@@ -220,6 +252,11 @@ class Place:
                 b = bytes([i & 0xFF])
                 self.sock.sendall(b)
                 assert self.sock.recv(1) == b
+        elif name == EVENTS:
+            port = self.port
+            for _ in range(n):
+                port.notify()
+                port.wait(TIMEOUT)
         else:
             v = self.vchans[name]
             for i in range(n):
@@ -233,6 +270,7 @@ class Place:
     def close(self) -> None:
         for v in self.vchans.values():
             v.close()
+        self.port.close()
         self._call("quit")
         self._done()
         if self.kind == "in-process":
@@ -279,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                     n = min(total, 2 << 20) if name == "in-page rings" else total
                     results.setdefault((place.kind, "throughput", name), []).append(
                         place.throughput(name, n))
-                for name in ("socket", *RINGS):
+                for name in ("socket", EVENTS, *RINGS):
                     results.setdefault((place.kind, "round trip", name), []).append(
                         place.round_trip(name, pings))
             print(f"round {r + 1}/{rounds} done", file=sys.stderr)

@@ -548,3 +548,41 @@ def test_asyncio_twins(world: InProcess) -> None:
 
     got, pkt = asyncio.run(main())
     assert got == bytes(range(256)) * 40 and pkt == b"pkt!"
+
+
+def test_read_into_and_recv_into(world: InProcess) -> None:
+    """libxenvchan_read / _recv into the caller's buffer: the bytes land in it,
+    across the ring's wrap, with the same answers for EOF and non-blocking."""
+    srv, cli = pair(world)  # the client writes into a 1024-byte ring
+    with srv, cli:
+        buf = bytearray(700)
+        cli.write(b"a" * 600)
+        assert srv.read_into(buf, timeout=TIMEOUT) == 600 and buf[:600] == b"a" * 600
+        cli.write(bytes(range(200)) * 3)  # 600 more: wraps at 1024
+        assert srv.recv_into(memoryview(buf)[:600], timeout=TIMEOUT) == 600
+        assert buf[:600] == bytes(range(200)) * 3
+        srv.blocking = False
+        assert srv.read_into(buf) is None and srv.recv_into(buf) is None
+        with pytest.raises(TypeError, match="read-only"):
+            srv.read_into(memoryview(b"ro"))
+        srv.blocking = True
+        with pytest.raises(VchanTimeout, match="vchan read_into"):
+            srv.read_into(buf, timeout=0)
+        cli.write(b"end")
+        cli.close()
+        assert srv.recv_into(bytearray(5), timeout=TIMEOUT) == 0  # closed with 3 of 5 there
+        assert srv.read_into(buf, timeout=TIMEOUT) == 3 and buf[:3] == b"end"
+        assert srv.read_into(buf, timeout=TIMEOUT) == 0  # end of stream
+
+    async def main() -> bytes:
+        s2, c2 = pair(world, path="data/vchan/into-async")
+        with s2, c2:
+            out = bytearray(4)
+            got, _ = await asyncio.gather(s2.read_into_async(out, TIMEOUT),
+                                          c2.send_async(b"ping", TIMEOUT))
+            assert got == 4
+            assert await c2.send_async(b"pong", TIMEOUT) == 4
+            assert await s2.recv_into_async(out, TIMEOUT) == 4
+            return bytes(out)
+
+    assert asyncio.run(main()) == b"pong"

@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import struct
 import threading
 import time
@@ -244,6 +245,7 @@ class _Again:
 
 _AGAIN = _Again()
 _T = TypeVar("_T")
+_R = TypeVar("_R", bytes, int)
 
 
 class _WriteStep:
@@ -574,17 +576,36 @@ class Vchan:
         return size
 
     def _do_recv(self, size: int) -> bytes:
+        """``do_recv``: ``size`` bytes out of the ring, as bytes (one copy)."""
+        rd = self._rd
         idx = self._rd_cons & (self.read_size - 1)
         contig = min(self.read_size - idx, size)
         _cext.rmb()  # data read /after/ prod read
-        out = bytes(self._rd[idx : idx + contig])
-        if contig < size:
-            out += bytes(self._rd[: size - contig])
-        _cext.mb()  # consume /then/ notify
-        self._rd_cons = (self._rd_cons + size) & _M
-        _cext.store32(self._hdr, self._rd_shr, self._rd_cons)
-        self._send_notify(VCHAN_NOTIFY_READ)
+        if contig == size:
+            out = bytes(rd[idx : idx + size])
+        else:  # the ring wraps: one copy of both parts
+            out = b"".join((rd[idx:], rd[: size - contig]))
+        self._consumed(size)
         return out
+
+    def _do_recv_into(self, dst: memoryview, size: int) -> int:
+        """``do_recv`` into the caller's buffer (``libxenvchan_read``'s ``data``)."""
+        rd = self._rd
+        idx = self._rd_cons & (self.read_size - 1)
+        contig = min(self.read_size - idx, size)
+        _cext.rmb()  # data read /after/ prod read
+        dst[:contig] = rd[idx : idx + contig]
+        if contig < size:
+            dst[contig:size] = rd[: size - contig]
+        self._consumed(size)
+        return size
+
+    def _consumed(self, size: int) -> None:
+        """Publish ``cons`` after a read, then tell a writer that asked."""
+        _cext.mb()  # consume /then/ notify
+        self._rd_cons = cons = (self._rd_cons + size) & _M
+        _cext.store32(self._hdr, self._rd_shr, cons)
+        self._send_notify(VCHAN_NOTIFY_READ)
 
     # ------------------------------------------------------ blocking calls
     # Each call is one step -- look at the ring, move what can move, answer or
@@ -693,14 +714,16 @@ class Vchan:
         """``libxenvchan_write``'s loop body: blocking, all of ``data``; not, what fits."""
         return _WriteStep(self, memoryview(data).cast("B"))
 
-    def _recv_step(self, size: int) -> Callable[[], bytes | _Again | None]:
-        """``libxenvchan_recv``'s loop body: exactly ``size`` bytes."""
+    def _recv_step(self, size: int, take: Callable[[int], _R], eof: _R
+                   ) -> Callable[[], _R | _Again | None]:
+        """``libxenvchan_recv``'s loop body: exactly ``size`` bytes, ``take``-n out
+        (as bytes, or into a buffer); ``eof`` when the peer closed with fewer."""
 
-        def step() -> bytes | _Again | None:
+        def step() -> _R | _Again | None:
             if size <= self._fast_data_ready(size):
-                return self._do_recv(size)
+                return take(size)
             if not self.is_open():
-                return b""
+                return eof
             if not self.blocking:
                 return None
             if size > self.read_size:
@@ -710,20 +733,27 @@ class Vchan:
 
         return step
 
-    def _read_step(self, size: int) -> Callable[[], bytes | _Again | None]:
+    def _read_step(self, size: int, take: Callable[[int], _R], eof: _R
+                   ) -> Callable[[], _R | _Again | None]:
         """``libxenvchan_read``'s loop body: what is there, up to ``size``."""
 
-        def step() -> bytes | _Again | None:
+        def step() -> _R | _Again | None:
             avail = self._fast_data_ready(size)
             if avail:
-                return self._do_recv(min(size, avail))
+                return take(min(size, avail))
             if not self.is_open():
-                return b""
+                return eof
             if not self.blocking:
                 return None
             return _AGAIN
 
         return step
+
+    def _into(self, buf: bytearray | memoryview) -> tuple[memoryview, Callable[[int], int]]:
+        view = memoryview(buf).cast("B")
+        if view.readonly:
+            raise TypeError("vchan: the buffer to read into is read-only")
+        return view, functools.partial(self._do_recv_into, view)
 
     def _connected_step(self) -> _Again | None:
         return None if self.connected else _AGAIN
@@ -814,7 +844,7 @@ class Vchan:
             VchanError: the peer's index is bogus.
         """
         self._live_check("recv")
-        return self._drive("recv", self._recv_step(size), timeout)
+        return self._drive("recv", self._recv_step(size, self._do_recv, b""), timeout)
 
     async def recv_async(self, size: int, timeout: float | None = None) -> bytes | None:
         """asyncio twin of :meth:`recv`.
@@ -823,7 +853,8 @@ class Vchan:
             ValueError, VchanTimeout, VchanError: as :meth:`recv`.
         """
         self._live_check("recv")
-        return await self._drive_async("recv", self._recv_step(size), timeout)
+        return await self._drive_async("recv", self._recv_step(size, self._do_recv, b""),
+                                       timeout)
 
     def read(self, size: int, timeout: float | None = None) -> bytes | None:
         """``libxenvchan_read``: read up to ``size`` bytes (a stream).
@@ -841,7 +872,7 @@ class Vchan:
             VchanError: the peer's index is bogus.
         """
         self._live_check("read")
-        return self._drive("read", self._read_step(size), timeout)
+        return self._drive("read", self._read_step(size, self._do_recv, b""), timeout)
 
     async def read_async(self, size: int, timeout: float | None = None) -> bytes | None:
         """asyncio twin of :meth:`read`.
@@ -850,7 +881,67 @@ class Vchan:
             VchanTimeout, VchanError: as :meth:`read`.
         """
         self._live_check("read")
-        return await self._drive_async("read", self._read_step(size), timeout)
+        return await self._drive_async("read", self._read_step(size, self._do_recv, b""),
+                                       timeout)
+
+    def read_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int | None:
+        """``libxenvchan_read`` into ``buf``: up to ``len(buf)`` bytes, copied once,
+        from the ring into the caller's buffer (no bytes object made).
+
+        Args:
+            buf: a writable buffer.
+            timeout: seconds to wait for one byte (blocking; None: for ever).
+
+        Returns:
+            Bytes read (at least one); ``None`` when non-blocking and nothing
+            is there; 0 when the peer closed and nothing is left.
+
+        Raises:
+            TypeError: ``buf`` is read-only.
+            VchanTimeout, VchanError: as :meth:`read`.
+        """
+        self._live_check("read_into")
+        view, take = self._into(buf)
+        return self._drive("read_into", self._read_step(len(view), take, 0), timeout)
+
+    async def read_into_async(self, buf: bytearray | memoryview,
+                              timeout: float | None = None) -> int | None:
+        """asyncio twin of :meth:`read_into`.
+
+        Raises:
+            TypeError, VchanTimeout, VchanError: as :meth:`read_into`.
+        """
+        self._live_check("read_into")
+        view, take = self._into(buf)
+        return await self._drive_async("read_into", self._read_step(len(view), take, 0),
+                                       timeout)
+
+    def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int | None:
+        """``libxenvchan_recv`` into ``buf``: exactly ``len(buf)`` bytes (a packet).
+
+        Returns:
+            ``len(buf)``; ``None`` when non-blocking and fewer are there; 0 when
+            the peer closed with fewer there.
+
+        Raises:
+            TypeError: ``buf`` is read-only.
+            ValueError, VchanTimeout, VchanError: as :meth:`recv`.
+        """
+        self._live_check("recv_into")
+        view, take = self._into(buf)
+        return self._drive("recv_into", self._recv_step(len(view), take, 0), timeout)
+
+    async def recv_into_async(self, buf: bytearray | memoryview,
+                              timeout: float | None = None) -> int | None:
+        """asyncio twin of :meth:`recv_into`.
+
+        Raises:
+            TypeError, ValueError, VchanTimeout, VchanError: as :meth:`recv_into`.
+        """
+        self._live_check("recv_into")
+        view, take = self._into(buf)
+        return await self._drive_async("recv_into", self._recv_step(len(view), take, 0),
+                                       timeout)
 
     def wait_connected(self, timeout: float | None = None) -> None:
         """A server: wait until the client has come (``cli_live`` no longer 2).
@@ -880,7 +971,8 @@ class Vchan:
         self.closed = True
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
-            waiter.get_loop().call_soon_threadsafe(waiter.cancel)
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to cancel
+                waiter.get_loop().call_soon_threadsafe(waiter.cancel)
         dom = self._dom
         self._rd = self._wr = memoryview(b"")
         for buf in self._bufs:
