@@ -311,7 +311,7 @@ class Placement:
     def one_socket(self, n: int) -> None:
         chan = self.me.channel
         chan.sync()  # the ring's last posted unmap done, its response read
-        ring, chan.ring = chan.ring, None  # as connect(ring=False): the socket lane
+        ring, chan.ring = chan.ring, None  # as connect(ring=False): all on the socket
         try:
             self.one(n)
             chan.sync()
@@ -331,7 +331,8 @@ class Placement:
         chan = self.me.channel
         chan.sync()  # the last posted unmap of an earlier case (on the ring, not drained)
         # around the Channel: it must have nothing in flight, and gets nothing back
-        assert chan._decoder.idle and not chan._posted and not chan._replies
+        calls = chan.calls
+        assert calls.decoder.idle and not calls.posted and not calls.waiting
         sock, hole, gdom, ref = chan.sock, self.hole, self.gdom, self.refs[0]
         rbuf = bytearray(4096)
         head, unpack, hs = proto.HEADER, proto.HEADER.unpack_from, proto.HEADER_SIZE

@@ -315,7 +315,7 @@ def cmd_unmap(d: Any, objs: dict[int, Any], key: int) -> None:
 def cmd_unmap_posted(d: Any, objs: dict[int, Any], key: int) -> int:
     """Unmap without waiting; returns how many requests are still unanswered."""
     objs.pop(key).unmap()
-    return len(d.channel._posted)
+    return len(d.channel.calls.posted)
 
 
 def cmd_unshare(d: Any, objs: dict[int, Any], key: int) -> None:

@@ -449,7 +449,7 @@ def test_one_page_map_that_fails_through_the_lane(
         assert ei.value.status == abi.GNTST_bad_domain
         assert b.get_pages(1) == hole  # the hole is free again
         b.put_pages(hole)
-        assert hole[0] not in b.hypercalls.p2m and not b.channel._posted
+        assert hole[0] not in b.hypercalls.p2m and not b.channel.calls.posted
         with b.gnttab.map_grant_ref(a.domid, share.refs[0]) as m:
             assert m.resource == hole
         b.sync()  # the unmap is posted: done by the service before this returns
@@ -471,9 +471,9 @@ def test_posted_unmap_is_done_before_later_requests(
         sent = b.channel.sent
         m.unmap()
         assert m.released and b.channel.sent == sent + 1
-        assert len(b.channel._posted) == 1  # its reply waits in the service
+        assert len(b.channel.calls.posted) == 1  # its reply waits in the service
         assert b.evtchn.status(0, b.domid)[0] == EVTCHNSTAT_closed  # any later request...
-        assert not b.channel._posted  # ... brought the posted reply first
+        assert not b.channel.calls.posted  # ... brought the posted reply first
         assert gfn not in b.hypercalls.p2m  # the mirror took its p2m change
         assert b.get_pages(1) == [gfn]  # and the hole is free again
         b.put_pages([gfn])
@@ -483,8 +483,8 @@ def test_posted_unmap_is_done_before_later_requests(
 def test_one_page_lane_does_the_posted_unmap_with_the_next_map(
     service: Service, baseline: dict[str, Any], lane: bool
 ) -> None:
-    """The next one-page map reads a posted unmap's reply and does it in C
-    (``_cext.map_one``): the hole comes back and leaves the p2m mirror; a failed
+    """The next one-page map reads a posted unmap's reply and finishes it (on the
+    ring, its consumer in C): the hole comes back and leaves the p2m mirror; a failed
     one is raised by the call after the map, which itself succeeds."""
     with connect(service.path, timeout=30) as a, connect(service.path, timeout=30, ring=lane) as b:
         share = a.grant_table.share_pages(b.domid, 2)
@@ -494,10 +494,10 @@ def test_one_page_lane_does_the_posted_unmap_with_the_next_map(
         m1 = gnt.map_grant_ref(a.domid, share.refs[0])
         gfn1 = m1.resource[0]
         m1.unmap()
-        assert len(b.channel._posted) == 1
+        assert len(b.channel.calls.posted) == 1
         m2 = gnt.map_grant_ref(a.domid, share.refs[1])
         assert bytes(m2.mem[:2]) == b"p1"
-        assert not b.channel._posted and gfn1 not in b.hypercalls.p2m
+        assert not b.channel.calls.posted and gfn1 not in b.hypercalls.p2m
         assert b.hypercalls.p2m[m2.resource[0]][0] >= 0
         assert b.get_pages(1) == [gfn1]  # a hole again
         b.put_pages([gfn1])
@@ -552,7 +552,7 @@ def test_threads_map_and_unmap_on_one_connection(
             t.join()
         assert errors == []
         b.sync()
-        assert not b.channel._posted and not b.channel._replies and not b.channel._leader
+        assert not b.channel.calls.posted and not b.channel.calls.waiting and not b.channel._reading
         assert set(b.hypercalls.p2m) == before  # every grant mapping gone from the mirror
         holes = b.get_pages(8)
         assert len(set(holes)) == 8 and not set(holes) & set(b.hypercalls.p2m)
@@ -602,7 +602,7 @@ def test_asyncio_wait_while_a_thread_maps_on_the_same_connection(
         assert asyncio.run(main()) == pb
         assert errors == []
         b.sync()
-        assert not b.channel._posted and not b.channel._leader
+        assert not b.channel.calls.posted and not b.channel._reading
         b.evtchn.unbind(pb)
         a.evtchn.unbind(po)
         share.unshare(timeout=30)

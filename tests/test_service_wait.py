@@ -1,10 +1,15 @@
-"""Waiting for a message in C: ``_cext.recv_wait``, ``_cext.recv_reply`` and the
-service client's one-call wait for a reply (``Channel._wait_alone``)."""
+"""Waiting for a message: ``_cext.recv_wait`` (the socket read in C: it returns
+what it read), and the service client's waits (``Channel``) against a fake
+service the test answers by hand: one reader at a time, the others parked; a
+call is never given up -- a signal handler's exception is raised once the reply
+is in, and a service that does not answer within the timeout is dead (the
+connection is closed)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -89,96 +94,34 @@ def test_recv_wait_refuses_a_readonly_buffer(pair: tuple[socket.socket, socket.s
         _cext.recv_wait(a.fileno(), b"readonly", 0, 0)
 
 
-# --------------------------------------------------------------- recv_reply
-def test_recv_reply_finds_a_reply_alone(pair: tuple[socket.socket, socket.socket]) -> None:
-    a, b = pair
-    b.sendall(reply(7, b"\0\0\0\0body"))
-    buf = bytearray(256)
-    assert _cext.recv_reply(a.fileno(), buf, 7, 0, -1) == (20, 12, 8)
-    assert bytes(buf[12:20]) == b"\0\0\0\0body"
-
-
-def test_recv_reply_skips_what_comes_first_and_keeps_what_follows(
+# ---------------------------------------------------------------- recv_held
+def test_recv_held_returns_what_it_read_and_no_signal(
         pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
-    event = reply(0, p.U32.pack(3), p.F_ASYNC, p.MSG_EVENT)
-    posted = reply(6, b"\0\0\0\0posted")
-    # a request (no F_REPLY) with the same seq is not the reply
-    request = reply(7, b"not it", 0)
-    mine = reply(7, b"\0\0\0\0mine")
-    after = reply(0, p.U32.pack(4), p.F_ASYNC, p.MSG_EVENT)
-    b.sendall(event + posted + request + mine + after)
-    buf = bytearray(1024)
-    end, start, length = _cext.recv_reply(a.fileno(), buf, 7, 10_000, -1)
-    head = len(event) + len(posted) + len(request)
-    assert (start, length) == (head + p.HEADER_SIZE, 8)
-    assert end == head + len(mine) + len(after)
-    assert bytes(buf[start:start + length]) == b"\0\0\0\0mine"
-
-
-def test_recv_reply_reads_a_reply_in_pieces(
-        packets: tuple[socket.socket, socket.socket]) -> None:
-    a, b = packets
-    msg = reply(9, b"\0\0\0\0" + bytes(range(100)))
-    for cut in (5, 12, 40, len(msg)):  # four recvs: a header split, then the payload
-        b.send(msg[:cut])
-        msg = msg[cut:]
-        if not msg:
-            break
-    buf = bytearray(512)
-    assert _cext.recv_reply(a.fileno(), buf, 9, 0, -1) == (116, 12, 104)
-    assert bytes(buf[16:116]) == bytes(range(100))
-
-
-def test_recv_reply_stops_at_a_message_that_does_not_fit(
-        pair: tuple[socket.socket, socket.socket]) -> None:
-    a, b = pair
-    first = reply(1, b"\0\0\0\0")
-    b.sendall(first + reply(2, bytes(100)))
     buf = bytearray(64)
-    end, start, length = _cext.recv_reply(a.fileno(), buf, 2, 0, -1)
-    assert (start, length) == (-1, 0)
-    assert end == 64 and bytes(buf[:len(first)]) == first
-
-
-def test_recv_reply_reports_a_close_mid_message(
-        pair: tuple[socket.socket, socket.socket]) -> None:
-    a, b = pair
-    b.sendall(reply(3, b"\0\0\0\0abcdef")[:15])
+    b.sendall(b"hello")
+    assert _cext.recv_held(a.fileno(), buf, 0, 1000) == (5, None)
+    assert bytes(buf[:5]) == b"hello"
+    assert _cext.recv_held(a.fileno(), buf, 0, 0) == (-1, None)  # nothing within 0 ms
     b.close()
-    assert _cext.recv_reply(a.fileno(), bytearray(64), 3, 0, -1) == (15, -2, 0)
+    assert _cext.recv_held(a.fileno(), buf, 50_000, 1000) == (0, None)  # closed
 
 
-def test_recv_reply_keeps_what_came_before_a_failed_recv(
-        pair: tuple[socket.socket, socket.socket]) -> None:
-    a, b = pair
-    # the peer closes with this unread: after the 15 bytes, a's recv fails with
-    # ECONNRESET once (then reads EOF)
-    a.sendall(b"unread")
-    b.sendall(reply(3, b"\0\0\0\0abcdef")[:15])
-    b.close()
-    buf = bytearray(64)
-    assert _cext.recv_reply(a.fileno(), buf, 3, 0, -1) == (15, -2, 0)
-    assert bytes(buf[:15]) == reply(3, b"\0\0\0\0abcdef")[:15]
-    assert _cext.recv_reply(a.fileno(), buf, 3, 0, -1) == (0, -2, 0)  # ECONNRESET went
-
-
-def test_recv_reply_times_out(pair: tuple[socket.socket, socket.socket]) -> None:
-    a, b = pair
-    b.sendall(reply(4, b"\0\0\0\0"))  # a reply, but not to request 5
-    assert _cext.recv_reply(a.fileno(), bytearray(64), 5, 0, 0) == (16, -3, 0)
-
-
-def test_recv_reply_raises_oserror_for_a_bad_fd() -> None:
+def test_recv_held_raises_oserror_for_a_bad_fd() -> None:
     r, w = os.pipe()
     os.close(r)
     os.close(w)
     with pytest.raises(OSError) as e:
-        _cext.recv_reply(r, bytearray(64), 1, 0, 0)
+        _cext.recv_held(r, bytearray(64), 0, 0)
     assert e.value.errno == errno.EBADF
 
 
 # ------------------- the client's wait (a fake service: the conftest fixture)
+def next_seq(ch: Channel) -> int:
+    """The sequence number the channel's next request gets (one is used up here)."""
+    return ch.calls.next_seq() + 1
+
+
 def test_client_dispatches_earlier_replies_before_returning(
         fake: tuple[Channel, socket.socket]) -> None:
     ch, srv = fake
@@ -192,69 +135,94 @@ def test_client_dispatches_earlier_replies_before_returning(
     assert ch.request(p.MSG_PING, b"b") == b"\0\0\0\0mine"
     assert got == [b"\0\0\0\0posted"]  # before the reply was handed out
     assert list(ch.events) == [11, 12]  # the one after it too
-    assert not ch._posted and not ch._replies and ch._decoder.idle and not ch._leader
+    assert not ch.calls.posted and not ch.calls.waiting and ch.calls.decoder.idle
+    assert not ch._reading
 
 
 def test_client_reply_larger_than_its_buffer(fake: tuple[Channel, socket.socket]) -> None:
     ch, srv = fake
-    body = b"\0\0\0\0" + os.urandom(len(ch._rbuf) + 1000)  # cannot fit: the decoder's path
-    seq = ch.send(p.MSG_PING)
+    body = b"\0\0\0\0" + os.urandom(len(ch._rbuf) + 1000)  # several reads
+    seq = next_seq(ch)
     # more than the socket holds: a thread sends while the client reads
     writer = threading.Thread(target=srv.sendall, args=(reply(seq, body),))
     writer.start()
     try:
-        assert ch._wait_alone(seq) is None  # left to wait_reply, the bytes kept
-        assert ch.wait_reply(seq).payload == body
+        assert ch.request(p.MSG_PING) == body
     finally:
         writer.join()
-    assert ch._decoder.idle and not ch._leader
+    assert ch.calls.decoder.idle and not ch._reading
 
 
-def test_client_does_not_wait_for_a_reply_another_thread_read(
+def test_each_waiting_thread_gets_its_own_reply(fake: tuple[Channel, socket.socket]) -> None:
+    """Two threads wait on one connection: one reads, the other is parked; the
+    reader sorts both replies into their records and wakes the other; each gets
+    its own reply, whichever read it."""
+    ch, srv = fake
+    got: dict[int, bytes] = {}
+
+    def call(n: int) -> None:
+        got[n] = ch.request(p.MSG_PING, b"%d" % n)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    dec = p.Decoder()
+    frames: list[p.Frame] = []
+    while len(frames) < 2:  # both requests are sent before any reply comes
+        frames += dec.feed(srv.recv(4096))
+    srv.sendall(b"".join(reply(f.seq, b"\0\0\0\0" + (f.payload or b"")) for f in frames))
+    for t in threads:
+        t.join(30)
+    assert got == {0: bytes(4) + b"0", 1: bytes(4) + b"1"}
+    assert not ch.calls.waiting and not ch._reading and not ch._parked
+
+
+def test_client_wait_times_out_and_the_connection_is_dead(
         fake: tuple[Channel, socket.socket]) -> None:
-    """Between a request's send and its wait, another thread reading the socket
-    may have read and sorted its reply: the wait takes it from there instead of
-    reading the socket for a reply that will not come again (which held every
-    other thread's reply until the timeout)."""
-    ch, _srv = fake
-    ch.timeout = 1
-    seq = ch.send(p.MSG_PING)
-    ch._replies[seq] = p.Frame(p.MSG_PING, p.F_REPLY, seq, b"\0\0\0\0early", 9)
-    assert ch._wait_alone(seq) is None and not ch._leader  # not read: it is there
-    assert ch.wait_reply(seq).payload == b"\0\0\0\0early"
-
-
-def test_client_wait_times_out(fake: tuple[Channel, socket.socket]) -> None:
-    ch, _srv = fake
+    """No reply within the timeout: ETIMEDOUT, the connection is shut (the service
+    sees it close, and destroys the domain), and every later call fails at once."""
+    ch, srv = fake
     ch.timeout = 0
     with pytest.raises(ServiceError) as e:
         ch.request(p.MSG_PING)
     assert e.value.errno == errno.ETIMEDOUT
-    assert not ch._leader
+    assert not ch._reading and not ch.calls.waiting
+    seen = b""
+    while True:  # the request, then end of file: the client shut the socket
+        chunk = srv.recv(4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert len(seen) == p.HEADER_SIZE
+    with pytest.raises(ServiceError) as e:
+        ch.request(p.MSG_PING)
+    assert e.value.errno == errno.ETIMEDOUT
 
 
 def test_client_sees_the_service_close(fake: tuple[Channel, socket.socket]) -> None:
     ch, srv = fake
-    seq = ch.send(p.MSG_PING)
+    seq = next_seq(ch)
     srv.sendall(reply(seq, b"\0\0\0\0")[:14])  # part of the reply, then gone
     srv.close()
     with pytest.raises(ServiceError) as e:
-        ch._wait_alone(seq)
-    assert e.value.errno == errno.ECONNRESET
-    assert not ch._leader and ch._eof
-    with pytest.raises(ServiceError):  # and so does every later wait
-        ch.wait_reply(seq)
+        ch.request(p.MSG_PING)
+    assert e.value.errno in (errno.ECONNRESET, errno.EPIPE)  # (the send may see it first)
+    assert not ch._reading and ch.calls.error is not None
+    with pytest.raises(ServiceError):  # and so does every later call
+        ch.request(p.MSG_PING)
+    with pytest.raises(ServiceError):  # and every wait for an event
+        ch.wait_for(ch.events, None, 10)
 
 
 def test_event_loop_stops_watching_while_a_thread_reads(
         fake: tuple[Channel, socket.socket]) -> None:
     """A waiter's loop that finds a thread reading stops watching the socket (it
-    would spin on it); the thread's dispatch wakes the waiter, which watches it
+    would spin on it); the thread's wake-up wakes the waiter, which watches it
     again and reads the event."""
     import asyncio
 
     ch, srv = fake
-    ch._leader = True  # a thread is reading
+    ch._reading = True  # a thread is reading
     srv.sendall(reply(0, p.U32.pack(5), p.F_ASYNC, p.MSG_EVENT))
 
     async def main() -> Any:
@@ -267,9 +235,100 @@ def test_event_loop_stops_watching_while_a_thread_reads(
         assert ch._async_waiters and loop not in ch._reader_loops  # parked
         assert not waiter.done() and not ch.events  # nothing read: the "thread" reads
         with ch._mu:  # the thread is done, with nothing for us
-            ch._leader = False
-            ch._dispatch([])
+            ch._reading = False
+            ch._wake()
         return await waiter
 
     assert asyncio.run(main()) == 5
-    assert not ch._leader and ch._decoder.idle
+    assert not ch._reading and ch.calls.decoder.idle
+
+
+# ------------------------------------------- a signal while a call waits
+POLL_SYSCALLS = {"7", "271"}  # x86-64 poll, ppoll
+
+
+class Interrupted(Exception):
+    """What the test's SIGUSR1 handler raises (as Ctrl-C raises KeyboardInterrupt)."""
+
+
+def _in_poll(native: int) -> bool:
+    with open(f"/proc/self/task/{native}/syscall") as f:
+        return f.read().split(" ", 1)[0] in POLL_SYSCALLS
+
+
+@pytest.fixture
+def interrupted() -> Iterator[threading.Event]:
+    """SIGUSR1's handler raises Interrupted, for the test's duration; the event
+    yielded is set when it ran."""
+    if not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/syscall"):
+        pytest.skip("no /proc/<pid>/task/<tid>/syscall")
+    ran = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        ran.set()
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        yield ran
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_a_signal_is_raised_once_the_reply_is_in(
+        fake: tuple[Channel, socket.socket], interrupted: threading.Event, half: bool
+) -> None:
+    """The handler raises while the call sleeps in poll (after half of its reply
+    came, or before anything did): the call goes on waiting, and raises the
+    handler's exception only once its reply is in; nothing is left in flight and
+    the next call reads its own reply."""
+    ch, srv = fake
+    ch.spin = 0.0  # straight to poll()
+    seq = next_seq(ch)
+    first = reply(seq, b"\0\0\0\0pong")
+    cut = len(first) // 2 if half else 0
+    srv.sendall(first[:cut])
+    me, native = threading.get_ident(), threading.get_native_id()
+
+    def service() -> None:
+        while not _in_poll(native):
+            pass
+        signal.pthread_kill(me, signal.SIGUSR1)
+        interrupted.wait(30)  # the handler raised in the main thread ...
+        while not _in_poll(native):  # ... which went back to waiting
+            pass
+        srv.sendall(first[cut:])
+
+    t = threading.Thread(target=service, daemon=True)
+    t.start()
+    with pytest.raises(Interrupted):
+        ch.request(p.MSG_PING)
+    t.join(30)
+    assert not ch.calls.waiting and ch.calls.decoder.idle and not ch._reading
+    srv.sendall(reply(seq + 1, b"\0\0\0\0next"))
+    assert ch.request(p.MSG_PING) == b"\0\0\0\0next"
+
+
+def test_held_signals_let_the_caller_finish_first(
+        fake: tuple[Channel, socket.socket], interrupted: threading.Event) -> None:
+    """Within ``held_signals`` the call returns its reply; leaving the block raises."""
+    ch, srv = fake
+    ch.spin = 0.0
+    seq = next_seq(ch)
+    me, native = threading.get_ident(), threading.get_native_id()
+
+    def service() -> None:
+        while not _in_poll(native):
+            pass
+        signal.pthread_kill(me, signal.SIGUSR1)
+        srv.sendall(reply(seq, b"\0\0\0\0pong"))
+
+    t = threading.Thread(target=service, daemon=True)
+    t.start()
+    finished: list[bytes] = []
+    with pytest.raises(Interrupted), ch.held_signals() as held:
+        finished.append(ch.request(p.MSG_PING))
+        assert len(held) == 1
+    t.join(30)
+    assert finished == [b"\0\0\0\0pong"]

@@ -2099,91 +2099,8 @@ xg_recv_wait(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(n < 0 ? -1 : n);
 }
 
-/*
- * Read into buf[:len] from its start (as recv_wait waits: polling up to
- * spin_ns, then sleeping, all without the GIL) until buf[:*got] holds whole
- * messages (the xengrant/service/protocol.py HEADER and payload) up to and
- * including the one flagged F_REPLY with sequence number seq.
- *
- * Sets *got, and *start / *length to that reply's payload; *start -1: a
- * message does not fit in buf, -2: the peer closed, -3: nothing came within
- * timeout_ms (-1: forever, counted from the call).  A failed recv is *start
- * -2 too when bytes came before it (they are the caller's to decode), and
- * *start -4 with *err set when none did.  Returns -1 with an exception set
- * only when a signal handler raised.
- */
-static int
-xg_read_reply(int fd, unsigned char *buf, Py_ssize_t len, uint32_t seq, long long spin_ns,
-              int timeout_ms, Py_ssize_t *got_out, Py_ssize_t *start_out, Py_ssize_t *length_out,
-              int *err_out)
-{
-    Py_ssize_t got = 0, scan = 0, start = -1, length = 0;
-    double deadline = timeout_ms < 0 ? 0 : xg_now_ns() + (double)timeout_ms * 1e6;
-    int rc = 0;
-    for (;;) {
-        while (got - scan >= XG_HDR) {
-            uint32_t flen, fseq;
-            uint16_t fflags;
-            memcpy(&flen, buf + scan, 4);
-            memcpy(&fflags, buf + scan + 6, 2);
-            memcpy(&fseq, buf + scan + 8, 4);
-            if ((Py_ssize_t)flen > len - scan - XG_HDR)
-                goto done; /* start -1: it does not fit */
-            if ((Py_ssize_t)flen > got - scan - XG_HDR)
-                break;
-            if ((fflags & XG_F_REPLY) && fseq == seq) {
-                start = scan + XG_HDR;
-                length = flen;
-                goto done;
-            }
-            scan += XG_HDR + (Py_ssize_t)flen;
-        }
-        if (got == len)
-            goto done;
-        int wait_ms = timeout_ms;
-        if (timeout_ms >= 0) {
-            double left = (deadline - xg_now_ns()) / 1e6;
-            wait_ms = left <= 0 ? 0 : (int)left + 1;
-        }
-        ssize_t n;
-        int err;
-        Py_BEGIN_ALLOW_THREADS
-        xg_wait_recv(fd, (char *)buf + got, (size_t)(len - got), spin_ns, wait_ms, NULL, 0, -1, &n,
-                     &err);
-        Py_END_ALLOW_THREADS
-        if (n == 0) {
-            start = -2;
-            goto done;
-        }
-        if (n < 0) {
-            if (err == ETIMEDOUT) {
-                start = -3;
-                goto done;
-            }
-            if (err == EINTR) {
-                if (PyErr_CheckSignals() < 0) {
-                    rc = -1;
-                    goto done;
-                }
-            } else if (err != EAGAIN && err != EWOULDBLOCK) {
-                start = got ? -2 : -4;
-                *err_out = err;
-                goto done;
-            }
-            spin_ns = 0;
-            continue;
-        }
-        got += n;
-    }
-done:
-    *got_out = got;
-    *start_out = start;
-    *length_out = length;
-    return rc;
-}
-
 /* the exception a signal handler raised (taken from the error indicator, with
- * its traceback), for a wait that returns the bytes it read with it */
+ * its traceback), for a wait that returns what it read with it */
 static PyObject *
 xg_take_exception(void)
 {
@@ -2198,64 +2115,65 @@ xg_take_exception(void)
 }
 
 /*
- * recv_reply(fd, buf, seq, spin_ns, timeout_ms) -> (end, start, length)
+ * recv_held(fd, buf, spin_ns, timeout_ms) -> (n, signalled)
  *
- * A service client's wait for the reply to its request seq, when nothing
- * else reads the socket and no partial message is held: xg_read_reply into
- * buf.  Messages before the reply (posted replies, events) and any bytes
- * after it are the caller's to decode.
- *
- * Returns (end, start, length): start and length of that reply's payload in
- * buf; start -1: a message does not fit in buf (decode buf[:end] and read
- * on), -2: the peer closed (or a recv failed after buf[:end] came), -3:
- * nothing came within timeout_ms (-1: forever, counted from the call).
- * Raises OSError for a recv that failed before anything came.  A signal
- * handler's exception is raised, or, when bytes came before it, returned
- * with them as (end, -5, 0, exception): decode buf[:end], then raise it (the
- * stream stays whole).
+ * recv_wait for a client that must not lose what it read: n is the bytes
+ * read into buf (0: closed, -1: none within timeout_ms, or a signal handler
+ * raised before anything came), and signalled None or the exception a
+ * signal handler raised while it waited or as it returns, handed back with
+ * the bytes instead of raised (the caller keeps them, then decides).
+ * Raises OSError for a failed recv.
  */
 static PyObject *
-xg_recv_reply(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+xg_recv_held(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
-    ARGCHECK(5, "recv_reply(fd, buf, seq, spin_ns, timeout_ms) -> (end, start, length)")
+    ARGCHECK(4, "recv_held(fd, buf, spin_ns, timeout_ms) -> (n, signalled)")
     int fd, timeout_ms;
-    unsigned long seq = PyLong_AsUnsignedLong(args[2]);
-    long long spin_ns = PyLong_AsLongLong(args[3]);
-    if ((seq == (unsigned long)-1 && PyErr_Occurred()) || (spin_ns == -1 && PyErr_Occurred()) ||
-        xg_as_int(args[4], &timeout_ms) < 0)
+    long long spin_ns = PyLong_AsLongLong(args[2]);
+    if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[3], &timeout_ms) < 0)
         return NULL;
     Py_buffer b;
     if (xg_fd_buf(args, &fd, &b) < 0)
         return NULL;
-    Py_ssize_t got, start, length;
-    int err = 0;
-    int rc = xg_read_reply(fd, b.buf, b.len, (uint32_t)seq, spin_ns, timeout_ms, &got, &start,
-                           &length, &err);
-    PyBuffer_Release(&b);
-    if (rc < 0)
-        return got > 0 ? Py_BuildValue("(nnnN)", got, (Py_ssize_t)-5, (Py_ssize_t)0,
-                                       xg_take_exception())
-                       : NULL;
-    if (start == -4) {
+    ssize_t n;
+    int err;
+    PyObject *sig = NULL;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        xg_wait_recv(fd, b.buf, (size_t)b.len, spin_ns, timeout_ms, NULL, 0, -1, &n, &err);
+        Py_END_ALLOW_THREADS
+        spin_ns = 0;
+        if (n >= 0 || err == ETIMEDOUT)
+            break;
+        if (err == EINTR) {
+            if (PyErr_CheckSignals() < 0) {
+                sig = xg_take_exception();
+                break;
+            }
+            continue;
+        }
+        if (err == EAGAIN || err == EWOULDBLOCK)
+            continue;
+        PyBuffer_Release(&b);
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    return Py_BuildValue("(nnn)", got, start, length);
+    PyBuffer_Release(&b);
+    if (sig == NULL && PyErr_CheckSignals() < 0)
+        sig = xg_take_exception();
+    if (sig == NULL) {
+        Py_INCREF(Py_None);
+        sig = Py_None;
+    }
+    return Py_BuildValue("(nN)", n < 0 ? (Py_ssize_t)-1 : (Py_ssize_t)n, sig);
 }
 
 /*
- * The one-page lane of the service client (xengrant/service/client.py,
- * RemoteGnttab): a GNTTABOP_map_grant_ref of one op, sent and answered in
- * one call, and the posted one-op unmaps answered before it settled here.
- * Every layout is protocol.py's: HEADER "<IHHI", GNTTAB_REQ "<Iq", the
- * ops of xen/include/public/grant_table.h (gnttab_map_grant_ref 32 bytes,
- * gnttab_unmap_grant_ref 24), and a reply "<iiI" status, rc, ops length;
- * the ops; the p2m columns (u32 count, then gfn, mfn, type as "q"); u16
- * reasons count.
+ * The request ring's client side (_ring.c) packs its one-op requests with
+ * these.  Every layout is protocol.py's: HEADER "<IHHI", GNTTAB_REQ "<Iq",
+ * the ops of xen/include/public/grant_table.h (gnttab_map_grant_ref 32
+ * bytes, gnttab_unmap_grant_ref 24).
  */
-#define XG_MAP_ONE_MSG (XG_HDR + XG_GNTTAB_REQ + XG_MAP_OP_SIZE)
-#define XG_UNMAP_ONE_MSG (XG_HDR + XG_GNTTAB_REQ + XG_UNMAP_OP_SIZE)
-#define XG_ONE_REPLY(opsize) (12 + (opsize) + 4 + XG_P2M_ENTRY + 2)
 
 static PyObject *str_acquire, *str_release;
 
@@ -2289,38 +2207,6 @@ xg_unlock(PyObject *lock, int rc)
     Py_DECREF(r);
     PyErr_Restore(et, ev, tb);
     return rc;
-}
-
-/* send all of msg[:len] under lock (None: no lock), the GIL released around
- * each send(2); 0, or -1 with an exception set (OSError: the connection) */
-static int
-xg_send_locked(int fd, PyObject *lock, const unsigned char *msg, size_t len)
-{
-    if (xg_lock(lock) < 0)
-        return -1;
-    int rc = 0;
-    size_t off = 0;
-    while (off < len) {
-        ssize_t n;
-        int err;
-        Py_BEGIN_ALLOW_THREADS
-        n = send(fd, msg + off, len - off, MSG_NOSIGNAL);
-        err = errno;
-        Py_END_ALLOW_THREADS
-        if (n >= 0) {
-            off += (size_t)n;
-            continue;
-        }
-        if (err == EINTR && PyErr_CheckSignals() == 0)
-            continue;
-        if (err != EINTR) {
-            errno = err;
-            PyErr_SetFromErrno(PyExc_OSError);
-        }
-        rc = -1;
-        break;
-    }
-    return xg_unlock(lock, rc);
 }
 
 static void
@@ -2366,34 +2252,6 @@ xg_put_unmap_op(unsigned char *op, const unsigned long long *v)
     memcpy(op + 16, &handle, 4);
 }
 
-/* the one p2m entry of a success reply of opsize-byte ops at p (the reply's
- * payload, XG_ONE_REPLY(opsize) bytes): 1 if the reply has a success's
- * shape (status 0, rc 0, the op's status 0 at op_status, one entry, no
- * reasons) for gfn, else 0 */
-static int
-xg_one_ok(const unsigned char *p, Py_ssize_t len, Py_ssize_t opsize, Py_ssize_t op_status,
-          unsigned long long gfn, long long *mfn, long long *typ)
-{
-    int32_t status, rc;
-    uint32_t size, count;
-    int16_t st;
-    uint16_t nreasons;
-    long long g;
-    if (len != XG_ONE_REPLY(opsize))
-        return 0;
-    memcpy(&status, p, 4);
-    memcpy(&rc, p + 4, 4);
-    memcpy(&size, p + 8, 4);
-    memcpy(&st, p + 12 + op_status, 2);
-    memcpy(&count, p + 12 + opsize, 4);
-    memcpy(&g, p + 16 + opsize, 8);
-    memcpy(mfn, p + 24 + opsize, 8);
-    memcpy(typ, p + 32 + opsize, 8);
-    memcpy(&nreasons, p + 40 + opsize, 2);
-    return !status && !rc && size == (uint32_t)opsize && !st && count == 1 &&
-           (unsigned long long)g == gfn && !nreasons;
-}
-
 /* the client's p2m mirror: key (a gfn) -> (mfn, type), or no entry; 0, or -1
  * with an exception set */
 static int
@@ -2429,57 +2287,6 @@ xg_unmap_done(PyObject *posted, PyObject *key, PyObject *gfnobj, PyObject *p2m, 
     return bad ? -1 : 0;
 }
 
-/*
- * The messages in buf[pos:limit] (whole ones) that are replies to posted
- * one-op unmaps, done as the client's on_reply would do them: a posted
- * entry (gfn, on_reply) whose reply has a success's shape for gfn (the
- * unmapped gfn, mfn -1) is popped, gfn leaves the p2m mirror and goes on
- * freed (a hole again).  Stops at the first message that is anything else.
- * Returns where it stopped, -1 with an exception set.
- */
-static Py_ssize_t
-xg_take_unmaps(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t limit, PyObject *posted,
-               PyObject *p2m, PyObject *freed)
-{
-    while (limit - pos >= XG_HDR) {
-        uint32_t flen, fseq;
-        uint16_t fflags;
-        memcpy(&flen, buf + pos, 4);
-        memcpy(&fflags, buf + pos + 6, 2);
-        memcpy(&fseq, buf + pos + 8, 4);
-        if (!(fflags & XG_F_REPLY) || (Py_ssize_t)flen > limit - pos - XG_HDR ||
-            flen != XG_ONE_REPLY(XG_UNMAP_OP_SIZE))
-            break;
-        PyObject *key = PyLong_FromUnsignedLong(fseq);
-        if (key == NULL)
-            return -1;
-        PyObject *entry = PyDict_GetItemWithError(posted, key); /* borrowed */
-        if (entry == NULL || !PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2 ||
-            !PyLong_CheckExact(PyTuple_GET_ITEM(entry, 0))) {
-            Py_DECREF(key);
-            if (PyErr_Occurred())
-                return -1;
-            break;
-        }
-        PyObject *gfnobj = PyTuple_GET_ITEM(entry, 0);
-        unsigned long long gfn = PyLong_AsUnsignedLongLong(gfnobj);
-        long long mfn, typ;
-        if ((gfn == (unsigned long long)-1 && PyErr_Occurred()) ||
-            !xg_one_ok(buf + pos + XG_HDR, flen, XG_UNMAP_OP_SIZE, 20, gfn, &mfn, &typ) ||
-            mfn >= 0) {
-            Py_DECREF(key);
-            PyErr_Clear();
-            break;
-        }
-        int bad = xg_unmap_done(posted, key, gfnobj, p2m, freed);
-        Py_DECREF(key);
-        if (bad)
-            return -1;
-        pos += XG_HDR + (Py_ssize_t)flen;
-    }
-    return pos;
-}
-
 /* p2m[gfn] = (mfn, type) in a client's p2m mirror: 0, or -1 with an exception set */
 static int
 xg_p2m_set(PyObject *p2m, unsigned long long gfn, long long mfn, long long typ)
@@ -2502,111 +2309,6 @@ xg_lane_args(PyObject *const *args, PyObject **posted, PyObject **p2m, PyObject 
         return -1;
     }
     return 0;
-}
-
-/*
- * map_one(fd, lock, buf, seq, gfn, flags, ref, dom, spin_ns, timeout_ms, posted, p2m, freed)
- *     -> (handle, mfn, p2mt, end, start, length, skip), or None
- *
- * Sends request seq, a GNTTABOP_map_grant_ref of one op (host_addr gfn << 12,
- * flags, ref, dom) under lock, then reads its reply into buf as recv_reply
- * does.  The posted one-op unmaps answered before it are done here (see
- * xg_take_unmaps); skip is where the messages left to the caller start.  When
- * the reply has a success's shape for gfn (a frame mfn >= 0, type p2mt), the
- * p2m mirror gets p2m[gfn] = (mfn, p2mt) and handle is the op's handle;
- * otherwise handle is -1 and the reply's payload is buf[start:start+length]
- * (start as recv_reply: -1 does not fit, -2 closed, -3 timed out).  Bytes
- * after the reply (buf[start+length:end]) are the caller's to decode.
- *
- * Returns None, with nothing sent, if gfn, flags, ref or dom is not an int
- * that fits the op.  Raises OSError if the request could not be sent
- * (nothing read); a recv that failed is start -2.  A signal handler's
- * exception is raised, or, when bytes came before it, returned with them as
- * (-1, -1, 0, end, -5, 0, 0, exception), nothing done in C: decode
- * buf[:end], then raise it.
- */
-static PyObject *
-xg_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
-{
-    ARGCHECK(13, "map_one(fd, lock, buf, seq, gfn, flags, ref, dom, spin_ns, timeout_ms, posted, "
-                 "p2m, freed) -> (handle, mfn, p2mt, end, start, length, skip)")
-    PyObject *posted, *p2m, *freed;
-    if (xg_lane_args(args + 10, &posted, &p2m, &freed) < 0)
-        return NULL;
-    int fd, timeout_ms;
-    long long spin_ns = PyLong_AsLongLong(args[8]);
-    if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[0], &fd) < 0 ||
-        xg_as_int(args[9], &timeout_ms) < 0)
-        return NULL;
-    unsigned long long v[5]; /* seq, gfn, flags, ref, dom */
-    if (!xg_fit_all(args + 3, 5, xg_map_one_max, v))
-        Py_RETURN_NONE;
-    unsigned char msg[XG_MAP_ONE_MSG] = {0};
-    xg_put_header(msg, XG_GNTTAB_REQ + XG_MAP_OP_SIZE, 0, (uint32_t)v[0],
-                  XG_GNTTABOP_map_grant_ref);
-    xg_put_map_op(msg + XG_HDR + XG_GNTTAB_REQ, v);
-    Py_buffer b;
-    if (PyObject_GetBuffer(args[2], &b, PyBUF_WRITABLE) < 0)
-        return NULL;
-    PyObject *res = NULL;
-    if (xg_send_locked(fd, args[1], msg, sizeof msg) < 0)
-        goto out;
-    Py_ssize_t got, start, length;
-    int err = 0;
-    if (xg_read_reply(fd, b.buf, b.len, (uint32_t)v[0], spin_ns, timeout_ms, &got, &start,
-                      &length, &err) < 0) {
-        if (got > 0) /* interrupted after bytes came: they go back with the exception */
-            res = Py_BuildValue("(iiinnnnN)", -1, -1, 0, got, (Py_ssize_t)-5, (Py_ssize_t)0,
-                                (Py_ssize_t)0, xg_take_exception());
-        goto out;
-    }
-    if (start == -4)
-        start = -2; /* a failed recv: the connection is gone */
-    unsigned char *buf = b.buf;
-    Py_ssize_t limit = start >= 0 ? start - XG_HDR : got;
-    Py_ssize_t skip = xg_take_unmaps(buf, 0, limit, posted, p2m, freed);
-    if (skip < 0)
-        goto out;
-    long long handle = -1, mfn = -1, typ = 0;
-    if (start >= 0 && skip == limit &&
-        xg_one_ok(buf + start, length, XG_MAP_OP_SIZE, 18, v[1], &mfn, &typ) && mfn >= 0) {
-        uint32_t h;
-        memcpy(&h, buf + start + 12 + 20, 4);
-        if (xg_p2m_set(p2m, v[1], mfn, typ) < 0)
-            goto out;
-        handle = h;
-    }
-    res = Py_BuildValue("(LLLnnnn)", handle, mfn, typ, got, start, length, skip);
-out:
-    PyBuffer_Release(&b);
-    return res;
-}
-
-/*
- * send_unmap_one(fd, lock, seq, gfn, handle) -> bool
- *
- * Sends request seq, a posted (F_POSTED) GNTTABOP_unmap_grant_ref of one op
- * (host_addr gfn << 12, handle) under lock.  False, with nothing sent, if gfn
- * or handle is not an int that fits the op.  Raises OSError if the send
- * failed.
- */
-static PyObject *
-xg_send_unmap_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
-{
-    ARGCHECK(5, "send_unmap_one(fd, lock, seq, gfn, handle) -> bool")
-    int fd;
-    if (xg_as_int(args[0], &fd) < 0)
-        return NULL;
-    unsigned long long v[3]; /* seq, gfn, handle */
-    if (!xg_fit_all(args + 2, 3, xg_unmap_one_max, v))
-        Py_RETURN_FALSE;
-    unsigned char msg[XG_UNMAP_ONE_MSG] = {0};
-    xg_put_header(msg, XG_GNTTAB_REQ + XG_UNMAP_OP_SIZE, XG_F_POSTED, (uint32_t)v[0],
-                  XG_GNTTABOP_unmap_grant_ref);
-    xg_put_unmap_op(msg + XG_HDR + XG_GNTTAB_REQ, v);
-    if (xg_send_locked(fd, args[1], msg, sizeof msg) < 0)
-        return NULL;
-    Py_RETURN_TRUE;
 }
 
 /* ------------------------------------------------------------------ */
@@ -3170,13 +2872,8 @@ static PyMethodDef module_methods[] = {
                        "messages, answered (and sent)"),
     FAST(recv_wait, "recv_wait(fd, buf, spin_ns, timeout_ms) -> bytes read (0: closed, -1: "
                     "timed out): poll up to spin_ns yielding the CPU, then sleep in poll()"),
-    FAST(recv_reply, "recv_reply(fd, buf, seq, spin_ns, timeout_ms) -> (end, start, length): "
-                     "read until buf holds the reply to request seq"),
-    FAST(map_one, "map_one(fd, lock, buf, seq, gfn, flags, ref, dom, spin_ns, timeout_ms, "
-                  "posted, p2m, freed) -> (handle, mfn, p2mt, end, start, length, skip), or None: "
-                  "a one-op map sent and answered, posted one-op unmaps before it done"),
-    FAST(send_unmap_one, "send_unmap_one(fd, lock, seq, gfn, handle) -> bool: a posted one-op "
-                         "unmap sent"),
+    FAST(recv_held, "recv_held(fd, buf, spin_ns, timeout_ms) -> (n, signalled): recv_wait that "
+                    "returns a signal handler's exception with what it read"),
     FAST(ring_serve, "ring_serve(ring, state, mem, ld, domains, refcount, unmap_ok, kick_fd) -> "
                      "left: the service answers the ring's requests it can in C"),
     FAST(ring_take, "ring_take(ring, state) -> the next request's slot (consumed), or None"),

@@ -533,8 +533,8 @@ xg_ring_answer(const unsigned char *rsp, long long seq, PyObject *posted, PyObje
         return -1;
     if (k != XG_RSP_DONE || cmd != XG_GNTTABOP_unmap_grant_ref || status != 0) {
         /* on the socket (its seq on later: the posted entry waits there), or a
-         * given-up map done after all (its slot on later, for the entry to
-         * undo it), or not the service's */
+         * map done for an entry of another kind (its slot on later, for Python
+         * to finish), or not the service's */
         int bad = 0;
         if (later != NULL && PyDict_Contains(posted, key) == 1) {
             PyObject *item = k == XG_RSP_SOCKET ? Py_NewRef(key)
@@ -550,7 +550,7 @@ xg_ring_answer(const unsigned char *rsp, long long seq, PyObject *posted, PyObje
     PyObject *entry = PyDict_GetItemWithError(posted, key); /* borrowed */
     if (entry == NULL || !PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2) {
         Py_DECREF(key);
-        return PyErr_Occurred() ? -1 : 0; /* abandoned: nobody waits */
+        return PyErr_Occurred() ? -1 : 0; /* no entry: nobody waits for it */
     }
     int bad = xg_unmap_done(posted, key, PyTuple_GET_ITEM(entry, 0), p2m, freed);
     Py_DECREF(key);
@@ -600,12 +600,15 @@ xg_ring_wait_rsp(unsigned char *ring, unsigned char *st, long long spin_ns, doub
 }
 
 /* consume responses and wait as ring_collect says, with the page and state
- * already held; 0, or -1 with an exception set */
+ * already held; 0, or -1 with an exception set.  A signal handler that raises
+ * while it waits does not end the wait (a hypercall is not given up): its
+ * exception goes to *signalled (the first one; NULL if none), for the caller
+ * to raise once the response is in. */
 static int
 xg_ring_collect_in(unsigned char *ring, unsigned char *st, long long seq, long long spin_ns,
                    int timeout_ms, PyObject *posted, PyObject *p2m, PyObject *freed,
                    PyObject *later, int wait_fd, int sock_fd, int *status, long long *handle,
-                   long long *mfn, long long *typ)
+                   long long *mfn, long long *typ, PyObject **signalled)
 {
     double deadline = timeout_ms < 0 ? 0 : xg_now_ns() + (double)timeout_ms * 1e6;
     int kind = 0;
@@ -637,8 +640,13 @@ xg_ring_collect_in(unsigned char *ring, unsigned char *st, long long seq, long l
         Py_END_ALLOW_THREADS
         spin_ns = 0;
         if (w == 4) {
-            if (PyErr_CheckSignals() < 0)
-                return -1;
+            if (PyErr_CheckSignals() < 0) {
+                PyObject *e = xg_take_exception();
+                if (*signalled == NULL)
+                    *signalled = e;
+                else
+                    Py_XDECREF(e);
+            }
             continue;
         }
         if (w != 0) {
@@ -653,11 +661,11 @@ xg_ring_collect_in(unsigned char *ring, unsigned char *st, long long seq, long l
  *
  * The client's side: consume the responses there are, from rsp_cons
  * (state[1]) in order, without waiting.  Each posted one-op unmap that
- * succeeded (its entry (gfn, on_reply) in posted) is done as xg_take_unmaps
- * does it on the socket: popped, its gfn out of the p2m mirror and on freed.
+ * succeeded (its entry (gfn, on_reply) in posted) is done as its
+ * on_reply would do it: popped, its gfn out of the p2m mirror and on freed.
  * One answered on the socket keeps its entry (its reply comes there; its
- * seq goes on later); a map whose waiter gave up (a posted entry of another
- * kind) that was done after all keeps it too, its response slot on later.
+ * seq goes on later); a map done for a posted entry of another kind keeps
+ * it too, its response slot on later (the client posts none such today).
  * Returns 3, or -4 if the service's rsp_prod is bogus.
  */
 static PyObject *
@@ -676,15 +684,18 @@ xg_ring_collect(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     int status;
     long long handle, mfn, typ;
+    PyObject *signalled = NULL; /* (it does not wait) */
     int rc = xg_ring_collect_in(rb.buf, sb.buf, -1, 0, 0, posted, p2m, freed, later, -1, -1,
-                                &status, &handle, &mfn, &typ);
+                                &status, &handle, &mfn, &typ, &signalled);
+    Py_XDECREF(signalled);
     xg_ring_release(&rb, &sb);
     return rc < 0 ? NULL : PyLong_FromLong(status);
 }
 
 /*
  * ring_map_one(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom, spin_ns, timeout_ms,
- *              posted, p2m, freed, later, wait_fd, sock_fd) -> (status, handle, mfn, p2mt)
+ *              posted, p2m, freed, later, wait_fd, sock_fd)
+ *     -> (status, handle, mfn, p2mt, signalled)
  *
  * The one-page lane on the ring: ring_post_map (a full ring is collected
  * first, then tried again), then the responses consumed as ring_collect
@@ -698,13 +709,16 @@ xg_ring_collect(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
  *   status 5: nothing sent (a value does not fit; the ring is full);
  *   status -1: a response the service does not send; -2: the socket hung
  *   up; -3: timed out; -4: the service's rsp_prod is bogus.
+ * signalled: None, or the exception a signal handler raised while it waited
+ * (the wait went on) or as it returned: the caller raises it once it took
+ * the result.
  */
 static PyObject *
 xg_ring_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
     ARGCHECK(17, "ring_map_one(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom, spin_ns, "
                  "timeout_ms, posted, p2m, freed, later, wait_fd, sock_fd) -> (status, handle, "
-                 "mfn, p2mt)")
+                 "mfn, p2mt, signalled)")
     PyObject *posted, *p2m, *freed, *later = args[14];
     if (xg_lane_args(args + 11, &posted, &p2m, &freed) < 0)
         return NULL;
@@ -721,18 +735,18 @@ xg_ring_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
     unsigned long long v[5]; /* seq, gfn, flags, ref, dom */
     long long handle = -1, mfn = -1, typ = 0;
     if (!xg_fit_all(args + 4, 5, xg_map_one_max, v))
-        return Py_BuildValue("(iLLL)", 5, handle, mfn, typ);
+        return Py_BuildValue("(iLLLO)", 5, handle, mfn, typ, Py_None);
     unsigned char slot[XG_RING_SLOT];
     xg_ring_slot(slot, XG_GNTTABOP_map_grant_ref, v);
     Py_buffer rb, sb;
     if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
         return NULL;
-    PyObject *res = NULL;
+    PyObject *res = NULL, *signalled = NULL;
     int status = 5;
     int sent = xg_ring_post(rb.buf, sb.buf, args[2], kick_fd, slot);
     if (sent == -1) { /* full: what is there first */
         if (xg_ring_collect_in(rb.buf, sb.buf, -1, 0, 0, posted, p2m, freed, later, -1, -1,
-                               &status, &handle, &mfn, &typ) < 0)
+                               &status, &handle, &mfn, &typ, &signalled) < 0)
             goto out;
         status = status == -4 ? -4 : 5;
         if (status == 5)
@@ -742,13 +756,19 @@ xg_ring_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         goto out;
     if (sent == 1) {
         if (xg_ring_collect_in(rb.buf, sb.buf, (long long)v[0], spin_ns, timeout_ms, posted, p2m,
-                               freed, later, wait_fd, sock_fd, &status, &handle, &mfn, &typ) < 0)
+                               freed, later, wait_fd, sock_fd, &status, &handle, &mfn, &typ,
+                               &signalled) < 0)
             goto out;
         if (status == 0 && xg_p2m_set(p2m, v[1], mfn, typ) < 0)
             goto out;
     }
-    res = Py_BuildValue("(iLLL)", status, handle, mfn, typ);
+    /* a signal that came as it returns: handled here, returned with the result */
+    if (signalled == NULL && PyErr_CheckSignals() < 0)
+        signalled = xg_take_exception();
+    res = Py_BuildValue("(iLLLO)", status, handle, mfn, typ,
+                        signalled != NULL ? signalled : Py_None);
 out:
+    Py_XDECREF(signalled);
     xg_ring_release(&rb, &sb);
     return res;
 }

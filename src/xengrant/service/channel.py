@@ -1,0 +1,617 @@
+"""One connection of a domain process to the service: requests, replies, events.
+
+What is in flight is kept by :class:`~xengrant.service.calls.Calls` (sans-IO:
+one record per request waited for, one entry per posted request); this
+module does the I/O around it.
+
+**One reader.**  Whoever waits (a thread for a reply, an event or a watch
+event; an asyncio loop through ``add_reader``) reads the socket when nobody
+else does, feeds what came to the records, and wakes everybody; the others
+are parked on a condition (threads) or a future (asyncio) meanwhile.  The
+request ring (:mod:`xengrant.service.ring`) is consumed under a lock of its
+own (``_ring_rx``): its responses are not on the socket.
+
+**The ring** is the one fast path: a one-op ``GNTTABOP_map_grant_ref``
+(:meth:`Channel.map_one`) and a posted one-op ``GNTTABOP_unmap_grant_ref``
+(:meth:`Channel.post_unmap_one`) go there when it can take them; anything
+else, and those too when it cannot, is a message on the socket.
+
+**A call is never given up** (a vCPU in a hypercall stays there until it
+returns; real Xen has no way to abandon one):
+
+- a signal handler that raises while a call waits (Ctrl-C) does not end the
+  wait: its exception is raised once the reply is in, the call's effects
+  done (:meth:`Channel.held_signals` lets a caller finish the reply first);
+- a service that does not answer within the connection's ``timeout`` is
+  dead to this process: the connection is shut (the service destroys the
+  domain, as when its process dies) and every call, waiting or later, fails
+  with ``ServiceError(ETIMEDOUT)``.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from .. import _cext
+from ..errors import HypercallError
+from . import protocol as p
+from .calls import Call, Calls, OnReply
+from .errors import ServiceError
+from .frontring import RingFront, wait_ms
+from .paths import check_server, default_socket_path
+from .ring import ClientRing
+
+_RECV = 1 << 18
+_ANCBUF = socket.CMSG_SPACE(4 * struct.calcsize("i"))
+#: Up to this many payload bytes a request is joined into one buffer; larger
+#: ones go out with sendmsg, uncopied.
+_GATHER = 1 << 14
+_T = TypeVar("_T")
+
+class Channel(RingFront):
+    """One connection to the service.
+
+    Posted requests (:meth:`post`): sent at once, flagged ``F_POSTED``, not
+    waited for; the service sends the reply with the next one.  Whoever reads
+    it runs the request's ``on_reply`` in stream order (before any later
+    reply is handed out); a failure it reports is kept in :attr:`deferred`
+    and raised by the next :meth:`request` or :meth:`post` before it sends
+    anything, and by :meth:`sync`.
+
+    Waiting: the reader polls the socket for up to :attr:`spin` seconds
+    before it sleeps (a hypercall's reply is due within microseconds; a
+    sleeping vCPU takes tens of them to wake).
+
+    Args:
+        path: the socket path (default: :func:`default_socket_path`).
+        timeout: seconds the service has to answer each call (None:
+            forever); past it the connection is closed (see the module).
+        spin: seconds to poll for a reply before sleeping (default
+            :attr:`SPIN`; 0: sleep at once).
+
+    Raises:
+        OSError: the service is not there (ENOENT, ECONNREFUSED);
+            PermissionError if another uid serves the socket
+            (:func:`~xengrant.service.paths.check_server`).
+    """
+
+    #: Seconds a thread waiting for a reply polls the socket before it sleeps.
+    SPIN = 200e-6
+
+    def __init__(
+        self, path: str | None = None, timeout: float | None = None, spin: float | None = None
+    ) -> None:
+        self.path = path or default_socket_path()
+        self.timeout = timeout
+        self.spin = self.SPIN if spin is None else spin
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(self.path)
+            check_server(self.sock, self.path)  # before anything (a token) is sent
+        except BaseException:
+            self.sock.close()
+            raise
+        self._fileno = self.sock.fileno()
+        self._poller = select.poll()
+        self._poller.register(self._fileno, select.POLLIN)
+        self._rbuf = memoryview(bytearray(_RECV))
+        self._send_lock = threading.Lock()
+        #: guards :attr:`calls` and the reader role
+        self._mu = threading.Lock()
+        self._cv = threading.Condition(self._mu)
+        #: somebody reads the socket (one at a time)
+        self._reading = False
+        #: what a signal handler raised during the last read (recv_held)
+        self._sig: BaseException | None = None
+        self._parked = 0
+        #: the requests in flight and what came (sans-IO)
+        self.calls = Calls()
+        #: read with recvmsg (SCM_RIGHTS) until the memfd came; recv after
+        self.want_fds = True
+        self._fds: list[int] = []
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._reader_loops: set[asyncio.AbstractEventLoop] = set()
+        self.closed = False
+        #: the request ring (service/ring.py), once set up
+        self.ring: ClientRing | None = None
+        #: held by whoever consumes the ring's responses
+        self._ring_rx = threading.Lock()
+        #: posted requests sent on the socket, not answered yet: while there
+        #: is one, nothing goes on the ring (it could overtake them)
+        self._sock_posted: set[int] = set()
+        #: the p2m mirror and where the holes go, for the ring's posted
+        #: unmaps a collect finishes; set by the domain
+        self.ring_p2m: dict[int, Any] | None = None
+        self.ring_holes: Callable[[list[int]], None] | None = None
+        #: signals held for callers that finish a reply first (held_signals)
+        self._holding = 0
+        self._held: list[BaseException] = []
+        #: messages sent so far (every hypercall, xenstore or evtchn call is one)
+        self.sent = 0
+
+    # ----------------------------------------------- what Calls keeps, by name
+    @property
+    def events(self) -> deque[int]:
+        """Event-channel ports that fired (see :class:`Calls`)."""
+        return self.calls.events
+
+    @property
+    def watch_events(self) -> deque[tuple[str, str]]:
+        """Xenstore watch events ``(path, token)`` (see :class:`Calls`)."""
+        return self.calls.watch_events
+
+    @property
+    def deferred(self) -> deque[BaseException]:
+        """Failures posted requests reported, not raised yet."""
+        return self.calls.deferred
+
+    # -------------------------------------------------------------- sending
+    def _write(self, head: bytes, payload: bytes, tail: bytes | bytearray | memoryview) -> None:
+        size = len(payload) + len(tail)
+        try:
+            with self._send_lock:
+                if size <= _GATHER:
+                    self.sock.sendall(head + payload + tail if tail else head + payload)
+                else:
+                    _sendv(self.sock, head, payload, tail)
+                self.sent += 1
+        except OSError as e:
+            raise self._fail(ServiceError(errno.EPIPE, f"service connection lost: {e}")) from None
+
+    def send(self, mtype: int, payload: bytes = b"") -> None:
+        """Send a one-way message (nothing answers it, e.g. ``MSG_EVTCHN_UNMASK``).
+
+        Raises:
+            ServiceError: EPIPE, the connection is gone.
+        """
+        if self.calls.error is not None:
+            raise self.calls.error
+        self._write(p.HEADER.pack(len(payload), mtype, 0, 0), payload, b"")
+
+    def request(
+        self, mtype: int, payload: bytes = b"", tail: bytes | bytearray | memoryview = b""
+    ) -> bytes:
+        """Send a request and wait for its reply (``payload`` then ``tail``, uncopied).
+
+        Returns:
+            The reply's payload: an ``i32`` status (0 or -errno), then the body.
+
+        Raises:
+            ServiceError: the connection failed, or the service did not answer
+                within :attr:`timeout` (the connection is closed then).
+            Exception: a failure a posted request reported (see :attr:`deferred`);
+                nothing is sent then.
+            BaseException: what a signal handler raised while it waited, once
+                the reply is in (unless :meth:`held_signals` holds it).
+        """
+        if self.calls.deferred:
+            self.raise_deferred()
+        with self._mu:
+            c = self.calls.call(mtype)
+        if c.error is not None:
+            raise c.error
+        size = len(payload) + len(tail)
+        try:
+            self._write(p.HEADER.pack(size, mtype, 0, c.seq), payload, tail)
+        except BaseException:
+            with self._mu:
+                self.calls.unsent(c.seq)
+            raise
+        reply = self._wait_call(c)
+        if self.calls.posted and self.ring is not None:
+            # the ring's responses to posted unmaps came before this reply,
+            # as their socket replies would have (the service serves the ring first)
+            self.drain_ring(wait=False)
+        if len(reply) < 4:
+            raise self._fail(ServiceError(errno.EBADMSG, "reply without a status"))
+        return reply
+
+    def call(self, mtype: int, payload: bytes = b"") -> tuple[int, bytes]:
+        """:meth:`request`, split: ``(status, body)``, status 0 or a negative errno.
+
+        Raises:
+            ServiceError, Exception: as :meth:`request`.
+        """
+        return p.split_status(self.request(mtype, payload))
+
+    def call_ok(self, mtype: int, payload: bytes = b"", op: str = "") -> bytes:
+        """:meth:`call`, raising for a negative status.
+
+        Raises:
+            HypercallError: the service answered -errno (with its explanation).
+            ServiceError: as :meth:`request`.
+        """
+        status, body = self.call(mtype, payload)
+        if status < 0:
+            raise HypercallError(
+                op or p.MSG_NAMES.get(mtype, str(mtype)).lower(),
+                -status,
+                body.decode("utf-8", "replace"),
+            )
+        return body
+
+    def post(
+        self,
+        mtype: int,
+        payload: bytes,
+        on_reply: OnReply,
+        tail: bytes | bytearray | memoryview = b"",
+    ) -> int:
+        """Send a request flagged ``F_POSTED`` and return at once.
+
+        Args:
+            mtype: ``MSG_*``.
+            payload: the payload (or its head, with ``tail``).
+            on_reply: run with the reply's payload (status first) when a
+                reader reads it, before any later reply is handed out; what
+                it returns or raises (an exception) goes to :attr:`deferred`.
+            tail: more payload, sent without being copied first.
+
+        Returns:
+            The request's sequence number.
+
+        Raises:
+            ServiceError: the connection is gone.
+            Exception: an earlier posted request's failure; nothing is sent.
+        """
+        if self.calls.deferred:
+            self.raise_deferred()
+        if self.calls.error is not None:
+            raise self.calls.error
+        with self._mu:
+            seq = self.calls.post(on_reply)
+            self._sock_posted.add(seq)
+        size = len(payload) + len(tail)
+        try:
+            self._write(p.HEADER.pack(size, mtype, p.F_POSTED, seq), payload, tail)
+        except BaseException:
+            with self._mu:
+                self.calls.unsent(seq)
+                self._sock_posted.discard(seq)
+            raise
+        return seq
+
+    def raise_deferred(self) -> None:
+        """Raise the oldest failure a posted request reported (the others stay queued).
+
+        Raises:
+            Exception: that failure, if there is one.
+        """
+        with self._mu:
+            err = self.calls.deferred.popleft() if self.calls.deferred else None
+        if err is not None:
+            raise err
+
+    def sync(self) -> None:
+        """Wait until every posted request has been answered; raise what they reported.
+
+        Replies come in request order, so this sends a PING and waits for it.
+
+        Raises:
+            ServiceError: the connection failed.
+            Exception: the oldest failure a posted request reported.
+        """
+        if self.calls.posted:
+            self.request(p.MSG_PING)
+            self.drain_ring()
+        self.raise_deferred()
+
+    # -------------------------------------------------------------- signals
+    @contextlib.contextmanager
+    def held_signals(self) -> Iterator[list[BaseException]]:
+        """Within the block, what a signal handler raises during a wait is held (in
+        the list it yields) instead of raised once the reply is in: the block
+        finishes the reply (e.g. a map's), and leaving it raises the first one.
+        Nested blocks share the outermost's list; only the main thread runs
+        signal handlers, so only its waits add to it.
+
+        Yields:
+            The exceptions held so far.
+
+        Raises:
+            BaseException: the first exception held, when the outermost block ends.
+        """
+        if self._holding or threading.current_thread() is not threading.main_thread():
+            yield self._held if self._holding else []
+            return
+        held: list[BaseException] = []
+        self._held, self._holding = held, 1
+        try:
+            yield held
+        except BaseException as e:
+            if held:
+                raise held[0] from e
+            raise
+        finally:
+            self._held, self._holding = [], 0
+        if held:
+            raise held[0]
+
+    def _signalled(self, got: BaseException | None) -> None:
+        """After a wait: raise what a signal handler raised in it, or hold it."""
+        if got is None:
+            return
+        if self._holding:
+            self._held.append(got)
+            return
+        raise got
+
+    # ------------------------------------------------------------- reading
+    def _recv(self, timeout: float | None, nonblocking: bool, spin: float) -> int:
+        """Read once into ``_rbuf`` (we are the reader).
+
+        Returns:
+            The bytes read; 0 if the connection closed; -1 if none came.
+        """
+        buf = self._rbuf
+        try:
+            if not nonblocking and not self.want_fds:
+                # spin, then poll() and recv, in C without the GIL; a signal
+                # handler's exception comes back with the bytes, not instead
+                n: int
+                n, self._sig = _cext.recv_held(
+                    self._fileno, buf, int(spin * 1e9), wait_ms(timeout)
+                )
+                return n
+            poll_ms = None if timeout is None else max(timeout, 0) * 1000
+            if not nonblocking and not self._poller.poll(poll_ms):
+                return -1
+            flags = socket.MSG_DONTWAIT if nonblocking else 0
+            if not self.want_fds:
+                return self.sock.recv_into(buf, 0, flags)
+            n, anc, _flags, _addr = self.sock.recvmsg_into([buf], _ANCBUF, flags)
+        except (BlockingIOError, InterruptedError):
+            return -1
+        except OSError:
+            return 0
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                self._fds.extend(fds)
+        return n
+
+    def _read(self, timeout: float | None, spin: float, nonblocking: bool = False) -> int:
+        """Read once as the reader (``_reading`` set), feed it, give the role up, wake
+        all; then raise what a signal handler raised meanwhile (the bytes are kept)."""
+        n = -1
+        try:
+            n = self._recv(timeout, nonblocking, spin)
+        finally:
+            with self._mu:
+                self._reading = False
+                if n >= 0:
+                    self.calls.feed(self._rbuf[:n])
+                self._wake()
+        sig, self._sig = self._sig, None
+        if sig is not None:
+            raise sig
+        return n
+
+    def _wake(self) -> None:
+        """Wake the parked threads and asyncio waiters (caller holds ``_mu``)."""
+        if self._parked:
+            self._cv.notify_all()
+        if self._async_waiters:
+            waiters, self._async_waiters = self._async_waiters, []
+            for loop, fut in waiters:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve, fut)
+
+    def _await(
+        self, done: Callable[[], _T | None], deadline: float | None, spin: float
+    ) -> _T | None:
+        """Read (or park while another reads) until ``done()`` (called holding ``_mu``)
+        is not None; None once ``deadline`` (``time.monotonic``) passed."""
+        while True:
+            with self._mu:
+                got = done()
+                if got is not None:
+                    return got
+                remaining = None
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                if self._reading:
+                    self._parked += 1
+                    try:
+                        self._cv.wait(remaining)
+                    finally:
+                        self._parked -= 1
+                    continue
+                self._reading = True
+            self._read(remaining, spin)
+
+    def _wait_call(self, c: Call) -> bytes:
+        """The reply to ``c``, however long the channel's timeout allows.
+
+        Raises:
+            ServiceError: the connection failed, or ETIMEDOUT (it is closed then).
+            BaseException: a signal handler's, once the reply is in (see the module).
+        """
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        signalled: BaseException | None = None
+        while True:
+            try:
+                reply = self._await(lambda: self.calls.take(c), deadline, self.spin)
+            except ServiceError:
+                raise
+            except BaseException as e:  # a signal handler raised: the reply is still due
+                signalled = signalled or e
+                continue
+            if reply is None:
+                raise self._fail(ServiceError(
+                    errno.ETIMEDOUT,
+                    f"the service did not answer {c!r} within {self.timeout} s: "
+                    "the connection is closed and the domain destroyed",
+                ))
+            self._signalled(signalled)
+            return reply
+
+    def wait_for(self, queue: deque[Any], match: Any, timeout: float | None) -> Any:
+        """Take the first item of ``queue`` (:attr:`events`, :attr:`watch_events`)
+        equal to ``match`` (None: any).
+
+        Returns:
+            The item, or None when ``timeout`` passes first.
+
+        Raises:
+            ServiceError: the connection failed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._await(lambda: self._take(queue, match), deadline, 0.0)
+
+    def _take(self, queue: deque[Any], match: Any) -> Any:
+        """The first item of ``queue`` equal to ``match`` (caller holds ``_mu``); None if
+        there is none yet.
+
+        Raises:
+            ServiceError: none, and none can come: the connection failed.
+        """
+        item = _take(queue, match)
+        if item is None and self.calls.error is not None:
+            raise self.calls.error
+        return item
+
+    async def wait_for_async(self, queue: deque[Any], match: Any, timeout: float | None) -> Any:
+        """asyncio twin of :meth:`wait_for`: the loop reads when no thread does."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            with self._mu:
+                item = self._take(queue, match)
+                if item is not None:
+                    return item
+                fut: asyncio.Future[None] = loop.create_future()
+                self._async_waiters.append((loop, fut))
+            if loop not in self._reader_loops:
+                self._reader_loops.add(loop)
+                loop.add_reader(self._fileno, self._on_readable, loop)
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except asyncio.TimeoutError:
+                with self._mu:
+                    item = _take(queue, match)
+                return item
+
+    def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._mu:
+            if (not any(lp is loop for lp, _ in self._async_waiters)
+                    or self.calls.error is not None or self._reading):
+                # Nobody here waits, or a thread reads: stop watching the
+                # socket (it stays readable until that thread reads, and the
+                # loop would spin on it).  The thread wakes our waiters when
+                # it fed what it read, and they watch it again.
+                self._reader_loops.discard(loop)
+                loop.remove_reader(self._fileno)
+                return
+            self._reading = True
+        self._read(None, 0.0, nonblocking=True)
+        if self.calls.error is not None:
+            self._reader_loops.discard(loop)
+            loop.remove_reader(self._fileno)
+
+    def wait_posted(self, seqs: list[int]) -> None:
+        """Wait until the replies to posted requests ``seqs`` have been read and done.
+
+        Raises:
+            ServiceError: the connection failed, or timed out (then closed).
+        """
+        posted = self.calls.posted
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+
+        def done() -> bool | None:
+            if self.calls.error is not None:
+                raise self.calls.error
+            return not any(s in posted for s in seqs) or None
+
+        if self._await(done, deadline, self.spin) is None:
+            raise self._fail(ServiceError(errno.ETIMEDOUT, f"no reply to posted {seqs}"))
+
+    # -------------------------------------------------------------- closing
+    def _fail(self, err: ServiceError) -> ServiceError:
+        """The connection is dead: every call fails with ``err``; the socket is shut
+        (the service destroys the domain).  Returns ``err``, for the caller to raise."""
+        with self._mu:
+            self.calls.fail(err)
+            self._sock_posted.clear()
+            self._wake()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        return self.calls.error or err
+
+    def take_fds(self) -> list[int]:
+        """File descriptors received so far (the memfd), handed over once."""
+        fds, self._fds = self._fds, []
+        return fds
+
+    def close(self) -> None:
+        """Close the socket (the service then destroys the bound domain)."""
+        if self.closed:
+            return
+        self.closed = True
+        for loop in list(self._reader_loops):
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self._fileno)
+        self._reader_loops.clear()
+        self._fail(ServiceError(errno.ECONNRESET, "the connection is closed"))
+        self.sock.close()
+        for fd in self.take_fds():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with self._ring_rx:  # no thread in a ring call (they end: the socket is shut)
+            ring, self.ring = self.ring, None
+        if ring is not None:
+            with contextlib.suppress(BufferError):  # a thread still posting: left to the GC
+                ring.close()
+
+
+def _sendv(sock: socket.socket, *parts: bytes | bytearray | memoryview) -> None:
+    """``sendall`` of several buffers, with one ``sendmsg`` when it takes them all."""
+    total = sum(map(len, parts))
+    if total <= _GATHER or len(parts) > 64:  # 64: far below IOV_MAX
+        sock.sendall(b"".join(parts))
+        return
+    n = sock.sendmsg(parts)
+    if n == total:
+        return
+    for part in parts:  # a partial send (a signal, a full buffer): finish in order
+        size = len(part)
+        if n >= size:
+            n -= size
+            continue
+        sock.sendall(memoryview(part)[n:])
+        n = 0
+
+
+def _take(queue: deque[Any], match: Any) -> Any:
+    if not queue:
+        return None
+    if match is None:
+        return queue.popleft()
+    for i, item in enumerate(queue):
+        if item == match:
+            del queue[i]
+            return item
+    return None
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
