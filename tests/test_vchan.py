@@ -586,3 +586,43 @@ def test_read_into_and_recv_into(world: InProcess) -> None:
             return bytes(out)
 
     assert asyncio.run(main()) == b"pong"
+
+
+def test_spin_polls_the_ring_and_saves_the_peers_event(world: InProcess) -> None:
+    """With spin set, a blocked reader polls the ring before asking for an event:
+    the writer finds no VCHAN_NOTIFY_WRITE bit and sends none. Without it (the
+    default, libxenvchan's way) a reader short of data sets the bit and the
+    writer notifies."""
+    srv, cli = pair(world)
+    with srv, cli:
+        sent: list[int] = []
+        assert srv.port is not None
+        notify = srv.port.notify
+
+        def counted() -> None:
+            sent.append(1)
+            notify()
+
+        srv.port.notify = counted  # type: ignore[method-assign]
+        srv.write(b"x")  # clears the bit client_init set (srv_notify = VCHAN_NOTIFY_WRITE)
+        assert cli.read(1, timeout=TIMEOUT) == b"x"
+        sent.clear()
+        # the default: a reader short of data asks for an event (non-blocking, to see it)
+        cli.blocking = False
+        assert cli.read(1) is None
+        srv.write(b"a")
+        assert sent == [1] and cli.read(1) == b"a"
+        sent.clear()
+        # spinning: the reader polls; whenever the write lands, nobody asked
+        cli.blocking = True
+        cli.spin = TIMEOUT
+        out: list[bytes | None] = []
+        t = threading.Thread(target=lambda: out.append(cli.read(5, timeout=TIMEOUT)))
+        t.start()
+        srv.write(b"hello")
+        t.join(TIMEOUT)
+        assert out == [b"hello"] and sent == []
+        # a spin that ends with nothing there falls back to the event
+        cli.spin = 0.001
+        with pytest.raises(VchanTimeout):
+            cli.read(1, timeout=0.05)
