@@ -200,11 +200,14 @@ def test_async_twins(evtchn_pair: EvtchnPair) -> None:
 def test_errors_name_the_errno(evtchn_pair: EvtchnPair) -> None:
     p = evtchn_pair
     pa = p.a.bind_unbound_port(p.b_dom)
-    stranger = 4000  # never bound by either handle
+    stranger = pa + 1  # in range, never bound by this handle
     for call in (lambda: p.a.notify(stranger), lambda: p.a.unbind(stranger)):
         with pytest.raises(OSError) as ei:
             call()
         assert ei.value.errno == errno.ENOTCONN  # evtchn_ioctl: find_evtchn failed
+    with pytest.raises(OSError) as ei:
+        p.a.unbind(1 << 20)  # past every port (>= xen_evtchn_nr_channels)
+    assert ei.value.errno == errno.EINVAL
     p.a.unmask(stranger)  # evtchn_write ignores it
     with pytest.raises(OSError) as ei:
         p.b.bind_interdomain(p.a_dom, pa + 1)  # not offered

@@ -333,3 +333,44 @@ def test_xenbus_handshake_publish_and_async_wait(xs_pair: XsPair) -> None:
     assert xenbus.wait_state(p.a, be, [xenbus.XenbusStateConnected], TIMEOUT) == 4
     p.dom0.rm(fe)
     p.dom0.rm(be)
+
+
+def test_linux_client_waits_for_room_in_xenstoreds_listen_queue(tmp_path: Any) -> None:
+    """C xenstored listens with a backlog of 1: a connect meeting a full queue
+    waits for room (until the connection's timeout) instead of failing with EAGAIN."""
+    import socket
+    import threading
+
+    from xengrant.linux import LinuxXenStore
+
+    path = str(tmp_path / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    while True:  # fill the queue
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            break
+        queued.append(s)
+    try:
+        with pytest.raises(TimeoutError):
+            LinuxXenStore(path, timeout=QUIET)
+        got: list[Any] = []
+        t = threading.Thread(target=lambda: got.append(LinuxXenStore(path, timeout=TIMEOUT)))
+        t.start()
+        accepted = [listener.accept()[0] for _ in queued]  # room: the waiting connect goes in
+        accepted.append(listener.accept()[0])
+        t.join(TIMEOUT)
+        assert len(got) == 1
+        got[0].close()
+        for a in accepted:
+            a.close()
+    finally:
+        for s in queued:
+            s.close()
+        listener.close()

@@ -207,6 +207,8 @@ class EmbeddedEvtchn:
         Raises:
             EvtchnError: ENOTCONN (not bound by this handle).
         """
+        if not 0 <= port < self.hub.core.nr_ports:  # evtchn_ioctl: >= xen_evtchn_nr_channels
+            raise EvtchnError(errno.EINVAL, f"unbind: port {port} is out of range")
         self._mine("unbind", port)
         with self.hub.lock:
             self._close_port(port)

@@ -37,6 +37,7 @@ import errno
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -109,8 +110,7 @@ class LinuxXenStore:
         else:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                self._sock.settimeout(timeout)
-                self._sock.connect(path)
+                _connect(self._sock, path, timeout)
                 self._sock.setblocking(False)
             except BaseException:
                 self._sock.close()
@@ -326,6 +326,25 @@ class LinuxXenStore:
             XenStoreError: the node is missing or unreadable.
         """
         return int(self.read("domid", timeout))
+
+
+def _connect(sock: socket.socket, path: str, timeout: float) -> None:
+    """Connect, waiting up to ``timeout`` for room in xenstored's listen queue.
+
+    A non-blocking AF_UNIX connect to a full backlog fails at once with EAGAIN
+    (C xenstored listens with a backlog of 1, so a few clients opening at once
+    meet it); a blocking one waits in ``unix_wait_for_peer``, bounded by the
+    socket's send timeout (``sock_sndtimeo``).
+    """
+    secs = max(timeout, 0.001)
+    sock.setblocking(True)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("@ll", int(secs), int(secs % 1 * 1e6)))
+    try:
+        sock.connect(path)
+    except BlockingIOError as e:  # the send timeout passed with the queue still full
+        raise TimeoutError(f"connect to {path}: xenstored's listen queue stayed full") from e
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", 0, 0))
 
 
 def open_xenstore(path: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> LinuxXenStore:

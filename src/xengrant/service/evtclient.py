@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..abi import grant_table as gt
 from . import protocol as p
 from .callclient import ServiceCallClient, or_timeout
-from .evtchn import EvtchnError
+from .evtchn import NR_PORTS_2L, EvtchnError
 
 if TYPE_CHECKING:
     from .client import Channel
@@ -86,6 +86,8 @@ class EventChannelClient(ServiceCallClient):
         Raises:
             EvtchnError: ENOTCONN (not bound through this client), EINVAL.
         """
+        if not 0 <= port < NR_PORTS_2L:  # evtchn_ioctl: >= xen_evtchn_nr_channels
+            raise EvtchnError(errno.EINVAL, f"unbind: port {port} is out of range")
         self._mine("unbind", port)
         self._call(p.MSG_EVTCHN_CLOSE, p.U32.pack(port))
         self.bound.discard(port)
