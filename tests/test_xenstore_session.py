@@ -324,3 +324,49 @@ def test_serial_transactions_equal_plain_writes(ops: list[tuple[str, bytes, bool
     assert end.payload == b"OK\0"
     assert plain.dump() == txd.dump()
     assert plain.owned(1) == txd.owned(1)
+
+
+_PATHS = st.sampled_from(["data", "data/a", "data/a/b", "/local/domain/2/data", "/",
+                          "@releaseDomain", "bad path", "", "/local/domain/1/data/" + "x" * 2100,
+                          "/tool"])
+_PAYLOADS = st.one_of(
+    st.binary(max_size=64),
+    st.lists(st.one_of(_PATHS, st.sampled_from(["T", "F", "n1", "r2", "b0", "0", "1", "tok"])),
+             max_size=4).map(lambda xs: w.strings(*xs)),
+    st.tuples(_PATHS, st.binary(max_size=16)).map(lambda t: t[0].encode() + b"\0" + t[1]),
+)
+_KNOWN = {name.encode() + b"\0" for _num, name in w.XSD_ERRORS}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.integers(0, 24), st.integers(0, 0xFFFFFFFF)),
+                          st.integers(0, 3), _PAYLOADS), max_size=25))
+def test_any_request_gets_one_well_formed_answer(reqs: list[tuple[int, int, bytes]]) -> None:
+    """Hostile requests from d1: each gets exactly one reply (echoing req_id and tx_id) that is
+    the request's type or XS_ERROR with a string of xsd_errors; the store's counts stay true and
+    the bystander d2 is unaffected."""
+    store = XenStore()
+    domains = Domains({0, 1, 2})
+    for d in (1, 2):
+        store.make_domain_home(d)
+    store.write(2, "/local/domain/2/data/mine", b"v")
+    attacker, bystander = Session(store, 1, "a", domains=domains), Session(store, 2, "b",
+                                                                            domains=domains)
+    for i, (mtype, tx, payload) in enumerate(reqs):
+        payload = payload[: w.XENSTORE_PAYLOAD_MAX]
+        out = w.Decoder().feed(attacker.feed(w.pack(mtype, i, tx, payload)))
+        assert len(out) == 1
+        (msg,) = out
+        assert (msg.req_id, msg.tx_id) == (i, tx)
+        assert msg.type in (mtype, w.XS_ERROR)
+        if msg.type == w.XS_ERROR:
+            assert msg.payload in _KNOWN
+    attacker.events()
+    walked: dict[int, int] = {}
+    for _p, n in store.walk():
+        walked[n.perms[0].domid] = walked.get(n.perms[0].domid, 0) + 1
+    assert walked == {d: store.owned(d) for d in walked}
+    (msg,) = w.Decoder().feed(bystander.feed(w.pack(w.XS_READ, 1, 0, b"data/mine\0")))
+    assert msg == w.Message(w.XS_READ, 1, 0, b"v")
+    attacker.close()
+    assert store.watch_count(1) == 0
