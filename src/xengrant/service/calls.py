@@ -199,6 +199,10 @@ class Calls:
             raise c.error
         if c.state is State.DONE:
             raise ValueError(f"{c!r}: its reply was taken")
+        if self.error is not None:  # recorded as the connection failed: it fails too
+            c.state, c.error = State.FAILED, self.error
+            self.waiting.pop(c.seq, None)
+            raise self.error
         return None
 
     def fail(self, err: ServiceError) -> None:
@@ -210,7 +214,7 @@ class Calls:
         if self.error is not None:
             return
         self.error = err
-        for c in self.waiting.values():
+        for c in list(self.waiting.values()):  # (the ring inserts without the lock)
             c.state, c.error = State.FAILED, err
         self.waiting.clear()
         self.posted.clear()

@@ -34,6 +34,7 @@ import array
 import asyncio
 import contextlib
 import errno
+import math
 import os
 import select
 import socket
@@ -58,6 +59,8 @@ _ANCBUF = socket.CMSG_SPACE(4 * struct.calcsize("i"))
 #: Up to this many payload bytes a request is joined into one buffer; larger
 #: ones go out with sendmsg, uncopied.
 _GATHER = 1 << 14
+#: only the main thread runs signal handlers
+_MAIN_IDENT = threading.main_thread().ident
 _T = TypeVar("_T")
 
 class Channel(RingFront):
@@ -94,6 +97,8 @@ class Channel(RingFront):
         self, path: str | None = None, timeout: float | None = None, spin: float | None = None
     ) -> None:
         self.path = path or default_socket_path()
+        self._timeout_ms = -1
+        self._spin_ns = 0
         self.timeout = timeout
         self.spin = self.SPIN if spin is None else spin
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -140,6 +145,26 @@ class Channel(RingFront):
         self._held: list[BaseException] = []
         #: messages sent so far (every hypercall, xenstore or evtchn call is one)
         self.sent = 0
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds the service has to answer each call (None: forever)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = value
+        self._timeout_ms = wait_ms(value)
+
+    @property
+    def spin(self) -> float:
+        """Seconds a reader polls for a reply before it sleeps (0: sleep at once)."""
+        return self._spin
+
+    @spin.setter
+    def spin(self, value: float) -> None:
+        self._spin = value
+        self._spin_ns = int(value * 1e9)
 
     # ----------------------------------------------- what Calls keeps, by name
     @property
@@ -196,18 +221,17 @@ class Channel(RingFront):
             BaseException: what a signal handler raised while it waited, once
                 the reply is in (unless :meth:`held_signals` holds it).
         """
-        if self.calls.deferred:
+        calls = self.calls
+        if calls.deferred:
             self.raise_deferred()
-        with self._mu:
-            c = self.calls.call(mtype)
-        if c.error is not None:
-            raise c.error
-        size = len(payload) + len(tail)
+        if calls.error is not None:
+            raise calls.error
+        seq = calls.next_seq()
+        c = calls.waiting[seq] = Call(seq, mtype)  # (atomic under the GIL)
         try:
-            self._write(p.HEADER.pack(size, mtype, 0, c.seq), payload, tail)
+            self._write(p.HEADER.pack(len(payload) + len(tail), mtype, 0, seq), payload, tail)
         except BaseException:
-            with self._mu:
-                self.calls.unsent(c.seq)
+            calls.waiting.pop(seq, None)
             raise
         reply = self._wait_call(c)
         if self.calls.posted and self.ring is not None:
@@ -309,25 +333,42 @@ class Channel(RingFront):
         self.raise_deferred()
 
     # -------------------------------------------------------------- signals
+    def hold_signals(self) -> list[BaseException] | None:
+        """Start holding what a signal handler raises during a wait (instead of
+        raising it once the reply is in): the caller finishes the reply first,
+        then :meth:`release_signals` and raises the first one.
+
+        Returns:
+            The list the exceptions go to; None if this is not the main thread
+            (only it runs signal handlers) or an outer caller holds already
+            (then its list takes them).
+        """
+        if self._holding or threading.get_ident() != _MAIN_IDENT:
+            return None
+        held: list[BaseException] = []
+        self._held, self._holding = held, 1
+        return held
+
+    def release_signals(self, held: list[BaseException] | None) -> None:
+        """End what :meth:`hold_signals` started (nothing if it returned None)."""
+        if held is not None:
+            self._held, self._holding = [], 0
+
     @contextlib.contextmanager
     def held_signals(self) -> Iterator[list[BaseException]]:
-        """Within the block, what a signal handler raises during a wait is held (in
-        the list it yields) instead of raised once the reply is in: the block
-        finishes the reply (e.g. a map's), and leaving it raises the first one.
-        Nested blocks share the outermost's list; only the main thread runs
-        signal handlers, so only its waits add to it.
+        """:meth:`hold_signals` as a block: leaving the outermost raises the first
+        exception held (chained to the block's own, if it raised one).
 
         Yields:
-            The exceptions held so far.
+            The exceptions held so far (an outer block's list when nested).
 
         Raises:
             BaseException: the first exception held, when the outermost block ends.
         """
-        if self._holding or threading.current_thread() is not threading.main_thread():
+        held = self.hold_signals()
+        if held is None:
             yield self._held if self._holding else []
             return
-        held: list[BaseException] = []
-        self._held, self._holding = held, 1
         try:
             yield held
         except BaseException as e:
@@ -335,7 +376,7 @@ class Channel(RingFront):
                 raise held[0] from e
             raise
         finally:
-            self._held, self._holding = [], 0
+            self.release_signals(held)
         if held:
             raise held[0]
 
@@ -388,13 +429,21 @@ class Channel(RingFront):
         all; then raise what a signal handler raised meanwhile (the bytes are kept)."""
         n = -1
         try:
-            n = self._recv(timeout, nonblocking, spin)
+            if nonblocking or self.want_fds:
+                n = self._recv(timeout, nonblocking, spin)
+            else:  # the common case, inline: spin, then poll() and recv, in C
+                try:
+                    ms = -1 if timeout is None else math.ceil(max(timeout, 0) * 1000)
+                    n, self._sig = _cext.recv_held(self._fileno, self._rbuf, int(spin * 1e9), ms)
+                except OSError:
+                    n = 0
         finally:
             with self._mu:
                 self._reading = False
                 if n >= 0:
                     self.calls.feed(self._rbuf[:n])
-                self._wake()
+                if self._parked or self._async_waiters:
+                    self._wake()
         sig, self._sig = self._sig, None
         if sig is not None:
             raise sig

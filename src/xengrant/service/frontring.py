@@ -57,6 +57,8 @@ class RingFront:
     calls: Calls
     timeout: float | None
     spin: float
+    _spin_ns: int
+    _timeout_ms: int
     sent: int
     _mu: threading.Lock
     _ring_rx: threading.Lock
@@ -109,60 +111,61 @@ class RingFront:
             Exception: a failure a posted request reported; nothing is sent.
         """
         ring = self.ring
-        if ring is None or self._socket_posted():
+        if ring is None or (self._sock_posted and self._socket_posted()):
             return None
-        if self.calls.deferred:
+        calls = self.calls
+        if calls.deferred:
             self.raise_deferred()
         if not self._ring_rx.acquire(blocking=False):
             return None
         freed: list[int] = []
         later: list[Any] = []
-        with self._mu:
-            c = self.calls.call(p.MSG_GNTTAB_OP)  # its reply may come on the socket
+        # its record: the reply may come on the socket (a dict insert is atomic
+        # under the GIL; Calls.fail copies before it iterates)
+        seq = calls.next_seq()
+        c = calls.waiting[seq] = Call(seq, p.MSG_GNTTAB_OP)
         try:
-            if c.error is not None:
-                raise c.error
+            if calls.error is not None:
+                raise calls.error
             # (a signal handler that raises while it waits does not end the
             # wait: its exception comes back with the response, as signalled)
             st, handle, mfn, p2mt, signalled = _cext.ring_map_one(
-                ring.mem, ring.state, self._send_lock, ring.kick, c.seq, gfn, flags, ref, domid,
-                int(self.spin * 1e9), wait_ms(self.timeout), self.calls.posted, p2m, freed,
-                later, ring.wait, self._fileno,
+                ring.mem, ring.state, self._send_lock, ring.kick, seq, gfn, flags, ref, domid,
+                self._spin_ns, self._timeout_ms, calls.posted, p2m, freed, later, ring.wait,
+                self._fileno,
             )
         except BaseException:  # nothing sent (or a bug in the consumer: the C raised)
-            with self._mu:
-                self.calls.unsent(c.seq)
+            calls.waiting.pop(seq, None)
             raise
         finally:
             self._ring_rx.release()
-        self._give_holes(freed)
+        if freed and self.ring_holes is not None:
+            self.ring_holes(freed)
         if later:
             self._ring_later(later)
+        if st == 0:  # mapped on the ring: the record goes
+            calls.waiting.pop(seq, None)
+            self.sent += 1
+            if signalled is not None:
+                self._signalled(signalled)
+            return handle, mfn, p2mt, None
         if st == 5:  # nothing sent
-            with self._mu:
-                self.calls.unsent(c.seq)
+            calls.waiting.pop(seq, None)
             self._signalled(signalled)
             return None
         self.sent += 1
-        body: bytes | None = None
         if st == 1:  # refused, or not the common case: the reply comes on the socket
             body = self._wait_call(c)
-        elif st == 0:
-            with self._mu:
-                self.calls.unsent(c.seq)  # answered on the ring: the record goes
-        elif st == -3:
+            self._signalled(signalled)
+            return -1, 0, 0, body
+        if st == -3:
             raise self._fail(ServiceError(
                 errno.ETIMEDOUT, f"the service did not answer {c!r} on the ring within "
                 f"{self.timeout} s: the connection is closed and the domain destroyed"))
-        elif st == -2:
+        if st == -2:
             raise self._fail(ServiceError(errno.ECONNRESET, "the service closed the connection"))
-        else:
-            raise self._fail(ServiceError(
-                errno.EBADMSG, f"ring: a response the service does not send ({st})"))
-        self._signalled(signalled)
-        if body is None:
-            return handle, mfn, p2mt, None
-        return -1, 0, 0, body
+        raise self._fail(ServiceError(
+            errno.EBADMSG, f"ring: a response the service does not send ({st})"))
 
     def _ring_later(self, later: list[Any]) -> None:
         """What a ring consumer left for Python: seqs of posted requests answered on
@@ -230,14 +233,15 @@ class RingFront:
             Exception: an earlier posted request's failure; nothing is sent.
         """
         ring = self.ring
-        if ring is None or self._socket_posted():
+        if ring is None or (self._sock_posted and self._socket_posted()):
             return False
-        if self.calls.deferred:
+        calls = self.calls
+        if calls.deferred:
             self.raise_deferred()
-        if self.calls.error is not None:
-            raise self.calls.error
-        with self._mu:
-            seq = self.calls.post((gfn, on_reply))
+        if calls.error is not None:
+            raise calls.error
+        seq = calls.next_seq()
+        calls.posted[seq] = (gfn, on_reply)  # (atomic under the GIL)
         args = (ring.mem, ring.state, self._send_lock, ring.kick, seq, gfn, handle)
         sent = _cext.ring_post_unmap(*args)
         if sent < 0:  # full: take the responses waiting there, then try again
@@ -246,7 +250,6 @@ class RingFront:
         if sent > 0:
             self.sent += 1
             return True
-        with self._mu:
-            self.calls.unsent(seq)
+        calls.posted.pop(seq, None)
         return False
 

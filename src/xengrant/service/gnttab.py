@@ -176,14 +176,21 @@ class RemoteGnttab(EmulatedGnttab):
             BatchError: several, some failed.
             ValueError: no grants, or a domid/ref that does not fit the op.
         """
-        with self._hc.channel.held_signals() as held:
-            mapping = None
-            if len(refs) == 1:
-                mapping = self._map_one(domids[0], refs[0], writable)
+        ch = self._hc.channel
+        held = ch.hold_signals()
+        try:
+            mapping = self._map_one(domids[0], refs[0], writable) if len(refs) == 1 else None
             if mapping is None:
                 mapping = self._map_ops(domids, refs, writable)
+        except BaseException as e:
+            ch.release_signals(held)
             if held:
-                mapping.unmap()
+                raise held[0] from e
+            raise
+        ch.release_signals(held)
+        if held:
+            mapping.unmap()  # nobody gets it
+            raise held[0]
         return mapping
 
     def _map_ops(self, domids: list[int], refs: list[int], writable: bool) -> Mapping:
