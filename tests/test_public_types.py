@@ -19,10 +19,7 @@ ANY = re.compile(r"\bAny\b")
 #: type (ctypes.Array is invariant, so no narrower parameter takes every array)
 ALLOWED = ("ctypes.Array[typing.Any]",)
 #: signatures still taking Any, each with the reason (and the work that removes it)
-KNOWN = {
-    # the event-channel object: the portable event-channel Protocol (issue 16) replaces it
-    "EventPort.__init__", "EventPort.offer", "EventPort.bind",
-}
+KNOWN: set[str] = set()
 
 
 def _annotations(fn: typing.Callable[..., object]) -> dict[str, object]:

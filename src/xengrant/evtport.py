@@ -19,9 +19,15 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Union, cast
 
-from .evtchn.protocol import poll_fd_async
+from .evtchn.protocol import Evtchn, poll_fd_async
+
+if TYPE_CHECKING:
+    from .linux.evtchn import EventChannels
+
+#: what an EventPort signals through: a portable handle, or the first real-Xen wrapper
+PortHandle = Union[Evtchn, "EventChannels"]
 
 
 class EventPort:
@@ -38,8 +44,8 @@ class EventPort:
     (``xenevtchn_bind_interdomain``) to make one.
     """
 
-    def __init__(self, evtchn: Any, port: int, *, owned: bool = True) -> None:
-        self.evtchn = evtchn
+    def __init__(self, evtchn: PortHandle, port: int, *, owned: bool = True) -> None:
+        self.evtchn: PortHandle = evtchn
         self.port = port
         self.owned = owned
         self.closed = False
@@ -54,12 +60,12 @@ class EventPort:
             self._msg_send = protocol.MSG_EVTCHN_SEND
 
     @classmethod
-    def offer(cls, evtchn: Any, remote_domid: int) -> EventPort:
+    def offer(cls, evtchn: PortHandle, remote_domid: int) -> EventPort:
         """A new unbound port ``remote_domid`` may bind (``EVTCHNOP_alloc_unbound``)."""
         return cls(evtchn, evtchn.bind_unbound_port(remote_domid))
 
     @classmethod
-    def bind(cls, evtchn: Any, remote_domid: int, remote_port: int) -> EventPort:
+    def bind(cls, evtchn: PortHandle, remote_domid: int, remote_port: int) -> EventPort:
         """Bind to ``remote_port`` of ``remote_domid`` (``EVTCHNOP_bind_interdomain``).
 
         Raises:
@@ -88,7 +94,8 @@ class EventPort:
         status = int.from_bytes(body[:4], "little", signed=True)
         if status >= 0:
             return None
-        err: BaseException = self.evtchn.error(-status, bytes(body[4:]).decode("utf-8", "replace"))
+        error = getattr(self.evtchn, "error")  # noqa: B009 - the service's client's error type
+        err: BaseException = error(-status, bytes(body[4:]).decode("utf-8", "replace"))
         return err
 
     def wait(self, timeout: float | None = None) -> None:
@@ -102,20 +109,19 @@ class EventPort:
             TimeoutError: none came within ``timeout``.
         """
         if not self._legacy:
-            if timeout == 0 and not hasattr(self.evtchn, "fileno"):
-                timeout = 0.001  # the service's client before it looked at its socket for 0
-            self.evtchn.wait(self.port, timeout)
+            cast(Evtchn, self.evtchn).wait(self.port, timeout)
             return
         # /dev/xen/evtchn hands out every port of the file: events read for
         # other ports are kept (on the EventChannels object) for their waiters.
-        seen: set[int] = self.evtchn.__dict__.setdefault("_xg_seen", set())
+        legacy = cast("EventChannels", self.evtchn)
+        seen: set[int] = legacy.__dict__.setdefault("_xg_seen", set())
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self.port in seen:
                 seen.discard(self.port)
                 return
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            seen.update(self.evtchn.pending(left))
+            seen.update(legacy.pending(left))
             if self.port in seen:
                 seen.discard(self.port)
                 return
@@ -125,7 +131,7 @@ class EventPort:
     async def wait_async(self, timeout: float | None = None) -> None:
         """asyncio twin of :meth:`wait`."""
         if not self._legacy:
-            await self.evtchn.wait_async(self.port, timeout)
+            await cast(Evtchn, self.evtchn).wait_async(self.port, timeout)
             return
 
         def look() -> bool | None:
@@ -143,10 +149,7 @@ class EventPort:
         (``libxenvchan_fd_for_select``): the handle's :meth:`~xengrant.evtchn.Evtchn.fileno`
         (on the service the domain's socket, readable for any message); call
         :meth:`wait` with ``timeout=0`` to see whether it was this port's."""
-        fileno = getattr(self.evtchn, "fileno", None)
-        if fileno is None:  # the service's client before it had fileno()
-            return int(self.evtchn.channel.sock.fileno())
-        return int(fileno())
+        return int(self.evtchn.fileno())
 
     def close(self) -> None:
         """Unbind the port (when owned); idempotent."""
