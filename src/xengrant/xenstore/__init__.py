@@ -5,11 +5,13 @@
 - :mod:`~xengrant.xenstore.store`: the tree, permissions, quotas, watches;
 - :mod:`~xengrant.xenstore.transaction`: transactions (EAGAIN on conflict);
 - :mod:`~xengrant.xenstore.session`: the server side of one connection;
+- :mod:`~xengrant.xenstore.ring`: the ring page (``xenstore_domain_interface``);
 - :mod:`~xengrant.xenstore.client`: the client side every client shares.
 """
 
 from ..errors import XenStoreError
 from .client import ClientCodec, wait_for_value, wait_until
+from .ring import RingEnd, RingServer
 from .session import Domains, Session, event_message
 from .store import Perm, WatchEvent, XenStore
 from .transaction import Transaction
@@ -22,6 +24,8 @@ __all__ = [
     "Message",
     "Perm",
     "ProtocolViolation",
+    "RingEnd",
+    "RingServer",
     "Session",
     "Transaction",
     "WatchEvent",
