@@ -655,3 +655,33 @@ def test_posted_unmap_failure_is_reported(
             b.close()
         assert ei.value.status == abi.GNTST_bad_handle
         share.unshare(timeout=30)
+
+
+def _service_fds(service: Service) -> dict[str, str]:
+    """The service's descriptors: fd -> what it is (fds closed meanwhile left out)."""
+    out = {}
+    for fd in os.listdir(f"/proc/{service.proc.pid}/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/{service.proc.pid}/fd/{fd}")
+        except OSError:
+            pass
+    return out
+
+
+def test_a_connection_holds_what_fds_per_conn_budgets(
+    service: Service, baseline: dict[str, Any]
+) -> None:
+    """The default connection limit divides the descriptor limit by FDS_PER_CONN: a
+    domain's connection with its ring must not hold more in the service than that
+    (its memory files aside: they are budgeted apart, and an allocation that finds
+    no descriptor fails as out of memory)."""
+    from xengrant.service.limits import FDS_PER_CONN
+
+    before = _service_fds(service)
+    with connect(service.path, timeout=30) as d:
+        d.sync()
+        assert d.channel.ring is not None
+        new = {fd: what for fd, what in _service_fds(service).items() if before.get(fd) != what}
+        files = [w for w in new.values() if w.startswith(f"/memfd:xengrant-d{d.domid} ")]
+        assert files  # its RAM
+        assert len(new) - len(files) == FDS_PER_CONN, sorted(new.values())

@@ -39,8 +39,13 @@ from ..emu.maptrack import DEFAULT_MAX_MAPTRACK_FRAMES
 from ..errors import HypercallError
 from .xenstore import QUOTA_ENTRIES, QUOTA_WATCHES
 
-#: descriptors one connection may hold (its socket; its ring's page and two eventfds)
-FDS_PER_CONN = 4
+#: descriptors a domain's connection holds in the service, measured
+#: (test_a_connection_holds_what_fds_per_conn_budgets): its socket; its memory
+#: socket, both ends (service/backing.py keeps one, the connection the one it
+#: sent); its ring's page twice (the memfd and the mmap's own dup) and the two
+#: eventfds; the mmap of its generation page.  Its memory files come on top,
+#: budgeted apart (an allocation that finds no descriptor fails as ENOMEM).
+FDS_PER_CONN = 8
 
 
 def default_max_connections() -> int:
