@@ -374,3 +374,21 @@ def test_linux_client_waits_for_room_in_xenstoreds_listen_queue(tmp_path: Any) -
         for s in queued:
             s.close()
         listener.close()
+
+
+def test_an_embedded_connection_dropped_unclosed_loses_its_watches() -> None:
+    """Its watches go at the next request (xenstored's destroy_conn), so they
+    stop counting against the domain's watch quota."""
+    import gc
+
+    import xengrant
+
+    with xengrant.EmbeddedXen(memory=16 << 20) as xen:
+        d = xen.create_domain()
+        conn = xen.xs_open(d.domid)
+        conn.watch("data", "t")
+        assert xen.xs_hub.store.watch_count(d.domid) == 1
+        del conn
+        gc.collect()
+        d.xs.read("domid")  # any request
+        assert xen.xs_hub.store.watch_count(d.domid) == 0

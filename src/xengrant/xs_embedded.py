@@ -37,6 +37,9 @@ class XsHub:
         self.lock = threading.Lock()
         self.store.mkdir(0, "/local/domain")  # what the host's init scripts leave
         self._conns: weakref.WeakSet[EmbeddedXenStore] = weakref.WeakSet()
+        #: sessions of connections dropped unclosed: closed at the next request
+        #: (a finalizer must not take the lock: it may run inside a request)
+        self.dropped: list[Session] = []
 
     def add_domain(self, domid: int) -> None:
         """A new domain: its home as libxl writes it, then ``@introduceDomain``."""
@@ -64,6 +67,8 @@ class XsHub:
 
     def dispatch(self) -> None:
         """Hand each connection its watch events (caller holds ``lock``)."""
+        while self.dropped:  # their watches and transactions go (destroy_conn)
+            self.dropped.pop().close()
         if not self.store.events:
             return
         for conn in list(self._conns):
@@ -91,6 +96,7 @@ class EmbeddedXenStore(XsWireOps):
         self._signalled = False
         self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._fds = weakref.finalize(self, _close_fds, self._rfd, self._wfd)
+        self._dropped = weakref.finalize(self, hub.dropped.append, self.session)
 
     def __repr__(self) -> str:
         return f"<EmbeddedXenStore d{self.domid}{' closed' if self.closed else ''}>"
@@ -105,6 +111,7 @@ class EmbeddedXenStore(XsWireOps):
         """Close the connection: its watches and transactions go (``destroy_conn``)."""
         if self.closed:
             return
+        self._dropped.detach()
         with self.hub.lock:
             self.session.close()
             with self._cv:
