@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,3 +285,37 @@ def test_a_domain_process_and_the_tools_share_one_store(svc: Service) -> None:
         with pytest.raises(OSError) as e:
             dom.xs.call(w.XS_INTRODUCE, w.strings("9", "1", "2"))
         assert e.value.errno == errno.EACCES
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root (to connect as another uid) and /usr/bin/python3")
+def test_only_the_services_uid_is_dom0() -> None:
+    """The socket is 0600; even opened to all, a peer of another uid is closed unanswered."""
+    d = Path(tempfile.mkdtemp(prefix="xg-xs-uid-"))
+    try:
+        d.chmod(0o711)  # the other uid may reach the socket, as if the operator let it
+        svc = Service(d)
+        try:
+            assert os.stat(svc.xs_path).st_mode & 0o777 == 0o600
+            os.chmod(svc.xs_path, 0o666)
+            probe = (
+                "import socket, struct, sys\n"
+                "s = socket.socket(socket.AF_UNIX)\n"
+                "s.connect(sys.argv[1])\n"
+                "s.settimeout(60)\n"
+                "try:\n"
+                "    s.sendall(struct.pack('=IIII', 2, 1, 0, 2) + b'/\\0')\n"
+                "    got = s.recv(100)\n"
+                "except (BrokenPipeError, ConnectionResetError):\n"
+                "    got = b''\n"
+                "print('closed' if got == b'' else repr(got))\n"
+            )
+            r = subprocess.run(["/usr/bin/python3", "-c", probe, svc.xs_path],
+                               capture_output=True, text=True, timeout=TIMEOUT, user=65534,
+                               group=65534, cwd="/")
+            assert (r.returncode, r.stdout) == (0, "closed\n"), r  # nothing of the store read
+            assert svc.run("xenstore-exists", "/").returncode == 0  # dom0 still served
+        finally:
+            svc.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
