@@ -7,8 +7,11 @@ Run from the repository root::
     python benchmarks/bench_vchan.py --quick     # smoke run
     python benchmarks/bench_vchan.py --markdown  # also print a Markdown table
 
-Two places, each with its own baseline measured in the same rounds:
+Three places, each with its own baseline measured in the same rounds:
 
+- ``embedded``: two :class:`~xengrant.EmbeddedXen` domains of this process (no
+  service: event channels and xenstore in process), the peer a thread; the
+  baseline a ``socket.socketpair()`` between the same two threads;
 - ``in-process``: a :class:`~xengrant.service.Server` in a thread of this
   process, two domains connected from this process, the peer a thread; the
   baseline a ``socket.socketpair()`` between the same two threads;
@@ -174,14 +177,20 @@ class Place:
         self.procs: list[Any] = []
         mine, theirs = socket.socketpair()
         self.sock = mine
-        if kind == "in-process":
+        self.xen: xengrant.EmbeddedXen | None = None
+        if kind in ("in-process", "embedded"):
             import queue
 
-            self.server = Server(self.path, 256 << 20, log=lambda s: None)
-            threading.Thread(target=self.server.serve_forever, kwargs={"close": False},
-                             daemon=True).start()
-            self.me = connect(self.path)
-            self.peer_dom = connect(self.path)
+            if kind == "embedded":  # no service: EmbeddedXen's domains, in this process
+                self.xen = xengrant.EmbeddedXen(memory=256 << 20)
+                self.me: Any = self.xen.create_domain()
+                self.peer_dom: Any = self.xen.create_domain()
+            else:
+                self.server = Server(self.path, 256 << 20, log=lambda s: None)
+                threading.Thread(target=self.server.serve_forever, kwargs={"close": False},
+                                 daemon=True).start()
+                self.me = connect(self.path)
+                self.peer_dom = connect(self.path)
             a: queue.Queue[Any] = queue.Queue()
             b: queue.Queue[Any] = queue.Queue()
             self.ctl: Any = _ThreadPipe(b, a)
@@ -280,9 +289,12 @@ class Place:
         self.port.close()
         self._call("quit")
         self._done()
-        if self.kind == "in-process":
-            self.peer_dom.close()
-        self.me.close()
+        if self.xen is not None:
+            self.xen.close()
+        else:
+            if self.kind == "in-process":
+                self.peer_dom.close()
+            self.me.close()
         for proc in reversed(self.procs):
             if proc.is_alive():
                 proc.terminate()
@@ -315,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k}: {v}")
     print(f"rounds {rounds}, {total >> 20} MiB per throughput run, {pings} round trips per run")
     results: dict[tuple[str, str, str], list[float]] = {}
-    places = [Place("in-process"), Place("processes")]
+    places = [Place("embedded"), Place("in-process"), Place("processes")]
     try:
         for r in range(rounds):
             for place in places:

@@ -626,3 +626,69 @@ def test_spin_polls_the_ring_and_saves_the_peers_event(world: InProcess) -> None
         cli.spin = 0.001
         with pytest.raises(VchanTimeout):
             cli.read(1, timeout=0.05)
+
+
+# ------------------------------------------------------------ on EmbeddedXen
+def test_vchan_on_embedded_xen_domains() -> None:
+    """A vchan between two EmbeddedXen domains, in one process without a service:
+    bytes both ways, and each side's close seen by the other through the unmap
+    notification (the page's live byte cleared, the port notified)."""
+    import xengrant
+
+    with xengrant.EmbeddedXen() as xen:
+        a, b = xen.create_domain(), xen.create_domain()
+        base = f"/local/domain/{a.domid}/data/vchan/emb"
+        srv = Vchan.server(a, b.domid, base, 4096, 4096)
+        cli = Vchan.client(b, a.domid, base)
+        srv.wait_connected(TIMEOUT)
+        payload = bytes(range(256)) * 64  # 16 KiB through 4 KiB rings
+        t = threading.Thread(target=lambda: cli.write(payload, timeout=TIMEOUT))
+        t.start()
+        got = bytearray()
+        while len(got) < len(payload):
+            chunk = srv.read(8192, timeout=TIMEOUT)
+            assert chunk
+            got += chunk
+        t.join(TIMEOUT)
+        assert bytes(got) == payload
+        assert srv.send(b"back", timeout=TIMEOUT) == 4
+        assert cli.recv(4, timeout=TIMEOUT) == b"back"
+        cli.close()  # its mapping's notify clears cli_live and signals the server
+        assert srv.read(1, timeout=TIMEOUT) == b"" and not srv.is_open()
+        srv.close()
+        # the other way round: the server goes, the client reads EOF
+        srv = Vchan.server(a, b.domid, base)
+        cli = Vchan.client(b, a.domid, base)
+        srv.close()
+        assert cli.read(1, timeout=TIMEOUT) == b"" and not cli.is_open()
+        cli.close()
+        assert a.grant_table.reap_deferred() == 0  # the page the client mapped is free now
+        xen.check_leaks()
+
+
+def test_embedded_unmap_notify_clears_the_byte_and_signals() -> None:
+    """EmulatedGntshr.share_page_notify / EmulatedGnttab.map_grant_ref_notify:
+    gntalloc's and gntdev's UNMAP_NOTIFY_CLEAR_BYTE and _SEND_EVENT, once."""
+    import xengrant
+
+    with xengrant.EmbeddedXen() as xen:
+        a, b = xen.create_domain(), xen.create_domain()
+        pa = a.evtchn.bind_unbound_port(b.domid)
+        pb = b.evtchn.bind_interdomain(a.domid, pa)
+        b.evtchn.wait(pb, TIMEOUT)  # the bind's own event
+        share = a.gntshr.share_page_notify(b.domid, True, 100, pa)
+        share.mem[100] = 7
+        m = b.gnttab.map_grant_ref_notify(a.domid, share.refs[0], 101, pb)
+        m.mem[101] = 9
+        assert bytes(share.mem[100:102]) == b"\x07\x09"
+        b.gnttab.unmap(m)  # the mapper goes: byte 101 cleared, a told
+        assert share.mem[101] == 0 and a.evtchn.wait(pa, TIMEOUT) == pa
+        a.gntshr.unshare(share)  # the sharer goes: b told
+        assert b.evtchn.wait(pb, TIMEOUT) == pb
+        with pytest.raises(ValueError, match="read-only"):
+            b.gnttab.map_grant_ref_notify(a.domid, 1, 0, -1, writable=False)
+        with pytest.raises(ValueError, match="outside the page"):
+            a.gntshr.share_page_notify(b.domid, True, 4096, -1)
+        a.evtchn.close()
+        b.evtchn.close()
+        xen.check_leaks()

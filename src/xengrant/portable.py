@@ -19,6 +19,7 @@ emulated :class:`~xengrant.guest.domain.Domain`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Union
@@ -91,11 +92,73 @@ class Gnttab(Protocol):
     def grant_copy(self, segments: Sequence[CopySegment]) -> list[int]: ...
 
 
+class _UnmapNotify:
+    """gntalloc's / gntdev's unmap notification on an emulated domain: clear a byte
+    of the page and/or send an event on a port of the domain's ``evtchn``, once,
+    just before the share or mapping goes (``UNMAP_NOTIFY_CLEAR_BYTE``,
+    ``UNMAP_NOTIFY_SEND_EVENT``: gntalloc's ``__del_gref``, gntdev's
+    ``unmap_grant_pages``) -- including when it is dropped unreleased."""
+
+    def __init__(self, inner: Any, domain: Domain, offset: int, port: int) -> None:
+        self.inner, self.domain, self.offset, self.port = inner, domain, offset, port
+        self.fired = False
+
+    def _fire(self, mem: memoryview) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        if self.offset >= 0:
+            with contextlib.suppress(ValueError):  # mem released already: nothing to clear
+                mem[self.offset] = 0
+        if self.port >= 0:
+            with contextlib.suppress(Exception):  # the port went first: nothing to tell
+                self.domain.evtchn.notify(self.port)  # type: ignore[attr-defined]
+
+    # ShareOwner
+    def _try_unshare(self, share: Share, release_refs: bool) -> None:
+        self._fire(share.mem)
+        self.inner._try_unshare(share, release_refs)
+
+    def _abandon_share(self, share: Share) -> None:
+        self._fire(share.mem)
+        self.inner._abandon_share(share)
+
+    # MappingOwner
+    def _unmap(self, mapping: Mapping) -> None:
+        self._fire(mapping.mem)
+        self.inner._unmap(mapping)
+
+
+def _check_notify(op: str, offset: int, port: int, domain: Domain) -> None:
+    if not -1 <= offset < 4096:
+        raise ValueError(f"{op}: notify offset {offset} is outside the page")
+    if port >= 0 and getattr(domain, "evtchn", None) is None:
+        raise ValueError(f"{op}: d{domain.domid} has no event channels to notify on")
+
+
 class EmulatedGntshr:
     """:class:`Gntshr` for an emulated domain (its grant table does the work)."""
 
     def __init__(self, domain: Domain) -> None:
         self.domain = domain
+
+    def share_page_notify(
+        self, domid: int, writable: bool = True, notify_offset: int = -1, notify_port: int = -1
+    ) -> Share:
+        """``xengntshr_share_page_notify``: one page; when it is unshared (or dropped)
+        the byte at ``notify_offset`` is cleared and/or an event sent on
+        ``notify_port`` (a port of this domain's ``evtchn``; -1: none).
+
+        Raises:
+            ValueError: an offset outside the page, or a port on a domain
+                without event channels.
+            GrantTableFull, MemoryError: see ``GrantTable.share_pages``.
+        """
+        _check_notify("share_page_notify", notify_offset, notify_port, self.domain)
+        share = self.share_pages(domid, 1, writable)
+        if notify_offset >= 0 or notify_port >= 0:
+            share._owner = _UnmapNotify(share._owner, self.domain, notify_offset, notify_port)
+        return share
 
     def share_pages(self, domid: int, count: int, writable: bool = True) -> Share:
         """Share ``count`` new zeroed pages with ``domid``.
@@ -113,6 +176,9 @@ class EmulatedGntshr:
         """
         if share.released:
             return
+        owner = share._owner
+        if isinstance(owner, _UnmapNotify):
+            owner._fire(share.mem)
         share._release_memory()
         # gntalloc's DEALLOC_GREF: end access now, or when the peer unmaps.
         self.domain.grant_table._abandon_share(share)
@@ -150,6 +216,33 @@ class EmulatedGnttab:
     def unmap(self, mapping: Mapping) -> None:
         """Unmap (same as ``mapping.unmap()``)."""
         mapping.unmap()
+
+    def map_grant_ref_notify(
+        self,
+        domid: int,
+        ref: int,
+        notify_offset: int = -1,
+        notify_port: int = -1,
+        writable: bool = True,
+    ) -> Mapping:
+        """``xengnttab_map_grant_ref_notify``: map one grant; when it is unmapped (or
+        dropped) the byte at ``notify_offset`` is cleared and/or an event sent on
+        ``notify_port`` (a port of this domain's ``evtchn``; -1: none).
+
+        Raises:
+            ValueError: an offset outside the page, a byte to clear in a
+                read-only mapping (gntdev's EINVAL), or a port on a domain
+                without event channels.
+            GrantError: the map failed.
+        """
+        _check_notify("map_grant_ref_notify", notify_offset, notify_port, self.domain)
+        if notify_offset >= 0 and not writable:
+            raise ValueError("map_grant_ref_notify: no byte to clear in a read-only mapping")
+        mapping = self.map_grant_ref(domid, ref, writable)
+        if notify_offset >= 0 or notify_port >= 0:
+            mapping._owner = _UnmapNotify(mapping._owner, self.domain, notify_offset,
+                                          notify_port)
+        return mapping
 
     def grant_copy(self, segments: Sequence[CopySegment]) -> list[int]:
         """Copy between grants and local buffers; each segment gets its status.
