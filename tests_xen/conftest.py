@@ -8,13 +8,23 @@ The cross-domain tests also need the toolstack (xl, xenstored; the harness
 starts them) and the domU boot files: ``domus`` is two PV domUs running the
 agent (domu_agent.py) for the whole session, ``make_domu`` creates more
 (destroyed at the end of the test).  They skip where those are missing.
+
+Each test's setup, call and teardown are bounded (dom0's python has no
+pytest-timeout): after ``XENGRANT_TEST_TIMEOUT`` seconds (default 300;
+``@pytest.mark.timeout(s)`` for one test) SIGALRM dumps every thread's stack
+and raises :class:`TestTimeout` in the test, which fails it and the run goes
+on.  Should the test not come back to the interpreter even then (a call that
+never returns to Python), faulthandler ends the process 60 s later with the
+stacks, and the stage fails instead of hanging until the QEMU bound.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +48,65 @@ from xengrant.linux import (  # noqa: E402
 )
 
 ON_XEN = available() and os.access("/dev/xen/gntalloc", os.R_OK | os.W_OK)
+#: seconds per phase (setup, call, teardown) of a test
+TEST_TIMEOUT = float(os.environ.get("XENGRANT_TEST_TIMEOUT", "300"))
+
+
+class TestTimeout(Exception):
+    """A test phase ran over its bound (XENGRANT_TEST_TIMEOUT or its timeout mark)."""
+
+    __test__ = False  # not a test class
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "timeout(seconds): this test's bound per phase")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    with _bounded(item, "setup"):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    with _bounded(item, "call"):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    with _bounded(item, "teardown"):
+        yield
+
+
+class _bounded:
+    """SIGALRM after the item's bound: the stacks on stderr, then TestTimeout in the test."""
+
+    def __init__(self, item: pytest.Item, phase: str) -> None:
+        mark = item.get_closest_marker("timeout")
+        self.seconds = float(mark.args[0]) if mark is not None else TEST_TIMEOUT
+        self.what = f"{item.nodeid} ({phase})"
+        self.old: Any = None
+
+    def _fire(self, signum: int, frame: Any) -> None:
+        sys.stderr.write(f"\n+++ {self.what} ran over {self.seconds:g} s; stacks:\n")
+        faulthandler.dump_traceback(all_threads=True)
+        raise TestTimeout(f"{self.what} ran over {self.seconds:g} s")
+
+    def __enter__(self) -> None:
+        if self.seconds <= 0:
+            return
+        self.old = signal.signal(signal.SIGALRM, self._fire)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        faulthandler.dump_traceback_later(self.seconds + 60.0, exit=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.seconds <= 0:
+            return
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGALRM, self.old)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -113,7 +182,12 @@ def domus(dom0_xs: LinuxXenStore, free_before: int) -> Iterator[tuple[domu.DomU,
                 procs[-1][1].wait(timeout=120)
             procs.append((name, domu.start(dom0_xs, name)))
         for name, proc in procs:
-            made.append(domu.finish(dom0_xs, name, proc))
+            try:
+                made.append(domu.finish(dom0_xs, name, proc))
+            except RuntimeError as e:  # xl create failed ("Invalid kernel" under TCG): once more
+                print(f"xl create {name} failed, once more, alone: {e}")
+                domu.xl("destroy", name, check=False)
+                made.append(domu.finish(dom0_xs, name, domu.start(dom0_xs, name)))
         print(f"domUs {made}: ready {[d.ready for d in made]}")
         yield made[0], made[1]
     finally:
@@ -147,7 +221,7 @@ def agents_clean(domus: tuple[domu.DomU, domu.DomU]) -> Iterator[tuple[domu.DomU
     for d in domus:
         state = d.call("state")
         for h in state["handles"]:  # don't let one failure cascade into the next tests
-            for op in ("unmap", "unshare", "free"):
+            for op in ("unmap", "unshare", "free", "close"):
                 try:
                     d.call(op, h=h)
                     break
