@@ -147,6 +147,38 @@ class Agent:
                                                notify_port=notify_port)
         return {"h": self.keep(m)}
 
+    def op_map_each(self, grants: list[list[int]], writable: bool = True) -> Any:
+        """Map each grant on its own (one mapping per grant), in one request: the
+        scenario runner's ``how: each``.  On a failure, the ones mapped are unmapped
+        again and the failure is the answer (as the runner does)."""
+        if len(grants) > 4096:
+            raise ValueError(f"map_each: {len(grants)} grants (at most 4096)")
+        done: list[Any] = []
+        try:
+            for d, r in grants:
+                done.append(self.backend.gnttab.map_grant_refs([(int(d), int(r))], writable))
+        except BaseException:
+            for m in done:
+                m.unmap()
+            raise
+        return {"hs": [self.keep(m) for m in done]}
+
+    def op_unmap_many(self, hs: list[int]) -> None:
+        """Unmap several mappings in one request (all are tried; the first failure raised)."""
+        first: BaseException | None = None
+        for h in hs:
+            try:
+                self.op_unmap(h)
+            except Exception as e:
+                first = first or e
+        if first is not None:
+            raise first
+
+    def op_writes_many(self, batch: list[list[Any]]) -> None:
+        """``writes`` of several handles in one request: ``[[h, items], ...]``."""
+        for h, items in batch:
+            self.op_writes(h, items)
+
     def op_unmap(self, h: int) -> None:
         self.objs[h].unmap()
         del self.objs[h]
@@ -250,6 +282,114 @@ class Agent:
 
         return subprocess.run(["/opt/xgbench", *map(str, args)], capture_output=True,
                               text=True, timeout=min(timeout, 300.0), check=True).stdout
+
+    # -------------------------------------------------------------- vchan
+    def _dom(self) -> Any:
+        """What :class:`xengrant.Vchan` needs of this domain."""
+        from types import SimpleNamespace
+
+        return SimpleNamespace(xs=self.xs, evtchn=self.ev, gntshr=self.backend.gntshr,
+                               gnttab=self.backend.gnttab, domid=self.domid)
+
+    def op_vchan_server(self, peer: int, path: str, left_min: int, right_min: int) -> int:
+        """``Vchan.server`` here (libxenvchan_server_init's nodes at ``path``); its handle."""
+        from xengrant import Vchan
+
+        return self.keep(Vchan.server(self._dom(), peer, path, left_min, right_min))
+
+    def op_vchan_client(self, peer: int, path: str) -> int:
+        """``Vchan.client`` of ``peer``'s vchan at ``path``; its handle."""
+        from xengrant import Vchan
+
+        return self.keep(Vchan.client(self._dom(), peer, path))
+
+    def op_vchan_send(self, h: int, total: int, seed: int, timeout: float = 120.0) -> Any:
+        """Write ``total`` random bytes (random.Random(seed), chunks of 1..65536); CRC-32.
+
+        Returns ``{"bytes", "crc", "error"}``: ``error`` is the exception's name when the
+        peer closed first (BrokenPipeError), with the bytes written until then.
+        """
+        import random
+
+        v, rng = self.objs[h], random.Random(seed)
+        deadline = time.monotonic() + min(timeout, 600.0)
+        crc = sent = 0
+        try:
+            while sent < total:
+                chunk = rng.randbytes(min(total - sent, rng.randint(1, 65536)))
+                v.write(chunk, timeout=max(deadline - time.monotonic(), 0.001))
+                crc = zlib.crc32(chunk, crc)
+                sent += len(chunk)
+        except (BrokenPipeError, TimeoutError) as e:
+            return {"bytes": sent, "crc": f"{crc:08x}", "error": type(e).__name__}
+        return {"bytes": sent, "crc": f"{crc:08x}", "error": None}
+
+    def op_vchan_recv(self, h: int, total: int, timeout: float = 120.0) -> Any:
+        """Read until ``total`` bytes came or the peer closed; ``{"bytes", "crc", "open"}``."""
+        v = self.objs[h]
+        deadline = time.monotonic() + min(timeout, 600.0)
+        crc = got = 0
+        while got < total:
+            data = v.read(min(1 << 20, total - got),
+                          timeout=max(deadline - time.monotonic(), 0.001))
+            if not data:
+                break
+            crc = zlib.crc32(data, crc)
+            got += len(data)
+        return {"bytes": got, "crc": f"{crc:08x}", "open": v.is_open()}
+
+    def op_close(self, h: int) -> None:
+        """Close a vchan, or end a C peer (killed if still running)."""
+        obj = self.objs.pop(h)
+        if hasattr(obj, "kill"):
+            if obj.poll() is None:
+                obj.kill()
+            obj.communicate(timeout=30)
+        else:
+            obj.close()
+
+    def op_vchan_c_peer(self, args: list[Any], ready: bool = False,
+                        timeout: float = 60.0) -> int:
+        """Start the C libxenvchan peer (tests_xen/vchan_c_peer.c, /opt/vchan_c_peer) here.
+
+        With ``ready``, wait (bounded) for the server's ``ready`` line.  Its handle.
+        """
+        import select
+        import subprocess
+
+        p = subprocess.Popen(["/opt/vchan_c_peer", *map(str, args)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        h = self.keep(p)
+        if ready:
+            assert p.stdout is not None
+            r, _, _ = select.select([p.stdout], [], [], min(timeout, 120.0))
+            line = p.stdout.readline().strip() if r else ""
+            if line != "ready":
+                self.op_close(h)
+                raise TimeoutError(f"vchan_c_peer {args}: no ready line ({line!r})")
+        return h
+
+    def op_c_peer_finish(self, h: int, timeout: float = 120.0) -> Any:
+        """Wait (bounded) for the C peer; ``{"rc", "out", "err"}``."""
+        p = self.objs.pop(h)
+        try:
+            out, err = p.communicate(timeout=min(timeout, 600.0))
+        except BaseException:
+            p.kill()
+            p.communicate()
+            raise
+        return {"rc": p.returncode, "out": out, "err": err[-2000:]}
+
+    # ------------------------------------------------------ the examples
+    def op_split_frontend(self, backend: int, texts: list[str], devid: int = 0) -> list[str]:
+        """examples/split_driver's frontend, unchanged, on this domain (/opt/split_driver):
+        connects device ``devid`` to ``backend``, sends ``texts``; the answers."""
+        if "/opt/split_driver" not in sys.path:
+            sys.path.insert(0, "/opt/split_driver")
+        from frontend import run_frontend
+
+        answers = run_frontend(self._dom(), backend, [t.encode() for t in texts], devid)
+        return [a.decode() for a in answers]
 
     # -------------------------------------------------------------- pgdir
     def op_pgdir_fe(self, backend: int, pages: int, be_alloc: bool = False) -> Any:

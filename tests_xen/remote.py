@@ -152,21 +152,69 @@ class RemoteGnttab:
         return list(r["statuses"])
 
 
+def sync_all(memories: Sequence[Any]) -> None:
+    """Send every remote buffer's pending writes (one request per domU), forget the copies."""
+    by_domu: dict[int, tuple[DomU, list[list[Any]]]] = {}
+    for m in memories:
+        if isinstance(m, RemoteMem):
+            if m.pending:
+                by_domu.setdefault(id(m.d), (m.d, []))[1].append([m.h, m.pending])
+                m.pending = []
+            m.cache = None
+        else:
+            m.sync()
+    for d, batch in by_domu.values():
+        d.call("writes_many", batch=batch)
+
+
 def cross_runner(scenario: dict[str, Any], side: runner.Side, mems: Any) -> runner.Runner:
-    """A :class:`runner.Runner` that syncs every remote buffer (``mems()``) after each step."""
+    """A :class:`runner.Runner` that syncs every remote buffer (``mems()``) after each step.
+
+    A domU's ``how: each`` map (one mapping per grant) and its unmap are one agent
+    request each (``map_each``, ``unmap_many``), and the writes pending on all the
+    buffers of a domU go in one (``writes_many``): share_map_1024's one-by-one half
+    is three requests instead of ~3000 xenstore round trips.
+    """
 
     class CrossRunner(runner.Runner):
-        pass
+        def op_map(self, step: dict[str, Any], rec: dict[str, Any]) -> None:
+            tab = self.side.gnttab
+            if step.get("how") != "each" or not isinstance(tab, RemoteGnttab):
+                super().op_map(step, rec)
+                return
+            items = [self._grant(g) for g in self._grants(step["grants"])]
+            writable = step.get("writable", True)
+            r = tab.d.call("map_each", grants=[[d, ref] for (d, ref), _ in items],
+                           writable=writable)
+            maps = [RemoteMapping(tab, h, 1, writable) for h in r["hs"]]
+            for m in maps:
+                tab.live[m.h] = m
+            self.st.maps[step["as"]] = runner._Each(maps)
+            self.st.behind[step["as"]] = [b for _, b in items]
+            rec["pages"] = len(items)
 
-    for name in [n for n in dir(runner.Runner) if n.startswith("op_")]:
-        base = getattr(runner.Runner, name)
+        def op_unmap(self, step: dict[str, Any], rec: dict[str, Any]) -> None:
+            m = self.st.maps[step["m"]]
+            parts = getattr(m, "maps", None)
+            if not parts or not all(isinstance(x, RemoteMapping) for x in parts):
+                super().op_unmap(step, rec)
+                return
+            self.st.maps.pop(step["m"])
+            self.st.behind.pop(step["m"])
+            sync_all([x.mem for x in parts])
+            tab = parts[0].tab
+            for x in parts:
+                tab.live.pop(x.h, None)
+            tab.d.call("unmap_many", hs=[x.h for x in parts])
+
+    for name in [n for n in dir(CrossRunner) if n.startswith("op_")]:
+        base = getattr(CrossRunner, name)
 
         def op(self: runner.Runner, step: Any, rec: Any, _base: Any = base) -> None:
             try:
                 _base(self, step, rec)
             finally:
-                for m in mems():
-                    m.sync()
+                sync_all(mems())
 
         setattr(CrossRunner, name, op)
     return CrossRunner(scenario, side)

@@ -25,6 +25,10 @@ ${CC:-cc} -O2 -std=c11 -fPIC -shared -Wall -Wno-missing-field-initializers -I"$I
 cp -r "$R/tests_xen" "$O/tests_xen"
 # the portable suites tests_xen/test_portable_xen.py runs on real Xen (not collected on their own)
 mkdir -p "$O/portable" && cp "$R"/tests/test_portable_evtchn.py "$R"/tests/test_portable_xenstore.py "$O/portable/"
+# the examples that run on real Xen (tests_xen/test_examples_xen.py): real_xen.py in dom0, the
+# split driver's backend in dom0 and its frontend in a domU
+mkdir -p "$O/examples/split_driver" && cp "$R/examples/real_xen.py" "$O/examples/" \
+  && cp "$R"/examples/split_driver/*.py "$O/examples/split_driver/"
 mkdir -p "$O/scenarios" && cp "$R"/tests/scenarios/*.py "$R"/tests/scenarios/*.json "$O/scenarios/" 2>/dev/null || true
 mkdir -p "$O/benchmarks" && cp "$R/benchmarks/bench_xen.py" "$R/benchmarks/bench_xen_domu.py" "$O/benchmarks/"
 # the C baseline of the cross-domain benchmark: static, so neither dom0 nor the domU needs the libs
@@ -37,4 +41,5 @@ mkdir -p "$O/tests_xen/bin" && ${CC:-cc} -O2 -static -Wall -o "$O/tests_xen/bin/
   "$R/tests_xen/vchan_c_peer.c" -lxenvchan -lxenstore -lxengnttab -lxenevtchn -lxentoolcore \
   -lxentoollog -lpthread 2>&1 | grep -v 'statically linked' >&2 || true
 # the PV domUs' kernel and initramfs (python3.11 + xengrant + the agent), for tests_xen/domu.py
-"$H/build-domu.sh" "$O/domu" "$O/xengrant" "$R/tests_xen/domu_agent.py" "$O/benchmarks/xgbench"
+"$H/build-domu.sh" "$O/domu" "$O/xengrant" "$R/tests_xen/domu_agent.py" "$O/benchmarks/xgbench" \
+  "$O/tests_xen/bin/vchan_c_peer" "$O/examples/split_driver"
