@@ -8,6 +8,7 @@ connection is closed)."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import socket
@@ -332,3 +333,32 @@ def test_held_signals_let_the_caller_finish_first(
         assert len(held) == 1
     t.join(30)
     assert finished == [b"\0\0\0\0pong"]
+
+
+def test_a_dead_connection_is_logged_once(
+        fake: tuple[Channel, socket.socket], caplog: pytest.LogCaptureFixture) -> None:
+    """The client says why its connection died, once, at WARNING on
+    ``xengrant.service.client``; its own close is only DEBUG."""
+    ch, _srv = fake
+    ch.timeout = 0
+    with caplog.at_level(logging.DEBUG, logger="xengrant.service.client"):
+        for _ in range(3):
+            with pytest.raises(ServiceError):
+                ch.request(p.MSG_PING)
+        ch.close()
+    got = [(r.levelno, r.getMessage()) for r in caplog.records
+           if r.name == "xengrant.service.client"]
+    assert len(got) == 1
+    level, text = got[0]
+    assert level == logging.WARNING
+    assert f"errno {errno.ETIMEDOUT}" in text and "its domain goes" in text
+
+
+def test_closing_a_connection_logs_at_debug(
+        fake: tuple[Channel, socket.socket], caplog: pytest.LogCaptureFixture) -> None:
+    ch, _srv = fake
+    with caplog.at_level(logging.DEBUG, logger="xengrant.service.client"):
+        ch.close()
+    got = [(r.levelno, r.getMessage()) for r in caplog.records
+           if r.name == "xengrant.service.client"]
+    assert got == [(logging.DEBUG, f"service connection closed (fd {ch._fileno})")]

@@ -34,6 +34,7 @@ import array
 import asyncio
 import contextlib
 import errno
+import logging
 import math
 import os
 import select
@@ -62,6 +63,9 @@ _GATHER = 1 << 14
 #: only the main thread runs signal handlers
 _MAIN_IDENT = threading.main_thread().ident
 _T = TypeVar("_T")
+
+#: the client side of the service's connections: why one died (WARNING), closes (DEBUG)
+logger = logging.getLogger("xengrant.service.client")
 
 class Channel(RingFront):
     """One connection to the service.
@@ -598,11 +602,18 @@ class Channel(RingFront):
         """The connection is dead: every call fails with ``err``; the socket is shut
         (the service destroys the domain).  Returns ``err``, for the caller to raise."""
         with self._mu:
+            first = self.calls.error is None
             self.calls.fail(err)
             self._sock_posted.clear()
             self._wake()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+        if first:  # once per connection: it dies once
+            if self.closed:
+                logger.debug("service connection closed (fd %d)", self._fileno)
+            else:
+                logger.warning("service connection failed: %s (errno %s); its domain goes",
+                               err.strerror or err, err.errno)
         return self.calls.error or err
 
     def take_fds(self) -> list[int]:
