@@ -75,13 +75,11 @@ def py_ping(ev: EventChannels, d: domu.DomU, n: int) -> float:
     t = threading.Thread(target=lambda: box.update(r=d.call("evpong", remote=0, port=port,
                                                               count=n, timeout=120.0)))
     t.start()
-    if not ev.wait_for(port, 60.0):  # the go event
-        raise TimeoutError("the domU never bound the port")
+    ev.wait_for(port, 60.0)  # the go event (TimeoutError: the domU never bound the port)
     start = time.perf_counter()
     for _ in range(n):
         ev.notify(port)
-        if not ev.wait_for(port, 10.0):
-            raise TimeoutError("no pong in 10 s")
+        ev.wait_for(port, 10.0)  # TimeoutError: no pong in 10 s
     us = (time.perf_counter() - start) / n * 1e6
     t.join(60)
     ev.unbind(port)

@@ -212,7 +212,7 @@ def test_unmap_notify_from_mapper(env: Env) -> None:
     assert share.mem[P + 7] == 0x55
     m.unmap()
     assert share.mem[P + 7] == 0
-    assert env.ev.wait_for(a, timeout=1.0)
+    env.ev.wait_for(a, timeout=1.0)
     share.unshare()
     env.assert_clean()
 
@@ -224,9 +224,17 @@ def test_unmap_notify_from_sharer(env: Env) -> None:
     m.mem[9] = 1
     share.unshare()  # the sharer goes: the peer's byte is cleared and it is signalled
     assert m.mem[9] == 0
-    assert env.ev.wait_for(b, timeout=1.0)
+    env.ev.wait_for(b, timeout=1.0)
     m.unmap()
     env.assert_clean()
+
+
+def test_evtchn_wait_for_raises_timeout_error(env: Env) -> None:
+    """No event on the port: TimeoutError, the one way a blocking call times out."""
+    a, _b = env.ev.loopback()
+    env.ev.drain()
+    with pytest.raises(TimeoutError, match=f"no event on port {a}"):
+        env.ev.wait_for(a, timeout=0.0)
 
 
 def test_notify_on_readonly_mapping_refused(env: Env) -> None:

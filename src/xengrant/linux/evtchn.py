@@ -188,19 +188,24 @@ class EventChannels(_EvtchnDevice):
                 return out
             out += got
 
-    def wait_for(self, port: int, timeout: float = 5.0) -> bool:
+    def wait_for(self, port: int, timeout: float = 5.0) -> None:
         """Wait until ``port`` has an event (other ports read meanwhile are dropped).
 
-        Returns:
-            True if it came within ``timeout`` seconds.
+        Args:
+            port: the local port.
+            timeout: seconds.
+
+        Raises:
+            TimeoutError: no event on ``port`` within ``timeout`` seconds (the one
+                way every blocking call of the package says so).
         """
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                return False
+                raise TimeoutError(f"evtchn wait_for: no event on port {port} in {timeout} s")
             if port in self.pending(left):
-                return True
+                return
 
 
 class LinuxEvtchn(_EvtchnDevice):
