@@ -273,8 +273,8 @@ class Agent:
         try:
             self.ev.drain()  # Xen marks a new interdomain port pending
             self.ev.notify(p)
-            for i in range(count):
-                self.ev.wait_for(p, min(timeout, 30.0))  # TimeoutError: no event i of count
+            for _ in range(count):
+                self.ev.wait_for(p, min(timeout, 30.0))  # TimeoutError: an event missing
                 self.ev.notify(p)
         finally:
             self.ev.unbind(p)
