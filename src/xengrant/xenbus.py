@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from .errors import XenStoreError
+from .xenstore.client import wait_until
 from .xsapi import HasTransactions, Transaction, run_transaction
 
 
@@ -147,23 +148,14 @@ def wait_state(xs: XenStore, dev: str, states: Sequence[int], timeout: float | N
     Raises:
         TimeoutError: ``timeout`` passed first.
     """
-    token = f"state-{dev}-{time.monotonic_ns()}"
-    deadline = None if timeout is None else time.monotonic() + timeout
-    xs.watch(f"{dev}/state", token)
-    try:
-        while True:
-            state = read_state(xs, dev)
-            if state in states:
-                return state
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"{dev}/state is {STATE_NAMES.get(state, state)}")
-            with contextlib.suppress(TimeoutError):  # the deadline above says so
-                xs.read_watch_token(token, remaining)
-    finally:
-        with contextlib.suppress(OSError):
-            xs.unwatch(f"{dev}/state", token)
-        xs.drop_watch_events(token)
+    last = [XenbusStateUnknown]
+
+    def check() -> int | None:
+        state = last[0] = read_state(xs, dev)
+        return state if state in states else None
+
+    return wait_until(xs, f"{dev}/state", check, timeout,
+                      lambda: f"{dev}/state is {STATE_NAMES.get(last[0], last[0])}")
 
 
 async def wait_state_async(
