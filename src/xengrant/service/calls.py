@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Optional, Union
 
+from ..xenstore.client import ClientCodec
 from . import protocol as p
 from .errors import ServiceError
 
@@ -85,20 +86,31 @@ class Calls:
         waiting: seq -> :class:`Call`, the requests waited for.
         posted: seq -> :data:`Posted`, the posted requests not answered yet.
         events: event-channel ports that fired, oldest first.
-        watch_events: ``(path, token)`` of xenstore watches that fired.
+        xs: the connection's xenstore client codec
+            (:class:`~xengrant.xenstore.client.ClientCodec`, shared by every
+            xenstore client here): its request ids, and the watch events that
+            came, queued by its rule (at most ``max_watch_events``, the oldest
+            dropped past it; a malformed one dropped).
         deferred: failures posted requests reported, not raised yet.
         error: the connection's failure, once it failed (then nothing more is taken).
     """
 
-    def __init__(self, max_payload: int = 8 * p.MAX_PAYLOAD) -> None:
+    def __init__(
+        self, max_payload: int = 8 * p.MAX_PAYLOAD, max_watch_events: int = 65536
+    ) -> None:
         self.decoder = p.Decoder(max_payload=max_payload)
         self.waiting: dict[int, Call] = {}
         self.posted: dict[int, Posted] = {}
         self.events: deque[int] = deque()
-        self.watch_events: deque[tuple[str, str]] = deque()
+        self.xs = ClientCodec(max_watch_events)
         self.deferred: deque[BaseException] = deque()
         self.error: ServiceError | None = None
         self._seq = itertools.count(1)
+
+    @property
+    def watch_events(self) -> deque[tuple[str, str]]:
+        """``(path, token)`` of xenstore watches that fired, oldest first (:attr:`xs`'s queue)."""
+        return self.xs.watch_events
 
     # ------------------------------------------------------------ sending
     def next_seq(self) -> int:
@@ -169,10 +181,8 @@ class Calls:
         elif fr.flags & p.F_ASYNC and pl is not None:
             if fr.type == p.MSG_EVENT and len(pl) == 4:
                 self.events.append(p.U32.unpack(pl)[0])
-            elif fr.type == p.MSG_WATCH_EVENT:
-                parts = p.split_strings(pl)
-                if len(parts) >= 2:
-                    self.watch_events.append((parts[0].decode(), parts[1].decode()))
+            elif fr.type == p.MSG_WATCH_EVENT:  # the XS_WATCH_EVENT payload
+                self.xs.queue_event(pl)
 
     def run(self, done: OnReply, payload: bytes) -> None:
         """Run a posted request's ``on_reply``; keep the failure it reports."""

@@ -515,8 +515,20 @@ class Channel(RingFront):
             return reply
 
     def wait_for(self, queue: deque[Any], match: Any, timeout: float | None) -> Any:
-        """Take the first item of ``queue`` (:attr:`events`, :attr:`watch_events`)
-        equal to ``match`` (None: any).
+        """Take the first item of ``queue`` (:attr:`events`) equal to ``match`` (None: any).
+
+        Returns:
+            The item, or None when ``timeout`` passes first.
+
+        Raises:
+            ServiceError: the connection failed.
+        """
+        return self.wait_take(lambda: _take(queue, match), timeout)
+
+    def wait_take(self, take: Callable[[], _T | None], timeout: float | None) -> _T | None:
+        """Read until ``take()`` (called holding the channel's lock, after each
+        read) returns an item: the xenstore client takes its watch events from
+        its codec this way.
 
         Returns:
             The item, or None when ``timeout`` passes first.
@@ -525,27 +537,33 @@ class Channel(RingFront):
             ServiceError: the connection failed.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._await(lambda: self._take(queue, match), deadline, 0.0)
+        got: _T | None = self._await(lambda: self._take(take), deadline, 0.0)
+        return got
 
-    def _take(self, queue: deque[Any], match: Any) -> Any:
-        """The first item of ``queue`` equal to ``match`` (caller holds ``_mu``); None if
-        there is none yet.
+    def _take(self, take: Callable[[], _T | None]) -> _T | None:
+        """``take()`` (caller holds ``_mu``); None if there is nothing yet.
 
         Raises:
-            ServiceError: none, and none can come: the connection failed.
+            ServiceError: nothing, and nothing can come: the connection failed.
         """
-        item = _take(queue, match)
+        item = take()
         if item is None and self.calls.error is not None:
             raise self.calls.error
         return item
 
     async def wait_for_async(self, queue: deque[Any], match: Any, timeout: float | None) -> Any:
         """asyncio twin of :meth:`wait_for`: the loop reads when no thread does."""
+        return await self.wait_take_async(lambda: _take(queue, match), timeout)
+
+    async def wait_take_async(
+        self, take: Callable[[], _T | None], timeout: float | None
+    ) -> _T | None:
+        """asyncio twin of :meth:`wait_take`: the loop reads when no thread does."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             with self._mu:
-                item = self._take(queue, match)
+                item = self._take(take)
                 if item is not None:
                     return item
                 fut: asyncio.Future[None] = loop.create_future()
@@ -560,8 +578,7 @@ class Channel(RingFront):
                 await asyncio.wait_for(fut, remaining)
             except asyncio.TimeoutError:
                 with self._mu:
-                    item = _take(queue, match)
-                return item
+                    return take()
 
     def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._mu:

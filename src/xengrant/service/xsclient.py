@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -45,17 +44,20 @@ class XenStoreClient(ServiceCallClient):
     payload, packed by :class:`~xengrant.xenstore.client.ClientCodec`) in a
     ``MSG_XS_WIRE`` request; the reply is xenstored's reply message, byte
     for byte.  Watch events come as the XS_WATCH_EVENT payload in async
-    ``MSG_WATCH_EVENT`` frames.  Paths without a leading ``/`` are relative
-    to the domain's home, ``/local/domain/<domid>``.  Errors raise
-    :class:`XenStoreError` with xenstored's errno.
+    ``MSG_WATCH_EVENT`` frames, which the connection's reader hands to the
+    same codec (``channel.calls.xs``), so they are queued, taken by token
+    and dropped by the one rule every xenstore client here follows.  Paths
+    without a leading ``/`` are relative to the domain's home,
+    ``/local/domain/<domid>``.  Errors raise :class:`XenStoreError` with
+    xenstored's errno.
     """
 
     error = XenStoreError
 
     def __init__(self, channel: Channel, domid: int) -> None:
         super().__init__(channel, domid)
-        self._codec = ClientCodec()
-        self._codec_mu = threading.Lock()
+        #: the connection's codec: request ids here, watch events from its reader
+        self.codec: ClientCodec = channel.calls.xs
 
     def call(self, mtype: int, payload: bytes, tx: int = 0) -> bytes:
         """One xs_wire request (``XS_*`` type, payload, transaction id) -> the reply's payload.
@@ -65,9 +67,9 @@ class XenStoreClient(ServiceCallClient):
                 for a reply that is not one message answering this request.
             ServiceError: the connection is gone.
         """
-        with self._codec_mu:
-            req_id, data = self._codec.request(mtype, payload, tx)
-            self._codec.forget(req_id)  # replies are matched here, not queued there
+        with self.channel._mu:
+            req_id, data = self.codec.request(mtype, payload, tx)
+            self.codec.forget(req_id)  # replies are matched here, not queued there
         name = f"XS_{XS_NAMES.get(mtype, mtype)}"
         body = self._call(p.MSG_XS_WIRE, data)
         try:
@@ -126,17 +128,14 @@ class XenStoreClient(ServiceCallClient):
 
         Raises:
             TimeoutError: none came within ``timeout`` seconds (None: wait forever).
+            ServiceError: the connection is gone.
         """
-        item: tuple[str, str] | None = self.channel.wait_for(
-            self.channel.watch_events, None, timeout
-        )
+        item = self.channel.wait_take(self.codec.take_event, timeout)
         return or_timeout(item, "read_watch: no watch event", timeout)
 
     async def read_watch_async(self, timeout: float | None = None) -> tuple[str, str]:
         """asyncio twin of :meth:`read_watch`."""
-        item: tuple[str, str] | None = await self.channel.wait_for_async(
-            self.channel.watch_events, None, timeout
-        )
+        item = await self.channel.wait_take_async(self.codec.take_event, timeout)
         return or_timeout(item, "read_watch_async: no watch event", timeout)
 
     def read_watch_token(self, token: str, timeout: float | None = None) -> tuple[str, str]:
@@ -144,17 +143,22 @@ class XenStoreClient(ServiceCallClient):
 
         Raises:
             TimeoutError: none came within ``timeout`` seconds.
+            ServiceError: the connection is gone.
         """
-        item: tuple[str, str] | None = self.channel.wait_for(
-            self.channel.watch_events, _TokenMatch(token), timeout
-        )
+        item = self.channel.wait_take(lambda: self.codec.take_event(token), timeout)
         return or_timeout(item, f"read_watch_token: no event of watch {token!r}", timeout)
+
+    async def read_watch_token_async(
+        self, token: str, timeout: float | None = None
+    ) -> tuple[str, str]:
+        """asyncio twin of :meth:`read_watch_token`."""
+        item = await self.channel.wait_take_async(lambda: self.codec.take_event(token), timeout)
+        return or_timeout(item, f"read_watch_token_async: no event of watch {token!r}", timeout)
 
     def drop_watch_events(self, token: str) -> None:
         """Forget queued events of the watch set with ``token``."""
         with self.channel._mu:
-            for item in [e for e in self.channel.watch_events if e[1] == token]:
-                self.channel.watch_events.remove(item)
+            self.codec.drop_events(token)
 
     def transaction(self) -> WireTransaction:
         """``xs_transaction_start`` (``XS_TRANSACTION_START``): a transaction
@@ -235,15 +239,3 @@ class XenStoreWatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _TokenMatch:
-    """Compares equal to any watch event with this token."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, tuple) and len(other) == 2 and other[1] == self.token
-
-    __hash__ = None  # type: ignore[assignment]

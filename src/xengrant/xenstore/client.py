@@ -73,13 +73,20 @@ class ClientCodec:
             # else: the late reply to a request given up
 
     def queue_event(self, payload: bytes) -> None:
-        """Queue an XS_WATCH_EVENT payload (path NUL token NUL); a malformed one is dropped."""
+        """Queue an XS_WATCH_EVENT payload (path NUL token NUL); a malformed one is dropped.
+
+        As Linux's ``xs_watch_msg``: the payload must hold exactly two
+        strings (``count_strings(body, len) != 2`` is dropped, EINVAL), which
+        is what xenstored's ``send_event`` sends.  Bytes that are not UTF-8
+        (a token is whatever XS_WATCH carried) are replaced, not raised.
+        """
+        if payload.count(b"\0") != 2:
+            return
         parts = payload.split(b"\0")
-        if len(parts) >= 2:
-            self.watch_events.append(
-                (parts[w.XS_WATCH_PATH].decode(errors="replace"),
-                 parts[w.XS_WATCH_TOKEN].decode(errors="replace"))
-            )
+        self.watch_events.append(
+            (parts[w.XS_WATCH_PATH].decode(errors="replace"),
+             parts[w.XS_WATCH_TOKEN].decode(errors="replace"))
+        )
 
     def reply(self, req_id: int) -> w.Message | None:
         """The reply to ``req_id`` once it came (taken), else None."""
