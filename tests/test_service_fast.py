@@ -7,7 +7,7 @@ ended.  The same byte stream -- one-op map and unmap requests (good and bad
 refs, domids, flags, gfns and handles; posted or not), two-op maps, pings,
 malformed GNTTAB_OP messages, unmap notifies set on handles -- cut at the same
 random places, is fed to both connections' ``_on_data``, with
-:data:`server.SERVE_FASTPATH` on for one and off for the other.  The bytes each
+:data:`server.dispatch.SERVE_FASTPATH` on for one and off for the other.  The bytes each
 service sends back after each cut, and the whole hypervisor state (machine
 memory, refcounts, owners, every domain's p2m, active entries, maptrack and
 free-handle order), must agree.
@@ -31,8 +31,7 @@ from grant_helpers import hv_state
 from xengrant import _cext, abi
 from xengrant.emu import gnttab_map
 from xengrant.service import protocol as p
-from xengrant.service import server
-from xengrant.service.server import Connection, Server
+from xengrant.service.server import Connection, Server, dispatch
 
 MAP_OP = struct.Struct("<QIIHhIQ")
 UNMAP_OP = struct.Struct("<QQIh2x")
@@ -82,8 +81,8 @@ class World:
 
     def push(self, chunk: bytes) -> None:
         """``_on_data`` of ``chunk`` (the C path on or off, as this world's)."""
-        old, old_map = server.SERVE_FASTPATH, gnttab_map.FASTPATH
-        server.SERVE_FASTPATH = self.fast
+        old, old_map = dispatch.SERVE_FASTPATH, gnttab_map.FASTPATH
+        dispatch.SERVE_FASTPATH = self.fast
         # the service's C serving needs the map fast path (off under XENGRANT_FASTPATH=0)
         gnttab_map.FASTPATH = old_map or self.fast
         try:
@@ -91,7 +90,7 @@ class World:
             with self.srv.lock:
                 self.srv._on_data(self.conn, self.buf, len(chunk))
         finally:
-            server.SERVE_FASTPATH, gnttab_map.FASTPATH = old, old_map
+            dispatch.SERVE_FASTPATH, gnttab_map.FASTPATH = old, old_map
 
     def feed(self, chunk: bytes) -> bytes:
         """``_on_data`` of ``chunk``; the bytes the service sent back."""
@@ -293,7 +292,7 @@ def test_fast_path_replies_and_state_match_python(script: list[Any]) -> None:
 
 
 class _CountingCext:
-    """``server._cext`` with serve_gnttab counting the messages it took."""
+    """``dispatch._cext`` with serve_gnttab counting the messages it took."""
 
     def __init__(self) -> None:
         self.taken = 0
@@ -320,7 +319,7 @@ def test_fast_path_answers_a_map_and_a_posted_unmap(monkeypatch: pytest.MonkeyPa
     """The hot pair (a posted unmap, then a map) is answered in C, in order, in one send,
     with the bytes the Python path sends."""
     counting = _CountingCext()
-    monkeypatch.setattr(server, "_cext", counting)
+    monkeypatch.setattr(dispatch, "_cext", counting)
     with _worlds() as (fast, slow):
         ref = fast.refs[0]
         granter = fast.granter.domid
@@ -390,7 +389,7 @@ def test_fast_path_send_that_does_not_fit_is_queued_in_order(
     before later replies once there is room: the client reads the same bytes, in the
     same order, as from the Python path."""
     counting = _CountingCext()
-    monkeypatch.setattr(server, "_cext", counting)
+    monkeypatch.setattr(dispatch, "_cext", counting)
     with _worlds() as (fast, slow):
         streams = []
         for w in (fast, slow):
