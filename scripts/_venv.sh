@@ -25,7 +25,7 @@ fi
 extras=${1:-}
 stamp=$VENV/.xengrant-installed${extras:+-$extras}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-   || [ -n "$(find src/xengrant -maxdepth 1 -name '*.c' -newer "$stamp" 2>/dev/null)" ]; then
+   || [ -n "$(find src/xengrant -maxdepth 1 \( -name '*.c' -o -name '*.h' \) -newer "$stamp" 2>/dev/null)" ]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
   touch "$stamp"

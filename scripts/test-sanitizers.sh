@@ -26,7 +26,7 @@ inc=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["includ
 suffix=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 "$CC" -shared -fPIC -O1 -g -std=c11 -fno-omit-frame-pointer \
   -fsanitize=address,undefined -fno-sanitize-recover=undefined \
-  -I"$inc" src/xengrant/_cext.c -o "$tmp/xengrant/_cext$suffix"
+  -I"$inc" src/xengrant/*.c -o "$tmp/xengrant/_cext$suffix"
 # The sanitized copy comes first on sys.path; check that it is the one imported.
 got=$(PYTHONPATH="$tmp" LD_PRELOAD="$asan:$ubsan" ASAN_OPTIONS=detect_leaks=0 \
   .venv/bin/python -c 'import xengrant._cext as c; print(c.__file__)')

@@ -622,23 +622,24 @@ def test_table_ops_succeeding_return_0_and_log_nothing(xen: Xen, make_domain: Ma
 
 
 def test_p2m_types_match_the_c_runs() -> None:
-    """_cext.c hard-codes the p2m type numbers it writes and checks (XG_P2M_*)."""
+    """_cext.h hard-codes the p2m type numbers the C runs write and check (XG_P2M_*)."""
     import re
     from pathlib import Path
 
     from xengrant.emu import domain
 
-    here = [Path(xengrant.__file__).parent / "_cext.c",
-            Path(__file__).resolve().parent.parent / "src" / "xengrant" / "_cext.c"]
+    here = [Path(xengrant.__file__).parent / "_cext.h",
+            Path(__file__).resolve().parent.parent / "src" / "xengrant" / "_cext.h"]
     found = [c for c in here if c.exists()]
     if not found:  # an installed wheel ships no C sources, and the sdist's test run drops src/
-        pytest.skip("_cext.c is not here: the package was installed without its C source")
-    src = found[0].read_text()
-    defines = dict(re.findall(r"#define XG_(P2M_\w+) (\d+)\n", src))
+        pytest.skip("_cext.h is not here: the package was installed without its C source")
+    src = "".join(c.read_text() for c in sorted(found[0].parent.glob("*.[ch]")))
+    defines = re.findall(r"#define XG_(P2M_\w+) (\d+)\n", src)
+    assert len(defines) == len(dict(defines)), "one definition of each, in one place"
     names = ["P2M_RAM_RW", "P2M_GRANT_MAP_RW", "P2M_GRANT_MAP_RO"]
     names += ["P2M_GNTTAB_SHARED", "P2M_GNTTAB_STATUS"]
     for name in names:
-        assert getattr(domain, name) == int(defines[name]), name
+        assert getattr(domain, name) == int(dict(defines)[name]), name
     assert len({getattr(domain, name) for name in names}) == 5
 
 

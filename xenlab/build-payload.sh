@@ -21,7 +21,7 @@ done
 EXTRA=
 [ -d /usr/include/x86_64-linux-gnu/python3.11 ] && EXTRA=-I/usr/include/x86_64-linux-gnu/python3.11
 ${CC:-cc} -O2 -std=c11 -fPIC -shared -Wall -Wno-missing-field-initializers -I"$INC" $EXTRA \
-  "$R/src/xengrant/_cext.c" -o "$O/xengrant/_cext.cpython-311-x86_64-linux-gnu.so"
+  "$R"/src/xengrant/*.c -o "$O/xengrant/_cext.cpython-311-x86_64-linux-gnu.so"
 cp -r "$R/tests_xen" "$O/tests_xen"
 # the portable suites tests_xen/test_portable_xen.py runs on real Xen (not collected on their own)
 mkdir -p "$O/portable" && cp "$R"/tests/test_portable_evtchn.py "$R"/tests/test_portable_xenstore.py "$O/portable/"
