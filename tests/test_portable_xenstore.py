@@ -215,6 +215,69 @@ def test_wait_for_value_helper(xs_pair: XsPair) -> None:
     p.a.rm("data/ready")
 
 
+def test_wait_until_async_lets_the_loop_run_while_it_waits(xs_pair: XsPair) -> None:
+    """The asyncio twin of wait_until: dom0's write comes from another task of
+    the same loop while it waits (a wait that blocked the loop would never see
+    it and time out); the watch goes at the end, and its queued events too."""
+    from xengrant.xenstore.client import wait_for_value_async, wait_until_async
+
+    p = xs_pair
+    node = f"/local/domain/{p.a_dom}/data/async-ready"
+    seen: list[bytes | None] = []
+
+    def check() -> bytes | None:
+        try:
+            value = p.a.read(node)
+        except XenStoreError:
+            value = None
+        seen.append(value)
+        return value if value == b"go" else None
+
+    async def main() -> bytes:
+        waiter = asyncio.ensure_future(wait_until_async(p.a, node, check, TIMEOUT))
+        while not seen:  # it checked once: it watches (an ordering, not a timing)
+            await asyncio.sleep(0)
+        p.dom0.write(node, "not yet")
+        p.dom0.write(node, "go")
+        return await waiter
+
+    assert asyncio.run(main()) == b"go"
+    assert seen[0] is None and seen[-1] == b"go" and len(seen) >= 2
+    p.dom0.write(node, "later")  # unwatched: nothing is queued for it
+    with pytest.raises(TimeoutError):
+        p.a.read_watch(QUIET)
+
+    with pytest.raises(TimeoutError) as ei:
+        asyncio.run(wait_until_async(p.a, node, lambda: None, QUIET, lambda: "named at the end"))
+    assert str(ei.value) == "named at the end"
+    with pytest.raises(TimeoutError):
+        asyncio.run(wait_for_value_async(p.a, node, [b"never"], QUIET))
+    assert asyncio.run(wait_for_value_async(p.a, node, None, TIMEOUT)) == b"later"
+    if hasattr(p.a, "wait_for_value_async"):  # the service's and Linux's method
+        assert asyncio.run(p.a.wait_for_value_async(node, [b"later"], TIMEOUT)) == b"later"
+    p.dom0.write(node, "x")
+    with pytest.raises(TimeoutError):
+        p.a.read_watch(QUIET)
+    p.dom0.rm(node)
+
+
+def test_xenbus_wait_state_async_times_out_naming_the_state(xs_pair: XsPair) -> None:
+    from xengrant import xenbus
+
+    p = xs_pair
+    dev = f"/local/domain/{p.a_dom}/data/vdev"
+    xenbus.switch_state(p.a, dev, xenbus.XenbusStateInitWait)
+    with pytest.raises(TimeoutError) as ei:
+        asyncio.run(xenbus.wait_state_async(p.a, dev, [xenbus.XenbusStateConnected], QUIET))
+    assert str(ei.value) == f"{dev}/state is InitWait"
+    assert asyncio.run(xenbus.wait_state_async(
+        p.a, dev, [xenbus.XenbusStateInitWait], TIMEOUT)) == xenbus.XenbusStateInitWait
+    xenbus.switch_state(p.a, dev, xenbus.XenbusStateClosed)
+    with pytest.raises(TimeoutError):  # both waits took their watches away
+        p.a.read_watch(QUIET)
+    p.a.rm(dev)
+
+
 # ----------------------------------------------------------- transactions
 def test_transaction_is_seen_at_commit_only(xs_pair: XsPair) -> None:
     p = xs_pair

@@ -19,14 +19,12 @@ Xen's :class:`~xengrant.linux.LinuxXenStore` -- sync and asyncio.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from .errors import XenStoreError
-from .xenstore.client import wait_until
+from .xenstore.client import wait_until, wait_until_async
 from .xsapi import HasTransactions, Transaction, run_transaction
 
 
@@ -148,50 +146,37 @@ def wait_state(xs: XenStore, dev: str, states: Sequence[int], timeout: float | N
     Raises:
         TimeoutError: ``timeout`` passed first.
     """
+    check, what = _state_check(xs, dev, states)
+    return wait_until(xs, f"{dev}/state", check, timeout, what)
+
+
+def _state_check(
+    xs: XenStore, dev: str, states: Sequence[int]
+) -> tuple[Callable[[], int | None], Callable[[], str]]:
+    """:func:`wait_state`'s test, and its TimeoutError's text (the last state read)."""
     last = [XenbusStateUnknown]
 
     def check() -> int | None:
         state = last[0] = read_state(xs, dev)
         return state if state in states else None
 
-    return wait_until(xs, f"{dev}/state", check, timeout,
-                      lambda: f"{dev}/state is {STATE_NAMES.get(last[0], last[0])}")
+    return check, lambda: f"{dev}/state is {STATE_NAMES.get(last[0], last[0])}"
 
 
 async def wait_state_async(
     xs: XenStore, dev: str, states: Sequence[int], timeout: float | None = None
 ) -> int:
-    """asyncio twin of :func:`wait_state` (the event loop runs while it waits).
+    """asyncio twin of :func:`wait_state` (the event loop runs while it waits): the
+    same check on :func:`~xengrant.xenstore.client.wait_until_async`.
+
+    Returns:
+        The state reached.
 
     Raises:
         TimeoutError: ``timeout`` passed first.
     """
-    token = f"state-{dev}-{time.monotonic_ns()}"
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    xs.watch(f"{dev}/state", token)
-    try:
-        while True:
-            state = read_state(xs, dev)
-            if state in states:
-                return state
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"{dev}/state is {STATE_NAMES.get(state, state)}")
-            with contextlib.suppress(TimeoutError):  # the deadline above says so
-                await _read_watch_token_async(xs, token, remaining)
-    finally:
-        with contextlib.suppress(OSError):
-            xs.unwatch(f"{dev}/state", token)
-        xs.drop_watch_events(token)
-
-
-async def _read_watch_token_async(xs: XenStore, token: str, timeout: float | None) -> None:
-    native = getattr(xs, "read_watch_token_async", None)
-    if native is not None:
-        await native(token, timeout)
-    else:  # a client with only the blocking call: wait in a worker thread
-        await asyncio.to_thread(xs.read_watch_token, token, timeout)
+    check, what = _state_check(xs, dev, states)
+    return await wait_until_async(xs, f"{dev}/state", check, timeout, what)
 
 
 def publish(

@@ -33,7 +33,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 from .errors import XenStoreError
 from .xenstore import wire as w
-from .xenstore.client import wait_for_value
+from .xenstore.client import wait_for_value, wait_for_value_async
 
 _T = TypeVar("_T")
 
@@ -400,4 +400,5 @@ __all__ = [
     "XsWireOps",
     "run_transaction",
     "wait_for_value",
+    "wait_for_value_async",
 ]

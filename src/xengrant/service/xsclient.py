@@ -7,7 +7,7 @@ import errno
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..xenstore.client import ClientCodec, result, wait_for_value
+from ..xenstore.client import ClientCodec, result, wait_for_value, wait_for_value_async
 from ..xenstore.wire import (
     XS_DIRECTORY,
     XS_GET_DOMAIN_PATH,
@@ -195,6 +195,16 @@ class XenStoreClient(ServiceCallClient):
             TimeoutError: ``timeout`` passed first.
         """
         return wait_for_value(self, path, want, timeout, (XenStoreError, ServiceError))
+
+    async def wait_for_value_async(
+        self, path: str, want: Sequence[bytes] | None = None, timeout: float | None = None
+    ) -> bytes:
+        """asyncio twin of :meth:`wait_for_value`.
+
+        Raises:
+            TimeoutError: ``timeout`` passed first.
+        """
+        return await wait_for_value_async(self, path, want, timeout, (XenStoreError, ServiceError))
 
 
 class XenStoreWatch:

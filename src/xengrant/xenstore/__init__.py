@@ -10,7 +10,13 @@
 """
 
 from ..errors import XenStoreError
-from .client import ClientCodec, wait_for_value, wait_until
+from .client import (
+    ClientCodec,
+    wait_for_value,
+    wait_for_value_async,
+    wait_until,
+    wait_until_async,
+)
 from .ring import RingEnd, RingServer
 from .session import Domains, Session, event_message
 from .store import Perm, WatchEvent, XenStore
@@ -33,5 +39,7 @@ __all__ = [
     "XenStoreError",
     "event_message",
     "wait_for_value",
+    "wait_for_value_async",
     "wait_until",
+    "wait_until_async",
 ]

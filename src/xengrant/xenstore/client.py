@@ -8,11 +8,14 @@ xenstored's errno.  A client adds the I/O: :class:`xengrant.linux.LinuxXenStore`
 (a socket or /dev/xen/xenbus) and the service's xenstore client.
 
 :func:`wait_for_value` and :func:`wait_until` are the watch-then-read loops
-every client offers, written once against :class:`WatchingStore`.
+every client offers, written once against :class:`WatchingStore`;
+:func:`wait_until_async` and :func:`wait_for_value_async` are their asyncio
+twins, the same loop with the event loop running while it waits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import time
@@ -132,6 +135,16 @@ class WatchingStore(Protocol):
     def drop_watch_events(self, token: str) -> None: ...
 
 
+def _token(xs: object) -> str:
+    """A token no other wait of this process uses."""
+    return f"wait-{id(xs):x}-{time.monotonic_ns()}"
+
+
+def _timeout_text(path: str, what: str | Callable[[], str]) -> str:
+    text = what() if callable(what) else what
+    return text or f"{path}: not there in time"
+
+
 def wait_until(
     xs: WatchingStore,
     path: str,
@@ -156,7 +169,7 @@ def wait_until(
     Raises:
         TimeoutError: ``timeout`` passed first.
     """
-    token = f"wait-{id(xs):x}-{time.monotonic_ns()}"
+    token = _token(xs)
     deadline = None if timeout is None else time.monotonic() + timeout
     xs.watch(path, token)
     try:
@@ -166,14 +179,91 @@ def wait_until(
                 return got
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                text = what() if callable(what) else what
-                raise TimeoutError(text or f"{path}: not there in time")
+                raise TimeoutError(_timeout_text(path, what))
             with contextlib.suppress(TimeoutError):  # the deadline above says so
                 xs.read_watch_token(token, left)
     finally:
         with contextlib.suppress(*ignore):
             xs.unwatch(path, token)
         xs.drop_watch_events(token)
+
+
+async def read_watch_token_async(
+    xs: WatchingStore, token: str, timeout: float | None
+) -> tuple[str, str]:
+    """``xs.read_watch_token_async(token, timeout)`` where the client has it
+    (EmbeddedXen's, the service's); else its blocking call in a worker thread.
+
+    Raises:
+        TimeoutError: none came within ``timeout`` seconds.
+    """
+    native = getattr(xs, "read_watch_token_async", None)
+    if native is not None:
+        got: tuple[str, str] = await native(token, timeout)
+        return got
+    return await asyncio.to_thread(xs.read_watch_token, token, timeout)
+
+
+async def wait_until_async(
+    xs: WatchingStore,
+    path: str,
+    check: Callable[[], T | None],
+    timeout: float | None = None,
+    what: str | Callable[[], str] = "",
+    ignore: tuple[type[BaseException], ...] = (OSError,),
+) -> T:
+    """asyncio twin of :func:`wait_until`: the same loop, the event loop runs while it waits.
+
+    Args:
+        xs: the client.
+        path: the watched path.
+        check: the test (a plain call: every client's read answers at once
+            or within its own timeout); its first non-None result is returned.
+        timeout: seconds in all (None: no bound), on the running loop's clock.
+        what: the TimeoutError's text (or a function giving it then).
+        ignore: errors of the final unwatch to ignore (the connection may be gone).
+
+    Returns:
+        ``check``'s result.
+
+    Raises:
+        TimeoutError: ``timeout`` passed first.
+    """
+    loop = asyncio.get_running_loop()
+    token = _token(xs)
+    deadline = None if timeout is None else loop.time() + timeout
+    xs.watch(path, token)
+    try:
+        while True:
+            got = check()
+            if got is not None:
+                return got
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise TimeoutError(_timeout_text(path, what))
+            with contextlib.suppress(TimeoutError):  # the deadline above says so
+                await read_watch_token_async(xs, token, left)
+    finally:
+        with contextlib.suppress(*ignore):
+            xs.unwatch(path, token)
+        xs.drop_watch_events(token)
+
+
+def _value_check(
+    xs: WatchingStore, path: str, want: Sequence[bytes] | None
+) -> Callable[[], bytes | None]:
+    """:func:`wait_for_value`'s test: the value once there (and one of ``want``)."""
+
+    def check() -> bytes | None:
+        try:
+            value = xs.read(path)
+        except XenStoreError as e:
+            if e.errno not in (errno.ENOENT, errno.EACCES):
+                raise
+            return None
+        return value if want is None or value in want else None
+
+    return check
 
 
 def wait_for_value(
@@ -191,14 +281,22 @@ def wait_for_value(
         TimeoutError: ``timeout`` passed first.
         XenStoreError: any other error of the read.
     """
+    return wait_until(xs, path, _value_check(xs, path, want), timeout,
+                      f"{path} did not become {want!r} in time", ignore)
 
-    def check() -> bytes | None:
-        try:
-            value = xs.read(path)
-        except XenStoreError as e:
-            if e.errno not in (errno.ENOENT, errno.EACCES):
-                raise
-            return None
-        return value if want is None or value in want else None
 
-    return wait_until(xs, path, check, timeout, f"{path} did not become {want!r} in time", ignore)
+async def wait_for_value_async(
+    xs: WatchingStore,
+    path: str,
+    want: Sequence[bytes] | None = None,
+    timeout: float | None = None,
+    ignore: tuple[type[BaseException], ...] = (OSError,),
+) -> bytes:
+    """asyncio twin of :func:`wait_for_value`.
+
+    Raises:
+        TimeoutError: ``timeout`` passed first.
+        XenStoreError: any other error of the read.
+    """
+    return await wait_until_async(xs, path, _value_check(xs, path, want), timeout,
+                                  f"{path} did not become {want!r} in time", ignore)
