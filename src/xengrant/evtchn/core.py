@@ -20,16 +20,24 @@ drivers/xen/evtchn.c for what a user process sees:
   one drops the event silently; anything else (free, out of range) -EINVAL.
 - ``close(port)``: -EINVAL unless in use; the peer of an interdomain port
   goes back to unbound, offered to the closer (``evtchn_close``).
-- Delivery: setting a pending bit that was clear on an unmasked port is an
-  upcall.  As /dev/xen/evtchn does, the upcall masks the port and hands it to
-  the process; ``unmask(port)`` re-enables it and delivers again if it became
-  pending meanwhile.  Unmasking a port not bound is ignored (``evtchn_write``).
+- Delivery (coalescing), as xen/common/event_2l.c's ``evtchn_2l_set_pending``:
+  a send to a port already pending sets nothing new and wakes nobody; one to
+  a masked port leaves it pending; setting a pending bit that was clear on an
+  unmasked port is an upcall.  As /dev/xen/evtchn does (``lateeoi_ack_dynirq``,
+  ``evtchn_interrupt``), the upcall masks the port, clears its pending bit and
+  hands it to the process; ``unmask(port)`` re-enables it and delivers again,
+  once, if it became pending meanwhile (``evtchn_2l_unmask``).  So however
+  many sends come while a port waits for its process, it is delivered at most
+  twice: once at the first, once at the unmask.  Unmasking a port not bound
+  is ignored (``evtchn_write``).  :attr:`EventChannels.counters` counts what
+  each send did.
 - A domain destroyed closes all its ports (``evtchn_destroy``).
 """
 
 from __future__ import annotations
 
 import errno
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -110,6 +118,10 @@ class EventChannels:
         self.is_privileged = is_privileged or (lambda domid: domid == 0)
         self.nr_ports = nr_ports
         self.domains: dict[int, DomainPorts] = {}
+        #: ``delivered``: upcalls (a port queued for its handle);
+        #: ``coalesced``: sends to a port already pending (nothing new, nobody woken);
+        #: ``held``: sends that left a masked port pending (delivered at its unmask)
+        self.counters: Counter[str] = Counter(delivered=0, coalesced=0, held=0)
 
     # ----------------------------------------------------------- domains
     def add_domain(self, domid: int) -> None:
@@ -274,6 +286,11 @@ class EventChannels:
     def unmask(self, caller: int, port: int) -> list[Delivery]:
         """Re-enable delivery on a port (writing it to /dev/xen/evtchn).
 
+        ``evtchn_write`` -> ``xen_irq_lateeoi`` -> ``unmask_evtchn``, which
+        reaches Xen's ``evtchn_2l_unmask``: the mask bit clears, and a port
+        that became pending while masked is delivered now (once, however many
+        sends it took meanwhile).
+
         Returns:
             The port again if it became pending while masked.  Ports not in
             use are ignored, as the Linux driver ignores them.
@@ -286,19 +303,36 @@ class EventChannels:
             return []
         c.masked = False
         if c.pending:
-            c.pending = False
-            c.masked = True
-            return [(d.domid, port)]
+            return self._upcall(d, port, c)
         return []
 
     def _set_pending(self, d: DomainPorts, port: int) -> list[Delivery]:
+        """``evtchn_2l_set_pending`` (xen/common/event_2l.c), for one port.
+
+        A port already pending sets nothing new and wakes nobody (the guest
+        has not cleared it yet); a masked one is left pending, delivered at
+        its unmask; else the guest gets its upcall.
+        """
         c = d.ports.get(port)
-        if c is None or c.pending:
+        if c is None:
             return []
-        if c.masked:
-            c.pending = True
+        if c.pending:  # guest_test_and_set_bit(evtchn_pending) was already set
+            self.counters["coalesced"] += 1
             return []
-        c.masked = True  # the upcall: /dev/xen/evtchn masks and queues the port
+        c.pending = True
+        if c.masked:  # guest_test_bit(evtchn_mask): no upcall
+            self.counters["held"] += 1
+            return []
+        return self._upcall(d, port, c)
+
+    def _upcall(self, d: DomainPorts, port: int, c: Port) -> list[Delivery]:
+        """The guest takes a pending, unmasked port: Linux's ``lateeoi_ack_dynirq``
+        masks it and clears its pending bit (``mask_evtchn``, ``clear_evtchn``),
+        and drivers/xen/evtchn.c's ``evtchn_interrupt`` queues it for the process
+        (``enabled = false`` until the process writes it back: :meth:`unmask`)."""
+        c.pending = False
+        c.masked = True
+        self.counters["delivered"] += 1
         return [(d.domid, port)]
 
     def redeliver(self, domid: int) -> list[Delivery]:
@@ -310,9 +344,7 @@ class EventChannels:
         for p in d.in_use():
             c = d.ports[p]
             if c.pending and not c.masked:
-                c.pending = False
-                c.masked = True
-                out.append((domid, p))
+                out += self._upcall(d, p, c)
         return out
 
     # ------------------------------------------------------------ inspect

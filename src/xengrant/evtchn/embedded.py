@@ -81,8 +81,12 @@ class EmbeddedEvtchn:
         self.closed = False
         self._queue: deque[int] = deque()
         self._cv = threading.Condition(threading.Lock())
-        # readable while _queue is not empty (one byte in the pipe)
+        # readable while _queue is not empty (one byte in the pipe), once
+        # somebody asked for the descriptor (fileno, the asyncio twins): till
+        # then a delivery wakes the waiter through _cv alone, two system calls
+        # fewer per event
         self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selectable = False
         self._fds = weakref.finalize(self, _close_fds, self._rfd, self._wfd)
 
     def __repr__(self) -> str:
@@ -104,7 +108,7 @@ class EmbeddedEvtchn:
         with self._cv:
             if self.closed:
                 return
-            if not self._queue:
+            if not self._queue and self._selectable:
                 os.write(self._wfd, b"\1")
             self._queue.append(port)
             self._cv.notify_all()
@@ -121,7 +125,7 @@ class EmbeddedEvtchn:
             got = port
         else:
             return None
-        if not q:
+        if not q and self._selectable:
             os.read(self._rfd, 1)
         return got
 
@@ -234,6 +238,11 @@ class EmbeddedEvtchn:
     # ------------------------------------------------------------- waiting
     def fileno(self) -> int:
         """A pipe readable while a port is queued (level-triggered)."""
+        with self._cv:
+            if not self._selectable:
+                self._selectable = True
+                if self._queue:
+                    os.write(self._wfd, b"\1")
         return self._rfd
 
     def pending(self, timeout: float | None = None) -> int:
@@ -263,12 +272,12 @@ class EmbeddedEvtchn:
 
     async def pending_async(self, timeout: float | None = None) -> int:
         """asyncio twin of :meth:`pending`."""
-        return await poll_fd_async(self._rfd, lambda: self._poll(None), timeout,
+        return await poll_fd_async(self.fileno(), lambda: self._poll(None), timeout,
                                    "pending_async: no event")
 
     async def wait_async(self, port: int | None = None, timeout: float | None = None) -> int:
         """asyncio twin of :meth:`wait`."""
-        got = await poll_fd_async(self._rfd, lambda: self._poll(port), timeout,
+        got = await poll_fd_async(self.fileno(), lambda: self._poll(port), timeout,
                                   f"wait_async: no event on port {port}")
         self.unmask(got)
         return got
