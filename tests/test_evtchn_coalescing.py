@@ -356,11 +356,7 @@ class Lockstep(RuleBasedStateMachine):
         assert self.svc[i].evtchn.pending(0) == want
 
     def _settle(self) -> None:
-        """Every EVENT the service sent is read: a PING per connection, twice
-        (replies come in stream order, after what was queued before them)."""
-        for _ in range(2):
-            for d in self.svc:
-                d.channel.request(p.MSG_PING)
+        _settle(*self.svc)
 
     @invariant()
     def same_queues(self) -> None:
@@ -416,9 +412,19 @@ def test_a_waiting_port_is_woken_once_however_many_sends(server_path: str) -> No
         sb.channel.calls._frame = count  # type: ignore[method-assign]
         for _ in range(100):
             sa.evtchn.notify(pa)
-        sa.channel.request(p.MSG_PING)  # a's sends are done...
-        sb.channel.request(p.MSG_PING)  # ...and what they sent b is read
+        _settle(sa, sb)
         assert len(frames) == 1 and list(sb.channel.events) == [pb]
         assert sb.evtchn.wait(pb, 5) == pb  # unmask: the one held while masked
-        sb.channel.request(p.MSG_PING)
+        _settle(sa, sb)
         assert len(frames) == 2 and list(sb.channel.events) == [pb]
+
+
+def _settle(*doms: Any) -> None:
+    """Every EVENT the service sent these connections is read: a PING per
+    connection, twice.  Replies come in stream order, but an event raised by
+    a message is sent after the replies of the read it came in (the service
+    flushes replies before it dispatches events): the second round's
+    replies come after it."""
+    for _ in range(2):
+        for d in doms:
+            d.channel.request(p.MSG_PING)
