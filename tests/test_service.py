@@ -672,16 +672,27 @@ def test_a_connection_holds_what_fds_per_conn_budgets(
     service: Service, baseline: dict[str, Any]
 ) -> None:
     """The default connection limit divides the descriptor limit by FDS_PER_CONN: a
-    domain's connection with its ring must not hold more in the service than that
-    (its memory files aside: they are budgeted apart, and an allocation that finds
-    no descriptor fails as out of memory)."""
+    domain's connection with its ring holds exactly that in the service (its memory
+    files aside: they are budgeted apart, and an allocation that finds no descriptor
+    fails as out of memory): its socket, the service's end of its memory socket, the
+    ring page's mapping and two eventfds, the generation page's mapping -- not the
+    client's end of the memory socket nor the ring's memfd, closed once sent."""
     from xengrant.service.limits import FDS_PER_CONN
 
     before = _service_fds(service)
     with connect(service.path, timeout=30) as d:
-        d.sync()
         assert d.channel.ring is not None
+        # a round trip after the ring's: the service closed what it sent before it
+        # read this (sync() need not send anything)
+        assert d.xs.read("domid") == str(d.domid).encode()
         new = {fd: what for fd, what in _service_fds(service).items() if before.get(fd) != what}
         files = [w for w in new.values() if w.startswith(f"/memfd:xengrant-d{d.domid} ")]
         assert files  # its RAM
         assert len(new) - len(files) == FDS_PER_CONN, sorted(new.values())
+        kinds = sorted(
+            "socket" if w.startswith("socket:") else
+            "eventfd" if w == "anon_inode:[eventfd]" else
+            w.split(" ")[0] for w in new.values() if w not in files
+        )
+        assert kinds == [f"/memfd:xengrant-gen-d{d.domid}", "/memfd:xengrant-ring",
+                         "eventfd", "eventfd", "socket", "socket"], kinds

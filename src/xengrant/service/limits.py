@@ -40,12 +40,14 @@ from ..errors import HypercallError
 from .xenstore import QUOTA_ENTRIES, QUOTA_WATCHES
 
 #: descriptors a domain's connection holds in the service, measured
-#: (test_a_connection_holds_what_fds_per_conn_budgets): its socket; its memory
-#: socket, both ends (service/backing.py keeps one, the connection the one it
-#: sent); its ring's page twice (the memfd and the mmap's own dup) and the two
-#: eventfds; the mmap of its generation page.  Its memory files come on top,
-#: budgeted apart (an allocation that finds no descriptor fails as ENOMEM).
-FDS_PER_CONN = 8
+#: (test_a_connection_holds_what_fds_per_conn_budgets): its socket; the
+#: service's end of its memory socket (service/backing.py); its ring page's
+#: mapping (the mmap's own dup of the memfd) and the two eventfds; the mapping
+#: of its generation page.  What is made only to be sent (the client's end of
+#: the memory socket, the ring's memfd) is closed once sent.  Its memory files
+#: come on top, budgeted apart (an allocation that finds no descriptor fails
+#: as ENOMEM).
+FDS_PER_CONN = 6
 
 
 def default_max_connections() -> int:

@@ -142,6 +142,7 @@ class ServiceRing:
 
     Attributes:
         mem: the mapped page.
+        memfd: the page's memfd until it was sent (:meth:`drop_memfd`; -1 after).
         state: ``req_cons`` and ``rsp_prod_pvt`` (u32 each), private.
         svc_kick: the eventfd the client kicks (the service waits on it).
         cli_kick: the eventfd the service kicks (the client waits on it).
@@ -169,6 +170,13 @@ class ServiceRing:
     def fds(self) -> tuple[int, int, int]:
         """What the client gets (SCM_RIGHTS): the page, its kick, its wake-up."""
         return self.memfd, self.svc_kick, self.cli_kick
+
+    def drop_memfd(self) -> None:
+        """Close the page's memfd once it was sent: :attr:`mem` (the mapping) is
+        all the service needs of it."""
+        fd, self.memfd = self.memfd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def close(self) -> None:
         """Unmap the page, close the descriptors (the reader thread's, when it ends)."""

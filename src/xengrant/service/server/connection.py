@@ -17,6 +17,7 @@ import select
 import socket
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Union
 
 from ... import _cext
@@ -68,9 +69,11 @@ class Connection:
         self.throttled = False
         #: notified (under the service lock) when the output drained, or it died
         self.drained: threading.Condition | None = None
-        #: the client's end of its domain's memory socket (service/backing.py),
-        #: kept until the connection goes (its bind reply may still be queued)
-        self.memory_socket: socket.socket | None = None
+        #: descriptors made only to be sent (the client's end of its memory
+        #: socket, its ring's page) -> what closes them: once the reply that
+        #: carries them is sent (SCM_RIGHTS has passed them on) or the
+        #: connection goes, the service holds them no more (limits.FDS_PER_CONN)
+        self.handover: dict[int, Callable[[], None]] = {}
         #: the hang-up events the main thread's epoll watches for it
         self.watch = _HANGUP
 
@@ -133,10 +136,9 @@ class ConnectionIO(ServerBase):
                         break
         finally:
             sock.close()  # only this thread closes it: no recv on a reused fd
-            if conn.memory_socket is not None:
-                conn.memory_socket.close()
             with lock:  # nor unmaps the ring under a wait; stats read it under the lock
                 ring, conn.ring = conn.ring, None
+                _close_handover(conn)
             if ring is not None:
                 ring.close()
 
@@ -191,6 +193,11 @@ class ConnectionIO(ServerBase):
                 if fds:
                     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
                     n = sock.sendmsg([data], anc, socket.MSG_DONTWAIT)
+                    # passed on with the first byte: what was made to be sent goes
+                    for fd in fds:
+                        done = conn.handover.pop(fd, None)
+                        if done is not None:
+                            done()
                 else:
                     if len(out) > 1:
                         chunks = []
@@ -266,8 +273,7 @@ class ConnectionIO(ServerBase):
                 conn.sock.shutdown(socket.SHUT_RDWR)
             if conn.reader is None:  # never served by a thread (a test's Server)
                 conn.sock.close()
-                if conn.memory_socket is not None:
-                    conn.memory_socket.close()
+                _close_handover(conn)
                 if conn.ring is not None:
                     conn.ring.close()
             self._xs_close(conn.ident)
@@ -278,3 +284,11 @@ class ConnectionIO(ServerBase):
                     self._destroy(domid)
             conn.created.clear()
             self._dispatch_async()
+
+
+def _close_handover(conn: Connection) -> None:
+    """Close what ``conn`` was to send and never did (caller holds the lock)."""
+    handover, conn.handover = conn.handover, {}
+    for done in handover.values():
+        with contextlib.suppress(OSError):
+            done()

@@ -98,9 +98,7 @@ class DomainControl(ServerBase):
         conn.domid = domid
         self.bound[domid] = conn
         side = self.backing.open_side(domid)
-        if conn.memory_socket is not None:
-            conn.memory_socket.close()
-        conn.memory_socket = side
+        conn.handover[side.fileno()] = side.close  # closed once sent
         self._pending_fds = (side.fileno(),)
         self._deliveries += self.ev.redeliver(domid)
         body = p.DOMAIN_REPLY.pack(

@@ -36,6 +36,8 @@ class RequestRing(ServerBase):
         except OSError as e:
             raise HypercallError("ring_setup", e.errno or errno.ENOMEM, str(e)) from None
         self._pending_fds = conn.ring.fds()
+        # the page's memfd is the client's: the service keeps its mapping alone
+        conn.handover[conn.ring.memfd] = conn.ring.drop_memfd
         return self._ok()
 
     def _ring_wait(
