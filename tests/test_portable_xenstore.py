@@ -138,6 +138,23 @@ def test_permissions(xs_pair: XsPair) -> None:
     p.a.rm("data/secret")
 
 
+def test_node_size_quota_at_the_boundary(xs_pair: XsPair) -> None:
+    """xenstored's write_node_raw: an unprivileged domain's node record (24-byte
+    header, 8 bytes a permission, the value, the children's names) must stay
+    under 2048 bytes: 2015 bytes of value with one permission pass, 2016 do not
+    (tests/test_xenstore_quota.py has the rest)."""
+    p = xs_pair
+    if p.a_dom == 0:
+        pytest.skip("dom0 has no quota")
+    p.a.write("data/q", b"x" * 2015)
+    assert errno_of(p.a.write, "data/q", b"x" * 2016) == errno.ENOSPC
+    assert errno_of(p.a.write, "data/q2", b"x" * 2016) == errno.ENOSPC
+    assert p.a.read("data/q") == b"x" * 2015
+    assert errno_of(p.a.read, "data/q2") == errno.ENOENT
+    p.dom0.write(f"/local/domain/{p.a_dom}/data/q", b"x" * 2016)  # dom0: no quota
+    p.a.rm("data/q")
+
+
 def test_bad_input(xs_pair: XsPair) -> None:
     a = xs_pair.a
     assert errno_of(a.read, "data/bad path") == errno.EINVAL

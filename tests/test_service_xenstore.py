@@ -120,15 +120,18 @@ def test_path_length_counts_past_home() -> None:
 
 def test_quotas(xs: XenStore) -> None:
     assert err(xs.write, 1, "data/big", b"x" * (QUOTA_ENTRY_SIZE + 1)) == errno.ENOSPC
-    xs.write(1, "data/ok", b"x" * QUOTA_ENTRY_SIZE)
+    # the largest record: header, one permission, the value (tests/test_xenstore_quota.py)
+    xs.write(1, "data/ok", b"x" * (QUOTA_ENTRY_SIZE - 1 - 24 - 8))
     xs.write(0, "/tool/big", b"x" * (QUOTA_ENTRY_SIZE + 1))  # dom0 has no quota
-    have = xs.owned(1)
-    for i in range(QUOTA_ENTRIES - have):
-        xs.write(1, f"data/n{i}", b"")
+    i = 0
+    while xs.owned(1) < QUOTA_ENTRIES:  # in groups: a directory's record holds its names
+        group, n = divmod(i, 40)
+        xs.write(1, f"data/g{group}/n{n}" if n else f"data/g{group}", b"")
+        i += 1
     assert xs.owned(1) == QUOTA_ENTRIES
     assert err(xs.write, 1, "data/one-more", b"") == errno.ENOSPC
     assert err(xs.mkdir, 1, "data/x/y") == errno.ENOSPC
-    xs.rm(1, "data/n0")
+    xs.rm(1, "data/g0/n1")
     xs.write(1, "data/one-more", b"")
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from ..errors import XenStoreError
 from . import wire as w
-from .store import QUOTA_ENTRY_SIZE, QUOTA_PERMS, XenStore, home
+from .store import QUOTA_PERMS, XenStore, home
 from .transaction import QUOTA_TRANS_NODES, QUOTA_TRANSACTIONS, Transaction
 
 #: DOMID_SELF (xen.h): ``XS_IS_DOMAIN_INTRODUCED`` answers "T" for it.
@@ -355,7 +355,7 @@ def _quota_text(store: XenStore) -> str:
         ("watches", store.quota_watches, "Watches per domain"),
         ("transactions", QUOTA_TRANSACTIONS, "Transactions per domain"),
         ("transaction-nodes", QUOTA_TRANS_NODES, "Max. number of accessed nodes per transaction"),
-        ("node-size", QUOTA_ENTRY_SIZE, "Max. size of a node"),
+        ("node-size", store.quota_entry_size, "Max. size of a node"),
         ("path-max", w.XENSTORE_REL_PATH_MAX, "Max. length of a node path"),
         ("permissions", QUOTA_PERMS, "Max. number of permissions per node"),
     ]

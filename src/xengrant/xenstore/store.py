@@ -20,9 +20,16 @@ docs/misc/xenstore.txt:
   nearest existing ancestor; missing parents are created too.
 - ``set_perms`` needs ownership; an unprivileged domain may not change the
   owner (EPERM) nor list more than 5 entries (ENOSPC).
-- Quotas of unprivileged domains: 1000 owned nodes, 2048-byte values
-  (ENOSPC), 128 watches (E2BIG, checked as ``count > quota`` as xenstored
-  does).
+- Quotas of unprivileged domains: 1000 owned nodes, 128 watches (E2BIG,
+  checked as ``count > quota`` as xenstored does), and the size of every
+  node record they write (``write_node_raw``): the record is the tdb
+  record xenstored stores, ``struct xs_tdb_record_hdr`` (24 bytes), 8 bytes
+  per permission, the value and the children's names each with its NUL; a
+  record of ``quota_entry_size`` (2048) bytes or more is ENOSPC.  It is
+  checked for the node written, for each node a write or mkdir creates and
+  for the existing parent that gains a child (``create_node``), and for a
+  node whose permissions change (``do_set_perms``); never for dom0, never
+  when a child goes (``remove_child_entry``) nor at a commit.
 - Watches fire for the node changed and, on ``rm``, for every node removed;
   a watcher must be able to read the node or its parent (``watch_permitted``)
   and gets paths relative if it watched a relative path.  Registering fires
@@ -42,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import re
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import XenStoreError as XenStoreError  # defined there: xengrant.linux uses it too
@@ -56,7 +63,13 @@ _ALL = XS_PERM_READ | XS_PERM_WRITE | XS_PERM_OWNER
 
 #: xenstored's default quotas (``quota_nb_entry_per_domain`` ...).
 QUOTA_ENTRIES = 1000
+#: ``quota_max_entry_size``: a node record of this many bytes or more is refused.
 QUOTA_ENTRY_SIZE = 2048
+#: ``sizeof(struct xs_tdb_record_hdr)`` (tools/xenstore/utils.h: u64 generation,
+#: u32 num_perms, datalen, childlen; then the permissions)
+RECORD_HEADER_SIZE = 24
+#: ``sizeof(struct xs_permissions)`` (xenstore_lib.h: unsigned int id, perms)
+RECORD_PERM_SIZE = 8
 QUOTA_WATCHES = 128
 QUOTA_PERMS = 5
 #: XENSTORE_REL_PATH_MAX: path length allowed past /local/domain/<domid>/.
@@ -139,6 +152,21 @@ class WatchEvent:
     token: str
 
 
+def record_size(perms: int, datalen: int, children: Iterable[str]) -> int:
+    """The bytes of a node's record as ``write_node_raw`` sizes it.
+
+    ``sizeof(*hdr) + perms.num * sizeof(perms.p[0]) + datalen + childlen``,
+    the children's names NUL-separated.
+
+    Args:
+        perms: the number of permission entries.
+        datalen: the value's length.
+        children: the children's names.
+    """
+    childlen = sum(len(c) + 1 for c in children)
+    return RECORD_HEADER_SIZE + perms * RECORD_PERM_SIZE + datalen + childlen
+
+
 def home(domid: int) -> str:
     """A domain's home, ``/local/domain/<domid>`` (XS_GET_DOMAIN_PATH)."""
     return f"/local/domain/{domid}"
@@ -187,6 +215,9 @@ class XenStore:
             (xenstored's ``quota-nb-entry-per-domain``, 1000).
         quota_watches: watches an unprivileged domain may set
             (``quota-nb-watch-per-domain``, 128).
+        quota_entry_size: the size a node record an unprivileged domain
+            writes must stay below (``quota_max_entry_size``, 2048; see
+            :func:`record_size`).
         max_nodes: nodes in all past which unprivileged domains create none
             (ENOSPC; xenstored bounds its memory per domain instead).
         max_watches: watches in all past which unprivileged domains set
@@ -199,12 +230,14 @@ class XenStore:
         *,
         quota_entries: int = QUOTA_ENTRIES,
         quota_watches: int = QUOTA_WATCHES,
+        quota_entry_size: int = QUOTA_ENTRY_SIZE,
         max_nodes: int | None = None,
         max_watches: int | None = None,
     ) -> None:
         self.is_privileged = is_privileged or (lambda domid: domid == 0)
         self.quota_entries = quota_entries
         self.quota_watches = quota_watches
+        self.quota_entry_size = quota_entry_size
         self.max_nodes = max_nodes
         self.max_watches = max_watches
         self.root = Node([Perm(0, XS_PERM_NONE)])
@@ -240,6 +273,23 @@ class XenStore:
         c[owner] = c.get(owner, 0) + delta
         if not c[owner]:
             del c[owner]
+
+    def _check_record(
+        self, domid: int, path: str, perms: int, datalen: int, children: Iterable[str]
+    ) -> None:
+        """``write_node_raw``'s quota: an unprivileged writer's node record must
+        stay below ``quota_entry_size`` bytes.
+
+        Raises:
+            XenStoreError: ENOSPC.
+        """
+        if self.is_privileged(domid):
+            return
+        size = record_size(perms, datalen, children)
+        if size >= self.quota_entry_size:  # "data.dsize >= quota_max_entry_size"
+            raise XenStoreError(
+                errno.ENOSPC, f"{path}: a record of {size} bytes (quota {self.quota_entry_size})"
+            )
 
     @property
     def nodes(self) -> int:
@@ -342,15 +392,15 @@ class XenStore:
         Raises:
             XenStoreError: EINVAL, EACCES, ENOENT, ENOSPC (quota).
         """
-        if not self.is_privileged(domid) and len(value) > QUOTA_ENTRY_SIZE:
-            raise XenStoreError(errno.ENOSPC, f"value of {len(value)} bytes")
         try:
             name, node = self._get(domid, path, XS_PERM_WRITE)
         except XenStoreError as e:
             if e.errno != errno.ENOENT:
                 raise
             name = self.canonicalize(domid, path)
-            node = self._create(domid, name)
+            node = self._create(domid, name, len(value))
+        else:  # do_write -> write_node(conn, node, false)
+            self._check_record(domid, name, len(node.perms), len(value), node.children)
         node.value = bytes(value)
         self._touch(name, node)
         self._fire(name, node, exact=False)
@@ -370,21 +420,31 @@ class XenStore:
             node = self._create(domid, name)
             self._fire(name, node, exact=False)
 
-    def _create(self, domid: int, path: str) -> Node:
-        """``create_node``: the node and any missing ancestors, quota checked first."""
+    def _create(self, domid: int, path: str, datalen: int = 0) -> Node:
+        """``create_node``: the node (to hold ``datalen`` bytes) and any missing
+        ancestors, quotas checked first: nothing is created if one fails."""
         missing: list[str] = []
         p = path
         while self.lookup(p) is None:
             missing.append(p)
             p = parent_of(p)
+        parent = self.lookup(p)
+        assert parent is not None
         privileged = self.is_privileged(domid)
         if not privileged:
             if self.owned(domid) + len(missing) > self.quota_entries:
                 raise XenStoreError(errno.ENOSPC, f"d{domid} node quota ({self.quota_entries})")
             if self.max_nodes is not None and self.nodes + len(missing) > self.max_nodes:
                 raise XenStoreError(errno.ENOSPC, f"the store is full ({self.max_nodes} nodes)")
-        parent = self.lookup(p)
-        assert parent is not None
+            # create_node writes bottom up, each with write_node(conn, i, false):
+            # the new node with its value, each new ancestor with its one child,
+            # then the existing parent with its new child's name
+            nperms = len(parent.perms)
+            child: list[str] = []
+            for i, name in enumerate(missing):
+                self._check_record(domid, name, nperms, datalen if i == 0 else 0, child)
+                child = [name[name.rfind("/") + 1 :]]
+            self._check_record(domid, p, nperms, len(parent.value), [*parent.children, *child])
         self._touch(p, parent)
         node = parent
         for name in reversed(missing):
@@ -456,6 +516,8 @@ class XenStore:
         name, node = self._get(domid, path, XS_PERM_WRITE | XS_PERM_OWNER)
         if not privileged and new[0].domid != node.perms[0].domid:
             raise XenStoreError(errno.EPERM, "only a privileged domain may change the owner")
+        # do_set_perms -> write_node(conn, node, false)
+        self._check_record(domid, name, len(new), len(node.value), node.children)
         old = node.perms
         self._count_owner(node, -1)
         node.perms = new

@@ -62,6 +62,7 @@ class Transaction(XenStore):
         self.is_privileged = base.is_privileged
         self.quota_entries = base.quota_entries
         self.quota_watches = base.quota_watches
+        self.quota_entry_size = base.quota_entry_size
         self.max_nodes = base.max_nodes
         self.max_watches = base.max_watches
         self.root = base.root
