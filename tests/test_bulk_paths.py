@@ -199,7 +199,7 @@ def test_share_pages_undoes_a_failed_grant(
         gt._write_entry(refs[5], mapper.domid, 0x42, True)
         return done
 
-    monkeypatch.setattr("xengrant.guest.gnttab.grant_run", half)
+    monkeypatch.setattr("xengrant.guest.sharing.grant_run", half)
     with pytest.raises(ValueError, match="already granted"):
         gt.share_pages(mapper.domid, 16)
     monkeypatch.undo()

@@ -52,6 +52,7 @@ from grant_helpers import (
 from xengrant import CopySegment, GrantRef, abi
 from xengrant.emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
 from xengrant.errors import BatchError, Busy, GrantError, GrantTableFull
+from xengrant.guest import free_list as free_list_mod
 from xengrant.guest import gnttab as gnttab_mod
 from xengrant.guest.memory import GNTTAB_GFN_BASE
 from xengrant.portable import EmulatedGntshr, EmulatedGnttab, Gntshr, Gnttab
@@ -438,7 +439,7 @@ def test_get_waiting_on_deferred_refs_wakes_after_the_unmap(
     # them, so a waiting get() must retry the deferred list (Linux's timer).
     front, back = make_domain(max_grant_frames=1), make_domain()
     table = front.grant_table
-    monkeypatch.setattr(gnttab_mod, "RETRY_MAX", 0.001)  # the poll period
+    monkeypatch.setattr(free_list_mod, "RETRY_MAX", 0.001)  # the poll period
     frames = xen.free_frames
     share = front.gntshr.share_pages(back.domid, PER - RESERVED)
     m = back.gnttab.map_grant_ref(front.domid, share.refs[-1])

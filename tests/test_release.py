@@ -26,7 +26,7 @@ import xengrant
 from grant_helpers import Dom, Xen, grant, map1, unmap1
 from xengrant import abi
 from xengrant.errors import Busy
-from xengrant.guest import gnttab as gnttab_mod
+from xengrant.guest import deferred as deferred_mod
 
 
 class Boom(Exception):
@@ -37,7 +37,7 @@ class Boom(Exception):
 def fast_reaper(monkeypatch: pytest.MonkeyPatch) -> None:
     """The reaper ticks every 10 ms instead of every second (tests wait on
     events, never on the clock)."""
-    monkeypatch.setattr(gnttab_mod, "REAP_INTERVAL", 0.01)
+    monkeypatch.setattr(deferred_mod, "REAP_INTERVAL", 0.01)
 
 
 def _reaped(table: xengrant.GrantTable, want_free: int) -> threading.Event:
