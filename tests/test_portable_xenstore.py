@@ -387,6 +387,26 @@ def test_introduce_and_release_are_dom0s(xs_pair: XsPair) -> None:
         assert w.read(TIMEOUT) == ("@introduceDomain", "intro")
 
 
+def test_set_target_gives_the_stub_the_targets_rights(xs_pair: XsPair) -> None:
+    """XS_SET_TARGET (dom0's): domain a (a stub) gets b's rights over b's nodes,
+    and b gains nothing over a's (tests/test_xenstore_target.py has the rest)."""
+    p = xs_pair
+    if p.a_dom == p.b_dom:
+        pytest.skip("dom0 alone: no stub domain")
+    p.b.write("data/for-dm", "1")
+    path = f"/local/domain/{p.b_dom}/data/for-dm"
+    assert errno_of(p.a.read, path) == errno.EACCES
+    assert errno_of(p.a.set_target, p.a_dom, p.b_dom) == errno.EACCES  # dom0's request
+    assert errno_of(p.dom0.set_target, p.a_dom, 0x7FEF) == errno.ENOENT  # not introduced
+    p.dom0.set_target(p.a_dom, p.b_dom)
+    assert p.a.read(path) == b"1"
+    p.a.write(path, "2")
+    assert p.b.read("data/for-dm") == b"2"
+    assert errno_of(p.a.write, f"/local/domain/{p.b_dom}/name", "x") == errno.EACCES  # dom0's
+    assert errno_of(p.b.read, f"/local/domain/{p.a_dom}/data") == errno.EACCES
+    p.b.rm("data/for-dm")
+
+
 # ------------------------------------------------------------------ xenbus
 def test_xenbus_handshake_publish_and_async_wait(xs_pair: XsPair) -> None:
     """publish writes the keys and the state together (one transaction where

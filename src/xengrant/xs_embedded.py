@@ -179,6 +179,15 @@ class EmbeddedXenStore(XsWireOps):
         """
         self._call(w.XS_RELEASE, w.strings(str(domid)))
 
+    def set_target(self, domid: int, target: int) -> None:
+        """``xs_set_target`` (``XS_SET_TARGET``, dom0 only): ``domid`` (a stub
+        domain) gets ``target``'s rights over its nodes.
+
+        Raises:
+            XenStoreError: EACCES (not privileged), ENOENT (either not introduced), EINVAL.
+        """
+        self._call(w.XS_SET_TARGET, w.strings(str(domid), str(target)))
+
     def watch(self, path: str, token: str) -> None:
         """``xs_watch`` (``XS_WATCH``): an event at once, then at each change.
 

@@ -263,6 +263,10 @@ class LinuxXenStore:
         """``xs_release_domain`` (``XS_RELEASE``; dom0)."""
         self._call(XS_RELEASE, _strings(str(domid)), timeout)
 
+    def set_target(self, domid: int, target: int, timeout: float | None = None) -> None:
+        """``xs_set_target`` (``XS_SET_TARGET``; dom0): ``domid`` gets ``target``'s rights."""
+        self._call(XS_SET_TARGET, _strings(str(domid), str(target)), timeout)
+
     # --------------------------------------------------------------- events
     def read_watch(self, timeout: float | None = None) -> tuple[str, str]:
         """``xs_read_watch``: the next ``(path, token)``.

@@ -19,6 +19,7 @@ from ..xenstore.wire import (
     XS_RELEASE,
     XS_RM,
     XS_SET_PERMS,
+    XS_SET_TARGET,
     XS_UNWATCH,
     XS_WATCH,
     XS_WRITE,
@@ -181,6 +182,15 @@ class XenStoreClient(ServiceCallClient):
             XenStoreError: EACCES (not privileged), ENOENT.
         """
         self.call(XS_RELEASE, strings(str(domid)))
+
+    def set_target(self, domid: int, target: int) -> None:
+        """``xs_set_target`` (``XS_SET_TARGET``, dom0 only): ``domid`` (a stub
+        domain) gets ``target``'s rights over its nodes.
+
+        Raises:
+            XenStoreError: EACCES (not privileged), ENOENT (either not introduced), EINVAL.
+        """
+        self.call(XS_SET_TARGET, strings(str(domid), str(target)))
 
     def get_domain_path(self, domid: int) -> str:
         """``xs_get_domain_path``: ``/local/domain/<domid>``."""

@@ -317,7 +317,15 @@ class Session:
         return _OK
 
     def _set_target(self, view: XenStore, tx: Transaction | None, payload: bytes) -> bytes:
-        raise XenStoreError(errno.ENOSYS, "XS_SET_TARGET (stub domains) is not implemented")
+        strs = w.split_strings(payload)  # do_set_target: domid, target domid
+        if len(strs) < 2:
+            raise XenStoreError(errno.EINVAL, "XS_SET_TARGET: domid and target")
+        domid, target = atoi(strs[0]), atoi(strs[1])
+        for d in (domid, target):  # find_connected_domain
+            if d not in self.domains.introduced:
+                raise XenStoreError(errno.ENOENT, f"d{d} is not introduced")
+        self.store.set_target(domid, target)  # domain->conn->target = tdomain->conn
+        return _OK
 
     def _reset_watches(self, view: XenStore, tx: Transaction | None, payload: bytes) -> bytes:
         # do_reset_watches: conn_delete_all_watches + conn_delete_all_transactions

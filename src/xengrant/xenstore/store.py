@@ -12,7 +12,10 @@ docs/misc/xenstore.txt:
 - Permissions (``perm_for_conn``): a node's first permission names its owner
   and what everyone not listed may do; later entries grant one domain
   ``r``/``w``/``b``/``n``.  The owner and privileged domains (dom0) may do
-  everything.  A missing node answers ENOENT only to a caller with the
+  everything.  A domain given a target (``XS_SET_TARGET``: a stub domain and
+  the guest it serves) has the target's rights as well: it owns what the
+  target owns, and an entry naming the target applies to it (the first
+  entry naming either, in order).  A missing node answers ENOENT only to a caller with the
   requested right on its nearest existing ancestor, else EACCES
   (``errno_from_parents``), so nobody learns what they may not see.
 - A new node inherits its parent's permissions, but an unprivileged creator
@@ -246,6 +249,8 @@ class XenStore:
             SPECIAL_RELEASE: [Perm(0, XS_PERM_NONE)],
         }
         self.watches: list[Watch] = []
+        #: domid -> the domain whose rights it has too (``XS_SET_TARGET``)
+        self.targets: dict[int, int] = {}
         #: Watch events not yet sent (the server drains them).
         self.events: list[WatchEvent] = []
         self._counts = _Counts()
@@ -305,13 +310,26 @@ class XenStore:
         return self._counts.watches.get(domid, 0)
 
     def perm_for(self, domid: int, perms: list[Perm]) -> int:
-        """``perm_for_conn``: what ``domid`` may do on a node with ``perms``."""
-        if self.is_privileged(domid) or perms[0].domid == domid:
+        """``perm_for_conn``: what ``domid`` may do on a node with ``perms``.
+
+        "Owners and tools get it all", the owner being ``domid`` or its
+        target (``conn->target``); else the first entry naming ``domid`` or
+        its target; else the owner entry's rights for everyone.
+        """
+        if self.is_privileged(domid):
+            return _ALL
+        target = self.targets.get(domid, domid)
+        if perms[0].domid in (domid, target):
             return _ALL
         for p in perms[1:]:
-            if p.domid == domid:
+            if p.domid in (domid, target):
                 return p.perm
         return perms[0].perm
+
+    def set_target(self, domid: int, target: int) -> None:
+        """``XS_SET_TARGET`` (``do_set_target``): ``domid`` gets ``target``'s
+        rights over its nodes as well (the last call for ``domid`` counts)."""
+        self.targets[domid] = target
 
     def canonicalize(self, domid: int, path: str) -> str:
         """Relative paths are under the caller's home; ``@`` names are kept."""
@@ -645,7 +663,17 @@ class XenStore:
         self._fire(SPECIAL_INTRODUCE, None, exact=False)
 
     def release_domain(self, domid: int) -> None:
-        """A domain is gone: its nodes pass to dom0, its ACL entries go; fire ``@releaseDomain``."""
+        """A domain is gone: its nodes pass to dom0, its ACL entries go; fire ``@releaseDomain``.
+
+        A target relation it is part of goes too.  (xenstored keeps a stub
+        domain's ``conn->target`` while the stub lives, even past its
+        target's death, so a later domain given the same id would be its
+        target again; dropped here, as the gone domain's permission entries
+        are, so that a new domain with the same id inherits nothing.)
+        """
+        self.targets.pop(domid, None)
+        for stub in [s for s, t in self.targets.items() if t == domid]:
+            del self.targets[stub]
         for path, node in self.walk():
             perms = node.perms
             if perms[0].domid == domid:

@@ -67,6 +67,7 @@ class Transaction(XenStore):
         self.max_watches = base.max_watches
         self.root = base.root
         self.special = base.special
+        self.targets = base.targets
         self.watches = []
         self.events = []
         self.generation = base.generation
