@@ -3,8 +3,9 @@
 In-process service (``Server`` in a thread); domain ``b`` maps N grants of ``a``,
 then leaves; meanwhile ``c`` maps and unmaps one page of ``a`` in a loop.  Printed
 for each teardown chunk size (``Limits.preempt_teardown``; a huge one is no
-preemption at all, the same-run baseline): the teardown's time, the service's
-yields, and the bystander's map latencies during it.
+preemption at all, the same-run baseline): the teardown's time, its preemption
+points and the handoffs of the service lock to a waiter at them, and the
+bystander's map latencies during it.
 
     .venv/bin/python benchmarks/bench_teardown_fairness.py [N] [budget,budget,...]
 """
@@ -61,12 +62,14 @@ def run(n: int, budget: int) -> None:
     stop.set()
     th.join()
     yields = srv.counters["teardown_yields"]
+    handoffs = srv.counters["preempt_handoffs"]
     srv.stop()
     t.join()
     srv.close()
     worst = during[-1] * 1e3 if during else float("nan")
     median = during[len(during) // 2] * 1e3 if during else float("nan")
-    print(f"chunk {budget}: teardown of {n} mappings {td * 1e3:.0f} ms, {yields} yields; "
+    print(f"chunk {budget}: teardown of {n} mappings {td * 1e3:.0f} ms, {yields} preemption "
+          f"points, {handoffs} handoffs; "
           f"bystander maps during it: {len(during)}, worst {worst:.2f} ms, "
           f"median {median:.3f} ms", flush=True)
 

@@ -513,34 +513,90 @@ class InProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_a_huge_batch_lets_a_bystander_in() -> None:
-    """A 64-op copy batch runs 8 ops at a time; a bystander's one-page map, issued at
-    the first preemption point, is answered before the batch goes on."""
+class _Bystander:
+    """At the first preemption point of ``kind`` (the service lock held), ``c`` maps
+    one page of ``granter`` in a thread of its own; the point waits until that
+    request waits for the lock, then hands the lock over as any point does.  Every
+    point records ``c``'s mappings in the service and ``progress()``, so the map is
+    placed between two chunk boundaries, with no clock involved."""
+
+    def __init__(self, srv: Server, kind: str, c: Any, granter: int, ref: int,
+                 progress: Any) -> None:
+        self.srv, self.kind, self.c, self.granter, self.ref = srv, kind, c, granter, ref
+        self.progress = progress
+        #: (c's mappings, progress) at each preemption point, before it hands over
+        self.points: list[tuple[int, int]] = []
+        #: threads waiting for the lock at the point the map was sent from
+        self.waiting = 0
+        self.mapping: Any = None
+        self.read = b""
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _map(self) -> None:
+        try:
+            self.mapping = self.c.gnttab.map_grant_ref(self.granter, self.ref)
+            self.read = bytes(self.mapping.mem[:5])
+        except BaseException as e:  # pragma: no cover - reported by the test
+            self.error = e
+
+    def __call__(self, kind: str) -> None:
+        if kind != self.kind:
+            return
+        cid = self.c.domid
+        self.points.append((self.srv.hv.domains[cid].maptrack.in_use, self.progress()))
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._map)
+            self.thread.start()
+            # deterministic, not a time: the bystander's request now waits for the lock
+            assert self.srv.lock.wait_for_waiters(1, 60)
+            self.waiting = self.srv.lock.waiting
+
+    def answered_at(self) -> int:
+        """The first preemption point at which the bystander's map was in."""
+        return next(i for i, (maps, _left) in enumerate(self.points) if maps)
+
+    def finish(self) -> None:
+        assert self.thread is not None
+        self.thread.join(60)
+        assert self.error is None, self.error
+        self.mapping.unmap()
+        self.c.sync()
+
+
+def test_a_huge_batch_hands_the_lock_to_a_bystander() -> None:
+    """A 64-op copy batch runs 8 ops at a time (7 preemption points).  A bystander's
+    one-page map that waits for the lock at the first point is answered there: the
+    batch hands the lock over, with no sleep, and goes on once the map is in, so the
+    next point sees it mapped while the batch still has 48 ops to go."""
     svc = InProcess(Limits(preempt_ops=8))
     try:
         with connect(svc.path, timeout=30) as a, connect(svc.path, timeout=30) as b, \
                 connect(svc.path, timeout=30) as c:
+            srv = svc.server
             big = a.grant_table.share_pages(b.domid, 8)
             small = a.grant_table.share_pages(c.domid, 1)
             small.mem[:5] = b"small"
-            seen: list[tuple[str, bytes, int]] = []
 
-            def bystander(kind: str) -> None:
-                if kind == "batch" and not seen:
-                    with c.gnttab.map_grant_ref(a.domid, small.refs[0]) as m:
-                        seen.append((kind, bytes(m.mem[:5]),
-                                     svc.server.counters["batch_yields"]))
-                    c.sync()
+            def yields() -> int:
+                return srv.counters["batch_yields"]
 
-            svc.server.on_preempt = bystander
+            by = _Bystander(srv, "batch", c, a.domid, small.refs[0], yields)
+            srv.on_preempt = by
             bufs = [bytearray(16) for _ in range(64)]
             segs = [CopySegment(GrantRef(a.domid, big.refs[i % 8], 16 * (i // 8)), bufs[i], 16)
                     for i in range(64)]
             assert b.gnttab.grant_copy(segs) == [abi.GNTST_okay] * 64
-            svc.server.on_preempt = None
-            assert seen == [("batch", b"small", 1)]  # answered at the first of them
-            assert svc.server.counters["batch_yields"] == 7
-            assert svc.server.counters["preempted_batches"] == 1
+            srv.on_preempt = None
+            by.finish()
+            assert by.read == b"small"
+            assert len(by.points) == 7 and srv.counters["batch_yields"] == 7
+            assert srv.counters["preempted_batches"] == 1
+            # not mapped at the first point; mapped at the next one (or, if other
+            # threads waited too, within as many more): chunk boundaries, not time
+            assert by.points[0][0] == 0
+            assert 1 <= by.answered_at() <= by.waiting < 7
+            assert srv.counters["preempt_handoffs"] >= 1
             b.sync()
             big.unshare()
             small.unshare()
@@ -548,38 +604,45 @@ def test_a_huge_batch_lets_a_bystander_in() -> None:
         svc.close()
 
 
-def test_a_big_teardown_lets_a_bystander_in() -> None:
-    """A domain holding 200 mappings is torn down 16 handles at a time; a bystander's
-    map issued at the first preemption point is answered while mappings remain."""
+def test_a_big_teardown_hands_the_lock_to_a_bystander() -> None:
+    """A domain holding 200 mappings is torn down 16 handles at a time.  A bystander's
+    one-page map that waits for the lock at the first preemption point is answered
+    at that point: at the next one it is mapped while the dying domain still holds
+    mappings, so it was answered before the teardown finished."""
     svc = InProcess(Limits(preempt_teardown=16))
     try:
         with connect(svc.path, timeout=30) as a, connect(svc.path, timeout=30) as c:
+            srv = svc.server
             b = connect(svc.path, timeout=30)
             share = a.grant_table.share_pages(b.domid, 200)
             small = a.grant_table.share_pages(c.domid, 1)
             small.mem[:5] = b"still"
             mapping = b.gnttab.map_domain_grant_refs(a.domid, list(share.refs))
             assert len(mapping.handles) == 200
-            seen: list[tuple[bytes, int]] = []
             bid = b.domid
 
-            def bystander(kind: str) -> None:
-                if kind == "teardown" and not seen:
-                    left = svc.server.hv.domains[bid].maptrack.in_use
-                    with c.gnttab.map_grant_ref(a.domid, small.refs[0]) as m:
-                        seen.append((bytes(m.mem[:5]), left))
-                    c.sync()
+            refs = set(share.refs)
 
-            svc.server.on_preempt = bystander
+            def left() -> int:  # a's grants the dying b still maps (pinned)
+                return len(refs & set(srv.hv.domains[a.domid].gt.active))
+
+            by = _Bystander(srv, "teardown", c, a.domid, small.refs[0], left)
+            srv.on_preempt = by
             with warnings.catch_warnings():  # b leaves holding them: the service tears down
                 warnings.simplefilter("ignore")
                 b.close()  # returns once the teardown is done
                 del mapping
                 gc.collect()
-            svc.server.on_preempt = None
-            assert seen and seen[0][0] == b"still" and seen[0][1] > 0  # mappings were left
-            assert bid not in svc.server.hv.domains or svc.server.hv.domains[bid].is_dying
-            assert svc.server.counters["teardown_yields"] >= 200 // 16
+            srv.on_preempt = None
+            by.finish()
+            assert by.read == b"still"
+            at = by.answered_at()
+            assert by.points[0] == (0, 200)  # the walk starts at the top of the maptrack
+            assert 1 <= at <= by.waiting
+            assert by.points[at][1] > 0  # the dying domain still held mappings then
+            assert len(by.points) >= 200 // 16 and srv.counters["teardown_yields"] >= 200 // 16
+            assert srv.counters["preempt_handoffs"] >= 1
+            assert bid not in srv.hv.domains or srv.hv.domains[bid].is_dying
             share.try_unshare()
             small.unshare()
     finally:

@@ -31,6 +31,7 @@ from ..xssocket import XenstoredSocket
 
 if TYPE_CHECKING:
     from .connection import Connection, Payload
+    from .preempt import HandoffLock
     from .unmap_notify import Notify
 
 #: A message handler: the reply's payload for a request's payload.
@@ -65,7 +66,8 @@ class ServerBase:
     #: the listener is off epoll until then (accept failed: back off)
     _accept_again: float
     _accept_wait: float
-    #: called with the lock given up at every preemption point (tests)
+    #: called at every preemption point, the lock held, before a waiter may get
+    #: it (tests: a bystander is made to wait there)
     on_preempt: Callable[[str], None] | None
     #: seconds a connection's thread polls for the next request after one
     spin: float
@@ -75,8 +77,9 @@ class ServerBase:
     conns: dict[int, Connection]
     #: socket fd -> its connection (the main thread's epoll: hang-ups, backlogs)
     by_fd: dict[int, Connection]
-    #: held while anything of the service is read or changed
-    lock: threading.Lock
+    #: held while anything of the service is read or changed; long work hands it
+    #: to a waiting thread at its preemption points (service/server/preempt.py)
+    lock: HandoffLock
     ep: select.epoll
     _next_ident: int
     _to_close: list[Connection]

@@ -10,7 +10,7 @@ import select
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ...embedded import DEFAULT_MEMORY, EmbeddedXen
 from ...emu.grant_table import DEFAULT_MAX_GRANT_FRAMES
@@ -32,7 +32,7 @@ from .event_channel import EventChannelOps
 from .grant_table import GrantTableOps
 from .listener import ACCEPT_BACKOFF, Listener, _listen
 from .memory import MemoryOps
-from .preempt import Preemption
+from .preempt import HandoffLock, Preemption
 from .request_ring import RequestRing
 from .sysctl import Sysctl
 from .unmap_notify import Notify, UnmapNotify
@@ -132,14 +132,15 @@ class Server(
         #: what the service refused, throttled or preempted (in STATS)
         self.counters: dict[str, int] = dict.fromkeys(
             ("refused_uid", "refused_conns", "accept_errors", "throttled", "dropped_unread",
-             "preempted_batches", "batch_yields", "teardown_yields"), 0,
+             "preempted_batches", "batch_yields", "teardown_yields", "preempt_handoffs"), 0,
         )
         #: connections per uid
         self._per_uid: dict[int, int] = {}
         #: the listener is off epoll until then (accept failed: back off)
         self._accept_again = 0.0
         self._accept_wait = ACCEPT_BACKOFF[0]
-        #: called with the lock given up at every preemption point (tests)
+        #: called at every preemption point, the lock held, before a waiter may get
+        #: it (tests: a bystander is made to wait there)
         self.on_preempt: Callable[[str], None] | None = None
         #: seconds a connection's thread polls for the next request after one
         self.spin = spin
@@ -149,7 +150,7 @@ class Server(
         #: socket fd -> its connection (the main thread's epoll: hang-ups, backlogs)
         self.by_fd: dict[int, Connection] = {}
         #: held while anything of the service is read or changed
-        self.lock = threading.Lock()
+        self.lock = HandoffLock()
         self.ep = select.epoll()
         self._next_ident = 1
         self._to_close: list[Connection] = []
@@ -218,8 +219,9 @@ class Server(
         if xenstored_path is not None:
             try:
                 self.xenstored = XenstoredSocket(
-                    xenstored_path, self.xs, self.lock, self.xs_domains, self._dispatch_async,
-                    self.log, uid=self.identity.uid,
+                    # the HandoffLock is a Lock to it: acquire, release, with
+                    xenstored_path, self.xs, cast(threading.Lock, self.lock), self.xs_domains,
+                    self._dispatch_async, self.log, uid=self.identity.uid,
                 )
             except BaseException:
                 self.listener.close()

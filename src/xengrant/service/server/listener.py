@@ -16,6 +16,7 @@ import select
 import socket
 import threading
 import time
+from typing import cast
 
 from ..paths import peer_cred
 from .base import ServerBase
@@ -156,7 +157,8 @@ class Listener(ServerBase):
         sock.setblocking(True)  # the reader blocks in recv; sends say MSG_DONTWAIT
         with self.lock:
             conn = Connection(sock, self._next_ident, cred)
-            conn.drained = threading.Condition(self.lock)
+            # over the HandoffLock as over a Lock (its acquire and release)
+            conn.drained = threading.Condition(cast(threading.Lock, self.lock))
             self._next_ident += 1
             self.conns[conn.ident] = conn
             self.by_fd[conn.fd] = conn
