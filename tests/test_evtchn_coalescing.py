@@ -250,11 +250,21 @@ TestCoreAgainstModel.settings = settings(max_examples=150, stateful_step_count=4
 
 
 # ------------------------------------------- lockstep: in-process vs service
+_SERVERS: dict[str, Server] = {}
+
+
+def srv_counters(path: str) -> Counter[str]:
+    """The service's event-channel counters (its core's), read under its lock."""
+    srv = _SERVERS[path]
+    with srv.lock:
+        return Counter(srv.ev.counters)
+
+
 @pytest.fixture(scope="module")
 def server_path() -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="xg-evcoal-")
     path = os.path.join(tmp, "s.sock")
-    srv = Server(path, 32 << 20, log=lambda s: None)
+    srv = _SERVERS[path] = Server(path, 32 << 20, log=lambda s: None)
     t = threading.Thread(target=srv.serve_forever, kwargs={"close": False}, daemon=True)
     t.start()
     try:
@@ -401,6 +411,8 @@ def test_a_waiting_port_is_woken_once_however_many_sends(server_path: str) -> No
         pa = sa.evtchn.bind_unbound_port(sb.domid)
         pb = sb.evtchn.bind_interdomain(sa.domid, pa)
         assert sb.evtchn.wait(pb, 5) == pb
+        _settle(sa, sb)  # its unmask (one-way) is in before a sends
+        before = Counter(srv_counters(server_path))
         frames: list[int] = []
         orig = sb.channel.calls._frame
 
@@ -414,9 +426,11 @@ def test_a_waiting_port_is_woken_once_however_many_sends(server_path: str) -> No
             sa.evtchn.notify(pa)
         _settle(sa, sb)
         assert len(frames) == 1 and list(sb.channel.events) == [pb]
+        assert srv_counters(server_path) - before == Counter(delivered=1, coalesced=98, held=1)
         assert sb.evtchn.wait(pb, 5) == pb  # unmask: the one held while masked
         _settle(sa, sb)
         assert len(frames) == 2 and list(sb.channel.events) == [pb]
+        assert srv_counters(server_path) - before == Counter(delivered=2, coalesced=98, held=1)
 
 
 def _settle(*doms: Any) -> None:

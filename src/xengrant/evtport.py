@@ -17,7 +17,6 @@ the next wait at once, so "check, then sleep" loses no wake-up, as with
 
 from __future__ import annotations
 
-import struct
 import time
 from typing import TYPE_CHECKING, Union, cast
 
@@ -51,13 +50,6 @@ class EventPort:
         self.closed = False
         # The first real-Xen wrapper's pending() reads every port at once.
         self._legacy = not hasattr(evtchn, "wait_async")
-        # The service's notify can be posted (not waited for).
-        channel = getattr(evtchn, "channel", None)
-        self._post = getattr(channel, "post", None)
-        if self._post is not None:
-            from .service import protocol
-
-            self._msg_send = protocol.MSG_EVTCHN_SEND
 
     @classmethod
     def offer(cls, evtchn: PortHandle, remote_domid: int) -> EventPort:
@@ -80,23 +72,10 @@ class EventPort:
     def notify(self) -> None:
         """Signal the remote end (``EVTCHNOP_send``, ``xenevtchn_notify``).
 
-        On the service the send is posted: it returns without waiting for
-        the service's answer (the service runs it before anything this domain
-        sends next); a failure (the port closed under us) is raised by a later
-        call on the connection, as a posted unmap's is.
+        On the service the send is posted (see
+        :meth:`~xengrant.service.EventChannelClient.notify`).
         """
-        if self._post is not None:
-            self._post(self._msg_send, struct.pack("<I", self.port), self._on_reply)
-            return
         self.evtchn.notify(self.port)
-
-    def _on_reply(self, body: bytes) -> BaseException | None:
-        status = int.from_bytes(body[:4], "little", signed=True)
-        if status >= 0:
-            return None
-        error = getattr(self.evtchn, "error")  # noqa: B009 - the service's client's error type
-        err: BaseException = error(-status, bytes(body[4:]).decode("utf-8", "replace"))
-        return err
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for an event on this port, and unmask it (``libxenvchan_wait``).

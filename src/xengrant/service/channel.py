@@ -117,6 +117,8 @@ class Channel(RingFront):
         self._poller.register(self._fileno, select.POLLIN)
         self._rbuf = memoryview(bytearray(_RECV))
         self._send_lock = threading.Lock()
+        #: one-way frames to go out in front of the next message (owe)
+        self._owed: list[bytes] = []
         #: guards :attr:`calls` and the reader role
         self._mu = threading.Lock()
         self._cv = threading.Condition(self._mu)
@@ -191,11 +193,43 @@ class Channel(RingFront):
         size = len(payload) + len(tail)
         try:
             with self._send_lock:
+                if self._owed:  # one-way messages owed go first, in the same send
+                    head = b"".join(self._owed) + head
+                    self._owed.clear()
                 if size <= _GATHER:
                     self.sock.sendall(head + payload + tail if tail else head + payload)
                 else:
                     _sendv(self.sock, head, payload, tail)
                 self.sent += 1
+        except OSError as e:
+            raise self._fail(ServiceError(errno.EPIPE, f"service connection lost: {e}")) from None
+
+    def owe(self, frame: bytes) -> None:
+        """Keep a one-way message (a whole frame) to go out in front of the next
+        one sent on the connection, in the same system call, or with
+        :meth:`send_owed` (the event-channel client's unmasks:
+        :meth:`~xengrant.service.EventChannelClient.unmask`)."""
+        with self._send_lock:
+            self._owed.append(frame)
+
+    def disown(self, frame: bytes) -> None:
+        """Drop what :meth:`owe` kept of ``frame`` (not sent yet)."""
+        with self._send_lock:
+            self._owed[:] = [f for f in self._owed if f != frame]
+
+    def send_owed(self) -> None:
+        """Send the one-way messages :meth:`owe` kept, if any, now.
+
+        Raises:
+            ServiceError: EPIPE, the connection is gone.
+        """
+        if not self._owed:
+            return
+        try:
+            with self._send_lock:
+                if self._owed:
+                    self.sock.sendall(b"".join(self._owed))
+                    self._owed.clear()
         except OSError as e:
             raise self._fail(ServiceError(errno.EPIPE, f"service connection lost: {e}")) from None
 
