@@ -10,11 +10,20 @@ local port; ``read`` returns pending ports as 32-bit integers, each masked
 until written back (``write`` = unmask); ``IOCTL_EVTCHN_NOTIFY`` signals the
 remote end of a local port.  Xen marks a newly bound interdomain port pending
 (``evtchn_bind_interdomain``), so the first read after a bind may return it.
+
+Failures are logged to ``xengrant.linux`` (:mod:`._log`), rate-limited, as the
+grant calls' are: a bind the other domain decides (its port not unbound or
+not offered to us, the domain gone: ``EINVAL``/``ESRCH``/``EPERM``/``EACCES``/
+``EBUSY`` from ``evtchn_bind_interdomain`` / ``evtchn_alloc_unbound``) at
+DEBUG with the errno; every other failure -- of this handle (a port it did
+not bind, ``ENOTCONN``), of this domain (no ports left) or of the device --
+at WARNING.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+import logging
 import os
 import select
 import struct
@@ -27,9 +36,28 @@ from ..abi import evtchn as ev
 from ..evtchn.core import EvtchnError
 from ..evtchn.protocol import poll_fd_async, timed_out
 from ._device import Device, OsDevice
-from .errors import from_oserror
+from ._log import ratelimited
+from .errors import describe, from_oserror
 
 EVTCHN_PATH = "/dev/xen/evtchn"
+
+#: what the other domain decides: a bind's errno that is its doing, not ours
+#: (``evtchn_bind_interdomain``: the remote port is not unbound or not offered
+#: to this domain, EINVAL; the remote domain is gone, ESRCH; XSM said no,
+#: EPERM/EACCES; ``evtchn_alloc_unbound`` for a domain that is gone, ESRCH)
+_PEER_ERRNOS = {
+    "bind_interdomain": frozenset({_errno.EINVAL, _errno.ESRCH, _errno.EPERM, _errno.EACCES,
+                                   _errno.EBUSY}),
+    "bind_unbound_port": frozenset({_errno.ESRCH, _errno.EPERM, _errno.EACCES}),
+}
+
+
+def log_failure(name: str, call: str, err: int) -> None:
+    """Say why an event-channel call failed: DEBUG when the other domain decided
+    it (:data:`_PEER_ERRNOS`), else WARNING; rate-limited per call and errno."""
+    peer = err in _PEER_ERRNOS.get(name, ())
+    ratelimited(logging.DEBUG if peer else logging.WARNING, ("evtchn", name, err),
+                "evtchn %s: %s", name, describe(call, err))
 
 
 class _EvtchnDevice:
@@ -56,11 +84,16 @@ class _EvtchnDevice:
     def _error(self, name: str, call: str, e: OSError) -> Exception:
         return from_oserror(name, call, e)
 
+    def _fail(self, name: str, call: str, e: OSError) -> Exception:
+        """Log the failure (:func:`log_failure`) and make its exception."""
+        log_failure(name, call, e.errno or _errno.EIO)
+        return self._error(name, call, e)
+
     def _ioctl(self, name: str, request: int, arg: Any) -> int:
         try:
             return self.dev.ioctl(request, arg)
         except OSError as e:
-            raise self._error(name, f"IOCTL_EVTCHN_{name.upper()} of {self.path}", e) from e
+            raise self._fail(name, f"IOCTL_EVTCHN_{name.upper()} of {self.path}", e) from e
 
     def bind_unbound_port(self, remote_domid: int) -> int:
         """Allocate a port ``remote_domid`` may bind to (``xenevtchn_bind_unbound_port``).
@@ -119,7 +152,7 @@ class _EvtchnDevice:
         try:
             self.dev.write(struct.pack("=I", port))
         except OSError as e:
-            raise self._error("unmask", f"write of {self.path}", e) from e
+            raise self._fail("unmask", f"write of {self.path}", e) from e
 
     def _read_ports(self, timeout: float | None) -> list[int]:
         """Ports the driver queued (each masked), waiting up to ``timeout``; [] if none."""
@@ -132,7 +165,7 @@ class _EvtchnDevice:
         except OSError as e:
             if e.errno == _errno.EAGAIN:
                 return []
-            raise self._error("pending", f"read of {self.path}", e) from e
+            raise self._fail("pending", f"read of {self.path}", e) from e
         return [p for (p,) in struct.iter_unpack("=I", data[: len(data) // 4 * 4])]
 
     def close(self) -> None:

@@ -28,12 +28,21 @@ waits at most ``timeout`` seconds (``TimeoutError``); what xenstored sends is
 input from another domain's daemon and is bounded (``len`` <= 4096) before it
 is read.  Transactions (:meth:`LinuxXenStore.transaction`) put their
 ``tx_id`` in each request's header, as libxenstore does.
+
+Logging (``xengrant.linux``, as the grant calls, :mod:`._log`): xenstored's
+error answers (``ENOENT``, ``EACCES``, ``EAGAIN`` ...: what other domains'
+nodes and permissions decide) at DEBUG with the errno, rate-limited; a
+request given up for want of a reply at WARNING, rate-limited; a connection
+that died (xenstored closed it, sent a message over 4096 bytes, a read or
+write failed) at WARNING, once; every later request on it fails at once with
+the same errno (its stream is gone or out of step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
@@ -72,6 +81,7 @@ from ..xenstore.wire import (  # noqa: F401  (re-exported: the XS_* numbers of x
     XS_WRITE,
 )
 from ..xsapi import Watching, WireTransaction
+from ._log import logger, ratelimited
 
 XENSTORED_SOCKET = "/var/run/xenstored/socket"
 XENBUS_DEVICE = "/dev/xen/xenbus"
@@ -122,6 +132,8 @@ class LinuxXenStore:
         #: watch events read while waiting for something else: (path, token)
         self.watch_events = self.codec.watch_events
         self.closed = False
+        #: why the connection died (logged once), or None
+        self.broken: XenStoreError | None = None
 
     def __repr__(self) -> str:
         return f"<LinuxXenStore {self.path}{' closed' if self.closed else ''}>"
@@ -156,6 +168,9 @@ class LinuxXenStore:
             except BlockingIOError:
                 select.select([], [self.fd], [], 1.0)
                 continue
+            except OSError as e:
+                raise self._broke(XenStoreError(
+                    e.errno or errno.EIO, f"write to {self.path}: {e.strerror}")) from None
             view = view[n:]
 
     def _pump(self, deadline: float | None) -> bool:
@@ -170,10 +185,25 @@ class LinuxXenStore:
             chunk = os.read(self.fd, 65536)
         except BlockingIOError:
             return True
+        except OSError as e:
+            raise self._broke(XenStoreError(
+                e.errno or errno.EIO, f"read of {self.path}: {e.strerror}")) from None
         if not chunk:
-            raise XenStoreError(errno.ECONNRESET, f"{self.path} closed the connection")
-        self.codec.feed(chunk)  # bounded: a message over 4096 bytes raises EPROTO
+            raise self._broke(
+                XenStoreError(errno.ECONNRESET, f"{self.path} closed the connection"))
+        try:
+            self.codec.feed(chunk)  # bounded: a message over 4096 bytes raises EPROTO
+        except XenStoreError as e:
+            raise self._broke(e) from None
         return True
+
+    def _broke(self, err: XenStoreError) -> XenStoreError:
+        """The connection is dead: say why once, at WARNING; returns ``err``."""
+        if self.broken is None:
+            self.broken = err
+            logger.warning("xenstore connection %s failed: %s (errno %s)", self.path,
+                           err.detail or err, err.errno)
+        return err
 
     def _call(self, mtype: int, payload: bytes, timeout: float | None = None,
               tx: int = 0) -> bytes:
@@ -181,6 +211,8 @@ class LinuxXenStore:
         with self._mu:
             if self.closed:
                 raise XenStoreError(errno.EBADF, "the connection is closed")
+            if self.broken is not None:  # its stream is gone or out of step: no more requests
+                raise XenStoreError(self.broken.errno or errno.EIO, f"{name}: {self.broken.detail}")
             req_id, data = self.codec.request(mtype, payload, tx)
             deadline = self._deadline(timeout)
             try:
@@ -188,11 +220,25 @@ class LinuxXenStore:
                 while True:
                     msg = self.codec.reply(req_id)
                     if msg is not None:
-                        return result(msg, name)
+                        return self._result(msg, name)
                     if not self._pump(deadline):
+                        ratelimited(logging.WARNING, ("xenstore", "timeout"),
+                                    "%s: no reply from %s in time; the request is given up",
+                                    name, self.path)
                         raise TimeoutError(f"{name}: no reply from {self.path} in time")
             finally:
                 self.codec.forget(req_id)
+
+    @staticmethod
+    def _result(msg: _w.Message, name: str) -> bytes:
+        """The reply's payload; xenstored's error answer logged at DEBUG and raised."""
+        try:
+            return result(msg, name)
+        except XenStoreError as e:
+            err = e.errno or errno.EINVAL
+            ratelimited(logging.DEBUG, ("xenstore", name, err), "%s: xenstored answered %s (%d)",
+                        name, errno.errorcode.get(err, str(err)), err)
+            raise
 
     # ------------------------------------------------------------- requests
     def read(self, path: str, timeout: float | None = None) -> bytes:
