@@ -44,5 +44,5 @@ echo "== pytest (C paths under ASan + UBSan)"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --capture=sys \
   tests/test_fastpath.py tests/test_fastpath_copy.py tests/test_fastpath_map.py \
   tests/test_bulk_paths.py tests/test_service_fast.py tests/test_service_fuzz.py \
-  tests/test_service_protocol.py tests/test_service_wait.py tests/test_service_calls.py tests/test_service_ring.py tests/test_abi.py tests/test_service_backing.py \
+  tests/test_service_protocol.py tests/test_service_wait.py tests/test_service_calls.py tests/test_service_ring.py tests/test_ring_client_diff.py tests/test_abi.py tests/test_service_backing.py \
   tests/test_fidelity.py "$@"

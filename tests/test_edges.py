@@ -656,16 +656,19 @@ def test_maptrack_lookup_of_handles_never_handed_out() -> None:
 
 
 def test_fastpath_default_follows_the_environment() -> None:
-    """XENGRANT_FASTPATH=0 starts the C runs off; anything else (or nothing) on."""
+    """XENGRANT_FASTPATH=0 starts the C runs off, and the service client's C paths
+    (frontring.C_PATHS); anything else (or nothing) on."""
     import os
     import subprocess
     import sys
 
     code = (
         "from xengrant.emu import batch, gnttab_copy, gnttab_map as m; "
-        "print(batch.FASTPATH_DEFAULT, m.FASTPATH, gnttab_copy.FASTPATH)"
+        "from xengrant.service import frontring; "
+        "print(batch.FASTPATH_DEFAULT, m.FASTPATH, gnttab_copy.FASTPATH, frontring.C_PATHS)"
     )
-    cases = (("0", "False False False"), ("1", "True True True"), (None, "True True True"))
+    cases = (("0", "False False False False"), ("1", "True True True True"),
+             (None, "True True True True"))
     for value, want in cases:
         env = {k: v for k, v in os.environ.items() if k != "XENGRANT_FASTPATH"}
         if value is not None:

@@ -1,5 +1,20 @@
 /*
- * The request ring's client side (the layout and rules are in _ring.c).
+ * The request ring's client side (the layout and rules are in _ring.c): it
+ * writes one-op requests, and reads responses: it copies each response slot
+ * out as it consumes it and hands the bytes back, in order, for
+ * xengrant.service.frontring to decide what they mean (a map done, a posted
+ * unmap done, a reply coming on the socket, or a response the service never
+ * sends) and to update the client's state (its p2m mirror, its posted
+ * requests, its holes).  xengrant.service.ringio is the same in Python, and
+ * tests/test_ring_client_diff.py holds the two to each other.
+ *
+ * The only things decided here are the ring's own: whether there is room
+ * for a request (RING_FULL), whether a response is the one waited for (its
+ * id), and whether the service's rsp_prod is possible at all: more
+ * responses than requests made is bogus (stricter than
+ * RING_RESPONSE_PROD_OVERFLOW, which Linux's front ends check), and nothing
+ * is read then.  So a call reads at most the slots of requests it made, each
+ * once, and never outside the page.
  */
 #include "_cext.h"
 
@@ -33,45 +48,9 @@ xg_put_unmap_op(unsigned char *op, const unsigned long long *v)
     memcpy(op + 16, &handle, 4);
 }
 
-/* a posted one-op unmap that succeeded, done as its on_reply would do it:
- * posted[key] popped, gfnobj out of the p2m mirror and on freed (a hole
- * again); 0, or -1 with an exception set */
-static int
-xg_unmap_done(PyObject *posted, PyObject *key, PyObject *gfnobj, PyObject *p2m, PyObject *freed)
-{
-    Py_INCREF(gfnobj); /* posted's entry holds it until popped */
-    int bad = PyList_Append(freed, gfnobj) < 0 || PyDict_DelItem(posted, key) < 0 ||
-              xg_p2m_drop(p2m, gfnobj) < 0;
-    Py_DECREF(gfnobj);
-    return bad ? -1 : 0;
-}
-
-/* p2m[gfn] = (mfn, type) in a client's p2m mirror: 0, or -1 with an exception set */
-static int
-xg_p2m_set(PyObject *p2m, unsigned long long gfn, long long mfn, long long typ)
-{
-    PyObject *key = PyLong_FromUnsignedLongLong(gfn);
-    int bad = key == NULL || xg_p2m_put(p2m, key, mfn, typ) < 0;
-    Py_XDECREF(key);
-    return bad ? -1 : 0;
-}
-
-/* the one-page lanes' (posted, p2m, freed) at args[0..2]: 0, or -1 with TypeError */
-static int
-xg_lane_args(PyObject *const *args, PyObject **posted, PyObject **p2m, PyObject **freed)
-{
-    *posted = args[0];
-    *p2m = args[1];
-    *freed = args[2];
-    if (!PyDict_Check(*posted) || !PyDict_Check(*p2m) || !PyList_Check(*freed)) {
-        PyErr_SetString(PyExc_TypeError, "posted and p2m must be dicts, freed a list");
-        return -1;
-    }
-    return 0;
-}
-
-/* write a request at req_prod_pvt (state[0]) under lock and push it; 1 sent,
- * -1 the ring is full (nothing sent), -2 with an exception set */
+/* ringio.py's _post: write a request at req_prod_pvt (state[0]) under lock
+ * and push it; 1 sent, -1 the ring is full (nothing sent), -2 with an
+ * exception set */
 static int
 xg_ring_post(unsigned char *ring, unsigned char *st, PyObject *lock, int kick_fd,
              const unsigned char *slot)
@@ -162,70 +141,7 @@ xg_ring_post_unmap(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nar
     return xg_ring_post_op(args, 3, xg_unmap_one_max, XG_GNTTABOP_unmap_grant_ref);
 }
 
-/* one response for the client: a posted one-op unmap that succeeded is done
- * (popped, its gfn out of the p2m and on freed), one answered on the socket
- * goes on later (if not NULL); 1 if it is the response to seq (*kind, and
- * for a done map the handle, mfn and p2mt), 0 otherwise, -1 with an
- * exception set */
-static int
-xg_ring_answer(const unsigned char *rsp, long long seq, PyObject *posted, PyObject *p2m,
-               PyObject *freed, PyObject *later, int *kind, long long *handle, long long *mfn,
-               long long *typ)
-{
-    uint32_t id;
-    uint16_t cmd;
-    int16_t k;
-    memcpy(&id, rsp, 4);
-    memcpy(&cmd, rsp + 4, 2);
-    memcpy(&k, rsp + 6, 2);
-    if (seq >= 0 && id == (uint32_t)seq) {
-        *kind = k;
-        int16_t status;
-        uint32_t h;
-        int64_t m64, t64;
-        memcpy(&status, rsp + 8 + 18, 2);
-        memcpy(&h, rsp + 8 + 20, 4);
-        memcpy(&m64, rsp + 40, 8);
-        memcpy(&t64, rsp + 48, 8);
-        if (k == XG_RSP_DONE && (cmd != XG_GNTTABOP_map_grant_ref || status != 0 || m64 < 0))
-            *kind = -1; /* not what the service sends */
-        *handle = h;
-        *mfn = m64;
-        *typ = t64;
-        return 1;
-    }
-    int16_t status;
-    memcpy(&status, rsp + 8 + 20, 2);
-    PyObject *key = PyLong_FromUnsignedLong(id);
-    if (key == NULL)
-        return -1;
-    if (k != XG_RSP_DONE || cmd != XG_GNTTABOP_unmap_grant_ref || status != 0) {
-        /* on the socket (its seq on later: the posted entry waits there), or a
-         * map done for an entry of another kind (its slot on later, for Python
-         * to finish), or not the service's */
-        int bad = 0;
-        if (later != NULL && PyDict_Contains(posted, key) == 1) {
-            PyObject *item = k == XG_RSP_SOCKET ? Py_NewRef(key)
-                             : k == XG_RSP_DONE && cmd == XG_GNTTABOP_map_grant_ref
-                                 ? PyBytes_FromStringAndSize((const char *)rsp, XG_RING_SLOT)
-                                 : NULL;
-            bad = item != NULL ? PyList_Append(later, item) < 0 : PyErr_Occurred() != NULL;
-            Py_XDECREF(item);
-        }
-        Py_DECREF(key);
-        return bad || PyErr_Occurred() ? -1 : 0;
-    }
-    PyObject *entry = PyDict_GetItemWithError(posted, key); /* borrowed */
-    if (entry == NULL || !PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2) {
-        Py_DECREF(key);
-        return PyErr_Occurred() ? -1 : 0; /* no entry: nobody waits for it */
-    }
-    int bad = xg_unmap_done(posted, key, PyTuple_GET_ITEM(entry, 0), p2m, freed);
-    Py_DECREF(key);
-    return bad;
-}
-
-/* the wait of ring_collect, the GIL released: 0 the ring has responses, -2
+/* ringio.py's _wait_rsp, the GIL released: 0 the ring has responses, -2
  * the socket hung up, -3 timed out, 4 EINTR.  The socket is watched for a
  * hang-up only: its messages are for whoever reads it. */
 static int
@@ -267,41 +183,70 @@ xg_ring_wait_rsp(unsigned char *ring, unsigned char *st, long long spin_ns, doub
     }
 }
 
-/* consume responses and wait as ring_collect says, with the page and state
- * already held; 0, or -1 with an exception set.  A signal handler that raises
- * while it waits does not end the wait (a hypercall is not given up): its
- * exception goes to *signalled (the first one; NULL if none), for the caller
- * to raise once the response is in. */
+/* the responses taken so far by one call: their slots, in order (PyMem) */
+typedef struct {
+    unsigned char *buf;
+    size_t len, cap;
+} xg_rsps;
+
 static int
-xg_ring_collect_in(unsigned char *ring, unsigned char *st, long long seq, long long spin_ns,
-                   int timeout_ms, PyObject *posted, PyObject *p2m, PyObject *freed,
-                   PyObject *later, int wait_fd, int sock_fd, int *status, long long *handle,
-                   long long *mfn, long long *typ, PyObject **signalled)
+xg_rsps_add(xg_rsps *r, const unsigned char *slot)
+{
+    if (r->len + XG_RING_SLOT > r->cap) {
+        size_t cap = r->cap ? r->cap * 2 : 4 * XG_RING_SLOT;
+        unsigned char *grown = PyMem_Realloc(r->buf, cap);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        r->buf = grown;
+        r->cap = cap;
+    }
+    memcpy(r->buf + r->len, slot, XG_RING_SLOT);
+    r->len += XG_RING_SLOT;
+    return 0;
+}
+
+/* ringio.py's _consume: copy the responses out from rsp_cons (state[1]),
+ * each slot freed (rsp_cons advanced) as it is copied, up to and including
+ * the one whose id is seq (seq < 0: all there are).  1: seq's response was
+ * taken (the last one added); 0: not (yet); -4: rsp_prod is bogus, nothing
+ * taken; -1 with an exception set. */
+static int
+xg_consume(unsigned char *ring, unsigned char *st, long long seq, xg_rsps *out)
+{
+    uint32_t cons = xg_ld32(st + 4), prod = xg_ld32(ring + 8);
+    if ((uint32_t)(prod - cons) > (uint32_t)(xg_ld32(st) - cons))
+        return -4; /* more responses than requests */
+    while (cons != prod) {
+        unsigned char rsp[XG_RING_SLOT];
+        memcpy(rsp, xg_slot(ring, cons), XG_RING_SLOT);
+        xg_st32(st + 4, ++cons); /* the slot is free again */
+        if (xg_rsps_add(out, rsp) < 0)
+            return -1;
+        uint32_t id;
+        memcpy(&id, rsp, 4);
+        if (seq >= 0 && id == (uint32_t)seq)
+            return 1;
+    }
+    return 0;
+}
+
+/* ringio.py's ring_map_one, its loop: consume until seq's response, waiting
+ * (spinning up to spin_ns first) while there is none.  A signal handler that raises
+ * while it waits does not end the wait (a hypercall is not given up): its
+ * exception goes to *signalled (the first one), for the caller to raise
+ * once the response is in.  0: taken; -2: the socket hung up; -3: timed
+ * out; -4: rsp_prod is bogus; -1 with an exception set. */
+static int
+xg_await_rsp(unsigned char *ring, unsigned char *st, long long seq, long long spin_ns,
+             int timeout_ms, int wait_fd, int sock_fd, xg_rsps *out, PyObject **signalled)
 {
     double deadline = timeout_ms < 0 ? 0 : xg_now_ns() + (double)timeout_ms * 1e6;
-    int kind = 0;
-    *status = 3;
     for (;;) {
-        uint32_t cons = xg_ld32(st + 4), prod = xg_ld32(ring + 8);
-        if ((uint32_t)(prod - cons) > XG_RING_SIZE) {
-            *status = -4;
-            return 0;
-        }
-        int mine = 0;
-        while (cons != prod && !mine) {
-            unsigned char rsp[XG_RING_SLOT];
-            memcpy(rsp, xg_slot(ring, cons), XG_RING_SLOT);
-            xg_st32(st + 4, ++cons); /* the slot is free again */
-            mine = xg_ring_answer(rsp, seq, posted, p2m, freed, later, &kind, handle, mfn, typ);
-            if (mine < 0)
-                return -1;
-        }
-        if (mine) {
-            *status = kind == XG_RSP_DONE ? 0 : kind == XG_RSP_SOCKET ? 1 : -1;
-            return 0;
-        }
-        if (seq < 0)
-            return 0; /* drained: 3 */
+        int got = xg_consume(ring, st, seq, out);
+        if (got != 0)
+            return got == 1 ? 0 : got;
         int w;
         Py_BEGIN_ALLOW_THREADS
         w = xg_ring_wait_rsp(ring, st, spin_ns, deadline, wait_fd, sock_fd);
@@ -317,126 +262,104 @@ xg_ring_collect_in(unsigned char *ring, unsigned char *st, long long seq, long l
             }
             continue;
         }
-        if (w != 0) {
-            *status = w;
-            return 0;
-        }
+        if (w != 0)
+            return w;
     }
 }
 
 /*
- * ring_collect(ring, state, posted, p2m, freed, later) -> status
+ * ring_collect(ring, state) -> bytes | None
  *
- * The client's side: consume the responses there are, from rsp_cons
- * (state[1]) in order, without waiting.  Each posted one-op unmap that
- * succeeded (its entry (gfn, on_reply) in posted) is done as its
- * on_reply would do it: popped, its gfn out of the p2m mirror and on freed.
- * One answered on the socket keeps its entry (its reply comes there; its
- * seq goes on later); a map done for a posted entry of another kind keeps
- * it too, its response slot on later (the client posts none such today).
- * Returns 3, or -4 if the service's rsp_prod is bogus.
+ * The client's side: the responses there are, from rsp_cons (state[1]) on,
+ * consumed without waiting: their 64-byte slots, in order (b"" if none).
+ * None if the service's rsp_prod is bogus (more responses than requests
+ * made): nothing is consumed then.
  */
 static PyObject *
 xg_ring_collect(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
-    ARGCHECK(6, "ring_collect(ring, state, posted, p2m, freed, later) -> status")
-    PyObject *posted, *p2m, *freed, *later = args[5];
-    if (xg_lane_args(args + 2, &posted, &p2m, &freed) < 0)
-        return NULL;
-    if (!PyList_Check(later)) {
-        PyErr_SetString(PyExc_TypeError, "ring_collect: later must be a list");
-        return NULL;
-    }
+    ARGCHECK(2, "ring_collect(ring, state) -> bytes | None")
     Py_buffer rb, sb;
     if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
         return NULL;
-    int status;
-    long long handle, mfn, typ;
-    PyObject *signalled = NULL; /* (it does not wait) */
-    int rc = xg_ring_collect_in(rb.buf, sb.buf, -1, 0, 0, posted, p2m, freed, later, -1, -1,
-                                &status, &handle, &mfn, &typ, &signalled);
-    Py_XDECREF(signalled);
+    xg_rsps out = {NULL, 0, 0};
+    int got = xg_consume(rb.buf, sb.buf, -1, &out);
+    PyObject *res = NULL;
+    if (got == -4)
+        res = Py_NewRef(Py_None);
+    else if (got != -1)
+        res = PyBytes_FromStringAndSize((const char *)out.buf, (Py_ssize_t)out.len);
+    PyMem_Free(out.buf);
     xg_ring_release(&rb, &sb);
-    return rc < 0 ? NULL : PyLong_FromLong(status);
+    return res;
 }
 
 /*
  * ring_map_one(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom, spin_ns, timeout_ms,
- *              posted, p2m, freed, later, wait_fd, sock_fd)
- *     -> (status, handle, mfn, p2mt, signalled)
+ *              wait_fd, sock_fd) -> (status, rsps, signalled)
  *
- * The one-page lane on the ring: ring_post_map (a full ring is collected
- * first, then tried again), then the responses consumed as ring_collect
- * does (the seqs of posted requests answered on the socket go on later:
- * the caller reads their replies before it returns), waiting for the one
- * to seq: polling up to spin_ns, then sleeping
- * with rsp_event set until wait_fd is kicked (the socket is watched for a
- * hang-up only).
- *   status 0: mapped: p2m[gfn] = (mfn, p2mt), handle the op's;
- *   status 1: its reply comes on the socket;
- *   status 5: nothing sent (a value does not fit; the ring is full);
- *   status -1: a response the service does not send; -2: the socket hung
- *   up; -3: timed out; -4: the service's rsp_prod is bogus.
+ * The one-page map on the ring: ring_post_map (a full ring is collected
+ * first, then tried again), then the responses consumed until the one to
+ * seq: polling up to spin_ns, then sleeping with rsp_event set until
+ * wait_fd is kicked (the socket is watched for a hang-up only).  rsps is
+ * every response slot consumed, in order, seq's last when status is 0;
+ * the caller decides what each means.
+ *   status 0: seq's response is the last of rsps;
+ *   status 5: nothing sent (a value does not fit the op; the ring is full);
+ *   status -2: the socket hung up; -3: timed out; -4: the service's rsp_prod
+ *   is bogus (nothing more consumed).
  * signalled: None, or the exception a signal handler raised while it waited
- * (the wait went on) or as it returned: the caller raises it once it took
+ * (the wait went on) or as it returns: the caller raises it once it took
  * the result.
  */
 static PyObject *
 xg_ring_map_one(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
-    ARGCHECK(17, "ring_map_one(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom, spin_ns, "
-                 "timeout_ms, posted, p2m, freed, later, wait_fd, sock_fd) -> (status, handle, "
-                 "mfn, p2mt, signalled)")
-    PyObject *posted, *p2m, *freed, *later = args[14];
-    if (xg_lane_args(args + 11, &posted, &p2m, &freed) < 0)
-        return NULL;
-    if (!PyList_Check(later)) {
-        PyErr_SetString(PyExc_TypeError, "ring_map_one: later must be a list");
-        return NULL;
-    }
+    ARGCHECK(13, "ring_map_one(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom, spin_ns, "
+                 "timeout_ms, wait_fd, sock_fd) -> (status, rsps, signalled)")
     int kick_fd, timeout_ms, wait_fd, sock_fd;
     long long spin_ns = PyLong_AsLongLong(args[9]);
     if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[3], &kick_fd) < 0 ||
-        xg_as_int(args[10], &timeout_ms) < 0 || xg_as_int(args[15], &wait_fd) < 0 ||
-        xg_as_int(args[16], &sock_fd) < 0)
+        xg_as_int(args[10], &timeout_ms) < 0 || xg_as_int(args[11], &wait_fd) < 0 ||
+        xg_as_int(args[12], &sock_fd) < 0)
         return NULL;
     unsigned long long v[5]; /* seq, gfn, flags, ref, dom */
-    long long handle = -1, mfn = -1, typ = 0;
     if (!xg_fit_all(args + 4, 5, xg_map_one_max, v))
-        return Py_BuildValue("(iLLLO)", 5, handle, mfn, typ, Py_None);
+        return Py_BuildValue("(iyO)", 5, "", Py_None);
     unsigned char slot[XG_RING_SLOT];
     xg_ring_slot(slot, XG_GNTTABOP_map_grant_ref, v);
     Py_buffer rb, sb;
     if (xg_ring_bufs(args[0], args[1], &rb, &sb) < 0)
         return NULL;
     PyObject *res = NULL, *signalled = NULL;
+    xg_rsps out = {NULL, 0, 0};
     int status = 5;
     int sent = xg_ring_post(rb.buf, sb.buf, args[2], kick_fd, slot);
     if (sent == -1) { /* full: what is there first */
-        if (xg_ring_collect_in(rb.buf, sb.buf, -1, 0, 0, posted, p2m, freed, later, -1, -1,
-                               &status, &handle, &mfn, &typ, &signalled) < 0)
+        int got = xg_consume(rb.buf, sb.buf, -1, &out);
+        if (got == -1)
             goto out;
-        status = status == -4 ? -4 : 5;
-        if (status == 5)
+        if (got == -4)
+            status = -4;
+        else
             sent = xg_ring_post(rb.buf, sb.buf, args[2], kick_fd, slot);
     }
     if (sent == -2)
         goto out;
     if (sent == 1) {
-        if (xg_ring_collect_in(rb.buf, sb.buf, (long long)v[0], spin_ns, timeout_ms, posted, p2m,
-                               freed, later, wait_fd, sock_fd, &status, &handle, &mfn, &typ,
-                               &signalled) < 0)
-            goto out;
-        if (status == 0 && xg_p2m_set(p2m, v[1], mfn, typ) < 0)
+        status = xg_await_rsp(rb.buf, sb.buf, (long long)v[0], spin_ns, timeout_ms, wait_fd,
+                              sock_fd, &out, &signalled);
+        if (status == -1)
             goto out;
     }
     /* a signal that came as it returns: handled here, returned with the result */
     if (signalled == NULL && PyErr_CheckSignals() < 0)
         signalled = xg_take_exception();
-    res = Py_BuildValue("(iLLLO)", status, handle, mfn, typ,
-                        signalled != NULL ? signalled : Py_None);
+    res = Py_BuildValue("(iy#O)", status, out.buf != NULL ? (const char *)out.buf : "",
+                        (Py_ssize_t)out.len, signalled != NULL ? signalled : Py_None);
 out:
     Py_XDECREF(signalled);
+    PyMem_Free(out.buf);
     xg_ring_release(&rb, &sb);
     return res;
 }
@@ -446,10 +369,10 @@ PyMethodDef xg_ring_client_methods[] = {
                         "-> 1 sent, 0 does not fit, -1 ring full"),
     FAST(ring_post_unmap, "ring_post_unmap(ring, state, lock, kick_fd, seq, gfn, handle) -> 1 "
                           "sent, 0 does not fit, -1 ring full"),
-    FAST(ring_collect, "ring_collect(ring, state, posted, p2m, freed, later) -> status: the "
-                       "ring's responses there are, consumed"),
+    FAST(ring_collect, "ring_collect(ring, state) -> the response slots there are (consumed), "
+                       "or None if rsp_prod is bogus"),
     FAST(ring_map_one, "ring_map_one(ring, state, lock, kick_fd, seq, gfn, flags, ref, dom, "
-                       "spin_ns, timeout_ms, posted, p2m, freed, later, wait_fd, sock_fd) -> "
-                       "(status, handle, mfn, p2mt): the one-page lane on the ring"),
+                       "spin_ns, timeout_ms, wait_fd, sock_fd) -> (status, rsps, signalled): "
+                       "the one-page map on the ring"),
     {NULL, NULL, 0, NULL},
 };

@@ -33,7 +33,8 @@ from .errors import ServiceError
 #: What a posted request runs on its reply: the failure to report, or None.
 OnReply = Callable[[bytes], Optional[BaseException]]
 #: A posted request's entry: ``on_reply``, or ``(gfn, on_reply)`` for a posted
-#: one-op unmap (the ring's C consumer finishes a success's without Python).
+#: one-op unmap on the request ring (a success there is finished by
+#: :mod:`~xengrant.service.frontring` from its ring response, without ``on_reply``).
 Posted = Union[OnReply, "tuple[int, OnReply]"]
 
 
