@@ -7,6 +7,7 @@ connection is closed)."""
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
@@ -95,25 +96,38 @@ def test_recv_wait_refuses_a_readonly_buffer(pair: tuple[socket.socket, socket.s
         _cext.recv_wait(a.fileno(), b"readonly", 0, 0)
 
 
-# ---------------------------------------------------------------- recv_held
-def test_recv_held_returns_what_it_read_and_no_signal(
+# ---------------------------------------------------------------- recv_fill
+def test_recv_fill_reads_at_fill_and_counts_it(
         pair: tuple[socket.socket, socket.socket]) -> None:
+    """The bytes land at fill and fill grows by them in the same call; nothing
+    read, nothing counted; a closed peer is 0."""
     a, b = pair
-    buf = bytearray(64)
+    buf, fill = bytearray(64), array.array("q", [3])
     b.sendall(b"hello")
-    assert _cext.recv_held(a.fileno(), buf, 0, 1000) == (5, None)
-    assert bytes(buf[:5]) == b"hello"
-    assert _cext.recv_held(a.fileno(), buf, 0, 0) == (-1, None)  # nothing within 0 ms
+    assert _cext.recv_fill(a.fileno(), buf, fill, 0, 1000) == (5, None)
+    assert bytes(buf[:8]) == b"\0\0\0hello" and fill[0] == 8
+    assert _cext.recv_fill(a.fileno(), buf, fill, 0, 0) == (-1, None)  # nothing within 0 ms
+    assert fill[0] == 8
+    b.sendall(b"x" * 100)
+    assert _cext.recv_fill(a.fileno(), buf, fill, 0, 1000) == (56, None)  # up to the end
+    assert fill[0] == 64
+    with pytest.raises(ValueError, match="not within"):  # full: sort it first
+        _cext.recv_fill(a.fileno(), buf, fill, 0, 0)
+    fill[0] = 0
+    assert _cext.recv_fill(a.fileno(), buf, fill, 0, 1000) == (44, None)
     b.close()
-    assert _cext.recv_held(a.fileno(), buf, 50_000, 1000) == (0, None)  # closed
+    assert _cext.recv_fill(a.fileno(), buf, fill, 50_000, 1000) == (0, None)  # closed
+    assert fill[0] == 44
+    with pytest.raises(ValueError):
+        _cext.recv_fill(a.fileno(), buf, array.array("q", [-1]), 0, 0)
 
 
-def test_recv_held_raises_oserror_for_a_bad_fd() -> None:
+def test_recv_fill_raises_oserror_for_a_bad_fd() -> None:
     r, w = os.pipe()
     os.close(r)
     os.close(w)
     with pytest.raises(OSError) as e:
-        _cext.recv_held(r, bytearray(64), 0, 0)
+        _cext.recv_fill(r, bytearray(64), array.array("q", [0]), 0, 0)
     assert e.value.errno == errno.EBADF
 
 
@@ -362,3 +376,144 @@ def test_closing_a_connection_logs_at_debug(
     got = [(r.levelno, r.getMessage()) for r in caplog.records
            if r.name == "xengrant.service.client"]
     assert got == [(logging.DEBUG, f"service connection closed (fd {ch._fileno})")]
+
+
+# ------------------- a signal handler that raises where bytes could be lost
+class _RaiseAfterRecv:
+    """``_cext`` as the channel calls it, except that a signal handler "raises"
+    right after ``recv_fill`` returned bytes (once): what Python does when a
+    signal lands between the C call's return and the next bytecode."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_cext, name)
+
+    def recv_fill(self, *args: Any) -> Any:
+        got = _cext.recv_fill(*args)
+        if got[0] > 0 and not self.fired:
+            self.fired = True
+            raise Interrupted()
+        return got
+
+
+class _SockRaiseAfterRecv:
+    """The channel's socket, except that a signal handler "raises" right after
+    ``recv_into`` read (once): between the read and its count, in Python."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.fired = sock, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+    def recv_into(self, *args: Any) -> int:
+        n: int = self.sock.recv_into(*args)
+        if n > 0 and not self.fired:
+            self.fired = True
+            raise Interrupted()
+        return n
+
+
+def test_c_read_keeps_what_it_read_when_a_signal_lands_right_after(
+        fake: tuple[Channel, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """In C the read and its count are one call: a signal handler that raises as it
+    returns loses nothing -- the reply and the event read with it are sorted, the
+    call raises the handler's exception once its reply is in, and the stream stays
+    in step (the next call gets its own reply)."""
+    from xengrant.service import channel as channel_mod
+    from xengrant.service import frontring
+
+    ch, srv = fake
+    monkeypatch.setattr(frontring, "C_PATHS", True)
+    hook = _RaiseAfterRecv()
+    monkeypatch.setattr(channel_mod, "_cext", hook)
+    seq = next_seq(ch)
+    srv.sendall(reply(seq, b"\0\0\0\0pong") + reply(0, p.U32.pack(7), p.F_ASYNC, p.MSG_EVENT))
+    with pytest.raises(Interrupted):
+        ch.request(p.MSG_PING)
+    assert hook.fired and ch.calls.error is None and list(ch.events) == [7]
+    assert not ch.calls.waiting and ch.calls.decoder.idle and ch._fill[0] == 0
+    srv.sendall(reply(seq + 1, b"\0\0\0\0next"))
+    assert ch.request(p.MSG_PING) == b"\0\0\0\0next"
+
+
+def test_python_read_fails_the_connection_when_a_signal_lands_between_read_and_count(
+        fake: tuple[Channel, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """In Python the read and its count are two steps: a signal handler's exception
+    between them fails the connection cleanly -- EPROTO for the call in flight
+    (the handler's exception raised on top of it), for the posted request, and
+    for every later call; the socket is shut (the service sees it close)."""
+    from xengrant.service import frontring
+
+    ch, srv = fake
+    monkeypatch.setattr(frontring, "C_PATHS", False)
+    monkeypatch.setattr(ch, "sock", _SockRaiseAfterRecv(ch.sock))
+    ch.post(p.MSG_PING, b"", lambda body: None)
+    seq = next_seq(ch)
+    srv.sendall(reply(seq - 1, b"\0\0\0\0", p.F_REPLY | p.F_POSTED) + reply(seq, b"\0\0\0\0pong"))
+    with pytest.raises(Interrupted) as e:
+        ch.request(p.MSG_PING)
+    cause = e.value.__cause__
+    assert isinstance(cause, ServiceError) and cause.errno == errno.EPROTO
+    assert ch.calls.error is not None and ch.calls.error.errno == errno.EPROTO
+    assert "interrupted the client while it read" in str(ch.calls.error)
+    assert not ch.calls.waiting and not ch.calls.posted
+    with pytest.raises(ServiceError) as e2:
+        ch.request(p.MSG_PING)
+    assert e2.value.errno == errno.EPROTO
+    srv.settimeout(10)
+    while srv.recv(4096):  # the requests, then end of file: the client shut the socket
+        pass
+
+
+@pytest.mark.parametrize("c_paths", [True, False], ids=["C", "python"])
+def test_a_signal_while_the_bytes_are_sorted_fails_the_connection(
+        fake: tuple[Channel, socket.socket], monkeypatch: pytest.MonkeyPatch,
+        c_paths: bool) -> None:
+    """Either way, a signal handler's exception while what was read is sorted (the
+    bytes taken, not all given to the records) fails the connection (EPROTO)
+    instead of leaving the stream out of step."""
+    from xengrant.service import frontring
+
+    ch, srv = fake
+    monkeypatch.setattr(frontring, "C_PATHS", c_paths)
+    real = ch.calls.feed
+
+    def feed(data: Any) -> None:
+        monkeypatch.setattr(ch.calls, "feed", real)
+        raise Interrupted()
+
+    monkeypatch.setattr(ch.calls, "feed", feed)
+    seq = next_seq(ch)
+    srv.sendall(reply(seq, b"\0\0\0\0pong"))
+    with pytest.raises(Interrupted) as e:
+        ch.request(p.MSG_PING)
+    assert isinstance(e.value.__cause__, ServiceError)
+    assert ch.calls.error is not None and ch.calls.error.errno == errno.EPROTO
+    assert "while it sorted what it read" in str(ch.calls.error)
+    assert not ch.calls.waiting and ch._fill[0] == 0
+
+
+@pytest.mark.parametrize("c_paths", [True, False], ids=["C", "python"])
+def test_both_reads_take_replies_split_anywhere(
+        fake: tuple[Channel, socket.socket], monkeypatch: pytest.MonkeyPatch,
+        c_paths: bool) -> None:
+    """The C read and the Python read give the records the same bytes: replies cut
+    at every byte, an event among them."""
+    from xengrant.service import frontring
+
+    ch, srv = fake
+    monkeypatch.setattr(frontring, "C_PATHS", c_paths)
+    ch.spin = 0.0
+    for cut in range(1, 2 * p.HEADER_SIZE + 10):
+        seq = next_seq(ch)
+        data = (reply(0, p.U32.pack(cut), p.F_ASYNC, p.MSG_EVENT)
+                + reply(seq, b"\0\0\0\0" + b"r" * 9))
+        srv.sendall(data[:cut])
+        t = threading.Thread(target=srv.sendall, args=(data[cut:],))
+        t.start()
+        assert ch.request(p.MSG_PING) == b"\0\0\0\0" + b"r" * 9
+        t.join(10)
+        assert ch.events.popleft() == cut and ch._fill[0] == 0

@@ -12,7 +12,7 @@
  *   _hvcopy.c      GNTTABOP_copy's fast path (copy_run)
  *   _hvmap.c       GNTTABOP_map/unmap_grant_ref's fast paths (map_run, unmap_run)
  *   _serve.c       the service's hot path (serve_gnttab)
- *   _wait.c        waiting for a message on a socket (recv_wait, recv_held)
+ *   _wait.c        waiting for a message on a socket (recv_wait, recv_fill)
  *   _ring.c        the request ring: its rules and the service's side
  *   _ring_client.c the request ring: the client's side
  *   _guest.c       the guest's runs over its grant table, op packing, the p2m mirror

@@ -159,32 +159,50 @@ xg_recv_wait(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 }
 
 /*
- * recv_held(fd, buf, spin_ns, timeout_ms) -> (n, signalled)
+ * recv_fill(fd, buf, fill, spin_ns, timeout_ms) -> (n, signalled)
  *
- * recv_wait for a client that must not lose what it read: n is the bytes
- * read into buf (0: closed, -1: none within timeout_ms, or a signal handler
- * raised before anything came), and signalled None or the exception a
- * signal handler raised while it waited or as it returns, handed back with
- * the bytes instead of raised (the caller keeps them, then decides).
- * Raises OSError for a failed recv.
+ * recv_wait for a client that must not lose what it read: the bytes are
+ * read into buf at fill (an 8-byte buffer holding an int64, e.g.
+ * array('q')) and fill is advanced by them in this same call, before it
+ * returns -- so a signal handler that raises once it has returned (Python
+ * runs them between bytecodes) cannot take them: they are in buf[:fill]
+ * for whoever sorts it next.  n is the bytes read (0: closed, -1: none
+ * within timeout_ms, or a signal handler raised before anything came);
+ * signalled None or the exception a signal handler raised while it waited
+ * or as it returns, handed back with the bytes instead of raised.  Raises
+ * ValueError if fill is not within buf (a full buffer: sort it first),
+ * OSError for a failed recv.
  */
 static PyObject *
-xg_recv_held(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
+xg_recv_fill(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 {
-    ARGCHECK(4, "recv_held(fd, buf, spin_ns, timeout_ms) -> (n, signalled)")
+    ARGCHECK(5, "recv_fill(fd, buf, fill, spin_ns, timeout_ms) -> (n, signalled)")
     int fd, timeout_ms;
-    long long spin_ns = PyLong_AsLongLong(args[2]);
-    if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[3], &timeout_ms) < 0)
+    long long spin_ns = PyLong_AsLongLong(args[3]);
+    if ((spin_ns == -1 && PyErr_Occurred()) || xg_as_int(args[4], &timeout_ms) < 0)
         return NULL;
-    Py_buffer b;
+    Py_buffer b, f;
     if (xg_fd_buf(args, &fd, &b) < 0)
         return NULL;
+    if (PyObject_GetBuffer(args[2], &f, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    int64_t fill;
+    if (f.len < 8 || (memcpy(&fill, f.buf, 8), fill < 0 || fill >= (int64_t)b.len)) {
+        PyBuffer_Release(&f);
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "recv_fill: fill is not within the buffer");
+        return NULL;
+    }
+    char *at = (char *)b.buf + fill;
+    size_t room = (size_t)(b.len - fill);
     ssize_t n;
     int err;
     PyObject *sig = NULL;
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
-        xg_wait_recv(fd, b.buf, (size_t)b.len, spin_ns, timeout_ms, NULL, 0, -1, &n, &err);
+        xg_wait_recv(fd, at, room, spin_ns, timeout_ms, NULL, 0, -1, &n, &err);
         Py_END_ALLOW_THREADS
         spin_ns = 0;
         if (n >= 0 || err == ETIMEDOUT)
@@ -198,10 +216,16 @@ xg_recv_held(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
         }
         if (err == EAGAIN || err == EWOULDBLOCK)
             continue;
+        PyBuffer_Release(&f);
         PyBuffer_Release(&b);
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    if (n > 0) { /* counted before anything else can run */
+        fill += n;
+        memcpy(f.buf, &fill, 8);
+    }
+    PyBuffer_Release(&f);
     PyBuffer_Release(&b);
     if (sig == NULL && PyErr_CheckSignals() < 0)
         sig = xg_take_exception();
@@ -215,7 +239,8 @@ xg_recv_held(PyObject *Py_UNUSED(m), PyObject *const *args, Py_ssize_t nargs)
 PyMethodDef xg_wait_methods[] = {
     FAST(recv_wait, "recv_wait(fd, buf, spin_ns, timeout_ms) -> bytes read (0: closed, -1: "
                     "timed out): poll up to spin_ns yielding the CPU, then sleep in poll()"),
-    FAST(recv_held, "recv_held(fd, buf, spin_ns, timeout_ms) -> (n, signalled): recv_wait that "
-                    "returns a signal handler's exception with what it read"),
+    FAST(recv_fill, "recv_fill(fd, buf, fill, spin_ns, timeout_ms) -> (n, signalled): recv_wait "
+                    "into buf at fill, fill advanced in the same call, a signal handler's "
+                    "exception returned with what it read"),
     {NULL, NULL, 0, NULL},
 };

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import math
 import os
 import select
 import socket
@@ -48,6 +47,7 @@ from typing import Any, TypeVar
 
 from .. import _cext
 from ..errors import HypercallError
+from . import frontring
 from . import protocol as p
 from .calls import Call, Calls, OnReply
 from .errors import ServiceError
@@ -116,6 +116,9 @@ class Channel(RingFront):
         self._poller = select.poll()
         self._poller.register(self._fileno, select.POLLIN)
         self._rbuf = memoryview(bytearray(_RECV))
+        #: bytes read into ``_rbuf`` and not sorted yet (``_cext.recv_fill``
+        #: counts them in the same C call as it reads them)
+        self._fill = array.array("q", [0])
         self._send_lock = threading.Lock()
         #: one-way frames to go out in front of the next message (owe)
         self._owed: list[bytes] = []
@@ -124,7 +127,7 @@ class Channel(RingFront):
         self._cv = threading.Condition(self._mu)
         #: somebody reads the socket (one at a time)
         self._reading = False
-        #: what a signal handler raised during the last read (recv_held)
+        #: what a signal handler raised during the last read (recv_fill)
         self._sig: BaseException | None = None
         self._parked = 0
         #: the requests in flight and what came (sans-IO)
@@ -429,32 +432,48 @@ class Channel(RingFront):
 
     # ------------------------------------------------------------- reading
     def _recv(self, timeout: float | None, nonblocking: bool, spin: float) -> int:
-        """Read once into ``_rbuf`` (we are the reader).
+        """Read once into ``_rbuf`` at ``_fill`` and count it there (we are the reader).
+
+        In C (:data:`~xengrant.service.frontring.C_PATHS`; after the memory
+        socket came) the read and the count are one call,
+        ``_cext.recv_fill``: a signal handler that raises once it returned
+        cannot lose the bytes.  In Python they are two steps: a signal
+        handler's exception between them (the bytes may be lost) fails the
+        connection (see :meth:`_interrupted`) rather than leaving the stream
+        out of step.
 
         Returns:
             The bytes read; 0 if the connection closed; -1 if none came.
         """
-        buf = self._rbuf
+        if not nonblocking and not self.want_fds and frontring.C_PATHS:
+            # spin, then poll() and recv, in C without the GIL; a signal
+            # handler's exception comes back with the bytes, not instead
+            n: int
+            try:
+                n, self._sig = _cext.recv_fill(self._fileno, self._rbuf, self._fill,
+                                               int(spin * 1e9), wait_ms(timeout))
+            except OSError:  # (ECONNRESET): as closed
+                return 0
+            return n
+        poll_ms = None if timeout is None else max(timeout, 0) * 1000
+        if not nonblocking and not self._poller.poll(poll_ms):  # (a signal: nothing read)
+            return -1
+        fill = self._fill[0]
+        buf = self._rbuf[fill:]
+        anc: list[tuple[int, int, bytes]] = []
         try:
-            if not nonblocking and not self.want_fds:
-                # spin, then poll() and recv, in C without the GIL; a signal
-                # handler's exception comes back with the bytes, not instead
-                n: int
-                n, self._sig = _cext.recv_held(
-                    self._fileno, buf, int(spin * 1e9), wait_ms(timeout)
-                )
-                return n
-            poll_ms = None if timeout is None else max(timeout, 0) * 1000
-            if not nonblocking and not self._poller.poll(poll_ms):
-                return -1
-            flags = socket.MSG_DONTWAIT if nonblocking else 0
-            if not self.want_fds:
-                return self.sock.recv_into(buf, 0, flags)
-            n, anc, _flags, _addr = self.sock.recvmsg_into([buf], _ANCBUF, flags)
+            if self.want_fds:
+                n, anc, _flags, _addr = self.sock.recvmsg_into([buf], _ANCBUF, socket.MSG_DONTWAIT)
+            else:
+                n = self.sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+            self._fill[0] = fill + n
         except (BlockingIOError, InterruptedError):
             return -1
         except OSError:
             return 0
+        except BaseException as e:  # a signal handler's, between the read and its count
+            self._interrupted(e, "read")
+            raise
         for level, kind, cdata in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -463,29 +482,59 @@ class Channel(RingFront):
         return n
 
     def _read(self, timeout: float | None, spin: float, nonblocking: bool = False) -> int:
-        """Read once as the reader (``_reading`` set), feed it, give the role up, wake
-        all; then raise what a signal handler raised meanwhile (the bytes are kept)."""
+        """Read once as the reader (``_reading`` set), sort it, give the role up, wake
+        all; then raise what a signal handler raised meanwhile (the bytes are kept).
+
+        Bytes read before and not sorted yet (a signal handler raised right
+        after the read) are sorted first, without a read."""
         n = -1
         try:
-            if nonblocking or self.want_fds:
-                n = self._recv(timeout, nonblocking, spin)
-            else:  # the common case, inline: spin, then poll() and recv, in C
-                try:
-                    ms = -1 if timeout is None else math.ceil(max(timeout, 0) * 1000)
-                    n, self._sig = _cext.recv_held(self._fileno, self._rbuf, int(spin * 1e9), ms)
-                except OSError:
-                    n = 0
+            n = self._fill[0] or self._recv(timeout, nonblocking, spin)
         finally:
             with self._mu:
                 self._reading = False
-                if n >= 0:
-                    self.calls.feed(self._rbuf[:n])
+                self._sort(n == 0)
                 if self._parked or self._async_waiters:
                     self._wake()
         sig, self._sig = self._sig, None
         if sig is not None:
             raise sig
         return n
+
+    def _sort(self, closed: bool) -> None:
+        """Feed the bytes read (``_rbuf[:_fill]``) to :attr:`calls` (caller holds ``_mu``).
+
+        A signal handler's exception in the middle (the bytes are taken, not
+        all sorted) fails the connection (:meth:`_interrupted`): the stream
+        would be out of step.
+        """
+        fill = self._fill[0]
+        if fill:
+            try:
+                self._fill[0] = 0
+                self.calls.feed(self._rbuf[:fill])
+            except BaseException as e:
+                self._interrupted(e, "sorted", locked=True)
+                raise
+        elif closed:
+            self.calls.feed(b"")
+
+    def _interrupted(self, e: BaseException, where: str, locked: bool = False) -> None:
+        """A signal handler's exception ``e`` came where what the service sent could be
+        lost (between a read and its count, or while it was sorted): the
+        connection fails cleanly (every call in flight and later fails with
+        ``ServiceError(EPROTO)``; the service destroys the domain) instead of
+        going on out of step."""
+        what = "read" if where == "read" else "sorted what it read"
+        err = ServiceError(
+            errno.EPROTO, f"{e!r} interrupted the client while it {what} from the service: "
+            "what the service sent may be lost, so the connection is closed and the domain "
+            "destroyed")
+        if locked:
+            if self._fail_locked(err):
+                self._shut(err)
+        else:
+            self._fail(err)
 
     def _wake(self) -> None:
         """Wake the parked threads and asyncio waiters (caller holds ``_mu``)."""
@@ -534,7 +583,9 @@ class Channel(RingFront):
         while True:
             try:
                 reply = self._await(lambda: self.calls.take(c), deadline, self.spin)
-            except ServiceError:
+            except ServiceError as e:
+                if signalled is not None:  # no reply will come: the signal's, on top
+                    raise signalled from e
                 raise
             except BaseException as e:  # a signal handler raised: the reply is still due
                 signalled = signalled or e
@@ -653,19 +704,28 @@ class Channel(RingFront):
         """The connection is dead: every call fails with ``err``; the socket is shut
         (the service destroys the domain).  Returns ``err``, for the caller to raise."""
         with self._mu:
-            first = self.calls.error is None
-            self.calls.fail(err)
-            self._sock_posted.clear()
-            self._wake()
+            first = self._fail_locked(err)
+        if first:
+            self._shut(err)
+        return self.calls.error or err
+
+    def _fail_locked(self, err: ServiceError) -> bool:
+        """:meth:`_fail`'s part under ``_mu`` (the caller holds it): whether it is the first."""
+        first = self.calls.error is None
+        self.calls.fail(err)
+        self._sock_posted.clear()
+        self._wake()
+        return first
+
+    def _shut(self, err: ServiceError) -> None:
+        """:meth:`_fail`'s end: shut the socket, say why once."""
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        if first:  # once per connection: it dies once
-            if self.closed:
-                logger.debug("service connection closed (fd %d)", self._fileno)
-            else:
-                logger.warning("service connection failed: %s (errno %s); its domain goes",
-                               err.strerror or err, err.errno)
-        return self.calls.error or err
+        if self.closed:
+            logger.debug("service connection closed (fd %d)", self._fileno)
+        else:
+            logger.warning("service connection failed: %s (errno %s); its domain goes",
+                           err.strerror or err, err.errno)
 
     def take_fds(self) -> list[int]:
         """File descriptors received so far (the memfd), handed over once."""
