@@ -124,6 +124,7 @@ def _peer_main(path: str, a_dom: int, ctl: Any, sock: socket.socket) -> None:
                 for _ in range(n):
                     sock.sendall(sock.recv(1))
             elif kind == "raw":
+                b.channel.send_owed()  # an unmask the library still owes goes first
                 _raw_echo(b.channel.sock, port.port, n, p)
             ctl.send((reads, woke, sent))
         port.close()
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 pctl.recv()
                 # the service's protocol by hand (both sides)
                 pctl.send(("raw", n))
+                a.channel.send_owed()
                 s = a.channel.sock
                 buf = b""
                 t = time.perf_counter_ns()
