@@ -32,7 +32,10 @@ Cases (this process is the vchan server, the peer the client):
   (``EventPort.notify`` then ``wait``, no vchan), the floor the vchan's round
   trip stands on (a blocked reader and writer notify each other once each);
   ``64K, spin 200us``: 64 KiB rings with ``Vchan.spin`` 200 us at both ends
-  (a blocked call polls the ring that long before it asks for an event).
+  (a blocked call polls the ring that long before it asks for an event);
+  ``64K, unmask at once``: 64 KiB rings with the service client's unmask
+  sent at once instead of riding the next message (how it went before), in
+  the same rounds (the service places only).
 
 Every figure is the median over interleaved rounds (every round runs every
 case and its baseline); "noise" is the median absolute deviation.  The
@@ -75,6 +78,16 @@ RINGS = {"64K rings": (65536, 65536), "in-page rings": (1024, 2048),
 SPIN = {"64K, spin 200us": 200e-6}
 #: the round trip of a bare event channel through the service (no vchan): the floor
 EVENTS = "events only"
+#: the 64K rings' round trip with the service client's unmask sent at once (as
+#: before it rode the next message): the same rounds, the service places only
+AT_ONCE = "64K, unmask at once"
+
+
+def _at_once(dom: Any, on: bool) -> None:
+    ev = dom.evtchn
+    if hasattr(ev, "_at_once"):  # the service's client (EmbeddedXen has no unmask message)
+        ev._at_once = on
+        ev.channel.send_owed()
 
 
 # ------------------------------------------------------------------ the peer
@@ -97,6 +110,10 @@ def _peer_loop(dom: Any, sock: socket.socket, ctl: Any) -> None:
             port = EventPort.bind(dom.evtchn, server, remote)
             with contextlib.suppress(TimeoutError):
                 port.wait(TIMEOUT)  # Xen marks a freshly bound port pending
+            ctl.send("ok")
+            continue
+        if kind == "at_once":
+            _at_once(dom, cmd[1])
             ctl.send("ok")
             continue
         if kind == "echo" and cmd[1] == EVENTS:
@@ -261,6 +278,16 @@ class Place:
 
     def round_trip(self, name: str, n: int) -> float:
         """Microseconds per one-byte round trip."""
+        if name == AT_ONCE:
+            self._call("at_once", True)
+            self._done()
+            _at_once(self.me, True)
+            try:
+                return self.round_trip("64K rings", n)
+            finally:
+                self._call("at_once", False)
+                self._done()
+                _at_once(self.me, False)
         self._call("echo", name, n)
         t0 = time.perf_counter()
         if name == "socket":
@@ -336,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                     n = min(total, 2 << 20) if name == "in-page rings" else total
                     results.setdefault((place.kind, "throughput", name), []).append(
                         place.throughput(name, n))
-                for name in ("socket", EVENTS, *RINGS):
+                for name in ("socket", EVENTS, *RINGS, AT_ONCE):
+                    if name == AT_ONCE and place.kind == "embedded":
+                        continue
                     results.setdefault((place.kind, "round trip", name), []).append(
                         place.round_trip(name, pings))
             print(f"round {r + 1}/{rounds} done", file=sys.stderr)
