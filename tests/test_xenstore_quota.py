@@ -239,3 +239,42 @@ def test_any_sequence_refuses_exactly_what_xenstored_refuses(
             assert not want, (op, path)
         for _p, node in store.walk(base):
             assert record_size(len(node.perms), len(node.value), node.children) < QUOTA_ENTRY_SIZE
+
+
+# ------------------------------------------------- XS_CONTROL quota set
+def test_control_quota_set_changes_what_is_enforced(
+    world: tuple[XenStore, Peer, Peer, Peer],
+) -> None:
+    """xenstored_control.c's quota_set: ``quota set <name> <val>``, the value
+    an atoi of at least 1; shown by ``quota``; enforced from the next request."""
+    store, dom0, d1, _d2 = world
+    shown = dom0.ok(w.XS_CONTROL, "quota").decode()
+    assert "node-size        :     2048 Max. size of a node\n" in shown
+    assert dom0.ok(w.XS_CONTROL, "quota", "set", "node-size", "100") == b"OK\0"
+    assert "node-size        :      100 Max. size of a node\n" in dom0.ok(
+        w.XS_CONTROL, "quota").decode()
+    assert d1.write("data/s", b"x" * 67) == b"OK\0"  # 24 + 8 + 67 = 99
+    assert d1.write("data/s", b"x" * 68) == b"!ENOSPC\0"
+    assert dom0.ok(w.XS_CONTROL, "quota", "set", "permissions", "1") == b"OK\0"
+    assert d1.err(w.XS_SET_PERMS, w.strings("data/s", "n1", "r2")) == "ENOSPC"
+    assert dom0.ok(w.XS_CONTROL, "quota", "set", "path-max", "10") == b"OK\0"
+    assert d1.err(w.XS_READ, w.strings("data/" + "p" * 6)) == "EINVAL"  # 11 past the home
+    assert d1.err(w.XS_READ, w.strings("data/" + "p" * 5)) == "ENOENT"  # 10
+    assert dom0.ok(w.XS_CONTROL, "quota", "set", "transactions", "1") == b"OK\0"
+    for _ in range(2):  # "transaction_started > quota_max_transaction": two
+        assert d1.raw(w.XS_TRANSACTION_START, b"\0").type == w.XS_TRANSACTION_START
+    assert d1.err(w.XS_TRANSACTION_START, b"\0") == "ENOSPC"
+    assert dom0.ok(w.XS_CONTROL, "quota", "set", "nodes", "3") == b"OK\0"
+    assert store.quota_entries == 3
+    assert d1.write("data/more", b"") == b"!ENOSPC\0"  # d1 owns 7 already
+    assert dom0.ok(w.XS_CONTROL, "quota", "set", "watches", "1") == b"OK\0"
+    assert dom0.ok(w.XS_CONTROL, "quota", "set", "transaction-nodes", "2") == b"OK\0"
+    assert (store.quota_watches, store.quota_trans_nodes) == (1, 2)
+    # what xenstored refuses
+    for bad in (("set", "nodes"), ("set", "nodes", "0"), ("set", "nodes", "-4"),
+                ("set", "nodes", "many"), ("set", "bogus", "5"), ("set",),
+                ("set", "memory", "5"), ("set", "outstanding", "5"), ("3",)):
+        assert dom0.err(w.XS_CONTROL, w.strings("quota", *bad)) == "EINVAL", bad
+    assert store.quota_entries == 3
+    assert d1.err(w.XS_CONTROL, w.strings("quota", "set", "nodes", "9999")) == "EACCES"
+    assert store.quota_entries == 3

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 from ..errors import XenStoreError
 from . import wire as w
-from .store import QUOTA_PERMS, XenStore, home
-from .transaction import QUOTA_TRANS_NODES, QUOTA_TRANSACTIONS, Transaction
+from .store import XenStore, home
+from .transaction import Transaction
 
 #: DOMID_SELF (xen.h): ``XS_IS_DOMAIN_INTRODUCED`` answers "T" for it.
 DOMID_SELF = 0x7FF0
@@ -76,7 +76,8 @@ class Session:
         conn: an id for the connection (its watches are keyed by it).
         domains: the introduced domains (shared by every session of a store).
         max_transactions: open transactions an unprivileged connection may
-            have (``quota_max_transaction``).
+            have (default: the store's ``quota_transactions``, which
+            ``XS_CONTROL quota set transactions`` changes).
     """
 
     def __init__(
@@ -86,13 +87,13 @@ class Session:
         conn: Hashable | None = None,
         *,
         domains: Domains | None = None,
-        max_transactions: int = QUOTA_TRANSACTIONS,
+        max_transactions: int | None = None,
     ) -> None:
         self.store = store
         self.domid = domid
         self.conn: Hashable = conn if conn is not None else id(self)
         self.domains = domains if domains is not None else Domains()
-        self.max_transactions = max_transactions
+        self._max_transactions = max_transactions
         self.decoder = w.Decoder()
         self.transactions: dict[int, Transaction] = {}
         self._next_tx = 0
@@ -100,6 +101,13 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<xenstore Session d{self.domid} {len(self.transactions)} transactions>"
+
+    @property
+    def max_transactions(self) -> int:
+        """``quota_max_transaction`` for this connection."""
+        if self._max_transactions is not None:
+            return self._max_transactions
+        return self.store.quota_transactions
 
     @property
     def privileged(self) -> bool:
@@ -343,10 +351,13 @@ class Session:
                 raise XenStoreError(errno.EINVAL, "help takes no parameters")
             text = "".join(f"{c}\t{p}\n" for c, p in _CONTROL.items())
             return text.encode() + b"\0"
-        if cmd == "quota":
-            if args:
-                raise XenStoreError(errno.EINVAL, "quota: only showing is implemented")
-            return _quota_text(self.store).encode() + b"\0"
+        if cmd == "quota":  # do_control_quota
+            if not args:
+                return _quota_text(self.store).encode() + b"\0"  # quota_show_current
+            if args[0] != "set":
+                raise XenStoreError(errno.EINVAL, "quota <domid> is not implemented")
+            _quota_set(self.store, args[1:])
+            return _OK
         if cmd == "check" and args:
             raise XenStoreError(errno.EINVAL, "check takes no parameters")
         if cmd in ("log", "print") and len(args) != 1:
@@ -356,18 +367,43 @@ class Session:
         return _OK
 
 
+#: hard_quotas[] (xenstored_control.c) that the store enforces: name -> (the
+#: store's attribute, the description); "outstanding" and "memory" are not modelled
+_QUOTAS: dict[str, tuple[str, str]] = {
+    "nodes": ("quota_entries", "Nodes per domain"),
+    "watches": ("quota_watches", "Watches per domain"),
+    "transactions": ("quota_transactions", "Transactions per domain"),
+    "transaction-nodes": ("quota_trans_nodes", "Max. number of accessed nodes per transaction"),
+    "node-size": ("quota_entry_size", "Max. size of a node"),
+    "path-max": ("quota_path_max", "Max. length of a node path"),
+    "permissions": ("quota_perms", "Max. number of permissions per node"),
+}
+
+
 def _quota_text(store: XenStore) -> str:
     """``quota_show_current``'s text."""
-    rows = [
-        ("nodes", store.quota_entries, "Nodes per domain"),
-        ("watches", store.quota_watches, "Watches per domain"),
-        ("transactions", QUOTA_TRANSACTIONS, "Transactions per domain"),
-        ("transaction-nodes", QUOTA_TRANS_NODES, "Max. number of accessed nodes per transaction"),
-        ("node-size", store.quota_entry_size, "Max. size of a node"),
-        ("path-max", w.XENSTORE_REL_PATH_MAX, "Max. length of a node path"),
-        ("permissions", QUOTA_PERMS, "Max. number of permissions per node"),
-    ]
+    rows = [(n, getattr(store, attr), d) for n, (attr, d) in _QUOTAS.items()]
     return "Quota settings:\n" + "".join(f"{n:<17}: {v:8d} {d}\n" for n, v, d in rows)
+
+
+def _quota_set(store: XenStore, args: list[str]) -> None:
+    """``quota_set``: ``<name> <value>``, the value an ``atoi`` of at least 1.
+
+    Raises:
+        XenStoreError: EINVAL (not two arguments, a value below 1, a name not
+            in the table, or one of xenstored's not modelled here).
+    """
+    if len(args) != 2:
+        raise XenStoreError(errno.EINVAL, "quota set <name> <value>")
+    val = atoi(args[1].encode("latin-1"))
+    if val & 0x80000000:  # atoi's int: negative
+        val -= 1 << 32
+    if val < 1:
+        raise XenStoreError(errno.EINVAL, f"quota set {args[0]}: {args[1]!r} < 1")
+    entry = _QUOTAS.get(args[0])
+    if entry is None:
+        raise XenStoreError(errno.EINVAL, f"quota set: no quota {args[0]!r} here")
+    setattr(store, entry[0], val)
 
 
 def event_message(path: str, token: str) -> bytes:
@@ -406,6 +442,7 @@ _PRIV = frozenset({w.XS_CONTROL, w.XS_INTRODUCE, w.XS_RELEASE, w.XS_IS_DOMAIN_IN
 _NOTID = frozenset({w.XS_WATCH, w.XS_UNWATCH})
 #: the XS_CONTROL commands answered, with xenstored's parameter help
 _CONTROL: dict[str, str] = {
-    "check": "", "log": "on|off", "print": "<string>", "quota": "", "help": "",
+    "check": "", "log": "on|off", "print": "<string>", "quota": "[set <name> <val>]",
+    "help": "",
 }
 

@@ -75,6 +75,10 @@ RECORD_HEADER_SIZE = 24
 RECORD_PERM_SIZE = 8
 QUOTA_WATCHES = 128
 QUOTA_PERMS = 5
+#: xenstored's ``quota_trans_nodes``: nodes an unprivileged transaction may touch.
+QUOTA_TRANS_NODES = 1024
+#: xenstored's ``quota_max_transaction``: open transactions per connection.
+QUOTA_TRANSACTIONS = 10
 #: XENSTORE_REL_PATH_MAX: path length allowed past /local/domain/<domid>/.
 REL_PATH_MAX = XENSTORE_REL_PATH_MAX
 #: XENSTORE_PAYLOAD_MAX: a watch event longer than this is not sent.
@@ -188,8 +192,8 @@ def is_child(child: str, parent: str) -> bool:
     return child.startswith(parent) and (len(child) == len(parent) or child[len(parent)] == "/")
 
 
-def is_valid_nodename(path: str) -> bool:
-    """xenstored's ``is_valid_nodename``."""
+def is_valid_nodename(path: str, path_max: int = REL_PATH_MAX) -> bool:
+    """xenstored's ``is_valid_nodename`` (``path_max``: ``quota_max_path_len``)."""
     if not path.startswith("/"):
         return False
     if path.endswith("/") and path != "/":
@@ -198,7 +202,7 @@ def is_valid_nodename(path: str) -> bool:
         return False
     m = _LOCAL.match(path)
     local_off = m.end() if m else 0
-    if len(path) > local_off + REL_PATH_MAX:
+    if len(path) > local_off + path_max:
         return False
     return _VALID.match(path) is not None
 
@@ -241,6 +245,14 @@ class XenStore:
         self.quota_entries = quota_entries
         self.quota_watches = quota_watches
         self.quota_entry_size = quota_entry_size
+        #: ``quota_nb_perms_per_node``: entries an unprivileged set_perms may give
+        self.quota_perms = QUOTA_PERMS
+        #: ``quota_max_path_len``: path length allowed past /local/domain/<domid>/
+        self.quota_path_max = REL_PATH_MAX
+        #: ``quota_max_transaction``: open transactions of an unprivileged connection
+        self.quota_transactions = QUOTA_TRANSACTIONS
+        #: ``quota_trans_nodes``: nodes an unprivileged transaction may touch
+        self.quota_trans_nodes = QUOTA_TRANS_NODES
         self.max_nodes = max_nodes
         self.max_watches = max_watches
         self.root = Node([Perm(0, XS_PERM_NONE)])
@@ -363,7 +375,7 @@ class XenStore:
     def _get(self, domid: int, raw: str, perm: int) -> tuple[str, Node]:
         """``get_node_canonicalized``: the node, or XenStoreError with xenstored's errno."""
         path = self.canonicalize(domid, raw)
-        if not is_valid_nodename(path):
+        if not is_valid_nodename(path, self.quota_path_max):
             raise XenStoreError(errno.EINVAL, f"invalid path {raw!r}")
         node = self.lookup(path)
         if node is not None:
@@ -518,8 +530,8 @@ class XenStore:
         if not perms:
             raise XenStoreError(errno.EINVAL, "no permissions")
         privileged = self.is_privileged(domid)
-        if not privileged and len(perms) > QUOTA_PERMS:
-            raise XenStoreError(errno.ENOSPC, f"{len(perms)} permissions > {QUOTA_PERMS}")
+        if not privileged and len(perms) > self.quota_perms:
+            raise XenStoreError(errno.ENOSPC, f"{len(perms)} permissions > {self.quota_perms}")
         new = [parse_perm(p) for p in perms]
         if path.startswith("@"):
             cur = self.special.get(path)
@@ -558,7 +570,7 @@ class XenStore:
         else:
             full = self.canonicalize(domid, path)
             relative = None if path.startswith("/") else home(domid)
-            if not is_valid_nodename(full):
+            if not is_valid_nodename(full, self.quota_path_max):
                 raise XenStoreError(errno.EINVAL, f"invalid path {path!r}")
         for w in self.watches:
             if w.conn == conn and w.path == full and w.token == token:

@@ -29,12 +29,16 @@ import errno
 from collections.abc import Hashable
 
 from ..errors import XenStoreError
-from .store import Node, Perm, XenStore, _Counts, is_child, parent_of
-
-#: xenstored's ``quota_trans_nodes``: nodes an unprivileged transaction may touch.
-QUOTA_TRANS_NODES = 1024
-#: xenstored's ``quota_max_transaction``: open transactions per connection.
-QUOTA_TRANSACTIONS = 10
+from .store import (  # noqa: F401  (the quotas' defaults, re-exported)
+    QUOTA_TRANS_NODES,
+    QUOTA_TRANSACTIONS,
+    Node,
+    Perm,
+    XenStore,
+    _Counts,
+    is_child,
+    parent_of,
+)
 
 
 def _copy(node: Node) -> Node:
@@ -63,6 +67,10 @@ class Transaction(XenStore):
         self.quota_entries = base.quota_entries
         self.quota_watches = base.quota_watches
         self.quota_entry_size = base.quota_entry_size
+        self.quota_perms = base.quota_perms
+        self.quota_path_max = base.quota_path_max
+        self.quota_transactions = base.quota_transactions
+        self.quota_trans_nodes = base.quota_trans_nodes
         self.max_nodes = base.max_nodes
         self.max_watches = base.max_watches
         self.root = base.root
@@ -92,9 +100,10 @@ class Transaction(XenStore):
     def _access(self, path: str, gen: int | None) -> None:
         if path in self._accessed:
             return
-        if len(self._accessed) >= QUOTA_TRANS_NODES and not self.is_privileged(self.domid):
+        limit = self.base.quota_trans_nodes
+        if len(self._accessed) >= limit and not self.is_privileged(self.domid):
             self.fail = True  # access_node: "trans->fail = true"
-            raise XenStoreError(errno.ENOSPC, f"transaction of over {QUOTA_TRANS_NODES} nodes")
+            raise XenStoreError(errno.ENOSPC, f"transaction of over {limit} nodes")
         self._accessed[path] = gen
 
     def lookup(self, path: str) -> Node | None:
