@@ -226,7 +226,19 @@ class RingFront:
                 ring.mem, state, self._send_lock, ring.kick, seq, gfn, flags, ref, domid,
                 self._spin_ns, self._timeout_ms, ring.wait, self._fileno,
             )
-            mine, done, waits, signalled = self._take_rsps(rsps, seq, gfn, p2m, signalled)
+            # _take_rsps, inline (the one-page path): decide, then do it
+            while True:
+                try:
+                    mine, done, waits = decide(rsps, seq, calls.posted)
+                    if done:
+                        self._done(done, p2m)
+                    if mine.__class__ is tuple:
+                        p2m[gfn] = mine[1:]
+                    break
+                except ServiceError as e:
+                    raise self._fail(e) from None
+                except BaseException as e:  # a signal handler's: finish, raise it after
+                    signalled = signalled or e
         except BaseException as e:
             calls.waiting.pop(seq, None)
             self._ring_rx.release()
@@ -288,11 +300,7 @@ class RingFront:
             try:
                 mine, done, waits = decide(rsps, seq, self.calls.posted)
                 if done:
-                    posted = self.calls.posted
-                    for s, g in done:
-                        posted.pop(s, None)
-                        if p2m is not None:
-                            p2m.pop(g, None)
+                    self._done(done, p2m)
                 if mine.__class__ is tuple and p2m is not None:
                     p2m[gfn] = mine[1:]
                 return mine, done, waits, signalled
@@ -300,6 +308,15 @@ class RingFront:
                 raise self._fail(e) from None
             except BaseException as e:  # a signal handler's: finish, raise it after
                 signalled = signalled or e
+
+    def _done(self, done: list[tuple[int, int]], p2m: dict[int, Any] | None) -> None:
+        """Posted unmaps done on the ring (``(seq, gfn)``): their entries popped, their
+        gfns out of the p2m mirror (idempotent)."""
+        posted = self.calls.posted
+        for s, g in done:
+            posted.pop(s, None)
+            if p2m is not None:
+                p2m.pop(g, None)
 
     def _socket_posted(self) -> bool:
         """Whether a posted request sent on the socket waits for its reply (then
