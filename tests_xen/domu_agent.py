@@ -89,6 +89,92 @@ def get_blob(xs: Any, node: str, hdr: tuple[int, int, str]) -> Any:
     return json.loads(zlib.decompress(base64.b64decode(text), bufsize=1 << 16))
 
 
+def pattern(offset: int, n: int, tag: int) -> bytes:
+    """``n`` bytes of the stream whose u64 at offset ``8k`` is ``8k | tag << 48`` (little-endian),
+    from stream offset ``offset``: bytes that say where they belong (vchan_c_peer's psend)."""
+    import array
+
+    start = offset & ~7
+    words = array.array("Q", range(start | tag << 48, ((offset + n + 7) & ~7) | tag << 48, 8))
+    if sys.byteorder != "little":  # pragma: no cover
+        words.byteswap()
+    skip = offset - start
+    return words.tobytes()[skip : skip + n]
+
+
+#: wrong bytes closer than this are one run of :class:`PatternCheck`
+GAP = 64
+
+
+class PatternCheck:
+    """Checks a received :func:`pattern` stream: counts wrong bytes and keeps up to 16 runs of
+    them (wrong bytes less than :data:`GAP` apart are one run: a zeroed page or one a lap old
+    matches some of the pattern's bytes), each ``[start, end, word at start, word at end]``:
+    the aligned u64s read there, in hex (``word & (1 << 48) - 1`` is the stream offset it
+    belongs to, ``word >> 48`` the tag of the stream it came from)."""
+
+    def __init__(self, tag: int) -> None:
+        self.tag, self.offset, self.bad = tag, 0, 0
+        self.runs: list[list[Any]] = []
+        self._open: list[Any] | None = None
+        self._last = -1
+
+    def feed(self, data: bytes) -> None:
+        want = pattern(self.offset, len(data), self.tag)
+        if data != want:
+            for blk in range(0, len(data), 4096):
+                if data[blk : blk + 4096] != want[blk : blk + 4096]:
+                    for i in range(blk, min(blk + 4096, len(data))):
+                        if data[i] != want[i]:
+                            self._wrong(self.offset + i, data, i)
+        self.offset += len(data)
+
+    def _wrong(self, off: int, data: bytes, i: int) -> None:
+        self.bad += 1
+        if self._open is not None and off - self._last >= GAP:
+            self._flush()
+        if self._open is None:
+            self._open = [off, off + 1, self._word(data, i), None]
+        self._open[1], self._open[3] = off + 1, self._word(data, i)
+        self._last = off
+
+    @staticmethod
+    def _word(data: bytes, i: int) -> str | None:
+        a = i & ~7
+        return data[a : a + 8][::-1].hex() if a + 8 <= len(data) else None
+
+    def _flush(self) -> None:
+        if self._open is not None and len(self.runs) < 16:
+            self.runs.append(self._open)
+        self._open = None
+
+    def result(self) -> dict[str, Any]:
+        self._flush()
+        return {"bad": self.bad, "runs": self.runs}
+
+
+def peek_grant_maps(pid: int | str = "self", length: int = 64) -> list[list[Any]]:
+    """The first ``length`` bytes of every page of every gntalloc/gntdev mapping of process
+    ``pid``, read through ``/proc/PID/mem`` (root): ``[start, end, perms, device, [hex of
+    page 0, hex of page 1, ...]]`` (``None`` for a page that cannot be read).  A diagnosis
+    aid: what a vchan's header and ring pages hold as that process sees them."""
+    out: list[list[Any]] = []
+    with open(f"/proc/{pid}/maps") as f:
+        maps = [ln.split() for ln in f if "/dev/xen/gnt" in ln]
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for w in maps[:16]:
+            lo, hi = (int(x, 16) for x in w[0].split("-"))
+            pages = []
+            for a in range(lo, min(hi, lo + 64 * P), P):
+                try:
+                    mem.seek(a)
+                    pages.append(mem.read(length).hex())
+                except OSError:
+                    pages.append(None)
+            out.append([hex(lo), hex(hi), w[1], w[-1], pages])
+    return out
+
+
 def describe(e: BaseException) -> dict[str, Any]:
     """An exception as the answer's ``error``."""
     from xengrant.errors import BatchError, GrantError, GrantTableFull
@@ -306,8 +392,10 @@ class Agent:
 
         return self.keep(Vchan.client(self._dom(), peer, path))
 
-    def op_vchan_send(self, h: int, total: int, seed: int, timeout: float = 120.0) -> Any:
+    def op_vchan_send(self, h: int, total: int, seed: int, timeout: float = 120.0,
+                      pat: bool = False) -> Any:
         """Write ``total`` random bytes (random.Random(seed), chunks of 1..65536); CRC-32.
+        With ``pat``, the bytes are :func:`pattern`'s with tag ``seed`` (sizes still random).
 
         Returns ``{"bytes", "crc", "error"}``: ``error`` is the exception's name when the
         peer closed first (BrokenPipeError), with the bytes written until then.
@@ -319,7 +407,8 @@ class Agent:
         crc = sent = 0
         try:
             while sent < total:
-                chunk = rng.randbytes(min(total - sent, rng.randint(1, 65536)))
+                n = min(total - sent, rng.randint(1, 65536))
+                chunk = pattern(sent, n, seed & 0xFFFF) if pat else rng.randbytes(n)
                 v.write(chunk, timeout=max(deadline - time.monotonic(), 0.001))
                 crc = zlib.crc32(chunk, crc)
                 sent += len(chunk)
@@ -327,11 +416,15 @@ class Agent:
             return {"bytes": sent, "crc": f"{crc:08x}", "error": type(e).__name__}
         return {"bytes": sent, "crc": f"{crc:08x}", "error": None}
 
-    def op_vchan_recv(self, h: int, total: int, timeout: float = 120.0) -> Any:
-        """Read until ``total`` bytes came or the peer closed; ``{"bytes", "crc", "open"}``."""
+    def op_vchan_recv(self, h: int, total: int, timeout: float = 120.0,
+                      pat: int | None = None) -> Any:
+        """Read until ``total`` bytes came or the peer closed; ``{"bytes", "crc", "open"}``,
+        and with ``pat`` (the sender's tag) :class:`PatternCheck`'s ``"bad"`` and ``"runs"``."""
         v = self.objs[h]
-        deadline = time.monotonic() + min(timeout, 600.0)
+        t0 = time.monotonic()
+        deadline = t0 + min(timeout, 600.0)
         crc = got = 0
+        check = PatternCheck(pat) if pat is not None else None
         while got < total:
             data = v.read(min(1 << 20, total - got),
                           timeout=max(deadline - time.monotonic(), 0.001))
@@ -339,7 +432,26 @@ class Agent:
                 break
             crc = zlib.crc32(data, crc)
             got += len(data)
-        return {"bytes": got, "crc": f"{crc:08x}", "open": v.is_open()}
+            if check is not None:
+                check.feed(data)
+        out = {"bytes": got, "crc": f"{crc:08x}", "open": v.is_open(),
+               "seconds": time.monotonic() - t0}
+        if check is not None:
+            out.update(check.result())
+        return out
+
+    def op_vchan_ping(self, h: int, count: int, timeout: float = 120.0) -> float:
+        """``count`` one-byte round trips through vchan ``h`` (send a byte, receive it back:
+        vchan_c_peer's ``ping`` against an ``echo``); microseconds per round trip."""
+        v = self.objs[h]
+        deadline = time.monotonic() + min(timeout, 600.0)
+        t0 = time.perf_counter()
+        for i in range(min(count, 100000)):
+            left = max(deadline - time.monotonic(), 0.001)
+            v.send(bytes([i & 0xFF]), timeout=left)
+            if v.recv(1, timeout=left) != bytes([i & 0xFF]):
+                raise ValueError(f"vchan_ping: round trip {i} came back wrong")
+        return (time.perf_counter() - t0) / max(count, 1) * 1e6
 
     def op_close(self, h: int) -> None:
         """Close a vchan, or end a C peer (killed if still running)."""
@@ -382,6 +494,28 @@ class Agent:
             p.communicate()
             raise
         return {"rc": p.returncode, "out": out, "err": err[-2000:]}
+
+    def op_fpu_probe(self, mode: str, seconds: float, tag: int) -> int:
+        """Start /opt/fpu_probe (tests_xen/fpu_probe.c) here; its handle (``c_peer_finish``)."""
+        import subprocess
+
+        if mode not in ("avx", "sse"):
+            raise ValueError(f"fpu_probe: mode {mode!r}")
+        p = subprocess.Popen(["/opt/fpu_probe", mode, str(min(float(seconds), 300.0)),
+                              str(int(tag))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        return self.keep(p)
+
+    def op_c_peer_poll(self, h: int, timeout: float = 60.0) -> Any:
+        """Wait (bounded) for the C peer: its ``{"rc", "out", "err"}`` when it ended (the
+        handle is gone then), else None (still running: it is left alone)."""
+        import subprocess
+
+        try:
+            self.objs[h].wait(timeout=min(timeout, 600.0))
+        except subprocess.TimeoutExpired:
+            return None
+        return self.op_c_peer_finish(h, 30.0)
 
     # ------------------------------------------------------ the examples
     def op_split_frontend(self, backend: int, texts: list[str], devid: int = 0) -> list[str]:
@@ -444,6 +578,30 @@ class Agent:
             "live_maps": len(self.backend.gnttab.live),
             "ports": sorted(self.ev.bound),
         }
+
+    def op_peek(self, h: int | None = None) -> list[list[Any]]:
+        """:func:`peek_grant_maps` of C peer ``h`` (a process here), or of the agent."""
+        return peek_grant_maps(self.objs[h].pid if h is not None else "self")
+
+    def op_dmesg(self, lines: int = 60) -> list[str]:
+        """The last ``lines`` kernel messages (``/dev/kmsg``, read without blocking)."""
+        import os
+
+        out: list[str] = []
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            while True:
+                try:
+                    rec = os.read(fd, 8192)
+                except BlockingIOError:
+                    break
+                except OSError:  # EPIPE: a record was overwritten; go on
+                    continue
+                out.append(rec.decode(errors="replace").split(";", 1)[-1].rstrip())
+                del out[: -min(lines, 400)]
+        finally:
+            os.close(fd)
+        return out
 
     def op_exit(self) -> None:
         return None

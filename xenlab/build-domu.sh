@@ -3,12 +3,14 @@
 # the Xen user-space drivers (xen-evtchn, xen-gntdev, xen-gntalloc), python3.11 with a trimmed
 # standard library and its bytecode (imports in ~1.5 s under TCG instead of 5-8 s), xengrant
 # (byte-compiled here) and the test agent (tests_xen/domu_agent.py), started by domu-init.sh.
-# usage: build-domu.sh OUT_DIR XENGRANT_DIR AGENT.py [XGBENCH [VCHAN_C_PEER [SPLIT_DRIVER_DIR]]]
+# usage: build-domu.sh OUT_DIR XENGRANT_DIR AGENT.py [XGBENCH [VCHAN_C_PEER [SPLIT_DRIVER_DIR
+#        [FPU_PROBE]]]]
 #   -> OUT_DIR/{vmlinuz,initrd.img}
 # XGBENCH: the static C benchmark program (benchmarks/xgbench.c), as /opt/xgbench.
 # VCHAN_C_PEER: the static C libxenvchan peer (tests_xen/vchan_c_peer.c), as /opt/vchan_c_peer
 # (libxenstore reaches xenstore through /dev/xen/xenbus in the domU).
 # SPLIT_DRIVER_DIR: examples/split_driver, as /opt/split_driver (the agent runs its frontend).
+# FPU_PROBE: the static vector-register check (tests_xen/fpu_probe.c), as /opt/fpu_probe.
 set -euo pipefail
 L=${XENLAB:-${XDG_CACHE_HOME:-$HOME/.cache}/xengrant-xenlab}; H=$(cd "$(dirname "$0")" && pwd)
 O=${1:?usage: build-domu.sh OUT_DIR XENGRANT_DIR AGENT.py}; XG=${2:?}; AGENT=${3:?}
@@ -44,6 +46,7 @@ if [ -n "${6:-}" ] && [ -d "$6" ]; then
     "$PYC" -m compileall -q --invalidation-mode unchecked-hash "$S/opt/split_driver" >/dev/null
   fi
 fi
+[ -n "${7:-}" ] && [ -x "$7" ] && cp "$7" "$S/opt/fpu_probe"
 cp "$H/domu-init.sh" "$S/init" && chmod +x "$S/init"
 (cd "$S" && find . | cpio -o -H newc --quiet | gzip -1 > "$O/initrd.img")
 cp "$L/vmlinuz" "$O/vmlinuz"

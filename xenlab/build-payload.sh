@@ -40,6 +40,9 @@ find "$O" -name __pycache__ -prune -exec rm -rf {} +
 mkdir -p "$O/tests_xen/bin" && ${CC:-cc} -O2 -static -Wall -o "$O/tests_xen/bin/vchan_c_peer" \
   "$R/tests_xen/vchan_c_peer.c" -lxenvchan -lxenstore -lxengnttab -lxenevtchn -lxentoolcore \
   -lxentoollog -lpthread 2>&1 | grep -v 'statically linked' >&2 || true
+# the vector-register check run in dom0 and a domU at once (tests_xen/test_fpu_xen.py)
+${CC:-cc} -O2 -static -Wall -o "$O/tests_xen/bin/fpu_probe" "$R/tests_xen/fpu_probe.c" 2>&1 \
+  | grep -v 'statically linked' >&2 || true
 # the PV domUs' kernel and initramfs (python3.11 + xengrant + the agent), for tests_xen/domu.py
 "$H/build-domu.sh" "$O/domu" "$O/xengrant" "$R/tests_xen/domu_agent.py" "$O/benchmarks/xgbench" \
-  "$O/tests_xen/bin/vchan_c_peer" "$O/examples/split_driver"
+  "$O/tests_xen/bin/vchan_c_peer" "$O/examples/split_driver" "$O/tests_xen/bin/fpu_probe"

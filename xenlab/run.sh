@@ -10,7 +10,8 @@
 # Environment: XENLAB (cache dir), XENLAB_TIMEOUT (s, default 2700: the whole QEMU run),
 # XENGRANT_PYTEST_TIMEOUT (s, default 1800: pytest in dom0), XENGRANT_NO_BENCH=1 to skip the
 # benchmarks (XENGRANT_BENCH_DOMU_ONLY=1: only the cross-domain one), XENGRANT_PYTEST_ARGS to pass pytest a subset (-k ...),
-# XENGRANT_VCHAN_DOMU=1 to run tests_xen/test_vchan_domu.py too, XENLAB_SKIP_SETUP=1 to not
+# XENGRANT_DOM0_ENV='NAME=VALUE ...' exported for pytest in dom0 (e.g. XENGRANT_VCHAN_STRESS=20),
+# XENLAB_XEN_EXTRA to replace Xen's extra boot options (boot.sh), XENLAB_SKIP_SETUP=1 to not
 # run setup.sh.
 set -uo pipefail
 H=$(cd "$(dirname "$0")" && pwd)
@@ -30,8 +31,8 @@ fi
 if [ -n "${XENGRANT_PYTEST_ARGS:-}" ]; then
   sed -i "s|^PYTEST_ARGS=.*|PYTEST_ARGS='$XENGRANT_PYTEST_ARGS'|" "$P/run.sh"
 fi
-if [ "${XENGRANT_VCHAN_DOMU:-}" = 1 ]; then   # tests_xen/test_vchan_domu.py, opt-in
-  sed -i "s|^PYTEST_ARGS=|export XENGRANT_VCHAN_DOMU=1; PYTEST_ARGS=|" "$P/run.sh"
+if [ -n "${XENGRANT_DOM0_ENV:-}" ]; then   # e.g. 'XENGRANT_VCHAN_STRESS=20': exported in dom0
+  sed -i "s|^PYTEST_ARGS=|export $XENGRANT_DOM0_ENV; PYTEST_ARGS=|" "$P/run.sh"
 fi
 "$H/boot.sh" "$P" "$OUT/console.log" "${XENLAB_TIMEOUT:-2700}"
 rc=$?
