@@ -6,7 +6,7 @@ domains each) and asserts that they answer the same: the same port numbers
 the same events, the same xenstore values, directories and errors.  The
 events a model says must come are waited for with a long deadline; a port
 the model says is quiet is looked at only on EmbeddedXen (the service's
-``pending(0)`` looks for a millisecond, which proves nothing).
+``pending(0)`` sees only what already reached its socket, which proves nothing).
 """
 
 from __future__ import annotations

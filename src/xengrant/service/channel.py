@@ -621,9 +621,32 @@ class Channel(RingFront):
         Raises:
             ServiceError: the connection failed.
         """
+        if timeout is not None and timeout <= 0:
+            return self.poll_take(take)
         deadline = None if timeout is None else time.monotonic() + timeout
         got: _T | None = self._await(lambda: self._take(take), deadline, 0.0)
         return got
+
+    def poll_take(self, take: Callable[[], _T | None]) -> _T | None:
+        """A zero timeout: ``take()``, then, if it found nothing and nobody else
+        reads, one non-blocking read of what the socket holds now and
+        ``take()`` again -- it looks, it never waits (as ``xenevtchn_pending``
+        on the non-blocking ``/dev/xen/evtchn`` reads what is queued).
+
+        Returns:
+            The item, or None.
+
+        Raises:
+            ServiceError: the connection failed.
+        """
+        with self._mu:
+            item = self._take(take)
+            if item is not None or self._reading:  # a reader: it sorts what comes
+                return item
+            self._reading = True
+        self._read(0.0, 0.0, nonblocking=True)
+        with self._mu:
+            return self._take(take)
 
     def _take(self, take: Callable[[], _T | None]) -> _T | None:
         """``take()`` (caller holds ``_mu``); None if there is nothing yet.
@@ -644,6 +667,8 @@ class Channel(RingFront):
         self, take: Callable[[], _T | None], timeout: float | None
     ) -> _T | None:
         """asyncio twin of :meth:`wait_take`: the loop reads when no thread does."""
+        if timeout is not None and timeout <= 0:
+            return self.poll_take(take)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:

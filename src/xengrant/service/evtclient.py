@@ -154,7 +154,7 @@ class EventChannelClient(ServiceCallClient):
             TimeoutError: none fired within ``timeout`` seconds (None: wait forever).
         """
         with self._waiting():
-            port: int | None = self.channel.wait_for(self.channel.events, None, _look(timeout))
+            port: int | None = self.channel.wait_for(self.channel.events, None, timeout)
         return or_timeout(port, "pending: no event", timeout)
 
     def unmask(self, port: int) -> None:
@@ -189,7 +189,7 @@ class EventChannelClient(ServiceCallClient):
             TimeoutError: none came within ``timeout`` seconds (None: wait forever).
         """
         with self._waiting():
-            got: int | None = self.channel.wait_for(self.channel.events, port, _look(timeout))
+            got: int | None = self.channel.wait_for(self.channel.events, port, timeout)
         got = or_timeout(got, f"wait: no event on port {port}", timeout)
         self.unmask(got)
         return got
@@ -228,9 +228,3 @@ def _port_bytes(port: int) -> bytes:
 def _unmask_frame(port: int) -> bytes:
     """The whole one-way EVTCHN_UNMASK message for ``port`` (cached)."""
     return p.HEADER.pack(4, p.MSG_EVTCHN_UNMASK, 0, 0) + p.U32.pack(port)
-
-
-def _look(timeout: float | None) -> float | None:
-    """A zero timeout still reads what the socket holds: for a millisecond at most
-    (the channel's wait gives up before reading when its time is already up)."""
-    return 0.001 if timeout is not None and timeout <= 0 else timeout
