@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xengrant import _cext
 from xengrant.service import protocol as p
@@ -127,3 +129,36 @@ def test_message_names_cover_types() -> None:
     assert p.MSG_NAMES[p.MSG_GNTTAB_OP] == "GNTTAB_OP"
     assert p.MSG_NAMES[p.MSG_WATCH_EVENT] == "WATCH_EVENT"
     assert all(isinstance(k, int) for k in p.MSG_NAMES)
+
+
+P2M_ENTRY = st.tuples(st.integers(0, (1 << 52) - 1), st.integers(-(1 << 63), (1 << 63) - 1),
+                      st.integers(-(1 << 63), (1 << 63) - 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.integers(0, 1 << 20), st.tuples(st.integers(0, 99), st.integers(0, 4)),
+                       max_size=8),
+       st.lists(P2M_ENTRY, max_size=40), st.booleans(), st.integers(0, 7),
+       st.one_of(st.none(), st.integers(0, 2000)), st.binary(max_size=30))
+def test_p2m_apply_c_is_the_python(mirror: dict[int, tuple[int, int]],
+                                   changes: list[tuple[int, int, int]], full: bool, pre: int,
+                                   cut: int | None, junk: bytes) -> None:
+    """``_cext.p2m_apply`` against the Python it transcribes (hypercalls.p2m_apply, which
+    runs when frontring.C_PATHS is off): any columns, the whole-p2m flag, a delta cut
+    anywhere or followed by junk, a bogus position -- the same mirror, the same end,
+    the same error."""
+    from xengrant.service.hypercalls import p2m_apply
+
+    gfns = [g for g, _, _ in changes]
+    blob = bytes(pre) + p.pack_p2m(gfns, [(m, t) for _, m, t in changes], full=full) + junk
+    if cut is not None:
+        blob = blob[:cut]
+    for pos in (pre, pre + 1, -1, len(blob)):
+        got = []
+        for apply in (_cext.p2m_apply, p2m_apply):
+            m = dict(mirror)
+            try:
+                got.append(("ok", apply(m, blob, pos), m))
+            except (ValueError, TypeError) as e:
+                got.append((type(e).__name__, str(e), m))
+        assert got[0] == got[1]

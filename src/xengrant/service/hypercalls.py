@@ -19,6 +19,7 @@ from .. import _cext
 from ..abi import grant_table as gt
 from ..emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
 from ..errors import HypercallError
+from . import frontring
 from . import protocol as p
 from .channel import Channel
 from .errors import ServiceError
@@ -54,6 +55,47 @@ _GNTTAB_HEAD = struct.Struct("<iiI")
 _first = itemgetter(0)
 _second = itemgetter(1)
 
+
+def p2m_apply(p2m: dict[int, tuple[int, int]], body: Any, pos: int) -> int:
+    """Apply the p2m entries a reply carries to a client's mirror: ``_cext.p2m_apply``
+    in Python (the reference it transcribes; ``tests/test_service_protocol.py``
+    holds the two to each other).
+
+    At ``body[pos:]``: u32 n (:data:`~xengrant.service.protocol.P2M_FULL` set:
+    they are the whole p2m, the mirror is cleared first), then three
+    little-endian i64 columns of n: gfns, mfns (-1: the gfn holds nothing now)
+    and p2m types.  ``p2m[gfn] = (mfn, type)``, or ``p2m.pop(gfn, None)`` for a
+    negative mfn, in order.
+
+    Returns:
+        The position after the columns.
+
+    Raises:
+        ValueError: the count or the columns are truncated (nothing applied).
+        TypeError: ``p2m`` is not a dict.
+    """
+    if not isinstance(p2m, dict):
+        raise TypeError("p2m_apply: p2m must be a dict")
+    size = len(body)
+    if pos < 0 or size - pos < 4:
+        raise ValueError("p2m delta: truncated count")
+    n: int = p.U32.unpack_from(body, pos)[0]
+    full = n & p.P2M_FULL
+    n &= ~p.P2M_FULL
+    pos += 4
+    if (size - pos) // 24 < n:
+        raise ValueError("p2m delta: truncated entries")
+    if full:
+        p2m.clear()
+    cols = struct.unpack_from(f"<{3 * n}q", body, pos)
+    for gfn, mfn, p2mt in zip(cols[:n], cols[n : 2 * n], cols[2 * n :]):
+        if mfn < 0:
+            p2m.pop(gfn, None)
+        else:
+            p2m[gfn] = (mfn, p2mt)
+    return pos + 24 * n
+
+
 class RemoteHypercalls:
     """:class:`~xengrant.hypercall.Hypercalls` of a domain in the service.
 
@@ -80,15 +122,17 @@ class RemoteHypercalls:
     def _apply_delta(self, body: bytes | memoryview, pos: int) -> int:
         """Apply the p2m entries at ``body[pos:]`` to the mirror; the position after them.
 
-        One C loop (``_cext.p2m_apply``) over the columns of
-        :func:`~xengrant.service.protocol.pack_p2m`: set each entry, or pop
-        the gfns that hold nothing now.
+        One C loop (``_cext.p2m_apply``, a transcription of :func:`p2m_apply`,
+        which runs instead when :data:`~xengrant.service.frontring.C_PATHS` is
+        off) over the columns of :func:`~xengrant.service.protocol.pack_p2m`:
+        set each entry, or pop the gfns that hold nothing now.
 
         Raises:
             ServiceError: EBADMSG, the delta is truncated (nothing applied).
         """
         try:
-            end: int = _cext.p2m_apply(self.p2m, body, pos)
+            apply = _cext.p2m_apply if frontring.C_PATHS else p2m_apply
+            end: int = apply(self.p2m, body, pos)
         except ValueError as e:
             raise ServiceError(errno.EBADMSG, str(e)) from None
         return end
