@@ -1,180 +1,33 @@
-"""A libxenvchan-compatible byte channel between two domains.
-
-libxenvchan (Xen's ``tools/libs/vchan``; Qubes' qrexec, mirage's vchan) joins
-two domains with one granted page, optional granted ring pages and one event
-channel.  :class:`Vchan` speaks the same protocol over xengrant's portable
-interfaces -- xenstore (``read``/``write``/``set_perms``/``rm``), event
-channels (:class:`~xengrant.evtport.EventPort`) and ``gntshr``/``gnttab`` --
-so a :class:`Vchan` on the emulator's service, and later on real Xen, talks to
-the C library on the other end.
-
-The shared page is ``struct vchan_interface`` (``xen/io/libxenvchan.h``,
-:class:`VchanInterface`)::
-
-    0   struct ring_shared left  { u32 cons, prod }   client writes, server reads
-    8   struct ring_shared right { u32 cons, prod }   server writes, client reads
-    16  u16 left_order, right_order     10: ring at 1024 in the page, 11: at 2048,
-                                        12..20: 2**(order-12) pages granted
-    20  u8 cli_live, srv_live           0 closed, 1 connected, 2 (cli) not yet
-    22  u8 cli_notify, srv_notify       VCHAN_NOTIFY_WRITE / _READ: "tell me when"
-    24  u32 grants[]                    the left ring's refs, then the right's
-
-Setup (``libxenvchan_server_init``, ``libxenvchan_client_init``): the server
-binds an unbound port for the peer, shares the page (with an unmap notify that
-clears ``srv_live``), picks the ring orders from ``left_min``/``right_min``
-(:func:`server_orders`), shares the ring pages, and writes ``<path>/ring-ref``
-and ``<path>/event-channel`` readable by the peer.  The client reads both,
-binds the port, maps the page (its unmap notify clears ``cli_live``), maps
-the left ring writable and the right one read-only, sets ``cli_live = 1`` and
-notifies.
-
-Reads and writes (``io.c``): a reader that finds too little asks the writer
-for an event (sets ``VCHAN_NOTIFY_WRITE`` in the writer's notify byte), then
-looks again; a writer that moved ``prod`` clears that bit and, if it was set,
-notifies.  The same for space, with ``VCHAN_NOTIFY_READ``.  Stream calls
-(:meth:`Vchan.read`, :meth:`Vchan.write`) move what they can; packet calls
-(:meth:`Vchan.recv`, :meth:`Vchan.send`) all or nothing.
-
-Trust: the peer is another domain.  Its index is read once per look and
-checked: more data (or less space) than the ring holds raises
-:class:`VchanError` naming the values (libxenvchan reports 0 and "locks up
-the ring"); our own indices and the ring orders are kept privately after
-setup, so nothing the peer writes there can send a copy outside the ring; the
-client checks the orders and the grant list before mapping anything.
-"""
+"""The :class:`Vchan` itself: setup as ``libxenvchan_server_init``/``client_init``
+(``tools/libs/vchan/init.c``), reads and writes as ``io.c``, blocking with a timeout and
+asyncio twins.  See :mod:`xengrant.vchan` for the protocol."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import functools
 import os
-import struct
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from . import _cext
-from .errors import XenError
-from .evtport import EventPort
-
-VCHAN_NOTIFY_WRITE = 0x1
-VCHAN_NOTIFY_READ = 0x2
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-#: ``SMALL_RING_SHIFT``, ``LARGE_RING_SHIFT``, ``MAX_RING_SHIFT`` of init.c
-SMALL_RING_SHIFT, LARGE_RING_SHIFT, MAX_RING_SHIFT = 10, 11, 20
-SMALL_RING_OFFSET, LARGE_RING_OFFSET = 1024, 2048
-MAX_RING_SIZE = 1 << MAX_RING_SHIFT
-_M = 0xFFFFFFFF
-#: tries of the compare-and-swap that stores one byte of a shared 16-bit word
-_CAS_TRIES = 1000
-
-
-class RingShared(ctypes.Structure):
-    """``struct ring_shared``."""
-
-    _fields_ = [("cons", ctypes.c_uint32), ("prod", ctypes.c_uint32)]
-
-
-class VchanInterface(ctypes.Structure):
-    """``struct vchan_interface`` (``grants[]`` follows at :data:`GRANTS_OFFSET`)."""
-
-    _fields_ = [
-        ("left", RingShared),
-        ("right", RingShared),
-        ("left_order", ctypes.c_uint16),
-        ("right_order", ctypes.c_uint16),
-        ("cli_live", ctypes.c_uint8),
-        ("srv_live", ctypes.c_uint8),
-        ("cli_notify", ctypes.c_uint8),
-        ("srv_notify", ctypes.c_uint8),
-    ]
-
-
-LEFT = VchanInterface.left.offset
-RIGHT = VchanInterface.right.offset
-CLI_LIVE = VchanInterface.cli_live.offset
-SRV_LIVE = VchanInterface.srv_live.offset
-CLI_NOTIFY = VchanInterface.cli_notify.offset
-SRV_NOTIFY = VchanInterface.srv_notify.offset
-GRANTS_OFFSET = ctypes.sizeof(VchanInterface)
-
-
-class VchanError(XenError):
-    """A vchan could not be set up, or the peer broke the protocol.
-
-    Attributes:
-        op: what was being done (``"client_init"``, ``"read"`` ...).
-        errno: an errno when one applies (``ENOENT``: no such xenstore node).
-    """
-
-    def __init__(self, op: str, detail: str, err: int = errno.EPROTO) -> None:
-        self.op, self.detail, self.errno = op, detail, err
-        super().__init__(f"vchan {op}: {detail}")
-
-
-def server_orders(left_min: int, right_min: int) -> tuple[int, int]:
-    """The ring orders ``libxenvchan_server_init`` picks: ``(read, write)``, i.e.
-    ``(left_order, right_order)``.
-
-    In-page rings when they fit (1024 bytes at 1024 and 2048 at 2048), else
-    ``min_order`` (the smallest power of two, at least a page).
-
-    Raises:
-        ValueError: a minimum over 1 MiB (``MAX_RING_SIZE``), or negative.
-    """
-    if not (0 <= left_min <= MAX_RING_SIZE and 0 <= right_min <= MAX_RING_SIZE):
-        raise ValueError(f"vchan: ring sizes {left_min}, {right_min} (at most {MAX_RING_SIZE})")
-
-    def min_order(size: int) -> int:
-        rv = PAGE_SHIFT
-        while size > (1 << rv):
-            rv += 1
-        return rv
-
-    read, write = min_order(left_min), min_order(right_min)
-    small, large = 1 << SMALL_RING_SHIFT, 1 << LARGE_RING_SHIFT
-    if left_min <= small and right_min <= large:
-        read, write = SMALL_RING_SHIFT, LARGE_RING_SHIFT
-    elif left_min <= large and right_min <= small:
-        read, write = LARGE_RING_SHIFT, SMALL_RING_SHIFT
-    elif left_min <= large:
-        read = LARGE_RING_SHIFT
-    elif right_min <= large:
-        write = LARGE_RING_SHIFT
-    return read, write
-
-
-def _pages(order: int) -> int:
-    return 1 << (order - PAGE_SHIFT) if order >= PAGE_SHIFT else 0
-
-
-def _in_page(order: int) -> int:
-    """The offset of an in-page ring (0: the ring has pages of its own)."""
-    return {SMALL_RING_SHIFT: SMALL_RING_OFFSET, LARGE_RING_SHIFT: LARGE_RING_OFFSET}.get(order, 0)
-
-
-def check_orders(left: int, right: int) -> None:
-    """The client's checks of the orders a server wrote (``init_gnt_cli``), and
-    that the grant list stays in the page, short of an in-page ring.
-
-    Raises:
-        VchanError: EPROTO, naming the orders.
-    """
-    for name, order in (("left_order", left), ("right_order", right)):
-        if not SMALL_RING_SHIFT <= order <= MAX_RING_SHIFT:
-            raise VchanError("client_init", f"{name} {order} is not in 10..20")
-    if left == right and left < PAGE_SHIFT:
-        raise VchanError("client_init", f"both rings in the page at order {left}")
-    end = GRANTS_OFFSET + 4 * (_pages(left) + _pages(right))
-    limit = min([o for o in (_in_page(left), _in_page(right)) if o] or [PAGE_SIZE])
-    if end > limit:
-        raise VchanError("client_init", f"orders {left}, {right}: the grant list ends at "
-                         f"{end}, past {limit}")
+from .. import _cext
+from ..evtport import EventPort
+from .init import client_init, server_init
+from .layout import (
+    _CAS_TRIES,
+    _M,
+    CLI_LIVE,
+    CLI_NOTIFY,
+    SRV_LIVE,
+    VCHAN_NOTIFY_READ,
+    VCHAN_NOTIFY_WRITE,
+    VchanError,
+    server_orders,
+)
 
 
 class VchanDomain(Protocol):
@@ -201,27 +54,6 @@ class VchanDomain(Protocol):
 
     @property
     def gnttab(self) -> object: ...
-
-
-def _own_domid(dom: Any) -> int:
-    """``xs_read("domid")`` as init_xs_srv does, else the domain object's id."""
-    with contextlib.suppress(Exception):
-        return int(dom.xs.read("domid"))
-    return int(dom.domid)
-
-
-def _share_notify(gntshr: Any, peer: int, offset: int, port: int) -> Any:
-    """``xengntshr_share_page_notify`` on the service or on Linux."""
-    if hasattr(gntshr, "share_page_notify"):
-        return gntshr.share_page_notify(peer, True, offset, port)
-    return gntshr.share_pages(peer, 1, True, notify_offset=offset, notify_port=port)
-
-
-def _map_notify(gnttab: Any, peer: int, ref: int, offset: int, port: int) -> Any:
-    """``xengnttab_map_grant_ref_notify`` on the service or on Linux."""
-    if hasattr(gnttab, "map_grant_ref_notify"):
-        return gnttab.map_grant_ref_notify(peer, ref, offset, port, True)
-    return gnttab.map_grant_ref(peer, ref, True, notify_offset=offset, notify_port=port)
 
 
 class VchanTimeout(TimeoutError):
@@ -295,8 +127,8 @@ class Vchan:
         self.xs_path = ""
         self._dom: Any = None
         self.port: EventPort | None = None
-        self._ring: Any = None          # the Share (server) or Mapping (client) of the page
-        self._bufs: list[Any] = []      # shares or mappings of ring pages
+        self._ring: Any = None  # the Share (server) or Mapping (client) of the page
+        self._bufs: list[Any] = []  # shares or mappings of ring pages
         self._hdr: memoryview = memoryview(b"")
         self._rd: memoryview = memoryview(b"")
         self._wr: memoryview = memoryview(b"")
@@ -314,8 +146,9 @@ class Vchan:
 
     # ---------------------------------------------------------------- setup
     @classmethod
-    def server(cls, dom: VchanDomain, peer: int, xs_path: str, left_min: int = 1024,
-               right_min: int = 2048) -> Vchan:
+    def server(
+        cls, dom: VchanDomain, peer: int, xs_path: str, left_min: int = 1024, right_min: int = 2048
+    ) -> Vchan:
         """``libxenvchan_server_init``: offer a vchan to ``peer`` at ``xs_path``.
 
         Args:
@@ -333,39 +166,8 @@ class Vchan:
         """
         read_order, write_order = server_orders(left_min, right_min)
         self = cls()
-        d: Any = dom  # the backends' interfaces differ; VchanDomain names what is used
-        self.is_server, self.peer, self._dom = True, peer, dom
-        # The server sets cli_notify (22) to ask, and clears srv_notify (23) to tell.
-        self._ask_shift, self._tell_shift, self._live = 0, 8, CLI_LIVE
-        self._rd_shr, self._wr_shr = LEFT, RIGHT
         try:
-            self.port = EventPort.offer(d.evtchn, peer)  # init_evt_srv
-            ring = _share_notify(d.gntshr, peer, SRV_LIVE, self.port.port)  # init_gnt_srv
-            self._ring = ring
-            hdr = self._hdr = ring.mem.cast("B")
-            hdr[:] = bytes(PAGE_SIZE)
-            struct.pack_into("<HHBBBB", hdr, 16, read_order, write_order, 2, 1,
-                             VCHAN_NOTIFY_WRITE, 0)
-            grants: list[int] = []
-            bufs = []
-            for order in (read_order, write_order):
-                off = _in_page(order)
-                if off:
-                    bufs.append(hdr[off : off + (1 << order)])
-                else:
-                    share = d.gntshr.share_pages(peer, _pages(order), True)
-                    self._bufs.append(share)
-                    grants += share.refs
-                    bufs.append(share.mem.cast("B"))
-            struct.pack_into(f"<{len(grants)}I", hdr, GRANTS_OFFSET, *grants)
-            self._rd, self._wr = bufs
-            self.read_size, self.write_size = 1 << read_order, 1 << write_order
-            # init_xs_srv: owner us, nobody else but the peer, who may read.
-            perms = [f"n{_own_domid(d)}", f"r{peer}"]
-            self.xs_path = xs_path
-            for name, value in (("ring-ref", ring.refs[0]), ("event-channel", self.port.port)):
-                d.xs.write(f"{xs_path}/{name}", str(value))
-                d.xs.set_perms(f"{xs_path}/{name}", perms)
+            server_init(self, dom, peer, xs_path, read_order, write_order)
         except BaseException:
             self.close()
             raise
@@ -385,54 +187,8 @@ class Vchan:
             GrantError, EvtchnError: the grant or port does not map/bind.
         """
         self = cls()
-        d: Any = dom  # the backends' interfaces differ; VchanDomain names what is used
-        self.peer, self._dom = peer, dom
-        # The client sets srv_notify (23) to ask, and clears cli_notify (22) to tell.
-        self._ask_shift, self._tell_shift, self._live = 8, 0, SRV_LIVE
-        self._rd_shr, self._wr_shr = RIGHT, LEFT
-        values = []
-        for name in ("ring-ref", "event-channel"):
-            try:
-                raw = d.xs.read(f"{xs_path}/{name}")
-            except XenError as e:
-                err = getattr(e, "errno", None) or errno.ENOENT
-                raise VchanError("client_init", f"{xs_path}/{name}: {e}", err) from e
-            try:
-                value = int(bytes(raw).split(b"\0")[0])
-            except ValueError:
-                value = 0
-            if not 0 < value <= _M:  # init.c: atoi() == 0 fails
-                raise VchanError("client_init", f"{xs_path}/{name} is {bytes(raw)[:32]!r}")
-            values.append(value)
-        ring_ref, remote_port = values
         try:
-            self.port = EventPort.bind(d.evtchn, peer, remote_port)  # init_evt_cli
-            ring = _map_notify(d.gnttab, peer, ring_ref, CLI_LIVE, self.port.port)
-            self._ring = ring
-            hdr = self._hdr = ring.mem.cast("B")
-            # Read the orders and grants once: the server may change them later.
-            left, right = struct.unpack_from("<HH", hdr, 16)
-            check_orders(left, right)
-            n_left, n_right = _pages(left), _pages(right)
-            grants = list(struct.unpack_from(f"<{n_left + n_right}I", hdr, GRANTS_OFFSET))
-            bufs = []
-            for order, refs, writable in ((left, grants[:n_left], True),
-                                          (right, grants[n_left:], False)):
-                off = _in_page(order)
-                if off:
-                    bufs.append(hdr[off : off + (1 << order)])
-                else:
-                    m = d.gnttab.map_domain_grant_refs(peer, refs, writable)
-                    self._bufs.append(m)
-                    bufs.append(m.mem.cast("B"))
-            self._wr, self._rd = bufs
-            self.write_size, self.read_size = 1 << left, 1 << right
-            # Start where the server's rings are (0 for a fresh server).
-            self._wr_prod = _cext.load32(hdr, LEFT + 4)
-            self._rd_cons = _cext.load32(hdr, RIGHT)
-            self._set_byte(CLI_LIVE, 1)
-            self._fetch_or(8, VCHAN_NOTIFY_WRITE)  # srv_notify = VCHAN_NOTIFY_WRITE
-            self.port.notify()  # wake up the server
+            client_init(self, dom, peer, xs_path)
         except BaseException:
             self.close()
             raise
@@ -474,16 +230,22 @@ class Vchan:
         prod: int = _cext.load32(self._hdr, self._rd_shr + 4)
         ready = (prod - self._rd_cons) & _M
         if ready > self.read_size:
-            raise VchanError("read", f"the peer's prod {prod} is {ready} bytes past our cons "
-                             f"{self._rd_cons} in a {self.read_size}-byte ring")
+            raise VchanError(
+                "read",
+                f"the peer's prod {prod} is {ready} bytes past our cons "
+                f"{self._rd_cons} in a {self.read_size}-byte ring",
+            )
         return ready
 
     def _raw_buffer_space(self) -> int:
         cons: int = _cext.load32(self._hdr, self._wr_shr)
         used = (self._wr_prod - cons) & _M
         if used > self.write_size:
-            raise VchanError("write", f"the peer's cons {cons} is {(-used) & _M} bytes past "
-                             f"our prod {self._wr_prod} in a {self.write_size}-byte ring")
+            raise VchanError(
+                "write",
+                f"the peer's cons {cons} is {(-used) & _M} bytes past "
+                f"our prod {self._wr_prod} in a {self.write_size}-byte ring",
+            )
         return self.write_size - used
 
     def _fast_data_ready(self, request: int) -> int:
@@ -677,8 +439,13 @@ class Vchan:
         finally:
             self._gen += 1
 
-    def _drive(self, op: str, step: Callable[[], _T | _Again], timeout: float | None,
-               ready: Callable[[], bool] | None = None) -> _T:
+    def _drive(
+        self,
+        op: str,
+        step: Callable[[], _T | _Again],
+        timeout: float | None,
+        ready: Callable[[], bool] | None = None,
+    ) -> _T:
         """Run ``step`` until it answers, sleeping on the port between tries
         (polling ``ready`` for :attr:`spin` seconds first, when set)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -707,8 +474,9 @@ class Vchan:
                 return
             os.sched_yield()
 
-    async def _drive_async(self, op: str, step: Callable[[], _T | _Again],
-                           timeout: float | None) -> _T:
+    async def _drive_async(
+        self, op: str, step: Callable[[], _T | _Again], timeout: float | None
+    ) -> _T:
         """asyncio twin of :meth:`_drive`."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -731,8 +499,9 @@ class Vchan:
             if not self.blocking:
                 return 0
             if len(view) > self.write_size:
-                raise ValueError(f"vchan send: {len(view)} bytes do not fit a "
-                                 f"{self.write_size}-byte ring")
+                raise ValueError(
+                    f"vchan send: {len(view)} bytes do not fit a {self.write_size}-byte ring"
+                )
             return _AGAIN
 
         return step
@@ -741,8 +510,9 @@ class Vchan:
         """``libxenvchan_write``'s loop body: blocking, all of ``data``; not, what fits."""
         return _WriteStep(self, memoryview(data).cast("B"))
 
-    def _recv_step(self, size: int, take: Callable[[int], _R], eof: _R
-                   ) -> Callable[[], _R | _Again | None]:
+    def _recv_step(
+        self, size: int, take: Callable[[int], _R], eof: _R
+    ) -> Callable[[], _R | _Again | None]:
         """``libxenvchan_recv``'s loop body: exactly ``size`` bytes, ``take``-n out
         (as bytes, or into a buffer); ``eof`` when the peer closed with fewer."""
 
@@ -754,14 +524,16 @@ class Vchan:
             if not self.blocking:
                 return None
             if size > self.read_size:
-                raise ValueError(f"vchan recv: {size} bytes do not fit a "
-                                 f"{self.read_size}-byte ring")
+                raise ValueError(
+                    f"vchan recv: {size} bytes do not fit a {self.read_size}-byte ring"
+                )
             return _AGAIN
 
         return step
 
-    def _read_step(self, size: int, take: Callable[[int], _R], eof: _R
-                   ) -> Callable[[], _R | _Again | None]:
+    def _read_step(
+        self, size: int, take: Callable[[int], _R], eof: _R
+    ) -> Callable[[], _R | _Again | None]:
         """``libxenvchan_read``'s loop body: what is there, up to ``size``."""
 
         def step() -> _R | _Again | None:
@@ -807,11 +579,16 @@ class Vchan:
         """
         self._live_check("send")
         need = memoryview(data).nbytes
-        return self._drive("send", self._send_step(data), timeout,
-                           lambda: self._raw_buffer_space() >= need or not self.is_open())
+        return self._drive(
+            "send",
+            self._send_step(data),
+            timeout,
+            lambda: self._raw_buffer_space() >= need or not self.is_open(),
+        )
 
-    async def send_async(self, data: bytes | bytearray | memoryview,
-                         timeout: float | None = None) -> int:
+    async def send_async(
+        self, data: bytes | bytearray | memoryview, timeout: float | None = None
+    ) -> int:
         """asyncio twin of :meth:`send` (waits without blocking the loop).
 
         Raises:
@@ -840,14 +617,16 @@ class Vchan:
         self._live_check("write")
         step = self._write_step(data)
         try:
-            return self._drive("write", step, timeout,
-                               lambda: self._raw_buffer_space() > 0 or not self.is_open())
+            return self._drive(
+                "write", step, timeout, lambda: self._raw_buffer_space() > 0 or not self.is_open()
+            )
         except VchanTimeout as e:
             e.written = step.pos
             raise
 
-    async def write_async(self, data: bytes | bytearray | memoryview,
-                          timeout: float | None = None) -> int:
+    async def write_async(
+        self, data: bytes | bytearray | memoryview, timeout: float | None = None
+    ) -> int:
         """asyncio twin of :meth:`write`.
 
         Raises:
@@ -878,8 +657,9 @@ class Vchan:
             VchanError: the peer's index is bogus.
         """
         self._live_check("recv")
-        return self._drive("recv", self._recv_step(size, self._do_recv, b""), timeout,
-                           self._has(size))
+        return self._drive(
+            "recv", self._recv_step(size, self._do_recv, b""), timeout, self._has(size)
+        )
 
     async def recv_async(self, size: int, timeout: float | None = None) -> bytes | None:
         """asyncio twin of :meth:`recv`.
@@ -888,8 +668,7 @@ class Vchan:
             ValueError, VchanTimeout, VchanError: as :meth:`recv`.
         """
         self._live_check("recv")
-        return await self._drive_async("recv", self._recv_step(size, self._do_recv, b""),
-                                       timeout)
+        return await self._drive_async("recv", self._recv_step(size, self._do_recv, b""), timeout)
 
     def read(self, size: int, timeout: float | None = None) -> bytes | None:
         """``libxenvchan_read``: read up to ``size`` bytes (a stream).
@@ -907,8 +686,7 @@ class Vchan:
             VchanError: the peer's index is bogus.
         """
         self._live_check("read")
-        return self._drive("read", self._read_step(size, self._do_recv, b""), timeout,
-                           self._has(1))
+        return self._drive("read", self._read_step(size, self._do_recv, b""), timeout, self._has(1))
 
     async def read_async(self, size: int, timeout: float | None = None) -> bytes | None:
         """asyncio twin of :meth:`read`.
@@ -917,8 +695,7 @@ class Vchan:
             VchanTimeout, VchanError: as :meth:`read`.
         """
         self._live_check("read")
-        return await self._drive_async("read", self._read_step(size, self._do_recv, b""),
-                                       timeout)
+        return await self._drive_async("read", self._read_step(size, self._do_recv, b""), timeout)
 
     def read_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int | None:
         """``libxenvchan_read`` into ``buf``: up to ``len(buf)`` bytes, copied once,
@@ -938,11 +715,11 @@ class Vchan:
         """
         self._live_check("read_into")
         view, take = self._into(buf)
-        return self._drive("read_into", self._read_step(len(view), take, 0), timeout,
-                           self._has(1))
+        return self._drive("read_into", self._read_step(len(view), take, 0), timeout, self._has(1))
 
-    async def read_into_async(self, buf: bytearray | memoryview,
-                              timeout: float | None = None) -> int | None:
+    async def read_into_async(
+        self, buf: bytearray | memoryview, timeout: float | None = None
+    ) -> int | None:
         """asyncio twin of :meth:`read_into`.
 
         Raises:
@@ -950,8 +727,7 @@ class Vchan:
         """
         self._live_check("read_into")
         view, take = self._into(buf)
-        return await self._drive_async("read_into", self._read_step(len(view), take, 0),
-                                       timeout)
+        return await self._drive_async("read_into", self._read_step(len(view), take, 0), timeout)
 
     def recv_into(self, buf: bytearray | memoryview, timeout: float | None = None) -> int | None:
         """``libxenvchan_recv`` into ``buf``: exactly ``len(buf)`` bytes (a packet).
@@ -966,11 +742,13 @@ class Vchan:
         """
         self._live_check("recv_into")
         view, take = self._into(buf)
-        return self._drive("recv_into", self._recv_step(len(view), take, 0), timeout,
-                           self._has(len(view)))
+        return self._drive(
+            "recv_into", self._recv_step(len(view), take, 0), timeout, self._has(len(view))
+        )
 
-    async def recv_into_async(self, buf: bytearray | memoryview,
-                              timeout: float | None = None) -> int | None:
+    async def recv_into_async(
+        self, buf: bytearray | memoryview, timeout: float | None = None
+    ) -> int | None:
         """asyncio twin of :meth:`recv_into`.
 
         Raises:
@@ -978,8 +756,7 @@ class Vchan:
         """
         self._live_check("recv_into")
         view, take = self._into(buf)
-        return await self._drive_async("recv_into", self._recv_step(len(view), take, 0),
-                                       timeout)
+        return await self._drive_async("recv_into", self._recv_step(len(view), take, 0), timeout)
 
     def wait_connected(self, timeout: float | None = None) -> None:
         """A server: wait until the client has come (``cli_live`` no longer 2).
@@ -1049,159 +826,7 @@ class Vchan:
 
     def __repr__(self) -> str:
         side = "server" if self.is_server else "client"
-        return (f"<Vchan {side} peer d{self.peer} {self.xs_path or ''} "
-                f"r{self.read_size}/w{self.write_size}{' closed' if self.closed else ''}>")
-
-
-# ------------------------------------------------------------------ asyncio
-class _VchanTransport(asyncio.Transport):
-    """A transport over a vchan: one task moves bytes both ways, sleeping on
-    the event port (or a local write) when neither way moves."""
-
-    HIGH, LOW = 256 << 10, 64 << 10
-
-    def __init__(self, vchan: Vchan, protocol: asyncio.Protocol,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._vchan, self._protocol, self._loop = vchan, protocol, loop
-        self._buf = bytearray()
-        self._closing = self._paused = self._wpaused = False
-        self._kick = asyncio.Event()
-        protocol.connection_made(self)
-        self._task = loop.create_task(self._pump())
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._vchan if name == "vchan" else default
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing:
-            raise RuntimeError("vchan transport: write after close")
-        self._buf += data
-        self._kick.set()
-        if not self._wpaused and len(self._buf) > self.HIGH:
-            self._wpaused = True
-            self._protocol.pause_writing()
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def close(self) -> None:
-        self._closing = True
-        self._kick.set()
-
-    def abort(self) -> None:
-        self._buf.clear()
-        self.close()
-
-    def pause_reading(self) -> None:
-        self._paused = True
-
-    def resume_reading(self) -> None:
-        self._paused = False
-        self._kick.set()
-
-    def is_reading(self) -> bool:
-        return not self._paused
-
-    def get_write_buffer_size(self) -> int:
-        return len(self._buf)
-
-    async def _pump(self) -> None:
-        v = self._vchan
-        v.blocking = False
-        exc: Exception | None = None
-        eof = False
-        event: asyncio.Task[None] | None = None
-        try:
-            while True:
-                moved = False
-                if not self._paused and not eof:
-                    data = v.read(1 << 16)
-                    if data:
-                        moved = True
-                        self._protocol.data_received(data)
-                    elif data == b"":
-                        eof = True
-                        self._protocol.eof_received()
-                if self._buf and v.is_open():
-                    n = v.write(self._buf)
-                    if n:
-                        moved = True
-                        del self._buf[:n]
-                        if self._wpaused and len(self._buf) <= self.LOW:
-                            self._wpaused = False
-                            self._protocol.resume_writing()
-                if self._closing and (not self._buf or not v.is_open()):
-                    break
-                if eof and (not self._buf or not v.is_open()):
-                    break  # the peer closed: what is left to write can never go
-                if moved:
-                    continue
-                self._kick.clear()
-                if event is None or event.done():
-                    event = self._loop.create_task(v.wait_async())
-                kick = self._loop.create_task(self._kick.wait())
-                await asyncio.wait({event, kick}, return_when=asyncio.FIRST_COMPLETED)
-                kick.cancel()
-        except Exception as e:  # the peer broke the protocol, the service went
-            exc = e
-        finally:
-            if event is not None and not event.done():
-                event.cancel()
-                with contextlib.suppress(BaseException):
-                    await event
-            self._closing = True
-            v.close()
-            self._protocol.connection_lost(exc)
-
-
-def _streams(v: Vchan, limit: int = 1 << 16) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport = _VchanTransport(v, protocol, loop)
-    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return reader, writer
-
-
-async def open_vchan_connection(dom: VchanDomain, peer: int, xs_path: str) -> tuple[
-        asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to a vchan server as a client (``asyncio.open_connection``'s twin).
-
-    Returns:
-        ``(reader, writer)``; ``writer.get_extra_info("vchan")`` is the :class:`Vchan`.
-
-    Raises:
-        VchanError, GrantError, EvtchnError: see :meth:`Vchan.client`.
-    """
-    return _streams(Vchan.client(dom, peer, xs_path))
-
-
-async def start_vchan_server(
-    client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
-                                  Awaitable[None] | None],
-    dom: VchanDomain, peer: int, xs_path: str, left_min: int = 1024, right_min: int = 2048,
-) -> Vchan:
-    """Offer a vchan and call ``client_connected_cb(reader, writer)`` when the
-    client has come (``asyncio.start_server``'s twin; one client, as libxenvchan).
-
-    Returns:
-        The server's :class:`Vchan` (close it to withdraw the offer).
-    """
-    v = Vchan.server(dom, peer, xs_path, left_min, right_min)
-
-    async def accept() -> None:
-        while not v.closed and not v.connected:
-            await v.wait_async()
-        if v.closed:
-            return
-        got = client_connected_cb(*_streams(v))
-        if got is not None:
-            await got
-
-    task = asyncio.get_running_loop().create_task(accept())
-    v._accept_task = task  # type: ignore[attr-defined]
-    return v
+        return (
+            f"<Vchan {side} peer d{self.peer} {self.xs_path or ''} "
+            f"r{self.read_size}/w{self.write_size}{' closed' if self.closed else ''}>"
+        )
