@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import socket
 import struct
@@ -38,6 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compat
+from ring_page import RingPage
 from xengrant import _cext, abi
 from xengrant.guest.ops import MAP_OP, UNMAP_OP
 from xengrant.service import frontring, ringio
@@ -52,36 +52,19 @@ MAP, UNMAP = abi.GNTTABOP_map_grant_ref, abi.GNTTABOP_unmap_grant_ref
 IOS = [pytest.param(_cext, id="C"), pytest.param(ringio, id="python")]
 
 
-class Page:
-    """A ring page in this process, as both ends see it, and the two eventfds."""
-
-    def __init__(self) -> None:
-        self.mem = mmap.mmap(-1, r.RING_PAGE)
-        r.INDICES.pack_into(self.mem, 0, 0, 1, 0, 1)  # SHARED_RING_INIT
-        self.front = bytearray(8)  # req_prod_pvt, rsp_cons
-        self.back = bytearray(8)  # req_cons, rsp_prod_pvt
-        flags = compat.EFD_CLOEXEC | compat.EFD_NONBLOCK
-        self.svc_kick, self.cli_kick = compat.eventfd(0, flags), compat.eventfd(0, flags)
+class Page(RingPage):
+    """:class:`ring_page.RingPage` with what the differential test reads and writes."""
 
     def idx(self, i: int) -> int:
         v: int = struct.unpack_from("<I", self.mem, 4 * i)[0]
         return v
 
-    def slot(self, i: int) -> bytes:
-        off = r.RING_HDR + (i % r.RING_SIZE) * r.RING_SLOT
-        return bytes(self.mem[off : off + r.RING_SLOT])
-
-    def put_slot(self, i: int, data: bytes) -> None:
-        off = r.RING_HDR + (i % r.RING_SIZE) * r.RING_SLOT
-        self.mem[off : off + r.RING_SLOT] = data.ljust(r.RING_SLOT, b"\0")[: r.RING_SLOT]
+    def put_slot(self, idx: int, data: bytes) -> None:
+        """The whole slot: ``data`` padded with zeros (cut at the slot's size)."""
+        super().put_slot(idx, data.ljust(r.RING_SLOT, b"\0")[: r.RING_SLOT])
 
     def set_rsp_prod(self, v: int) -> None:
         struct.pack_into("<I", self.mem, 8, v & 0xFFFFFFFF)
-
-    def close(self) -> None:
-        self.mem.close()
-        os.close(self.svc_kick)
-        os.close(self.cli_kick)
 
 
 @pytest.fixture

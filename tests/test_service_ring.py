@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import shutil
 import struct
@@ -32,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compat
+from ring_page import RingPage
 from xengrant import _cext, abi
 from xengrant.emu.domain import P2M_GRANT_MAP_RO, P2M_GRANT_MAP_RW
 from xengrant.errors import GrantError
@@ -89,28 +89,12 @@ def test_layout_is_io_ring_h() -> None:
 
 
 # ------------------------------------------------------------------ pieces
-class Page:
-    """A ring page in this process, as both ends see it, and the two eventfds."""
-
-    def __init__(self) -> None:
-        self.mem = mmap.mmap(-1, r.RING_PAGE)
-        r.INDICES.pack_into(self.mem, 0, 0, 1, 0, 1)  # SHARED_RING_INIT
-        self.front = bytearray(8)  # req_prod_pvt, rsp_cons
-        self.back = bytearray(8)  # req_cons, rsp_prod_pvt
-        flags = compat.EFD_CLOEXEC | compat.EFD_NONBLOCK
-        self.svc_kick, self.cli_kick = compat.eventfd(0, flags), compat.eventfd(0, flags)
+class Page(RingPage):
+    """:class:`ring_page.RingPage` with the client's posts and the service's answers."""
 
     def indices(self) -> tuple[int, int, int, int]:
         got: tuple[int, int, int, int] = r.INDICES.unpack_from(self.mem)
         return got
-
-    def slot(self, idx: int) -> bytes:
-        off = r.RING_HDR + (idx % r.RING_SIZE) * r.RING_SLOT
-        return bytes(self.mem[off : off + r.RING_SLOT])
-
-    def put_slot(self, idx: int, data: bytes) -> None:
-        off = r.RING_HDR + (idx % r.RING_SIZE) * r.RING_SLOT
-        self.mem[off : off + len(data)] = data
 
     @staticmethod
     def kicked(fd: int) -> int:
@@ -136,11 +120,6 @@ class Page:
         body = r.SLOT_HEAD.pack(seq, cmd, kind) + op.ljust(32, b"\0") + r.SLOT_P2M.pack(mfn, p2mt)
         self.put_slot(idx, body)
         struct.pack_into("<I", self.mem, 8, idx + 1)
-
-    def close(self) -> None:
-        self.mem.close()
-        os.close(self.svc_kick)
-        os.close(self.cli_kick)
 
 
 @pytest.fixture
